@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Creates .venv in the repository root and installs tf-dlg (editable) with the pinned
+# TF 2.14 / TFF 0.87 / tensorflow-privacy 0.9 stack. Idempotent: a second run on a
+# set-up tree only checks a stamp and returns in seconds.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+STAMP="$VENV/.tf_dlg_installed"
+TFF_VERSION="0.87.0"
+
+find_python() {
+  for cand in "${TF_DLG_PYTHON:-}" python3.11 python3; do
+    [ -n "$cand" ] || continue
+    command -v "$cand" >/dev/null 2>&1 || continue
+    if "$cand" -c 'import sys; sys.exit(0 if (3, 9) <= sys.version_info[:2] < (3, 12) else 1)'; then
+      echo "$cand"; return 0
+    fi
+  done
+  return 1
+}
+
+want="$(cat "$ROOT/setup.cfg" "$ROOT/constraints.txt" | sha256sum | cut -d' ' -f1)"
+if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  echo "[setup] .venv is up to date ($VENV)"
+  exit 0
+fi
+
+if ! PY="$(find_python)"; then
+  echo "[setup] ERROR: tf-dlg needs Python 3.9, 3.10 or 3.11 (TensorFlow Federated 0.87 does not" >&2
+  echo "[setup] support 3.12+). Install python3.11 or set TF_DLG_PYTHON=/path/to/python3.11." >&2
+  exit 1
+fi
+echo "[setup] using $PY ($("$PY" --version 2>&1))"
+start=$(date +%s)
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+"${PIP[@]}" install -q --upgrade "pip>=23" "setuptools>=61" wheel
+"${PIP[@]}" install -q -c "$ROOT/constraints.txt" -e "$ROOT[test]"
+# TFF 0.87 pins jaxlib==0.4.14, which is not on the index; its other needs are met above.
+"${PIP[@]}" install -q --no-deps "tensorflow-federated==$TFF_VERSION"
+"$VENV/bin/python" -c 'import tensorflow_federated as tff, tensorflow as tf, tensorflow_privacy; print("[setup] TF", tf.__version__, "TFF", tff.__version__)'
+echo "$want" > "$STAMP"
+echo "[setup] installed in $(( $(date +%s) - start )) s"
