@@ -1,0 +1,9 @@
+"""tf-dlg: deep leakage from gradients in federated learning, and the defences against it.
+
+Data flow: `tf_dlg.data` (dataset) -> `tf_dlg.attacks.threat_model` (the client update an
+attacker observes) -> `tf_dlg.defenses` (what the client does to it first) ->
+`tf_dlg.attacks` (reconstruction) -> `tf_dlg.metrics` (leakage score).
+Federated training with the same defences lives in `tf_dlg.federated`.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,74 @@
+"""Importing TFF without leaving its C++ worker behind.
+
+TFF 0.87's default execution context starts a `worker_binary` child process on the
+first computation call, and tries to stop it in a `__del__` that fails during
+interpreter shutdown (module globals are already gone). The orphan keeps the parent's
+stdout open, so a script piped into `tee` -- or CI -- hangs on it. `import_tff()`
+registers an `atexit` hook that stops such children while the interpreter is intact.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import time
+
+_HOOKED = False
+
+
+def _worker_children():
+  """PIDs of this process's children whose executable is TFF's worker_binary."""
+  me = os.getpid()
+  pids = []
+  for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f"/proc/{entry}/stat", "rb") as f:
+        stat = f.read().decode(errors="replace")
+      ppid = int(stat.rsplit(")", 1)[1].split()[1])
+      if ppid != me:
+        continue
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        if b"worker_binary" in f.read():
+          pids.append(int(entry))
+    except (OSError, ValueError, IndexError):
+      continue
+  return pids
+
+
+def stop_tff_workers(timeout: float = 5.0) -> int:
+  """Stops this process's TFF worker_binary children; returns how many were found."""
+  pids = _worker_children()
+  for sig in (signal.SIGINT, signal.SIGKILL):
+    for pid in pids:
+      try:
+        os.kill(pid, sig)
+      except ProcessLookupError:
+        pass
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+      alive = []
+      for pid in pids:
+        try:
+          done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+          done = pid
+        if not done:
+          alive.append(pid)
+      if not alive:
+        return len(pids)
+      time.sleep(0.05)
+  return len(pids)
+
+
+def import_tff():
+  """Imports and returns `tensorflow_federated`, with the worker clean-up hook installed."""
+  global _HOOKED
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  if not _HOOKED:
+    atexit.register(stop_tff_workers)
+    _HOOKED = True
+  return tff

@@ -1,0 +1,109 @@
+"""Keras model builders: the DLG/iDLG reference LeNet and a BatchNorm CNN for FedAvg.
+
+Both return un-compiled `tf.keras.Model`s that output **logits** (no softmax); pair them
+with `SparseCategoricalCrossentropy(from_logits=True)`.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+MODELS = ("lenet", "bn_cnn")
+
+
+def _check_shape(input_shape: Sequence[int], num_classes: int) -> Tuple[int, int, int]:
+  shape = tuple(int(d) for d in input_shape)
+  if len(shape) != 3 or min(shape) < 1:
+    raise ValueError(f"input_shape={tuple(input_shape)!r} must be (height, width, channels).")
+  if not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+    raise ValueError(f"num_classes={num_classes!r} must be an integer >= 2.")
+  return shape
+
+
+def lenet(input_shape: Sequence[int], num_classes: int, seed: int = 0) -> tf.keras.Model:
+  """The LeNet of the reference DLG/iDLG code, in Keras.
+
+  Three 5x5 convolutions with 12 channels, strides 2, 2, 1, 'same' padding and sigmoid
+  activations (smooth, so its gradient is twice differentiable everywhere, which the
+  attack's second-order optimisation needs), then one dense layer. As in the reference
+  code every weight and bias is drawn from uniform(-0.5, 0.5); `seed` fixes them.
+  """
+  shape = _check_shape(input_shape, num_classes)
+  rng = np.random.default_rng(seed)
+
+  def init():
+    # A distinct seed per variable, derived from `seed`, so layers do not share values.
+    return tf.keras.initializers.RandomUniform(-0.5, 0.5, seed=int(rng.integers(2**31 - 1)))
+
+  inputs = tf.keras.Input(shape=shape, name="image")
+  h = inputs
+  for i, stride in enumerate((2, 2, 1)):
+    h = tf.keras.layers.Conv2D(12, 5, strides=stride, padding="same", activation="sigmoid",
+                               kernel_initializer=init(), bias_initializer=init(),
+                               name=f"conv{i + 1}")(h)
+  h = tf.keras.layers.Flatten(name="flatten")(h)
+  logits = tf.keras.layers.Dense(num_classes, kernel_initializer=init(),
+                                 bias_initializer=init(), name="logits")(h)
+  return tf.keras.Model(inputs, logits, name="dlg_lenet")
+
+
+def bn_cnn(input_shape: Sequence[int], num_classes: int, seed: int = 0,
+           width: int = 16) -> tf.keras.Model:
+  """A small CNN with BatchNormalization, for federated training.
+
+  conv(w)-BN-ReLU-maxpool, conv(2w)-BN-ReLU-maxpool, global average pool, dense(4w)-ReLU,
+  dense(classes). Small enough for many TFF rounds on 2 CPU cores; its BatchNorm layers
+  exercise the masking defence's BatchNorm handling.
+  """
+  shape = _check_shape(input_shape, num_classes)
+  tf.keras.utils.set_random_seed(seed)
+  inputs = tf.keras.Input(shape=shape, name="image")
+  h = inputs
+  for i, channels in enumerate((width, 2 * width)):
+    h = tf.keras.layers.Conv2D(channels, 3, padding="same", use_bias=False,
+                               name=f"conv{i + 1}")(h)
+    h = tf.keras.layers.BatchNormalization(name=f"bn{i + 1}")(h)
+    h = tf.keras.layers.ReLU(name=f"relu{i + 1}")(h)
+    h = tf.keras.layers.MaxPool2D(name=f"pool{i + 1}")(h)
+  h = tf.keras.layers.GlobalAveragePooling2D(name="gap")(h)
+  h = tf.keras.layers.Dense(4 * width, activation="relu", name="fc")(h)
+  logits = tf.keras.layers.Dense(num_classes, name="logits")(h)
+  return tf.keras.Model(inputs, logits, name="bn_cnn")
+
+
+def build_model(name: str, input_shape: Sequence[int], num_classes: int,
+                seed: int = 0) -> tf.keras.Model:
+  """Builds a registered model (`lenet` or `bn_cnn`) by name."""
+  builders = {"lenet": lenet, "bn_cnn": bn_cnn}
+  if name not in builders:
+    raise ValueError(f"Unknown model {name!r}; expected one of {', '.join(MODELS)}.")
+  return builders[name](input_shape, num_classes, seed=seed)
+
+
+def input_spec(input_shape: Sequence[int]) -> collections.OrderedDict:
+  """The batch spec of `tf_dlg.data.client_datasets`, for `tff.learning` Keras wrappers."""
+  return collections.OrderedDict(
+      x=tf.TensorSpec([None, *input_shape], tf.float32),
+      y=tf.TensorSpec([None], tf.int64))
+
+
+def batchnorm_variables(model: tf.keras.Model):
+  """The variables of every BatchNormalization layer in `model` (found by layer type).
+
+  Returns a list of (layer, variable) pairs: gamma/beta (trainable) and the moving
+  mean/variance (non-trainable). Nested models are searched too.
+  """
+  found = []
+
+  def visit(layer):
+    if isinstance(layer, tf.keras.layers.BatchNormalization):
+      found.extend((layer, v) for v in layer.weights)
+    for sub in getattr(layer, "layers", []):
+      visit(sub)
+
+  visit(model)
+  return found
