@@ -10,8 +10,10 @@ registers an `atexit` hook that stops such children while the interpreter is int
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import signal
+import sys
 import time
 
 _HOOKED = False
@@ -36,6 +38,22 @@ def _worker_children():
     except (OSError, ValueError, IndexError):
       continue
   return pids
+
+
+def _release_default_context():
+  """Drops TFF's default context while the interpreter is intact.
+
+  Its service manager then stops the worker itself (SIGINT + wait) instead of failing
+  in `__del__` at shutdown with "'NoneType' object has no attribute 'Popen'".
+  """
+  if "tensorflow_federated" not in sys.modules:
+    return
+  # pylint: disable=g-import-not-at-top
+  from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+  from tensorflow_federated.python.core.impl.context_stack import runtime_error_context
+  context_stack_impl.context_stack.set_default_context(
+      runtime_error_context.RuntimeErrorContext())
+  gc.collect()
 
 
 def stop_tff_workers(timeout: float = 5.0) -> int:
@@ -70,5 +88,7 @@ def import_tff():
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
   if not _HOOKED:
     atexit.register(stop_tff_workers)
+    # atexit runs hooks last-in first-out: release the context first, then sweep.
+    atexit.register(_release_default_context)
     _HOOKED = True
   return tff
