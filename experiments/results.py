@@ -1,0 +1,132 @@
+"""Append-only, resumable results files for long experiments.
+
+Each experiment writes one JSON-lines file: a header line naming the format, the
+experiment and the configuration that fixes its results, then one line per finished
+cell, flushed and fsync'ed as soon as the cell ends. A rerun into the same output
+directory reads the file back and skips finished cells, so a killed run loses at most
+the cell it was in.
+
+Safety rules: a file written by another experiment or another configuration, or one
+with a damaged line in the middle, raises `ResultsFileError` naming the file and the
+problem -- it is never silently overwritten. The one tolerated damage is a partial
+*last* line without its newline: that is what a kill during a write leaves behind, and
+it is dropped (and rewritten on completion of that cell).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Iterator, List, Optional
+
+FORMAT = "tf_dlg.results/v1"
+
+
+class ResultsFileError(ValueError):
+  """A results file is corrupt, foreign, or from a different configuration."""
+
+
+class ResultsLog:
+  """JSON-lines results of one experiment, keyed by a cell key.
+
+  Args:
+    path: File to create or resume.
+    experiment: Experiment name stored in the header; a file of another experiment is
+      refused.
+    config: The settings that determine the results (seed, iterations, ...). Resuming
+      with different settings is refused, since mixing them would corrupt the tables.
+  """
+
+  def __init__(self, path: str, experiment: str, config: Dict[str, Any]):
+    self.path = path
+    self.experiment = experiment
+    self.config = json.loads(json.dumps(config, sort_keys=True, default=str))
+    self._records: List[Dict[str, Any]] = []
+    self._by_key: Dict[str, Dict[str, Any]] = {}
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+      self._read()
+    else:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      header = {"format": FORMAT, "experiment": experiment, "config": self.config}
+      self._write_line(header, mode="w")
+
+  def _read(self):
+    with open(self.path, "r", encoding="utf-8") as f:
+      text = f.read()
+    lines = text.split("\n")
+    partial_tail = not text.endswith("\n")
+    if partial_tail:
+      lines, tail = lines[:-1], lines[-1]
+    else:
+      lines, tail = lines[:-1], ""
+    if not lines:
+      raise ResultsFileError(f"{self.path}: no complete header line; not a tf-dlg results "
+                             "file. Move it away or choose another --output_dir.")
+    try:
+      header = json.loads(lines[0])
+    except json.JSONDecodeError as e:
+      raise ResultsFileError(f"{self.path}: header is not JSON ({e}); not a tf-dlg results "
+                             "file. Move it away or choose another --output_dir.") from e
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+      raise ResultsFileError(f"{self.path}: format={header.get('format') if isinstance(header, dict) else header!r}, "
+                             f"expected {FORMAT!r}. Move it away or choose another --output_dir.")
+    if header.get("experiment") != self.experiment:
+      raise ResultsFileError(f"{self.path}: written by experiment {header.get('experiment')!r}, "
+                             f"not {self.experiment!r}.")
+    if header.get("config") != self.config:
+      diff = sorted(k for k in set(header.get("config", {})) | set(self.config)
+                    if header.get("config", {}).get(k) != self.config.get(k))
+      raise ResultsFileError(
+          f"{self.path}: was written with a different configuration (differs in: "
+          f"{', '.join(diff)}). Resume with the same flags, or use a new --output_dir.")
+    for lineno, line in enumerate(lines[1:], start=2):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+        key = rec["key"]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ResultsFileError(f"{self.path}:{lineno}: corrupt record ({e}): {line[:120]!r}") from e
+      self._records.append(rec)
+      self._by_key[key] = rec
+    if partial_tail and tail:
+      # A run killed mid-write: drop the fragment so the file ends on a full line.
+      with open(self.path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+  def _write_line(self, obj, mode="a"):
+    with open(self.path, mode, encoding="utf-8") as f:
+      f.write(json.dumps(obj, sort_keys=True, default=_jsonable) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+
+  def __contains__(self, key: str) -> bool:
+    return key in self._by_key
+
+  def get(self, key: str) -> Optional[Dict[str, Any]]:
+    return self._by_key.get(key)
+
+  def add(self, key: str, record: Dict[str, Any]) -> Dict[str, Any]:
+    """Appends one finished cell (durably) and returns the stored record."""
+    rec = dict(record)
+    rec["key"] = key
+    rec = json.loads(json.dumps(rec, default=_jsonable))
+    self._write_line(rec)
+    self._records.append(rec)
+    self._by_key[key] = rec
+    return rec
+
+  def __iter__(self) -> Iterator[Dict[str, Any]]:
+    return iter(list(self._records))
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+
+def _jsonable(value):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  return str(value)

@@ -1,0 +1,1 @@
+"""Analysis of attack outcomes: thresholds of defences and summaries."""
