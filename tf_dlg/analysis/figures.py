@@ -1,0 +1,131 @@
+"""Figures in the paper's shape: leak grids (Figures 2-4) and accuracy panels (Figure 5)."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")  # headless: figures are files, never windows
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _show(ax, image):
+  image = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+  if image.ndim == 3 and image.shape[-1] == 1:
+    ax.imshow(image[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
+  else:
+    ax.imshow(image, vmin=0.0, vmax=1.0)
+  ax.set_xticks([])
+  ax.set_yticks([])
+
+
+def leak_grid(rows: Sequence[Mapping], path: str, title: str = "",
+              footer: str = "") -> str:
+  """Saves a grid: one row per setting, columns leaked | best adjusted | original.
+
+  Args:
+    rows: Dicts with `label` (row title, e.g. "masking 0.6 (threshold)"), `leaked`,
+      `adjusted`, `original` (HxWxC images in [0, 1]), and optional `ssim`,
+      `adjusted_ssim` shown under the images.
+    path: PNG path.
+    title: Figure title (name the dataset and attack).
+    footer: Small print at the bottom (name the data source).
+  """
+  plt = _pyplot()
+  n = len(rows)
+  fig, axes = plt.subplots(n, 3, figsize=(6.0, 2.1 * n + 0.6), squeeze=False)
+  for i, row in enumerate(rows):
+    for j, (col, name) in enumerate((("leaked", "leaked"), ("adjusted", "best brightness-adjusted"),
+                                     ("original", "original"))):
+      ax = axes[i, j]
+      _show(ax, row[col])
+      if i == 0:
+        ax.set_title(name, fontsize=9)
+      if j == 0:
+        ax.set_ylabel(row["label"], fontsize=8)
+      if col == "leaked" and "ssim" in row:
+        ax.set_xlabel(f"SSIM {row['ssim']:.2f}", fontsize=8)
+      if col == "adjusted" and "adjusted_ssim" in row:
+        ax.set_xlabel(f"adj. SSIM {row['adjusted_ssim']:.2f}", fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  if footer:
+    fig.text(0.01, 0.005, footer, fontsize=6, ha="left", va="bottom", wrap=True)
+  fig.tight_layout(rect=(0, 0.03 if footer else 0, 1, 0.97 if title else 1))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def accuracy_panel(curves: Mapping[Tuple[str, str], Mapping[str, Sequence[Tuple[int, float]]]],
+                   path: str, title: str = "", footer: str = "",
+                   panel_order: Optional[List[Tuple[str, str]]] = None) -> str:
+  """Saves Figure 5's panel: one subplot per (aggregator, partition), one curve per defence.
+
+  Args:
+    curves: {(aggregator, partition): {defence label: [(round, test accuracy), ...]}}.
+    path: PNG path.
+    panel_order: Subplot order; default sorted keys, laid out 2 per row.
+  """
+  plt = _pyplot()
+  keys = panel_order or sorted(curves)
+  cols = 2
+  nrows = max(1, int(np.ceil(len(keys) / cols)))
+  fig, axes = plt.subplots(nrows, cols, figsize=(10, 3.6 * nrows), squeeze=False)
+  for k, key in enumerate(keys):
+    ax = axes[k // cols, k % cols]
+    for label, points in sorted(curves[key].items(), key=lambda kv: (kv[0] != "none", kv[0])):
+      if not points:
+        continue
+      r, acc = zip(*points)
+      ax.plot(r, acc, marker=".", label=label, linewidth=2.2 if label == "none" else 1.4)
+    ax.set_title(f"{key[0]} aggregation, {key[1]} clients", fontsize=10)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+  for k in range(len(keys), nrows * cols):
+    axes[k // cols, k % cols].axis("off")
+  if title:
+    fig.suptitle(title, fontsize=11)
+  if footer:
+    fig.text(0.01, 0.005, footer, fontsize=7, ha="left", va="bottom")
+  fig.tight_layout(rect=(0, 0.03 if footer else 0, 1, 0.96 if title else 1))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+  """A GitHub-flavoured Markdown table."""
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.3g}"
+    return "" if v is None else str(v)
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines) + "\n"
+
+
+def read_curves(csv_paths: Mapping[Tuple[str, str, str], str]) -> Dict:
+  """Reads `history.csv` files into `accuracy_panel`'s input.
+
+  Args:
+    csv_paths: {(aggregator, partition, defence label): path to history.csv}.
+  """
+  import csv  # pylint: disable=g-import-not-at-top
+  out: Dict = {}
+  for (agg, part, label), p in csv_paths.items():
+    with open(p, newline="") as f:
+      pts = [(int(r["round"]), float(r["test_accuracy"])) for r in csv.DictReader(f)]
+    out.setdefault((agg, part), {})[label] = pts
+  return out
