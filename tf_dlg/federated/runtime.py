@@ -92,3 +92,153 @@ def import_tff():
     atexit.register(_release_default_context)
     _HOOKED = True
   return tff
+
+
+# --------------------------------------------------------------------------- execution targets
+
+_GRPC_OPTIONS = [
+    ("grpc.max_message_length", 2 * 1000 * 1000 * 1000),
+    ("grpc.max_receive_message_length", 2 * 1000 * 1000 * 1000),
+    ("grpc.max_send_message_length", 2 * 1000 * 1000 * 1000),
+]
+
+
+def worker_binary_path() -> str:
+  """Path of the C++ executor service that the TFF pip package ships."""
+  tff = import_tff()
+  return os.path.join(os.path.dirname(tff.__file__), "data", "worker_binary")
+
+
+def parse_workers(workers) -> list:
+  """Normalises `host:port[,host:port...]` (a string or a list) to a list of addresses."""
+  if workers is None:
+    return []
+  if isinstance(workers, str):
+    workers = [w for w in workers.split(",") if w.strip()]
+  out = []
+  for address in workers:
+    address = str(address).strip()
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise ValueError(f"Worker address {address!r} must be host:port with a port in "
+                       "[1, 65535].")
+    out.append(address)
+  return out
+
+
+def _remote_executor_factory(address: str, timeout: float):
+  """A TFF executor factory whose executors run on the worker at `address`."""
+  import grpc  # pylint: disable=g-import-not-at-top
+  tff = import_tff()
+  channel = grpc.insecure_channel(address, _GRPC_OPTIONS)
+  stub = tff.framework.RemoteExecutorGrpcStub(channel)
+  deadline = time.time() + timeout
+  while not stub.is_ready:
+    if time.time() > deadline:
+      raise ConnectionError(
+          f"No TFF worker answers at {address} after {timeout:.0f} s. Start one there "
+          f"with `{worker_binary_path()} --port=PORT` (see tf_dlg.federated.runtime).")
+    time.sleep(0.1)
+
+  def stack_fn(cardinalities):
+    executor = tff.framework.RemoteExecutor(stub)
+    executor.set_cardinalities(cardinalities)
+    return executor
+
+  return tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn)
+
+
+def create_execution_context(workers=None, timeout: float = 30.0):
+  """A TFF execution context for local simulation or for remote workers.
+
+  Args:
+    workers: None or empty for TFF's default local context (it starts one
+      worker_binary child, stopped at exit by `import_tff`'s hook). One address
+      `host:port`: every computation runs on that worker. Several: a
+      `MergeableCompExecutionContext` splits the clients of each round into one
+      subround per worker and merges the partial aggregates (this needs the
+      aggregators to be mergeable, as `tff.federated_aggregate`-based ones are).
+    timeout: Seconds to wait for each worker to answer.
+
+  Returns:
+    A `tff` sync context (set it with `tff.framework.set_default_context`).
+
+  Workers are TFF's own C++ executor service, shipped in the pip package:
+  `$(python -c "from tf_dlg.federated import runtime; print(runtime.worker_binary_path())")
+  --port=8000` on each machine (it listens on all interfaces: run it on a trusted network
+  only, the protocol has no authentication).
+  """
+  # pylint: disable=g-import-not-at-top
+  tff = import_tff()
+  from tensorflow_federated.python.core.backends.native import compiler
+  from tensorflow_federated.python.core.environments.tensorflow_frontend import (
+      tensorflow_computation)
+  addresses = parse_workers(workers)
+  if not addresses:
+    return tff.backends.native.create_sync_local_cpp_execution_context()
+  kwargs = dict(compiler_fn=compiler.desugar_and_transform_to_native,
+                transform_args=tensorflow_computation.transform_args,
+                transform_result=tensorflow_computation.transform_result)
+  if len(addresses) == 1:
+    return tff.framework.SyncExecutionContext(
+        executor_fn=_remote_executor_factory(addresses[0], timeout), **kwargs)
+  async_contexts = [
+      tff.framework.AsyncExecutionContext(
+          executor_fn=_remote_executor_factory(a, timeout), **kwargs) for a in addresses]
+  return tff.backends.native.create_mergeable_comp_execution_context(async_contexts)
+
+
+class execution_target:  # pylint: disable=invalid-name
+  """Context manager: run TFF computations on `workers` (see `create_execution_context`).
+
+  On exit the previous default context is restored and, for remote workers, the
+  channels are dropped; local worker_binary children are left to `import_tff`'s hook.
+  """
+
+  def __init__(self, workers=None, timeout: float = 30.0):
+    self._workers = parse_workers(workers)
+    self._timeout = timeout
+    self._previous = None
+
+  def __enter__(self):
+    tff = import_tff()
+    if not self._workers:
+      return None
+    self._previous = tff.framework.get_context_stack().current
+    tff.framework.set_default_context(
+        create_execution_context(self._workers, self._timeout))
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      tff = import_tff()
+      tff.framework.set_default_context(self._previous)
+      gc.collect()
+    return False
+
+
+def start_local_worker(port: int = 0, timeout: float = 60.0):
+  """Starts a worker_binary on this machine; returns (Popen, "127.0.0.1:port").
+
+  For tests and single-machine demos of the remote path. The caller must stop it
+  (`stop_worker`); it is also stopped by the exit hook since it is our child.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import portpicker  # pylint: disable=g-import-not-at-top
+  port = port or portpicker.pick_unused_port()
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.Popen([worker_binary_path(), f"--port={port}"], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  return proc, f"127.0.0.1:{port}"
+
+
+def stop_worker(proc, timeout: float = 10.0) -> None:
+  """Stops a worker started by `start_local_worker` (SIGINT, then SIGKILL)."""
+  if proc.poll() is not None:
+    return
+  proc.send_signal(signal.SIGINT)
+  try:
+    proc.wait(timeout)
+  except Exception:  # pylint: disable=broad-except
+    proc.kill()
+    proc.wait(timeout)

@@ -1,0 +1,427 @@
+"""FedAvg learning processes in TFF with robust aggregators, defences and BatchNorm sync.
+
+`build_fedavg(...)` returns a `FedAvg` bundle whose `process` is a
+`tff.learning.templates.LearningProcess`. It is composed (with
+`tff.learning.templates.compose_learning_process`) from the same parts that
+`tff.learning.algorithms.build_weighted_fed_avg` / `build_unweighted_fed_avg` use --
+TFF's broadcast distributor, a model-delta client work, an aggregator, an
+apply-optimizer finalizer -- with two changes in the client work and the finalizer:
+
+**BatchNorm statistics.** In TFF 0.87 FedAvg aggregates only the *trainable* weights'
+deltas (`model_delta_client_work` returns `initial.trainable - final.trainable`) and
+`build_apply_optimizer_finalizer` copies the server's non-trainable weights unchanged,
+so a BatchNorm model's moving mean/variance stay at their initial 0/1 on the server
+forever, and evaluating the global model in inference mode normalises with the wrong
+statistics. Here every client sends one flat list: the deltas of the trainable weights
+(Keras `trainable_variables` order) followed by the deltas of the non-trainable weights
+(`non_trainable_variables` order; for `bn_cnn` the BN moving statistics). The list goes
+through the defence and the aggregator as a whole; the finalizer applies the server
+optimizer to the trainable part and sets the non-trainable weights to
+`server - aggregate(delta)`, i.e. the (weighted mean | median | trimmed mean) of the
+clients' own moving statistics -- the "average all model state" rule of FedAvg.
+Evaluation copies the whole server `ModelWeights` (both parts) into a Keras model and
+runs it in inference mode, so it uses these averaged statistics. Defences see the
+same list; `update_exclusion(keras_model)` marks the BN entries (moving statistics are
+passed through untouched) in exactly that layout.
+
+**Client roles.** Each client's data is `OrderedDict(batches=<tf.data of x/y batches>,
+role=<one-element tf.data of ROLE_SPEC>)`. The role makes a client Byzantine inside the
+TFF computation: `scale` multiplies its delta (e.g. x1000) and mode `random` replaces it
+by Gaussian noise of the delta's RMS times `scale`. Malicious clients change what they
+*train*, then their (honest) client software applies the defence. Honest clients have
+mode 0, scale 1.
+
+Weighting: `mean` is TFF's `MeanFactory` weighted by client example counts (as
+`build_weighted_fed_avg`); `median` and `trimmed_mean` are unweighted (uniform client
+weights, as `build_unweighted_fed_avg`) because an order statistic has no weights.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Callable, List, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tf_dlg.federated.runtime import import_tff
+from tf_dlg.federated import aggregators as aggregators_lib
+from tf_dlg import models as models_lib
+
+tff = import_tff()
+
+AGGREGATORS = ("mean", "median", "trimmed_mean")
+OPTIMIZERS = ("sgd", "sgdm", "adam")
+MALICIOUS_MODES = ("scale", "random")
+
+# Per-client role, one element of the `role` sequence.
+ROLE_SPEC = collections.OrderedDict(
+    mode=tf.TensorSpec([], tf.int32),     # 0 honest, 1 scale, 2 random
+    scale=tf.TensorSpec([], tf.float32),
+    seed=tf.TensorSpec([2], tf.int64))
+_MODE_CODES = {"honest": 0, "scale": 1, "random": 2}
+
+
+def role(mode: str = "honest", scale: float = 1.0, seed: int = 0) -> tf.data.Dataset:
+  """The one-element role dataset for a client (`honest`, `scale` or `random`)."""
+  if mode not in _MODE_CODES:
+    raise ValueError(f"role mode={mode!r} must be one of {', '.join(_MODE_CODES)}.")
+  element = collections.OrderedDict(
+      mode=np.int32(_MODE_CODES[mode]), scale=np.float32(scale),
+      seed=np.asarray([seed, 0x5eed], np.int64))
+  return tf.data.Dataset.from_tensors(element)
+
+
+def build_optimizer(name: str, learning_rate: float):
+  """A `tff.learning.optimizers` optimizer by name (`sgd`, `sgdm` (0.9), `adam`)."""
+  if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
+    raise ValueError(f"learning_rate={learning_rate!r} must be a number > 0.")
+  if name == "sgd":
+    return tff.learning.optimizers.build_sgdm(learning_rate=learning_rate)
+  if name == "sgdm":
+    return tff.learning.optimizers.build_sgdm(learning_rate=learning_rate, momentum=0.9)
+  if name == "adam":
+    return tff.learning.optimizers.build_adam(learning_rate=learning_rate)
+  raise ValueError(f"optimizer={name!r} must be one of {', '.join(OPTIMIZERS)}.")
+
+
+def update_variables(keras_model: tf.keras.Model) -> List[tf.Variable]:
+  """The variables behind each entry of a client's update, in update order."""
+  return list(keras_model.trainable_variables) + list(keras_model.non_trainable_variables)
+
+
+def update_exclusion(keras_model: tf.keras.Model) -> List[bool]:
+  """Defence `exclude` mask for the update layout (True: a BatchNorm variable)."""
+  from tf_dlg import defenses  # pylint: disable=g-import-not-at-top
+  return list(defenses.batchnorm_exclusion(keras_model, update_variables(keras_model)))
+
+
+def _inner_factory(name: str, trim_fraction: float):
+  """(aggregation factory, client weighting) for an aggregator name."""
+  if name == "mean":
+    return tff.aggregators.MeanFactory(), tff.learning.ClientWeighting.NUM_EXAMPLES
+  if name == "median":
+    return aggregators_lib.median_factory(), tff.learning.ClientWeighting.UNIFORM
+  if name == "trimmed_mean":
+    return (aggregators_lib.trimmed_mean_factory(trim_fraction),
+            tff.learning.ClientWeighting.UNIFORM)
+  raise ValueError(f"aggregator={name!r} must be one of {', '.join(AGGREGATORS)}.")
+
+
+def _is_defense(defense) -> bool:
+  return defense is not None and getattr(defense, "name", None) != "none"
+
+
+# --------------------------------------------------------------------------- client work
+
+
+def _client_update_fn(model_fn, weighting):
+  """The client's local training as a `tf.function` (after TFF's model_delta_client_work)."""
+  model = model_fn()
+
+  @tf.function
+  def client_update(optimizer, hparams, initial_weights, batches, roles):
+    weights = tff.learning.models.ModelWeights.from_model(model)
+    tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
+    trainable = tuple(tf.nest.flatten(weights.trainable))
+
+    def reduce_fn(state, batch):
+      num_examples, opt_state = state
+      with tf.GradientTape() as tape:
+        output = model.forward_pass(batch, training=True)
+      grads = tape.gradient(output.loss, trainable)
+      opt_state, updated = optimizer.next(opt_state, trainable, grads)
+      for v, u in zip(trainable, updated):
+        v.assign(u)
+      num_examples += tf.shape(output.predictions, out_type=tf.int64)[0]
+      return num_examples, opt_state
+
+    specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
+    opt_state = optimizer.set_hparams(optimizer.initialize(specs), hparams)
+    num_examples, _ = batches.reduce((tf.zeros([], tf.int64), opt_state), reduce_fn)
+
+    initial = (list(tf.nest.flatten(initial_weights.trainable))
+               + list(tf.nest.flatten(initial_weights.non_trainable)))
+    final = (list(tf.nest.flatten(weights.trainable))
+             + list(tf.nest.flatten(weights.non_trainable)))
+    delta = [a - b for a, b in zip(initial, final)]   # TFF sign: initial - final
+
+    # Byzantine behaviour (honest: mode 0, scale 1 -> unchanged).
+    r = roles.reduce(
+        collections.OrderedDict(mode=tf.constant(0), scale=tf.constant(1.0),
+                                seed=tf.zeros([2], tf.int64)),
+        lambda _, x: x)
+    is_random = tf.cast(tf.equal(r["mode"], 2), tf.float32)
+    out = []
+    for i, d in enumerate(delta):
+      rms = tf.sqrt(tf.reduce_mean(tf.square(d)))
+      noise = tf.random.stateless_normal(tf.shape(d), seed=r["seed"] + i)
+      out.append(r["scale"] * ((1.0 - is_random) * d + is_random * rms * noise))
+
+    # As TFF: a non-finite update is zeroed and gets weight 0.
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(u)) for u in out])
+    out = [tf.where(finite, u, tf.zeros_like(u)) for u in out]
+    if weighting == tff.learning.ClientWeighting.NUM_EXAMPLES:
+      weight = tf.cast(num_examples, tf.float32)
+    else:
+      weight = tf.constant(1.0)
+    weight = tf.where(finite, weight, 0.0)
+    if not finite:
+      model.reset_metrics()
+    return (tff.learning.templates.ClientResult(update=out, update_weight=weight),
+            model.report_local_unfinalized_metrics())
+
+  return client_update
+
+
+def _build_client_work(model_fn, optimizer, weighting):
+  """A `ClientWorkProcess` sending all weights' deltas (see the module docstring)."""
+  with tf.Graph().as_default():
+    model = model_fn()
+    metrics_fn = tff.learning.metrics.sum_then_finalize(model.metric_finalizers())
+  data_type = tff.types.to_type(collections.OrderedDict(
+      batches=tff.SequenceType(tff.types.tensorflow_to_type(model.input_spec)),
+      role=tff.SequenceType(tff.types.tensorflow_to_type(ROLE_SPEC))))
+  weights_type = tff.learning.models.weights_type_from_model(model)
+  hparams = optimizer.get_hparams(optimizer.initialize(tf.TensorSpec([], tf.float32)))
+
+  @tff.federated_computation
+  def init_fn():
+    return tff.federated_value(hparams, tff.SERVER)
+
+  state_type = init_fn.type_signature.result.member
+
+  @tff.tensorflow.computation(state_type, weights_type, data_type)
+  def client_update(state, initial_weights, data):
+    fn = _client_update_fn(model_fn, weighting)
+    return fn(optimizer, state, initial_weights, data["batches"], data["role"])
+
+  @tff.federated_computation(init_fn.type_signature.result,
+                             tff.FederatedType(weights_type, tff.CLIENTS),
+                             tff.FederatedType(data_type, tff.CLIENTS))
+  def next_fn(state, weights, data):
+    result, model_outputs = tff.federated_map(
+        client_update, (tff.federated_broadcast(state), weights, data))
+    measurements = tff.federated_zip(
+        collections.OrderedDict(train=metrics_fn(model_outputs)))
+    return tff.templates.MeasuredProcessOutput(state, result, measurements)
+
+  @tff.tensorflow.computation(state_type)
+  def get_hparams_fn(state):
+    return state
+
+  @tff.tensorflow.computation(state_type, state_type)
+  def set_hparams_fn(state, new_hparams):
+    del state
+    return new_hparams
+
+  return tff.learning.templates.ClientWorkProcess(
+      init_fn, next_fn, get_hparams_fn=get_hparams_fn, set_hparams_fn=set_hparams_fn)
+
+
+# --------------------------------------------------------------------------- finalizer
+
+
+def _build_finalizer(optimizer, weights_type, num_trainable: int):
+  """Server optimizer on the trainable part; non-trainable = server - aggregate delta."""
+  trainable_type = weights_type.trainable
+  update_type = _update_type(weights_type)
+
+  @tff.tensorflow.computation
+  def init_tf():
+    return optimizer.initialize(tff.types.type_to_tf_tensor_specs(trainable_type))
+
+  opt_state_type = init_tf.type_signature.result
+
+  @tff.tensorflow.computation(opt_state_type, weights_type, update_type)
+  @tf.function
+  def next_tf(opt_state, weights, update):
+    trainable = tf.nest.flatten(weights.trainable)
+    non_trainable = tf.nest.flatten(weights.non_trainable)
+    update = list(update)
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(u)) for u in update])
+    new_state, new_trainable = optimizer.next(
+        opt_state, weights.trainable,
+        tf.nest.pack_sequence_as(weights.trainable, update[:num_trainable]))
+    new_non_trainable = [w - u for w, u in zip(non_trainable, update[num_trainable:])]
+    measurements = collections.OrderedDict(
+        update_non_finite=tf.cast(tf.logical_not(finite), tf.int32))
+    if not finite:  # as TFF's reject_non_finite_update: keep the old model
+      return opt_state, weights, measurements
+    new_weights = tff.learning.models.ModelWeights(
+        new_trainable,
+        tf.nest.pack_sequence_as(weights.non_trainable, new_non_trainable))
+    return new_state, new_weights, measurements
+
+  @tff.federated_computation
+  def init_fn():
+    return tff.federated_eval(init_tf, tff.SERVER)
+
+  @tff.federated_computation(init_fn.type_signature.result,
+                             tff.FederatedType(weights_type, tff.SERVER),
+                             tff.FederatedType(update_type, tff.SERVER))
+  def next_fn(state, weights, update):
+    new_state, new_weights, measurements = tff.federated_map(
+        next_tf, (state, weights, update))
+    return tff.templates.MeasuredProcessOutput(new_state, new_weights, measurements)
+
+  @tff.tensorflow.computation(opt_state_type)
+  def get_hparams_fn(state):
+    return optimizer.get_hparams(state)
+
+  @tff.tensorflow.computation(opt_state_type, get_hparams_fn.type_signature.result)
+  def set_hparams_fn(state, hparams):
+    return optimizer.set_hparams(state, hparams)
+
+  return tff.learning.templates.FinalizerProcess(
+      init_fn, next_fn, get_hparams_fn=get_hparams_fn, set_hparams_fn=set_hparams_fn)
+
+
+def _update_type(weights_type):
+  """TFF type of a client update: [trainable..., non_trainable...] as a list."""
+  leaves = list(weights_type.trainable) + list(weights_type.non_trainable)
+  return tff.types.to_type([t for t in leaves])
+
+
+# --------------------------------------------------------------------------- builder
+
+
+@dataclasses.dataclass
+class FedAvg:
+  """A built FedAvg process and what a simulation needs to drive and read it.
+
+  Attributes:
+    process: The `tff.learning.templates.LearningProcess`.
+    keras_model_fn: No-arg function returning a fresh (uncompiled) Keras model.
+    model_name: Registry name of the model in `tf_dlg.models`.
+    input_shape, num_classes: Model input and head.
+    aggregator: `mean`, `median` or `trimmed_mean`.
+    defense: The defence applied on each client (or None).
+    client_learning_rate, client_optimizer, batch_size, local_epochs: Client settings.
+    num_trainable: Number of leading update entries that are trainable weights.
+    capture_process: Same algorithm, whose `aggregator` metrics also hold every
+      client's (defended) update (`client_values`); built on first use.
+  """
+
+  process: Any
+  keras_model_fn: Callable[[], tf.keras.Model]
+  model_name: str
+  input_shape: tuple
+  num_classes: int
+  aggregator: str
+  defense: Any
+  client_optimizer: str
+  client_learning_rate: float
+  batch_size: int
+  local_epochs: int
+  num_trainable: int
+  _build_capture: Callable[[], Any] = dataclasses.field(repr=False, default=None)
+  _capture_process: Any = dataclasses.field(repr=False, default=None)
+
+  @property
+  def capture_process(self):
+    if self._capture_process is None:
+      self._capture_process = self._build_capture()
+    return self._capture_process
+
+  def assign_to_keras(self, model_weights, keras_model: tf.keras.Model) -> None:
+    """Copies TFF `ModelWeights` (both parts) into `keras_model`."""
+    if not isinstance(model_weights, tff.learning.models.ModelWeights):
+      model_weights = tff.learning.models.ModelWeights(*model_weights)
+    model_weights.assign_weights_to(keras_model)
+
+
+def build_fedavg(input_shape: Sequence[int], num_classes: int, *,
+                 model: str = "bn_cnn", model_seed: int = 0,
+                 aggregator: str = "mean", trim_fraction: float = 0.1,
+                 defense=None, client_optimizer: str = "sgd",
+                 client_learning_rate: float = 0.05, server_optimizer: str = "sgd",
+                 server_learning_rate: float = 1.0, batch_size: int = 20,
+                 local_epochs: int = 1, bn_momentum: Optional[float] = 0.9) -> FedAvg:
+  """Builds FedAvg over a `tf_dlg.models` Keras model.
+
+  Args:
+    input_shape, num_classes: Data shape (H, W, C) and class count.
+    model: `tf_dlg.models` registry name; `bn_cnn` (BatchNorm CNN) by default.
+    model_seed: Seed of the initial server model.
+    aggregator: `mean` (weighted by examples), `median` or `trimmed_mean`
+      (unweighted, coordinate-wise; see `tf_dlg.federated.aggregators`).
+    trim_fraction: Fraction trimmed from each side (`trimmed_mean` only).
+    defense: A `tf_dlg.defenses.Defense` applied on every client before aggregation
+      (via `tf_dlg.defenses.defense_factory`), or None.
+    client_optimizer, server_optimizer: `sgd`, `sgdm` or `adam`.
+    client_learning_rate, server_learning_rate: Their learning rates.
+    batch_size, local_epochs: Recorded for capture; the client data decides them.
+    bn_momentum: Momentum of the BatchNorm moving statistics (Keras default 0.99),
+      or None to keep the model's. A client takes only a few local steps per round,
+      so with 0.99 the statistics it sends barely move from the server's and the
+      global model's inference-mode accuracy lags its training accuracy by many
+      rounds; 0.9 lets them track the data within a round or two.
+
+  Returns:
+    A `FedAvg` bundle.
+  """
+  if aggregator not in AGGREGATORS:
+    raise ValueError(f"aggregator={aggregator!r} must be one of {', '.join(AGGREGATORS)}.")
+  input_shape = tuple(int(d) for d in input_shape)
+
+  def keras_model_fn():
+    keras_model = models_lib.build_model(model, input_shape, num_classes, seed=model_seed)
+    if bn_momentum is not None:
+      for layer, _ in models_lib.batchnorm_variables(keras_model):
+        layer.momentum = float(bn_momentum)  # read at call time, so this takes effect
+    return keras_model
+
+  spec = models_lib.input_spec(input_shape)
+
+  def model_fn():
+    return tff.learning.models.from_keras_model(
+        keras_model_fn(), input_spec=spec,
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
+
+  probe = keras_model_fn()
+  for v in probe.non_trainable_variables:
+    if not v.dtype.is_floating:
+      raise TypeError(f"Non-trainable variable {v.name} has dtype {v.dtype.name}; "
+                      "FedAvg here averages non-trainable weights, which must be float.")
+  num_trainable = len(probe.trainable_variables)
+  exclude = None
+  if _is_defense(defense):
+    exclude = update_exclusion(probe)
+
+  client_opt = build_optimizer(client_optimizer, client_learning_rate)
+  server_opt = build_optimizer(server_optimizer, server_learning_rate)
+
+  @tff.tensorflow.computation
+  def initial_weights_fn():
+    return tff.learning.models.ModelWeights.from_model(model_fn())
+
+  weights_type = initial_weights_fn.type_signature.result
+
+  def compose(capture: bool):
+    factory, weighting = _inner_factory(aggregator, trim_fraction)
+    if capture:
+      # Inside the defence, so it records exactly what the defence outputs.
+      factory = aggregators_lib.capture_factory(factory)
+    if _is_defense(defense):
+      from tf_dlg import defenses  # pylint: disable=g-import-not-at-top
+      factory = defenses.defense_factory(defense, factory, exclude=exclude)
+    if isinstance(factory, tff.aggregators.UnweightedAggregationFactory):
+      factory = tff.aggregators.as_weighted_aggregator(factory)
+    agg_process = factory.create(_update_type(weights_type), tff.TensorType(np.float32))
+    return tff.learning.templates.compose_learning_process(
+        initial_weights_fn,
+        tff.learning.templates.build_broadcast_process(weights_type),
+        _build_client_work(model_fn, client_opt, weighting),
+        agg_process,
+        _build_finalizer(server_opt, weights_type, num_trainable))
+
+  return FedAvg(
+      process=compose(False), keras_model_fn=keras_model_fn, model_name=model,
+      input_shape=input_shape, num_classes=num_classes, aggregator=aggregator,
+      defense=defense, client_optimizer=client_optimizer,
+      client_learning_rate=float(client_learning_rate), batch_size=int(batch_size),
+      local_epochs=int(local_epochs), num_trainable=num_trainable,
+      _build_capture=lambda: compose(True))

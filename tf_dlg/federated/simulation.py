@@ -1,0 +1,463 @@
+"""The FedAvg simulation loop: sampling, training, evaluation, logging, checkpoints, capture.
+
+`run_simulation(config, output_dir)` trains for `config.rounds` rounds. Each round it
+
+1. samples `clients_per_round` of `num_clients` clients (all by default) with a
+   generator seeded by `(seed, round)`, so a resumed run samples the same clients;
+2. builds their datasets shuffled with a seed derived from `(seed, round)` and their
+   roles (honest, or Byzantine for the `malicious_clients` fixed, seeded clients);
+3. runs one `LearningProcess.next` in TFF (the capture round runs the process variant
+   that also reports every client's defended update);
+4. evaluates the server model (trainable and BatchNorm weights) on the held-out test
+   set with Keras in inference mode;
+5. appends `round, train_loss, train_accuracy, test_loss, test_accuracy, seconds` to
+   `history.csv` and writes a checkpoint (`checkpoint.npz`: the whole TFF server state
+   -- model, optimizer and aggregator state -- flattened, the history so far, and a
+   fingerprint of the configuration).
+
+Starting again with the same `output_dir` resumes after the last checkpointed round; a
+checkpoint written by a different configuration, or a file that is not one of ours,
+raises `CheckpointError` instead of silently mixing runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+HISTORY_FIELDS = ("round", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                  "seconds")
+_CHECKPOINT_FORMAT = "tf_dlg.federated.checkpoint/v1"
+CHECKPOINT_NAME = "checkpoint.npz"
+HISTORY_NAME = "history.csv"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint or history file in `output_dir` is corrupt or from another run."""
+
+
+@dataclasses.dataclass
+class SimulationConfig:
+  """Everything that defines a federated run (see `experiments/federated.py` flags)."""
+
+  dataset: str = "digits"
+  data_dir: Optional[str] = None
+  partition: str = "iid"
+  alpha: float = 0.5
+  classes_per_client: int = 2
+  num_clients: int = 10
+  clients_per_round: Optional[int] = None   # None: all clients every round
+  rounds: int = 20
+  model: str = "bn_cnn"
+  bn_momentum: Optional[float] = 0.5
+  aggregator: str = "mean"
+  trim_fraction: float = 0.1
+  defense: str = "none"
+  defense_param: Optional[float] = None
+  malicious_clients: int = 0
+  malicious_mode: str = "scale"
+  malicious_scale: float = 1000.0
+  local_epochs: int = 2
+  batch_size: int = 10
+  client_optimizer: str = "adam"
+  client_lr: float = 0.003
+  server_optimizer: str = "sgd"
+  server_lr: float = 1.0
+  seed: int = 0
+  capture_round: Optional[int] = None       # 1-based round to capture, or None
+  capture_client: Optional[int] = None      # client id; None: first sampled client
+
+  # Fields that do not change the trajectory (may differ on resume).
+  _NOT_FINGERPRINTED = ("rounds", "capture_round", "capture_client", "data_dir")
+
+  def validate(self, num_examples: Optional[int] = None) -> "SimulationConfig":
+    """Raises ValueError naming the bad value and the allowed range."""
+    # pylint: disable=g-import-not-at-top
+    from tf_dlg import data as data_lib
+    from tf_dlg import models as models_lib
+
+    def integer(name, low, high=None):
+      value = getattr(self, name)
+      ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+      if not ok or value < low or (high is not None and value > high):
+        rng = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name}={value!r} must be an integer {rng}.")
+
+    def number(name, low, high=None, low_open=False, high_open=False):
+      value = getattr(self, name)
+      ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
+      ok = ok and math.isfinite(float(value))
+      if ok:
+        ok = (value > low if low_open else value >= low)
+        if high is not None:
+          ok = ok and (value < high if high_open else value <= high)
+      if not ok:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        rng = f"{lo}{low}, {high}{hi}" if high is not None else f"{'>' if low_open else '>='} {low}"
+        raise ValueError(f"{name}={value!r} must be a number in {rng}.")
+
+    def choice(name, allowed):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"{name}={getattr(self, name)!r} must be one of "
+                         f"{', '.join(map(str, allowed))}.")
+
+    from tf_dlg.federated import fedavg  # pylint: disable=g-import-not-at-top
+    choice("dataset", data_lib.DATASETS)
+    choice("partition", data_lib.PARTITION_SCHEMES)
+    choice("model", models_lib.MODELS)
+    choice("aggregator", fedavg.AGGREGATORS)
+    choice("malicious_mode", fedavg.MALICIOUS_MODES)
+    choice("client_optimizer", fedavg.OPTIMIZERS)
+    choice("server_optimizer", fedavg.OPTIMIZERS)
+    integer("num_clients", 1, num_examples)
+    if self.clients_per_round is not None:
+      integer("clients_per_round", 1, self.num_clients)
+    integer("rounds", 1)
+    integer("malicious_clients", 0, self.num_clients)
+    integer("local_epochs", 1)
+    integer("batch_size", 1)
+    integer("seed", 0)
+    integer("classes_per_client", 1)
+    number("alpha", 0, low_open=True)
+    number("trim_fraction", 0, 0.5, high_open=True)
+    number("malicious_scale", 0, low_open=True)
+    number("client_lr", 0, low_open=True)
+    number("server_lr", 0, low_open=True)
+    if self.bn_momentum is not None:
+      number("bn_momentum", 0, 1, high_open=True)
+    if self.capture_round is not None:
+      integer("capture_round", 1, self.rounds)
+    if self.capture_client is not None:
+      integer("capture_client", 0, self.num_clients - 1)
+      if self.capture_round is None:
+        raise ValueError("capture_client is set but capture_round is not; set both.")
+    return self
+
+  def fingerprint(self) -> str:
+    fields = {k: v for k, v in dataclasses.asdict(self).items()
+              if k not in self._NOT_FINGERPRINTED}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()
+                          ).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class SimulationResult:
+  history: List[Dict[str, float]]
+  dataset_source: str
+  malicious: List[int]
+  capture_path: Optional[str] = None
+  resumed_from: int = 0
+  server_state: Any = None
+  fedavg: Any = None
+
+  @property
+  def final(self) -> Dict[str, float]:
+    return self.history[-1] if self.history else {}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def sample_clients(config: SimulationConfig, round_num: int) -> List[int]:
+  """The sorted client ids of a 1-based round (seeded by (seed, round))."""
+  k = config.clients_per_round or config.num_clients
+  if k >= config.num_clients:
+    return list(range(config.num_clients))
+  rng = np.random.default_rng([config.seed, round_num, 0xC11E])
+  return sorted(int(c) for c in rng.choice(config.num_clients, size=k, replace=False))
+
+
+def malicious_ids(config: SimulationConfig) -> List[int]:
+  """The fixed, seeded set of Byzantine client ids."""
+  rng = np.random.default_rng([config.seed, 0xBAD])
+  return sorted(int(c) for c in rng.permutation(config.num_clients)[:config.malicious_clients])
+
+
+def _round_seed(config: SimulationConfig, round_num: int) -> int:
+  return int(np.random.default_rng([config.seed, round_num, 0xDA7A]).integers(2**31 - 1))
+
+
+def _client_data(config, dataset, parts, ids, round_num, bad):
+  """Per-client `OrderedDict(batches=, role=)` for the TFF process."""
+  # pylint: disable=g-import-not-at-top
+  from tf_dlg import data as data_lib
+  from tf_dlg.federated import fedavg
+  batches = data_lib.client_datasets(
+      dataset.x_train, dataset.y_train, [parts[i] for i in ids],
+      batch_size=config.batch_size, epochs=config.local_epochs, shuffle=True,
+      seed=_round_seed(config, round_num))
+  out = []
+  for cid, ds in zip(ids, batches):
+    if cid in bad:
+      r = fedavg.role(config.malicious_mode, config.malicious_scale,
+                      seed=config.seed * 100003 + round_num * 1009 + cid)
+    else:
+      r = fedavg.role()
+    out.append(collections.OrderedDict(batches=ds, role=r))
+  return out
+
+
+def _find(struct, key):
+  """The first value under `key` in a nest of mappings / attrs / sequences."""
+  if isinstance(struct, collections.abc.Mapping):
+    if key in struct:
+      return struct[key]
+    children = list(struct.values())
+  elif isinstance(struct, (list, tuple)):
+    children = list(struct)
+  else:
+    return None
+  for child in children:
+    found = _find(child, key)
+    if found is not None:
+      return found
+  return None
+
+
+def _defense(config):
+  if config.defense in (None, "none"):
+    return None
+  from tf_dlg import defenses  # pylint: disable=g-import-not-at-top
+  return defenses.get_defense(config.defense, config.defense_param)
+
+
+def build_for_config(config: SimulationConfig, dataset):
+  """The `FedAvg` bundle of a configuration."""
+  from tf_dlg.federated import fedavg  # pylint: disable=g-import-not-at-top
+  return fedavg.build_fedavg(
+      dataset.input_shape, dataset.num_classes, model=config.model,
+      model_seed=config.seed, aggregator=config.aggregator,
+      trim_fraction=config.trim_fraction, defense=_defense(config),
+      client_optimizer=config.client_optimizer, client_learning_rate=config.client_lr,
+      server_optimizer=config.server_optimizer, server_learning_rate=config.server_lr,
+      batch_size=config.batch_size, local_epochs=config.local_epochs,
+      bn_momentum=config.bn_momentum)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _flatten_state(state) -> List[np.ndarray]:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return [np.asarray(x) for x in tf.nest.flatten(state)]
+
+
+def save_checkpoint(path: str, state, round_num: int, history, fingerprint: str) -> None:
+  """Atomically writes the server state after `round_num` and the history so far."""
+  leaves = _flatten_state(state)
+  header = dict(format=_CHECKPOINT_FORMAT, round=round_num, fingerprint=fingerprint,
+                num_leaves=len(leaves), history=history)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, header=np.asarray(json.dumps(header)),
+           **{f"leaf_{i}": v for i, v in enumerate(leaves)})
+  os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, template_state, fingerprint: str):
+  """(state, round, history) from `path`; CheckpointError if corrupt or foreign."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      header = json.loads(str(z["header"]))
+      if header.get("format") != _CHECKPOINT_FORMAT:
+        raise CheckpointError(f"format={header.get('format')!r}, expected "
+                              f"{_CHECKPOINT_FORMAT!r}")
+      leaves = [z[f"leaf_{i}"] for i in range(int(header["num_leaves"]))]
+  except CheckpointError as e:
+    raise CheckpointError(f"{path!r} is not a tf-dlg federated checkpoint: {e}") from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"{path!r} is not a readable tf-dlg federated checkpoint "
+                          f"({type(e).__name__}: {e}).") from e
+  if header["fingerprint"] != fingerprint:
+    raise CheckpointError(
+        f"{path!r} was written by a different configuration (fingerprint "
+        f"{header['fingerprint']}, this run {fingerprint}); use another --output_dir or "
+        "the original flags.")
+  template = tf.nest.flatten(template_state)
+  if len(template) != len(leaves) or any(
+      np.shape(a) != np.shape(b) for a, b in zip(template, leaves)):
+    raise CheckpointError(f"{path!r} holds a server state of a different structure.")
+  leaves = [np.asarray(b, dtype=np.asarray(a).dtype) for a, b in zip(template, leaves)]
+  state = tf.nest.pack_sequence_as(template_state, leaves)
+  return state, int(header["round"]), list(header["history"])
+
+
+def _check_history_file(path: str) -> None:
+  with open(path, newline="") as f:
+    header = next(csv.reader(f), None)
+  if header != list(HISTORY_FIELDS):
+    raise CheckpointError(f"{path!r} is not a tf-dlg history (header {header!r}, expected "
+                          f"{list(HISTORY_FIELDS)}); use another --output_dir.")
+
+
+def _write_history(path: str, history) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
+    w.writeheader()
+    w.writerows(history)
+  os.replace(tmp, path)
+
+
+def _append_history(path: str, row) -> None:
+  with open(path, "a", newline="") as f:
+    csv.DictWriter(f, fieldnames=HISTORY_FIELDS).writerow(row)
+
+
+def read_history(path: str) -> List[Dict[str, float]]:
+  _check_history_file(path)
+  with open(path, newline="") as f:
+    return [{k: (int(v) if k == "round" else float(v)) for k, v in row.items()}
+            for row in csv.DictReader(f)]
+
+
+# --------------------------------------------------------------------------- capture
+
+
+def _capture(config, dataset, fa, parts, ids, round_num, start_weights, client_values,
+             output_dir, bad):
+  """Writes the chosen client's update as an ObservedUpdate; returns the path."""
+  from tf_dlg.attacks.threat_model import ObservedUpdate  # pylint: disable=g-import-not-at-top
+  cid = ids[0] if config.capture_client is None else config.capture_client
+  pos = ids.index(cid)
+  update = [np.asarray(v[pos]) for v in client_values][:fa.num_trainable]
+  keras_model = fa.keras_model_fn()
+  fa.assign_to_keras(start_weights, keras_model)
+  idx = parts[cid]
+  steps = int(math.ceil(len(idx) * config.local_epochs / config.batch_size))
+  defense = _defense(config)
+  obs = ObservedUpdate(
+      kind="fedavg_delta", update=update, model_weights=keras_model.get_weights(),
+      model_name=config.model, input_shape=dataset.input_shape,
+      num_classes=dataset.num_classes, num_examples=int(len(idx)),
+      batch_size=config.batch_size, local_steps=steps,
+      learning_rate=config.client_lr,
+      defense=None if defense is None else defense.get_config(),
+      metadata=dict(dataset=dataset.name, dataset_source=dataset.source, round=round_num,
+                    client=cid, seed=config.seed, aggregator=config.aggregator,
+                    local_epochs=config.local_epochs,
+                    client_optimizer=config.client_optimizer,
+                    bn_momentum=config.bn_momentum, malicious=cid in bad,
+                    data_seed=_round_seed(config, round_num), shuffled=True,
+                    update_layout="trainable_variables"),
+      true_images=dataset.x_train[idx], true_labels=dataset.y_train[idx])
+  path = os.path.join(output_dir, f"capture_round{round_num}_client{cid}.npz")
+  return obs.save(path)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def run_simulation(config: SimulationConfig, output_dir: str, *, workers=None,
+                   dataset=None, fedavg=None, progress: bool = True,
+                   stop_after: Optional[int] = None, overwrite: bool = False
+                   ) -> SimulationResult:
+  """Runs (or resumes) a federated simulation; see the module docstring.
+
+  Args:
+    config: The run's `SimulationConfig`.
+    output_dir: Where `history.csv`, `checkpoint.npz` and captures go.
+    workers: None (local TFF runtime) or worker addresses `host:port`
+      (`tf_dlg.federated.runtime.create_execution_context`).
+    dataset: A preloaded `ImageDataset` (else `load_dataset(config.dataset)`).
+    fedavg: A prebuilt `FedAvg` for this config (lets tests share one build).
+    progress: Show a tqdm bar.
+    stop_after: Stop after this round (simulates an interruption; the checkpoint is
+      written as usual).
+    overwrite: Start afresh even if `output_dir` holds a run.
+  """
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  import tqdm
+  from tf_dlg import data as data_lib
+  from tf_dlg.federated import runtime
+
+  if dataset is None:
+    dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
+                                    seed=config.seed)
+  config.validate(len(dataset.x_train))
+  if dataset.x_test is None:
+    raise ValueError(f"dataset {dataset.name!r} has no test split to evaluate on.")
+  parts = data_lib.partition(dataset.y_train, config.num_clients, config.partition,
+                             alpha=config.alpha,
+                             classes_per_client=config.classes_per_client,
+                             seed=config.seed)
+  if any(len(p) == 0 for p in parts):
+    raise ValueError(f"partition {config.partition!r} left a client with no examples; "
+                     "lower num_clients or change alpha/classes_per_client.")
+  bad = set(malicious_ids(config))
+  if config.capture_round is not None and config.capture_client is not None:
+    ids = sample_clients(config, config.capture_round)
+    if config.capture_client not in ids:
+      raise ValueError(f"capture_client={config.capture_client} is not sampled in round "
+                       f"{config.capture_round} (clients {ids}); choose one of those.")
+
+  os.makedirs(output_dir, exist_ok=True)
+  ckpt_path = os.path.join(output_dir, CHECKPOINT_NAME)
+  hist_path = os.path.join(output_dir, HISTORY_NAME)
+  if overwrite:
+    for p in (ckpt_path, hist_path):
+      if os.path.exists(p):
+        os.remove(p)
+  if os.path.exists(hist_path):
+    _check_history_file(hist_path)
+    if not os.path.exists(ckpt_path) and read_history(hist_path):
+      raise CheckpointError(f"{hist_path!r} has rounds but there is no {CHECKPOINT_NAME} "
+                            "to resume from; use another --output_dir or overwrite.")
+
+  fa = fedavg if fedavg is not None else build_for_config(config, dataset)
+  keras_model = fa.keras_model_fn()
+  keras_model.compile(
+      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
+  fingerprint = config.fingerprint()
+
+  with runtime.execution_target(workers):
+    state = fa.process.initialize()
+    start, history = 0, []
+    if os.path.exists(ckpt_path):
+      state, start, history = load_checkpoint(ckpt_path, state, fingerprint)
+    _write_history(hist_path, history)
+    capture_path = None
+    last = config.rounds if stop_after is None else min(config.rounds, stop_after)
+    bar = tqdm.tqdm(range(start + 1, last + 1), initial=start, total=config.rounds,
+                    disable=not progress, desc=f"FedAvg[{config.aggregator}]",
+                    unit="round")
+    for round_num in bar:
+      t0 = time.perf_counter()
+      ids = sample_clients(config, round_num)
+      client_data = _client_data(config, dataset, parts, ids, round_num, bad)
+      if round_num == config.capture_round:
+        start_weights = fa.process.get_model_weights(state)
+        out = fa.capture_process.next(state, client_data)
+        capture_path = _capture(config, dataset, fa, parts, ids, round_num, start_weights,
+                                _find(out.metrics, "client_values"), output_dir, bad)
+      else:
+        out = fa.process.next(state, client_data)
+      state = out.state
+      train = out.metrics["client_work"]["train"]
+      fa.assign_to_keras(fa.process.get_model_weights(state), keras_model)
+      test_loss, test_acc = keras_model.evaluate(dataset.x_test, dataset.y_test,
+                                                 batch_size=256, verbose=0)
+      row = dict(round=round_num, train_loss=float(train["loss"]),
+                 train_accuracy=float(train["sparse_categorical_accuracy"]),
+                 test_loss=float(test_loss), test_accuracy=float(test_acc),
+                 seconds=round(time.perf_counter() - t0, 4))
+      history.append(row)
+      _append_history(hist_path, row)
+      save_checkpoint(ckpt_path, state, round_num, history, fingerprint)
+      bar.set_postfix(test_acc=f"{test_acc:.3f}")
+    bar.close()
+  return SimulationResult(history=history, dataset_source=dataset.source,
+                          malicious=sorted(bad), capture_path=capture_path,
+                          resumed_from=start, server_state=state, fedavg=fa)
