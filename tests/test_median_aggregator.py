@@ -1,0 +1,143 @@
+"""The median / trimmed-mean / capture `tff.aggregators` against NumPy and SciPy."""
+
+import collections
+
+import numpy as np
+import pytest
+import scipy.stats
+import tensorflow as tf
+
+from tf_dlg.federated import aggregators
+
+tff = aggregators.tff
+
+# A structured value: a vector, a matrix and a scalar, as a model update would be.
+_SPECS = collections.OrderedDict(
+    w=tf.TensorSpec([3], tf.float32),
+    k=tf.TensorSpec([2, 2], tf.float32),
+    b=tf.TensorSpec([], tf.float32))
+_TYPE = tff.types.tensorflow_to_type(_SPECS)
+
+
+def _client_values(n, seed):
+  rng = np.random.default_rng(seed)
+  return [collections.OrderedDict(
+      w=rng.normal(size=3).astype(np.float32),
+      k=rng.normal(size=(2, 2)).astype(np.float32),
+      b=np.float32(rng.normal())) for _ in range(n)]
+
+
+def _stack(values, key):
+  return np.stack([v[key] for v in values])
+
+
+@pytest.fixture(scope="module")
+def median_process():
+  return aggregators.median_factory().create(_TYPE)
+
+
+@pytest.fixture(scope="module")
+def trimmed_process():
+  return aggregators.trimmed_mean_factory(0.2).create(_TYPE)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 6, 10])
+def test_median_equals_numpy_median(median_process, n):
+  values = _client_values(n, seed=n)
+  out = median_process.next(median_process.initialize(), values)
+  for key in _SPECS:
+    np.testing.assert_allclose(out.result[key], np.median(_stack(values, key), axis=0),
+                               rtol=1e-6, atol=1e-7)
+  assert out.measurements["num_clients"] == n
+
+
+def test_median_even_count_averages_middle_values(median_process):
+  values = [collections.OrderedDict(w=np.full(3, x, np.float32), k=np.zeros((2, 2), np.float32),
+                                    b=np.float32(x)) for x in (1.0, 2.0, 10.0, 4.0)]
+  out = median_process.next(median_process.initialize(), values)
+  np.testing.assert_allclose(out.result["w"], [3.0, 3.0, 3.0])  # (2 + 4) / 2
+  assert float(out.result["b"]) == 3.0
+
+
+def test_median_ignores_one_huge_outlier(median_process):
+  values = _client_values(7, seed=3)
+  values[2] = collections.OrderedDict((k, v * np.float32(1000.0)) for k, v in values[2].items())
+  honest = [v for i, v in enumerate(values) if i != 2]
+  out = median_process.next(median_process.initialize(), values)
+  for key in _SPECS:
+    lo, hi = _stack(honest, key).min(axis=0), _stack(honest, key).max(axis=0)
+    assert np.all(out.result[key] >= lo - 1e-6) and np.all(out.result[key] <= hi + 1e-6)
+
+
+@pytest.mark.parametrize("n", [3, 5, 10, 11])
+def test_trimmed_mean_equals_scipy(trimmed_process, n):
+  values = _client_values(n, seed=100 + n)
+  out = trimmed_process.next(trimmed_process.initialize(), values)
+  for key in _SPECS:
+    np.testing.assert_allclose(
+        out.result[key], scipy.stats.trim_mean(_stack(values, key), 0.2, axis=0),
+        rtol=1e-5, atol=1e-6)
+
+
+def test_trimmed_mean_zero_fraction_is_the_mean():
+  process = aggregators.trimmed_mean_factory(0.0).create(_TYPE)
+  values = _client_values(4, seed=9)
+  out = process.next(process.initialize(), values)
+  np.testing.assert_allclose(out.result["k"], _stack(values, "k").mean(axis=0), rtol=1e-5)
+
+
+def test_single_tensor_value_type():
+  process = aggregators.median_factory().create(tff.TensorType(np.float32, [4]))
+  values = [np.arange(4, dtype=np.float32) * s for s in (1.0, -2.0, 5.0)]
+  out = process.next(process.initialize(), values)
+  np.testing.assert_allclose(out.result, np.median(np.stack(values), axis=0))
+
+
+def test_capture_reports_values_in_client_order_and_keeps_inner_result():
+  process = aggregators.capture_factory(aggregators.median_factory()).create(_TYPE)
+  values = _client_values(5, seed=42)
+  out = process.next(process.initialize(), values)
+  for key in _SPECS:
+    np.testing.assert_array_equal(out.measurements["client_values"][key], _stack(values, key))
+    np.testing.assert_allclose(out.result[key], np.median(_stack(values, key), axis=0),
+                               rtol=1e-6)
+
+
+def test_capture_of_weighted_mean_stays_weighted():
+  factory = aggregators.capture_factory(tff.aggregators.MeanFactory())
+  assert isinstance(factory, tff.aggregators.WeightedAggregationFactory)
+  process = factory.create(_TYPE, tff.TensorType(np.float32))
+  values = _client_values(3, seed=1)
+  weights = [1.0, 2.0, 5.0]
+  out = process.next(process.initialize(), values, weights)
+  np.testing.assert_allclose(out.result["w"],
+                             np.average(_stack(values, "w"), axis=0, weights=weights),
+                             rtol=1e-5)
+  np.testing.assert_array_equal(out.measurements["client_values"]["w"], _stack(values, "w"))
+
+
+def test_factories_are_unweighted():
+  assert isinstance(aggregators.median_factory(), tff.aggregators.UnweightedAggregationFactory)
+  assert isinstance(aggregators.trimmed_mean_factory(0.1),
+                    tff.aggregators.UnweightedAggregationFactory)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 0.5, 0.7, float("nan")])
+def test_trim_fraction_out_of_range(bad):
+  with pytest.raises(ValueError, match=r"trim_fraction=.*\[0, 0\.5\)"):
+    aggregators.trimmed_mean_factory(bad)
+
+
+def test_trim_fraction_wrong_type():
+  with pytest.raises(TypeError, match="str"):
+    aggregators.trimmed_mean_factory("0.1")
+
+
+def test_integer_values_are_refused():
+  with pytest.raises(TypeError, match="int32"):
+    aggregators.median_factory().create(tff.TensorType(np.int32, [3]))
+
+
+def test_capture_refuses_non_factory():
+  with pytest.raises(TypeError, match="list"):
+    aggregators.capture_factory([])
