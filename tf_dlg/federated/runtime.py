@@ -51,9 +51,21 @@ def _release_default_context():
   # pylint: disable=g-import-not-at-top
   from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
   from tensorflow_federated.python.core.impl.context_stack import runtime_error_context
-  context_stack_impl.context_stack.set_default_context(
-      runtime_error_context.RuntimeErrorContext())
-  gc.collect()
+  previous_hook = sys.unraisablehook
+
+  def quiet_hook(unraisable):
+    # The service manager's __del__ SIGINTs its worker; if `stop_tff_workers` already
+    # reaped it (e.g. a test session's final sweep), that is ProcessLookupError: fine.
+    if not isinstance(unraisable.exc_value, ProcessLookupError):
+      previous_hook(unraisable)
+
+  sys.unraisablehook = quiet_hook
+  try:
+    context_stack_impl.context_stack.set_default_context(
+        runtime_error_context.RuntimeErrorContext())
+    gc.collect()
+  finally:
+    sys.unraisablehook = previous_hook
 
 
 def stop_tff_workers(timeout: float = 5.0) -> int:
@@ -141,6 +153,9 @@ def _remote_executor_factory(address: str, timeout: float):
     time.sleep(0.1)
 
   def stack_fn(cardinalities):
+    # As TFF's local factory: computations without CLIENTS arguments run with 0 clients.
+    if cardinalities.get(tff.CLIENTS) is None:
+      cardinalities[tff.CLIENTS] = 0
     executor = tff.framework.RemoteExecutor(stub)
     executor.set_cardinalities(cardinalities)
     return executor

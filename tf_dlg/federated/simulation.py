@@ -103,8 +103,9 @@ class SimulationConfig:
       if not ok:
         lo = "(" if low_open else "["
         hi = ")" if high_open else "]"
-        rng = f"{lo}{low}, {high}{hi}" if high is not None else f"{'>' if low_open else '>='} {low}"
-        raise ValueError(f"{name}={value!r} must be a number in {rng}.")
+        rng = (f"in {lo}{low}, {high}{hi}" if high is not None
+               else f"{'>' if low_open else '>='} {low}")
+        raise ValueError(f"{name}={value!r} must be a number {rng}.")
 
     def choice(name, allowed):
       if getattr(self, name) not in allowed:
