@@ -225,6 +225,26 @@ def test_remote_worker_on_loopback_gives_the_local_result(config, fa, digits, tm
   assert _strip(remote.history) == _strip(local.history)
 
 
+def test_two_loopback_workers_split_the_clients(config, fa, digits, tmp_path):
+  """Mergeable-computation context: each worker trains half the clients of a round."""
+  c = dataclasses.replace(config, rounds=1)
+  local = sim.run_simulation(c, str(tmp_path / "local"), dataset=digits, fedavg=fa,
+                             progress=False)
+  workers = [runtime.start_local_worker() for _ in range(2)]
+  try:
+    remote = sim.run_simulation(c, str(tmp_path / "two"), dataset=digits, fedavg=fa,
+                                progress=False, workers=[a for _, a in workers])
+  finally:
+    for proc, _ in workers:
+      runtime.stop_worker(proc)
+  assert all(proc.poll() is not None for proc, _ in workers)
+  # Partial sums are merged in another order: equal up to float rounding.
+  for a, b in zip(tf.nest.flatten(local.server_state), tf.nest.flatten(remote.server_state)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert remote.history[0]["test_accuracy"] == pytest.approx(
+      local.history[0]["test_accuracy"], abs=0.01)
+
+
 def test_unreachable_worker_is_a_clear_error(config, fa, digits, tmp_path):
   import portpicker  # pylint: disable=g-import-not-at-top
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import warnings
 from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
@@ -376,10 +377,14 @@ def build_fedavg(input_shape: Sequence[int], num_classes: int, *,
   spec = models_lib.input_spec(input_shape)
 
   def model_fn():
-    return tff.learning.models.from_keras_model(
-        keras_model_fn(), input_spec=spec,
-        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
+    with warnings.catch_warnings():
+      # TFF warns that BN statistics "won't be updated during training"; this module
+      # is precisely what sends and averages them (see the module docstring).
+      warnings.filterwarnings("ignore", message="Batch Normalization contains")
+      return tff.learning.models.from_keras_model(
+          keras_model_fn(), input_spec=spec,
+          loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+          metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
 
   probe = keras_model_fn()
   for v in probe.non_trainable_variables:

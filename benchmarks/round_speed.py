@@ -1,0 +1,105 @@
+r"""Seconds per FedAvg round (mean, median, trimmed mean) next to a plain Keras `fit` floor.
+
+  python -m benchmarks.round_speed [--rounds=5] [--local_epochs=2] [--batch_size=10]
+
+Digits, 10 IID clients, every client every round, bn_cnn, client Adam. The floor is one
+Keras `model.fit` over the same training examples for the same number of epochs with the
+same batch size, i.e. the same local SGD steps done centrally with no federation. Each
+figure is the median over `--rounds` timed repetitions after one warm-up (tracing).
+Prints the load average too: on a shared machine the ratios are the informative part.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+from absl import app
+from absl import flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+flags.DEFINE_integer("rounds", 5, "Timed rounds (and Keras fits) per configuration.")
+flags.DEFINE_integer("local_epochs", 2, "Local epochs per round (= Keras epochs).")
+flags.DEFINE_integer("batch_size", 10, "Batch size.")
+flags.DEFINE_integer("num_clients", 10, "Clients.")
+flags.DEFINE_string("workers", "", "Optional TFF worker addresses host:port[,...].")
+FLAGS = flags.FLAGS
+
+
+def keras_floor(dataset, config, repeats):
+  """Median seconds of `fit` over all training examples for `local_epochs` epochs."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tf_dlg import models  # pylint: disable=g-import-not-at-top
+  model = models.build_model(config.model, dataset.input_shape, dataset.num_classes)
+  for layer, _ in models.batchnorm_variables(model):
+    layer.momentum = config.bn_momentum
+  model.compile(optimizer=tf.keras.optimizers.Adam(config.client_lr),
+                loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"])
+  ds = tf.data.Dataset.from_tensor_slices((dataset.x_train, dataset.y_train))
+  ds = ds.shuffle(len(dataset.x_train), seed=0).batch(config.batch_size)
+  model.fit(ds, epochs=1, verbose=0)  # warm-up: tracing
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    model.fit(ds, epochs=config.local_epochs, verbose=0)
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def fedavg_rounds(dataset, config, repeats, workers):
+  """Seconds of `process.next` per round (data built beforehand), after one warm-up."""
+  # pylint: disable=g-import-not-at-top
+  from tf_dlg import data as data_lib
+  from tf_dlg.federated import runtime
+  from tf_dlg.federated import simulation as sim
+  fa = sim.build_for_config(config, dataset)
+  parts = data_lib.partition(dataset.y_train, config.num_clients, "iid", seed=0)
+  ids = list(range(config.num_clients))
+  times = []
+  with runtime.execution_target(workers):
+    state = fa.process.initialize()
+    for r in range(repeats + 1):
+      client_data = sim._client_data(config, dataset, parts, ids, r + 1, set())  # pylint: disable=protected-access
+      t0 = time.perf_counter()
+      state = fa.process.next(state, client_data).state
+      if r:  # round 0 traces and ships the computation
+        times.append(time.perf_counter() - t0)
+  return times
+
+
+def main(argv):
+  del argv
+  # pylint: disable=g-import-not-at-top
+  from tf_dlg import data as data_lib
+  from tf_dlg.federated import runtime
+  from tf_dlg.federated import simulation as sim
+  dataset = data_lib.load_dataset("digits")
+  workers = runtime.parse_workers(FLAGS.workers)
+  base = sim.SimulationConfig(dataset="digits", num_clients=FLAGS.num_clients,
+                              local_epochs=FLAGS.local_epochs, batch_size=FLAGS.batch_size)
+  print(f"data: {dataset.source}")
+  print(f"{FLAGS.num_clients} IID clients, {len(dataset.x_train)} training examples, "
+        f"{FLAGS.local_epochs} local epochs, batch {FLAGS.batch_size}, "
+        f"{FLAGS.rounds} timed repeats; load average before: "
+        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+  results = {}
+  floor = keras_floor(dataset, base, FLAGS.rounds)
+  results["keras_fit"] = floor
+  for aggregator in ("mean", "median", "trimmed_mean"):
+    config = sim.SimulationConfig(**{**vars(base), "aggregator": aggregator})
+    results[aggregator] = fedavg_rounds(dataset, config, FLAGS.rounds, workers)
+  med = {k: statistics.median(v) for k, v in results.items()}
+  print(f"{'':14s}{'median s':>10s}{'min s':>9s}{'max s':>9s}")
+  for k, v in results.items():
+    print(f"{k:14s}{med[k]:10.3f}{min(v):9.3f}{max(v):9.3f}")
+  print(f"mean / keras floor:   {med['mean'] / med['keras_fit']:.2f}  (goal <= 1.5)")
+  print(f"median / mean:        {med['median'] / med['mean']:.2f}  (goal <= 1.2)")
+  print(f"trimmed_mean / mean:  {med['trimmed_mean'] / med['mean']:.2f}")
+  print(f"load average after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+  app.run(main)
