@@ -5,6 +5,20 @@ first computation call, and tries to stop it in a `__del__` that fails during
 interpreter shutdown (module globals are already gone). The orphan keeps the parent's
 stdout open, so a script piped into `tee` -- or CI -- hangs on it. `import_tff()`
 registers an `atexit` hook that stops such children while the interpreter is intact.
+
+Execution targets (`create_execution_context`, `execution_target`): the pip build of
+TFF 0.87 has no in-process executor (no C++ executor bindings; every local run goes
+through that worker_binary over gRPC on localhost), so "local" means one worker child
+and "remote" means workers you start yourself on other machines:
+
+    # on each worker machine (trusted network: the service has no authentication)
+    $(python -c "from tf_dlg.federated import runtime; print(runtime.worker_binary_path())") --port=8000
+    # on the driver
+    python -m experiments.federated --workers=host1:8000,host2:8000 ...
+
+One address runs every computation there; several split each round's clients into one
+subround per worker (TFF's `MergeableCompExecutionContext`) and merge the partial
+aggregates at the driver.
 """
 
 from __future__ import annotations
