@@ -16,9 +16,14 @@ import statistics
 import time
 
 from absl import app
+from absl import logging
 from absl import flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Import TensorFlow before absl parses flags: building a Keras model inside `main` when TF
+# was first imported there fails in Keras 2.14 ("SymbolicTensor has no attribute node").
+import tensorflow as tf  # noqa: F401,E402  pylint: disable=unused-import,g-import-not-at-top
 
 flags.DEFINE_integer("rounds", 5, "Timed rounds (and Keras fits) per configuration.")
 flags.DEFINE_integer("local_epochs", 2, "Local epochs per round (= Keras epochs).")
@@ -72,6 +77,7 @@ def fedavg_rounds(dataset, config, repeats, workers):
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # TFF logs INFO lines per model build
   # pylint: disable=g-import-not-at-top
   from tf_dlg import data as data_lib
   from tf_dlg.federated import runtime

@@ -18,9 +18,14 @@ import os
 import sys
 
 from absl import app
+from absl import logging
 from absl import flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Import TensorFlow before absl parses flags: building a Keras model inside `main` when TF
+# was first imported there fails in Keras 2.14 ("SymbolicTensor has no attribute node").
+import tensorflow as tf  # noqa: F401,E402  pylint: disable=unused-import,g-import-not-at-top
 
 _D = flags.DEFINE_string
 _I = flags.DEFINE_integer
@@ -100,6 +105,7 @@ def plot_curve(history, path: str, title: str) -> str:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # TFF logs INFO lines per model build
   # pylint: disable=g-import-not-at-top
   from tf_dlg import data as data_lib
   from tf_dlg.federated import runtime
