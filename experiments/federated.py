@@ -14,6 +14,7 @@ workers (see `tf_dlg.federated.runtime`).
 from __future__ import annotations
 
 import json
+import textwrap
 import os
 import sys
 
@@ -96,7 +97,8 @@ def plot_curve(history, path: str, title: str) -> str:
   ax.set_ylabel("test accuracy")
   ax.set_ylim(0, 1)
   ax.grid(alpha=0.3)
-  ax.set_title(title, fontsize=8)
+  ax.xaxis.get_major_locator().set_params(integer=True)
+  ax.set_title("\n".join(textwrap.wrap(title, 95)), fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -119,8 +121,8 @@ def main(argv):
                                      dataset=dataset, progress=FLAGS.progress,
                                      overwrite=FLAGS.overwrite)
   title = (f"FedAvg {config.aggregator}, {config.partition}, {config.num_clients} clients, "
-           f"{config.malicious_clients} malicious, defence {config.defense}\n"
-           f"data: {dataset.source}")
+           f"{config.malicious_clients} malicious, defence {config.defense}. "
+           f"Data: {dataset.source}")
   curve = plot_curve(result.history, os.path.join(FLAGS.output_dir, "curve.png"), title)
   run = dict(config=dict(vars(config)), dataset_source=dataset.source,
              malicious_clients=result.malicious, resumed_from_round=result.resumed_from,
