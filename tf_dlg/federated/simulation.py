@@ -136,6 +136,13 @@ class SimulationConfig:
     number("server_lr", 0, low_open=True)
     if self.bn_momentum is not None:
       number("bn_momentum", 0, 1, high_open=True)
+    if self.defense not in (None, "none"):
+      try:
+        from tf_dlg import defenses  # pylint: disable=g-import-not-at-top
+      except ImportError as e:
+        raise ValueError(f"defense={self.defense!r} needs tf_dlg.defenses, which this "
+                         f"checkout lacks ({e}); use defense='none'.") from e
+      defenses.get_defense(self.defense, self.defense_param)  # its own ValueError
     if self.capture_round is not None:
       integer("capture_round", 1, self.rounds)
     if self.capture_client is not None:
