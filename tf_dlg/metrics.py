@@ -1,0 +1,229 @@
+"""Leakage metrics: how much of a private image a reconstruction reveals.
+
+All functions take images as float arrays in [0, 1], [H, W, C] (or [H, W]).
+
+* `ssim`: structural similarity via `skimage.metrics.structural_similarity` with its
+  default 7x7 uniform window (fits 28x28 and 32x32 images; the 11x11 Gaussian window
+  of `tf.image.ssim` would leave only a 22x22 valid map on 32x32 inputs), data range 1,
+  colour channels averaged.
+* `psnr`, `mse`: pixel error (PSNR capped at 100 dB for identical images).
+* `adjusted_ssim`: brightness-adjusted SSIM. Gradient inversion often recovers an image
+  up to brightness/contrast (notably under scale-invariant attacks or defences that
+  rescale updates), which plain SSIM punishes although the content has leaked. The score
+  is the best SSIM of the original against this family of adjustments of the leaked
+  image L, each clipped to [0, 1]:
+    - identity (so adjusted >= plain SSIM always);
+    - min-max normalisation  M = (L - min L) / (max L - min L);
+    - for B in {L, M}: g * B + o for gains g in `ADJUST_GAINS` (0.25..4, 9 on a log
+      grid) and offsets o in `ADJUST_OFFSETS` (-0.5..0.5, step 0.1);
+    - the least-squares affine fit a * L + b to the original with gain a in [0.25, 4]
+      (the continuous optimum of the grid; it makes a pure brightness/contrast change of
+      the original, without clipping, score exactly 1).
+  Adjustments are global (one gain and offset for all channels): a brightness change,
+  not a per-channel colour correction. Returns the score and the adjusted image.
+* `label_accuracy`: fraction of correct labels (order-free for batches).
+* `leaked`: the verdict adjusted SSIM >= `DEFAULT_LEAK_SSIM`.
+
+`DEFAULT_LEAK_SSIM = 0.8` (applied to the adjusted SSIM): the bar must sit above what
+an image that leaked nothing reaches. `python -m tf_dlg.metrics` measures that on the
+offline datasets: plain / adjusted SSIM of *unrelated* image pairs of one dataset reach,
+at the 99th percentile, 0.73 / 0.73 on digits (one "1" against another), 0.53 / 0.75 on
+photos, and 0.48 / 0.95 on lfw_subset, whose flat non-face crops match one another after
+a brightness adjustment (95th percentile 0.83). 0.8 keeps false leaks under 1 % on
+digits and photos and ~5 % on lfw_subset, while the recognisable reconstructions of a
+working attack score 0.9-1.0. Callers can pass another threshold, e.g. plain SSIM >= 0.6.
+
+`score(result)` / `score_results(results)` turn `tf_dlg.attacks.AttackResult`s into
+per-image dicts with the keys experiments write.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from skimage.metrics import structural_similarity
+
+DEFAULT_LEAK_SSIM = 0.8
+ADJUST_GAINS = np.geomspace(0.25, 4.0, 9)
+ADJUST_OFFSETS = np.round(np.arange(-0.5, 0.5001, 0.1), 4)
+
+
+def _as_hwc(image) -> np.ndarray:
+  image = np.asarray(image, np.float64)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3:
+    raise ValueError(f"Expected an image [H, W, C] or [H, W], got shape {image.shape}.")
+  return image
+
+
+def _check_pair(original, leaked):
+  original, leaked = _as_hwc(original), _as_hwc(leaked)
+  if original.shape != leaked.shape:
+    raise ValueError(f"Image shapes differ: original {original.shape}, leaked {leaked.shape}.")
+  return original, leaked
+
+
+def ssim(original, leaked) -> float:
+  """SSIM in [-1, 1] (7x7 uniform window, data range 1); non-finite input scores -1."""
+  original, leaked = _check_pair(original, leaked)
+  if not np.all(np.isfinite(leaked)):
+    return -1.0
+  return float(structural_similarity(original, leaked, data_range=1.0, channel_axis=-1))
+
+
+def mse(original, leaked) -> float:
+  """Mean squared pixel error."""
+  original, leaked = _check_pair(original, leaked)
+  return float(np.mean(np.square(original - leaked)))
+
+
+def psnr(original, leaked) -> float:
+  """Peak signal-to-noise ratio in dB for data range 1, capped at 100."""
+  err = mse(original, leaked)
+  if not np.isfinite(err):
+    return 0.0
+  return float(min(100.0, 10.0 * np.log10(1.0 / max(err, 1e-10))))
+
+
+def brightness_adjustments(original, leaked):
+  """Yields (description, adjusted image) of the documented family (see module doc)."""
+  original, leaked = _check_pair(original, leaked)
+  yield "identity", np.clip(leaked, 0.0, 1.0)
+  lo, hi = float(leaked.min()), float(leaked.max())
+  bases = [("leaked", leaked)]
+  if hi - lo > 1e-12:
+    normalised = (leaked - lo) / (hi - lo)
+    yield "minmax", normalised
+    bases.append(("minmax", normalised))
+  for name, base in bases:
+    for g in ADJUST_GAINS:
+      for o in ADJUST_OFFSETS:
+        yield f"{g:.3f}*{name}{o:+.2f}", np.clip(g * base + o, 0.0, 1.0)
+  var = float(np.var(leaked))
+  if var > 1e-12:
+    gain = float(np.mean((leaked - leaked.mean()) * (original - original.mean()))) / var
+    gain = float(np.clip(gain, ADJUST_GAINS[0], ADJUST_GAINS[-1]))
+    offset = float(original.mean() - gain * leaked.mean())
+    yield f"lstsq {gain:.3f}*leaked{offset:+.3f}", np.clip(gain * leaked + offset, 0.0, 1.0)
+
+
+def adjusted_ssim(original, leaked) -> Tuple[float, np.ndarray]:
+  """Best SSIM over brightness adjustments of `leaked`; returns (score, adjusted image)."""
+  original, leaked = _check_pair(original, leaked)
+  if not np.all(np.isfinite(leaked)):
+    return -1.0, np.zeros_like(leaked)
+  best, best_image = -np.inf, None
+  for _, image in brightness_adjustments(original, leaked):
+    s = float(structural_similarity(original, image, data_range=1.0, channel_axis=-1))
+    if s > best:
+      best, best_image = s, image
+  return best, best_image.astype(np.float32)
+
+
+def label_accuracy(true_labels, predicted_labels) -> float:
+  """Fraction of labels recovered, as multisets (a batch's order is not observable)."""
+  true_labels = list(np.asarray(true_labels).reshape(-1))
+  predicted = list(np.asarray(predicted_labels).reshape(-1))
+  if not true_labels:
+    return 1.0
+  hits = 0
+  for p in predicted:
+    if p in true_labels:
+      true_labels.remove(p)
+      hits += 1
+  return hits / max(len(predicted), hits + len(true_labels))
+
+
+def leaked(adjusted_ssim_value: float, threshold: float = DEFAULT_LEAK_SSIM) -> bool:
+  """Leak verdict: the (brightness-adjusted) SSIM reaches `threshold`."""
+  return bool(adjusted_ssim_value >= threshold)
+
+
+def match_images(originals: np.ndarray, leaked_images: np.ndarray) -> np.ndarray:
+  """Order of `leaked_images` best matching `originals` (max total SSIM assignment)."""
+  n = len(originals)
+  if n == 1:
+    return np.zeros(1, np.int64)
+  from scipy.optimize import linear_sum_assignment  # pylint: disable=g-import-not-at-top
+  cost = np.array([[-ssim(o, l) for l in leaked_images] for o in originals])
+  _, cols = linear_sum_assignment(cost)
+  return cols
+
+
+def score_images(originals, leaked_images, true_labels=None, predicted_labels=None,
+                 threshold: float = DEFAULT_LEAK_SSIM) -> List[Dict]:
+  """Per-image metric dicts (batch reconstructions matched to originals by SSIM)."""
+  originals = np.asarray(originals)
+  leaked_images = np.asarray(leaked_images)
+  order = match_images(originals, leaked_images)
+  label_ok = None
+  if true_labels is not None and predicted_labels is not None:
+    label_ok = label_accuracy(true_labels, predicted_labels)
+  rows = []
+  for i, j in enumerate(order):
+    adj, adj_image = adjusted_ssim(originals[i], leaked_images[j])
+    rows.append({
+        "ssim": ssim(originals[i], leaked_images[j]), "adjusted_ssim": adj,
+        "psnr": psnr(originals[i], leaked_images[j]),
+        "mse": mse(originals[i], leaked_images[j]),
+        "label_accuracy": label_ok,
+        "label_correct": None if label_ok is None else bool(label_ok == 1.0),
+        "leaked": leaked(adj, threshold), "leak_threshold": threshold,
+        "adjusted_image": adj_image, "leaked_image": leaked_images[j],
+        "original_image": originals[i]})
+  return rows
+
+
+def score(result, threshold: float = DEFAULT_LEAK_SSIM, keep_images: bool = False) -> Dict:
+  """Metrics of one `AttackResult` (mean over its images for batches > 1).
+
+  Keys: ssim, adjusted_ssim, psnr, mse, label_accuracy, label_correct, leaked,
+  leak_threshold, status, distance, iterations, seconds, attack, num_images; with
+  `keep_images` also leaked_image / adjusted_image / original_image (first image).
+  """
+  obs = result.observed
+  if obs is None or obs.true_images is None:
+    raise ValueError("Scoring needs the observed update's true_images (ground truth).")
+  rows = score_images(obs.true_images, result.images, obs.true_labels, result.labels,
+                      threshold)
+  out = {k: float(np.mean([r[k] for r in rows])) for k in ("ssim", "adjusted_ssim", "psnr",
+                                                           "mse")}
+  out.update(label_accuracy=rows[0]["label_accuracy"], label_correct=rows[0]["label_correct"],
+             leaked=leaked(out["adjusted_ssim"], threshold), leak_threshold=threshold,
+             status=result.status, failed=result.status == "failed",
+             distance=result.distance, iterations=result.iterations,
+             seconds=result.seconds, attack=result.attack, num_images=len(rows),
+             per_image_ssim=[r["ssim"] for r in rows])
+  if keep_images:
+    out.update(leaked_image=rows[0]["leaked_image"], adjusted_image=rows[0]["adjusted_image"],
+               original_image=rows[0]["original_image"])
+  return out
+
+
+def score_results(results: Sequence, threshold: float = DEFAULT_LEAK_SSIM) -> List[Dict]:
+  """`score` of each result."""
+  return [score(r, threshold) for r in results]
+
+
+def _non_leak_baseline(per_dataset: int = 60, seed: int = 0):
+  """Adjusted SSIM of images against other images of the same dataset (no leak)."""
+  from tf_dlg import data  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name in data.OFFLINE_DATASETS:
+    ds = data.load_dataset(name)
+    idx = rng.choice(len(ds.x_train), size=(per_dataset, 2), replace=True)
+    pairs = [(i, j) for i, j in idx if i != j]
+    adj = [adjusted_ssim(ds.x_train[i], ds.x_train[j])[0] for i, j in pairs]
+    plain = [ssim(ds.x_train[i], ds.x_train[j]) for i, j in pairs]
+    out[name] = {q: (float(np.percentile(plain, q)), float(np.percentile(adj, q)))
+                 for q in (50, 95, 99)}
+  return out
+
+
+if __name__ == "__main__":
+  print("SSIM / adjusted SSIM of unrelated image pairs of one dataset (no leak):")
+  for name, qs in _non_leak_baseline(per_dataset=200).items():
+    print(f"  {name}: " + ", ".join(f"p{q} {p:.3f} / {a:.3f}" for q, (p, a) in qs.items()))
