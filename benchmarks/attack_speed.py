@@ -25,6 +25,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+# TensorFlow must be imported before absl parses flags: imported inside main(), Keras
+# layers built there fail (Flatten: "Attempt to convert a value (None)").
+from tf_dlg import data, metrics, models  # noqa: E402
+from tf_dlg.attacks import observe_gradient, run_attacks  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("datasets", ["lfw_subset", "photos"], "Offline datasets.")
@@ -39,11 +46,6 @@ REFERENCE_SECONDS = {"lfw_subset": 2.0, "photos": 19.0, "digits": 2.0}
 
 def main(argv):
   del argv
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import psutil  # pylint: disable=g-import-not-at-top
-  from tf_dlg import data, metrics, models  # pylint: disable=g-import-not-at-top
-  from tf_dlg.attacks import observe_gradient, run_attacks  # pylint: disable=g-import-not-at-top
-
   rows = []
   for name in FLAGS.datasets:
     ds = data.load_dataset(name)

@@ -120,13 +120,14 @@ def test_idlg_recovers_real_digit_and_nan_start_fails_alone(digits):
 def test_batched_equals_one_by_one(digits):
   ds, model = digits
   obs = [observe_gradient(model, ds.x_train[i:i + 1], ds.y_train[i:i + 1]) for i in (2, 3, 4)]
-  # Early trajectory: identical up to float rounding of batched vs single matmuls.
+  # Early trajectory: equal up to float rounding of batched vs single matmuls, which
+  # L-BFGS amplifies (~5e-4 after 15 steps; different seeds differ by O(1)).
   batched = run_attacks(model, obs, "idlg", iterations=15, seed=[5, 6, 7])
   single = [run_attacks(model, [o], "idlg", iterations=15, seed=s)[0]
             for o, s in zip(obs, (5, 6, 7))]
   for b, s in zip(batched, single):
     assert b.batch_size == 3 and s.batch_size == 1
-    np.testing.assert_allclose(b.raw_images, s.raw_images, atol=1e-4)
+    np.testing.assert_allclose(b.raw_images, s.raw_images, atol=5e-3)
   # Final results: same recovered images and labels.
   batched = run_attacks(model, obs, "idlg", iterations=1500, seed=[5, 6, 7])
   single = [run_attacks(model, [o], "idlg", iterations=1500, seed=s)[0]
@@ -194,8 +195,16 @@ def test_entry_point_rejects_bad_flags(tmp_path, flags, message):
   assert not (tmp_path / "attack.json").exists()
 
 
+_LFW_GAP = pytest.mark.xfail(strict=True, reason=(
+    "lfw_subset has a 2-class head: the untrained LeNet predicts 'non-face' with "
+    "p~0.999, so those images' gradients are ~1e-3 in squared norm and iDLG's "
+    "Euclidean objective stalls on them (5 of the first 8); the cosine attack (ig) "
+    "recovers them, see test_ig_recovers_saturated_lfw_images"))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", data.OFFLINE_DATASETS)
+@pytest.mark.parametrize("name", ["digits", pytest.param("lfw_subset", marks=_LFW_GAP),
+                                  "photos"])
 def test_idlg_median_ssim_over_eight_images(name):
   ds = data.load_dataset(name)
   model = models.lenet(ds.input_shape, ds.num_classes, seed=0)
@@ -203,5 +212,17 @@ def test_idlg_median_ssim_over_eight_images(name):
   rows = metrics.score_results(run_attacks(model, obs, "idlg", iterations=8000))
   ssims = [r["ssim"] for r in rows]
   print(name, np.round(ssims, 3).tolist())
+  assert np.median(ssims) >= 0.9, ssims
+  assert all(r["label_correct"] for r in rows)
+
+
+@pytest.mark.slow
+def test_ig_recovers_saturated_lfw_images():
+  ds = data.load_dataset("lfw_subset")
+  model = models.lenet(ds.input_shape, ds.num_classes, seed=0)
+  obs = [observe_gradient(model, ds.x_train[i:i + 1], ds.y_train[i:i + 1]) for i in range(8)]
+  rows = metrics.score_results(run_attacks(model, obs, "ig", iterations=2000, tv_weight=0.0))
+  ssims = [r["ssim"] for r in rows]
+  print("lfw_subset ig", np.round(ssims, 3).tolist())
   assert np.median(ssims) >= 0.9, ssims
   assert all(r["label_correct"] for r in rows)

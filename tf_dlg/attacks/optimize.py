@@ -126,9 +126,22 @@ def _record(st, x, loss, dist, grad, tol, was_running):
 
 
 def lbfgs(value_fn: Callable, position: tf.Tensor, consts: Dict, iterations: int,
-          tolerance=1e-6, check_every: int = 50, history: int = 100, lr: float = 1.0,
-          jit_compile: bool = True, progress=None) -> OptimizationResult:
-  """Batched fixed-step L-BFGS (PyTorch semantics, no line search)."""
+          tolerance=1e-6, check_every: int = 50, progress=None, compiled=None,
+          **options) -> OptimizationResult:
+  """Batched fixed-step L-BFGS (PyTorch semantics, no line search).
+
+  `options`: history (100), lr (1.0), jit_compile (True). `compiled`: functions from
+  `build_lbfgs` to reuse (saves the XLA compilation of repeated calls).
+  """
+  init_fn, chunk_fn = compiled or build_lbfgs(value_fn, **options)
+  return _drive(init_fn, chunk_fn, position, consts, iterations, tolerance, check_every,
+                progress)
+
+
+def build_lbfgs(value_fn: Callable, history: int = 100, lr: float = 1.0,
+                jit_compile: bool = True, iterations: int = 0):
+  """Compiled (init_fn, chunk_fn) of the fixed-step L-BFGS."""
+  del iterations
 
   @tf.function(jit_compile=jit_compile, reduce_retracing=True)
   def init_fn(x, c, tol):
@@ -189,14 +202,24 @@ def lbfgs(value_fn: Callable, position: tf.Tensor, consts: Dict, iterations: int
     return tf.while_loop(cond, lambda k, st: (k + 1, step(st, c, tol)),
                          (tf.constant(0), st))[1]
 
+  return init_fn, chunk_fn
+
+
+def adam(value_fn: Callable, position: tf.Tensor, consts: Dict, iterations: int,
+         tolerance=1e-6, check_every: int = 50, progress=None, compiled=None,
+         **options) -> OptimizationResult:
+  """Batched Adam with Inverting Gradients' step decay.
+
+  `options`: learning_rate (0.1), jit_compile (True).
+  """
+  init_fn, chunk_fn = compiled or build_adam(value_fn, iterations=iterations, **options)
   return _drive(init_fn, chunk_fn, position, consts, iterations, tolerance, check_every,
                 progress)
 
 
-def adam(value_fn: Callable, position: tf.Tensor, consts: Dict, iterations: int,
-         tolerance=1e-6, check_every: int = 50, learning_rate: float = 0.1,
-         jit_compile: bool = True, progress=None) -> OptimizationResult:
-  """Batched Adam with Inverting Gradients' step decay."""
+def build_adam(value_fn: Callable, iterations: int, learning_rate: float = 0.1,
+               jit_compile: bool = True):
+  """Compiled (init_fn, chunk_fn) of Adam (its decay schedule depends on `iterations`)."""
   milestones = tf.constant([int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)], tf.int32)
 
   @tf.function(jit_compile=jit_compile, reduce_retracing=True)
@@ -228,22 +251,28 @@ def adam(value_fn: Callable, position: tf.Tensor, consts: Dict, iterations: int,
     return tf.while_loop(cond, lambda k, st: (k + 1, step(st, c, tol)),
                          (tf.constant(0), st))[1]
 
-  return _drive(init_fn, chunk_fn, position, consts, iterations, tolerance, check_every,
-                progress)
+  return init_fn, chunk_fn
 
 
 def tfp_lbfgs(value_fn: Callable, position: tf.Tensor, consts: Dict, iterations: int,
-              tolerance=1e-6, check_every: int = 50, history: int = 100,
-              jit_compile: bool = True, progress=None) -> OptimizationResult:
-  """Batched `tfp.optimizer.lbfgs_minimize`.
+              tolerance=1e-6, check_every: int = 50, progress=None, compiled=None,
+              **options) -> OptimizationResult:
+  """Batched `tfp.optimizer.lbfgs_minimize`; `options`: history (100), jit_compile.
 
   Our stopping rule enters tfp through the gradient: a member whose distance is below
   its tolerance (or whose value is not finite) reports a zero gradient, which tfp treats
   as converged (tolerance 0 means |g| <= 0), and is frozen from then on.
   """
 
-  def tfp_state(st):
-    return st["opt"]
+  init_fn, chunk_fn = compiled or build_tfp_lbfgs(value_fn, **options)
+  return _drive(init_fn, chunk_fn, position, consts, iterations, tolerance, check_every,
+                progress)
+
+
+def build_tfp_lbfgs(value_fn: Callable, history: int = 100, jit_compile: bool = True,
+                    iterations: int = 0):
+  """Compiled (init_fn, chunk_fn) around `tfp.optimizer.lbfgs_minimize`."""
+  del iterations
 
   def vg(c, tol):
     def value_and_gradients(x):
@@ -281,6 +310,7 @@ def tfp_lbfgs(value_fn: Callable, position: tf.Tensor, consts: Dict, iterations:
     new["opt"] = opt
     return new
 
-  del tfp_state
-  return _drive(init_fn, chunk_fn, position, consts, iterations, tolerance, check_every,
-                progress)
+  return init_fn, chunk_fn
+
+
+BUILDERS = {"lbfgs": build_lbfgs, "tfp_lbfgs": build_tfp_lbfgs, "adam": build_adam}

@@ -17,6 +17,7 @@ Attacks (`ATTACKS`):
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import List, Optional, Sequence, Union
 
@@ -33,7 +34,13 @@ ATTACKS = {
     "ig": ("cosine", True),
     "masked_ig": ("masked_cosine", True),
 }
-DEFAULT_ITERATIONS = 300
+DEFAULT_ITERATIONS = 4000
+
+# Compiled optimiser loops and models, reused across calls: an XLA compilation costs
+# seconds, more than a whole easy attack. Keyed by everything the traced code captures.
+_COMPILED = {}
+_MODELS = {}
+_FUNCTIONAL = {}
 
 
 @dataclasses.dataclass
@@ -148,7 +155,6 @@ def run_attacks(model: Optional[tf.keras.Model], observed_updates: Sequence[Obse
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=len(observed_updates), desc=f"{attack} attacks", unit="attack")
   results: List[Optional[AttackResult]] = [None] * len(observed_updates)
-  models = {}
   try:
     for key, ids in groups.items():
       first = observed_updates[ids[0]]
@@ -157,11 +163,13 @@ def run_attacks(model: Optional[tf.keras.Model], observed_updates: Sequence[Obse
         keras_model = model
       else:
         from tf_dlg import models as models_lib  # pylint: disable=g-import-not-at-top
-        if key[1:4] not in models:
-          models[key[1:4]] = models_lib.build_model(first.model_name, first.input_shape,
-                                                    first.num_classes)
-        keras_model = models[key[1:4]]
-      fmodel = functional.BatchedModel(keras_model)
+        if key[1:4] not in _MODELS:
+          _MODELS[key[1:4]] = models_lib.build_model(first.model_name, first.input_shape,
+                                                     first.num_classes)
+        keras_model = _MODELS[key[1:4]]
+      if id(keras_model) not in _FUNCTIONAL or _FUNCTIONAL[id(keras_model)][0] is not keras_model:
+        _FUNCTIONAL[id(keras_model)] = (keras_model, functional.BatchedModel(keras_model))
+      fmodel = _FUNCTIONAL[id(keras_model)][1]
       step = max_batch or len(ids)
       for start in range(0, len(ids), step):
         chunk_ids = ids[start:start + step]
@@ -229,11 +237,17 @@ def _run_batch(fmodel, obs, attack, objective, iterations, seeds, optimizer, che
     return loss, dist, tape.gradient(loss, pos)
 
   tolerance = np.array([objective.stop_threshold(o.update) for o in obs])
-  kwargs = dict(iterations=iterations, tolerance=tolerance, check_every=check_every,
-                jit_compile=jit_compile, progress=bar, **optimizer_options)
+  options = dict(jit_compile=jit_compile, **optimizer_options)
   if optimizer == "adam":
-    kwargs["learning_rate"] = learning_rate
-  res = getattr(optimize, optimizer)(value_fn, position, consts, **kwargs)
+    options.update(learning_rate=learning_rate, iterations=iterations)
+  cache_key = (id(fmodel), attack, json.dumps(objective.get_config(), sort_keys=True),
+               first.kind, n, k, first.local_steps, first.learning_rate, first.batch_size,
+               optimizer, json.dumps(options, sort_keys=True, default=str))
+  if cache_key not in _COMPILED:
+    _COMPILED[cache_key] = optimize.BUILDERS[optimizer](value_fn, **options)
+  res = getattr(optimize, optimizer)(value_fn, position, consts, iterations=iterations,
+                                     tolerance=tolerance, check_every=check_every,
+                                     progress=bar, compiled=_COMPILED[cache_key])
   seconds = (time.perf_counter() - t0) / a
   out = []
   for i, o in enumerate(obs):
