@@ -1,0 +1,79 @@
+"""Differential-privacy baselines, built from tensorflow-privacy, dp-accounting and TFF.
+
+* `DPGaussian(noise_multiplier, l2_norm_clip)`: the DP-SGD step on one client update
+  (the single-gradient attack setting): tensorflow-privacy's `GaussianSumQuery` clips
+  the update to `l2_norm_clip` and sets the noise scale `noise_multiplier *
+  l2_norm_clip`. The noise itself is drawn with a stateless op from the defence's seed
+  (the query's own `tf.random.normal` is stateful), so results are reproducible.
+* `dp_sgd_epsilon(...)`: epsilon of such steps from dp-accounting's RDP accountant.
+* `dp_fedavg_aggregator(...)` / `dp_fedavg_epsilon(...)`: DP-FedAvg with
+  `tff.learning.dp_aggregator` (adaptive clipping, Gaussian noise at the server) and its
+  epsilon for given rounds, clients per round and total clients.
+"""
+
+from __future__ import annotations
+
+from tf_dlg.defenses import base, noising
+
+
+class DPGaussian(base.Defense):
+  """DP-SGD's clip-and-noise on one update; param = noise multiplier >= 0."""
+
+  name = "dp"
+  param_name = "noise_multiplier"
+
+  def __init__(self, noise_multiplier: float, exclude=None, l2_norm_clip: float = 1.0):
+    super().__init__(base.check_number("dp noise_multiplier", noise_multiplier, 0.0,
+                                       float("inf"), high_open=True), exclude)
+    self.l2_norm_clip = base.check_number("dp l2_norm_clip", l2_norm_clip, 0.0, float("inf"),
+                                          low_open=True, high_open=True)
+    import tensorflow_privacy  # pylint: disable=g-import-not-at-top
+    self._query = tensorflow_privacy.GaussianSumQuery(
+        l2_norm_clip=self.l2_norm_clip, stddev=self.param * self.l2_norm_clip)
+
+  def _apply(self, tensors, seed):
+    state = self._query.initial_global_state()
+    params = self._query.derive_sample_params(state)
+    clipped = self._query.preprocess_record(params, list(tensors))
+    return noising.add_noise(clipped, float(state.stddev), seed)
+
+  def get_config(self):
+    return dict(super().get_config(), l2_norm_clip=self.l2_norm_clip)
+
+
+def dp_sgd_epsilon(noise_multiplier: float, steps: int, sampling_probability: float = 1.0,
+                   delta: float = 1e-5) -> float:
+  """Epsilon (RDP accountant) of `steps` Poisson-sampled Gaussian mechanism steps."""
+  import dp_accounting  # pylint: disable=g-import-not-at-top
+  base.check_number("noise_multiplier", noise_multiplier, 0.0, float("inf"), low_open=True,
+                    high_open=True)
+  base.check_number("sampling_probability", sampling_probability, 0.0, 1.0, low_open=True)
+  base.check_number("delta", delta, 0.0, 1.0, low_open=True, high_open=True)
+  if not isinstance(steps, int) or steps < 1:
+    raise ValueError(f"steps={steps!r} must be an integer >= 1.")
+  event = dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(sampling_probability,
+                                          dp_accounting.GaussianDpEvent(noise_multiplier)),
+      steps)
+  accountant = dp_accounting.rdp.RdpAccountant()
+  accountant.compose(event)
+  return float(accountant.get_epsilon(delta))
+
+
+def dp_fedavg_epsilon(noise_multiplier: float, clients_per_round: int, total_clients: int,
+                      rounds: int, delta: float = 1e-5) -> float:
+  """Client-level epsilon of DP-FedAvg (each round samples clients_per_round/total)."""
+  if not isinstance(total_clients, int) or total_clients < 1 or not isinstance(
+      clients_per_round, int) or not 1 <= clients_per_round <= total_clients:
+    raise ValueError(f"clients_per_round={clients_per_round!r} must be an integer in "
+                     f"[1, total_clients={total_clients!r}].")
+  return dp_sgd_epsilon(noise_multiplier, rounds, clients_per_round / total_clients, delta)
+
+
+def dp_fedavg_aggregator(noise_multiplier: float, clients_per_round: int,
+                         zeroing: bool = True):
+  """`tff.learning.dp_aggregator`: DP-FedAvg's unweighted aggregation factory."""
+  from tf_dlg.federated.runtime import import_tff  # pylint: disable=g-import-not-at-top
+  tff = import_tff()
+  base.check_number("noise_multiplier", noise_multiplier, 0.0, float("inf"), high_open=True)
+  return tff.learning.dp_aggregator(noise_multiplier, clients_per_round, zeroing=zeroing)

@@ -1,0 +1,49 @@
+"""Random gradient masking (Kim & Park, 2024): zero a random fraction of the update.
+
+Each entry is dropped independently with probability `rate` (Bernoulli, stateless in
+the seed), so on average a `rate` fraction is zeroed and the attacker does not know
+which coordinates were kept. With `rescale=True` kept entries are multiplied by
+1 / (1 - rate), which keeps the update unbiased (E[masked] = update), as in dropout;
+the paper's masking does not rescale, so the default is False -- the masked update
+then also shrinks by (1 - rate) in expectation, which a server learning rate absorbs.
+
+BatchNorm: pass `exclude` (e.g. `batchnorm_exclusion(model, variables)`) so that BN
+parameters and statistics are not masked (see `tf_dlg.defenses.batchnorm`).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tf_dlg.defenses import base
+
+
+def mask_update(tensors, rate: float, seed, rescale: bool = False):
+  """Zeroes each entry of each tensor with probability `rate` (pure TF, stateless)."""
+  seed = base.as_seed(seed)
+  out = []
+  for i, t in enumerate(tensors):
+    u = tf.random.stateless_uniform(tf.shape(t), base.tensor_seed(seed, i), dtype=tf.float32)
+    keep = tf.cast(u >= rate, t.dtype)
+    masked = t * keep
+    if rescale and rate > 0:
+      masked = masked / tf.cast(1.0 - rate, t.dtype)
+    out.append(masked)
+  return out
+
+
+class Masking(base.Defense):
+  """Random masking with `rate` in [0, 1); optional `rescale` by 1 / (1 - rate)."""
+
+  name = "masking"
+  param_name = "rate"
+
+  def __init__(self, rate: float, exclude=None, rescale: bool = False):
+    super().__init__(base.check_number("masking rate", rate, 0.0, 1.0, high_open=True), exclude)
+    self.rescale = bool(rescale)
+
+  def _apply(self, tensors, seed):
+    return mask_update(tensors, self.param, seed, self.rescale)
+
+  def get_config(self):
+    return dict(super().get_config(), rescale=self.rescale)

@@ -1,0 +1,52 @@
+"""Magnitude pruning: zero the `rate` fraction of entries with the smallest magnitude.
+
+`per_tensor` (default) prunes floor(rate * size) entries of every tensor separately, as
+DLG's paper pruned per layer; it keeps every layer's largest entries, so no layer is
+silenced because another layer's values are larger. `global` ranks all entries of the
+update together. Sparsity is exact: ties are broken by position, never by keeping more.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tf_dlg.defenses import base
+
+SCOPES = ("per_tensor", "global")
+
+
+def _prune_flat(flat: tf.Tensor, rate: float) -> tf.Tensor:
+  n = flat.shape.num_elements()
+  k = int(rate * n)  # static: shapes are known in every caller
+  if k == 0:
+    return flat
+  smallest = tf.argsort(tf.abs(flat), stable=True)[:k]
+  return tf.tensor_scatter_nd_update(flat, smallest[:, None], tf.zeros([k], flat.dtype))
+
+
+def prune_by_magnitude(tensors, rate: float, scope: str = "per_tensor"):
+  """Zeroes the `rate` fraction of smallest-magnitude entries (pure TF)."""
+  if scope == "per_tensor":
+    return [tf.reshape(_prune_flat(tf.reshape(t, [-1]), rate), tf.shape(t)) for t in tensors]
+  if scope == "global":
+    return base.split_like(_prune_flat(base.concat_flat(tensors), rate), tensors)
+  raise ValueError(f"scope={scope!r} must be one of {', '.join(SCOPES)}.")
+
+
+class Pruning(base.Defense):
+  """Magnitude pruning of a `rate` in [0, 1) of the entries; `scope` per_tensor|global."""
+
+  name = "pruning"
+  param_name = "rate"
+
+  def __init__(self, rate: float, exclude=None, scope: str = "per_tensor"):
+    super().__init__(base.check_number("pruning rate", rate, 0.0, 1.0, high_open=True), exclude)
+    if scope not in SCOPES:
+      raise ValueError(f"scope={scope!r} must be one of {', '.join(SCOPES)}.")
+    self.scope = scope
+
+  def _apply(self, tensors, seed):
+    return prune_by_magnitude(tensors, self.param, self.scope)
+
+  def get_config(self):
+    return dict(super().get_config(), scope=self.scope)
