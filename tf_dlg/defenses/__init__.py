@@ -39,12 +39,14 @@ DEFENSES = {
 
 # (low, high, scale, stronger): the range `experiments.threshold_search` bisects.
 PARAMETER_SEARCH = {
-    "masking": (0.01, 0.99, "linear", "higher"),
-    "clipping": (1e-4, 10.0, "log", "lower"),
+    # Log scale for masking: a few percent already stop the Euclidean iDLG attack.
+    "masking": (1e-4, 0.99, "log", "higher"),
+    # The weak end must exceed single-image gradient norms (tens), where clipping is a no-op.
+    "clipping": (1e-3, 1e4, "log", "lower"),
     "value_clipping": (1e-6, 1.0, "log", "lower"),
     "pruning": (0.01, 0.99, "linear", "higher"),
     "noising": (1e-6, 1.0, "log", "higher"),
-    "dp": (1e-3, 10.0, "log", "higher"),
+    "dp": (1e-4, 10.0, "log", "higher"),
 }
 
 
