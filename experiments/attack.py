@@ -123,8 +123,11 @@ def main(argv):
 
   images = ds.x_train[FLAGS.index:FLAGS.index + FLAGS.batch]
   labels = ds.y_train[FLAGS.index:FLAGS.index + FLAGS.batch]
-  model = models_lib.build_model(FLAGS.model, ds.input_shape, ds.num_classes,
-                                 seed=FLAGS.model_seed)
+  if FLAGS.model == "lenet":  # the attacked LeNet's head has >= ATTACK_MIN_CLASSES outputs
+    model = models_lib.attack_lenet(ds.input_shape, ds.num_classes, seed=FLAGS.model_seed)
+  else:
+    model = models_lib.build_model(FLAGS.model, ds.input_shape, ds.num_classes,
+                                   seed=FLAGS.model_seed)
   meta = {"dataset": ds.name, "dataset_source": ds.source, "index": FLAGS.index}
   if FLAGS.update == "gradient":
     observed = threat_model.observe_gradient(model, images, labels, defense=defense,

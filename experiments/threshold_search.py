@@ -48,7 +48,6 @@ THRESHOLD_FIELDS = (
 
 
 UPDATE_KINDS = ("gradient", "fedavg_delta")
-MIN_HEAD_CLASSES = 10
 
 
 def point_key(dataset: str, attack: str, defense: str, param: Optional[float],
@@ -121,7 +120,7 @@ class ThresholdSearch:
     self.local_steps, self.local_lr = int(local_steps), float(local_lr)
     self.config = dict(num_images=num_images, iterations=self.iterations,
                        leak_ssim=self.leak_ssim, defended_fraction=self.defended_fraction,
-                       seed=self.seed, model=f"lenet(head>={MIN_HEAD_CLASSES})",
+                       seed=self.seed, model="attack_lenet",
                        local_steps=self.local_steps,
                        local_lr=self.local_lr)
     os.makedirs(os.path.join(output_dir, "recon"), exist_ok=True)
@@ -140,12 +139,7 @@ class ThresholdSearch:
         raise ValueError(f"num_images={self.num_images} exceeds the {len(ds.x_train)} "
                          f"training images of {dataset!r}.")
       idx = np.random.default_rng(self.seed).permutation(len(ds.x_train))[:self.num_images]
-      # The attacked LeNet has at least MIN_HEAD_CLASSES outputs. With a 2-class head
-      # (lfw_subset) the untrained model is ~certain of one class, so half the images give
-      # a vanishing gradient and the attack stalls; the reference LeNet's LFW/CIFAR-100
-      # heads had many classes. Labels are unchanged.
-      model = models.lenet(ds.input_shape, max(ds.num_classes, MIN_HEAD_CLASSES),
-                           seed=self.seed)
+      model = models.attack_lenet(ds.input_shape, ds.num_classes, seed=self.seed)
       self._cases[dataset] = (ds, model, ds.x_train[idx], ds.y_train[idx], idx)
     return self._cases[dataset]
 
