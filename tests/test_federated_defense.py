@@ -47,9 +47,16 @@ def test_clipping_defense_is_applied_per_client_with_batchnorm_excluded(digits):
   fa_plain = sim.build_for_config(plain, digits)
   fa_def = sim.build_for_config(defended, digits)
   _, _, client_data = _round_one(plain, digits)
+  # Each process starts from its own state (the defended aggregator keeps a round
+  # counter); both start from the same seeded model weights.
   state = fa_plain.process.initialize()
+  state_def = fa_def.process.initialize()
+  for a, b in zip(fa_plain.process.get_model_weights(state).trainable,
+                  fa_def.process.get_model_weights(state_def).trainable):
+    np.testing.assert_array_equal(a, b)
   raw = sim._find(fa_plain.capture_process.next(state, client_data).metrics, "client_values")
-  got = sim._find(fa_def.capture_process.next(state, client_data).metrics, "client_values")
+  got = sim._find(fa_def.capture_process.next(state_def, client_data).metrics,
+                  "client_values")
 
   keras_model = fa_plain.keras_model_fn()
   exclude = fedavg_lib.update_exclusion(keras_model)
@@ -58,6 +65,7 @@ def test_clipping_defense_is_applied_per_client_with_batchnorm_excluded(digits):
   defense = defenses.get_defense(name, param, exclude=exclude)
   for c in range(len(client_data)):
     update = [tf.constant(np.asarray(v[c])) for v in raw]
+    # Clipping draws no randomness, so the client's seed does not matter here.
     expected = defense(update, 0)
     for j, (e, g) in enumerate(zip(expected, got)):
       np.testing.assert_allclose(np.asarray(g[c]), np.asarray(e), rtol=1e-4, atol=1e-6,
