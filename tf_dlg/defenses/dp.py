@@ -35,7 +35,9 @@ class DPGaussian(base.Defense):
     state = self._query.initial_global_state()
     params = self._query.derive_sample_params(state)
     clipped = self._query.preprocess_record(params, list(tensors))
-    return noising.add_noise(clipped, float(state.stddev), seed)
+    # The query's stddev as a Python float (its state holds a tensor, which `float()`
+    # cannot read inside `tf.function` / TFF computations).
+    return noising.add_noise(clipped, self.param * self.l2_norm_clip, seed)
 
   def get_config(self):
     return dict(super().get_config(), l2_norm_clip=self.l2_norm_clip)

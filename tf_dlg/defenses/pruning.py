@@ -8,6 +8,8 @@ update together. Sparsity is exact: ties are broken by position, never by keepin
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
 from tf_dlg.defenses import base
@@ -17,7 +19,9 @@ SCOPES = ("per_tensor", "global")
 
 def _prune_flat(flat: tf.Tensor, rate: float) -> tf.Tensor:
   n = flat.shape.num_elements()
-  k = int(rate * n)  # static: shapes are known in every caller
+  # floor(rate * n), static (shapes are known in every caller). Rounded first so that
+  # float error does not lose an entry: 0.29 * 100 is 28.999999999999996 in binary.
+  k = int(math.floor(round(rate * n, 6)))
   if k == 0:
     return flat
   smallest = tf.argsort(tf.abs(flat), stable=True)[:k]
