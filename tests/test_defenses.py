@@ -17,6 +17,7 @@ from tf_dlg import defenses
 from tf_dlg import models
 from tf_dlg.defenses import base
 from tf_dlg.defenses import clipping as clipping_lib
+from tf_dlg.defenses import masking as masking_lib
 from tf_dlg.defenses import dp as dp_lib
 from tf_dlg.defenses import noising as noising_lib
 
@@ -457,3 +458,181 @@ def test_defences_work_inside_tf_function(name):
     bad = list(update)
     bad[0] = bad[0] * float("nan")
     defend(bad, tf.constant([0, 1], tf.int64))
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+
+
+@pytest.fixture(scope="module")
+def bn_round():
+  """One FedAvg round of the BatchNorm CNN with one client, in `fedavg.py`'s layout.
+
+  The client starts from the server model, trains on 256 `digits` images (BN momentum
+  0.5 as `SimulationConfig`, so its moving statistics track its data), and its update is
+  `initial - final` for the trainable variables followed by the non-trainable ones (the
+  BN moving mean/variance) -- `tf_dlg.federated.fedavg.update_variables` order.
+  """
+  from tf_dlg import data as data_lib  # pylint: disable=g-import-not-at-top
+  ds = data_lib.load_dataset("digits")
+
+  def build():
+    m = models.bn_cnn(ds.x_train.shape[1:], ds.num_classes, seed=0, width=8)
+    for layer, _ in models.batchnorm_variables(m):
+      layer.momentum = 0.5
+    return m
+
+  server, client = build(), build()
+  client.compile(tf.keras.optimizers.SGD(0.1, momentum=0.9),
+                 tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  client.fit(ds.x_train[:256], ds.y_train[:256], batch_size=32, epochs=4, verbose=0)
+  variables = _fedavg_layout(server)
+  initial = [v.numpy() for v in variables]
+  final = [v.numpy() for v in _fedavg_layout(client)]
+  return dict(build=build, server=server, client=client, initial=initial, final=final,
+              delta=[tf.constant(a - b) for a, b in zip(initial, final)],
+              exclude=defenses.batchnorm_exclusion(server, variables),
+              num_trainable=len(server.trainable_variables), x=ds.x_test[:300])
+
+
+def _server_apply(r, update, stats_are_values=False):
+  """The server rule of `fedavg.py` with one client: weights - update (lr 1).
+
+  With `stats_are_values`, the non-trainable entries are the statistics themselves
+  (their aggregate becomes the server's statistics) instead of deltas.
+  """
+  m = r["build"]()
+  for j, (v, w, u) in enumerate(zip(_fedavg_layout(m), r["initial"], update)):
+    u = np.asarray(u)
+    v.assign(u if stats_are_values and j >= r["num_trainable"] else w - u)
+  return m
+
+
+def _bn1_normalised_std(m, x):
+  """Per-channel std of bn1's inference-mode output, undone to (x - mean) / sqrt(var + eps)."""
+  layer = m.get_layer("bn1")
+  out = tf.keras.Model(m.input, layer.output)(x, training=False).numpy()
+  z = (out.reshape(-1, out.shape[-1]) - layer.beta.numpy()) / layer.gamma.numpy()
+  return z.std(0)
+
+
+def _bn_stats(m, name):
+  layer = m.get_layer(name)
+  return layer.moving_mean.numpy(), layer.moving_variance.numpy(), layer.epsilon
+
+
+def test_masking_a_batchnorm_fedavg_update(bn_round):
+  """Masking a BN model's FedAvg update: BN excluded works, naive masking breaks BN.
+
+  Setting (`bn_round`): a client's FedAvg update in `fedavg.py`'s layout -- deltas of
+  the trainable weights (conv/dense kernels, BN gamma/beta), then deltas of the BN
+  moving mean/variance; the server sets weights := server - update. Masking rate 0.3.
+  What is measured, on `digits` test images in inference mode:
+
+  1. BN excluded (`batchnorm_exclusion`, the default): the server's moving statistics
+     are *exactly* the client's measured ones; every variance is > 0; bn1 standardises
+     its input (per-channel std of (x - mean) / sqrt(var + eps) close to 1) and the
+     logits are finite and of the unmasked update's order.
+  2. Naive masking of the delta (BN variables masked like any other): nothing becomes
+     NaN, but each masked statistic silently reverts to the server's stale value
+     (mean 0, variance 1 at initialisation) while the conv weights moved on. A channel
+     whose variance delta was masked is normalised by sqrt(1 + eps) instead of
+     sqrt(v + eps): its activations shrink by sqrt((v + eps) / (1 + eps)) -- measured
+     equal to that prediction (below 0.5x for bn1's stale channels): the statistics no
+     longer describe the layer's input, and nothing flags it.
+  3. Naive masking with `rescale=True` (the unbiased variant): a kept variance delta is
+     divided by (1 - rate), so the server's variance 1 - (1 - v) / (1 - rate) is
+     *negative* wherever v < rate; BN then takes sqrt(negative + eps) = NaN and every
+     logit of the model is NaN.
+  4. When the update carries the statistics *values* (the server's aggregate of the
+     clients' moving statistics, or a client that sends its model state): a masked
+     variance is 0, so BN divides by sqrt(eps) = sqrt(1e-3): that channel is amplified
+     by sqrt((v + eps) / eps) (measured equal to the prediction; ~15x for bn1's largest
+     variance here, more for bn2's larger ones), the amplifications compound through the
+     layers and the logits blow up by more than an order of magnitude (~35x here; the test
+     prints the numbers). With BN excluded the values pass
+     through and nothing changes. (With K clients the mean of masked variances is 0 only
+     where all K masked it, probability rate^K, but each masked client still pulls the
+     variance towards 0 by v_k / K.)
+  """
+  r = bn_round
+  rate, n_train = 0.3, r["num_trainable"]
+  ex = r["exclude"]
+  stats_idx = range(n_train, len(ex))
+  assert all(ex[i] for i in stats_idx)
+  x = r["x"]
+
+  full = _server_apply(r, r["delta"])
+  full_logits = full(x, training=False).numpy()
+  assert np.isfinite(full_logits).all()
+
+  # 1. BN excluded.
+  excluded_update = defenses.get_defense("masking", rate, exclude=ex)(r["delta"], 1)
+  m_ex = _server_apply(r, excluded_update)
+  for name in ("bn1", "bn2"):
+    for got, want in zip(_bn_stats(m_ex, name)[:2], _bn_stats(r["client"], name)[:2]):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.all(_bn_stats(m_ex, name)[1] > 0)
+  z_ex = _bn1_normalised_std(m_ex, x)
+  logits_ex = m_ex(x, training=False).numpy()
+  assert np.isfinite(logits_ex).all()
+  assert np.all((z_ex > 0.5) & (z_ex < 1.5)), z_ex
+  scale_ex = np.max(np.abs(logits_ex))
+  assert scale_ex < 3 * np.max(np.abs(full_logits))
+  # The masking itself happened (on the non-BN entries) at the requested rate.
+  # (Counted where the delta was nonzero: dead ReLU units leave exact zeros.)
+  moved = np.concatenate([np.asarray(d).ravel() != 0 for d, e in zip(r["delta"], ex) if not e])
+  out = np.concatenate([np.asarray(t).ravel() for t, e in zip(excluded_update, ex) if not e])
+  assert abs(np.mean(out[moved] == 0) - rate) < 4 * math.sqrt(rate * (1 - rate) / moved.sum())
+
+  # Naive: the same masked non-BN entries, and the BN entries masked as well.
+  def naive(rescale):
+    bn_masked = masking_lib.mask_update([r["delta"][i] for i in range(len(ex)) if ex[i]],
+                                        rate, 2, rescale=rescale)
+    it = iter(bn_masked)
+    return [next(it) if e else u for u, e in zip(excluded_update, ex)]
+
+  # 2. Naive, delta layout: finite but stale statistics.
+  m_naive = _server_apply(r, naive(False))
+  mean0, var0, eps = _bn_stats(r["server"], "bn1")
+  mean_c, var_c, _ = _bn_stats(r["client"], "bn1")
+  mean_n, var_n, _ = _bn_stats(m_naive, "bn1")
+  stale = np.isclose(var_n, var0) & ~np.isclose(var_c, var0)
+  assert stale.any() and not stale.all()
+  np.testing.assert_allclose(var_n[~stale], var_c[~stale], rtol=1e-5)
+  assert np.isfinite(m_naive(x, training=False).numpy()).all()
+  ratio = _bn1_normalised_std(m_naive, x) / z_ex
+  predicted = np.sqrt((var_c + eps) / (var_n + eps))
+  np.testing.assert_allclose(ratio, predicted, rtol=2e-3)
+  assert np.min(ratio[stale]) < 0.5    # stale channels are squashed
+
+  # 3. Naive with rescale: negative variances, NaN outputs.
+  m_rescaled = _server_apply(r, naive(True))
+  var_r = _bn_stats(m_rescaled, "bn1")[1]
+  kept_r = ~np.isclose(var_r, var0)
+  np.testing.assert_allclose(var_r[kept_r], var0[kept_r] - (var0 - var_c)[kept_r] / (1 - rate),
+                             rtol=1e-4, atol=1e-6)
+  assert np.any(var_r < 0)
+  assert np.isnan(m_rescaled(x, training=False).numpy()).all()
+
+  # 4. Statistics as values: zeroed variances amplify channels by sqrt((v + eps) / eps).
+  values = list(r["delta"][:n_train]) + [tf.constant(r["final"][i]) for i in stats_idx]
+  guarded = defenses.get_defense("masking", rate, exclude=ex)(values, 1)
+  for i in stats_idx:
+    np.testing.assert_array_equal(np.asarray(guarded[i]), r["final"][i])
+  m_vals = _server_apply(r, guarded, stats_are_values=True)
+  np.testing.assert_allclose(m_vals(x, training=False).numpy(), logits_ex, rtol=1e-4,
+                             atol=1e-5)
+  naive_values = list(excluded_update[:n_train]) + masking_lib.mask_update(
+      [tf.constant(r["final"][i]) for i in stats_idx], rate, 3)
+  m_zero = _server_apply(r, naive_values, stats_are_values=True)
+  var_z = _bn_stats(m_zero, "bn1")[1]
+  zeroed = var_z == 0
+  assert zeroed.any()
+  ratio = _bn1_normalised_std(m_zero, x) / z_ex
+  np.testing.assert_allclose(ratio, np.sqrt((var_c + eps) / (var_z + eps)), rtol=2e-3)
+  assert np.max(ratio) > 3
+  logits_zero = m_zero(x, training=False).numpy()
+  blow_up = np.max(np.abs(logits_zero)) / scale_ex
+  print(f"BN proof: z std excluded {np.round(z_ex, 2)}, zero-variance amplification {np.round(ratio, 2)}, "
+        f"logit blow-up x{blow_up:.1f}")
+  assert blow_up > 10
