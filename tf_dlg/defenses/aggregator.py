@@ -57,8 +57,8 @@ def defense_factory(defense: base.Defense, inner_agg_factory, exclude=None,
   The process keeps the round number in its state and reports measurements
   * `defense_zero_fraction`: mean over clients of the fraction of exactly-zero entries
     in the defended value (what masking and pruning change);
-  * `defense`: the defence's `get_config()` name, as a string;
   * `inner_agg`: the inner process's measurements.
+  (Log `defense.get_config()` beside them; it is static, so it is not a measurement.)
 
   The returned factory takes its weightedness (`UnweightedAggregationFactory` vs.
   `WeightedAggregationFactory`) from `inner_agg_factory`.

@@ -1,0 +1,254 @@
+"""The defences as TFF aggregators (`tf_dlg.defenses.defense_factory`).
+
+Every check compares TFF's output with the pure defence (`Defense.__call__`) applied
+in eager TensorFlow with the client seeds `aggregator.client_seed(value, round, seed)`
+reproduces: the aggregate must be *exactly* what the pure function predicts (up to
+float rounding of the mean), for the factory on its own and inside a one-round
+`tff.learning.algorithms.build_weighted_fed_avg` run on `digits` with 3 clients.
+
+Kept fast: tiny value types, one tiny Keras model, and one TFF build per defence.
+"""
+
+import collections
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_dlg import data as data_lib
+from tf_dlg import defenses
+from tf_dlg import models
+from tf_dlg.federated.runtime import import_tff
+
+tff = import_tff()
+
+from tf_dlg.defenses import aggregator  # noqa: E402  (imports TFF)
+from tf_dlg.federated import aggregators as aggregators_lib  # noqa: E402
+
+PARAMS = {"none": None, "masking": 0.5, "clipping": 1.0, "value_clipping": 0.05,
+          "pruning": 0.5, "noising": 0.1, "dp": 0.5}
+RANDOM = ("masking", "noising", "dp")
+
+SHAPES = [(5, 4), (3,)]
+VALUE_TYPE = tff.types.to_type([tff.TensorType(np.float32, s) for s in SHAPES])
+WEIGHT_TYPE = tff.TensorType(np.float32)
+WEIGHTS = [1.0, 2.0, 5.0]
+
+
+def _client_values(num_clients=3, scale=1.0):
+  rng = np.random.default_rng(42)
+  return [[(rng.normal(size=s) * scale).astype(np.float32) for s in SHAPES]
+          for _ in range(num_clients)]
+
+
+def _defend_clients(defense, values, round_num, seed):
+  """What each client sends: the pure defence with the client's reproduced seed."""
+  out = []
+  for v in values:
+    v = [tf.constant(a) for a in v]
+    out.append([np.asarray(t) for t in defense(v, aggregator.client_seed(v, round_num, seed))])
+  return out
+
+
+def _mean(defended, weights=None):
+  w = np.ones(len(defended)) if weights is None else np.asarray(weights, np.float64)
+  return [sum(wc * np.asarray(d[j], np.float64) for wc, d in zip(w, defended)) / w.sum()
+          for j in range(len(defended[0]))]
+
+
+def _zero_fraction(defended):
+  return np.mean([np.mean(np.concatenate([t.ravel() for t in d]) == 0) for d in defended])
+
+
+def _assert_close(got, want, **kw):
+  for j, (g, w) in enumerate(zip(got, want)):
+    np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-6, err_msg=f"leaf {j}", **kw)
+
+
+# ----------------------------------------------------------------------------- the factory
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_weighted_factory_aggregate_is_the_pure_defence(name):
+  defense = defenses.get_defense(name, PARAMS[name])
+  factory = defenses.defense_factory(defense, tff.aggregators.MeanFactory(), seed=3)
+  assert isinstance(factory, tff.aggregators.WeightedAggregationFactory)
+  process = factory.create(VALUE_TYPE, WEIGHT_TYPE)
+  values = _client_values(scale=3.0)   # norms > 1 so that clipping and dp clip
+  state = process.initialize()
+  results = []
+  for round_num in (0, 1):
+    assert state["round"] == round_num
+    out = process.next(state, values, WEIGHTS)
+    defended = _defend_clients(defense, values, round_num, seed=3)
+    _assert_close(out.result, _mean(defended, WEIGHTS))
+    assert out.measurements["defense_zero_fraction"] == pytest.approx(
+        _zero_fraction(defended), abs=1e-6)
+    results.append(out.result)
+    state = out.state
+  assert state["round"] == 2
+  if name in RANDOM:   # a fresh mask / noise every round
+    assert np.any(np.asarray(results[0][0]) != np.asarray(results[1][0]))
+  else:
+    _assert_close(results[1], [np.asarray(r) for r in results[0]])
+  if name == "masking":
+    assert _zero_fraction(defended) > 0.3
+  if name == "none":
+    _assert_close(results[0], _mean(values, WEIGHTS))
+
+
+def test_clients_and_seeds_get_different_masks():
+  values = _client_values()
+  defense = defenses.get_defense("masking", 0.5)
+  same = [values[0]] * 3
+  seeds = [tuple(aggregator.client_seed([tf.constant(a) for a in v], 0, 3).numpy())
+           for v in values + same[:1]]
+  assert len(set(seeds[:3])) == 3 and seeds[3] == seeds[0]
+  # Three clients with the same value and base seed get the same mask (the seed is a
+  # function of the value) -- the mean is then exactly one client's masked value.
+  process = defenses.defense_factory(defense, tff.aggregators.UnweightedMeanFactory(),
+                                     seed=3).create(VALUE_TYPE)
+  out = process.next(process.initialize(), same)
+  _assert_close(out.result, _defend_clients(defense, same[:1], 0, 3)[0])
+  # Another base seed: other masks.
+  other = defenses.defense_factory(defense, tff.aggregators.UnweightedMeanFactory(),
+                                   seed=4).create(VALUE_TYPE)
+  out4 = other.next(other.initialize(), same)
+  _assert_close(out4.result, _defend_clients(defense, same[:1], 0, 4)[0])
+  assert np.any(np.asarray(out4.result[0]) != np.asarray(out.result[0]))
+
+
+def test_unweighted_inner_factories_are_inherited():
+  defense = defenses.get_defense("pruning", 0.5)
+  values = _client_values()
+  defended = _defend_clients(defense, values, 0, 0)
+  factory = defenses.defense_factory(defense, tff.aggregators.UnweightedMeanFactory())
+  assert isinstance(factory, tff.aggregators.UnweightedAggregationFactory)
+  assert not isinstance(factory, tff.aggregators.WeightedAggregationFactory)
+  process = factory.create(VALUE_TYPE)
+  out = process.next(process.initialize(), values)
+  _assert_close(out.result, _mean(defended))
+  assert out.measurements["defense_zero_fraction"] == pytest.approx(0.5, abs=0.05)
+  # The coordinate-wise median (unweighted, from the federated-training work).
+  median = defenses.defense_factory(defense, aggregators_lib.median_factory())
+  assert isinstance(median, tff.aggregators.UnweightedAggregationFactory)
+  process = median.create(VALUE_TYPE)
+  out = process.next(process.initialize(), values)
+  _assert_close(out.result, [np.median(np.stack([d[j] for d in defended]), axis=0)
+                             for j in range(len(SHAPES))])
+
+
+def test_exclude_passes_tensors_through_and_overrides_the_defence():
+  defense = defenses.get_defense("masking", 0.9, exclude=[True, True])
+  process = defenses.defense_factory(defense, tff.aggregators.MeanFactory(),
+                                     exclude=[False, True]).create(VALUE_TYPE, WEIGHT_TYPE)
+  values = _client_values()
+  out = process.next(process.initialize(), values, WEIGHTS)
+  assert defense.exclude == [True, True]   # the caller's defence is not modified
+  raw_mean = _mean(values, WEIGHTS)
+  np.testing.assert_allclose(np.asarray(out.result[1]), raw_mean[1], rtol=1e-5)
+  expected = _defend_clients(defenses.get_defense("masking", 0.9, exclude=[False, True]),
+                             values, 0, 0)
+  _assert_close(out.result, _mean(expected, WEIGHTS))
+  assert out.measurements["defense_zero_fraction"] == pytest.approx(
+      0.9 * 20 / 23, abs=0.1)
+
+
+def test_type_errors():
+  mean = tff.aggregators.MeanFactory()
+  with pytest.raises(TypeError, match="tf_dlg.defenses.Defense"):
+    defenses.defense_factory("masking", mean)
+  with pytest.raises(TypeError, match="tf_dlg.defenses.Defense"):
+    defenses.defense_factory(lambda u, s: u, mean)
+  with pytest.raises(TypeError, match="inner_agg_factory"):
+    defenses.defense_factory(defenses.get_defense("masking", 0.5), object())
+  with pytest.raises(TypeError, match="seed"):
+    defenses.defense_factory(defenses.get_defense("masking", 0.5), mean, seed=0.5)
+  factory = defenses.defense_factory(defenses.get_defense("masking", 0.5), mean)
+  for bad in (tff.TensorType(np.int32, [3]),
+              tff.types.to_type([tff.TensorType(np.float32, [2]),
+                                 tff.TensorType(np.int64, [2])])):
+    with pytest.raises(TypeError, match="floating"):
+      factory.create(bad, WEIGHT_TYPE)
+  unweighted = defenses.defense_factory(defenses.get_defense("noising", 0.1),
+                                        tff.aggregators.UnweightedMeanFactory())
+  with pytest.raises(TypeError, match="floating"):
+    unweighted.create(tff.TensorType(np.int32, [3]))
+
+
+# ----------------------------------------------------------------------------- FedAvg
+
+
+NUM_EXAMPLES = (20, 30, 40)   # unequal, so that the example weighting matters
+
+
+@pytest.fixture(scope="module")
+def digits_clients():
+  ds = data_lib.load_dataset("digits")
+  starts = np.cumsum((0,) + NUM_EXAMPLES)
+  parts = [np.arange(a, b) for a, b in zip(starts[:-1], starts[1:])]
+  clients = data_lib.client_datasets(ds.x_train, ds.y_train, parts, batch_size=10, epochs=1,
+                                     shuffle=False)
+  return ds, clients
+
+
+def _tiny_bn_model(input_shape, num_classes):
+  tf.keras.utils.set_random_seed(0)
+  inputs = tf.keras.Input(input_shape)
+  h = tf.keras.layers.Conv2D(4, 3, strides=2, use_bias=False)(inputs)
+  h = tf.keras.layers.BatchNormalization()(h)
+  h = tf.keras.layers.ReLU()(h)
+  h = tf.keras.layers.GlobalAveragePooling2D()(h)
+  return tf.keras.Model(inputs, tf.keras.layers.Dense(num_classes)(h))
+
+
+@pytest.mark.parametrize("name", ["masking", "clipping", "pruning", "noising", "dp"])
+def test_one_round_weighted_fed_avg_aggregate_is_the_pure_defence(digits_clients, name):
+  """3 `digits` clients, one round of TFF's own FedAvg with the defence as aggregator.
+
+  The model update is TFF's (trainable weights only); BN gamma/beta are excluded with
+  `batchnorm_exclusion`. `capture_factory` outside the defence records each client's
+  raw update, so the expected aggregate is the example-weighted mean of the pure
+  defence on those updates; the server (SGD, lr 1) moves by exactly that aggregate.
+  """
+  ds, clients = digits_clients
+  shape = ds.x_train.shape[1:]
+  probe = _tiny_bn_model(shape, ds.num_classes)
+  exclude = defenses.batchnorm_exclusion(probe, probe.trainable_variables)
+  assert sum(exclude) == 2   # gamma, beta
+  defense = defenses.get_defense(name, PARAMS[name], exclude=exclude)
+
+  def model_fn():
+    return tff.learning.models.from_keras_model(
+        _tiny_bn_model(shape, ds.num_classes), input_spec=models.input_spec(shape),
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+  process = tff.learning.algorithms.build_weighted_fed_avg(
+      model_fn,
+      client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=0.5),
+      server_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=1.0),
+      model_aggregator=aggregators_lib.capture_factory(
+          defenses.defense_factory(defense, tff.aggregators.MeanFactory(), seed=7)))
+  state = process.initialize()
+  before = process.get_model_weights(state).trainable
+  out = process.next(state, clients)
+  after = process.get_model_weights(out.state).trainable
+  captured = out.metrics["aggregator"]
+  raw = [[np.asarray(leaf[c]) for leaf in captured["client_values"]] for c in range(3)]
+  assert all(np.any(r[0] != raw[0][0]) for r in raw[1:])   # three different clients
+
+  defended = _defend_clients(defense, raw, 0, seed=7)
+  expected = _mean(defended, NUM_EXAMPLES)
+  moved = [np.asarray(b) - np.asarray(a) for b, a in zip(before, after)]
+  _assert_close(moved, expected)
+  zero = captured["inner"]["defense_zero_fraction"]
+  assert zero == pytest.approx(_zero_fraction(defended), abs=1e-6)
+  for j, ex in enumerate(exclude):   # BN gamma/beta: the plain weighted mean
+    if ex:
+      np.testing.assert_allclose(moved[j], _mean(raw, NUM_EXAMPLES)[j], rtol=1e-5, atol=1e-7)
+  if name == "masking":
+    assert zero > 0.3
+  elif name == "clipping":
+    norms = [np.sqrt(sum(np.sum(t ** 2) for t, e in zip(d, exclude) if not e))
+             for d in defended]
+    assert max(norms) <= PARAMS[name] * (1 + 1e-5)
