@@ -23,6 +23,7 @@ from tf_dlg.defenses.base import Defense, NoDefense, zero_fraction
 from tf_dlg.defenses.batchnorm import batchnorm_exclusion
 from tf_dlg.defenses.clipping import Clipping, ValueClipping, clip_by_global_norm, clip_by_value
 from tf_dlg.defenses.dp import DPGaussian, dp_fedavg_epsilon, dp_sgd_epsilon
+from tf_dlg.defenses.keras import DefendedModel, DefenseTrainStepMixin, defended_gradients
 from tf_dlg.defenses.masking import Masking, mask_update
 from tf_dlg.defenses.noising import Noising, add_noise
 from tf_dlg.defenses.pruning import Pruning, prune_by_magnitude

@@ -1,0 +1,233 @@
+"""Training a plain Keras model with a defence on its gradients (`model.fit`).
+
+    from tf_dlg.defenses import DefendedModel, get_defense
+
+    model = DefendedModel(my_keras_model, get_defense("masking", 0.5), seed=0)
+    model.compile(optimizer="sgd", loss=..., metrics=[...])
+    model.fit(x, y, epochs=...)
+
+Every training step computes the gradient of the batch loss, applies the defence to it
+-- the same `tf_dlg.defenses.Defense` object the attack experiments and the TFF
+aggregators use -- and hands the *defended* gradient to the optimizer. The defence's
+seed is `step_seed(step) = fold_in([seed, 0x5EED], optimizer.iterations)`: a fresh
+mask / noise draw every step, reproducible from `seed` (a restarted run with the same
+seed and step count draws the same masks).
+
+BatchNorm: with `exclude="auto"` (default) the defence's own `exclude` is used if it has
+one, else the model's BatchNorm gamma/beta gradients are passed through untouched
+(`batchnorm_exclusion` over `trainable_variables`; the moving statistics have no
+gradient and are updated by the forward pass as usual). `exclude="batchnorm"` forces
+that, `None` defends every gradient, and a list of bools over `trainable_variables`
+is used as given.
+
+The defence sees one step's gradient, which is what a DLG attacker observes of a
+client that shares gradients (FedSGD); for FedAvg-style updates use the TFF factory
+(`defense_factory`). Notes: a variable without a gradient is skipped (its entry stays
+None); sparse (`IndexedSlices`) gradients are densified; with a
+`tf.keras.mixed_precision.LossScaleOptimizer` the defence acts on the unscaled
+gradient and is skipped on the non-finite steps that the optimizer itself skips; under
+a `tf.distribute` strategy each replica defends its own gradient before the all-reduce.
+Otherwise a non-finite gradient raises (as every defence does).
+
+`DefenseTrainStepMixin` gives the same `train_step` to your own `tf.keras.Model`
+subclass (call `set_defense(...)` in its `__init__`); `defended_gradients(...)` is the
+function behind both, for custom training loops.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List, Optional, Sequence
+
+import tensorflow as tf
+
+from tf_dlg.defenses import base
+from tf_dlg.defenses import batchnorm
+
+_EXCLUDE_MODES = ("auto", "batchnorm")
+
+
+def defended_gradients(defense: base.Defense, gradients: Sequence[Any], seed,
+                       exclude: Optional[Sequence[bool]] = None) -> List[Any]:
+  """Applies `defense` to a list of gradients (one per variable); None entries stay None.
+
+  Args:
+    defense: A `tf_dlg.defenses.Defense`.
+    gradients: As from `tape.gradient(loss, variables)`: tensors, `IndexedSlices`
+      (densified) or None (variables without a gradient; skipped).
+    seed: An int or a shape-[2] integer tensor (e.g. `step_seed`).
+    exclude: Optional bools, one per gradient, overriding `defense.exclude`.
+
+  Returns:
+    The defended gradients, in order, with the None entries kept.
+  """
+  gradients = list(gradients)
+  if exclude is None:
+    exclude = defense.exclude
+  if exclude is not None:
+    exclude = [bool(e) for e in exclude]
+    if len(exclude) != len(gradients):
+      raise ValueError(f"exclude has {len(exclude)} entries but there are "
+                       f"{len(gradients)} gradients.")
+  present = [i for i, g in enumerate(gradients) if g is not None]
+  if not present:
+    return gradients
+  d = copy.copy(defense)
+  d.exclude = None if exclude is None else [exclude[i] for i in present]
+  defended = d([tf.convert_to_tensor(gradients[i]) for i in present], seed)
+  out = list(gradients)
+  for i, g in zip(present, defended):
+    out[i] = g
+  return out
+
+
+class DefenseTrainStepMixin:
+  """A `train_step` that defends the gradient; mix into a `tf.keras.Model` subclass.
+
+      class MyModel(DefenseTrainStepMixin, tf.keras.Model):
+        def __init__(self, ...):
+          super().__init__()
+          ...
+          self.set_defense(get_defense("noising", 1e-3), seed=0)
+  """
+
+  def set_defense(self, defense: base.Defense, seed: int = 0, exclude="auto") -> None:
+    """Sets the defence, its base seed and the exclusion (see the module docstring)."""
+    if not isinstance(defense, base.Defense):
+      raise TypeError(f"defense must be a tf_dlg.defenses.Defense, got "
+                      f"{type(defense).__name__}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+      raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
+    if isinstance(exclude, str):
+      if exclude not in _EXCLUDE_MODES:
+        raise ValueError(f"exclude={exclude!r} must be one of {', '.join(_EXCLUDE_MODES)}, "
+                         "None or a list of bools.")
+    elif exclude is not None:
+      exclude = [bool(e) for e in exclude]
+    self._defense = defense
+    self._defense_seed = int(seed)
+    self._defense_exclude = exclude
+
+  @property
+  def defense(self) -> base.Defense:
+    return self._defense
+
+  @property
+  def defense_seed(self) -> int:
+    return self._defense_seed
+
+  def gradient_exclusion(self) -> Optional[List[bool]]:
+    """The exclusion over `trainable_variables` that the training step uses."""
+    mode = self._defense_exclude
+    if mode == "auto" and self._defense.exclude is not None:
+      return list(self._defense.exclude)
+    if mode in _EXCLUDE_MODES:
+      return batchnorm.batchnorm_exclusion(self, self.trainable_variables)
+    return None if mode is None else list(mode)
+
+  def step_seed(self, step) -> tf.Tensor:
+    """The defence's seed at optimizer step `step` (0 for the first training step)."""
+    return tf.random.experimental.stateless_fold_in(base.as_seed(self._defense_seed),
+                                                    tf.cast(step, tf.int64))
+
+  def train_step(self, data):
+    x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
+    loss_scale = isinstance(self.optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
+    with tf.GradientTape() as tape:
+      y_pred = self(x, training=True)
+      loss = self.compute_loss(x, y, y_pred, sample_weight)
+      scaled = self.optimizer.get_scaled_loss(loss) if loss_scale else loss
+    variables = self.trainable_variables
+    grads = tape.gradient(scaled, variables)
+    if loss_scale:
+      grads = self.optimizer.get_unscaled_gradients(grads)
+    seed = self.step_seed(self.optimizer.iterations)
+    exclude = self.gradient_exclusion()
+
+    def defend():
+      return defended_gradients(self._defense, grads, seed, exclude)
+
+    if loss_scale:
+      present = [i for i, g in enumerate(grads) if g is not None]
+      finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(grads[i])))
+                              for i in present])
+      dense = [tf.convert_to_tensor(grads[i]) for i in present]
+      def defend_present():
+        out = defend()
+        return [out[i] for i in present]
+
+      chosen = tf.cond(finite, defend_present, lambda: dense)
+      grads = list(grads)
+      for i, g in zip(present, chosen):
+        grads[i] = g
+    else:
+      grads = defend()
+    self.optimizer.apply_gradients(
+        (g, v) for g, v in zip(grads, variables) if g is not None)
+    return self.compute_metrics(x, y, y_pred, sample_weight)
+
+  def defense_config(self) -> Dict[str, Any]:
+    exclude = self._defense_exclude
+    if exclude == "auto" and self._defense.exclude is not None:
+      exclude = list(self._defense.exclude)
+    return {"defense": self._defense.get_config(), "seed": self._defense_seed,
+            "exclude": exclude}
+
+
+def defense_from_config(config: Dict[str, Any]) -> base.Defense:
+  """Rebuilds a defence from its `get_config()` (the inverse, for serialisation)."""
+  from tf_dlg import defenses  # pylint: disable=g-import-not-at-top
+  config = dict(config)
+  name = config.pop("name")
+  if name not in defenses.DEFENSES:
+    raise ValueError(f"Unknown defence {name!r}; expected one of "
+                     f"{', '.join(defenses.DEFENSES)}.")
+  param = config.pop(defenses.DEFENSES[name].param_name, None)
+  return defenses.get_defense(name, param, **config)
+
+
+@tf.keras.utils.register_keras_serializable(package="tf_dlg")
+class DefendedModel(DefenseTrainStepMixin, tf.keras.Model):
+  """Wraps a Keras model so that `fit` trains it on defended gradients.
+
+  Args:
+    model: Any Keras model; `DefendedModel` calls it and trains its variables (they are
+      the same variable objects, so `model` itself is trained).
+    defense: A `tf_dlg.defenses.Defense` (e.g. `get_defense("masking", 0.5)`).
+    seed: Base seed of the per-step defence seeds (`step_seed`).
+    exclude: "auto" (default), "batchnorm", None or a list of bools over
+      `model.trainable_variables` (see the module docstring).
+
+  `get_config()` holds the inner model's serialisation, the defence's `get_config()`,
+  the seed and the exclusion, so `model.save("m.keras")` / `tf.keras.models.load_model`
+  round-trip it.
+  """
+
+  def __init__(self, model: tf.keras.Model, defense: base.Defense, seed: int = 0,
+               exclude="auto", **kwargs):
+    super().__init__(**kwargs)
+    if not isinstance(model, tf.keras.Model):
+      raise TypeError(f"model must be a tf.keras.Model, got {type(model).__name__}.")
+    self.model = model
+    self.set_defense(defense, seed, exclude)
+
+  def call(self, inputs, training=None):
+    return self.model(inputs, training=training)
+
+  def gradient_exclusion(self) -> Optional[List[bool]]:
+    if self._defense_exclude in _EXCLUDE_MODES and not (
+        self._defense_exclude == "auto" and self._defense.exclude is not None):
+      return batchnorm.batchnorm_exclusion(self.model, self.trainable_variables)
+    return super().gradient_exclusion()
+
+  def get_config(self):
+    return dict(model=tf.keras.saving.serialize_keras_object(self.model),
+                **self.defense_config(), name=self.name)
+
+  @classmethod
+  def from_config(cls, config, custom_objects=None):
+    config = dict(config)
+    model = tf.keras.saving.deserialize_keras_object(config.pop("model"),
+                                                     custom_objects=custom_objects)
+    defense = defense_from_config(config.pop("defense"))
+    return cls(model, defense, **config)
