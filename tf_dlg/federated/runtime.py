@@ -75,6 +75,10 @@ def _release_default_context():
 
   sys.unraisablehook = quiet_hook
   try:
+    # Stop the workers first, with a bounded SIGINT-then-SIGKILL: the service manager's
+    # own __del__ SIGINTs and then waits without a timeout, which hangs the exit when a
+    # busy worker ignores SIGINT (seen under load in CI-like runs).
+    stop_tff_workers()
     context_stack_impl.context_stack.set_default_context(
         runtime_error_context.RuntimeErrorContext())
     gc.collect()
