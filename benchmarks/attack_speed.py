@@ -49,7 +49,7 @@ def main(argv):
   rows = []
   for name in FLAGS.datasets:
     ds = data.load_dataset(name)
-    model = models.lenet(ds.input_shape, ds.num_classes, seed=0)
+    model = models.attack_lenet(ds.input_shape, ds.num_classes, seed=0)
     for b in [int(v) for v in FLAGS.batch_sizes]:
       count = FLAGS.single_runs if b == 1 else b
       obs = [observe_gradient(model, ds.x_train[i:i + 1], ds.y_train[i:i + 1])
