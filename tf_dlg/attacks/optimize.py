@@ -195,6 +195,13 @@ def build_lbfgs(value_fn: Callable, history: int = 100, lr: float = 1.0,
                 g=g_new, gprev=g, d=d, t=t, S=S, Y=Y, rho=rho, head=head, hdiag=hdiag,
                 first=first & ~running)
 
+  return init_fn, _chunk_fn(step, jit_compile)
+
+
+
+def _chunk_fn(step: Callable, jit_compile: bool):
+  """Compiled loop of up to `steps` optimiser steps that ends early once none is running."""
+
   @tf.function(jit_compile=jit_compile, reduce_retracing=True)
   def chunk_fn(st, c, tol, steps):
     def cond(k, st):
@@ -202,8 +209,7 @@ def build_lbfgs(value_fn: Callable, history: int = 100, lr: float = 1.0,
     return tf.while_loop(cond, lambda k, st: (k + 1, step(st, c, tol)),
                          (tf.constant(0), st))[1]
 
-  return init_fn, chunk_fn
-
+  return chunk_fn
 
 def adam(value_fn: Callable, position: tf.Tensor, consts: Dict, iterations: int,
          tolerance=1e-6, check_every: int = 50, progress=None, compiled=None,
@@ -244,14 +250,7 @@ def build_adam(value_fn: Callable, iterations: int, learning_rate: float = 0.1,
     st = _record(st, x, loss, dist, g_new, tol, running)
     return dict(st, x=x, loss=loss, dist=dist, g=g_new, m=m, v=v, k=k)
 
-  @tf.function(jit_compile=jit_compile, reduce_retracing=True)
-  def chunk_fn(st, c, tol, steps):
-    def cond(k, st):
-      return (k < steps) & tf.reduce_any(tf.equal(st["status"], RUNNING))
-    return tf.while_loop(cond, lambda k, st: (k + 1, step(st, c, tol)),
-                         (tf.constant(0), st))[1]
-
-  return init_fn, chunk_fn
+  return init_fn, _chunk_fn(step, jit_compile)
 
 
 def tfp_lbfgs(value_fn: Callable, position: tf.Tensor, consts: Dict, iterations: int,
