@@ -12,25 +12,11 @@ e.g. BatchNorm variables (`tf_dlg.defenses.batchnorm_exclusion`).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Sequence
 
 import tensorflow as tf
 
-
-def check_number(name: str, value, low: float, high: float, low_open: bool = False,
-                 high_open: bool = False) -> float:
-  """Returns float(value) or raises ValueError naming it and the allowed range."""
-  lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-  rng = f"{lo}{low}, {high}{hi}"
-  if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-    raise ValueError(f"{name}={value!r} must be a number in {rng}.")
-  v = float(value)
-  ok = not math.isnan(v) and (v > low if low_open else v >= low) and (
-      v < high if high_open else v <= high)
-  if not ok:
-    raise ValueError(f"{name}={value!r} must be a number in {rng}.")
-  return v
+from tf_dlg.validation import check_number  # noqa: F401  (re-exported)
 
 
 def as_seed(seed) -> tf.Tensor:

@@ -1,0 +1,86 @@
+"""Files: atomic writes, JSON of NumPy values, and "npz + JSON header" archives.
+
+One place for the file formats of observed updates, checkpoints and results, so each is
+written atomically (a kill leaves the old file or the new one, never half of one) and
+read without pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+
+def jsonable(value):
+  """`json.dumps(default=...)` hook for NumPy scalars and arrays; anything else raises."""
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  raise TypeError(f"cannot store a {type(value).__name__} as JSON.")
+
+
+def dumps(obj, **kwargs) -> str:
+  return json.dumps(obj, default=jsonable, **kwargs)
+
+
+def _tmp_beside(path: str, suffix: str) -> str:
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=suffix, dir=directory)
+  os.close(fd)
+  return tmp
+
+
+def atomic_write_text(path: str, text: str) -> str:
+  """Writes `text` to a temporary file beside `path`, fsyncs it and renames it over."""
+  tmp = _tmp_beside(path, ".tmp")
+  try:
+    with open(tmp, "w", newline="") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def save_npz(path: str, header: Dict[str, Any], arrays: Dict[str, np.ndarray],
+             compressed: bool = True) -> str:
+  """Atomically writes arrays plus a JSON `header` (a string array) to an .npz file."""
+  if "header" in arrays:
+    raise ValueError("'header' is reserved for the JSON header.")
+  tmp = _tmp_beside(path, ".npz")
+  try:
+    save = np.savez_compressed if compressed else np.savez
+    save(tmp, header=np.asarray(dumps(header)), **arrays)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def load_npz(path: str, expected_format: Optional[str] = None
+             ) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+  """(header, arrays) of a file written by `save_npz`, never unpickling anything.
+
+  Raises:
+    ValueError: naming the file if it is missing, damaged, or of another format.
+  """
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      header = json.loads(str(z["header"]))
+      arrays = {k: z[k] for k in z.files if k != "header"}
+  except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path!r} is not a readable tf-dlg file ({type(e).__name__}: {e}).") from e
+  if expected_format is not None and header.get("format") != expected_format:
+    raise ValueError(f"{path!r} has format={header.get('format')!r}, expected "
+                     f"{expected_format!r}.")
+  return header, arrays
