@@ -10,7 +10,9 @@ Safety rules: a file written by another experiment or another configuration, or 
 with a damaged line in the middle, raises `ResultsFileError` naming the file and the
 problem -- it is never silently overwritten. The one tolerated damage is a partial
 *last* line without its newline: that is what a kill during a write leaves behind, and
-it is dropped (and rewritten on completion of that cell).
+it is dropped by an atomic rewrite (a kill during that rewrite leaves the old file), and
+the cell is redone. Records must be JSON (NumPy scalars and arrays are converted);
+anything else raises `TypeError` instead of being stored as its `str()`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 from typing import Any, Dict, Iterator, List, Optional
+
+from tf_dlg import io as io_lib
 
 FORMAT = "tf_dlg.results/v1"
 
@@ -40,15 +44,15 @@ class ResultsLog:
   def __init__(self, path: str, experiment: str, config: Dict[str, Any]):
     self.path = path
     self.experiment = experiment
-    self.config = json.loads(json.dumps(config, sort_keys=True, default=str))
+    self.config = json.loads(io_lib.dumps(config, sort_keys=True))
     self._records: List[Dict[str, Any]] = []
     self._by_key: Dict[str, Dict[str, Any]] = {}
     if os.path.exists(path) and os.path.getsize(path) > 0:
       self._read()
     else:
-      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
       header = {"format": FORMAT, "experiment": experiment, "config": self.config}
-      self._write_line(header, mode="w")
+      # Atomic: a kill while creating the file never leaves a headerless one.
+      io_lib.atomic_write_text(path, io_lib.dumps(header, sort_keys=True) + "\n")
 
   def _read(self):
     with open(self.path, "r", encoding="utf-8") as f:
@@ -90,13 +94,13 @@ class ResultsLog:
       self._records.append(rec)
       self._by_key[key] = rec
     if partial_tail and tail:
-      # A run killed mid-write: drop the fragment so the file ends on a full line.
-      with open(self.path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+      # A run killed mid-write: drop the fragment so the file ends on a full line. The
+      # rewrite is atomic, since an in-place one killed midway would lose every record.
+      io_lib.atomic_write_text(self.path, "\n".join(lines) + "\n")
 
-  def _write_line(self, obj, mode="a"):
-    with open(self.path, mode, encoding="utf-8") as f:
-      f.write(json.dumps(obj, sort_keys=True, default=_jsonable) + "\n")
+  def _write_line(self, obj):
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(io_lib.dumps(obj, sort_keys=True) + "\n")
       f.flush()
       os.fsync(f.fileno())
 
@@ -110,7 +114,7 @@ class ResultsLog:
     """Appends one finished cell (durably) and returns the stored record."""
     rec = dict(record)
     rec["key"] = key
-    rec = json.loads(json.dumps(rec, default=_jsonable))
+    rec = json.loads(io_lib.dumps(rec))
     self._write_line(rec)
     self._records.append(rec)
     self._by_key[key] = rec
@@ -122,11 +126,3 @@ class ResultsLog:
   def __len__(self) -> int:
     return len(self._records)
 
-
-def _jsonable(value):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  return str(value)

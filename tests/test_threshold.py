@@ -1,11 +1,9 @@
-"""Tests of the threshold bisection and the resumable results log."""
+"""Tests of the threshold bisection."""
 
-import json
 import math
 
 import pytest
 
-from experiments import results
 from tf_dlg.analysis import threshold
 
 
@@ -57,44 +55,3 @@ def test_search_space_errors():
   with pytest.raises(ValueError, match="steps=-1"):
     threshold.find_threshold(lambda p: {"defended": True},
                              threshold.SearchSpace(0.1, 1.0), steps=-1)
-
-
-def test_results_log_resumes_and_skips(tmp_path):
-  path = str(tmp_path / "r.jsonl")
-  log = results.ResultsLog(path, "exp", {"seed": 1})
-  log.add("a", {"v": 1})
-  log.add("b", {"v": 2})
-  again = results.ResultsLog(path, "exp", {"seed": 1})
-  assert "a" in again and "b" in again and "c" not in again
-  assert again.get("b")["v"] == 2 and len(again) == 2
-
-
-def test_results_log_drops_partial_last_line_from_a_kill(tmp_path):
-  path = tmp_path / "r.jsonl"
-  log = results.ResultsLog(str(path), "exp", {"seed": 1})
-  log.add("a", {"v": 1})
-  with open(path, "a") as f:
-    f.write('{"key": "b", "v"')  # killed mid-write
-  again = results.ResultsLog(str(path), "exp", {"seed": 1})
-  assert len(again) == 1 and "b" not in again
-  again.add("b", {"v": 2})
-  assert [json.loads(l)["key"] for l in path.read_text().splitlines()[1:]] == ["a", "b"]
-
-
-def test_results_log_refuses_foreign_corrupt_or_other_config(tmp_path):
-  path = tmp_path / "r.jsonl"
-  results.ResultsLog(str(path), "exp", {"seed": 1}).add("a", {"v": 1})
-  with pytest.raises(results.ResultsFileError, match="differs in: seed"):
-    results.ResultsLog(str(path), "exp", {"seed": 2})
-  with pytest.raises(results.ResultsFileError, match="experiment 'exp', not 'other'"):
-    results.ResultsLog(str(path), "other", {"seed": 1})
-  lines = path.read_text().splitlines()
-  path.write_text(lines[0] + "\nnot json\n" + lines[1] + "\n")
-  with pytest.raises(results.ResultsFileError, match=r"r.jsonl:2: corrupt record"):
-    results.ResultsLog(str(path), "exp", {"seed": 1})
-  foreign = tmp_path / "f.jsonl"
-  foreign.write_text("a,b,c\n1,2,3\n")
-  with pytest.raises(results.ResultsFileError, match="not a tf-dlg results file"):
-    results.ResultsLog(str(foreign), "exp", {})
-  # Nothing was overwritten by the refusals.
-  assert "not json" in path.read_text()
