@@ -66,11 +66,35 @@ def test_pure_brightness_change_scores_one(faces, photos, gain, offset):
     np.testing.assert_allclose(image, original, atol=1e-3)
 
 
-def test_non_finite_reconstruction_scores_minus_one(faces):
+def test_non_finite_reconstruction_is_unmeasurable_and_counts_as_leaked(faces):
   bad = faces[0].copy()
   bad[0, 0, 0] = np.nan
-  assert metrics.ssim(faces[0], bad) == -1.0
-  assert metrics.adjusted_ssim(faces[0], bad)[0] == -1.0
+  assert np.isnan(metrics.ssim(faces[0], bad))
+  score, image = metrics.adjusted_ssim(faces[0], bad)
+  assert np.isnan(score) and np.all(np.isfinite(image))
+  with pytest.warns(RuntimeWarning, match="counts as leaked"):
+    assert metrics.leaked(score)
+  with pytest.warns(RuntimeWarning):
+    rows = metrics.score_images(faces[:2], np.stack([faces[1], bad]))
+  # The NaN reconstruction is matched last and is never counted as defended.
+  assert rows[1]["ssim"] == pytest.approx(1.0) and rows[1]["leaked"]
+  assert np.isnan(rows[0]["adjusted_ssim"]) and rows[0]["leaked"]
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_leak_verdict_of_non_finite_score_is_leaked(value):
+  with pytest.warns(RuntimeWarning):
+    assert metrics.leaked(value)
+  with pytest.warns(RuntimeWarning):
+    assert metrics.leaked(value, threshold=0.0)
+
+
+def test_non_finite_original_is_refused(faces):
+  bad = faces[0].copy()
+  bad[1, 2, 0] = np.inf
+  for fn in (metrics.ssim, metrics.adjusted_ssim, metrics.mse, metrics.psnr):
+    with pytest.raises(ValueError, match="original image has 1 non-finite pixels"):
+      fn(bad, faces[0])
 
 
 def test_label_accuracy_is_order_free():

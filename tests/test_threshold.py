@@ -55,3 +55,10 @@ def test_search_space_errors():
   with pytest.raises(ValueError, match="steps=-1"):
     threshold.find_threshold(lambda p: {"defended": True},
                              threshold.SearchSpace(0.1, 1.0), steps=-1)
+
+
+@pytest.mark.parametrize("verdict", [float("nan"), None, 1.0, "yes"])
+def test_a_non_boolean_verdict_is_refused_never_counted_as_defended(verdict):
+  space = threshold.SearchSpace(0.1, 0.9, "linear", "higher")
+  with pytest.raises(ValueError, match="never counts as defended"):
+    threshold.find_threshold(lambda p: {"defended": verdict}, space, steps=2)

@@ -24,6 +24,12 @@ All functions take images as float arrays in [0, 1], [H, W, C] (or [H, W]).
 * `label_accuracy`: fraction of correct labels (order-free for batches).
 * `leaked`: the verdict adjusted SSIM >= `DEFAULT_LEAK_SSIM`.
 
+Non-finite values never count as defended. An original (ground truth) with a NaN or inf
+pixel is bad input: every metric raises `ValueError`. A reconstruction with one cannot
+be measured: `ssim` / `adjusted_ssim` / `mse` return NaN (PSNR 0 dB), and `leaked` of a
+NaN (or any non-finite score) is True with a `RuntimeWarning`, so a broken measurement
+can make a defence look weaker, never stronger.
+
 `DEFAULT_LEAK_SSIM = 0.8` (applied to the adjusted SSIM): the bar must sit above what
 an image that leaked nothing reaches. `python -m tf_dlg.metrics` measures that on the
 offline datasets: plain / adjusted SSIM of *unrelated* image pairs of one dataset reach,
@@ -39,6 +45,8 @@ per-image dicts with the keys experiments write.
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -62,14 +70,18 @@ def _check_pair(original, leaked):
   original, leaked = _as_hwc(original), _as_hwc(leaked)
   if original.shape != leaked.shape:
     raise ValueError(f"Image shapes differ: original {original.shape}, leaked {leaked.shape}.")
+  bad = int(np.size(original) - np.count_nonzero(np.isfinite(original)))
+  if bad:
+    raise ValueError(f"original image has {bad} non-finite pixels; the ground truth must be "
+                     "finite to score a reconstruction against it.")
   return original, leaked
 
 
 def ssim(original, leaked) -> float:
-  """SSIM in [-1, 1] (7x7 uniform window, data range 1); non-finite input scores -1."""
+  """SSIM in [-1, 1] (7x7 uniform window, data range 1); NaN if `leaked` is non-finite."""
   original, leaked = _check_pair(original, leaked)
   if not np.all(np.isfinite(leaked)):
-    return -1.0
+    return math.nan
   return float(structural_similarity(original, leaked, data_range=1.0, channel_axis=-1))
 
 
@@ -113,7 +125,7 @@ def adjusted_ssim(original, leaked) -> Tuple[float, np.ndarray]:
   """Best SSIM over brightness adjustments of `leaked`; returns (score, adjusted image)."""
   original, leaked = _check_pair(original, leaked)
   if not np.all(np.isfinite(leaked)):
-    return -1.0, np.zeros_like(leaked)
+    return math.nan, np.zeros(leaked.shape, np.float32)
   best, best_image = -np.inf, None
   for _, image in brightness_adjustments(original, leaked):
     s = float(structural_similarity(original, image, data_range=1.0, channel_axis=-1))
@@ -137,8 +149,17 @@ def label_accuracy(true_labels, predicted_labels) -> float:
 
 
 def leaked(adjusted_ssim_value: float, threshold: float = DEFAULT_LEAK_SSIM) -> bool:
-  """Leak verdict: the (brightness-adjusted) SSIM reaches `threshold`."""
-  return bool(adjusted_ssim_value >= threshold)
+  """Leak verdict: the (brightness-adjusted) SSIM reaches `threshold`.
+
+  A non-finite score (an unmeasurable reconstruction) counts as leaked, with a warning:
+  it must never make a defence look like it works.
+  """
+  value = float(adjusted_ssim_value)
+  if not math.isfinite(value):
+    warnings.warn(f"non-finite leak score {value!r} counts as leaked (never as defended).",
+                  RuntimeWarning, stacklevel=2)
+    return True
+  return bool(value >= threshold)
 
 
 def match_images(originals: np.ndarray, leaked_images: np.ndarray) -> np.ndarray:
@@ -148,6 +169,7 @@ def match_images(originals: np.ndarray, leaked_images: np.ndarray) -> np.ndarray
     return np.zeros(1, np.int64)
   from scipy.optimize import linear_sum_assignment  # pylint: disable=g-import-not-at-top
   cost = np.array([[-ssim(o, l) for l in leaked_images] for o in originals])
+  cost = np.nan_to_num(cost, nan=2.0)  # unmeasurable pairs match last (SSIM >= -1)
   _, cols = linear_sum_assignment(cost)
   return cols
 

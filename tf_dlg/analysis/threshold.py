@@ -14,6 +14,8 @@ import dataclasses
 import math
 from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
+
 SCALES = ("log", "linear")
 DIRECTIONS = ("higher", "lower")
 
@@ -117,8 +119,13 @@ def find_threshold(evaluate: Callable[[float], Dict[str, Any]], space: SearchSpa
       if p["param"] == param:
         return p["outcome"]["defended"]
     outcome = evaluate(param)
+    defended = outcome.get("defended") if isinstance(outcome, dict) else None
+    # bool(nan) is True: only a real verdict may count as defended.
+    if not isinstance(defended, (bool, np.bool_)):
+      raise ValueError(f"evaluate({param}) returned defended={defended!r}; expected True or "
+                       "False (a missing or NaN verdict never counts as defended).")
     points.append({"param": param, "outcome": outcome})
-    return bool(outcome["defended"])
+    return bool(defended)
 
   if not run(1.0):
     return ThresholdResult("not_reached", None, None, points)
