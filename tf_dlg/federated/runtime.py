@@ -1,18 +1,19 @@
-"""Importing TFF without leaving its C++ worker behind.
+"""Importing TFF with a confined local worker that never outlives its run.
 
-TFF 0.87's default execution context starts a `worker_binary` child process on the
-first computation call, and tries to stop it in a `__del__` that fails during
-interpreter shutdown (module globals are already gone). The orphan keeps the parent's
-stdout open, so a script piped into `tee` -- or CI -- hangs on it. `import_tff()`
-registers an `atexit` hook that stops such children while the interpreter is intact.
+TFF 0.87 runs every computation in a C++ `worker_binary` child reached over gRPC (the
+pip build has no in-process executor). Its own default context starts that child on
+`[::]` (every interface, no authentication) and stops it in a `__del__` that fails at
+interpreter shutdown. `import_tff()` therefore replaces the default context with
+`create_local_context()`: the worker is started by `tf_dlg.federated.worker` (loopback
+only, killed when this process dies, even by SIGKILL), and `atexit` hooks stop it.
+`sigterm_as_interrupt()` lets a driver treat SIGTERM like Ctrl-C.
 
-Execution targets (`create_execution_context`, `execution_target`): the pip build of
-TFF 0.87 has no in-process executor (no C++ executor bindings; every local run goes
-through that worker_binary over gRPC on localhost), so "local" means one worker child
-and "remote" means workers you start yourself on other machines:
+Execution targets (`create_execution_context`, `execution_target`): "local" means one
+worker child; "remote" means workers you start yourself on other machines:
 
-    # on each worker machine (trusted network: the service has no authentication)
-    $(python -c "from tf_dlg.federated import runtime; print(runtime.worker_binary_path())") --port=8000
+    # on each worker machine: loopback only by default -- reach it through an SSH tunnel
+    # or TLS proxy, or add --expose on a network where every host is trusted
+    python -m tf_dlg.federated.worker --port=8000
     # on the driver
     python -m experiments.federated --workers=host1:8000,host2:8000 ...
 
@@ -112,15 +113,20 @@ def stop_tff_workers(timeout: float = 5.0) -> int:
 
 
 def import_tff():
-  """Imports and returns `tensorflow_federated`, with the worker clean-up hook installed."""
+  """Imports and returns `tensorflow_federated`, with a confined local worker.
+
+  On first use it replaces TFF's default context (whose worker would listen on every
+  interface) by `create_local_context()`, and installs the worker clean-up hooks.
+  """
   global _HOOKED
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
   if not _HOOKED:
+    _HOOKED = True
+    tff.framework.set_default_context(create_local_context())
     atexit.register(stop_tff_workers)
     # atexit runs hooks last-in first-out: release the context first, then sweep.
     atexit.register(_release_default_context)
-    _HOOKED = True
   return tff
 
 
@@ -135,8 +141,8 @@ _GRPC_OPTIONS = [
 
 def worker_binary_path() -> str:
   """Path of the C++ executor service that the TFF pip package ships."""
-  tff = import_tff()
-  return os.path.join(os.path.dirname(tff.__file__), "data", "worker_binary")
+  from tf_dlg.federated import worker  # pylint: disable=g-import-not-at-top
+  return worker.worker_binary_path()
 
 
 def parse_workers(workers) -> list:
@@ -154,6 +160,85 @@ def parse_workers(workers) -> list:
                        "[1, 65535].")
     out.append(address)
   return out
+
+
+class _LocalWorker:
+  """TFF's local `ServiceManager`, but the worker is confined (see `worker.py`).
+
+  One worker_binary child on 127.0.0.1, started on the first computation call and
+  restarted if it stops answering.
+  """
+
+  def __init__(self, max_concurrent_computation_calls: int = -1):
+    self._args = (f"--max_concurrent_computation_calls={max_concurrent_computation_calls}",)
+    self._process = None
+    self._stub = None
+
+  def get_stub(self):
+    """A ready stub to the worker, starting (or restarting) the worker if needed."""
+    # pylint: disable=g-import-not-at-top
+    import grpc
+    import portpicker
+    from tf_dlg.federated import worker
+    tff = import_tff()
+    if self._stub is not None and self._process.poll() is None and self._stub.is_ready:
+      return self._stub
+    self.stop()
+    port = portpicker.pick_unused_port()
+    self._process = worker.spawn_worker(port, extra_args=self._args, stderr=sys.stderr)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", _GRPC_OPTIONS)
+    self._stub = tff.framework.RemoteExecutorGrpcStub(channel)
+    deadline = time.time() + 120
+    while not self._stub.is_ready:
+      if self._process.poll() is not None or time.time() > deadline:
+        raise ConnectionError(f"The local TFF worker (pid {self._process.pid}) did not "
+                              f"start (exit code {self._process.poll()}).")
+      time.sleep(0.1)
+    return self._stub
+
+  def stop(self, timeout: float = 5.0) -> None:
+    """SIGINT, then SIGKILL after `timeout` s: never an unbounded wait."""
+    proc, self._process, self._stub = self._process, None, None
+    if proc is None or proc.poll() is not None:
+      return
+    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, timeout)):
+      try:
+        proc.send_signal(sig)
+        proc.wait(wait)
+        return
+      except ProcessLookupError:
+        return
+      except Exception:  # pylint: disable=broad-except  (TimeoutExpired)
+        continue
+
+  def __del__(self):
+    try:
+      self.stop()
+    except Exception:  # pylint: disable=broad-except  (interpreter shutdown)
+      pass
+
+
+def create_local_context(max_concurrent_computation_calls: int = -1):
+  """TFF's sync local C++ context with a loopback-only, parent-bound worker."""
+  # pylint: disable=g-import-not-at-top
+  tff = import_tff()
+  from tensorflow_federated.python.core.backends.native import compiler
+  from tensorflow_federated.python.core.environments.tensorflow_frontend import (
+      tensorflow_computation)
+  service = _LocalWorker(max_concurrent_computation_calls)
+
+  def stack_fn(cardinalities):
+    if cardinalities.get(tff.CLIENTS) is None:
+      cardinalities[tff.CLIENTS] = 0
+    executor = tff.framework.RemoteExecutor(service.get_stub())
+    executor.set_cardinalities(cardinalities)
+    return executor
+
+  return tff.framework.SyncExecutionContext(
+      executor_fn=tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn),
+      compiler_fn=compiler.desugar_and_transform_to_native,
+      transform_args=tensorflow_computation.transform_args,
+      transform_result=tensorflow_computation.transform_result)
 
 
 def _remote_executor_factory(address: str, timeout: float):
@@ -196,10 +281,9 @@ def create_execution_context(workers=None, timeout: float = 30.0):
   Returns:
     A `tff` sync context (set it with `tff.framework.set_default_context`).
 
-  Workers are TFF's own C++ executor service, shipped in the pip package:
-  `$(python -c "from tf_dlg.federated import runtime; print(runtime.worker_binary_path())")
-  --port=8000` on each machine (it listens on all interfaces: run it on a trusted network
-  only, the protocol has no authentication).
+  Workers are TFF's own C++ executor service, started on each machine with
+  `python -m tf_dlg.federated.worker --port=8000` (loopback only unless `--expose`; the
+  protocol has no authentication, see `tf_dlg.federated.worker`).
   """
   # pylint: disable=g-import-not-at-top
   tff = import_tff()
@@ -208,7 +292,7 @@ def create_execution_context(workers=None, timeout: float = 30.0):
       tensorflow_computation)
   addresses = parse_workers(workers)
   if not addresses:
-    return tff.backends.native.create_sync_local_cpp_execution_context()
+    return create_local_context()
   kwargs = dict(compiler_fn=compiler.desugar_and_transform_to_native,
                 transform_args=tensorflow_computation.transform_args,
                 transform_result=tensorflow_computation.transform_result)
@@ -250,19 +334,16 @@ class execution_target:  # pylint: disable=invalid-name
     return False
 
 
-def start_local_worker(port: int = 0, timeout: float = 60.0):
+def start_local_worker(port: int = 0, expose: bool = False):
   """Starts a worker_binary on this machine; returns (Popen, "127.0.0.1:port").
 
-  For tests and single-machine demos of the remote path. The caller must stop it
-  (`stop_worker`); it is also stopped by the exit hook since it is our child.
+  For tests and single-machine demos of the remote path. Loopback only unless `expose`;
+  it dies with this process. The caller should stop it (`stop_worker`).
   """
-  import subprocess  # pylint: disable=g-import-not-at-top
   import portpicker  # pylint: disable=g-import-not-at-top
+  from tf_dlg.federated import worker  # pylint: disable=g-import-not-at-top
   port = port or portpicker.pick_unused_port()
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.Popen([worker_binary_path(), f"--port={port}"], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  return proc, f"127.0.0.1:{port}"
+  return worker.spawn_worker(port, expose=expose), f"127.0.0.1:{port}"
 
 
 def stop_worker(proc, timeout: float = 10.0) -> None:
@@ -275,3 +356,19 @@ def stop_worker(proc, timeout: float = 10.0) -> None:
   except Exception:  # pylint: disable=broad-except
     proc.kill()
     proc.wait(timeout)
+
+
+def sigterm_as_interrupt() -> None:
+  """Makes SIGTERM raise KeyboardInterrupt in the main thread, as Ctrl-C does.
+
+  `kill`, `timeout`, schedulers and container stops send SIGTERM, whose default action
+  ends the process without `finally` blocks or `atexit` hooks. With this the run stops
+  its workers as on Ctrl-C (and a checkpointed run resumes as usual). Call it from the
+  main thread of a driver, not from a library.
+  """
+
+  def handler(signum, frame):
+    del signum, frame
+    raise KeyboardInterrupt("SIGTERM")
+
+  signal.signal(signal.SIGTERM, handler)
