@@ -27,7 +27,9 @@ Semantics (unit-tested against NumPy / SciPy):
 
 `capture_factory(inner)` wraps any factory and additionally reports, as a
 measurement, every client's value in client order, so that a simulation can record the
-exact (defended) update one client sent.
+exact (defended) update one client sent. `stats_factory(inner, include, clip_norm)`
+reports the zero fraction of the client values (and the clipped share of clients), for
+a simulation's TensorBoard defence statistics.
 """
 
 from __future__ import annotations
@@ -225,17 +227,19 @@ def trimmed_mean_factory(trim_fraction: float = 0.1) -> TrimmedMeanFactory:
 # --------------------------------------------------------------------------- capture
 
 
-def _capture_next(inner_process, value_type, weighted: bool):
-  """`next` of a capture process: the inner aggregation plus every client's value."""
-  zero, accumulate, merge, report = _build_stack_computations(value_type, lambda s: s)
+def _wrap_next(inner_process, value_type, weighted: bool, extra_fn: Callable):
+  """`next` of `inner_process` whose measurements also hold `extra_fn(value)`.
+
+  `extra_fn` maps the CLIENTS-placed value to an `OrderedDict` of SERVER-placed values;
+  the measurements become `OrderedDict(inner=<inner measurements>, **extra)`.
+  """
   state_type = inner_process.initialize.type_signature.result
 
   def body(state, value, weight=None):
     args = (state, value) if weight is None else (state, value, weight)
     out = inner_process.next(*args)
-    stacked = tff.federated_aggregate(value, zero(), accumulate, merge, report)
     measurements = tff.federated_zip(collections.OrderedDict(
-        inner=out.measurements, client_values=stacked))
+        inner=out.measurements, **extra_fn(value)))
     return tff.templates.MeasuredProcessOutput(
         state=out.state, result=out.result, measurements=measurements)
 
@@ -254,30 +258,88 @@ def _capture_next(inner_process, value_type, weighted: bool):
   return next_fn
 
 
-class _UnweightedCaptureFactory(tff.aggregators.UnweightedAggregationFactory):
-  """See `capture_factory`."""
+def _capture_next(inner_process, value_type, weighted: bool):
+  """`next` of a capture process: the inner aggregation plus every client's value."""
+  zero, accumulate, merge, report = _build_stack_computations(value_type, lambda s: s)
 
-  def __init__(self, inner):
+  def extra(value):
+    return collections.OrderedDict(client_values=tff.federated_aggregate(
+        value, zero(), accumulate, merge, report))
+
+  return _wrap_next(inner_process, value_type, weighted, extra)
+
+
+def _stats_next(inner_process, value_type, weighted: bool, include, clip_norm):
+  """`next` of a stats process: the inner aggregation plus `zero_fraction` etc."""
+  leaves = tf.nest.flatten(tff.types.type_to_tf_tensor_specs(value_type))
+  include = [True] * len(leaves) if include is None else [bool(i) for i in include]
+  if len(include) != len(leaves):
+    raise ValueError(f"include has {len(include)} entries, the value {len(leaves)} leaves.")
+  size = float(sum(s.shape.num_elements() for s, i in zip(leaves, include) if i))
+  bound = -1.0 if clip_norm is None else float(clip_norm) * (1.0 - 1e-4)
+
+  @tff.tensorflow.computation(value_type)
+  def per_client(value):
+    kept = [v for v, i in zip(tf.nest.flatten(value), include) if i]
+    zeros = tf.add_n([tf.reduce_sum(tf.cast(tf.equal(v, 0), tf.float32)) for v in kept]
+                     + [tf.constant(0.0)])
+    if kept and clip_norm is not None:
+      clipped = tf.cast(tf.linalg.global_norm(kept) >= bound, tf.float32)
+    else:
+      clipped = tf.constant(0.0)
+    return collections.OrderedDict(zeros=zeros, clipped=clipped, clients=tf.constant(1.0))
+
+  @tff.tensorflow.computation
+  def finish(sums):
+    n = tf.maximum(sums["clients"], 1.0)
+    out = collections.OrderedDict(zero_fraction=sums["zeros"] / (n * max(size, 1.0)))
+    if clip_norm is not None:
+      out["clipped_fraction"] = sums["clipped"] / n
+    return out
+
+  def extra(value):
+    sums = tff.federated_sum(tff.federated_map(per_client, value))
+    return collections.OrderedDict(defense_stats=tff.federated_map(finish, sums))
+
+  return _wrap_next(inner_process, value_type, weighted, extra)
+
+
+class _UnweightedWrapFactory(tff.aggregators.UnweightedAggregationFactory):
+  """`inner` with extra measurements from `build_next(inner_process, type, weighted)`."""
+
+  def __init__(self, inner, build_next):
     self._inner = inner
+    self._build_next = build_next
 
   def create(self, value_type):
     _check_float_structure(value_type)
     inner = self._inner.create(value_type)
     return tff.templates.AggregationProcess(
-        inner.initialize, _capture_next(inner, value_type, weighted=False))
+        inner.initialize, self._build_next(inner, value_type, False))
 
 
-class _WeightedCaptureFactory(tff.aggregators.WeightedAggregationFactory):
-  """See `capture_factory`."""
+class _WeightedWrapFactory(tff.aggregators.WeightedAggregationFactory):
+  """Weighted version of `_UnweightedWrapFactory`."""
 
-  def __init__(self, inner):
+  def __init__(self, inner, build_next):
     self._inner = inner
+    self._build_next = build_next
 
   def create(self, value_type, weight_type):
     _check_float_structure(value_type)
     inner = self._inner.create(value_type, weight_type)
     return tff.templates.AggregationProcess(
-        inner.initialize, _capture_next(inner, value_type, weighted=True))
+        inner.initialize, self._build_next(inner, value_type, True))
+
+
+def _wrap(inner, build_next):
+  """`inner` wrapped with its weightedness kept; TypeError if not a factory."""
+  if isinstance(inner, tff.aggregators.WeightedAggregationFactory):
+    return _WeightedWrapFactory(inner, build_next)
+  if isinstance(inner, tff.aggregators.UnweightedAggregationFactory):
+    return _UnweightedWrapFactory(inner, build_next)
+  raise TypeError(f"inner must be a tff.aggregators factory, found "
+                  f"{type(inner).__name__}.")
 
 
 def capture_factory(inner):
@@ -293,9 +355,23 @@ def capture_factory(inner):
   Raises:
     TypeError: `inner` is not a `tff.aggregators` factory.
   """
-  if isinstance(inner, tff.aggregators.WeightedAggregationFactory):
-    return _WeightedCaptureFactory(inner)
-  if isinstance(inner, tff.aggregators.UnweightedAggregationFactory):
-    return _UnweightedCaptureFactory(inner)
-  raise TypeError(f"inner must be a tff.aggregators factory, found "
-                  f"{type(inner).__name__}.")
+  return _wrap(inner, _capture_next)
+
+
+def stats_factory(inner, include=None, clip_norm=None):
+  """Wraps `inner` so that its process also reports statistics of the client values.
+
+  Put it inside a defence (`defense_factory(defense, stats_factory(inner))`) to
+  measure what the defence outputs. The measurements become `OrderedDict(inner=...,
+  defense_stats=OrderedDict(zero_fraction=[, clipped_fraction]))`:
+
+  * `zero_fraction`: zero entries / entries, over all clients and the leaves marked
+    True in `include` (default: every leaf) -- the masked or pruned share.
+  * `clipped_fraction` (only with `clip_norm`): the share of clients whose included
+    leaves have a global L2 norm of at least `clip_norm` (1e-4 relative tolerance),
+    i.e. whose update norm clipping cut down to the bound.
+
+  Both cost one pass over each client's value and two scalars' sum; state and result
+  are `inner`'s, unchanged.
+  """
+  return _wrap(inner, lambda p, t, w: _stats_next(p, t, w, include, clip_norm))

@@ -114,6 +114,15 @@ def _is_defense(defense) -> bool:
   return defense is not None and getattr(defense, "name", None) != "none"
 
 
+def _clip_norm(defense) -> Optional[float]:
+  """The L2 bound a norm-clipping defence enforces (None for other defences)."""
+  if defense.name == "clipping":
+    return float(defense.param)
+  if defense.name == "dp":
+    return float(defense.l2_norm_clip)
+  return None
+
+
 # --------------------------------------------------------------------------- client work
 
 
@@ -246,8 +255,11 @@ def _build_finalizer(optimizer, weights_type, num_trainable: int):
         opt_state, weights.trainable,
         tf.nest.pack_sequence_as(weights.trainable, update[:num_trainable]))
     new_non_trainable = [w - u for w, u in zip(non_trainable, update[num_trainable:])]
+    # The norm of the aggregated update of the trainable weights (what the server
+    # optimizer receives), for the run's TensorBoard.
     measurements = collections.OrderedDict(
-        update_non_finite=tf.cast(tf.logical_not(finite), tf.int32))
+        update_non_finite=tf.cast(tf.logical_not(finite), tf.int32),
+        update_norm=tf.linalg.global_norm(update[:num_trainable]))
     if not finite:  # as TFF's reject_non_finite_update: keep the old model
       return opt_state, weights, measurements
     new_weights = tff.learning.models.ModelWeights(
@@ -412,6 +424,8 @@ def build_fedavg(input_shape: Sequence[int], num_classes: int, *,
       factory = aggregators_lib.capture_factory(factory)
     if _is_defense(defense):
       from tf_dlg import defenses  # pylint: disable=g-import-not-at-top
+      factory = aggregators_lib.stats_factory(
+          factory, include=[not e for e in exclude], clip_norm=_clip_norm(defense))
       factory = defenses.defense_factory(defense, factory, exclude=exclude)
     if isinstance(factory, tff.aggregators.UnweightedAggregationFactory):
       factory = tff.aggregators.as_weighted_aggregator(factory)

@@ -26,6 +26,7 @@ import collections
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -34,11 +35,15 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from tf_dlg import io as io_lib
+from tf_dlg import validation
+
 HISTORY_FIELDS = ("round", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
                   "seconds")
 _CHECKPOINT_FORMAT = "tf_dlg.federated.checkpoint/v1"
 CHECKPOINT_NAME = "checkpoint.npz"
 HISTORY_NAME = "history.csv"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class CheckpointError(ValueError):
@@ -80,76 +85,65 @@ class SimulationConfig:
   _NOT_FINGERPRINTED = ("rounds", "capture_round", "capture_client", "data_dir")
 
   def validate(self, num_examples: Optional[int] = None) -> "SimulationConfig":
-    """Raises ValueError naming the bad value and the allowed range."""
+    """Raises ValueError naming the bad value and the allowed range (before any work)."""
     # pylint: disable=g-import-not-at-top
     from tf_dlg import data as data_lib
     from tf_dlg import models as models_lib
-
-    def integer(name, low, high=None):
-      value = getattr(self, name)
-      ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-      if not ok or value < low or (high is not None and value > high):
-        rng = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name}={value!r} must be an integer {rng}.")
-
-    def number(name, low, high=None, low_open=False, high_open=False):
-      value = getattr(self, name)
-      ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
-      ok = ok and math.isfinite(float(value))
-      if ok:
-        ok = (value > low if low_open else value >= low)
-        if high is not None:
-          ok = ok and (value < high if high_open else value <= high)
-      if not ok:
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        rng = (f"in {lo}{low}, {high}{hi}" if high is not None
-               else f"{'>' if low_open else '>='} {low}")
-        raise ValueError(f"{name}={value!r} must be a number {rng}.")
-
-    def choice(name, allowed):
-      if getattr(self, name) not in allowed:
-        raise ValueError(f"{name}={getattr(self, name)!r} must be one of "
-                         f"{', '.join(map(str, allowed))}.")
-
-    from tf_dlg.federated import fedavg  # pylint: disable=g-import-not-at-top
-    choice("dataset", data_lib.DATASETS)
-    choice("partition", data_lib.PARTITION_SCHEMES)
-    choice("model", models_lib.MODELS)
-    choice("aggregator", fedavg.AGGREGATORS)
-    choice("malicious_mode", fedavg.MALICIOUS_MODES)
-    choice("client_optimizer", fedavg.OPTIMIZERS)
-    choice("server_optimizer", fedavg.OPTIMIZERS)
-    integer("num_clients", 1, num_examples)
+    from tf_dlg.federated import fedavg
+    for name, allowed in (("dataset", data_lib.DATASETS),
+                          ("partition", data_lib.PARTITION_SCHEMES),
+                          ("model", models_lib.MODELS), ("aggregator", fedavg.AGGREGATORS),
+                          ("malicious_mode", fedavg.MALICIOUS_MODES),
+                          ("client_optimizer", fedavg.OPTIMIZERS),
+                          ("server_optimizer", fedavg.OPTIMIZERS)):
+      validation.check_choice(name, getattr(self, name), allowed)
+    validation.check_int("num_clients", self.num_clients, 1, num_examples)
     if self.clients_per_round is not None:
-      integer("clients_per_round", 1, self.num_clients)
-    integer("rounds", 1)
-    integer("malicious_clients", 0, self.num_clients)
-    integer("local_epochs", 1)
-    integer("batch_size", 1)
-    integer("seed", 0)
-    integer("classes_per_client", 1)
-    number("alpha", 0, low_open=True)
-    number("trim_fraction", 0, 0.5, high_open=True)
-    number("malicious_scale", 0, low_open=True)
-    number("client_lr", 0, low_open=True)
-    number("server_lr", 0, low_open=True)
+      validation.check_int("clients_per_round", self.clients_per_round, 1, self.num_clients)
+    for name in ("rounds", "local_epochs", "batch_size", "classes_per_client"):
+      validation.check_int(name, getattr(self, name), 1)
+    validation.check_int("seed", self.seed, 0)
+    self._check_malicious()
+    inf = float("inf")
+    for name in ("alpha", "malicious_scale", "client_lr", "server_lr"):
+      validation.check_number(name, getattr(self, name), 0, inf, low_open=True,
+                              high_open=True)
+    validation.check_number("trim_fraction", self.trim_fraction, 0, 0.5, high_open=True)
     if self.bn_momentum is not None:
-      number("bn_momentum", 0, 1, high_open=True)
+      validation.check_number("bn_momentum", self.bn_momentum, 0, 1, high_open=True)
     if self.defense not in (None, "none"):
       try:
-        from tf_dlg import defenses  # pylint: disable=g-import-not-at-top
+        from tf_dlg import defenses
       except ImportError as e:
         raise ValueError(f"defense={self.defense!r} needs tf_dlg.defenses, which this "
                          f"checkout lacks ({e}); use defense='none'.") from e
       defenses.get_defense(self.defense, self.defense_param)  # its own ValueError
     if self.capture_round is not None:
-      integer("capture_round", 1, self.rounds)
+      validation.check_int("capture_round", self.capture_round, 1, self.rounds)
     if self.capture_client is not None:
-      integer("capture_client", 0, self.num_clients - 1)
+      validation.check_int("capture_client", self.capture_client, 0, self.num_clients - 1)
       if self.capture_round is None:
         raise ValueError("capture_client is set but capture_round is not; set both.")
     return self
+
+  def _check_malicious(self) -> None:
+    """Every round needs an honest client: an all-Byzantine round trains on garbage."""
+    m = validation.check_int("malicious_clients", self.malicious_clients, 0)
+    if m >= self.num_clients:
+      raise ValueError(f"malicious_clients={m} must be an integer in "
+                       f"[0, {self.num_clients - 1}] (num_clients - 1): every client "
+                       "malicious leaves nothing to learn from.")
+    k = self.clients_per_round or self.num_clients
+    if not self.malicious_clients or k > self.malicious_clients:
+      return
+    bad = set(malicious_ids(self))
+    for round_num in range(1, self.rounds + 1):
+      if set(sample_clients(self, round_num)) <= bad:
+        raise ValueError(
+            f"malicious_clients={self.malicious_clients} with clients_per_round={k}: "
+            f"round {round_num} samples only malicious clients; use malicious_clients in "
+            f"[0, {k - 1}] or clients_per_round in "
+            f"[{self.malicious_clients + 1}, {self.num_clients}].")
 
   def fingerprint(self) -> str:
     fields = {k: v for k, v in dataclasses.asdict(self).items()
@@ -265,39 +259,60 @@ def save_checkpoint(path: str, state, round_num: int, history, fingerprint: str)
   leaves = _flatten_state(state)
   header = dict(format=_CHECKPOINT_FORMAT, round=round_num, fingerprint=fingerprint,
                 num_leaves=len(leaves), history=history)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, header=np.asarray(json.dumps(header)),
-           **{f"leaf_{i}": v for i, v in enumerate(leaves)})
-  os.replace(tmp, path)
+  # Uncompressed: model weights barely compress and this runs every round.
+  io_lib.save_npz(path, header, {f"leaf_{i}": v for i, v in enumerate(leaves)},
+                  compressed=False)
 
 
 def load_checkpoint(path: str, template_state, fingerprint: str):
   """(state, round, history) from `path`; CheckpointError if corrupt or foreign."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
-    with np.load(path, allow_pickle=False) as z:
-      header = json.loads(str(z["header"]))
-      if header.get("format") != _CHECKPOINT_FORMAT:
-        raise CheckpointError(f"format={header.get('format')!r}, expected "
-                              f"{_CHECKPOINT_FORMAT!r}")
-      leaves = [z[f"leaf_{i}"] for i in range(int(header["num_leaves"]))]
-  except CheckpointError as e:
-    raise CheckpointError(f"{path!r} is not a tf-dlg federated checkpoint: {e}") from e
-  except Exception as e:  # pylint: disable=broad-except
+    header, arrays = io_lib.load_npz(path, expected_format=_CHECKPOINT_FORMAT)
+    leaves = [arrays[f"leaf_{i}"] for i in range(int(header["num_leaves"]))]
+    history = [_history_row(path, i + 1, row) for i, row in enumerate(header["history"])]
+  except CheckpointError:
+    raise
+  except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f"{path!r} is not a readable tf-dlg federated checkpoint "
                           f"({type(e).__name__}: {e}).") from e
-  if header["fingerprint"] != fingerprint:
+  if header.get("fingerprint") != fingerprint:
     raise CheckpointError(
         f"{path!r} was written by a different configuration (fingerprint "
-        f"{header['fingerprint']}, this run {fingerprint}); use another --output_dir or "
-        "the original flags.")
+        f"{header.get('fingerprint')}, this run {fingerprint}); use another --output_dir "
+        "or the original flags.")
   template = tf.nest.flatten(template_state)
   if len(template) != len(leaves) or any(
       np.shape(a) != np.shape(b) for a, b in zip(template, leaves)):
     raise CheckpointError(f"{path!r} holds a server state of a different structure.")
   leaves = [np.asarray(b, dtype=np.asarray(a).dtype) for a, b in zip(template, leaves)]
   state = tf.nest.pack_sequence_as(template_state, leaves)
-  return state, int(header["round"]), list(header["history"])
+  return state, int(header["round"]), history
+
+
+def _as_number(key: str, value):
+  """float (int for `round`) of a history value, or None if it is not one."""
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    return None
+  if key != "round":
+    return number
+  return int(number) if number >= 1 and number == int(number) else None
+
+
+def _history_row(path: str, line: int, row) -> Dict[str, float]:
+  """One history row as numbers; CheckpointError naming the file, line and column."""
+  out = {}
+  for key in HISTORY_FIELDS:
+    value = row.get(key) if isinstance(row, dict) else None
+    out[key] = _as_number(key, value)
+    if out[key] is None:
+      kind = "round number" if key == "round" else "number"
+      raise CheckpointError(
+          f"{path!r} line {line}, column {key!r}: {value!r} is not a {kind}; the run's "
+          "files are damaged: use another --output_dir or --overwrite.")
+  return out
 
 
 def _check_history_file(path: str) -> None:
@@ -309,24 +324,20 @@ def _check_history_file(path: str) -> None:
 
 
 def _write_history(path: str, history) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
-    w.writeheader()
-    w.writerows(history)
-  os.replace(tmp, path)
-
-
-def _append_history(path: str, row) -> None:
-  with open(path, "a", newline="") as f:
-    csv.DictWriter(f, fieldnames=HISTORY_FIELDS).writerow(row)
+  """Rewrites the whole history atomically (a kill leaves the old or the new file)."""
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+  w.writeheader()
+  w.writerows(history)
+  io_lib.atomic_write_text(path, buf.getvalue())
 
 
 def read_history(path: str) -> List[Dict[str, float]]:
+  """The rows of a history.csv; CheckpointError naming the line and column if damaged."""
   _check_history_file(path)
   with open(path, newline="") as f:
-    return [{k: (int(v) if k == "round" else float(v)) for k, v in row.items()}
-            for row in csv.DictReader(f)]
+    # Line numbers as an editor shows them: the header is line 1.
+    return [_history_row(path, i + 2, row) for i, row in enumerate(csv.DictReader(f))]
 
 
 # --------------------------------------------------------------------------- capture
@@ -366,30 +377,11 @@ def _capture(config, dataset, fa, parts, ids, round_num, start_weights, client_v
 # --------------------------------------------------------------------------- the loop
 
 
-def run_simulation(config: SimulationConfig, output_dir: str, *, workers=None,
-                   dataset=None, fedavg=None, progress: bool = True,
-                   stop_after: Optional[int] = None, overwrite: bool = False
-                   ) -> SimulationResult:
-  """Runs (or resumes) a federated simulation; see the module docstring.
-
-  Args:
-    config: The run's `SimulationConfig`.
-    output_dir: Where `history.csv`, `checkpoint.npz` and captures go.
-    workers: None (local TFF runtime) or worker addresses `host:port`
-      (`tf_dlg.federated.runtime.create_execution_context`).
-    dataset: A preloaded `ImageDataset` (else `load_dataset(config.dataset)`).
-    fedavg: A prebuilt `FedAvg` for this config (lets tests share one build).
-    progress: Show a tqdm bar.
-    stop_after: Stop after this round (simulates an interruption; the checkpoint is
-      written as usual).
-    overwrite: Start afresh even if `output_dir` holds a run.
-  """
-  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf
-  import tqdm
-  from tf_dlg import data as data_lib
-  from tf_dlg.federated import runtime
-
+def _prepare(config: SimulationConfig, output_dir: str, dataset, overwrite: bool):
+  """Validates everything and checks `output_dir` before any training; (dataset, parts)."""
+  from tf_dlg import data as data_lib  # pylint: disable=g-import-not-at-top
+  config.validate()  # cheap checks first, before the dataset loads
+  validation.check_output_dir("output_dir", output_dir)
   if dataset is None:
     dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
                                     seed=config.seed)
@@ -403,69 +395,129 @@ def run_simulation(config: SimulationConfig, output_dir: str, *, workers=None,
   if any(len(p) == 0 for p in parts):
     raise ValueError(f"partition {config.partition!r} left a client with no examples; "
                      "lower num_clients or change alpha/classes_per_client.")
-  bad = set(malicious_ids(config))
   if config.capture_round is not None and config.capture_client is not None:
     ids = sample_clients(config, config.capture_round)
     if config.capture_client not in ids:
       raise ValueError(f"capture_client={config.capture_client} is not sampled in round "
                        f"{config.capture_round} (clients {ids}); choose one of those.")
-
-  os.makedirs(output_dir, exist_ok=True)
   ckpt_path = os.path.join(output_dir, CHECKPOINT_NAME)
   hist_path = os.path.join(output_dir, HISTORY_NAME)
   if overwrite:
     for p in (ckpt_path, hist_path):
       if os.path.exists(p):
         os.remove(p)
-  if os.path.exists(hist_path):
-    _check_history_file(hist_path)
-    if not os.path.exists(ckpt_path) and read_history(hist_path):
-      raise CheckpointError(f"{hist_path!r} has rounds but there is no {CHECKPOINT_NAME} "
-                            "to resume from; use another --output_dir or overwrite.")
+  # Read the history whole before anything is rewritten: a damaged file is refused,
+  # never overwritten.
+  if os.path.exists(hist_path) and read_history(hist_path) and not os.path.exists(
+      ckpt_path):
+    raise CheckpointError(f"{hist_path!r} has rounds but there is no {CHECKPOINT_NAME} "
+                          "to resume from; use another --output_dir or overwrite.")
+  return dataset, parts
 
+
+def _evaluate(fa, state, keras_model, dataset):
+  """(test_loss, test_accuracy) of the server model, Keras in inference mode."""
+  fa.assign_to_keras(fa.process.get_model_weights(state), keras_model)
+  loss, acc = keras_model.evaluate(dataset.x_test, dataset.y_test, batch_size=256,
+                                   verbose=0)
+  return float(loss), float(acc)
+
+
+def _write_summaries(writer, row, metrics) -> None:
+  """One round's TensorBoard scalars (step = round), flushed so a watcher sees them."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  scalars = {"train/loss": row["train_loss"], "train/accuracy": row["train_accuracy"],
+             "test/loss": row["test_loss"], "test/accuracy": row["test_accuracy"],
+             "round/seconds": row["seconds"]}
+  norm = _find(metrics, "update_norm")
+  if norm is not None:
+    scalars["update/global_norm"] = norm
+  stats = _find(metrics, "defense_stats") or {}
+  for key in ("zero_fraction", "clipped_fraction"):
+    if key in stats:
+      scalars[f"defense/{key}"] = stats[key]
+  with writer.as_default(step=row["round"]):
+    for tag, value in scalars.items():
+      tf.summary.scalar(tag, float(value))
+  writer.flush()
+
+
+def _round(config, run, state, round_num):
+  """One FedAvg round: (new state, TFF metrics, capture path or None)."""
+  fa, dataset, parts, bad, output_dir = run
+  ids = sample_clients(config, round_num)
+  client_data = _client_data(config, dataset, parts, ids, round_num, bad)
+  if round_num != config.capture_round:
+    out = fa.process.next(state, client_data)
+    return out.state, out.metrics, None
+  start_weights = fa.process.get_model_weights(state)
+  out = fa.capture_process.next(state, client_data)
+  path = _capture(config, dataset, fa, parts, ids, round_num, start_weights,
+                  _find(out.metrics, "client_values"), output_dir, bad)
+  return out.state, out.metrics, path
+
+
+def run_simulation(config: SimulationConfig, output_dir: str, *, workers=None,
+                   dataset=None, fedavg=None, progress: bool = True,
+                   stop_after: Optional[int] = None, overwrite: bool = False
+                   ) -> SimulationResult:
+  """Runs (or resumes) a federated simulation; see the module docstring.
+
+  Args:
+    config: The run's `SimulationConfig`.
+    output_dir: Where `history.csv`, `checkpoint.npz`, captures and `tensorboard/`
+      (per-round scalars: `tensorboard --logdir OUTPUT_DIR`) go.
+    workers: None (local TFF runtime) or worker addresses `host:port`
+      (`tf_dlg.federated.runtime.create_execution_context`).
+    dataset: A preloaded `ImageDataset` (else `load_dataset(config.dataset)`).
+    fedavg: A prebuilt `FedAvg` for this config (lets tests share one build).
+    progress: Show a tqdm bar.
+    stop_after: Stop after this round (simulates an interruption; the checkpoint is
+      written as usual).
+    overwrite: Start afresh even if `output_dir` holds a run.
+  """
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  import tqdm
+  from tf_dlg.federated import runtime
+  dataset, parts = _prepare(config, output_dir, dataset, overwrite)
+  ckpt_path = os.path.join(output_dir, CHECKPOINT_NAME)
+  hist_path = os.path.join(output_dir, HISTORY_NAME)
   fa = fedavg if fedavg is not None else build_for_config(config, dataset)
   keras_model = fa.keras_model_fn()
   keras_model.compile(
       loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
       metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
-  fingerprint = config.fingerprint()
-
+  bad = set(malicious_ids(config))
+  run = (fa, dataset, parts, bad, output_dir)
+  writer = tf.summary.create_file_writer(os.path.join(output_dir, TENSORBOARD_DIR))
   with runtime.execution_target(workers):
     state = fa.process.initialize()
-    start, history = 0, []
+    start, history, capture_path = 0, [], None
     if os.path.exists(ckpt_path):
-      state, start, history = load_checkpoint(ckpt_path, state, fingerprint)
+      state, start, history = load_checkpoint(ckpt_path, state, config.fingerprint())
     _write_history(hist_path, history)
-    capture_path = None
     last = config.rounds if stop_after is None else min(config.rounds, stop_after)
     bar = tqdm.tqdm(range(start + 1, last + 1), initial=start, total=config.rounds,
                     disable=not progress, desc=f"FedAvg[{config.aggregator}]",
                     unit="round")
     for round_num in bar:
       t0 = time.perf_counter()
-      ids = sample_clients(config, round_num)
-      client_data = _client_data(config, dataset, parts, ids, round_num, bad)
-      if round_num == config.capture_round:
-        start_weights = fa.process.get_model_weights(state)
-        out = fa.capture_process.next(state, client_data)
-        capture_path = _capture(config, dataset, fa, parts, ids, round_num, start_weights,
-                                _find(out.metrics, "client_values"), output_dir, bad)
-      else:
-        out = fa.process.next(state, client_data)
-      state = out.state
-      train = out.metrics["client_work"]["train"]
-      fa.assign_to_keras(fa.process.get_model_weights(state), keras_model)
-      test_loss, test_acc = keras_model.evaluate(dataset.x_test, dataset.y_test,
-                                                 batch_size=256, verbose=0)
+      state, metrics, path = _round(config, run, state, round_num)
+      capture_path = path or capture_path
+      train = metrics["client_work"]["train"]
+      test_loss, test_acc = _evaluate(fa, state, keras_model, dataset)
       row = dict(round=round_num, train_loss=float(train["loss"]),
                  train_accuracy=float(train["sparse_categorical_accuracy"]),
-                 test_loss=float(test_loss), test_accuracy=float(test_acc),
+                 test_loss=test_loss, test_accuracy=test_acc,
                  seconds=round(time.perf_counter() - t0, 4))
       history.append(row)
-      _append_history(hist_path, row)
-      save_checkpoint(ckpt_path, state, round_num, history, fingerprint)
+      _write_history(hist_path, history)
+      save_checkpoint(ckpt_path, state, round_num, history, config.fingerprint())
+      _write_summaries(writer, row, metrics)  # after the checkpoint: once per round
       bar.set_postfix(test_acc=f"{test_acc:.3f}")
     bar.close()
+  writer.close()
   return SimulationResult(history=history, dataset_source=dataset.source,
                           malicious=sorted(bad), capture_path=capture_path,
                           resumed_from=start, server_state=state, fedavg=fa)
