@@ -1,13 +1,17 @@
 """Property tests of the defences (`tf_dlg.defenses`): they check numbers, not shapes.
 
-No TFF here (see `test_defense_tff.py`); everything is eager or `tf.function` TensorFlow.
+No TFF here (see `test_defenses_aggregator.py`; Keras: `test_defenses_keras.py`);
+everything is eager or `tf.function` TensorFlow.
 Tolerances for random defences are 4 standard deviations of the statistic, so a correct
 implementation fails one of these checks with probability well below 1e-4 -- and the
 seeds are fixed, so the tests are deterministic anyway.
 """
 
 import math
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,8 +26,10 @@ from tf_dlg.defenses import dp as dp_lib
 from tf_dlg.defenses import noising as noising_lib
 
 # A representative parameter for every defence (the TFF and Keras tests use the same).
-PARAMS = {"none": None, "masking": 0.5, "clipping": 1.0, "value_clipping": 0.05,
-          "pruning": 0.5, "noising": 0.1, "dp": 0.5}
+PARAMS = {"none": None, "masking": 0.5, "clipping": 1.0, "clipping_ratio": 0.5,
+          "value_clipping": 0.05, "pruning": 0.5, "noising": 0.1, "noising_ratio": 0.1,
+          "dp": 0.5}
+RANDOM = ("masking", "noising", "noising_ratio", "dp")
 
 
 def _update(seed=0, shapes=((30, 40), (40,), (5, 5, 3, 8), (1,)), scale=1.0):
@@ -206,6 +212,50 @@ def test_clipping_norm_ignores_excluded_tensors():
   np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(update[1]))
 
 
+@pytest.mark.parametrize("ratio", [1e-3, 0.25, 1.0])
+@pytest.mark.parametrize("scale", [0.01, 3.0])
+def test_relative_clipping_clips_to_exactly_ratio_times_the_own_norm(ratio, scale):
+  update = _update(scale=scale)
+  raw_norm = float(tf.linalg.global_norm(update))
+  d = defenses.get_defense("clipping_ratio", ratio)
+  out = d(update, 0)
+  assert float(tf.linalg.global_norm(out)) == pytest.approx(ratio * raw_norm, rel=1e-6)
+  np.testing.assert_allclose(_flat(out), _flat(update) * np.float32(ratio), rtol=1e-6)
+  assert float(d.clip_scale(update)) == pytest.approx(ratio)
+  # The same as absolute clipping at ratio x this update's norm.
+  absolute = defenses.get_defense("clipping", ratio * raw_norm)(update, 0)
+  np.testing.assert_allclose(_flat(out), _flat(absolute), rtol=1e-5)
+  assert d.get_config() == {"name": "clipping_ratio", "clip_ratio": ratio}
+
+
+def test_relative_clipping_ignores_excluded_tensors_and_zero_updates():
+  update = [tf.fill([10], 10.0), tf.fill([10], 1000.0)]
+  d = defenses.get_defense("clipping_ratio", 0.1, exclude=[False, True])
+  out = d(update, 0)
+  assert float(tf.norm(out[0])) == pytest.approx(0.1 * float(tf.norm(update[0])), rel=1e-6)
+  np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(update[1]))
+  zero = [tf.zeros([4]), tf.zeros([3])]
+  np.testing.assert_array_equal(_flat(d(zero, 0)), 0.0)
+  assert float(d.clip_scale(zero)) == 1.0   # nothing to clip: not counted as clipped
+
+
+def test_clip_scale_says_whether_and_how_much_clipping_acted():
+  update = _update(scale=3.0)
+  raw_norm = float(tf.linalg.global_norm(update))
+  assert float(clipping_lib.clip_scale(update, raw_norm / 4)) == pytest.approx(0.25, rel=1e-5)
+  assert float(clipping_lib.clip_scale(update, raw_norm * 2)) == 1.0
+  clip = defenses.get_defense("clipping", raw_norm / 4)
+  assert float(clip.clip_scale(update)) == pytest.approx(0.25, rel=1e-5)
+  out_norm = float(tf.linalg.global_norm(clip(update, 0)))
+  assert out_norm == pytest.approx(float(clip.clip_scale(update)) * raw_norm, rel=1e-5)
+  dp = defenses.get_defense("dp", 1.0, l2_norm_clip=raw_norm / 2)
+  assert float(dp.clip_scale(update)) == pytest.approx(0.5, rel=1e-5)
+  for name in ("masking", "noising", "pruning", "value_clipping", "noising_ratio"):
+    assert float(defenses.get_defense(name, PARAMS[name]).clip_scale(update)) == 1.0
+  # Inside tf.function too (the TFF aggregator calls it in a graph).
+  assert float(tf.function(clip.clip_scale)(update)) == pytest.approx(0.25, rel=1e-5)
+
+
 @pytest.mark.parametrize("bound", [1e-4, 0.1, 1.0])
 def test_value_clipping_bounds_every_entry(bound):
   update = _update(scale=0.5)
@@ -306,6 +356,36 @@ def test_noise_is_seeded_and_zero_stddev_is_identity():
                                 _flat(update))
 
 
+@pytest.mark.parametrize("ratio", [0.01, 0.5, 3.0])
+@pytest.mark.parametrize("distribution", ["gaussian", "laplacian"])
+def test_noise_to_signal_ratio_gives_the_asked_rms_ratio(ratio, distribution):
+  # Two tensors of different scales: the RMS is taken over the whole update.
+  update = _update(seed=5, shapes=((400, 300), (60000,)))
+  update[1] = update[1] * 7.0
+  d = defenses.get_defense("noising_ratio", ratio, distribution=distribution)
+  noise = _flat(d(update, 11)) - _flat(update)
+  signal_rms = math.sqrt(np.mean(_flat(update).astype(np.float64) ** 2))
+  n = noise.size
+  measured = math.sqrt(np.mean(noise.astype(np.float64) ** 2)) / signal_rms
+  # Relative std of a sample RMS: sqrt((kurtosis - 1) / (4 n)), kurtosis <= 6; 4 sigma.
+  assert abs(measured / ratio - 1) <= 4 * math.sqrt(5 / (4 * n)), measured
+  assert abs(noise.mean()) <= 4 * ratio * signal_rms / math.sqrt(n)
+  # Scale-free: the same ratio on a 1000x smaller update gives 1000x smaller noise.
+  small = [t / 1000.0 for t in update]
+  np.testing.assert_allclose(_flat(d(small, 11)) - _flat(small), noise / 1000.0,
+                             rtol=1e-3, atol=1e-6 * ratio * signal_rms)
+
+
+def test_noise_ratio_ignores_excluded_tensors_and_zero_is_identity():
+  update = [tf.ones([20000]), tf.fill([100], 1000.0)]
+  d = defenses.get_defense("noising_ratio", 0.5, exclude=[False, True])
+  out = d(update, 1)
+  np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(update[1]))
+  assert np.std(np.asarray(out[0])) == pytest.approx(0.5, rel=0.05)   # RMS of kept = 1
+  np.testing.assert_array_equal(_flat(defenses.get_defense("noising_ratio", 0.0)(update, 1)),
+                                _flat(update))
+
+
 # ----------------------------------------------------------------------------- DP
 
 
@@ -356,6 +436,8 @@ BAD = [
     ("value_clipping", -2.0), ("value_clipping", float("nan")), ("noising", -1e-3),
     ("noising", float("nan")), ("noising", float("inf")), ("dp", -1.0), ("dp", float("nan")),
     ("masking", "0.5"), ("clipping", True), ("noising", [0.1]),
+    ("clipping_ratio", 0.0), ("clipping_ratio", 1.5), ("clipping_ratio", -0.5),
+    ("clipping_ratio", float("nan")), ("noising_ratio", -0.1), ("noising_ratio", float("inf")),
 ]
 
 
@@ -364,6 +446,8 @@ def test_bad_parameter_raises_value_error_naming_the_value(name, param):
   with pytest.raises(ValueError, match=re.escape(f"={param!r}")) as info:
     defenses.get_defense(name, param)
   assert "must be" in str(info.value)
+  if name.endswith("_ratio"):   # the message names the relative parameter
+    assert defenses.DEFENSES[name].param_name + "=" in str(info.value)
 
 
 @pytest.mark.parametrize("kwargs,needle", [
@@ -451,7 +535,7 @@ def test_defences_work_inside_tf_function(name):
     eager = d(update, s)
     np.testing.assert_allclose(_flat(graph), _flat(eager), rtol=1e-6, atol=1e-7)
   assert len(traces) == 1   # the seed is a tensor input: no retracing, no baked randomness
-  if name in ("masking", "noising", "dp"):
+  if name in RANDOM:
     assert np.any(_flat(defend(update, tf.constant([0, 1], tf.int64)))
                   != _flat(defend(update, tf.constant([0, 2], tf.int64))))
   with pytest.raises(tf.errors.InvalidArgumentError):
@@ -636,3 +720,32 @@ def test_masking_a_batchnorm_fedavg_update(bn_round):
   print(f"BN proof: z std excluded {np.round(z_ex, 2)}, zero-variance amplification {np.round(ratio, 2)}, "
         f"logit blow-up x{blow_up:.1f}")
   assert blow_up > 10
+
+
+# ----------------------------------------------------------------------------- package
+
+
+def test_importing_defenses_loads_neither_keras_glue_nor_tff():
+  code = ("import sys, tf_dlg.defenses as d; "
+          "bad = [m for m in ('tf_dlg.defenses.keras', 'tf_dlg.defenses.aggregator', "
+          "'tensorflow_federated', 'tf_dlg.federated') if m in sys.modules]; "
+          "assert not bad, bad; "
+          "assert d.DefendedModel.__module__ == 'tf_dlg.defenses.keras'; "
+          "assert 'tf_dlg.defenses.keras' in sys.modules; "
+          "assert 'tensorflow_federated' not in sys.modules; print('ok')")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_lazy_attributes_resolve_and_unknown_ones_raise():
+  assert "defense_factory" in dir(defenses) and "DefendedModel" in dir(defenses)
+  assert defenses.defended_gradients.__module__ == "tf_dlg.defenses.keras"
+  with pytest.raises(AttributeError, match="no attribute 'defence_factory'"):
+    getattr(defenses, "defence_factory")
+
+
+def test_parameter_search_has_relative_units_with_their_direction():
+  assert defenses.PARAMETER_SEARCH["clipping_ratio"][1] == 1.0   # 1 = no-op, weakest
+  assert defenses.PARAMETER_SEARCH["clipping_ratio"][3] == "lower"
+  assert defenses.PARAMETER_SEARCH["noising_ratio"][3] == "higher"

@@ -4,6 +4,10 @@
 an inner `tff.aggregators` factory, in the style of TFF's `clipping_factory`: the pure
 TensorFlow transform lives in the defence's own module, and this file only does the
 federated plumbing (seed broadcast, client-side map, inner aggregation, measurements).
+
+`median_clipping_factory(clip_ratio, inner)` clips every client to clip_ratio x the
+median client update norm of the round (computed at the server from every client's
+norm, then broadcast), the round-relative variant of `RelativeClipping`.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ import copy
 import numpy as np
 import tensorflow as tf
 
+from tf_dlg import _tff
 from tf_dlg.defenses import base
-from tf_dlg.federated.runtime import import_tff
+from tf_dlg.defenses import clipping
 
-tff = import_tff()
+tff = _tff.import_tff()
+# Norms gathered per round for the median: every client's when there are at most this many.
+MAX_MEDIAN_CLIENTS = 1000
 
 
 def value_fingerprint(value) -> tf.Tensor:
@@ -44,6 +51,171 @@ def _check_value_type(value_type):
                     f"got value_type {value_type}.")
 
 
+def _median(values: tf.Tensor) -> tf.Tensor:
+  """`numpy.median` of a 1-D tensor (mean of the middle two for an even count; 0 if empty)."""
+  x = tf.sort(values)
+  n = tf.size(x)
+  upper = tf.gather(x, tf.maximum(n // 2, 0))
+  lower = tf.gather(x, tf.maximum((n - 1) // 2, 0))
+  return tf.cond(n > 0, lambda: (upper + lower) / 2.0, lambda: tf.constant(0.0, x.dtype))
+
+
+class _DefenseComputations:
+  """The TFF computations of one defence on one value type, and the round plumbing."""
+
+  def __init__(self, defense: base.Defense, value_type, seed: int, median_ratio=None):
+    self.defense = defense
+    self.median_ratio = median_ratio
+    int_type, float_type = tff.TensorType(np.int64), tff.TensorType(np.float32)
+
+    @tff.tensorflow.computation(value_type, int_type)
+    def defend_fn(value, round_num):
+      defended = defense(value, client_seed(value, round_num, seed))
+      return defended, base.zero_fraction(defended), defense.clip_scale(value)
+
+    @tff.tensorflow.computation(value_type, float_type)
+    def clip_to_bound_fn(value, bound):
+      scale = clipping.clip_scale(defense.kept_tensors(value), bound)
+      defended = _scale_kept(defense, value, scale)
+      return defended, base.zero_fraction(defended), scale
+
+    @tff.tensorflow.computation(value_type)
+    def norm_fn(value):
+      return base.global_norm(defense.kept_tensors(value))
+
+    @tff.tensorflow.computation(tff.TensorType(np.float32, [None]))
+    def bound_fn(norms):
+      return tf.constant(median_ratio or 1.0, tf.float32) * _median(norms)
+
+    @tff.tensorflow.computation(tff.TensorType(np.float32))
+    def clipped_fn(scale):
+      return tf.cast(scale < 1.0, tf.float32)
+
+    self.defend_fn, self.norm_fn, self.bound_fn = defend_fn, norm_fn, bound_fn
+    self.clip_to_bound_fn = clip_to_bound_fn
+    self.clipped_fn = clipped_fn
+    self.sampler = tff.aggregators.UnweightedReservoirSamplingFactory(
+        MAX_MEDIAN_CLIENTS).create(float_type)
+
+  def defend(self, value, round_num):
+    """Federated: the defended client values and the clients' statistics."""
+    if self.median_ratio is None:
+      return tff.federated_map(self.defend_fn, (value, tff.federated_broadcast(round_num)))
+    norms = tff.federated_map(self.norm_fn, value)
+    sampled = self.sampler.next(self.sampler.initialize(), norms).result
+    bound = tff.federated_broadcast(tff.federated_map(self.bound_fn, sampled))
+    return tff.federated_map(self.clip_to_bound_fn, (value, bound))
+
+  def next(self, state, value, inner_process, weight=None):
+    """Federated: one round (defend on clients, inner aggregation, measurements)."""
+    round_num, inner_state = state
+    defended, zero_fraction, scale = self.defend(value, round_num)
+    if weight is None:
+      out = inner_process.next(inner_state, defended)
+    else:
+      out = inner_process.next(inner_state, defended, weight)
+    new_state = collections.OrderedDict(
+        round=tff.federated_map(_next_round, round_num), inner_agg=out.state)
+    measurements = collections.OrderedDict(
+        defense_zero_fraction=tff.federated_mean(zero_fraction),
+        defense_clip_scale=tff.federated_mean(scale),
+        defense_clipped_fraction=tff.federated_mean(tff.federated_map(self.clipped_fn, scale)),
+        inner_agg=out.measurements)
+    return tff.templates.MeasuredProcessOutput(
+        state=tff.federated_zip(new_state), result=out.result,
+        measurements=tff.federated_zip(measurements))
+
+
+def _scale_kept(defense: base.Defense, value, scale: tf.Tensor):
+  """`value` with its non-excluded tensors multiplied by `scale`."""
+  flat = tf.nest.flatten(value)
+  kept = set(defense.kept_indices(len(flat)))
+  out = [t * tf.cast(scale, t.dtype) if i in kept else t for i, t in enumerate(flat)]
+  return tf.nest.pack_sequence_as(value, out)
+
+
+@tff.tensorflow.computation
+def _initial_round():
+  return tf.constant(0, tf.int64)
+
+
+@tff.tensorflow.computation(tff.TensorType(np.int64))
+def _next_round(r):
+  return r + 1
+
+
+def _init_fn(inner_process):
+  @tff.federated_computation()
+  def init_fn():
+    return tff.federated_zip(collections.OrderedDict(
+        round=tff.federated_eval(_initial_round, tff.SERVER),
+        inner_agg=inner_process.initialize()))
+  return init_fn
+
+
+class _WeightedDefenseFactory(tff.aggregators.WeightedAggregationFactory):
+  """Weighted: applies the defence on clients, then the weighted inner aggregation."""
+
+  def __init__(self, defense, inner, seed, median_ratio=None):
+    self._args = (defense, seed, median_ratio)
+    self._inner = inner
+
+  def create(self, value_type, weight_type):
+    _check_value_type(value_type)
+    inner_process = self._inner.create(value_type, weight_type)
+    comps = _DefenseComputations(self._args[0], value_type, *self._args[1:])
+    init_fn = _init_fn(inner_process)
+
+    @tff.federated_computation(init_fn.type_signature.result,
+                               tff.FederatedType(value_type, tff.CLIENTS),
+                               tff.FederatedType(weight_type, tff.CLIENTS))
+    def next_fn(state, value, weight):
+      return comps.next(state, value, inner_process, weight)
+
+    return tff.templates.AggregationProcess(init_fn, next_fn)
+
+
+class _UnweightedDefenseFactory(tff.aggregators.UnweightedAggregationFactory):
+  """Unweighted: applies the defence on clients, then the inner aggregation."""
+
+  def __init__(self, defense, inner, seed, median_ratio=None):
+    self._args = (defense, seed, median_ratio)
+    self._inner = inner
+
+  def create(self, value_type):
+    _check_value_type(value_type)
+    inner_process = self._inner.create(value_type)
+    comps = _DefenseComputations(self._args[0], value_type, *self._args[1:])
+    init_fn = _init_fn(inner_process)
+
+    @tff.federated_computation(init_fn.type_signature.result,
+                               tff.FederatedType(value_type, tff.CLIENTS))
+    def next_fn(state, value):
+      return comps.next(state, value, inner_process)
+
+    return tff.templates.AggregationProcess(init_fn, next_fn)
+
+
+def _make_factory(defense, inner_agg_factory, seed, median_ratio=None):
+  for kind, cls in ((tff.aggregators.WeightedAggregationFactory, _WeightedDefenseFactory),
+                    (tff.aggregators.UnweightedAggregationFactory, _UnweightedDefenseFactory)):
+    if isinstance(inner_agg_factory, kind):
+      return cls(defense, inner_agg_factory, int(seed), median_ratio)
+  raise TypeError("inner_agg_factory must be a tff.aggregators Weighted- or "
+                  f"UnweightedAggregationFactory, got {type(inner_agg_factory).__name__}.")
+
+
+def _with_exclude(defense, exclude, seed):
+  if not isinstance(defense, base.Defense):
+    raise TypeError(f"defense must be a tf_dlg.defenses.Defense, got {type(defense).__name__}.")
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
+  if exclude is not None:
+    defense = copy.copy(defense)
+    defense.exclude = [bool(e) for e in exclude]
+  return defense
+
+
 def defense_factory(defense: base.Defense, inner_agg_factory, exclude=None,
                     seed: int = 0):
   """Creates an aggregation factory that applies `defense` on every client.
@@ -57,6 +229,9 @@ def defense_factory(defense: base.Defense, inner_agg_factory, exclude=None,
   The process keeps the round number in its state and reports measurements
   * `defense_zero_fraction`: mean over clients of the fraction of exactly-zero entries
     in the defended value (what masking and pruning change);
+  * `defense_clip_scale`: mean over clients of the factor by which norm clipping scaled
+    the value (`Defense.clip_scale`; 1.0 = not clipped, also for non-clipping defences);
+  * `defense_clipped_fraction`: the fraction of clients whose value was clipped;
   * `inner_agg`: the inner process's measurements.
   (Log `defense.get_config()` beside them; it is static, so it is not a measurement.)
 
@@ -71,95 +246,23 @@ def defense_factory(defense: base.Defense, inner_agg_factory, exclude=None,
       overriding `defense.exclude`.
     seed: Base seed of the clients' randomness.
   """
-  if not isinstance(defense, base.Defense):
-    raise TypeError(f"defense must be a tf_dlg.defenses.Defense, got {type(defense).__name__}.")
-  if exclude is not None:
-    defense = copy.copy(defense)
-    defense.exclude = [bool(e) for e in exclude]
-  if not isinstance(seed, (int, np.integer)):
-    raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
+  defense = _with_exclude(defense, exclude, seed)
+  return _make_factory(defense, inner_agg_factory, seed)
 
-  def make_defend_fn(value_type):
-    @tff.tensorflow.computation(value_type, tff.TensorType(np.int64))
-    def defend_fn(value, round_num):
-      defended = defense(value, client_seed(value, round_num, int(seed)))
-      return defended, base.zero_fraction(defended)
-    return defend_fn
 
-  @tff.tensorflow.computation
-  def initial_round():
-    return tf.constant(0, tf.int64)
+def median_clipping_factory(clip_ratio: float, inner_agg_factory, exclude=None):
+  """Clips each client's value to clip_ratio x the round's median client norm.
 
-  @tff.tensorflow.computation(tff.TensorType(np.int64))
-  def next_round(r):
-    return r + 1
+  Every client sends the global L2 norm of its (non-excluded) value; the server takes
+  their median (`numpy.median`; over a uniform sample of `MAX_MEDIAN_CLIENTS` clients
+  when a round has more) and broadcasts clip_ratio x median as the round's bound; each
+  client then scales its value by min(1, bound / norm). With clip_ratio 1 the clients
+  above the median are clipped to it. Measurements as in `defense_factory`.
 
-  def init_fn_impl(inner_process):
-    return tff.federated_zip(collections.OrderedDict(
-        round=tff.federated_eval(initial_round, tff.SERVER),
-        inner_agg=inner_process.initialize()))
-
-  def next_fn_impl(state, value, defend_fn, inner_process, weight=None):
-    round_num, inner_state = state
-    defended, zero_fraction = tff.federated_map(
-        defend_fn, (value, tff.federated_broadcast(round_num)))
-    if weight is None:
-      out = inner_process.next(inner_state, defended)
-    else:
-      out = inner_process.next(inner_state, defended, weight)
-    new_state = collections.OrderedDict(
-        round=tff.federated_map(next_round, round_num), inner_agg=out.state)
-    measurements = collections.OrderedDict(
-        defense_zero_fraction=tff.federated_mean(zero_fraction),
-        inner_agg=out.measurements)
-    return tff.templates.MeasuredProcessOutput(
-        state=tff.federated_zip(new_state), result=out.result,
-        measurements=tff.federated_zip(measurements))
-
-  if isinstance(inner_agg_factory, tff.aggregators.WeightedAggregationFactory):
-
-    class WeightedDefenseFactory(tff.aggregators.WeightedAggregationFactory):
-      """Weighted: applies the defence on clients, then the weighted inner aggregation."""
-
-      def create(self, value_type, weight_type):
-        _check_value_type(value_type)
-        inner_process = inner_agg_factory.create(value_type, weight_type)
-        defend_fn = make_defend_fn(value_type)
-
-        @tff.federated_computation()
-        def init_fn():
-          return init_fn_impl(inner_process)
-
-        @tff.federated_computation(init_fn.type_signature.result,
-                                   tff.FederatedType(value_type, tff.CLIENTS),
-                                   tff.FederatedType(weight_type, tff.CLIENTS))
-        def next_fn(state, value, weight):
-          return next_fn_impl(state, value, defend_fn, inner_process, weight)
-
-        return tff.templates.AggregationProcess(init_fn, next_fn)
-
-    return WeightedDefenseFactory()
-  if isinstance(inner_agg_factory, tff.aggregators.UnweightedAggregationFactory):
-
-    class UnweightedDefenseFactory(tff.aggregators.UnweightedAggregationFactory):
-      """Unweighted: applies the defence on clients, then the inner aggregation."""
-
-      def create(self, value_type):
-        _check_value_type(value_type)
-        inner_process = inner_agg_factory.create(value_type)
-        defend_fn = make_defend_fn(value_type)
-
-        @tff.federated_computation()
-        def init_fn():
-          return init_fn_impl(inner_process)
-
-        @tff.federated_computation(init_fn.type_signature.result,
-                                   tff.FederatedType(value_type, tff.CLIENTS))
-        def next_fn(state, value):
-          return next_fn_impl(state, value, defend_fn, inner_process)
-
-        return tff.templates.AggregationProcess(init_fn, next_fn)
-
-    return UnweightedDefenseFactory()
-  raise TypeError("inner_agg_factory must be a tff.aggregators Weighted- or "
-                  f"UnweightedAggregationFactory, got {type(inner_agg_factory).__name__}.")
+  Args:
+    clip_ratio: In (0, 1].
+    inner_agg_factory: The aggregation after clipping (weighted or unweighted).
+    exclude: Optional flat list of bools over the value's tensors (BatchNorm entries).
+  """
+  defense = clipping.RelativeClipping(clip_ratio, exclude=exclude)
+  return _make_factory(defense, inner_agg_factory, 0, median_ratio=defense.param)

@@ -71,13 +71,31 @@ class Defense:
     flat = [tf.debugging.assert_all_finite(
         t, f"{self.name}: update tensor {i} has NaN or inf entries; defences take finite "
         "updates") for i, t in enumerate(flat)]
-    keep = [i for i in range(len(flat)) if not (self.exclude and self.exclude[i])]
+    keep = self.kept_indices(len(flat))
     out = list(flat)
     if keep:
       defended = self._apply([flat[i] for i in keep], as_seed(seed))
       for i, t in zip(keep, defended):
         out[i] = t
     return tf.nest.pack_sequence_as(update, out)
+
+  def kept_indices(self, n: int) -> List[int]:
+    """Positions, among an update's n flattened tensors, that the defence transforms."""
+    return [i for i in range(n) if not (self.exclude and self.exclude[i])]
+
+  def kept_tensors(self, update) -> List[tf.Tensor]:
+    """The update's tensors that the defence transforms (not excluded), flattened."""
+    flat = [tf.convert_to_tensor(t) for t in tf.nest.flatten(update)]
+    return [flat[i] for i in self.kept_indices(len(flat))]
+
+  def clip_scale(self, update) -> tf.Tensor:
+    """The factor by which the defence scales `update`'s norm: 1.0 = not clipped.
+
+    A cheap statistic of whether clipping acted (the federated side logs it); defences
+    that do not clip by norm return 1.0.
+    """
+    del update
+    return tf.constant(1.0, tf.float32)
 
   def get_config(self) -> Dict[str, Any]:
     return {"name": self.name, self.param_name: self.param}
@@ -106,6 +124,19 @@ def zero_fraction(update) -> tf.Tensor:
   """Fraction of exactly-zero entries in an update (what masking/pruning measure)."""
   flat = [tf.reshape(tf.cast(tf.equal(t, 0), tf.float32), [-1]) for t in tf.nest.flatten(update)]
   return tf.reduce_mean(tf.concat(flat, 0))
+
+
+def global_norm(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+  """Joint L2 norm of tensors, as a float32 scalar (0 for an empty list)."""
+  if not tensors:
+    return tf.constant(0.0, tf.float32)
+  return tf.cast(tf.linalg.global_norm(list(tensors)), tf.float32)
+
+
+def root_mean_square(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+  """RMS over every entry of the tensors together, as a float32 scalar."""
+  size = tf.add_n([tf.size(t, out_type=tf.int64) for t in tensors]) if tensors else 0
+  return global_norm(tensors) / tf.sqrt(tf.maximum(tf.cast(size, tf.float32), 1.0))
 
 
 def concat_flat(tensors: Sequence[tf.Tensor]) -> tf.Tensor:

@@ -13,7 +13,8 @@
 
 from __future__ import annotations
 
-from tf_dlg.defenses import base, noising
+from tf_dlg import validation
+from tf_dlg.defenses import base, clipping, noising
 
 
 class DPGaussian(base.Defense):
@@ -27,7 +28,7 @@ class DPGaussian(base.Defense):
                                        float("inf"), high_open=True), exclude)
     self.l2_norm_clip = base.check_number("dp l2_norm_clip", l2_norm_clip, 0.0, float("inf"),
                                           low_open=True, high_open=True)
-    import tensorflow_privacy  # pylint: disable=g-import-not-at-top
+    import tensorflow_privacy
     self._query = tensorflow_privacy.GaussianSumQuery(
         l2_norm_clip=self.l2_norm_clip, stddev=self.param * self.l2_norm_clip)
 
@@ -39,6 +40,9 @@ class DPGaussian(base.Defense):
     # cannot read inside `tf.function` / TFF computations).
     return noising.add_noise(clipped, self.param * self.l2_norm_clip, seed)
 
+  def clip_scale(self, update):
+    return clipping.clip_scale(self.kept_tensors(update), self.l2_norm_clip)
+
   def get_config(self):
     return dict(super().get_config(), l2_norm_clip=self.l2_norm_clip)
 
@@ -46,13 +50,12 @@ class DPGaussian(base.Defense):
 def dp_sgd_epsilon(noise_multiplier: float, steps: int, sampling_probability: float = 1.0,
                    delta: float = 1e-5) -> float:
   """Epsilon (RDP accountant) of `steps` Poisson-sampled Gaussian mechanism steps."""
-  import dp_accounting  # pylint: disable=g-import-not-at-top
+  import dp_accounting
   base.check_number("noise_multiplier", noise_multiplier, 0.0, float("inf"), low_open=True,
                     high_open=True)
   base.check_number("sampling_probability", sampling_probability, 0.0, 1.0, low_open=True)
   base.check_number("delta", delta, 0.0, 1.0, low_open=True, high_open=True)
-  if not isinstance(steps, int) or steps < 1:
-    raise ValueError(f"steps={steps!r} must be an integer >= 1.")
+  validation.check_int("steps", steps, 1)
   event = dp_accounting.SelfComposedDpEvent(
       dp_accounting.PoissonSampledDpEvent(sampling_probability,
                                           dp_accounting.GaussianDpEvent(noise_multiplier)),
@@ -65,17 +68,15 @@ def dp_sgd_epsilon(noise_multiplier: float, steps: int, sampling_probability: fl
 def dp_fedavg_epsilon(noise_multiplier: float, clients_per_round: int, total_clients: int,
                       rounds: int, delta: float = 1e-5) -> float:
   """Client-level epsilon of DP-FedAvg (each round samples clients_per_round/total)."""
-  if not isinstance(total_clients, int) or total_clients < 1 or not isinstance(
-      clients_per_round, int) or not 1 <= clients_per_round <= total_clients:
-    raise ValueError(f"clients_per_round={clients_per_round!r} must be an integer in "
-                     f"[1, total_clients={total_clients!r}].")
+  total_clients = validation.check_int("total_clients", total_clients, 1)
+  validation.check_int("clients_per_round", clients_per_round, 1, total_clients)
   return dp_sgd_epsilon(noise_multiplier, rounds, clients_per_round / total_clients, delta)
 
 
 def dp_fedavg_aggregator(noise_multiplier: float, clients_per_round: int,
                          zeroing: bool = True):
   """`tff.learning.dp_aggregator`: DP-FedAvg's unweighted aggregation factory."""
-  from tf_dlg.federated.runtime import import_tff  # pylint: disable=g-import-not-at-top
-  tff = import_tff()
+  from tf_dlg import _tff
+  tff = _tff.import_tff()
   base.check_number("noise_multiplier", noise_multiplier, 0.0, float("inf"), high_open=True)
   return tff.learning.dp_aggregator(noise_multiplier, clients_per_round, zeroing=zeroing)

@@ -176,7 +176,7 @@ class DefenseTrainStepMixin:
 
 def defense_from_config(config: Dict[str, Any]) -> base.Defense:
   """Rebuilds a defence from its `get_config()` (the inverse, for serialisation)."""
-  from tf_dlg import defenses  # pylint: disable=g-import-not-at-top
+  from tf_dlg import defenses
   config = dict(config)
   name = config.pop("name")
   if name not in defenses.DEFENSES:
