@@ -6,9 +6,12 @@ r"""Federated training in TFF: FedAvg with mean / median / trimmed-mean aggregat
 Writes `history.csv` (round, train/test loss and accuracy, seconds), `curve.png` (test
 accuracy per round), `run.json` (flags, dataset source, malicious clients) and, with
 `--capture_round`, the captured client update (`capture_round*_client*.npz`, an
-`ObservedUpdate` for the attacks). Rerunning with the same `--output_dir` resumes from
-the last finished round. `--workers=host:port[,host:port]` runs the rounds on TFF
-workers (see `tf_dlg.federated.runtime`).
+`ObservedUpdate` for the attacks), and per-round TensorBoard scalars under
+`tensorboard/` (`tensorboard --logdir OUTPUT_DIR`). Rerunning with the same
+`--output_dir` resumes from the last finished round. `--workers=host:port[,host:port]`
+runs the rounds on TFF workers started with `python -m tf_dlg.federated.worker`
+(see `tf_dlg.federated.runtime`). Every flag is checked before any work; SIGTERM stops
+the run like Ctrl-C (exit 130), and the local TFF worker never outlives the run.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Import TensorFlow before absl parses flags: building a Keras model inside `main` when TF
 # was first imported there fails in Keras 2.14 ("SymbolicTensor has no attribute node").
 import tensorflow as tf  # noqa: F401,E402  pylint: disable=unused-import,g-import-not-at-top
+
+from tf_dlg import io as io_lib  # noqa: E402
+from tf_dlg.federated import worker as worker_lib  # noqa: E402
 
 _D = flags.DEFINE_string
 _I = flags.DEFINE_integer
@@ -58,7 +64,8 @@ _F("server_lr", 1.0, "Server learning rate.")
 _F("bn_momentum", 0.5, "BatchNorm moving-statistics momentum (see tf_dlg.federated.fedavg).")
 _I("capture_round", 0, "Round (1-based) whose client update is captured (0: none).")
 _I("capture_client", -1, "Client id to capture (-1: first sampled client).")
-_D("workers", "", "TFF worker addresses host:port[,host:port] (empty: local).")
+_D("workers", "", "TFF worker addresses host:port[,host:port] (empty: local); start "
+   "each with `python -m tf_dlg.federated.worker --port=PORT`.")
 _D("output_dir", "/tmp/tf_dlg_federated", "Output directory (resumes if it holds a run).")
 _I("seed", 0, "Seed of the partition, sampling, shuffling and model initialisation.")
 flags.DEFINE_bool("overwrite", False, "Start afresh even if --output_dir holds a run.")
@@ -111,9 +118,13 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   from tf_dlg import data as data_lib
   from tf_dlg.federated import runtime
+  from tf_dlg import validation
   from tf_dlg.federated import simulation
+  runtime.sigterm_as_interrupt()
   config = config_from_flags()
+  config.validate()  # every flag, before the dataset loads
   workers = runtime.parse_workers(FLAGS.workers)
+  validation.check_output_dir("output_dir", FLAGS.output_dir)
   dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed)
   config.validate(len(dataset.x_train))
   print(f"dataset: {dataset.name} -- source: {dataset.source}", flush=True)
@@ -127,8 +138,8 @@ def main(argv):
   run = dict(config=dict(vars(config)), dataset_source=dataset.source,
              malicious_clients=result.malicious, resumed_from_round=result.resumed_from,
              workers=workers, capture=result.capture_path, final=result.final)
-  with open(os.path.join(FLAGS.output_dir, "run.json"), "w") as f:
-    json.dump(run, f, indent=2, default=str)
+  io_lib.atomic_write_text(os.path.join(FLAGS.output_dir, "run.json"),
+                           json.dumps(run, indent=2, default=str))
   final = result.final
   print(f"final round {final['round']}: test accuracy {final['test_accuracy']:.4f}, "
         f"test loss {final['test_loss']:.4f} (malicious clients {result.malicious})")
@@ -140,9 +151,12 @@ def main(argv):
 def run():
   try:
     app.run(main)
-  except ValueError as e:  # bad flags / foreign checkpoint: one clear line, exit 2
+  except (ValueError, worker_lib.WorkerSetupError) as e:  # bad flags / foreign files
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the checkpoint resumes the run
+    print("interrupted; rerun with the same --output_dir to resume.", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

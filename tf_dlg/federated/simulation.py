@@ -15,9 +15,19 @@
    -- model, optimizer and aggregator state -- flattened, the history so far, and a
    fingerprint of the configuration).
 
-Starting again with the same `output_dir` resumes after the last checkpointed round; a
-checkpoint written by a different configuration, or a file that is not one of ours,
-raises `CheckpointError` instead of silently mixing runs.
+6. writes that round's TensorBoard scalars to `tensorboard/` (`train/loss`,
+   `train/accuracy`, `test/loss`, `test/accuracy`, `round/seconds`,
+   `update/global_norm` -- the L2 norm of the aggregated update of the trainable
+   weights -- and, with a defence, `defense/zero_fraction` of the defended client
+   updates and, for clipping / dp, `defense/clipped_fraction` of clients), step = round.
+
+Every setting is checked before any work (`SimulationConfig.validate`: one line naming
+the value and the allowed range; a run where some round would sample only malicious
+clients is refused). Starting again with the same `output_dir` resumes after the last
+checkpointed round; a checkpoint written by a different configuration, a file that is
+not one of ours, or a history row that is not numbers raises `CheckpointError` naming
+the file (and line and column) instead of silently mixing runs or overwriting it.
+History and checkpoint are written atomically (`tf_dlg.io`).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import io
 import json
 import math
 import os
+import shutil
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -111,6 +122,9 @@ class SimulationConfig:
     validation.check_number("trim_fraction", self.trim_fraction, 0, 0.5, high_open=True)
     if self.bn_momentum is not None:
       validation.check_number("bn_momentum", self.bn_momentum, 0, 1, high_open=True)
+    if self.defense in (None, "none") and self.defense_param is not None:
+      raise ValueError(f"defense_param={self.defense_param!r} is set but defense="
+                       f"{self.defense!r}; set a defence or drop the parameter.")
     if self.defense not in (None, "none"):
       try:
         from tf_dlg import defenses
@@ -406,6 +420,8 @@ def _prepare(config: SimulationConfig, output_dir: str, dataset, overwrite: bool
     for p in (ckpt_path, hist_path):
       if os.path.exists(p):
         os.remove(p)
+    # Old event files would show two runs' curves on one chart.
+    shutil.rmtree(os.path.join(output_dir, TENSORBOARD_DIR), ignore_errors=True)
   # Read the history whole before anything is rewritten: a damaged file is refused,
   # never overwritten.
   if os.path.exists(hist_path) and read_history(hist_path) and not os.path.exists(
