@@ -9,6 +9,11 @@ plus a table of final accuracy and the drop versus no defence.
 Each run lives in `runs/<aggregator>_<partition>_<defence>/` with its own
 `history.csv` and checkpoint, so an interrupted experiment resumes run by run and round
 by round. Runs that share an aggregator and a defence share one built TFF process.
+Each run folder also holds `cell.json`: its full configuration (dataset and data source,
+defence and parameter, seed, rounds, clients, alpha, epochs, batch size, model, ...). A
+folder whose `cell.json` differs, or a run folder without one, is refused before any
+training with an error naming the file and the differing keys: it is never reused as if
+it were this configuration's result, and never overwritten.
 
 Note on transferring thresholds: clipping norms and noise standard deviations are
 absolute, found on single-image gradients of the attack model; a FedAvg client update of
@@ -24,22 +29,36 @@ Example:
 
 from __future__ import annotations
 
-# TensorFlow must be imported before absl's app.run starts main(): importing it first
-# inside main() breaks Keras layer building (Flatten sees a None shape).
-import tensorflow as tf  # noqa: F401  pylint: disable=unused-import
+# First: imports TensorFlow quietly and before absl's app.run (see experiments.cli).
+from experiments import cli
 
-import csv
+import dataclasses
+import json
 import os
-import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
+
+from tf_dlg import io as io_lib
+from tf_dlg import validation
 
 FINAL_ROUNDS = 3  # "final accuracy" averages this many last rounds
 
 CONVERGENCE_FIELDS = ("aggregator", "partition", "defense", "param", "param_source",
                       "rounds", "final_test_accuracy", "best_test_accuracy",
                       "drop_vs_none", "final_train_loss", "seconds", "history")
+CELL_NAME = "cell.json"
+CELL_FORMAT = "tf_dlg.convergence.cell/v1"
+# Simulation settings of every run (SimulationConfig fields); keyword arguments override.
+DEFAULTS = dict(dataset="digits", rounds=20, num_clients=10, alpha=0.5,
+                classes_per_client=2, local_epochs=1, batch_size=10, seed=0, data_dir=None)
+# Set per run by the grid, or not part of a convergence run.
+_PER_RUN = ("partition", "aggregator", "defense", "defense_param", "capture_round",
+            "capture_client")
+
+
+class CellError(ValueError):
+  """A run folder holds a run of another configuration (or of an unknown one)."""
 
 
 def defense_params_from_thresholds(path: str, dataset: str,
@@ -47,7 +66,7 @@ def defense_params_from_thresholds(path: str, dataset: str,
   """{defence: (parameter, provenance)} from a thresholds.csv for one dataset/attack.
 
   A defence whose threshold was not reached takes the strongest value searched, marked
-  as such in the provenance.
+  as such in the provenance. Damaged cells raise ValueError naming file, line, column.
   """
   from experiments import threshold_search  # pylint: disable=g-import-not-at-top
   out = {}
@@ -57,9 +76,11 @@ def defense_params_from_thresholds(path: str, dataset: str,
       continue
     if r["status"] == "not_reached":
       strongest = r["search_high"] if r["stronger"] == "higher" else r["search_low"]
-      out[r["defense"]] = (float(strongest), "strongest searched (threshold not reached)")
+      out[r["defense"]] = (strongest, "strongest searched (threshold not reached)")
+    elif threshold_search.attack_untested(r):
+      out[r["defense"]] = (r["threshold"], f"weakest searched ({threshold_search.UNTESTED})")
     else:
-      out[r["defense"]] = (float(r["threshold"]), f"threshold ({r['status']})")
+      out[r["defense"]] = (r["threshold"], f"threshold ({r['status']})")
   if not out:
     available = sorted({(r["dataset"], r["attack"]) for r in rows})
     raise ValueError(f"{path} has no thresholds for dataset={dataset!r}, attack={attack!r}; "
@@ -82,90 +103,144 @@ def parse_defense_params(items: Sequence[str]) -> Dict[str, Tuple[float, str]]:
   return out
 
 
+def cell_fingerprint(config, dataset_source: str) -> Dict[str, Any]:
+  """Everything that fixes a run's numbers: its SimulationConfig and the data's source."""
+  fields = dataclasses.asdict(config)
+  for k in ("data_dir", "capture_round", "capture_client"):  # do not change the numbers
+    fields.pop(k, None)
+  fields["dataset_source"] = dataset_source
+  return json.loads(io_lib.dumps(fields, sort_keys=True))
+
+
+def check_cell(run_dir: str, fingerprint: Dict[str, Any]) -> bool:
+  """Whether `run_dir` holds (part of) this run; CellError if it holds another one."""
+  from tf_dlg.federated import simulation  # pylint: disable=g-import-not-at-top
+  path = os.path.join(run_dir, CELL_NAME)
+  if not os.path.exists(path):
+    found = [n for n in (simulation.HISTORY_NAME, simulation.CHECKPOINT_NAME)
+             if os.path.exists(os.path.join(run_dir, n))]
+    if found:
+      raise CellError(f"{os.path.join(run_dir, found[0])}: a run without {CELL_NAME}, so "
+                      "its configuration is unknown; it is not reused. Move it away or "
+                      "use another --output_dir.")
+    return False
+  try:
+    with open(path, encoding="utf-8") as f:
+      stored = json.load(f)
+    if stored.get("format") != CELL_FORMAT:
+      raise ValueError(f"format={stored.get('format')!r}, expected {CELL_FORMAT!r}")
+    config = dict(stored["config"])
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise CellError(f"{path}: not a readable convergence cell file ({e}); move it away or "
+                    "use another --output_dir.") from e
+  diff = sorted(k for k in set(config) | set(fingerprint) if config.get(k) != fingerprint.get(k))
+  if diff:
+    raise CellError(
+        f"{path}: this run folder holds another configuration (differs in: " +
+        ", ".join(f"{k} {config.get(k)!r} there, {fingerprint.get(k)!r} now" for k in diff)
+        + "); use another --output_dir, or the flags of that run.")
+  return True
+
+
+def claim_cell(run_dir: str, fingerprint: Dict[str, Any]) -> None:
+  """Marks `run_dir` as this configuration's (after `check_cell` passed)."""
+  path = os.path.join(run_dir, CELL_NAME)
+  if not os.path.exists(path):
+    text = io_lib.dumps({"format": CELL_FORMAT, "config": fingerprint}, indent=1,
+                        sort_keys=True)
+    io_lib.atomic_write_text(path, text + "\n")
+
+
 class Convergence:
   """Runs (and resumes) the convergence grid; see the module docstring.
 
   Args:
-    output_dir: Results directory (resumed if it holds runs).
+    output_dir: Results directory (resumed if it holds runs of this configuration).
     defense_params: {defence: (parameter, provenance)}; "none" is always added.
-    dataset: Dataset of the federated runs.
     aggregators: Subset of mean, median, trimmed_mean.
     partitions: e.g. ("iid", "dirichlet").
-    rounds, num_clients, seed, ...: `tf_dlg.federated.SimulationConfig` fields.
+    progress: Show a progress bar.
+    **config: `tf_dlg.federated.SimulationConfig` fields shared by every run (dataset,
+      rounds, num_clients, alpha, local_epochs, batch_size, seed, data_dir, model, ...);
+      `DEFAULTS` fills the rest.
   """
 
   def __init__(self, output_dir: str, defense_params: Dict[str, Tuple[float, str]],
-               dataset: str = "digits", aggregators: Sequence[str] = ("mean", "median"),
-               partitions: Sequence[str] = ("iid", "dirichlet"), rounds: int = 20,
-               num_clients: int = 10, alpha: float = 0.5, classes_per_client: int = 2,
-               local_epochs: int = 1, batch_size: int = 10, seed: int = 0,
-               data_dir: Optional[str] = None, progress: bool = True, **config_overrides):
+               aggregators: Sequence[str] = ("mean", "median"),
+               partitions: Sequence[str] = ("iid", "dirichlet"), progress: bool = True,
+               **config):
     # pylint: disable=g-import-not-at-top
     from tf_dlg import data, defenses
-    from tf_dlg.federated import fedavg
-    for a in aggregators:
-      if a not in fedavg.AGGREGATORS:
-        raise ValueError(f"Unknown aggregator {a!r}; expected one of {', '.join(fedavg.AGGREGATORS)}.")
-    for p in partitions:
-      if p not in data.PARTITION_SCHEMES:
-        raise ValueError(f"Unknown partition {p!r}; expected one of {', '.join(data.PARTITION_SCHEMES)}.")
-    for name, (value, _) in defense_params.items():
-      defenses.get_defense(name, value)  # validates name and range up front
-    self.output_dir = output_dir
+    from tf_dlg.federated import fedavg, simulation
+    for name, values, allowed in (("aggregators", aggregators, fedavg.AGGREGATORS),
+                                  ("partitions", partitions, data.PARTITION_SCHEMES)):
+      if not values:
+        raise ValueError(f"{name} is empty; expected some of {', '.join(allowed)}.")
+      validation.check_choices(name, values, allowed)
+    known = sorted({f.name for f in dataclasses.fields(simulation.SimulationConfig)}
+                   - set(_PER_RUN))
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+      raise ValueError(f"unknown simulation settings {unknown}; expected some of {known}.")
+    validation.check_choices("defense_params", list(defense_params),
+                             [d for d in defenses.DEFENSES if d != "none"])
     self.defense_params = {"none": (None, "no defence"), **defense_params}
-    self.dataset, self.aggregators, self.partitions = dataset, list(aggregators), list(partitions)
-    self.rounds, self.seed, self.data_dir, self.progress = rounds, seed, data_dir, progress
-    self.base = dict(dataset=dataset, num_clients=num_clients, alpha=alpha,
-                     classes_per_client=classes_per_client, local_epochs=local_epochs,
-                     batch_size=batch_size, seed=seed, rounds=rounds, data_dir=data_dir,
-                     **config_overrides)
+    self.aggregators, self.partitions = list(aggregators), list(partitions)
+    self.base = dict(DEFAULTS, **config)
+    self.dataset, self.rounds, self.seed = (self.base["dataset"], self.base["rounds"],
+                                            self.base["seed"])
+    self.progress, self.dataset_source = progress, None
+    # Every run's settings are checked now (their own one-line ValueErrors), before work.
+    self.configs = {
+        (a, p, d): simulation.SimulationConfig(
+            partition=p, aggregator=a, defense=d, defense_param=param,
+            **self.base).validate()
+        for a in self.aggregators for d, (param, _) in self.defense_params.items()
+        for p in self.partitions}
+    self.output_dir = validation.check_output_dir("output_dir", output_dir)
+    self._dataset, self.fingerprints = None, {}
 
   def run_dir(self, aggregator, partition, defense):
     return os.path.join(self.output_dir, "runs", f"{aggregator}_{partition}_{defense}")
 
+  def prepare(self):
+    """Loads the data and checks every run folder (CellError) before any training."""
+    if self._dataset is None:
+      from tf_dlg import data  # pylint: disable=g-import-not-at-top
+      dataset = data.load_dataset(self.dataset, data_dir=self.base["data_dir"], seed=self.seed)
+      for key, config in self.configs.items():
+        config.validate(len(dataset.x_train))
+        self.fingerprints[key] = cell_fingerprint(config, dataset.source)
+        check_cell(self.run_dir(*key), self.fingerprints[key])
+      self._dataset, self.dataset_source = dataset, dataset.source
+    return self._dataset
+
   def run(self) -> List[Dict[str, Any]]:
+    """Trains (or resumes) every run; writes the table and figure; returns the rows."""
     # pylint: disable=g-import-not-at-top
     from tqdm import tqdm
-    from tf_dlg import data
     from tf_dlg.federated import simulation
-    dataset = data.load_dataset(self.dataset, data_dir=self.data_dir, seed=self.seed)
-    self.dataset_source = dataset.source
-    cells = [(a, d) for a in self.aggregators for d in self.defense_params]
+    dataset = self.prepare()
     rows = []
-    bar = tqdm(total=len(cells) * len(self.partitions), desc="convergence", unit="run",
+    bar = tqdm(total=len(self.configs), desc="convergence", unit="run",
                disable=not self.progress)
-    for aggregator, defense in cells:
-      param, provenance = self.defense_params[defense]
-      built = None
-      for partition in self.partitions:
-        bar.set_postfix_str(f"{aggregator}/{partition}/{defense}")
-        config = simulation.SimulationConfig(
-            partition=partition, aggregator=aggregator, defense=defense,
-            defense_param=param, **self.base).validate(len(dataset.x_train))
-        out_dir = self.run_dir(aggregator, partition, defense)
-        history_path = os.path.join(out_dir, simulation.HISTORY_NAME)
-        done = os.path.exists(history_path) and len(
-            simulation.read_history(history_path)) >= self.rounds
-        start = time.perf_counter()
-        if not done:
-          if built is None:
-            built = simulation.build_for_config(config, dataset)
-          simulation.run_simulation(config, out_dir, dataset=dataset, fedavg=built,
-                                    progress=False)
-        history = simulation.read_history(history_path)
-        rows.append({
-            "aggregator": aggregator, "partition": partition, "defense": defense,
-            "param": param, "param_source": provenance, "rounds": len(history),
-            # Mean of the last rounds: one round's accuracy swings by several points
-            # on small non-IID runs, which would swamp the defences' effect.
-            "final_test_accuracy": float(np.mean(
-                [h["test_accuracy"] for h in history[-FINAL_ROUNDS:]])),
-            "best_test_accuracy": max(h["test_accuracy"] for h in history),
-            "final_train_loss": history[-1]["train_loss"],
-            "seconds": sum(h["seconds"] for h in history),
-            "history": os.path.relpath(history_path, self.output_dir)})
-        bar.update(1)
-        del start
+    for aggregator in self.aggregators:
+      for defense in self.defense_params:
+        built = None  # one TFF build per aggregator and defence
+        for partition in self.partitions:
+          key = (aggregator, partition, defense)
+          bar.set_postfix_str("/".join(key))
+          out_dir, config = self.run_dir(*key), self.configs[key]
+          history_path = os.path.join(out_dir, simulation.HISTORY_NAME)
+          if not os.path.exists(history_path) or len(
+              simulation.read_history(history_path)) < self.rounds:
+            claim_cell(out_dir, self.fingerprints[key])
+            if built is None:
+              built = simulation.build_for_config(config, dataset)
+            simulation.run_simulation(config, out_dir, dataset=dataset, fedavg=built,
+                                      progress=False)
+          rows.append(self._row(key, simulation.read_history(history_path), history_path))
+          bar.update(1)
     bar.close()
     for r in rows:
       none = next(x for x in rows if (x["aggregator"], x["partition"], x["defense"]) ==
@@ -174,13 +249,28 @@ class Convergence:
     self.write(rows)
     return rows
 
+  def _row(self, key, history, history_path) -> Dict[str, Any]:
+    aggregator, partition, defense = key
+    param, provenance = self.defense_params[defense]
+    return {
+        "aggregator": aggregator, "partition": partition, "defense": defense,
+        "param": param, "param_source": provenance, "rounds": len(history),
+        # Mean of the last rounds: one round's accuracy swings by several points on
+        # small non-IID runs, which would swamp the defences' effect.
+        "final_test_accuracy": float(np.mean(
+            [h["test_accuracy"] for h in history[-FINAL_ROUNDS:]])),
+        "best_test_accuracy": max(h["test_accuracy"] for h in history),
+        "final_train_loss": history[-1]["train_loss"],
+        "seconds": sum(h["seconds"] for h in history),
+        "history": os.path.relpath(history_path, self.output_dir)}
+
   def write(self, rows: List[Dict[str, Any]]) -> None:
-    from tf_dlg.analysis import figures  # pylint: disable=g-import-not-at-top
-    with open(os.path.join(self.output_dir, "convergence.csv"), "w", newline="") as f:
-      w = csv.DictWriter(f, fieldnames=CONVERGENCE_FIELDS)
-      w.writeheader()
-      for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CONVERGENCE_FIELDS})
+    """convergence.csv, convergence.md and figures/convergence.png."""
+    # pylint: disable=g-import-not-at-top
+    from experiments import threshold_search
+    from tf_dlg.analysis import figures
+    threshold_search.write_csv(os.path.join(self.output_dir, "convergence.csv"),
+                               CONVERGENCE_FIELDS, rows)
     curves = figures.read_curves({
         (r["aggregator"], r["partition"],
          r["defense"] if r["param"] is None else f"{r['defense']} {r['param']:g}"):
@@ -201,31 +291,42 @@ class Convergence:
                  f"final acc. (last {FINAL_ROUNDS} rounds)",
                  "best acc.", "drop vs none"], table)
             + "\n![convergence](figures/convergence.png)\n")
-    with open(os.path.join(self.output_dir, "convergence.md"), "w") as f:
-      f.write(text)
+    io_lib.atomic_write_text(os.path.join(self.output_dir, "convergence.md"), text)
 
 
-def main(argv):
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  f = flags.FLAGS
+def params_from_flags(f) -> Dict[str, Tuple[float, str]]:
+  """{defence: (parameter, provenance)} from --thresholds, --defense_params, --defenses."""
+  from tf_dlg import defenses as defenses_lib  # pylint: disable=g-import-not-at-top
   params = {}
   if f.thresholds:
     params.update(defense_params_from_thresholds(f.thresholds, f.threshold_dataset or f.dataset,
                                                  f.threshold_attack))
   params.update(parse_defense_params(f.defense_params))
   if f.defenses:
-    unknown = set(f.defenses) - set(params)
+    validation.check_choices("defenses", f.defenses,
+                             [d for d in defenses_lib.DEFENSES if d != "none"])
+    unknown = sorted(set(f.defenses) - set(params))
     if unknown:
-      raise ValueError(f"No parameter for defences {sorted(unknown)}: pass --thresholds or "
+      raise ValueError(f"defenses: no parameter for {unknown}: pass --thresholds or "
                        "--defense_params=NAME:VALUE.")
     params = {k: v for k, v in params.items() if k in f.defenses}
-  conv = Convergence(f.output_dir, params, dataset=f.dataset, aggregators=f.aggregators,
-                     partitions=f.partitions, rounds=f.rounds, num_clients=f.num_clients,
-                     alpha=f.alpha, local_epochs=f.local_epochs, batch_size=f.batch_size,
-                     seed=f.seed, data_dir=f.data_dir)
+  return params
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  # Flags, the thresholds file and every run folder are checked before any training;
+  # a ValueError becomes one line and exit status 2 (experiments.cli).
+  conv = Convergence(f.output_dir, params_from_flags(f), aggregators=f.aggregators,
+                     partitions=f.partitions, dataset=f.dataset, rounds=f.rounds,
+                     num_clients=f.num_clients, alpha=f.alpha, local_epochs=f.local_epochs,
+                     batch_size=f.batch_size, seed=f.seed, data_dir=f.data_dir)
+  conv.prepare()
   conv.run()
-  print(open(os.path.join(f.output_dir, "convergence.md")).read())
+  with open(os.path.join(f.output_dir, "convergence.md"), encoding="utf-8") as md:
+    print(md.read())
   print(f"[convergence] outputs in {f.output_dir}")
 
 
@@ -250,6 +351,5 @@ def define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -20,16 +20,18 @@ Example:
 
 from __future__ import annotations
 
-# TensorFlow must be imported before absl's app.run starts main(): importing it first
-# inside main() breaks Keras layer building (Flatten sees a None shape).
-import tensorflow as tf  # noqa: F401  pylint: disable=unused-import
+# First: imports TensorFlow quietly and before absl's app.run (see experiments.cli).
+from experiments import cli
 
 import json
 import os
 import platform
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Sequence
+
+from tf_dlg import io as io_lib
+from tf_dlg import validation
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "quick": dict(
@@ -55,71 +57,112 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 ALMOST_NO_COST = 0.02
 
 
-def _claim_row(claim: str, ours: str, agrees: Optional[bool]) -> List[str]:
-  verdict = "n/a" if agrees is None else ("agrees" if agrees else "disagrees")
-  return [claim, ours, verdict]
+def _claim_row(claim: str, ours: str, verdict) -> List[str]:
+  """`verdict`: True / False (agrees / disagrees), None (n/a) or a sentence."""
+  if isinstance(verdict, str):
+    return [claim, ours, verdict]
+  return [claim, ours, "n/a" if verdict is None else ("agrees" if verdict else "disagrees")]
+
+
+def _split_verdict(failed: bool, tested: int, untested: Sequence[str]):
+  """Disagrees on any failure; no agreement from cells whose attack fails undefended."""
+  from experiments.threshold_search import UNTESTED  # pylint: disable=g-import-not-at-top
+  if failed:
+    return False
+  if not tested:
+    return UNTESTED
+  if untested:
+    return f"inconclusive ({UNTESTED}: {', '.join(untested)})"
+  return True
+
+
+def _threshold_claims(thresholds: List[Dict[str, Any]]) -> List[List[str]]:
+  """"A threshold of X stops the attack on every dataset", per defence."""
+  from experiments import threshold_search  # pylint: disable=g-import-not-at-top
+  rows = []
+  datasets = sorted({r["dataset"] for r in thresholds})
+  for defense in sorted({r["defense"] for r in thresholds}):
+    cells = [r for r in thresholds if r["defense"] == defense]
+    untested = [r["dataset"] for r in cells if threshold_search.attack_untested(r)]
+    tested = [r for r in cells if r["dataset"] not in untested]
+    ours = ", ".join(
+        f"{r['dataset']}: " + (threshold_search.UNTESTED if r["dataset"] in untested else
+                               "not reached" if r["threshold"] is None else
+                               f"{r['threshold']:g}") for r in cells)
+    rows.append(_claim_row(
+        f"A threshold of {defense} stops the attack on every dataset ({', '.join(datasets)})",
+        ours, _split_verdict(any(r["status"] == "not_reached" for r in tested), len(tested),
+                             untested)))
+  return rows
+
+
+def _cost_claims(convergence: List[Dict[str, Any]], tolerance: float) -> List[List[str]]:
+  """Accuracy cost of each defence at its threshold (Figure 5's claims)."""
+  from experiments.threshold_search import UNTESTED  # pylint: disable=g-import-not-at-top
+  rows = []
+  settings = sorted({(r["aggregator"], r["partition"]) for r in convergence})
+  cheap = [r["drop_vs_none"] for r in convergence if r["defense"] in ("masking", "clipping")]
+  for defense in ("masking", "clipping", "noising", "pruning"):
+    d = [r for r in convergence if r["defense"] == defense]
+    if not d:
+      continue
+    ours = "; ".join(f"{r['aggregator']}/{r['partition']}: {100 * r['drop_vs_none']:+.1f} pp"
+                     for r in d)
+    if defense in ("masking", "clipping"):
+      claim = (f"{defense} at its threshold costs almost no accuracy (drop <= "
+               f"{100 * tolerance:.0f} pp in every setting)")
+      verdict = all(r["drop_vs_none"] <= tolerance for r in d)
+    else:
+      claim = (f"{defense} at its threshold degrades accuracy (drop > {100 * tolerance:.0f} pp "
+               f"and more than masking/clipping) in most of {len(settings)} settings")
+      worse = [r for r in d if r["drop_vs_none"] > tolerance and
+               (not cheap or r["drop_vs_none"] > max(cheap))]
+      verdict = len(worse) > len(d) / 2
+    if any(UNTESTED in str(r.get("param_source")) for r in d):
+      # The "threshold" is only the weakest value searched: its cost means nothing.
+      verdict = f"inconclusive (threshold {UNTESTED})"
+    rows.append(_claim_row(claim, ours, verdict))
+  return rows
+
+
+def _robustness_claims(robustness: List[Dict[str, Any]]) -> List[List[str]]:
+  """(ours) Each threshold against adaptive attackers and multi-step FedAvg deltas."""
+  from experiments.threshold_search import UNTESTED  # pylint: disable=g-import-not-at-top
+  rows = []
+  for defense in sorted({r["defense"] for r in robustness}):
+    rs = [r for r in robustness if r["defense"] == defense]
+    broken = [r for r in rs if r["verdict"] == "broken"]
+    untested = [f"{r['dataset']}/{r['attack']}/{r['update']}" for r in rs
+                if r["verdict"] == UNTESTED]
+    ours = (f"broken in {len(broken)} of {len(rs)} (dataset, attacker) cells" +
+            (": " + ", ".join(f"{r['dataset']}/{r['attack']}/{r['update']}" for r in broken)
+             if broken else ""))
+    rows.append(_claim_row(f"(ours) {defense} at its threshold also stops adaptive "
+                           "attackers and multi-step FedAvg deltas", ours,
+                           _split_verdict(bool(broken), len(rs) - len(untested), untested)))
+  return rows
 
 
 def write_claims(output_dir: str, thresholds: List[Dict[str, Any]],
                  robustness: List[Dict[str, Any]], convergence: List[Dict[str, Any]],
                  tolerance: float = ALMOST_NO_COST) -> str:
-  """claims.md: the paper's claims, our numbers beside them, agrees / disagrees."""
+  """claims.md: the paper's claims, our numbers beside them, and a verdict.
+
+  Verdicts: agrees, disagrees, n/a, or -- where the attack already fails without a
+  defence, so a defence "stopping" it shows nothing -- "untested (attack fails
+  undefended)" or "inconclusive (...)"; never "agrees" on such cells.
+  """
   from tf_dlg.analysis import figures  # pylint: disable=g-import-not-at-top
-  rows = []
-  datasets = sorted({r["dataset"] for r in thresholds})
-  for defense in sorted({r["defense"] for r in thresholds}):
-    cells = [r for r in thresholds if r["defense"] == defense]
-    stopped = [r for r in cells if r["status"] in ("found", "at_weakest")]
-    ours = ", ".join(f"{r['dataset']}: {r['threshold']:g}" if r["threshold"] is not None
-                     else f"{r['dataset']}: not reached" for r in cells)
-    rows.append(_claim_row(f"A threshold of {defense} stops the attack on every dataset "
-                           f"({', '.join(datasets)})", ours, len(stopped) == len(cells)))
-
-  def drops(defense):
-    return [r for r in convergence if r["defense"] == defense]
-
-  if convergence:
-    settings = sorted({(r["aggregator"], r["partition"]) for r in convergence})
-    for defense in ("masking", "clipping"):
-      d = drops(defense)
-      if d:
-        ours = "; ".join(f"{r['aggregator']}/{r['partition']}: {100 * r['drop_vs_none']:+.1f} pp"
-                         for r in d)
-        rows.append(_claim_row(
-            f"{defense} at its threshold costs almost no accuracy (drop <= "
-            f"{100 * tolerance:.0f} pp in every setting)", ours,
-            all(r["drop_vs_none"] <= tolerance for r in d)))
-    cheap = [r["drop_vs_none"] for r in convergence if r["defense"] in ("masking", "clipping")]
-    for defense in ("noising", "pruning"):
-      d = drops(defense)
-      if d:
-        ours = "; ".join(f"{r['aggregator']}/{r['partition']}: {100 * r['drop_vs_none']:+.1f} pp"
-                         for r in d)
-        worse = [r for r in d if r["drop_vs_none"] > tolerance and
-                 (not cheap or r["drop_vs_none"] > max(cheap))]
-        rows.append(_claim_row(
-            f"{defense} at its threshold degrades accuracy (drop > {100 * tolerance:.0f} pp "
-            f"and more than masking/clipping) in most of {len(settings)} settings", ours,
-            len(worse) > len(d) / 2))
-  if robustness:
-    for defense in sorted({r["defense"] for r in robustness}):
-      rs = [r for r in robustness if r["defense"] == defense]
-      broken = [r for r in rs if r["verdict"] == "broken"]
-      ours = (f"broken in {len(broken)} of {len(rs)} (dataset, attacker) cells" +
-              (": " + ", ".join(f"{r['dataset']}/{r['attack']}/{r['update']}" for r in broken)
-               if broken else ""))
-      rows.append(_claim_row(f"(ours) {defense} at its threshold also stops adaptive "
-                             "attackers and multi-step FedAvg deltas", ours, not broken))
+  rows = _threshold_claims(thresholds)
+  rows += _cost_claims(convergence, tolerance) if convergence else []
+  rows += _robustness_claims(robustness) if robustness else []
   text = ("# The paper's claims, tested\n\n"
           "Claims of Kim & Park (2024), *Random Gradient Masking as a Defensive Measure to "
           "Deep Leakage in Federated Learning*, with this run's numbers. Rows marked (ours) "
           "test the thresholds beyond the paper. The paper's own threshold values are not "
           "bundled with tf-dlg; compare the threshold row with its table by hand.\n\n"
           + figures.markdown_table(["claim", "our measurement", "verdict"], rows))
-  path = os.path.join(output_dir, "claims.md")
-  with open(path, "w") as f:
-    f.write(text)
-  return path
+  return io_lib.atomic_write_text(os.path.join(output_dir, "claims.md"), text)
 
 
 def _versions() -> Dict[str, str]:
@@ -147,7 +190,8 @@ def write_report(output_dir: str, settings: Dict[str, Any], sources: Dict[str, s
   for rel in sections:
     path = os.path.join(output_dir, rel)
     if os.path.exists(path):
-      text = open(path).read()
+      with open(path, encoding="utf-8") as f:
+        text = f.read()
       # Demote headings one level and point image links into the section's folder.
       text = "\n".join(("#" + line) if line.startswith("#") else line
                        for line in text.splitlines())
@@ -155,27 +199,54 @@ def write_report(output_dir: str, settings: Dict[str, Any], sources: Dict[str, s
       if prefix:
         text = text.replace("](figures/", f"]({prefix}/figures/")
       parts.append(text + "\n\n")
-  path = os.path.join(output_dir, "report.md")
-  with open(path, "w") as f:
-    f.write("".join(parts))
-  return path
+  return io_lib.atomic_write_text(os.path.join(output_dir, "report.md"), "".join(parts))
+
+
+def check_settings(output_dir: str, settings: Dict[str, Any], progress: bool = True):
+  """Checks every setting before any work; returns the ThresholdSearch to run.
+
+  Each stage's own constructor checks its settings, and the convergence stage is built
+  once with stand-in parameters for that purpose (its real ones come from the search).
+  """
+  # pylint: disable=g-import-not-at-top
+  from experiments import threshold_search
+  from tf_dlg.attacks import runner
+  from tf_dlg import defenses
+  validation.check_output_dir("output_dir", output_dir)
+  validation.check_choices("adaptive_attacks", settings["adaptive_attacks"], runner.ATTACKS)
+  # A defence that is not searched has no threshold to train with: refuse, never drop it.
+  validation.check_choices("convergence_defenses", settings["convergence_defenses"],
+                           settings["defenses"])
+  validation.check_choice("convergence_dataset", settings["convergence_dataset"],
+                          settings["datasets"])
+  stand_in = {d: (defenses.PARAMETER_SEARCH[d][0], "") for d in settings["convergence_defenses"]}
+  _convergence(output_dir, settings, stand_in, progress)
+  # Last: it opens (creates) the search's results file, which fixes its configuration.
+  return threshold_search.ThresholdSearch(
+      os.path.join(output_dir, "thresholds"), settings["datasets"], [settings["attack"]],
+      settings["defenses"], num_images=settings["num_images"],
+      iterations=settings["iterations"], leak_ssim=settings.get("leak_ssim"),
+      bisection_steps=settings["bisection_steps"], seed=settings["seed"],
+      data_dir=settings.get("data_dir"), progress=progress)
+
+
+def _convergence(output_dir: str, settings: Dict[str, Any], params, progress: bool):
+  from experiments import convergence as convergence_lib  # pylint: disable=g-import-not-at-top
+  return convergence_lib.Convergence(
+      os.path.join(output_dir, "convergence"), params, aggregators=("mean", "median"),
+      partitions=settings["partitions"], progress=progress,
+      dataset=settings["convergence_dataset"], rounds=settings["rounds"],
+      num_clients=settings["num_clients"], alpha=settings["alpha"], seed=settings["seed"],
+      data_dir=settings.get("data_dir"))
 
 
 def run(output_dir: str, settings: Dict[str, Any], progress: bool = True) -> Dict[str, str]:
   """Runs all stages with `settings` (a preset, possibly overridden); returns paths."""
-  # pylint: disable=g-import-not-at-top
-  from experiments import convergence as convergence_lib
-  from experiments import threshold_search
-  os.makedirs(output_dir, exist_ok=True)
+  from experiments import convergence as convergence_lib  # pylint: disable=g-import-not-at-top
+  search = check_settings(output_dir, settings, progress)
   stage_seconds = {}
 
   t = time.perf_counter()
-  thr_dir = os.path.join(output_dir, "thresholds")
-  search = threshold_search.ThresholdSearch(
-      thr_dir, settings["datasets"], [settings["attack"]], settings["defenses"],
-      num_images=settings["num_images"], iterations=settings["iterations"],
-      leak_ssim=settings.get("leak_ssim"), bisection_steps=settings["bisection_steps"],
-      seed=settings["seed"], data_dir=settings.get("data_dir"), progress=progress)
   rows = search.run()
   stage_seconds["threshold search"] = time.perf_counter() - t
 
@@ -186,15 +257,10 @@ def run(output_dir: str, settings: Dict[str, Any], progress: bool = True) -> Dic
 
   t = time.perf_counter()
   params = convergence_lib.defense_params_from_thresholds(
-      os.path.join(thr_dir, "thresholds.csv"),
-      threshold_search_dataset(settings), settings["attack"])
+      os.path.join(search.output_dir, "thresholds.csv"), settings["convergence_dataset"],
+      settings["attack"])
   params = {k: v for k, v in params.items() if k in settings["convergence_defenses"]}
-  conv = convergence_lib.Convergence(
-      os.path.join(output_dir, "convergence"), params,
-      dataset=settings["convergence_dataset"], aggregators=("mean", "median"),
-      partitions=settings["partitions"], rounds=settings["rounds"],
-      num_clients=settings["num_clients"], alpha=settings["alpha"], seed=settings["seed"],
-      data_dir=settings.get("data_dir"), progress=progress)
+  conv = _convergence(output_dir, settings, params, progress)
   conv_rows = conv.run()
   stage_seconds["convergence"] = time.perf_counter() - t
 
@@ -206,15 +272,6 @@ def run(output_dir: str, settings: Dict[str, Any], progress: bool = True) -> Dic
                          "convergence/convergence.md", "claims.md"])
   _write_figure_index(output_dir)
   return {"report": report, "claims": claims}
-
-
-def threshold_search_dataset(settings: Dict[str, Any]) -> str:
-  """The threshold dataset whose values the convergence runs use."""
-  conv = settings["convergence_dataset"]
-  if conv in settings["datasets"]:
-    return conv
-  raise ValueError(f"convergence_dataset={conv!r} has no thresholds: it must be one of "
-                   f"the searched datasets {settings['datasets']}.")
 
 
 def _write_figure_index(output_dir: str) -> None:
@@ -230,8 +287,8 @@ def _write_figure_index(output_dir: str) -> None:
 
 
 def settings_from_flags(flags_obj) -> Dict[str, Any]:
-  if flags_obj.preset not in PRESETS:
-    raise ValueError(f"--preset={flags_obj.preset!r} must be one of {', '.join(PRESETS)}.")
+  """The preset's settings with the flags given explicitly put over them."""
+  validation.check_choice("preset", flags_obj.preset, PRESETS)
   settings = dict(PRESETS[flags_obj.preset])
   settings["preset"] = flags_obj.preset
   settings["seed"] = flags_obj.seed
@@ -253,10 +310,13 @@ def settings_from_flags(flags_obj) -> Dict[str, Any]:
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
+  # Every flag is checked before any stage starts (run -> check_settings); a ValueError
+  # becomes one line and exit status 2 (experiments.cli).
   settings = settings_from_flags(flags.FLAGS)
   start = time.time()
   paths = run(flags.FLAGS.output_dir, settings)
-  print(open(os.path.join(flags.FLAGS.output_dir, "claims.md")).read())
+  with open(paths["claims"], encoding="utf-8") as f:
+    print(f.read())
   print(f"[reproduce] report: {paths['report']}  ({time.time() - start:.0f} s)")
 
 
@@ -282,6 +342,5 @@ def define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -25,35 +25,78 @@ Example:
 
 from __future__ import annotations
 
-# TensorFlow must be imported before absl's app.run starts main(): importing it first
-# inside main() breaks Keras layer building (Flatten sees a None shape).
-import tensorflow as tf  # noqa: F401  pylint: disable=unused-import
+# First: imports TensorFlow quietly and before absl's app.run (see experiments.cli).
+from experiments import cli
 
 import csv
 import hashlib
+import io
+import math
 import os
 import time
+import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from experiments import results as results_lib
+from tf_dlg import io as io_lib
+from tf_dlg import validation
 
 DEFAULT_DEFENSES = ("masking", "clipping", "value_clipping", "pruning", "noising", "dp")
 THRESHOLD_FIELDS = (
     "dataset", "dataset_source", "attack", "defense", "status", "threshold",
     "fraction_defended", "ssim_at_threshold", "adjusted_ssim_at_threshold", "weaker_param",
     "fraction_defended_weaker", "ssim_weaker", "adjusted_ssim_weaker", "points_evaluated",
-    "search_low", "search_high", "search_scale", "stronger")
+    "search_low", "search_high", "search_scale", "stronger", "attack_works_undefended",
+    "undefended_adjusted_ssim")
+# Columns added later: a thresholds.csv without them still reads (as unknown).
+OPTIONAL_FIELDS = ("attack_works_undefended", "undefended_adjusted_ssim")
+NUMERIC_FIELDS = ("threshold", "fraction_defended", "ssim_at_threshold",
+                  "adjusted_ssim_at_threshold", "weaker_param", "fraction_defended_weaker",
+                  "ssim_weaker", "adjusted_ssim_weaker", "points_evaluated", "search_low",
+                  "search_high", "undefended_adjusted_ssim")
+_FINITE_FIELDS = ("threshold", "weaker_param", "search_low", "search_high")
+STATUSES = ("found", "at_weakest", "not_reached")
 
 
 UPDATE_KINDS = ("gradient", "fedavg_delta")
+RECON_FORMAT = "tf_dlg.threshold_search.recon/v1"
+# What a threshold means when the attack already fails without a defence.
+UNTESTED = "untested (attack fails undefended)"
 
 
 def point_key(dataset: str, attack: str, defense: str, param: Optional[float],
               update: str = "gradient") -> str:
   key = f"{dataset}|{attack}|{defense}|{'-' if param is None else repr(float(param))}"
   return key if update == "gradient" else f"{key}|{update}"
+
+
+def _check_cover(datasets, attacks, defenses) -> None:
+  """Every dataset / attack / defence name is known, and none of the lists is empty."""
+  # pylint: disable=g-import-not-at-top
+  from tf_dlg import data, defenses as defenses_lib
+  from tf_dlg.attacks import runner
+  for name, values, allowed in (("datasets", datasets, data.DATASETS),
+                                ("attacks", attacks, runner.ATTACKS),
+                                ("defenses", defenses, defenses_lib.PARAMETER_SEARCH)):
+    if not values:
+      raise ValueError(f"{name} is empty; expected some of {', '.join(allowed)}.")
+    validation.check_choices(name, values, allowed)
+
+
+def _iterations_per_dataset(iterations, datasets) -> Dict[str, int]:
+  """One number for every dataset, or {dataset: iterations}.
+
+  Colour photos need several times the L-BFGS iterations of grey images to converge
+  undefended, hence the per-dataset form.
+  """
+  if isinstance(iterations, dict):
+    missing = sorted(set(datasets) - set(iterations))
+    if missing:
+      raise ValueError(f"iterations has no entry for datasets {missing}.")
+    return {d: validation.check_int(f"iterations[{d}]", iterations[d], 1) for d in datasets}
+  return {d: validation.check_int("iterations", iterations, 1) for d in datasets}
 
 
 class ThresholdSearch:
@@ -78,47 +121,24 @@ class ThresholdSearch:
                leak_ssim: Optional[float] = None, defended_fraction: float = 1.0,
                bisection_steps: int = 4, seed: int = 0, data_dir: Optional[str] = None,
                local_steps: int = 3, local_lr: float = 0.1, progress: bool = True):
-    # pylint: disable=g-import-not-at-top
-    from tf_dlg import data, defenses as defenses_lib, metrics
-    from tf_dlg.attacks import runner
-    if not datasets:
-      raise ValueError("datasets is empty; expected some of " + ", ".join(data.DATASETS))
-    for d in datasets:
-      if d not in data.DATASETS:
-        raise ValueError(f"Unknown dataset {d!r}; expected one of {', '.join(data.DATASETS)}.")
-    for a in attacks:
-      if a not in runner.ATTACKS:
-        raise ValueError(f"Unknown attack {a!r}; expected one of {', '.join(runner.ATTACKS)}.")
-    for name in defenses:
-      if name not in defenses_lib.PARAMETER_SEARCH:
-        raise ValueError(f"Unknown defence {name!r}; expected one of "
-                         f"{', '.join(defenses_lib.PARAMETER_SEARCH)}.")
-    if not isinstance(num_images, int) or num_images < 1:
-      raise ValueError(f"num_images={num_images!r} must be an integer >= 1.")
-    if not 0.0 < defended_fraction <= 1.0:
-      raise ValueError(f"defended_fraction={defended_fraction!r} must be in (0, 1].")
-    self.leak_ssim = metrics.DEFAULT_LEAK_SSIM if leak_ssim is None else float(leak_ssim)
-    if not 0.0 < self.leak_ssim <= 1.0:
-      raise ValueError(f"leak_ssim={leak_ssim!r} must be in (0, 1].")
-    self.output_dir = output_dir
+    from tf_dlg import metrics  # pylint: disable=g-import-not-at-top
+    _check_cover(datasets, attacks, defenses)
+    v = validation
+    self.num_images = v.check_int("num_images", num_images, 1)
+    self.defended_fraction = v.check_number("defended_fraction", defended_fraction, 0, 1,
+                                            low_open=True)
+    self.leak_ssim = v.check_number(
+        "leak_ssim", metrics.DEFAULT_LEAK_SSIM if leak_ssim is None else leak_ssim, 0, 1,
+        low_open=True)
+    self.bisection_steps = v.check_int("bisection_steps", bisection_steps, 0)
+    self.seed = v.check_int("seed", seed, 0)
+    self.local_steps = v.check_int("local_steps", local_steps, 1)
+    self.local_lr = v.check_number("local_lr", local_lr, 0, math.inf, low_open=True)
+    self.output_dir = v.check_output_dir("output_dir", output_dir)
     self.datasets, self.attacks, self.defenses = list(datasets), list(attacks), list(defenses)
-    # One number for every dataset, or {dataset: iterations} (colour photos need several
-    # times the L-BFGS iterations of grey images to converge undefended).
-    if isinstance(iterations, dict):
-      missing = set(datasets) - set(iterations)
-      if missing:
-        raise ValueError(f"iterations has no entry for datasets {sorted(missing)}.")
-      self.iterations = {d: int(iterations[d]) for d in datasets}
-    else:
-      self.iterations = {d: int(iterations) for d in datasets}
-    for d, it in self.iterations.items():
-      if it < 1:
-        raise ValueError(f"iterations={it!r} for {d!r} must be an integer >= 1.")
-    self.num_images = num_images
-    self.defended_fraction, self.bisection_steps = float(defended_fraction), int(bisection_steps)
-    self.seed, self.data_dir, self.progress = int(seed), data_dir, progress
-    self.local_steps, self.local_lr = int(local_steps), float(local_lr)
-    self.config = dict(num_images=num_images, iterations=self.iterations,
+    self.iterations = _iterations_per_dataset(iterations, self.datasets)
+    self.data_dir, self.progress = data_dir, progress
+    self.config = dict(num_images=self.num_images, iterations=self.iterations,
                        leak_ssim=self.leak_ssim, defended_fraction=self.defended_fraction,
                        seed=self.seed, model="attack_lenet",
                        local_steps=self.local_steps,
@@ -158,25 +178,52 @@ class ThresholdSearch:
     if key in self.log:
       return self.log.get(key)
     # pylint: disable=g-import-not-at-top
-    from tf_dlg import defenses as defenses_lib, metrics
-    from tf_dlg.attacks import runner, threat_model
+    from tf_dlg import defenses as defenses_lib
+    from tf_dlg.attacks import runner
     ds, model, images, labels, idx = self.case(dataset)
     defence = None if defense == "none" else defenses_lib.get_defense(defense, param)
     start = time.perf_counter()
-    observed = []
-    for i in range(len(images)):
-      meta = {"dataset": dataset, "index": int(idx[i])}
-      if update == "gradient":
-        observed.append(threat_model.observe_gradient(
-            model, images[i:i + 1], labels[i:i + 1], defense=defence,
-            seed=self.seed * 100_003 + i, metadata=meta))
-      else:
-        observed.append(threat_model.observe_fedavg_delta(
-            model, images[i:i + 1], labels[i:i + 1], local_steps=self.local_steps,
-            learning_rate=self.local_lr, defense=defence, seed=self.seed * 100_003 + i,
-            metadata=meta))
+    observed = [self._observe(model, images[i:i + 1], labels[i:i + 1], defence, update, i,
+                              {"dataset": dataset, "index": int(idx[i])})
+                for i in range(len(images))]
     attacked = runner.run_attacks(model, observed, attack=attack,
                                   iterations=self.iterations[dataset], seed=self.seed)
+    per_image, leaked, adjusted = self._score(attacked, idx)
+    unmeasured = [p["index"] for p in per_image if not math.isfinite(p["adjusted_ssim"])]
+    if unmeasured:
+      warnings.warn(f"{key}: images {unmeasured} have non-finite reconstructions; they "
+                    "count as leaked, never as defended.", RuntimeWarning, stacklevel=2)
+    recon = os.path.join("recon", hashlib.sha1(key.encode()).hexdigest()[:16] + ".npz")
+    io_lib.save_npz(os.path.join(self.output_dir, recon),
+                    {"format": RECON_FORMAT, "key": key},
+                    {"leaked": np.stack(leaked), "adjusted": np.stack(adjusted),
+                     "original": images})
+    frac = float(np.mean([not p["leaked"] for p in per_image]))
+    return self.log.add(key, {
+        "dataset": dataset, "dataset_source": ds.source, "attack": attack,
+        "defense": defense, "param": param, "update": update,
+        "defense_config": None if defence is None else defence.get_config(),
+        "fraction_defended": frac, "defended": frac >= self.defended_fraction - 1e-9,
+        "unmeasured_images": unmeasured,
+        "median_ssim": float(np.median([p["ssim"] for p in per_image])),
+        "median_adjusted_ssim": float(np.median([p["adjusted_ssim"] for p in per_image])),
+        "max_adjusted_ssim": float(np.max([p["adjusted_ssim"] for p in per_image])),
+        "images": per_image, "recon": recon, "seconds": time.perf_counter() - start})
+
+  def _observe(self, model, image, label, defence, update, i, meta):
+    """What the attacker sees of image `i`: its defended gradient or FedAvg delta."""
+    from tf_dlg.attacks import threat_model  # pylint: disable=g-import-not-at-top
+    seed = self.seed * 100_003 + i
+    if update == "gradient":
+      return threat_model.observe_gradient(model, image, label, defense=defence, seed=seed,
+                                           metadata=meta)
+    return threat_model.observe_fedavg_delta(
+        model, image, label, local_steps=self.local_steps, learning_rate=self.local_lr,
+        defense=defence, seed=seed, metadata=meta)
+
+  def _score(self, attacked, idx):
+    """(per-image score dicts, leaked images, adjusted images) of one evaluation."""
+    from tf_dlg import metrics  # pylint: disable=g-import-not-at-top
     per_image, leaked, adjusted = [], [], []
     for i, res in enumerate(attacked):
       score = metrics.score(res, threshold=self.leak_ssim, keep_images=True)
@@ -187,19 +234,7 @@ class ThresholdSearch:
           "ssim": float(score["ssim"]), "adjusted_ssim": float(score["adjusted_ssim"]),
           "psnr": float(score["psnr"]), "mse": float(score["mse"]),
           "label_correct": bool(score["label_correct"]), "leaked": bool(score["leaked"])})
-    recon = os.path.join("recon", hashlib.sha1(key.encode()).hexdigest()[:16] + ".npz")
-    np.savez_compressed(os.path.join(self.output_dir, recon), leaked=np.stack(leaked),
-                        adjusted=np.stack(adjusted), original=images)
-    frac = float(np.mean([not p["leaked"] for p in per_image]))
-    return self.log.add(key, {
-        "dataset": dataset, "dataset_source": ds.source, "attack": attack,
-        "defense": defense, "param": param, "update": update,
-        "defense_config": None if defence is None else defence.get_config(),
-        "fraction_defended": frac, "defended": frac >= self.defended_fraction - 1e-9,
-        "median_ssim": float(np.median([p["ssim"] for p in per_image])),
-        "median_adjusted_ssim": float(np.median([p["adjusted_ssim"] for p in per_image])),
-        "max_adjusted_ssim": float(np.max([p["adjusted_ssim"] for p in per_image])),
-        "images": per_image, "recon": recon, "seconds": time.perf_counter() - start})
+    return per_image, leaked, adjusted
 
   # ------------------------------------------------------------------ the search
   def run(self) -> List[Dict[str, Any]]:
@@ -213,7 +248,7 @@ class ThresholdSearch:
     bar = tqdm(cells, desc="threshold search", unit="cell", disable=not self.progress)
     for dataset, attack, defense in bar:
       bar.set_postfix_str(f"{dataset}/{attack}/{defense}")
-      self.evaluate(dataset, attack, "none", None)
+      base = self.evaluate(dataset, attack, "none", None)
       space = threshold_lib.SearchSpace(*defenses_lib.PARAMETER_SEARCH[defense])
       res = threshold_lib.find_threshold(
           lambda p, d=dataset, a=attack, f=defense: self.evaluate(d, a, f, p), space,
@@ -232,7 +267,10 @@ class ThresholdSearch:
           "adjusted_ssim_weaker": weaker and weaker["median_adjusted_ssim"],
           "points_evaluated": len(res.points), "search_low": space.low,
           "search_high": space.high, "search_scale": space.scale,
-          "stronger": space.stronger})
+          "stronger": space.stronger,
+          # Without a leak to stop, "the weakest setting defends" means nothing.
+          "attack_works_undefended": not base["defended"],
+          "undefended_adjusted_ssim": base["median_adjusted_ssim"]})
     bar.close()
     self.write_tables(rows)
     self.write_grids(rows)
@@ -273,10 +311,7 @@ class ThresholdSearch:
   def write_robustness(self, out: List[Dict[str, Any]]) -> None:
     from tf_dlg.analysis import figures  # pylint: disable=g-import-not-at-top
     fields = list(out[0]) if out else ["dataset"]
-    with open(os.path.join(self.output_dir, "robustness.csv"), "w", newline="") as f:
-      w = csv.DictWriter(f, fieldnames=fields)
-      w.writeheader()
-      w.writerows(out)
+    write_csv(os.path.join(self.output_dir, "robustness.csv"), fields, out)
     text = ("# Do the thresholds hold against stronger attackers?\n\n"
             f"Each threshold is attacked again by adaptive attackers on the single-image "
             f"gradient, and by `idlg` on a {self.local_steps}-step FedAvg client delta "
@@ -289,17 +324,12 @@ class ThresholdSearch:
         [[o["dataset"], o["defense"], o["threshold"], o["attack"], o["update"],
           o["undefended_adjusted_ssim"], o["fraction_defended"], o["adjusted_ssim"],
           o["max_adjusted_ssim"], o["verdict"]] for o in out])
-    with open(os.path.join(self.output_dir, "robustness.md"), "w") as f:
-      f.write(text)
+    io_lib.atomic_write_text(os.path.join(self.output_dir, "robustness.md"), text)
 
   # ------------------------------------------------------------------ outputs
   def write_tables(self, rows: List[Dict[str, Any]]) -> None:
     from tf_dlg.analysis import figures  # pylint: disable=g-import-not-at-top
-    with open(os.path.join(self.output_dir, "thresholds.csv"), "w", newline="") as f:
-      w = csv.DictWriter(f, fieldnames=THRESHOLD_FIELDS)
-      w.writeheader()
-      for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in THRESHOLD_FIELDS})
+    write_csv(os.path.join(self.output_dir, "thresholds.csv"), THRESHOLD_FIELDS, rows)
     lines = [f"# Defence thresholds against gradient inversion\n",
              f"A setting *defends* when at least {self.defended_fraction:.0%} of "
              f"{self.num_images} images per dataset score a brightness-adjusted SSIM below "
@@ -328,8 +358,7 @@ class ThresholdSearch:
     lines.append("\nData:\n\n")
     for dataset in self.datasets:
       lines.append(f"- `{dataset}`: {self.case(dataset)[0].source}\n")
-    with open(os.path.join(self.output_dir, "thresholds.md"), "w") as f:
-      f.write("".join(lines))
+    io_lib.atomic_write_text(os.path.join(self.output_dir, "thresholds.md"), "".join(lines))
 
   def write_grids(self, rows: List[Dict[str, Any]]) -> List[str]:
     """The paper's Figures 2-4: no defence, one step below the threshold, at it."""
@@ -346,12 +375,12 @@ class ThresholdSearch:
                          self.log.get(point_key(dataset, attack, defense, r["threshold"]))))
       grid = []
       for label, point in settings:
-        with np.load(os.path.join(self.output_dir, point["recon"])) as z:
-          # The image that leaked most at this setting: the figure shows the worst case.
-          i = int(np.argmax([p["adjusted_ssim"] for p in point["images"]]))
-          grid.append({"label": label, "leaked": z["leaked"][i], "adjusted": z["adjusted"][i],
-                       "original": z["original"][i], "ssim": point["images"][i]["ssim"],
-                       "adjusted_ssim": point["images"][i]["adjusted_ssim"]})
+        _, z = io_lib.load_npz(os.path.join(self.output_dir, point["recon"]), RECON_FORMAT)
+        # The image that leaked most at this setting: the figure shows the worst case.
+        i = int(np.argmax([p["adjusted_ssim"] for p in point["images"]]))
+        grid.append({"label": label, "leaked": z["leaked"][i], "adjusted": z["adjusted"][i],
+                     "original": z["original"][i], "ssim": point["images"][i]["ssim"],
+                     "adjusted_ssim": point["images"][i]["adjusted_ssim"]})
       path = os.path.join(self.output_dir, "figures", f"grid_{dataset}_{attack}_{defense}.png")
       figures.leak_grid(grid, path, title=f"{attack} vs {defense} on {dataset} ({r['status']})",
                         footer=f"data: {r['dataset_source']}")
@@ -359,7 +388,15 @@ class ThresholdSearch:
     return paths
 
 
+def attack_untested(row: Dict[str, Any]) -> bool:
+  """Whether a thresholds row's attack already failed without a defence."""
+  works = row.get("attack_works_undefended")
+  return works is False or works == "False"
+
+
 def format_threshold(row: Dict[str, Any]) -> str:
+  if attack_untested(row):
+    return UNTESTED
   if row["status"] == "not_reached":
     bound = row["search_high"] if row["stronger"] == "higher" else row["search_low"]
     return f"not reached (leaks at {bound:g})"
@@ -367,34 +404,64 @@ def format_threshold(row: Dict[str, Any]) -> str:
   return text if row["status"] == "found" else f"<= {text} (weakest tried)"
 
 
+def write_csv(path: str, fields: Sequence[str], rows: Sequence[Dict[str, Any]]) -> str:
+  """Atomically writes `rows` (None as an empty cell) under the header `fields`."""
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore")
+  w.writeheader()
+  for r in rows:
+    w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+  return io_lib.atomic_write_text(path, buf.getvalue())
+
+
 def read_thresholds(path: str) -> List[Dict[str, Any]]:
-  """Reads thresholds.csv back (numbers as floats, empty cells as None)."""
+  """Reads thresholds.csv back (numbers as floats, empty cells as None).
+
+  Raises:
+    ValueError: naming the file, line and column of a cell that is not what
+      `experiments.threshold_search` writes (a number, a known status, a threshold where
+      the status says one was found).
+  """
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist; run experiments.threshold_search first.")
   with open(path, newline="") as f:
     reader = csv.DictReader(f)
-    missing = set(THRESHOLD_FIELDS) - set(reader.fieldnames or [])
+    missing = set(THRESHOLD_FIELDS) - set(OPTIONAL_FIELDS) - set(reader.fieldnames or [])
     if missing:
       raise ValueError(f"{path} is not a thresholds.csv (missing columns: {sorted(missing)}).")
-    out = []
-    for r in reader:
-      row = {}
-      for k, v in r.items():
-        if v == "":
-          row[k] = None
-        else:
-          try:
-            row[k] = float(v)
-          except ValueError:
-            row[k] = v
-      out.append(row)
-  return out
+    return [_threshold_row(r, f"{path}, line {reader.line_num}") for r in reader]
+
+
+def _threshold_row(raw: Dict[str, str], where: str) -> Dict[str, Any]:
+  """One parsed thresholds.csv row; `where` names the file and line in errors."""
+  if None in raw:
+    raise ValueError(f"{where}: more cells than the header has columns.")
+  row: Dict[str, Any] = {}
+  for k, v in raw.items():
+    v = None if v is None or v.strip() == "" else v.strip()
+    if k in NUMERIC_FIELDS and v is not None:
+      try:
+        v = float(v)
+      except ValueError:
+        raise ValueError(f"{where}, column {k!r}: {raw[k]!r} is not a number.") from None
+      if k in _FINITE_FIELDS and not math.isfinite(v):
+        raise ValueError(f"{where}, column {k!r}: {raw[k]!r} is not a finite number.")
+    row[k] = v
+  if row.get("status") not in STATUSES:
+    raise ValueError(f"{where}, column 'status': {raw.get('status')!r} is not one of "
+                     f"{', '.join(STATUSES)}.")
+  need = ("threshold",) if row["status"] != "not_reached" else ("search_low", "search_high")
+  for k in need + ("dataset", "attack", "defense"):
+    if row.get(k) is None:
+      raise ValueError(f"{where}, column {k!r}: empty, but status {row['status']!r} needs it.")
+  return row
 
 
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  # The constructor checks every flag (a ValueError: one line, exit 2) before any attack.
   search = ThresholdSearch(
       f.output_dir, f.datasets, f.attacks, f.defenses, num_images=f.num_images,
       iterations=f.iterations, leak_ssim=f.leak_ssim, defended_fraction=f.defended_fraction,
@@ -420,6 +487,5 @@ def define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   define_flags()
-  app.run(main)
+  cli.run(main)
