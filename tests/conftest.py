@@ -1,4 +1,10 @@
-"""Shared pytest set-up: quiet TensorFlow, deterministic seeds, no TFF orphans."""
+"""Shared pytest set-up: quiet TensorFlow, shared fixtures, no TFF orphans.
+
+Fixtures for every test module:
+- `digits`: the offline `digits` `ImageDataset` (real 8x8 digits at 28x28), loaded once.
+- `tiny_bn_model`: a function `(input_shape, num_classes, seed=0) -> tf.keras.Model`, a
+  one-conv BatchNorm model small enough for TFF rounds in a second or two.
+"""
 
 import os
 
@@ -10,5 +16,29 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session", autouse=True)
 def _stop_tff_workers_at_end():
   yield
-  from tf_dlg.federated import runtime  # pylint: disable=g-import-not-at-top
+  from tf_dlg.federated import runtime
   runtime.stop_tff_workers()
+
+
+@pytest.fixture(scope="session")
+def digits():
+  from tf_dlg import data
+  return data.load_dataset("digits")
+
+
+def _tiny_bn_model(input_shape, num_classes, seed=0):
+  import tensorflow as tf
+  init = tf.keras.initializers.GlorotUniform(seed=seed)
+  inputs = tf.keras.Input(input_shape)
+  h = tf.keras.layers.Conv2D(4, 3, strides=2, use_bias=False, kernel_initializer=init)(inputs)
+  h = tf.keras.layers.BatchNormalization()(h)
+  h = tf.keras.layers.ReLU()(h)
+  h = tf.keras.layers.GlobalAveragePooling2D()(h)
+  dense_init = tf.keras.initializers.GlorotUniform(seed=seed + 1)
+  return tf.keras.Model(inputs, tf.keras.layers.Dense(num_classes,
+                                                      kernel_initializer=dense_init)(h))
+
+
+@pytest.fixture(scope="session")
+def tiny_bn_model():
+  return _tiny_bn_model

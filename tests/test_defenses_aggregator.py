@@ -1,4 +1,4 @@
-"""The defences as TFF aggregators (`tf_dlg.defenses.defense_factory`).
+"""The defences as TFF aggregators (`tf_dlg.defenses.aggregator`).
 
 Every check compares TFF's output with the pure defence (`Defense.__call__`) applied
 in eager TensorFlow with the client seeds `aggregator.client_seed(value, round, seed)`
@@ -10,24 +10,25 @@ Kept fast: tiny value types, one tiny Keras model, and one TFF build per defence
 """
 
 import collections
+import math
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_dlg import _tff
 from tf_dlg import data as data_lib
 from tf_dlg import defenses
 from tf_dlg import models
-from tf_dlg.federated.runtime import import_tff
+from tf_dlg.defenses import aggregator
+from tf_dlg.federated import aggregators as aggregators_lib
 
-tff = import_tff()
+tff = _tff.import_tff()
 
-from tf_dlg.defenses import aggregator  # noqa: E402  (imports TFF)
-from tf_dlg.federated import aggregators as aggregators_lib  # noqa: E402
-
-PARAMS = {"none": None, "masking": 0.5, "clipping": 1.0, "value_clipping": 0.05,
-          "pruning": 0.5, "noising": 0.1, "dp": 0.5}
-RANDOM = ("masking", "noising", "dp")
+PARAMS = {"none": None, "masking": 0.5, "clipping": 1.0, "clipping_ratio": 0.5,
+          "value_clipping": 0.05, "pruning": 0.5, "noising": 0.1, "noising_ratio": 0.1,
+          "dp": 0.5}
+RANDOM = ("masking", "noising", "noising_ratio", "dp")
 
 SHAPES = [(5, 4), (3,)]
 VALUE_TYPE = tff.types.to_type([tff.TensorType(np.float32, s) for s in SHAPES])
@@ -84,6 +85,10 @@ def test_weighted_factory_aggregate_is_the_pure_defence(name):
     _assert_close(out.result, _mean(defended, WEIGHTS))
     assert out.measurements["defense_zero_fraction"] == pytest.approx(
         _zero_fraction(defended), abs=1e-6)
+    scales = [float(defense.clip_scale([tf.constant(a) for a in v])) for v in values]
+    assert out.measurements["defense_clip_scale"] == pytest.approx(np.mean(scales), rel=1e-5)
+    assert out.measurements["defense_clipped_fraction"] == pytest.approx(
+        np.mean(np.asarray(scales) < 1.0))
     results.append(out.result)
     state = out.state
   assert state["round"] == 2
@@ -95,6 +100,11 @@ def test_weighted_factory_aggregate_is_the_pure_defence(name):
     assert _zero_fraction(defended) > 0.3
   if name == "none":
     _assert_close(results[0], _mean(values, WEIGHTS))
+  if name in ("clipping", "clipping_ratio", "dp"):   # norms > 1: every client clipped
+    assert out.measurements["defense_clipped_fraction"] == 1.0
+    assert out.measurements["defense_clip_scale"] < 1.0
+  elif name != "none":
+    assert out.measurements["defense_clipped_fraction"] == 0.0
 
 
 def test_clients_and_seeds_get_different_masks():
@@ -176,6 +186,60 @@ def test_type_errors():
     unweighted.create(tff.TensorType(np.int32, [3]))
 
 
+# ----------------------------------------------------------------------------- median clipping
+
+
+def _norms(values, exclude=(False, False)):
+  return np.asarray([math.sqrt(sum(np.sum(np.asarray(a, np.float64) ** 2)
+                                   for a, e in zip(v, exclude) if not e)) for v in values])
+
+
+@pytest.mark.parametrize("num_clients,ratio", [(3, 1.0), (4, 0.5)])
+def test_median_clipping_clips_to_ratio_times_the_round_median_norm(num_clients, ratio):
+  rng = np.random.default_rng(7)
+  values = [[(rng.normal(size=s) * scale).astype(np.float32) for s in SHAPES]
+            for scale in (0.5, 1.0, 2.0, 8.0)[:num_clients]]
+  weights = (WEIGHTS + [3.0])[:num_clients]
+  norms = _norms(values)
+  bound = ratio * np.median(norms)   # an even count: the mean of the middle two
+  scales = np.minimum(1.0, bound / norms)
+  expected = [[a * s for a in v] for v, s in zip(values, scales)]
+  factory = defenses.median_clipping_factory(ratio, tff.aggregators.MeanFactory())
+  assert isinstance(factory, tff.aggregators.WeightedAggregationFactory)
+  process = factory.create(VALUE_TYPE, WEIGHT_TYPE)
+  out = process.next(process.initialize(), values, weights)
+  _assert_close(out.result, _mean(expected, weights))
+  assert out.measurements["defense_clipped_fraction"] == pytest.approx(np.mean(scales < 1))
+  assert out.measurements["defense_clip_scale"] == pytest.approx(np.mean(scales), rel=1e-5)
+  if ratio == 1.0:   # 3 clients: only the largest is above the median, the median is kept
+    assert np.sum(scales < 1) == 1
+
+
+def test_median_clipping_excludes_tensors_and_works_unweighted():
+  values = _client_values(num_clients=3, scale=2.0)
+  exclude = [False, True]
+  norms = _norms(values, exclude)
+  bound = 0.5 * np.median(norms)
+  expected = [[v[0] * min(1.0, bound / n), v[1]] for v, n in zip(values, norms)]
+  factory = defenses.median_clipping_factory(0.5, tff.aggregators.UnweightedMeanFactory(),
+                                             exclude=exclude)
+  assert not isinstance(factory, tff.aggregators.WeightedAggregationFactory)
+  process = factory.create(VALUE_TYPE)
+  out = process.next(process.initialize(), values)
+  _assert_close(out.result, _mean(expected))
+  clipped = np.mean(norms > bound)
+  assert 0 < clipped and out.measurements["defense_clipped_fraction"] == pytest.approx(clipped)
+  with pytest.raises(ValueError, match="clip_ratio=1.5"):
+    defenses.median_clipping_factory(1.5, tff.aggregators.MeanFactory())
+
+
+def test_median_matches_numpy():
+  for n in range(0, 7):
+    x = np.random.default_rng(n).normal(size=n).astype(np.float32)
+    want = np.median(x) if n else 0.0
+    assert float(aggregator._median(tf.constant(x))) == pytest.approx(want, rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- FedAvg
 
 
@@ -183,27 +247,18 @@ NUM_EXAMPLES = (20, 30, 40)   # unequal, so that the example weighting matters
 
 
 @pytest.fixture(scope="module")
-def digits_clients():
-  ds = data_lib.load_dataset("digits")
+def digits_clients(digits):
   starts = np.cumsum((0,) + NUM_EXAMPLES)
   parts = [np.arange(a, b) for a, b in zip(starts[:-1], starts[1:])]
-  clients = data_lib.client_datasets(ds.x_train, ds.y_train, parts, batch_size=10, epochs=1,
-                                     shuffle=False)
-  return ds, clients
+  clients = data_lib.client_datasets(digits.x_train, digits.y_train, parts, batch_size=10,
+                                     epochs=1, shuffle=False)
+  return digits, clients
 
 
-def _tiny_bn_model(input_shape, num_classes):
-  tf.keras.utils.set_random_seed(0)
-  inputs = tf.keras.Input(input_shape)
-  h = tf.keras.layers.Conv2D(4, 3, strides=2, use_bias=False)(inputs)
-  h = tf.keras.layers.BatchNormalization()(h)
-  h = tf.keras.layers.ReLU()(h)
-  h = tf.keras.layers.GlobalAveragePooling2D()(h)
-  return tf.keras.Model(inputs, tf.keras.layers.Dense(num_classes)(h))
-
-
-@pytest.mark.parametrize("name", ["masking", "clipping", "pruning", "noising", "dp"])
-def test_one_round_weighted_fed_avg_aggregate_is_the_pure_defence(digits_clients, name):
+@pytest.mark.parametrize("name", ["masking", "clipping", "clipping_ratio", "pruning",
+                                  "noising", "noising_ratio", "dp"])
+def test_one_round_weighted_fed_avg_aggregate_is_the_pure_defence(digits_clients,
+                                                                  tiny_bn_model, name):
   """3 `digits` clients, one round of TFF's own FedAvg with the defence as aggregator.
 
   The model update is TFF's (trainable weights only); BN gamma/beta are excluded with
@@ -213,14 +268,14 @@ def test_one_round_weighted_fed_avg_aggregate_is_the_pure_defence(digits_clients
   """
   ds, clients = digits_clients
   shape = ds.x_train.shape[1:]
-  probe = _tiny_bn_model(shape, ds.num_classes)
+  probe = tiny_bn_model(shape, ds.num_classes)
   exclude = defenses.batchnorm_exclusion(probe, probe.trainable_variables)
   assert sum(exclude) == 2   # gamma, beta
   defense = defenses.get_defense(name, PARAMS[name], exclude=exclude)
 
   def model_fn():
     return tff.learning.models.from_keras_model(
-        _tiny_bn_model(shape, ds.num_classes), input_spec=models.input_spec(shape),
+        tiny_bn_model(shape, ds.num_classes), input_spec=models.input_spec(shape),
         loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
   process = tff.learning.algorithms.build_weighted_fed_avg(

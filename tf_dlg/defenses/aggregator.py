@@ -55,9 +55,11 @@ def _median(values: tf.Tensor) -> tf.Tensor:
   """`numpy.median` of a 1-D tensor (mean of the middle two for an even count; 0 if empty)."""
   x = tf.sort(values)
   n = tf.size(x)
-  upper = tf.gather(x, tf.maximum(n // 2, 0))
-  lower = tf.gather(x, tf.maximum((n - 1) // 2, 0))
-  return tf.cond(n > 0, lambda: (upper + lower) / 2.0, lambda: tf.constant(0.0, x.dtype))
+
+  def middle():
+    return (tf.gather(x, n // 2) + tf.gather(x, (n - 1) // 2)) / 2.0
+
+  return tf.cond(n > 0, middle, lambda: tf.constant(0.0, x.dtype))
 
 
 class _DefenseComputations:
