@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_dlg import data as data_lib
 from tf_dlg import defenses
 from tf_dlg import models
 
@@ -20,9 +19,8 @@ LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 @pytest.fixture(scope="module")
-def digits():
-  ds = data_lib.load_dataset("digits")
-  return ds.x_train[:1000], ds.y_train[:1000], ds.x_test, ds.y_test
+def digit_arrays(digits):
+  return digits.x_train[:1000], digits.y_train[:1000], digits.x_test, digits.y_test
 
 
 def _bn_model(num_classes=10):
@@ -45,8 +43,8 @@ def _raw_gradient(model, x, y):
   return tape.gradient(loss, model.trainable_variables)
 
 
-def test_one_step_applies_exactly_the_defended_gradient(digits):
-  x, y = digits[0][:32], digits[1][:32]
+def test_one_step_applies_exactly_the_defended_gradient(digit_arrays):
+  x, y = digit_arrays[0][:32], digit_arrays[1][:32]
   rate = 0.6
   model = _defended(defenses.get_defense("masking", rate), seed=5)
   model.build((None, 28, 28, 1))
@@ -90,9 +88,9 @@ def _mlp():
       tf.keras.layers.BatchNormalization(), tf.keras.layers.ReLU(), tf.keras.layers.Dense(10)])
 
 
-def test_fit_with_masking_still_reduces_the_loss(digits):
+def test_fit_with_masking_still_reduces_the_loss(digit_arrays):
   """The README example: one epoch of `fit` on 1,000 digits with half the gradient masked."""
-  x, y, xt, yt = digits
+  x, y, xt, yt = digit_arrays
   model = defenses.DefendedModel(_mlp(), defenses.get_defense("masking", 0.5), seed=0)
   model.compile(optimizer=tf.keras.optimizers.Adam(0.005), loss=LOSS, metrics=["accuracy"])
   initial_loss, _ = model.evaluate(xt, yt, verbose=0)
@@ -110,8 +108,8 @@ def test_fit_with_masking_still_reduces_the_loss(digits):
 
 
 @pytest.mark.parametrize("norm", [0.05, 1.0])
-def test_fit_with_clipping_bounds_every_step(digits, norm):
-  x, y = digits[0][:64], digits[1][:64]
+def test_fit_with_clipping_bounds_every_step(digit_arrays, norm):
+  x, y = digit_arrays[0][:64], digit_arrays[1][:64]
   model = _defended(defenses.get_defense("clipping", norm), lr=1.0)
   model.build((None, 28, 28, 1))
   exclude = model.gradient_exclusion()
@@ -126,8 +124,21 @@ def test_fit_with_clipping_bounds_every_step(digits, norm):
       assert norm_step == pytest.approx(norm, rel=1e-3)
 
 
-def test_exclude_options(digits):
-  x, y = digits[0][:16], digits[1][:16]
+def test_fit_with_relative_clipping_scales_each_step_by_the_ratio(digit_arrays):
+  x, y = digit_arrays[0][:32], digit_arrays[1][:32]
+  model = _defended(defenses.get_defense("clipping_ratio", 0.25), lr=1.0)
+  model.build((None, 28, 28, 1))
+  exclude = model.gradient_exclusion()
+  raw = [g.numpy() for g in _raw_gradient(model, x, y)]
+  before = _weights(model)
+  model.train_on_batch(x, y)
+  for j, (b, a, g, e) in enumerate(zip(before, _weights(model), raw, exclude)):
+    np.testing.assert_allclose(b - a, g if e else 0.25 * g, rtol=1e-3, atol=1e-7,
+                               err_msg=f"var {j}")
+
+
+def test_exclude_options(digit_arrays):
+  x, y = digit_arrays[0][:16], digit_arrays[1][:16]
   masking = defenses.get_defense("masking", 0.5)
   naive = _defended(masking, exclude=None)
   naive.build((None, 28, 28, 1))
@@ -166,8 +177,8 @@ def test_defended_gradients_keeps_none_and_densifies():
     defenses.defended_gradients(d, grads, 0, exclude=[True, False])
 
 
-def test_config_round_trip_and_save_load(digits, tmp_path):
-  x, y = digits[0][:16], digits[1][:16]
+def test_config_round_trip_and_save_load(digit_arrays, tmp_path):
+  x, y = digit_arrays[0][:16], digit_arrays[1][:16]
   model = _defended(defenses.get_defense("noising", 1e-3, distribution="laplacian"), seed=9)
   model.train_on_batch(x, y)
   cfg = model.get_config()
@@ -185,8 +196,8 @@ def test_config_round_trip_and_save_load(digits, tmp_path):
                              rtol=1e-5, atol=1e-6)
 
 
-def test_mixin_on_a_subclassed_model_and_loss_scale_optimizer(digits):
-  x, y = digits[0][:32], digits[1][:32]
+def test_mixin_on_a_subclassed_model_and_loss_scale_optimizer(digit_arrays):
+  x, y = digit_arrays[0][:32], digit_arrays[1][:32]
 
   class Small(defenses.DefenseTrainStepMixin, tf.keras.Model):
 
