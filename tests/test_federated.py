@@ -62,20 +62,38 @@ def _worker_pids():
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("aggregator", "mode", r"aggregator='mode' must be one of mean, median, trimmed_mean"),
-    ("partition", "zipf", r"partition='zipf' must be one of iid, dirichlet, shards"),
-    ("num_clients", 0, r"num_clients=0 must be an integer \[1, 1438\]"),
-    ("clients_per_round", 11, r"clients_per_round=11 must be an integer \[1, 10\]"),
-    ("malicious_clients", 11, r"malicious_clients=11 must be an integer \[0, 10\]"),
-    ("rounds", 0, r"rounds=0 must be an integer >= 1"),
+    ("aggregator", "mode", r"aggregator='mode' is not one of mean, median, trimmed_mean"),
+    ("partition", "zipf", r"partition='zipf' is not one of iid, dirichlet, shards"),
+    ("num_clients", 0, r"num_clients=0 must be an integer in \[1, 1438\]"),
+    ("clients_per_round", 11, r"clients_per_round=11 must be an integer in \[1, 10\]"),
+    ("malicious_clients", 11, r"malicious_clients=11 must be an integer in \[0, 9\]"),
+    ("rounds", 0, r"rounds=0 must be an integer in \[1, inf\]"),
     ("trim_fraction", 0.5, r"trim_fraction=0.5 must be a number in \[0, 0.5\)"),
-    ("client_lr", -1.0, r"client_lr=-1.0 must be a number > 0"),
-    ("capture_round", 5, r"capture_round=5 must be an integer \[1, 3\]"),
+    ("client_lr", -1.0, r"client_lr=-1.0 must be a number in \(0, inf\)"),
+    ("client_lr", float("nan"), r"client_lr=nan must be a number in \(0, inf\)"),
+    ("capture_round", 5, r"capture_round=5 must be an integer in \[1, 3\]"),
+    ("defense_param", 0.3, r"defense_param=0.3 is set but defense='none'"),
 ])
 def test_config_errors_name_value_and_range(config, digits, field, value, match):
   bad = dataclasses.replace(config, **{field: value})
   with pytest.raises(ValueError, match=match):
     bad.validate(len(digits.x_train))
+
+
+def test_all_malicious_runs_are_refused(config, digits):
+  """Every client malicious (NaN loss from round 1) is refused before any work."""
+  with pytest.raises(ValueError, match=r"^malicious_clients=10 must be an integer in "
+                     r"\[0, 9\] \(num_clients - 1\)"):
+    dataclasses.replace(config, malicious_clients=10).validate(len(digits.x_train))
+  # With sampling, a round that draws only malicious clients is refused too ...
+  bad = dataclasses.replace(config, malicious_clients=8, clients_per_round=2, rounds=20)
+  with pytest.raises(ValueError, match=r"malicious_clients=8 with clients_per_round=2: "
+                     r"round \d+ samples only malicious clients; use malicious_clients in "
+                     r"\[0, 1\] or clients_per_round in \[9, 10\]"):
+    bad.validate()
+  # ... but never one where each round keeps an honest client.
+  dataclasses.replace(bad, clients_per_round=9).validate()
+  dataclasses.replace(config, malicious_clients=9).validate()
 
 
 def test_sampling_and_malicious_sets_are_seeded(config):
@@ -157,6 +175,40 @@ def test_foreign_or_corrupt_checkpoint_and_history(config, fa, digits, tmp_path)
   (e / "history.csv").write_text("epoch,acc\n1,0.5\n")
   with pytest.raises(sim.CheckpointError, match="not a tf-dlg history"):
     sim.run_simulation(config, str(e), dataset=digits, fedavg=fa, progress=False)
+
+
+def test_garbage_history_row_is_named_and_never_overwritten(config, fa, digits, tmp_path):
+  d = tmp_path / "run"
+  sim.run_simulation(dataclasses.replace(config, rounds=2), str(d), dataset=digits,
+                     fedavg=fa, progress=False)
+  path = d / "history.csv"
+  lines = path.read_text().splitlines()
+  cols = lines[2].split(",")
+  cols[3] = "abc"  # test_loss of round 2
+  lines[2] = ",".join(cols)
+  path.write_text("\n".join(lines) + "\n")
+  damaged = path.read_bytes()
+  message = rf"'{path}' line 3, column 'test_loss': 'abc' is not a number"
+  with pytest.raises(sim.CheckpointError, match=message):
+    sim.read_history(str(path))
+  with pytest.raises(sim.CheckpointError, match=message):
+    sim.run_simulation(config, str(d), dataset=digits, fedavg=fa, progress=False)
+  assert path.read_bytes() == damaged
+  path.write_text(lines[0] + "\n1.5,1,1,1,1,1\n")
+  with pytest.raises(sim.CheckpointError, match=r"line 2, column 'round': '1.5' is not a "
+                     "round number"):
+    sim.read_history(str(path))
+
+
+def test_checkpoint_is_an_npz_with_json_header(config, fa, digits, tmp_path):
+  from tf_dlg import io as io_lib  # pylint: disable=g-import-not-at-top
+  sim.run_simulation(dataclasses.replace(config, rounds=1), str(tmp_path), dataset=digits,
+                     fedavg=fa, progress=False)
+  header, arrays = io_lib.load_npz(str(tmp_path / "checkpoint.npz"),
+                                   expected_format="tf_dlg.federated.checkpoint/v1")
+  assert header["round"] == 1 and len(arrays) == header["num_leaves"] > 0
+  assert [h["round"] for h in header["history"]] == [1]
+  assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
 # --------------------------------------------------------------------------- capture
@@ -293,5 +345,29 @@ def test_entry_point_bad_flag_is_one_clear_error(tmp_path):
   proc, leaked = _run_entry(["--num_clients=10", "--malicious_clients=12",
                              f"--output_dir={tmp_path}"], tmp_path)
   assert proc.returncode == 2
-  assert "malicious_clients=12 must be an integer [0, 10]" in proc.stderr
+  assert "malicious_clients=12 must be an integer in [0, 9]" in proc.stderr
   assert not leaked
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--num_clients=3", "--malicious_clients=3"],
+     "error: malicious_clients=3 must be an integer in [0, 2] (num_clients - 1)"),
+    (["--defense=none", "--defense_param=0.3"],
+     "error: defense_param=0.3 is set but defense='none'"),
+    (["--client_optimizer=adamw"], "error: client_optimizer='adamw' is not one of"),
+])
+def test_entry_point_refuses_before_any_work(tmp_path, args, message):
+  out = tmp_path / "fl"
+  proc, leaked = _run_entry([*args, f"--output_dir={out}"], tmp_path)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and errors[0].startswith(message), proc.stderr[-2000:]
+  assert not leaked and not (out / "history.csv").exists()
+
+
+def test_entry_point_refuses_a_file_as_output_dir(tmp_path):
+  target = tmp_path / "a_file"
+  target.write_text("x")
+  proc, _ = _run_entry([f"--output_dir={target}"], tmp_path)
+  assert proc.returncode == 2
+  assert f"output_dir='{target}' exists and is not a directory" in proc.stderr
