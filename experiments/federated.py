@@ -17,13 +17,11 @@ the run like Ctrl-C (exit 130), and the local TFF worker never outlives the run.
 from __future__ import annotations
 
 import json
-import textwrap
 import os
 import sys
+import textwrap
 
-from absl import app
-from absl import logging
-from absl import flags
+from absl import app, flags, logging
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -117,9 +115,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # TFF logs INFO lines per model build
   # pylint: disable=g-import-not-at-top
   from tf_dlg import data as data_lib
-  from tf_dlg.federated import runtime
   from tf_dlg import validation
-  from tf_dlg.federated import simulation
+  from tf_dlg.federated import runtime, simulation
   runtime.sigterm_as_interrupt()
   config = config_from_flags()
   config.validate()  # every flag, before the dataset loads

@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from tf_dlg.federated import runtime
-from tf_dlg.federated import worker
+from tf_dlg.federated import runtime, worker
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LISTEN = "0A"

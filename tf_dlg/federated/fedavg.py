@@ -46,9 +46,9 @@ from typing import Any, Callable, List, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tf_dlg.federated.runtime import import_tff
-from tf_dlg.federated import aggregators as aggregators_lib
 from tf_dlg import models as models_lib
+from tf_dlg.federated import aggregators as aggregators_lib
+from tf_dlg.federated.runtime import import_tff
 
 tff = import_tff()
 
@@ -247,7 +247,6 @@ def _build_finalizer(optimizer, weights_type, num_trainable: int):
   @tff.tensorflow.computation(opt_state_type, weights_type, update_type)
   @tf.function
   def next_tf(opt_state, weights, update):
-    trainable = tf.nest.flatten(weights.trainable)
     non_trainable = tf.nest.flatten(weights.non_trainable)
     update = list(update)
     finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(u)) for u in update])

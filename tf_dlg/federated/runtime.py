@@ -64,8 +64,10 @@ def _release_default_context():
   if "tensorflow_federated" not in sys.modules:
     return
   # pylint: disable=g-import-not-at-top
-  from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
-  from tensorflow_federated.python.core.impl.context_stack import runtime_error_context
+  from tensorflow_federated.python.core.impl.context_stack import (
+    context_stack_impl,
+    runtime_error_context,
+  )
   previous_hook = sys.unraisablehook
 
   def quiet_hook(unraisable):
@@ -179,6 +181,7 @@ class _LocalWorker:
     # pylint: disable=g-import-not-at-top
     import grpc
     import portpicker
+
     from tf_dlg.federated import worker
     tff = import_tff()
     if self._stub is not None and self._process.poll() is None and self._stub.is_ready:
@@ -224,7 +227,8 @@ def create_local_context(max_concurrent_computation_calls: int = -1):
   tff = import_tff()
   from tensorflow_federated.python.core.backends.native import compiler
   from tensorflow_federated.python.core.environments.tensorflow_frontend import (
-      tensorflow_computation)
+    tensorflow_computation,
+  )
   service = _LocalWorker(max_concurrent_computation_calls)
 
   def stack_fn(cardinalities):
@@ -289,7 +293,8 @@ def create_execution_context(workers=None, timeout: float = 30.0):
   tff = import_tff()
   from tensorflow_federated.python.core.backends.native import compiler
   from tensorflow_federated.python.core.environments.tensorflow_frontend import (
-      tensorflow_computation)
+    tensorflow_computation,
+  )
   addresses = parse_workers(workers)
   if not addresses:
     return create_local_context()
@@ -341,6 +346,7 @@ def start_local_worker(port: int = 0, expose: bool = False):
   it dies with this process. The caller should stop it (`stop_worker`).
   """
   import portpicker  # pylint: disable=g-import-not-at-top
+
   from tf_dlg.federated import worker  # pylint: disable=g-import-not-at-top
   port = port or portpicker.pick_unused_port()
   return worker.spawn_worker(port, expose=expose), f"127.0.0.1:{port}"

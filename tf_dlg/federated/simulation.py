@@ -42,7 +42,7 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -495,6 +495,7 @@ def run_simulation(config: SimulationConfig, output_dir: str, *, workers=None,
   # pylint: disable=g-import-not-at-top
   import tensorflow as tf
   import tqdm
+
   from tf_dlg.federated import runtime
   dataset, parts = _prepare(config, output_dir, dataset, overwrite)
   ckpt_path = os.path.join(output_dir, CHECKPOINT_NAME)

@@ -133,7 +133,8 @@ def worker_env(expose: bool = False, parent: int = None) -> dict:
   if shim is None:
     if not expose:
       warnings.warn(f"{ALLOW_EXPOSED_ENV}=1 and no C compiler: TFF's worker_binary "
-                    "listens on EVERY interface with no authentication.", RuntimeWarning)
+                    "listens on EVERY interface with no authentication.", RuntimeWarning,
+                    stacklevel=2)
     return env
   env["LD_PRELOAD"] = " ".join(p for p in (shim, env.get("LD_PRELOAD", "")) if p)
   return env
