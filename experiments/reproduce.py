@@ -72,7 +72,7 @@ def _split_verdict(failed: bool, tested: int, untested: Sequence[str]):
   if not tested:
     return UNTESTED
   if untested:
-    return f"inconclusive ({UNTESTED}: {', '.join(untested)})"
+    return f"inconclusive (attack fails undefended on {', '.join(untested)})"
   return True
 
 
@@ -120,7 +120,7 @@ def _cost_claims(convergence: List[Dict[str, Any]], tolerance: float) -> List[Li
       verdict = len(worse) > len(d) / 2
     if any(UNTESTED in str(r.get("param_source")) for r in d):
       # The "threshold" is only the weakest value searched: its cost means nothing.
-      verdict = f"inconclusive (threshold {UNTESTED})"
+      verdict = "inconclusive (threshold untested: the attack fails undefended)"
     rows.append(_claim_row(claim, ours, verdict))
   return rows
 
@@ -304,6 +304,10 @@ def settings_from_flags(flags_obj) -> Dict[str, Any]:
     value = getattr(flags_obj, name)
     if value is not None:
       settings[name] = value
+  if not flags_obj.convergence_defenses:
+    # The preset's list follows --defenses; one given explicitly is checked, never cut.
+    settings["convergence_defenses"] = [d for d in settings["convergence_defenses"]
+                                        if d in settings["defenses"]]
   return settings
 
 
