@@ -93,9 +93,9 @@ def test_optimizer_isolates_non_finite_attack():
     return loss, d, tape.gradient(loss, x)
 
   for name in ("lbfgs", "adam", "tfp_lbfgs"):
-    res = getattr(optimize, name)(value_fn, tf.zeros([2, 2]), {}, iterations=400,
-                                  tolerance=1e-8, check_every=25, **(
-                                      {"learning_rate": 0.05} if name == "adam" else {}))
+    res = optimize.minimize(name, value_fn, np.zeros([2, 2], np.float32), {},
+                            iterations=400, tolerance=1e-8, check_every=25, **(
+                                {"learning_rate": 0.05} if name == "adam" else {}))
     assert res.status[0] == "converged", (name, res.status)
     np.testing.assert_allclose(res.position[0], [0.5, -0.25], atol=1e-3)
     # tfp's line search never accepts a non-finite point: that row stops short instead.
@@ -120,24 +120,17 @@ def test_idlg_recovers_real_digit_and_nan_start_fails_alone(digits):
 def test_batched_equals_one_by_one(digits):
   ds, model = digits
   obs = [observe_gradient(model, ds.x_train[i:i + 1], ds.y_train[i:i + 1]) for i in (2, 3, 4)]
-  # Early trajectory: equal up to float rounding of batched vs single matmuls, which
-  # L-BFGS amplifies (~5e-4 after 15 steps; different seeds differ by O(1)).
-  batched = run_attacks(model, obs, "idlg", iterations=15, seed=[5, 6, 7])
-  single = [run_attacks(model, [o], "idlg", iterations=15, seed=s)[0]
-            for o, s in zip(obs, (5, 6, 7))]
-  for b, s in zip(batched, single):
-    assert b.batch_size == 3 and s.batch_size == 1
-    np.testing.assert_allclose(b.raw_images, s.raw_images, atol=5e-3)
-  # Final results: same recovered images and labels.
+  # XLA: every slot count >= 2 rounds alike and an attack alone still gets 2 slots, so
+  # batched and single attacks are bit for bit the same.
   batched = run_attacks(model, obs, "idlg", iterations=1500, seed=[5, 6, 7])
   single = [run_attacks(model, [o], "idlg", iterations=1500, seed=s)[0]
             for o, s in zip(obs, (5, 6, 7))]
   for b, s in zip(batched, single):
+    assert b.batch_size == 3 and s.batch_size == 2
     assert b.status == s.status == "converged"
-    assert abs(b.iterations - s.iterations) <= 20
-    np.testing.assert_allclose(b.images, s.images, atol=5e-3)
-    assert metrics.ssim(s.observed.true_images[0], s.images[0]) == pytest.approx(
-        metrics.ssim(b.observed.true_images[0], b.images[0]), abs=1e-3)
+    assert b.iterations == s.iterations
+    np.testing.assert_array_equal(b.raw_images, s.raw_images)
+    assert metrics.ssim(s.observed.true_images[0], s.images[0]) > 0.95
     assert list(b.labels) == list(s.labels)
   # Different seeds start elsewhere.
   assert not np.allclose(batched[0].raw_images, batched[1].raw_images)

@@ -55,3 +55,21 @@ def test_model_errors():
     models.lenet((28, 28), 10)
   with pytest.raises(ValueError, match="num_classes=1"):
     models.bn_cnn((28, 28, 1), 1)
+
+
+@pytest.mark.parametrize("name", ["lenet", "bn_cnn"])
+def test_building_a_model_leaves_global_random_state_alone(name):
+  import random  # pylint: disable=g-import-not-at-top
+  np.random.seed(123)
+  random.seed(123)
+  expected_np, expected_py = np.random.rand(3), random.random()
+  np.random.seed(123)
+  random.seed(123)
+  a = models.build_model(name, (28, 28, 1), 10, seed=4)
+  assert np.array_equal(np.random.rand(3), expected_np)
+  assert random.random() == expected_py
+  b = models.build_model(name, (28, 28, 1), 10, seed=4)
+  c = models.build_model(name, (28, 28, 1), 10, seed=5)
+  for wa, wb in zip(a.get_weights(), b.get_weights()):
+    np.testing.assert_array_equal(wa, wb)
+  assert not np.array_equal(a.get_weights()[0], c.get_weights()[0])

@@ -72,18 +72,25 @@ def bn_cnn(input_shape: Sequence[int], num_classes: int, seed: int = 0,
   exercise the masking defence's BatchNorm handling.
   """
   shape = _check_shape(input_shape, num_classes)
-  tf.keras.utils.set_random_seed(seed)
+  # Seeded initialisers, not tf.keras.utils.set_random_seed: building a model must not
+  # reseed Python's, NumPy's and TensorFlow's global generators.
+  rng = np.random.default_rng(seed)
+
+  def glorot():
+    return tf.keras.initializers.GlorotUniform(seed=int(rng.integers(2**31 - 1)))
+
   inputs = tf.keras.Input(shape=shape, name="image")
   h = inputs
   for i, channels in enumerate((width, 2 * width)):
     h = tf.keras.layers.Conv2D(channels, 3, padding="same", use_bias=False,
-                               name=f"conv{i + 1}")(h)
+                               kernel_initializer=glorot(), name=f"conv{i + 1}")(h)
     h = tf.keras.layers.BatchNormalization(name=f"bn{i + 1}")(h)
     h = tf.keras.layers.ReLU(name=f"relu{i + 1}")(h)
     h = tf.keras.layers.MaxPool2D(name=f"pool{i + 1}")(h)
   h = tf.keras.layers.GlobalAveragePooling2D(name="gap")(h)
-  h = tf.keras.layers.Dense(4 * width, activation="relu", name="fc")(h)
-  logits = tf.keras.layers.Dense(num_classes, name="logits")(h)
+  h = tf.keras.layers.Dense(4 * width, activation="relu", kernel_initializer=glorot(),
+                            name="fc")(h)
+  logits = tf.keras.layers.Dense(num_classes, kernel_initializer=glorot(), name="logits")(h)
   return tf.keras.Model(inputs, logits, name="bn_cnn")
 
 

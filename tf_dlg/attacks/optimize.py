@@ -1,58 +1,74 @@
-"""Batched optimisation loops: L-BFGS (two variants) and Adam.
+"""Batched optimisation loops over a fixed number of slots: L-BFGS (two kinds) and Adam.
 
-Each minimises A independent problems at once. A problem is a compiled
-`value_fn(position, consts) -> (loss [A], distance [A], d loss / d position [A, n])`
-with `position` [A, n] and `consts` a dict of tensors whose leading axis is the attack
-axis. Per attack, after every iteration:
+A problem is a compiled `value_fn(position, consts) -> (loss [S], distance [S],
+d loss / d position [S, n])` over S *slots*; `position` is [S, n] and every tensor of
+`consts` has the slot axis first. Each slot holds one independent attack. Per slot,
+after every iteration:
 
-* distance < tolerance[a] -> `converged`, the attack stops moving (reference DLG/iDLG
-  rule: gradient distance below 1e-6; checking every iteration instead of every 10
-  costs nothing inside the compiled loop);
-* a non-finite loss, distance or gradient -> `failed`: that attack stops at its last
-  finite position; the others go on;
-* the loop of the batch ends once no attack is running (or after `iterations`), so
-  finished attacks cost work only until the slowest attack of their batch is done.
+* distance < tolerance[s] -> `converged` (reference DLG/iDLG rule, checked every
+  iteration inside the compiled loop);
+* a non-finite loss, distance or gradient -> `failed`: the slot keeps its last finite
+  point; the others go on;
+* `iterations` spent -> `max_iterations`.
 
-The loop runs in compiled chunks of `check_every` iterations (one XLA while-loop each);
-between chunks the host only updates the progress bar.
+`run_queue` is continuous batching: compiled chunks of at most `check_every` iterations
+run on the slots, and between chunks every finished slot is handed back and refilled
+from the queue with fresh optimiser state (nothing of the previous occupant is kept). A
+chunk ends early as soon as a slot finishes while work is queued. Every step is a
+row-wise function of its slot's state, so an attack's trajectory does not depend on
+which slot it runs in, when it entered or what its neighbours do.
 
-Optimisers (`OPTIMIZERS`):
-  lbfgs      L-BFGS as in PyTorch's `torch.optim.LBFGS` without line search, which the
+Optimisers (`OPTIMIZERS`, the one registry):
+  lbfgs      L-BFGS as PyTorch's `torch.optim.LBFGS` without line search, which the
              reference DLG/iDLG code uses (lr 1, history 100; first step scaled by
-             1/|g|_1): one objective evaluation per iteration, all in one XLA loop.
-  tfp_lbfgs  `tfp.optimizer.lbfgs_minimize` with batched positions (Hager-Zhang line
-             search, ~3 evaluations per iteration; slower, but monotone).
+             1/|g|_1): one objective evaluation per iteration.
+  tfp_lbfgs  `tfp.optimizer.lbfgs_minimize` (Hager-Zhang line search, ~3 evaluations
+             per iteration; monotone but slower). Its state is not per slot, so its
+             slots are not refilled: a batch runs until its slowest attack stops.
   adam       Adam, step decayed x0.1 at 3/8, 5/8, 7/8 of `iterations` (Inverting
-             Gradients' schedule).
+             Gradients' schedule), counted per slot.
 
-`iterations` counts optimiser iterations. One PyTorch `LBFGS.step` of the reference
-code runs up to 20 iterations, so 300 reference steps are up to 6,000 iterations here:
-compare time-to-recovery, not iteration counts.
+One PyTorch `LBFGS.step` of the reference code runs up to 20 iterations, so 300
+reference steps are up to 6,000 iterations here: compare time-to-recovery.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_probability as tfp
 
-OPTIMIZERS = ("lbfgs", "tfp_lbfgs", "adam")
-RUNNING, CONVERGED, FAILED, STALLED = 0, 1, 2, 3
-_STATUS_NAMES = {RUNNING: "max_iterations", CONVERGED: "converged", FAILED: "failed",
-                 STALLED: "stalled"}
+RUNNING, CONVERGED, FAILED, STALLED, MAXED, IDLE, SUPERSEDED = range(7)
+STATUS_NAMES = {RUNNING: "running", CONVERGED: "converged", FAILED: "failed",
+                STALLED: "stalled", MAXED: "max_iterations", IDLE: "idle",
+                SUPERSEDED: "superseded"}
 
 
 @dataclasses.dataclass
 class OptimizationResult:
-  """Per attack: final position [A, n], distance, loss, iterations run and status."""
+  """Per problem: final position [A, n], distance, loss, iterations run and status."""
   position: np.ndarray
   distance: np.ndarray
   loss: np.ndarray
   iterations: np.ndarray
   status: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+  """Compiled functions of one optimiser for one objective.
+
+  init_fn(x, c, tol, active) -> state; chunk_fn(state, c, tol, steps, max_iters,
+  min_running) -> state; refill_fn(state, x, c, tol, entering) -> state, or None when
+  the optimiser cannot refill single slots. `slot_axis` names state entries whose slot
+  axis is not 0.
+  """
+  init_fn: Callable
+  chunk_fn: Callable
+  refill_fn: Optional[Callable]
+  slot_axis: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _finite_rows(*tensors):
@@ -70,49 +86,30 @@ def _classify(status, loss, dist, grad, tol):
   finite = _finite_rows(loss, dist, grad)
   running = tf.equal(status, RUNNING)
   status = tf.where(running & ~finite, FAILED, status)
-  status = tf.where(running & finite & (dist < tol), CONVERGED, status)
-  return status
+  return tf.where(running & finite & (dist < tol), CONVERGED, status)
 
 
-def _keep_where(mask, new, old):
-  """Rows of `new` where mask [A], else rows of `old` (any rank with leading A)."""
-  m = tf.reshape(mask, [-1] + [1] * (new.shape.rank - 1))
-  return tf.where(m, new, old)
+def _keep_where(mask, new, old, axis=0):
+  """Slices of `new` along `axis` where mask [S], else those of `old`."""
+  shape = [1] * new.shape.rank
+  shape[axis] = -1
+  return tf.where(tf.reshape(mask, shape), new, old)
 
 
-def _drive(init_fn, chunk_fn, position, consts, iterations, tolerance, check_every,
-           progress):
-  """Runs compiled chunks until every attack has finished or `iterations` are spent."""
-  a = int(position.shape[0])
-  tol = tf.constant(np.broadcast_to(np.asarray(tolerance, np.float32), (a,)))
-  state = init_fn(position, consts, tol)
-  done = int(np.sum(state["status"].numpy() != RUNNING))
-  if progress is not None:
-    progress.update(done)
-  spent = 0
-  while spent < iterations and done < a:
-    steps = min(int(check_every), iterations - spent)
-    state = chunk_fn(state, consts, tol, tf.constant(steps))
-    spent += steps
-    now = int(np.sum(state["status"].numpy() != RUNNING))
-    if progress is not None:
-      progress.update(now - done)
-    done = now
-  status = state["status"].numpy()
-  return OptimizationResult(
-      position=state["best_x"].numpy(), distance=state["best_dist"].numpy(),
-      loss=state["best_loss"].numpy(), iterations=state["iters"].numpy(),
-      status=np.array([_STATUS_NAMES[int(s)] for s in status]))
+def _merge(mask, new, old, slot_axis):
+  """State `new` in the slots of mask, `old` elsewhere; slot-free scalars stay `old`."""
+  return {k: (old[k] if old[k].shape.rank == 0 else
+              _keep_where(mask, new[k], old[k], slot_axis.get(k, 0))) for k in old}
 
 
-def _base_state(x, loss, dist, grad, tol):
-  a = tf.shape(x)[0]
-  status = _classify(tf.zeros([a], tf.int32), loss, dist, grad, tol)
+def _base_state(x, loss, dist, grad, tol, active):
+  s = tf.shape(x)[0]
+  status = tf.where(active, tf.zeros([s], tf.int32), IDLE)
+  status = _classify(status, loss, dist, grad, tol)
   ok = tf.not_equal(status, FAILED)
   return {"x": x, "loss": loss, "dist": dist, "g": grad, "status": status,
-          "iters": tf.zeros([a], tf.int32),
-          "best_x": x, "best_loss": tf.where(ok, loss, np.inf),
-          "best_dist": tf.where(ok, dist, np.inf)}
+          "iters": tf.zeros([s], tf.int32), "best_x": x,
+          "best_loss": tf.where(ok, loss, np.inf), "best_dist": tf.where(ok, dist, np.inf)}
 
 
 def _record(st, x, loss, dist, grad, tol, was_running):
@@ -125,33 +122,84 @@ def _record(st, x, loss, dist, grad, tol, was_running):
               best_dist=tf.where(ok, dist, st["best_dist"]))
 
 
-def lbfgs(value_fn: Callable, position: tf.Tensor, consts: Dict, iterations: int,
-          tolerance=1e-6, check_every: int = 50, progress=None, compiled=None,
-          **options) -> OptimizationResult:
-  """Batched fixed-step L-BFGS (PyTorch semantics, no line search).
+def _compile(init_state: Callable, step: Callable, jit_compile: bool,
+             slot_axis: Optional[Mapping[str, int]] = None) -> Compiled:
+  """init / chunk / refill functions around a row-wise `step(state, c, tol)`."""
+  slot_axis = dict(slot_axis or {})
 
-  `options`: history (100), lr (1.0), jit_compile (True). `compiled`: functions from
-  `build_lbfgs` to reuse (saves the XLA compilation of repeated calls).
+  @tf.function(jit_compile=jit_compile)
+  def init_fn(x, c, tol, active):
+    return init_state(x, c, tol, active)
+
+  @tf.function(jit_compile=jit_compile)
+  def refill_fn(st, x, c, tol, entering):
+    return _merge(entering, init_state(x, c, tol, entering), st, slot_axis)
+
+  @tf.function(jit_compile=jit_compile)
+  def chunk_fn(st, c, tol, steps, max_iters, min_running):
+    def count(st):
+      return tf.reduce_sum(tf.cast(tf.equal(st["status"], RUNNING), tf.int32))
+
+    def body(k, st):
+      st = step(st, c, tol)
+      capped = tf.equal(st["status"], RUNNING) & (st["iters"] >= max_iters)
+      return k + 1, dict(st, status=tf.where(capped, MAXED, st["status"]))
+    return tf.while_loop(lambda k, st: (k < steps) & (count(st) >= min_running), body,
+                         (tf.constant(0), st))[1]
+
+  return Compiled(_slot_generic(init_fn, slot_axis), _slot_generic(chunk_fn, slot_axis),
+                  _slot_generic(refill_fn, slot_axis), slot_axis)
+
+
+def _relaxed_spec(value, axis):
+  if isinstance(value, dict):
+    return {k: _relaxed_spec(v, axis.get(k, 0) if isinstance(axis, dict) else axis)
+            for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return type(value)(_relaxed_spec(v, axis) for v in value)
+  value = tf.convert_to_tensor(value)
+  shape = value.shape.as_list()
+  if shape:
+    shape[axis if isinstance(axis, int) else 0] = None
+  return tf.TensorSpec(shape, value.dtype)
+
+
+def _slot_generic(fn, slot_axis):
+  """`fn` traced once with the slot count unknown, then reused for every slot count.
+
+  Otherwise TensorFlow traces the first call for its exact slot count and later ones
+  generically; XLA then compiles the two traces differently and an attack's float
+  rounding would depend on which one (init or refill, first or later batch) it met.
   """
-  init_fn, chunk_fn = compiled or build_lbfgs(value_fn, **options)
-  return _drive(init_fn, chunk_fn, position, consts, iterations, tolerance, check_every,
-                progress)
+  traced = []
+
+  def call(*args):
+    if not traced:
+      fn.get_concrete_function(*[_relaxed_spec(a, slot_axis) for a in args])
+      traced.append(True)
+    return fn(*args)
+  call.python_function = fn
+  return call
 
 
-def build_lbfgs(value_fn: Callable, history: int = 100, lr: float = 1.0,
-                jit_compile: bool = True, iterations: int = 0):
-  """Compiled (init_fn, chunk_fn) of the fixed-step L-BFGS."""
+def build_lbfgs(value_fn: Callable, iterations: int = 0, jit_compile: bool = True,
+                history: int = 100, lr: float = 1.0) -> Compiled:
+  """Fixed-step L-BFGS (PyTorch semantics, no line search), per-slot history.
+
+  The ring buffer's head is shared, but a slot's pairs are read newest first relative
+  to it and a fresh slot's empty pairs contribute exact zeros, so a slot's steps do not
+  depend on when it entered.
+  """
   del iterations
 
-  @tf.function(jit_compile=jit_compile, reduce_retracing=True)
-  def init_fn(x, c, tol):
+  def init_state(x, c, tol, active):
     loss, dist, g = value_fn(x, c)
-    st = _base_state(x, loss, dist, g, tol)
-    a, n = tf.shape(x)[0], tf.shape(x)[1]
-    zeros = tf.zeros([history, a, n], x.dtype)
-    st.update(S=zeros, Y=zeros, rho=tf.zeros([history, a], x.dtype),
-              head=tf.constant(0), hdiag=tf.ones([a], x.dtype), d=tf.zeros_like(x),
-              t=tf.zeros([a], x.dtype), gprev=g, first=tf.ones([a], tf.bool))
+    st = _base_state(x, loss, dist, g, tol, active)
+    s, n = tf.shape(x)[0], tf.shape(x)[1]
+    zeros = tf.zeros([history, s, n], x.dtype)
+    st.update(S=zeros, Y=zeros, rho=tf.zeros([history, s], x.dtype),
+              head=tf.constant(0), hdiag=tf.ones([s], x.dtype), d=tf.zeros_like(x),
+              t=tf.zeros([s], x.dtype), gprev=g, first=tf.ones([s], tf.bool))
     return st
 
   def step(st, c, tol):
@@ -162,28 +210,15 @@ def build_lbfgs(value_fn: Callable, history: int = 100, lr: float = 1.0,
     y = g - st["gprev"]
     ys = tf.reduce_sum(y * s, 1)
     ok = (ys > 1e-10) & ~first & running
-    rho_new = tf.where(ok, 1.0 / tf.where(ok, ys, 1.0), 0.0)
+    okf = tf.cast(ok, s.dtype)[:, None]
     h = st["head"]
-    S = tf.tensor_scatter_nd_update(st["S"], [[h]], (s * tf.cast(ok, s.dtype)[:, None])[None])
-    Y = tf.tensor_scatter_nd_update(st["Y"], [[h]], (y * tf.cast(ok, y.dtype)[:, None])[None])
-    rho = tf.tensor_scatter_nd_update(st["rho"], [[h]], rho_new[None])
+    S = tf.tensor_scatter_nd_update(st["S"], [[h]], (s * okf)[None])
+    Y = tf.tensor_scatter_nd_update(st["Y"], [[h]], (y * okf)[None])
+    rho = tf.tensor_scatter_nd_update(
+        st["rho"], [[h]], tf.where(ok, 1.0 / tf.where(ok, ys, 1.0), 0.0)[None])
     head = (h + 1) % history
     hdiag = tf.where(ok, ys / tf.maximum(tf.reduce_sum(y * y, 1), 1e-30), st["hdiag"])
-    # Two-loop recursion over the ring buffer, newest pair first.
-    alphas = tf.TensorArray(g.dtype, size=history)
-    def backward(k, q, alphas):
-      i = (head - 1 - k) % history
-      alpha = tf.reduce_sum(S[i] * q, 1) * rho[i]
-      return k + 1, q - alpha[:, None] * Y[i], alphas.write(i, alpha)
-    _, q, alphas = tf.while_loop(lambda k, *_: k < history, backward,
-                                 (tf.constant(0), -g, alphas))
-    alphas = alphas.stack()
-    def forward(k, r):
-      i = (head + k) % history
-      beta = tf.reduce_sum(Y[i] * r, 1) * rho[i]
-      return k + 1, r + S[i] * (alphas[i] - beta)[:, None]
-    _, r = tf.while_loop(lambda k, *_: k < history, forward,
-                         (tf.constant(0), q * hdiag[:, None]))
+    r = _two_loop(S, Y, rho, head, history, -g, hdiag)
     d = _keep_where(first, -g, r)
     t0 = tf.minimum(1.0, 1.0 / tf.maximum(tf.reduce_sum(tf.abs(g), 1), 1e-30)) * lr
     t = tf.where(running, tf.where(first, t0, lr * tf.ones_like(t0)), 0.0)
@@ -195,83 +230,68 @@ def build_lbfgs(value_fn: Callable, history: int = 100, lr: float = 1.0,
                 g=g_new, gprev=g, d=d, t=t, S=S, Y=Y, rho=rho, head=head, hdiag=hdiag,
                 first=first & ~running)
 
-  return init_fn, _chunk_fn(step, jit_compile)
+  return _compile(init_state, step, jit_compile, {"S": 1, "Y": 1, "rho": 1})
 
 
+def _two_loop(S, Y, rho, head, history, q, hdiag):
+  """L-BFGS two-loop recursion over the ring buffer, newest pair first."""
+  alphas = tf.TensorArray(q.dtype, size=history)
 
-def _chunk_fn(step: Callable, jit_compile: bool):
-  """Compiled loop of up to `steps` optimiser steps that ends early once none is running."""
+  def backward(k, q, alphas):
+    i = (head - 1 - k) % history
+    alpha = tf.reduce_sum(S[i] * q, 1) * rho[i]
+    return k + 1, q - alpha[:, None] * Y[i], alphas.write(i, alpha)
+  _, q, alphas = tf.while_loop(lambda k, *_: k < history, backward,
+                               (tf.constant(0), q, alphas))
+  alphas = alphas.stack()
 
-  @tf.function(jit_compile=jit_compile, reduce_retracing=True)
-  def chunk_fn(st, c, tol, steps):
-    def cond(k, st):
-      return (k < steps) & tf.reduce_any(tf.equal(st["status"], RUNNING))
-    return tf.while_loop(cond, lambda k, st: (k + 1, step(st, c, tol)),
-                         (tf.constant(0), st))[1]
-
-  return chunk_fn
-
-def adam(value_fn: Callable, position: tf.Tensor, consts: Dict, iterations: int,
-         tolerance=1e-6, check_every: int = 50, progress=None, compiled=None,
-         **options) -> OptimizationResult:
-  """Batched Adam with Inverting Gradients' step decay.
-
-  `options`: learning_rate (0.1), jit_compile (True).
-  """
-  init_fn, chunk_fn = compiled or build_adam(value_fn, iterations=iterations, **options)
-  return _drive(init_fn, chunk_fn, position, consts, iterations, tolerance, check_every,
-                progress)
+  def forward(k, r):
+    i = (head + k) % history
+    beta = tf.reduce_sum(Y[i] * r, 1) * rho[i]
+    return k + 1, r + S[i] * (alphas[i] - beta)[:, None]
+  return tf.while_loop(lambda k, *_: k < history, forward,
+                       (tf.constant(0), q * hdiag[:, None]))[1]
 
 
-def build_adam(value_fn: Callable, iterations: int, learning_rate: float = 0.1,
-               jit_compile: bool = True):
-  """Compiled (init_fn, chunk_fn) of Adam (its decay schedule depends on `iterations`)."""
+def build_adam(value_fn: Callable, iterations: int, jit_compile: bool = True,
+               learning_rate: float = 0.1) -> Compiled:
+  """Adam with a per-slot step count (its decay schedule depends on `iterations`)."""
   milestones = tf.constant([int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)], tf.int32)
 
-  @tf.function(jit_compile=jit_compile, reduce_retracing=True)
-  def init_fn(x, c, tol):
+  def init_state(x, c, tol, active):
     loss, dist, g = value_fn(x, c)
-    st = _base_state(x, loss, dist, g, tol)
-    st.update(m=tf.zeros_like(x), v=tf.zeros_like(x), k=tf.constant(0))
+    st = _base_state(x, loss, dist, g, tol, active)
+    st.update(m=tf.zeros_like(x), v=tf.zeros_like(x), k=tf.zeros(tf.shape(x)[:1], tf.int32))
     return st
 
   def step(st, c, tol):
     running = tf.equal(st["status"], RUNNING)
     g = st["g"]
     k = st["k"] + 1
-    decay = tf.reduce_sum(tf.cast(st["k"] >= milestones, g.dtype))
+    decay = tf.reduce_sum(tf.cast(st["k"][:, None] >= milestones[None], g.dtype), 1)
     lr = learning_rate * tf.pow(tf.constant(0.1, g.dtype), decay)
     m = 0.9 * st["m"] + 0.1 * g
     v = 0.999 * st["v"] + 0.001 * g * g
-    kf = tf.cast(k, g.dtype)
-    upd = lr * (m / (1 - 0.9 ** kf)) / (tf.sqrt(v / (1 - 0.999 ** kf)) + 1e-8)
+    kf = tf.cast(k, g.dtype)[:, None]
+    upd = lr[:, None] * (m / (1 - 0.9 ** kf)) / (tf.sqrt(v / (1 - 0.999 ** kf)) + 1e-8)
     x = st["x"] - _keep_where(running, upd, tf.zeros_like(upd))
     loss, dist, g_new = value_fn(x, c)
     st = _record(st, x, loss, dist, g_new, tol, running)
     return dict(st, x=x, loss=loss, dist=dist, g=g_new, m=m, v=v, k=k)
 
-  return init_fn, _chunk_fn(step, jit_compile)
+  return _compile(init_state, step, jit_compile)
 
 
-def tfp_lbfgs(value_fn: Callable, position: tf.Tensor, consts: Dict, iterations: int,
-              tolerance=1e-6, check_every: int = 50, progress=None, compiled=None,
-              **options) -> OptimizationResult:
-  """Batched `tfp.optimizer.lbfgs_minimize`; `options`: history (100), jit_compile.
+def build_tfp_lbfgs(value_fn: Callable, iterations: int = 0, jit_compile: bool = True,
+                    history: int = 100) -> Compiled:
+  """`tfp.optimizer.lbfgs_minimize` on all slots at once (no refill).
 
   Our stopping rule enters tfp through the gradient: a member whose distance is below
   its tolerance (or whose value is not finite) reports a zero gradient, which tfp treats
   as converged (tolerance 0 means |g| <= 0), and is frozen from then on.
   """
-
-  init_fn, chunk_fn = compiled or build_tfp_lbfgs(value_fn, **options)
-  return _drive(init_fn, chunk_fn, position, consts, iterations, tolerance, check_every,
-                progress)
-
-
-def build_tfp_lbfgs(value_fn: Callable, history: int = 100, jit_compile: bool = True,
-                    iterations: int = 0):
-  """Compiled (init_fn, chunk_fn) around `tfp.optimizer.lbfgs_minimize`."""
   del iterations
+  import tensorflow_probability as tfp  # pylint: disable=g-import-not-at-top
 
   def vg(c, tol):
     def value_and_gradients(x):
@@ -282,16 +302,17 @@ def build_tfp_lbfgs(value_fn: Callable, history: int = 100, jit_compile: bool = 
     return value_and_gradients
 
   @tf.function(jit_compile=jit_compile, reduce_retracing=True)
-  def init_fn(x, c, tol):
+  def init_fn(x, c, tol, active):
     loss, dist, g = value_fn(x, c)
-    st = _base_state(x, loss, dist, g, tol)
+    st = _base_state(x, loss, dist, g, tol, active)
     st["opt"] = tfp.optimizer.lbfgs_minimize(vg(c, tol), initial_position=x,
                                              max_iterations=0, num_correction_pairs=history,
                                              tolerance=0.0)
     return st
 
   @tf.function(jit_compile=jit_compile, reduce_retracing=True)
-  def chunk_fn(st, c, tol, steps):
+  def chunk_fn(st, c, tol, steps, max_iters, min_running):
+    del min_running
     running = tf.equal(st["status"], RUNNING)
     opt = st["opt"]
     opt = opt._replace(converged=opt.converged | ~running)
@@ -304,12 +325,212 @@ def build_tfp_lbfgs(value_fn: Callable, history: int = 100, jit_compile: bool = 
     # tfp stops moving a member it considers converged or failed: finished too.
     stuck = tf.equal(new["status"], RUNNING) & (opt.converged | opt.failed)
     new["status"] = tf.where(stuck, STALLED, new["status"])
-    steps_done = opt.num_iterations - st["opt"].num_iterations
-    new["iters"] = st["iters"] + tf.where(running, steps_done, 0)
+    new["iters"] = st["iters"] + tf.where(running, opt.num_iterations
+                                          - st["opt"].num_iterations, 0)
+    capped = tf.equal(new["status"], RUNNING) & (new["iters"] >= max_iters)
+    new["status"] = tf.where(capped, MAXED, new["status"])
     new["opt"] = opt
     return new
 
-  return init_fn, chunk_fn
+  return Compiled(init_fn, chunk_fn, None)
 
 
-BUILDERS = {"lbfgs": build_lbfgs, "tfp_lbfgs": build_tfp_lbfgs, "adam": build_adam}
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """One registered optimiser: its builder and the options it accepts (defaults)."""
+  build: Callable
+  defaults: Mapping[str, Any]
+
+
+OPTIMIZERS: Dict[str, OptimizerSpec] = {
+    "lbfgs": OptimizerSpec(build_lbfgs, {"history": 100, "lr": 1.0}),
+    "tfp_lbfgs": OptimizerSpec(build_tfp_lbfgs, {"history": 100}),
+    "adam": OptimizerSpec(build_adam, {"learning_rate": 0.1}),
+}
+
+
+def build(name: str, value_fn: Callable, iterations: int, jit_compile: bool = True,
+          **options) -> Compiled:
+  """Compiled functions of optimiser `name`; unknown names or options raise ValueError."""
+  if name not in OPTIMIZERS:
+    raise ValueError(f"optimizer={name!r} is not one of {', '.join(OPTIMIZERS)}.")
+  spec = OPTIMIZERS[name]
+  unknown = sorted(set(options) - set(spec.defaults))
+  if unknown:
+    raise ValueError(f"optimizer={name!r} takes options {sorted(spec.defaults)}, "
+                     f"not {unknown}.")
+  return spec.build(value_fn, iterations=iterations, jit_compile=jit_compile,
+                    **dict(spec.defaults, **options))
+
+
+class JobQueue:
+  """What `run_queue` needs from its caller (see `ArrayQueue` for the simplest one).
+
+  next() -> the next job id or None; rows(job) -> (x0 [n], consts row (a nest of arrays
+  without the slot axis), tolerance); finish(job, row) -> ids of jobs to cancel
+  (queued ones are skipped, running ones leave as `superseded`); `row` is a dict of
+  x, distance, loss, iterations, status (a name).
+  """
+
+  def next(self) -> Optional[int]:
+    raise NotImplementedError
+
+  def rows(self, job: int):
+    raise NotImplementedError
+
+  def finish(self, job: int, row: Dict) -> Iterable[int]:
+    raise NotImplementedError
+
+
+class ArrayQueue(JobQueue):
+  """Jobs 0..A-1 given as stacked arrays; collects an `OptimizationResult`."""
+
+  def __init__(self, position, consts, tolerance):
+    self.position = np.asarray(position, np.float32)
+    self.consts = tf.nest.map_structure(np.asarray, consts)
+    a = len(self.position)
+    self.tolerance = np.broadcast_to(np.asarray(tolerance, np.float32), (a,))
+    self._next = 0
+    self.finished = [None] * a
+
+  def next(self):
+    if self._next >= len(self.position):
+      return None
+    self._next += 1
+    return self._next - 1
+
+  def rows(self, job):
+    return (self.position[job], tf.nest.map_structure(lambda v: v[job], self.consts),
+            self.tolerance[job])
+
+  def finish(self, job, row):
+    self.finished[job] = row
+    return ()
+
+  def result(self) -> OptimizationResult:
+    rows = self.finished
+    return OptimizationResult(
+        position=np.stack([r["x"] for r in rows]),
+        distance=np.array([r["distance"] for r in rows]),
+        loss=np.array([r["loss"] for r in rows]),
+        iterations=np.array([r["iterations"] for r in rows]),
+        status=np.array([r["status"] for r in rows]))
+
+
+def minimize(name: str, value_fn: Callable, position, consts, iterations: int,
+             tolerance=1e-6, slots: Optional[int] = None, check_every: int = 50,
+             jit_compile: bool = True, **options) -> OptimizationResult:
+  """Minimises the problems stacked in `position` / `consts` (rows = problems)."""
+  compiled = build(name, value_fn, iterations, jit_compile, **options)
+  queue = ArrayQueue(position, consts, tolerance)
+  run_queue(compiled, queue, slots or len(queue.position), iterations,
+            check_every=check_every)
+  return queue.result()
+
+
+class _Slots:
+  """Host side of the slots: which job sits where and the stacked per-slot inputs."""
+
+  def __init__(self, queue: JobQueue, num_slots: int):
+    self.queue = queue
+    self.jobs: List[Optional[int]] = [None] * num_slots
+    first = queue.next()
+    if first is None:
+      raise ValueError("run_queue needs at least one job.")
+    x, c, tol = queue.rows(first)
+    self.x = np.repeat(np.asarray(x, np.float32)[None], num_slots, 0)
+    self.c = tf.nest.map_structure(
+        lambda v: np.repeat(np.asarray(v)[None], num_slots, 0), c)
+    self.tol = np.full(num_slots, tol, np.float32)
+    self._put(0, first, x, c, tol)
+
+  def _put(self, slot, job, x, c, tol):
+    self.jobs[slot] = job
+    self.x[slot] = x
+    for dst, src in zip(tf.nest.flatten(self.c), tf.nest.flatten(c)):
+      dst[slot] = src
+    self.tol[slot] = tol
+
+  def fill(self, free: Iterable[int]) -> np.ndarray:
+    """Puts queued jobs into the `free` slots; returns the mask of slots filled."""
+    entering = np.zeros(len(self.jobs), bool)
+    for slot in free:
+      job = self.queue.next()
+      if job is None:
+        break
+      self._put(slot, job, *self.queue.rows(job))
+      entering[slot] = True
+    return entering
+
+  def tensors(self):
+    return (tf.constant(self.x), tf.nest.map_structure(tf.constant, self.c),
+            tf.constant(self.tol))
+
+
+def _harvest(st, slots: _Slots) -> Dict:
+  """Hands finished slots' results to the queue and supersedes cancelled jobs."""
+  status = st["status"].numpy()
+  done = [s for s, j in enumerate(slots.jobs) if j is not None and status[s] != RUNNING]
+  if not done:
+    return st
+  fields = {k: st[k].numpy() for k in ("best_x", "best_dist", "best_loss", "iters")}
+
+  def row(s, name):
+    return {"x": fields["best_x"][s], "distance": float(fields["best_dist"][s]),
+            "loss": float(fields["best_loss"][s]), "iterations": int(fields["iters"][s]),
+            "status": name}
+  cancel = set()
+  for s in done:
+    cancel.update(slots.queue.finish(slots.jobs[s], row(s, STATUS_NAMES[int(status[s])])))
+    slots.jobs[s] = None
+  gone = [s for s, j in enumerate(slots.jobs) if j is not None and j in cancel]
+  for s in gone:
+    slots.queue.finish(slots.jobs[s], row(s, STATUS_NAMES[SUPERSEDED]))
+    slots.jobs[s] = None
+  if gone:
+    mask = np.zeros(len(status), bool)
+    mask[gone] = True
+    st = dict(st, status=tf.where(mask, SUPERSEDED, st["status"]))
+  return st
+
+
+def run_queue(compiled: Compiled, queue: JobQueue, num_slots: int, iterations: int,
+              check_every: int = 50, on_chunk: Optional[Callable] = None) -> None:
+  """Continuous batching: runs every job of `queue` on `num_slots` slots.
+
+  Args:
+    compiled: From `build`.
+    queue: The jobs; results go back through `queue.finish`.
+    num_slots: Slots of the compiled loop (its batch size).
+    iterations: Maximum iterations per job.
+    check_every: Most iterations per compiled chunk.
+    on_chunk: Optional `on_chunk(jobs, state)` after every chunk (`jobs[s]`: the job in
+      slot s or None; `state`: the optimiser state, `best_x` [S, n] etc.). Costs
+      nothing when None.
+  """
+  slots = _Slots(queue, num_slots)
+  entering = slots.fill(range(1, num_slots))
+  entering[0] = True
+  x, c, tol = slots.tensors()
+  st = compiled.init_fn(x, c, tol, tf.constant(entering))
+  max_iters, steps = tf.constant(int(iterations)), tf.constant(int(check_every))
+  while True:
+    st = _harvest(st, slots)
+    free = [s for s, j in enumerate(slots.jobs) if j is None]
+    if free and (compiled.refill_fn is not None or len(free) == num_slots):
+      entering = slots.fill(free)
+      if entering.any():
+        x, c, tol = slots.tensors()
+        if compiled.refill_fn is None:
+          st = compiled.init_fn(x, c, tol, tf.constant(entering))
+        else:
+          st = compiled.refill_fn(st, x, c, tol, tf.constant(entering))
+        continue  # an entering job may already be finished at its starting point
+    running = sum(j is not None for j in slots.jobs)
+    if not running:
+      return
+    # With refills a chunk ends as soon as one slot finishes, so it is refilled at once.
+    min_running = tf.constant(running if compiled.refill_fn is not None else 1)
+    st = compiled.chunk_fn(st, c, tol, steps, max_iters, min_running)
+    if on_chunk is not None:
+      on_chunk(list(slots.jobs), st)

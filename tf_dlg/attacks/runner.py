@@ -1,11 +1,14 @@
-"""Batched gradient-inversion attacks on `ObservedUpdate`s.
+"""Gradient-inversion attacks on `ObservedUpdate`s, continuously batched.
 
-`run_attacks(model, observed_updates, attack=...)` reconstructs the images (and labels)
-behind every observed update. Updates that share the model architecture and the shape of
-the observation (kind, number of examples, local steps, learning rate, batch size) run
-together as one batch of independent problems: each attack has its own weights, its own
-observed (possibly differently defended) update and its own seeded dummy images, and the
-whole batch advances in one compiled step (see `functional.BatchedModel`).
+`run_attacks(model, observed_updates, config=AttackConfig(...))` reconstructs the images
+(and labels) behind every observed update. Updates that share the model architecture and
+the shape of the observation (kind, number of examples, local steps, learning rate, batch
+size) form a group whose attacks run on `config.slots` slots of one compiled loop: each
+slot has its own weights, observed (possibly differently defended) update and seeded
+dummy images, and a finished attack's slot is refilled at once from the queue (see
+`optimize.run_queue`). With `restarts=R` every observation gets R differently seeded
+starts; the one with the smallest matching distance wins (never the ground truth) and
+once one converges its siblings leave.
 
 Attacks (`ATTACKS`):
   dlg        Euclidean gradient matching; image and soft label optimised jointly (L-BFGS).
@@ -16,14 +19,16 @@ Attacks (`ATTACKS`):
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import time
-from typing import List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
 
+from tf_dlg import validation
 from tf_dlg.attacks import functional, labels as labels_lib, objectives, optimize
 from tf_dlg.attacks.threat_model import ObservedUpdate
 
@@ -35,17 +40,84 @@ ATTACKS = {
     "masked_ig": ("masked_cosine", True),
 }
 DEFAULT_ITERATIONS = 4000
+DEFAULT_SLOTS = 8
 
-# Compiled optimiser loops and models, reused across calls: an XLA compilation costs
-# seconds, more than a whole easy attack. Keyed by everything the traced code captures.
-_COMPILED = {}
-_MODELS = {}
-_FUNCTIONAL = {}
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+  """Everything that decides an attack run (validated on construction).
+
+  Attributes:
+    attack: One of `ATTACKS`.
+    iterations: Maximum optimiser iterations per attack (per restart).
+    seed: Seed of attack i's dummy start: `seed + i`, or one seed per update. Restart 0
+      uses that seed; restart r > 0 a seed derived from (seed, r). The same seed gives
+      the same reconstruction alone, in a batch, or entering a slot late.
+    optimizer: One of `optimize.OPTIMIZERS` (`lbfgs`, `tfp_lbfgs`, `adam`).
+    optimizer_options: Options of the optimiser (e.g. `history`; Adam's
+      `learning_rate`).
+    tolerance: Stop distance (None: the objective's default).
+    tv_weight: Total-variation weight of the cosine objectives (None: default).
+    restarts: Differently seeded starts per observation.
+    slots: Attacks that advance together in the compiled loop.
+    check_every: Most iterations per compiled chunk (refills happen between chunks).
+    jit_compile: XLA-compile the loop; None: only when there is enough work to repay
+      the compilation (more than one job, or more than 2,000 iterations).
+    init: Dummy image start: `rand` (uniform [0, 1]) or `randn` (the reference's).
+  """
+  attack: str = "idlg"
+  iterations: int = DEFAULT_ITERATIONS
+  seed: Union[int, Tuple[int, ...]] = 0
+  optimizer: str = "lbfgs"
+  optimizer_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  tolerance: Optional[float] = None
+  tv_weight: Optional[float] = None
+  restarts: int = 1
+  slots: int = DEFAULT_SLOTS
+  check_every: int = 50
+  jit_compile: Optional[bool] = True
+  init: str = "rand"
+
+  def __post_init__(self):
+    validation.check_choice("attack", self.attack, ATTACKS)
+    validation.check_choice("optimizer", self.optimizer, optimize.OPTIMIZERS)
+    validation.check_choice("init", self.init, ("rand", "randn"))
+    validation.check_int("iterations", self.iterations, 1)
+    validation.check_int("restarts", self.restarts, 1, 64)
+    validation.check_int("slots", self.slots, 1, 4096)
+    validation.check_int("check_every", self.check_every, 1)
+    if self.tolerance is not None:
+      validation.check_number("tolerance", self.tolerance, 0.0, np.inf, low_open=True)
+    if self.tv_weight is not None:
+      validation.check_number("tv_weight", self.tv_weight, 0.0, np.inf)
+    allowed = optimize.OPTIMIZERS[self.optimizer].defaults
+    validation.check_choices("optimizer_options", list(self.optimizer_options), allowed)
+    if not np.isscalar(self.seed):
+      object.__setattr__(self, "seed", tuple(int(s) for s in self.seed))
+
+  def objective(self) -> objectives.Objective:
+    return make_objective(self.attack, self.tv_weight, self.tolerance)
+
+  def seeds(self, count: int) -> List[int]:
+    """Restart-0 seed of each of `count` observations."""
+    if np.isscalar(self.seed):
+      return [int(self.seed) + i for i in range(count)]
+    if len(self.seed) != count:
+      raise ValueError(f"seed: {len(self.seed)} seeds for {count} observed updates.")
+    return list(self.seed)
+
+
+def restart_seed(seed: int, restart: int) -> int:
+  """Seed of restart `restart` of an attack seeded `seed` (restart 0: `seed` itself)."""
+  if restart == 0:
+    return int(seed)
+  mixed = np.random.SeedSequence([int(seed) % 2**63, int(restart)]).generate_state(1)
+  return int(mixed[0]) % (2**31 - 1)
 
 
 @dataclasses.dataclass
 class AttackResult:
-  """One reconstruction.
+  """One reconstruction (the winning restart's).
 
   Attributes:
     images: [N, H, W, C] reconstruction clipped to [0, 1] (`raw_images` unclipped).
@@ -53,9 +125,12 @@ class AttackResult:
     status: `converged` (distance below tolerance), `max_iterations`, `stalled`
       (optimiser stopped moving above the tolerance) or `failed` (non-finite loss).
     distance: final matching distance of the objective.
-    iterations: optimiser iterations this attack ran.
-    seconds: wall time of its batch divided by the batch's attack count.
-    batch_size: attacks that shared its batch.
+    iterations: optimiser iterations the winning restart ran.
+    seconds: wall time of its group divided by the group's observation count.
+    batch_size: slots of the compiled loop it ran in.
+    seed: restart 0's seed; restart: index of the winning restart.
+    restart_distances / restart_iterations / restart_status: per restart (None for a
+      restart that never started because a sibling had converged).
   """
   attack: str
   images: np.ndarray
@@ -68,10 +143,25 @@ class AttackResult:
   batch_size: int
   seed: int
   observed: ObservedUpdate = dataclasses.field(repr=False, default=None)
+  restart: int = 0
+  restart_distances: List[Optional[float]] = dataclasses.field(default_factory=list)
+  restart_iterations: List[Optional[int]] = dataclasses.field(default_factory=list)
+  restart_status: List[Optional[str]] = dataclasses.field(default_factory=list)
 
   @property
   def failed(self) -> bool:
     return self.status == "failed"
+
+
+@dataclasses.dataclass
+class Snapshot:
+  """Progress of one running attack after a chunk (what a `hook` receives)."""
+  index: int
+  restart: int
+  iterations: int
+  distance: float
+  images: np.ndarray
+  observed: ObservedUpdate = dataclasses.field(repr=False, default=None)
 
 
 def make_objective(attack: str, tv_weight: Optional[float] = None,
@@ -88,6 +178,51 @@ def make_objective(attack: str, tv_weight: Optional[float] = None,
   return cls(**kwargs)
 
 
+def architecture_key(model: tf.keras.Model) -> str:
+  """What the traced attack depends on: layer types and configs, not names or weights."""
+  skip = ("name", "trainable", "dtype")
+  layers = [(type(l).__name__, {k: v for k, v in l.get_config().items()
+                                if k not in skip and not k.endswith(
+                                    ("initializer", "regularizer", "constraint"))})
+            for l in model.layers]
+  return json.dumps(layers, sort_keys=True, default=str)
+
+
+class CompileCache:
+  """Batched models and compiled optimiser loops, reused across `run_attacks` calls.
+
+  An XLA compilation costs seconds, more than a whole easy attack. Entries are keyed by
+  what the traced code captures (architecture, objective, observation shape, optimiser)
+  and the least recently used beyond `max_entries` are dropped; `clear()` drops all.
+  """
+
+  def __init__(self, max_entries: int = 16):
+    self.max_entries = max_entries
+    self._entries: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()
+
+  def get(self, key, make: Callable[[], Any]):
+    if key in self._entries:
+      self._entries.move_to_end(key)
+      return self._entries[key]
+    value = self._entries[key] = make()
+    while len(self._entries) > self.max_entries:
+      self._entries.popitem(last=False)
+    return value
+
+  def batched_model(self, model: tf.keras.Model) -> functional.BatchedModel:
+    return self.get(("model", architecture_key(model)),
+                    lambda: functional.BatchedModel(model))
+
+  def clear(self):
+    self._entries.clear()
+
+  def __len__(self):
+    return len(self._entries)
+
+
+CACHE = CompileCache()
+
+
 def _group_key(o: ObservedUpdate):
   return (o.kind, o.model_name, o.input_shape, o.num_classes, o.num_examples,
           o.batch_size, o.local_steps, o.learning_rate)
@@ -97,168 +232,255 @@ def _initial_images(seed: int, shape, init: str) -> np.ndarray:
   s = tf.constant([int(seed) % (2**31 - 1), 7], tf.int32)
   if init == "randn":  # the reference code's torch.randn
     return tf.random.stateless_normal(shape, s).numpy()
-  if init == "rand":
-    return tf.random.stateless_uniform(shape, s).numpy()
-  raise ValueError(f"init={init!r} must be 'randn' or 'rand'.")
+  return tf.random.stateless_uniform(shape, s).numpy()
+
+
+def config_from_kwargs(attack: str = "idlg", iterations: int = DEFAULT_ITERATIONS,
+                       seed: Union[int, Sequence[int]] = 0, optimizer: str = "lbfgs",
+                       learning_rate: Optional[float] = None, max_batch: Optional[int] = None,
+                       jit_compile: Optional[bool] = True, **fields) -> AttackConfig:
+  """The `AttackConfig` of `run_attacks`' keyword arguments (the older signature)."""
+  options = dict(fields.pop("optimizer_options", {}))
+  for name in ("history", "lr"):
+    if name in fields:
+      options[name] = fields.pop(name)
+  if learning_rate is not None and optimizer == "adam":
+    options["learning_rate"] = learning_rate
+  if max_batch is not None:
+    fields["slots"] = max_batch
+  return AttackConfig(attack=attack, iterations=iterations, seed=seed, optimizer=optimizer,
+                      optimizer_options=options, jit_compile=jit_compile, **fields)
 
 
 def run_attacks(model: Optional[tf.keras.Model], observed_updates: Sequence[ObservedUpdate],
-                attack: str = "idlg", iterations: int = DEFAULT_ITERATIONS,
-                seed: Union[int, Sequence[int]] = 0, optimizer: str = "lbfgs",
-                tolerance: Optional[float] = None, tv_weight: Optional[float] = None,
-                check_every: int = 50, jit_compile: bool = True, init: str = "rand",
+                attack: str = "idlg", *, config: Optional[AttackConfig] = None,
                 initial_images: Optional[Sequence[np.ndarray]] = None,
-                learning_rate: float = 0.1, max_batch: Optional[int] = None,
-                progress: bool = False, **optimizer_options) -> List[AttackResult]:
-  """Runs one attack per observed update, batched; returns results in input order.
+                progress: bool = False, hook: Optional[Callable] = None,
+                cache: Optional[CompileCache] = None, **kwargs) -> List[AttackResult]:
+  """Runs one attack per observed update; returns results in input order.
 
   Args:
     model: A Keras model of the observed architecture (its weights are ignored: each
       update's `model_weights` are used), or None to build `observed.model_name`.
     observed_updates: `ObservedUpdate`s (kinds `gradient` and `fedavg_delta`).
-    attack: One of `ATTACKS`.
-    iterations: Maximum optimiser iterations per attack.
-    seed: Seed of attack i's dummy initialisation: `seed + i`, or one seed per update.
-      The same seed gives the same result whether attacks run batched or one by one.
-    optimizer: One of `optimize.OPTIMIZERS`: `lbfgs` (fixed-step, as the reference),
-      `tfp_lbfgs` (tfp, line search) or `adam`.
-    tolerance: Stop distance (objective default: 1e-6, the reference DLG rule).
-    tv_weight: Total-variation weight of the cosine objectives.
-    check_every: Iterations per compiled chunk (progress-bar granularity; the stopping
-      rule is checked after every iteration inside the chunk).
-    jit_compile: Compile the optimiser chunk with XLA.
-    init: Dummy image initialisation: `rand` (uniform [0, 1], default: on photos it
-      recovered 6/8 crops in 4,000 iterations against 4/8 from the reference's `randn`).
-    initial_images: Optional explicit starting images, one [N, H, W, C] per update.
-    learning_rate: Adam step size.
-    max_batch: Split larger groups into batches of at most this many attacks.
+    attack: One of `ATTACKS` (ignored when `config` is given).
+    config: The `AttackConfig`. Without it, `attack` and `kwargs` (the older keyword
+      arguments: iterations, seed, optimizer, tolerance, tv_weight, check_every,
+      jit_compile, init, learning_rate, max_batch (= slots), restarts, slots, history,
+      lr) build one.
+    initial_images: Optional explicit starts of restart 0, one [N, H, W, C] per update.
     progress: Show a tqdm bar of finished attacks.
-    **optimizer_options: Passed to the optimiser (e.g. `history` of the L-BFGS).
+    hook: Optional `hook(snapshots)` after every compiled chunk, given a list of
+      `Snapshot`s of the running attacks (e.g. `summaries.TensorBoardHook`).
+    cache: Compile cache (default: the module's `CACHE`).
   """
+  if config is None:
+    config = config_from_kwargs(attack, **kwargs)
+  elif kwargs:
+    raise ValueError(f"run_attacks: pass either config or keyword arguments, not both "
+                     f"({sorted(kwargs)}).")
   observed_updates = list(observed_updates)
   if not observed_updates:
     return []
-  if optimizer not in optimize.OPTIMIZERS:
-    raise ValueError(f"optimizer={optimizer!r} must be one of {', '.join(optimize.OPTIMIZERS)}.")
-  if iterations < 1:
-    raise ValueError(f"iterations={iterations} must be >= 1.")
-  objective = make_objective(attack, tv_weight, tolerance)
-  seeds = ([int(seed) + i for i in range(len(observed_updates))]
-           if np.ndim(seed) == 0 else [int(s) for s in seed])
-  if len(seeds) != len(observed_updates):
-    raise ValueError(f"{len(seeds)} seeds for {len(observed_updates)} observed updates.")
-  groups = {}
+  seeds = config.seeds(len(observed_updates))
+  groups = collections.OrderedDict()
   for i, o in enumerate(observed_updates):
     groups.setdefault(_group_key(o), []).append(i)
   bar = None
   if progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=len(observed_updates), desc=f"{attack} attacks", unit="attack")
+    bar = tqdm(total=len(observed_updates), desc=f"{config.attack} attacks", unit="attack")
   results: List[Optional[AttackResult]] = [None] * len(observed_updates)
   try:
-    for key, ids in groups.items():
-      first = observed_updates[ids[0]]
-      if model is not None and tuple(model.input_shape[1:]) == first.input_shape \
-          and int(model.output_shape[-1]) == first.num_classes:
-        keras_model = model
-      else:
-        from tf_dlg import models as models_lib  # pylint: disable=g-import-not-at-top
-        if key[1:4] not in _MODELS:
-          _MODELS[key[1:4]] = models_lib.build_model(first.model_name, first.input_shape,
-                                                     first.num_classes)
-        keras_model = _MODELS[key[1:4]]
-      if id(keras_model) not in _FUNCTIONAL or _FUNCTIONAL[id(keras_model)][0] is not keras_model:
-        _FUNCTIONAL[id(keras_model)] = (keras_model, functional.BatchedModel(keras_model))
-      fmodel = _FUNCTIONAL[id(keras_model)][1]
-      step = max_batch or len(ids)
-      for start in range(0, len(ids), step):
-        chunk_ids = ids[start:start + step]
-        out = _run_batch(fmodel, [observed_updates[i] for i in chunk_ids], attack,
-                         objective, iterations, [seeds[i] for i in chunk_ids], optimizer,
-                         check_every, jit_compile, init,
-                         None if initial_images is None else
-                         [initial_images[i] for i in chunk_ids], learning_rate, bar,
-                         optimizer_options)
-        for i, r in zip(chunk_ids, out):
-          results[i] = r
+    for ids in groups.values():
+      job = _GroupJob(config, cache or CACHE, model, [observed_updates[i] for i in ids],
+                      ids, [seeds[i] for i in ids])
+      starts = None if initial_images is None else [initial_images[i] for i in ids]
+      for i, r in zip(ids, job.run(starts, bar, hook)):
+        results[i] = r
   finally:
     if bar is not None:
       bar.close()
   return results
 
 
-def _run_batch(fmodel, obs, attack, objective, iterations, seeds, optimizer, check_every,
-               jit_compile, init, initial_images, learning_rate, bar, optimizer_options):
-  t0 = time.perf_counter()
-  first = obs[0]
-  a, n, k = len(obs), first.num_examples, first.num_classes
-  img_shape = (n,) + first.input_shape
-  img_size = int(np.prod(img_shape))
-  joint = not ATTACKS[attack][1]
-  weights = [np.stack(ws) for ws in zip(*[fmodel.trainable_weights_from(o.model_weights)
-                                          for o in obs])]
-  shapes = [w.shape[1:] for w in weights]
-  observed = [np.stack(us).astype(np.float32) for us in zip(*[o.update for o in obs])]
-  if [u.shape[1:] for u in observed] != shapes:
-    raise ValueError(f"Observed update shapes {[u.shape[1:] for u in observed]} do not "
-                     f"match the model's trainable variables {shapes}.")
-  if initial_images is None:
-    x0 = np.stack([_initial_images(s, img_shape, init) for s in seeds])
-  else:
-    x0 = np.stack([np.asarray(x, np.float32).reshape(img_shape) for x in initial_images])
-  parts = [x0.reshape(a, img_size)]
-  consts = {"weights": [tf.constant(w, tf.float32) for w in weights],
-            "observed": [tf.constant(u) for u in observed]}
-  if joint:
-    parts.append(np.stack([_initial_images(s + 10**6, (n, k), init) for s in seeds])
-                 .reshape(a, n * k))
-  else:
-    ki = labels_lib.last_dense_kernel_index(shapes, k)
-    inferred = np.stack([labels_lib.infer_labels(o.update[ki], n) for o in obs])
-    consts["labels"] = tf.one_hot(inferred, k, dtype=tf.float32)
-  position = tf.constant(np.concatenate(parts, 1).astype(np.float32))
+class _RestartQueue(optimize.JobQueue):
+  """Jobs (observation, restart) in observation-major order; siblings leave once one
+  restart of their observation converges."""
 
-  def value_fn(pos, c):
-    with tf.GradientTape() as tape:
-      tape.watch(pos)
-      b = tf.shape(pos)[0]
-      x = tf.reshape(pos[:, :img_size], tf.concat([[b], img_shape], 0))
-      if joint:
-        y = tf.nn.softmax(tf.reshape(pos[:, img_size:], [b, n, k]), axis=-1)
-      else:
-        y = c["labels"]
-      if first.kind == "gradient":
-        update = functional.client_gradients(fmodel, c["weights"], x, y)
-      else:
-        update = functional.fedavg_delta(fmodel, c["weights"], x, y, first.local_steps,
-                                         first.learning_rate, first.batch_size)
-      dist = objective.distance(update, c["observed"])
-      loss = dist + objective.regularizer(x)
-    return loss, dist, tape.gradient(loss, pos)
+  def __init__(self, group: "_GroupJob", starts, bar):
+    self.group, self.starts, self.bar = group, starts, bar
+    r = group.config.restarts
+    self.jobs = [(i, k) for i in range(len(group.obs)) for k in range(r)]
+    self.rows_done: List[Dict[int, Dict]] = [{} for _ in group.obs]
+    self.cancelled = set()
+    self.reported = set()
+    self._next = 0
 
-  tolerance = np.array([objective.stop_threshold(o.update) for o in obs])
-  options = dict(jit_compile=jit_compile, **optimizer_options)
-  if optimizer == "adam":
-    options.update(learning_rate=learning_rate, iterations=iterations)
-  cache_key = (id(fmodel), attack, json.dumps(objective.get_config(), sort_keys=True),
-               first.kind, n, k, first.local_steps, first.learning_rate, first.batch_size,
-               optimizer, json.dumps(options, sort_keys=True, default=str))
-  if cache_key not in _COMPILED:
-    _COMPILED[cache_key] = optimize.BUILDERS[optimizer](value_fn, **options)
-  res = getattr(optimize, optimizer)(value_fn, position, consts, iterations=iterations,
-                                     tolerance=tolerance, check_every=check_every,
-                                     progress=bar, compiled=_COMPILED[cache_key])
-  seconds = (time.perf_counter() - t0) / a
-  out = []
-  for i, o in enumerate(obs):
-    raw = res.position[i, :img_size].reshape(img_shape)
-    if joint:
-      lab = np.argmax(res.position[i, img_size:].reshape(n, k), axis=-1).astype(np.int64)
+  def next(self):
+    while self._next < len(self.jobs) and self._next in self.cancelled:
+      self._next += 1
+    if self._next >= len(self.jobs):
+      return None
+    self._next += 1
+    return self._next - 1
+
+  def rows(self, job):
+    i, r = self.jobs[job]
+    start = None if self.starts is None or r else self.starts[i]
+    return self.group.start(i, r, start), self.group.consts_row(i), self.group.tol[i]
+
+  def finish(self, job, row):
+    i, r = self.jobs[job]
+    self.rows_done[i][r] = row
+    restarts = self.group.config.restarts
+    converged = row["status"] == "converged"
+    if i not in self.reported and (converged or len(self.rows_done[i]) == restarts):
+      self.reported.add(i)
+      if self.bar is not None:
+        self.bar.update(1)
+    if not converged:
+      return ()
+    siblings = {job - r + k for k in range(restarts) if k not in self.rows_done[i]}
+    self.cancelled |= siblings
+    return siblings
+
+
+class _GroupJob:
+  """One group of same-shaped observations: inputs, compiled loop, result packing."""
+
+  def __init__(self, config: AttackConfig, cache: CompileCache, model, obs, ids, seeds):
+    self.config, self.cache, self.obs, self.ids, self.seeds = config, cache, obs, ids, seeds
+    first = obs[0]
+    self.kind, self.n, self.k = first.kind, first.num_examples, first.num_classes
+    self.img_shape = (self.n,) + first.input_shape
+    self.img_size = int(np.prod(self.img_shape))
+    self.joint = not ATTACKS[config.attack][1]
+    self.objective = config.objective()
+    self.fmodel = cache.batched_model(self._keras_model(model, first))
+    self.weights = [self.fmodel.trainable_weights_from(o.model_weights) for o in obs]
+    shapes = [tuple(s) for s in self.fmodel.trainable_shapes]
+    for o in obs:
+      got = [tuple(np.shape(u)) for u in o.update]
+      if got != shapes:
+        raise ValueError(f"Observed update shapes {got} do not match the model's "
+                         f"trainable variables {shapes}.")
+    if not self.joint:
+      ki = labels_lib.last_dense_kernel_index(shapes, self.k)
+      self.inferred = [labels_lib.infer_labels(o.update[ki], self.n) for o in obs]
+    self.tol = [self.objective.stop_threshold(o.update) for o in obs]
+
+  def _keras_model(self, model, first):
+    if model is not None and tuple(model.input_shape[1:]) == first.input_shape \
+        and int(model.output_shape[-1]) == first.num_classes:
+      return model
+    from tf_dlg import models as models_lib  # pylint: disable=g-import-not-at-top
+    return self.cache.get(("keras", first.model_name, first.input_shape, first.num_classes),
+                          lambda: models_lib.build_model(first.model_name, first.input_shape,
+                                                         first.num_classes))
+
+  def start(self, i: int, restart: int, explicit=None) -> np.ndarray:
+    """Flat starting position of restart `restart` of observation i."""
+    seed = restart_seed(self.seeds[i], restart)
+    if explicit is None:
+      x0 = _initial_images(seed, self.img_shape, self.config.init)
     else:
-      lab = inferred[i]
-    out.append(AttackResult(
-        attack=attack, images=np.clip(raw, 0.0, 1.0), raw_images=raw, labels=lab,
-        status=str(res.status[i]), distance=float(res.distance[i]),
-        iterations=int(res.iterations[i]), seconds=seconds, batch_size=a, seed=seeds[i],
-        observed=o))
-  return out
+      x0 = np.asarray(explicit, np.float32).reshape(self.img_shape)
+    parts = [x0.reshape(-1)]
+    if self.joint:
+      parts.append(_initial_images(seed + 10**6, (self.n, self.k), self.config.init)
+                   .reshape(-1))
+    return np.concatenate(parts).astype(np.float32)
+
+  def consts_row(self, i: int) -> Dict:
+    row = {"weights": [np.asarray(w, np.float32) for w in self.weights[i]],
+           "observed": [np.asarray(u, np.float32) for u in self.obs[i].update]}
+    if not self.joint:
+      row["labels"] = np.eye(self.k, dtype=np.float32)[self.inferred[i]]
+    return row
+
+  def value_fn(self):
+    """(loss, distance, gradient) of flat positions [S, n] under per-slot constants."""
+    fmodel, objective, joint = self.fmodel, self.objective, self.joint
+    n, k, img_size, img_shape = self.n, self.k, self.img_size, self.img_shape
+    first = self.obs[0]
+
+    def value_fn(pos, c):
+      with tf.GradientTape() as tape:
+        tape.watch(pos)
+        b = tf.shape(pos)[0]
+        x = tf.reshape(pos[:, :img_size], tf.concat([[b], img_shape], 0))
+        if joint:
+          y = tf.nn.softmax(tf.reshape(pos[:, img_size:], [b, n, k]), axis=-1)
+        else:
+          y = c["labels"]
+        if first.kind == "gradient":
+          update = functional.client_gradients(fmodel, c["weights"], x, y)
+        else:
+          update = functional.fedavg_delta(fmodel, c["weights"], x, y, first.local_steps,
+                                           first.learning_rate, first.batch_size)
+        dist = objective.distance(update, c["observed"])
+        loss = dist + objective.regularizer(x)
+      return loss, dist, tape.gradient(loss, pos)
+    return value_fn
+
+  def jit(self) -> bool:
+    if self.config.jit_compile is not None:
+      return bool(self.config.jit_compile)
+    jobs = len(self.obs) * self.config.restarts
+    return jobs > 1 or self.config.iterations > 2000
+
+  def compiled(self) -> optimize.Compiled:
+    c, first = self.config, self.obs[0]
+    iterations = c.iterations if c.optimizer == "adam" else 0
+    key = ("compiled", id(self.fmodel), architecture_key(self.fmodel.model), c.attack,
+           json.dumps(self.objective.get_config(), sort_keys=True), first.kind, self.n,
+           self.k, first.local_steps, first.learning_rate, first.batch_size, c.optimizer,
+           json.dumps(dict(c.optimizer_options), sort_keys=True), self.jit(), iterations)
+    return self.cache.get(key, lambda: optimize.build(
+        c.optimizer, self.value_fn(), c.iterations, self.jit(), **c.optimizer_options))
+
+  def run(self, starts, bar, hook) -> List[AttackResult]:
+    t0 = time.perf_counter()
+    queue = _RestartQueue(self, starts, bar)
+    # Never one slot unless asked: XLA specialises a size-1 slot axis, whose rounding
+    # differs from every larger slot count (which all agree bit for bit).
+    slots = min(self.config.slots, max(len(queue.jobs), 2))
+    on_chunk = None if hook is None else (lambda jobs, st: hook(self.snapshots(queue, jobs, st)))
+    optimize.run_queue(self.compiled(), queue, slots, self.config.iterations,
+                       check_every=self.config.check_every, on_chunk=on_chunk)
+    seconds = (time.perf_counter() - t0) / len(self.obs)
+    return [self.pack(i, rows, seconds, slots) for i, rows in enumerate(queue.rows_done)]
+
+  def snapshots(self, queue, jobs, st) -> List[Snapshot]:
+    best_x, dist, iters = st["best_x"].numpy(), st["best_dist"].numpy(), st["iters"].numpy()
+    out = []
+    for s, job in enumerate(jobs):
+      if job is not None:
+        i, r = queue.jobs[job]
+        out.append(Snapshot(index=self.ids[i], restart=r, iterations=int(iters[s]),
+                            distance=float(dist[s]), observed=self.obs[i],
+                            images=best_x[s, :self.img_size].reshape(self.img_shape)))
+    return out
+
+  def pack(self, i: int, rows: Dict[int, Optional[Dict]], seconds: float,
+           slots: int) -> AttackResult:
+    """The restart with the smallest matching distance (ties: the lowest index)."""
+    order = range(self.config.restarts)
+    ran = [r for r in order if rows.get(r) is not None]
+    win = min(ran, key=lambda r: (not np.isfinite(rows[r]["distance"]),
+                                  rows[r]["distance"], r))
+    row = rows[win]
+    raw = row["x"][:self.img_size].reshape(self.img_shape)
+    if self.joint:
+      lab = np.argmax(row["x"][self.img_size:].reshape(self.n, self.k), -1).astype(np.int64)
+    else:
+      lab = self.inferred[i]
+    pick = lambda key: [None if rows.get(r) is None else rows[r][key] for r in order]  # noqa: E731
+    return AttackResult(
+        attack=self.config.attack, images=np.clip(raw, 0.0, 1.0), raw_images=raw,
+        labels=lab, status=row["status"], distance=float(row["distance"]),
+        iterations=int(row["iterations"]), seconds=seconds, batch_size=slots,
+        seed=self.seeds[i], observed=self.obs[i], restart=win,
+        restart_distances=pick("distance"), restart_iterations=pick("iterations"),
+        restart_status=pick("status"))

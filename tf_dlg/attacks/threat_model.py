@@ -18,11 +18,11 @@ images/labels ride along for scoring only; an attack must never read them.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+
+from tf_dlg import io as tf_io
 
 UPDATE_KINDS = ("gradient", "fedavg_delta")
 _FORMAT = "tf_dlg.ObservedUpdate/v1"
@@ -78,7 +78,7 @@ class ObservedUpdate:
       raise ValueError(f"Observed update has non-finite values in tensors {bad}.")
 
   def save(self, path: str) -> str:
-    """Writes `path` (.npz) holding arrays and a JSON header; returns the path."""
+    """Writes `path` (.npz) holding arrays and a JSON header, atomically; returns it."""
     header = {k: getattr(self, k) for k in (
         "kind", "model_name", "input_shape", "num_classes", "num_examples", "batch_size",
         "local_steps", "learning_rate", "defense", "metadata")}
@@ -91,37 +91,20 @@ class ObservedUpdate:
       arrays["true_images"] = np.asarray(self.true_images)
     if self.true_labels is not None:
       arrays["true_labels"] = np.asarray(self.true_labels)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, header=np.asarray(json.dumps(header, default=_jsonable)), **arrays)
-    os.replace(tmp, path)
-    return path
+    return tf_io.save_npz(path, header, arrays)
 
   @classmethod
   def load(cls, path: str) -> "ObservedUpdate":
     """Reads a file written by `save`; a foreign or corrupt file raises ValueError."""
+    header, z = tf_io.load_npz(path, expected_format=_FORMAT)
     try:
-      with np.load(path, allow_pickle=False) as z:
-        header = json.loads(str(z["header"]))
-        if header.get("format") != _FORMAT:
-          raise ValueError(f"format={header.get('format')!r}, expected {_FORMAT!r}")
-        update = [z[f"update_{i}"] for i in range(header.pop("num_update"))]
-        weights = [z[f"weight_{i}"] for i in range(header.pop("num_weights"))]
-        images = z["true_images"] if "true_images" in z else None
-        labels = z["true_labels"] if "true_labels" in z else None
-    except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
+      update = [z[f"update_{i}"] for i in range(header.pop("num_update"))]
+      weights = [z[f"weight_{i}"] for i in range(header.pop("num_weights"))]
+    except KeyError as e:
       raise ValueError(f"{path!r} is not a readable tf-dlg observed update: {e}") from e
     header.pop("format")
-    return cls(update=update, model_weights=weights, true_images=images,
-               true_labels=labels, **header)
-
-
-def _jsonable(value):
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  raise TypeError(f"Cannot store {type(value).__name__} in an ObservedUpdate header.")
+    return cls(update=update, model_weights=weights, true_images=z.get("true_images"),
+               true_labels=z.get("true_labels"), **header)
 
 
 # --------------------------------------------------------------------------- capture
