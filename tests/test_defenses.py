@@ -548,7 +548,7 @@ def test_defences_work_inside_tf_function(name):
 
 
 @pytest.fixture(scope="module")
-def bn_round():
+def bn_round(digits):
   """One FedAvg round of the BatchNorm CNN with one client, in `fedavg.py`'s layout.
 
   The client starts from the server model, trains on 256 `digits` images (BN momentum
@@ -556,8 +556,7 @@ def bn_round():
   `initial - final` for the trainable variables followed by the non-trainable ones (the
   BN moving mean/variance) -- `tf_dlg.federated.fedavg.update_variables` order.
   """
-  from tf_dlg import data as data_lib  # pylint: disable=g-import-not-at-top
-  ds = data_lib.load_dataset("digits")
+  ds = digits
 
   def build():
     m = models.bn_cnn(ds.x_train.shape[1:], ds.num_classes, seed=0, width=8)

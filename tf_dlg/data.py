@@ -105,7 +105,7 @@ class DatasetUnavailableError(RuntimeError):
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
   """Bilinear resize of [N, H, W, C] float images to [N, size, size, C], kept in [0, 1]."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
   if images.shape[1:3] == (size, size):
     return images.astype(np.float32)
   out = tf.image.resize(images.astype(np.float32), (size, size), method="bilinear",
@@ -131,7 +131,7 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
 
 
 def _load_digits(seed: int) -> ImageDataset:
-  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets as sk_datasets
   digits = sk_datasets.load_digits()
   x = (digits.images.astype(np.float32) / 16.0)[..., None]
   x = _resize(x, 28)
@@ -146,7 +146,7 @@ def _load_digits(seed: int) -> ImageDataset:
 
 
 def _load_lfw_subset(seed: int) -> ImageDataset:
-  from skimage import data as sk_data  # pylint: disable=g-import-not-at-top
+  from skimage import data as sk_data
   faces = sk_data.lfw_subset().astype(np.float32)  # [200, 25, 25]: 100 faces, 100 non-faces
   x = _resize(faces[..., None], 32)
   y = np.array([1] * 100 + [0] * 100, dtype=np.int64)
@@ -168,8 +168,8 @@ _PHOTO_SHORT_SIDE = 128  # photos are downscaled first, so a 32x32 crop shows an
 
 def _load_photos(seed: int) -> ImageDataset:
   """A fixed, seeded set of 32x32 crops of skimage's colour photos, labelled by photo."""
-  from skimage import data as sk_data  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from skimage import data as sk_data
+  import tensorflow as tf
   # The crop set itself is fixed (seed 1234) so that "photo #i" means the same image in
   # every run; `seed` only changes the train/test split.
   rng = np.random.default_rng(1234)
@@ -229,7 +229,7 @@ def wheel_file(dist: str, version: str, path: str) -> Optional[str]:
   The distribution must be installed at exactly `version` (the statistics this module
   documents hold for that release).
   """
-  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import importlib.metadata
   try:
     d = importlib.metadata.distribution(dist)
   except importlib.metadata.PackageNotFoundError:
@@ -272,7 +272,7 @@ def _load_mnist_wheel(max_examples: Optional[int]) -> ImageDataset:
 def _load_cifar10_sample(seed: int) -> ImageDataset:
   """The 20 CIFAR-10 test images foolbox ships, in file order; labels from file names."""
   del seed  # a fixed set in file order: index i is the i-th CIFAR-10 test image
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
   folder = wheel_file(*CIFAR10_WHEEL)
   if folder is None:
     raise _wheel_missing("cifar10_sample", CIFAR10_WHEEL)
@@ -291,7 +291,7 @@ def _load_cifar10_sample(seed: int) -> ImageDataset:
 
 def _load_lfw_faces(seed: int) -> ImageDataset:
   """The 100 faces of skimage's lfw_subset (its first half), resized like lfw_subset."""
-  from skimage import data as sk_data  # pylint: disable=g-import-not-at-top
+  from skimage import data as sk_data
   faces = sk_data.lfw_subset()[:100].astype(np.float32)
   x = _resize(faces[..., None], 32)
   y = np.zeros(len(x), dtype=np.int64)
@@ -322,8 +322,8 @@ def host_reachable(host: str, port: int = 443, timeout: float = REACHABILITY_TIM
   Name resolution has no timeout of its own, so it runs in a daemon thread that is
   abandoned (never joined) when it takes too long.
   """
-  import socket  # pylint: disable=g-import-not-at-top
-  import threading  # pylint: disable=g-import-not-at-top
+  import socket
+  import threading
   result = []
 
   def probe():
@@ -341,7 +341,7 @@ def host_reachable(host: str, port: int = 443, timeout: float = REACHABILITY_TIM
 
 def _open_builder(name: str, data_dir: Optional[str], download: bool):
   """The prepared tfds builder, or DatasetUnavailableError within seconds."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
   tfds_name, host = _TFDS_SPECS[name][0], _TFDS_SPECS[name][4]
   if data_dir is not None and not os.path.isdir(data_dir):
     # tfds would create it; a mistyped --data_dir must not become a new empty folder.
@@ -367,7 +367,7 @@ def _open_builder(name: str, data_dir: Optional[str], download: bool):
 
 def _read_split(builder, name, data_dir, split, max_examples):
   """(images uint8 [N, H, W, C], raw labels) of one split, or (None, None)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
   if split is None:
     return None, None
   if max_examples:
@@ -583,7 +583,7 @@ def client_datasets(x: np.ndarray, y: np.ndarray, parts: Sequence[np.ndarray], *
   The element structure matches `tf_dlg.models.input_spec`, the spec that
   `tff.learning.models.from_keras_model` expects.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
   validation.check_int("batch_size", batch_size, 1)
   validation.check_int("epochs", epochs, 1)
   out = []
