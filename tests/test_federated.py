@@ -314,13 +314,30 @@ def test_bad_worker_address(bad):
 # --------------------------------------------------------------------------- entry point
 
 
+def _started_by(pid, parent):
+  """Whether worker `pid` was started by process `parent` or is an orphan now.
+
+  By pid, not by name: other tests on the machine run workers of their own.
+  """
+  try:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+      if f"TF_DLG_WORKER_PARENT={parent}".encode() in f.read().split(b"\0"):
+        return True
+    with open(f"/proc/{pid}/stat") as f:
+      return int(f.read().rsplit(")", 1)[1].split()[1]) == 1
+  except (OSError, ValueError, IndexError):
+    return False
+
+
 def _run_entry(args, tmp_path):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   before = _worker_pids()
-  proc = subprocess.run([sys.executable, "-m", "experiments.federated", *args],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  leaked = _worker_pids() - before
-  return proc, leaked
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.federated", *args],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  stdout, stderr = proc.communicate(timeout=300)
+  leaked = {p for p in _worker_pids() - before if _started_by(p, proc.pid)}
+  return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), leaked
 
 
 def test_entry_point_small_run_writes_outputs_and_leaves_no_worker(tmp_path):
