@@ -72,6 +72,10 @@ def point_key(dataset: str, attack: str, defense: str, param: Optional[float],
   return key if update == "gradient" else f"{key}|{update}"
 
 
+SEARCH_DEFAULTS = dict(num_images=4, iterations=3000, leak_ssim=None, defended_fraction=1.0,
+                       bisection_steps=4, seed=0, local_steps=3, local_lr=0.1)
+
+
 def _check_cover(datasets, attacks, defenses) -> None:
   """Every dataset / attack / defence name is known, and none of the lists is empty."""
   # pylint: disable=g-import-not-at-top
@@ -105,38 +109,41 @@ class ThresholdSearch:
   Args:
     output_dir: Where results go; an existing run there is resumed.
     datasets, attacks, defenses: What to cover.
-    num_images: Images attacked per dataset (training images 0..num_images-1 of a seeded
-      permutation, so every defence sees the same images).
-    iterations: Attack optimiser iterations, or {dataset: iterations}.
-    leak_ssim: Adjusted-SSIM bar at or above which an image counts as leaked.
-    defended_fraction: Fraction of images that must be defended for a setting to defend.
-    bisection_steps: Steps after the two ends of each range.
-    seed: Seeds image choice, model weights, defence randomness and attack init.
     data_dir: tfds data directory for mnist / cifar10 / lfw.
-    local_steps, local_lr: The `fedavg_delta` threat model's local SGD steps and rate.
+    progress: Show progress bars.
+    **settings: Any of `SEARCH_DEFAULTS` (which fills the rest); unknown names raise:
+      num_images: Images attacked per dataset (training images 0..num_images-1 of a
+        seeded permutation, so every defence sees the same images).
+      iterations: Attack optimiser iterations, or {dataset: iterations}.
+      leak_ssim: Adjusted-SSIM bar at or above which an image counts as leaked.
+      defended_fraction: Fraction of images that must be defended for a setting to defend.
+      bisection_steps: Steps after the two ends of each range.
+      seed: Seeds image choice, model weights, defence randomness and attack init.
+      local_steps, local_lr: The `fedavg_delta` threat model's local SGD steps and rate.
   """
 
   def __init__(self, output_dir: str, datasets: Sequence[str], attacks: Sequence[str],
-               defenses: Sequence[str], num_images: int = 4, iterations=3000,
-               leak_ssim: Optional[float] = None, defended_fraction: float = 1.0,
-               bisection_steps: int = 4, seed: int = 0, data_dir: Optional[str] = None,
-               local_steps: int = 3, local_lr: float = 0.1, progress: bool = True):
+               defenses: Sequence[str], data_dir: Optional[str] = None,
+               progress: bool = True, **settings):
     from tf_dlg import metrics  # pylint: disable=g-import-not-at-top
     _check_cover(datasets, attacks, defenses)
-    v = validation
-    self.num_images = v.check_int("num_images", num_images, 1)
-    self.defended_fraction = v.check_number("defended_fraction", defended_fraction, 0, 1,
-                                            low_open=True)
+    unknown = sorted(set(settings) - set(SEARCH_DEFAULTS))
+    if unknown:
+      raise ValueError(f"unknown settings {unknown}; expected some of {list(SEARCH_DEFAULTS)}.")
+    st, v = dict(SEARCH_DEFAULTS, **settings), validation
+    self.num_images = v.check_int("num_images", st["num_images"], 1)
+    self.defended_fraction = v.check_number("defended_fraction", st["defended_fraction"], 0,
+                                            1, low_open=True)
     self.leak_ssim = v.check_number(
-        "leak_ssim", metrics.DEFAULT_LEAK_SSIM if leak_ssim is None else leak_ssim, 0, 1,
-        low_open=True)
-    self.bisection_steps = v.check_int("bisection_steps", bisection_steps, 0)
-    self.seed = v.check_int("seed", seed, 0)
-    self.local_steps = v.check_int("local_steps", local_steps, 1)
-    self.local_lr = v.check_number("local_lr", local_lr, 0, math.inf, low_open=True)
+        "leak_ssim", metrics.DEFAULT_LEAK_SSIM if st["leak_ssim"] is None else st["leak_ssim"],
+        0, 1, low_open=True)
+    self.bisection_steps = v.check_int("bisection_steps", st["bisection_steps"], 0)
+    self.seed = v.check_int("seed", st["seed"], 0)
+    self.local_steps = v.check_int("local_steps", st["local_steps"], 1)
+    self.local_lr = v.check_number("local_lr", st["local_lr"], 0, math.inf, low_open=True)
     self.output_dir = v.check_output_dir("output_dir", output_dir)
     self.datasets, self.attacks, self.defenses = list(datasets), list(attacks), list(defenses)
-    self.iterations = _iterations_per_dataset(iterations, self.datasets)
+    self.iterations = _iterations_per_dataset(st["iterations"], self.datasets)
     self.data_dir, self.progress = data_dir, progress
     self.config = dict(num_images=self.num_images, iterations=self.iterations,
                        leak_ssim=self.leak_ssim, defended_fraction=self.defended_fraction,

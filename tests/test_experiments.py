@@ -418,3 +418,18 @@ def test_drivers_give_one_line_errors_with_exit_code_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_convergence_cli_refuses_another_configuration_end_to_end(tmp_path):
+  """Issue 13's exact commands, with real TFF training (about 40 s)."""
+  common = ["--aggregators=mean", "--partitions=iid", "--rounds=2", "--num_clients=3",
+            f"--output_dir={tmp_path}"]
+  first = _cli("convergence", *common, "--defense_params=masking:0.1", "--seed=0", timeout=600)
+  assert first.returncode == 0, first.stderr[-2000:]
+  table = (tmp_path / "convergence.csv").read_text()
+  second = _cli("convergence", *common, "--defense_params=masking:0.9", "--seed=1")
+  assert second.returncode == 2
+  assert "mean_iid_none/cell.json: this run folder holds another configuration" in second.stderr
+  assert "seed 0 there, 1 now" in second.stderr
+  assert (tmp_path / "convergence.csv").read_text() == table
