@@ -23,7 +23,6 @@ from __future__ import annotations
 # First: imports TensorFlow quietly and before absl's app.run (see experiments.cli).
 from experiments import cli
 
-import json
 import os
 import platform
 import sys
@@ -182,7 +181,7 @@ def write_report(output_dir: str, settings: Dict[str, Any], sources: Dict[str, s
   """report.md: every table and figure, with the command, versions, data and timing."""
   parts = ["# tf-dlg report\n\n",
            f"Command: `{' '.join([os.path.basename(sys.executable), '-m', 'experiments.reproduce'] + sys.argv[1:])}`\n\n",
-           "## Settings\n\n```json\n" + json.dumps(settings, indent=2, sort_keys=True) + "\n```\n\n",
+           "## Settings\n\n```json\n" + io_lib.dumps(settings, indent=2, sort_keys=True) + "\n```\n\n",
            "## Data\n\n" + "".join(f"- `{k}`: {v}\n" for k, v in sources.items()) + "\n",
            "## Versions\n\n" + "".join(f"- {k} {v}\n" for k, v in _versions().items()) + "\n",
            "## Wall time\n\n" + "".join(f"- {k}: {v:.0f} s\n" for k, v in stage_seconds.items())

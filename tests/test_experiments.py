@@ -134,6 +134,7 @@ def test_threshold_search_bad_arguments(tmp_path, kwargs, match):
   assert not os.path.exists(tmp_path / "out" / "points.jsonl")  # refused before any file
 
 
+@pytest.mark.slow  # end-to-end: real attacks / TFF training, a minute or two
 def test_rescore_with_adaptive_attacker_and_fedavg_delta(clean_run):
   _, search, rows = clean_run
   out = search.rescore([r for r in rows if r["defense"] == "masking"], attacks=["masked_ig"])
@@ -148,6 +149,7 @@ def test_rescore_with_adaptive_attacker_and_fedavg_delta(clean_run):
   assert os.path.exists(os.path.join(search.output_dir, "robustness.md"))
 
 
+@pytest.mark.slow  # end-to-end: real attacks / TFF training, a minute or two
 def test_convergence_miniature(clean_run, tmp_path):
   out_thr, _, _ = clean_run
   params = convergence.defense_params_from_thresholds(
@@ -171,6 +173,7 @@ def test_convergence_miniature(clean_run, tmp_path):
                                                "photos")
 
 
+@pytest.mark.slow  # end-to-end: real attacks / TFF training, a minute or two
 def test_reproduce_miniature_writes_report_and_claims(tmp_path):
   settings = dict(reproduce.PRESETS["quick"], datasets=["digits"], defenses=["masking"],
                   adaptive_attacks=["ig"], num_images=1, iterations=400, bisection_steps=1,
@@ -433,3 +436,20 @@ def test_convergence_cli_refuses_another_configuration_end_to_end(tmp_path):
   assert "mean_iid_none/cell.json: this run folder holds another configuration" in second.stderr
   assert "seed 0 there, 1 now" in second.stderr
   assert (tmp_path / "convergence.csv").read_text() == table
+
+
+def test_reproduce_convergence_stage_refuses_runs_of_other_flags(tmp_path, monkeypatch,
+                                                                 fake_simulation):
+  def fake_search(search):
+    path = _thresholds_csv(os.path.join(search.output_dir, "thresholds.csv"))
+    return threshold_search.read_thresholds(path)
+  monkeypatch.setattr(threshold_search.ThresholdSearch, "run", fake_search)
+  monkeypatch.setattr(threshold_search.ThresholdSearch, "rescore", lambda self, rows, **k: [])
+  settings = dict(reproduce.PRESETS["quick"], datasets=["digits"], defenses=["masking"],
+                  convergence_defenses=["masking"], partitions=["iid"], rounds=2,
+                  num_clients=3, seed=0, data_dir=None, leak_ssim=None, preset="test")
+  reproduce.run(str(tmp_path), settings, progress=False)
+  assert len(fake_simulation) == 4  # (mean, median) x (none, masking)
+  with pytest.raises(convergence.CellError, match="num_clients 3 there, 4 now"):
+    reproduce.run(str(tmp_path), dict(settings, num_clients=4), progress=False)
+  assert len(fake_simulation) == 4
