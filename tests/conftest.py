@@ -17,17 +17,20 @@ import pytest  # noqa: E402
 def _stop_tff_workers_at_end():
   yield
   from tf_dlg.federated import runtime
+
   runtime.stop_tff_workers()
 
 
 @pytest.fixture(scope="session")
 def digits():
   from tf_dlg import data
+
   return data.load_dataset("digits")
 
 
 def _tiny_bn_model(input_shape, num_classes, seed=0):
   import tensorflow as tf
+
   init = tf.keras.initializers.GlorotUniform(seed=seed)
   inputs = tf.keras.Input(input_shape)
   h = tf.keras.layers.Conv2D(4, 3, strides=2, use_bias=False, kernel_initializer=init)(inputs)
@@ -35,8 +38,9 @@ def _tiny_bn_model(input_shape, num_classes, seed=0):
   h = tf.keras.layers.ReLU()(h)
   h = tf.keras.layers.GlobalAveragePooling2D()(h)
   dense_init = tf.keras.initializers.GlorotUniform(seed=seed + 1)
-  return tf.keras.Model(inputs, tf.keras.layers.Dense(num_classes,
-                                                      kernel_initializer=dense_init)(h))
+  return tf.keras.Model(
+    inputs, tf.keras.layers.Dense(num_classes, kernel_initializer=dense_init)(h)
+  )
 
 
 @pytest.fixture(scope="session")

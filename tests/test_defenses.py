@@ -17,18 +17,24 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_dlg import defenses
-from tf_dlg import models
-from tf_dlg.defenses import base
+from tf_dlg import defenses, models
 from tf_dlg.defenses import clipping as clipping_lib
-from tf_dlg.defenses import masking as masking_lib
 from tf_dlg.defenses import dp as dp_lib
+from tf_dlg.defenses import masking as masking_lib
 from tf_dlg.defenses import noising as noising_lib
 
 # A representative parameter for every defence (the TFF and Keras tests use the same).
-PARAMS = {"none": None, "masking": 0.5, "clipping": 1.0, "clipping_ratio": 0.5,
-          "value_clipping": 0.05, "pruning": 0.5, "noising": 0.1, "noising_ratio": 0.1,
-          "dp": 0.5}
+PARAMS = {
+  "none": None,
+  "masking": 0.5,
+  "clipping": 1.0,
+  "clipping_ratio": 0.5,
+  "value_clipping": 0.05,
+  "pruning": 0.5,
+  "noising": 0.1,
+  "noising_ratio": 0.1,
+  "dp": 0.5,
+}
 RANDOM = ("masking", "noising", "noising_ratio", "dp")
 
 
@@ -86,7 +92,8 @@ def test_masking_rate_zero_is_identity_and_zero_fraction_measures_it():
   masked = defenses.get_defense("masking", 0.5)(update, 3)
   n = sum(int(tf.size(t)) for t in update)
   assert float(defenses.zero_fraction(masked)) == pytest.approx(
-      sum(_zeros(t) for t in masked) / n, abs=1e-7)
+    sum(_zeros(t) for t in masked) / n, abs=1e-7
+  )
 
 
 def test_masking_same_seed_same_mask_different_seed_different_mask():
@@ -122,7 +129,10 @@ def test_masking_rescale_keeps_the_mean(rate):
   plain = np.asarray(defenses.get_defense("masking", rate)(update, 11)[0])
   assert abs(plain.mean() - value * (1 - rate)) <= 4 * value * math.sqrt(rate * (1 - rate) / n)
   assert defenses.get_defense("masking", rate, rescale=True).get_config() == {
-      "name": "masking", "rate": rate, "rescale": True}
+    "name": "masking",
+    "rate": rate,
+    "rescale": True,
+  }
 
 
 def _bn_model():
@@ -139,7 +149,7 @@ def test_batchnorm_exclusion_finds_bn_variables_by_layer_type():
   variables = _fedavg_layout(model)
   exclude = defenses.batchnorm_exclusion(model, variables)
   bn_refs = {v.ref() for _, v in models.batchnorm_variables(model)}
-  assert len(bn_refs) == 8   # 2 layers x (gamma, beta, moving mean, moving variance)
+  assert len(bn_refs) == 8  # 2 layers x (gamma, beta, moving mean, moving variance)
   assert exclude == [v.ref() in bn_refs for v in variables]
   # The FedAvg layout: BN gamma/beta among the trainable, then only BN statistics.
   n_trainable = len(model.trainable_variables)
@@ -153,8 +163,7 @@ def test_batchnorm_exclusion_finds_bn_variables_by_layer_type():
   h = tf.keras.layers.Dense(3, name="batch_normalization")(inputs)
   h = tf.keras.layers.BatchNormalization(name="dense_2")(h)
   odd = tf.keras.Model(inputs, h)
-  assert defenses.batchnorm_exclusion(odd, odd.weights) == [False, False, True, True, True,
-                                                            True]
+  assert defenses.batchnorm_exclusion(odd, odd.weights) == [False, False, True, True, True, True]
 
 
 @pytest.mark.parametrize("mask_gamma_beta", [False, True])
@@ -168,15 +177,15 @@ def test_masking_never_touches_batchnorm_entries(mask_gamma_beta):
   masked_entries = kept_entries = 0
   for v, ex, u, o in zip(variables, exclude, _np(update), _np(out)):
     if ex:
-      np.testing.assert_array_equal(o, u, err_msg=v.name)   # bit-identical
+      np.testing.assert_array_equal(o, u, err_msg=v.name)  # bit-identical
     else:
       masked_entries += _zeros(o)
       kept_entries += o.size
   assert abs(masked_entries / kept_entries - rate) <= 4 * math.sqrt(
-      rate * (1 - rate) / kept_entries)
-  if mask_gamma_beta:   # gamma/beta (8 entries per channel pair) do get masked somewhere
-    gb = [o for v, o in zip(variables, _np(out))
-          if v.trainable and "bn" in v.name and o.ndim == 1]
+    rate * (1 - rate) / kept_entries
+  )
+  if mask_gamma_beta:  # gamma/beta (8 entries per channel pair) do get masked somewhere
+    gb = [o for v, o in zip(variables, _np(out)) if v.trainable and "bn" in v.name and o.ndim == 1]
     assert sum(_zeros(o) for o in gb) > 0
 
 
@@ -193,8 +202,7 @@ def test_clipping_bounds_the_global_norm_and_keeps_the_direction(norm):
   assert out_norm <= norm * (1 + 1e-6)
   assert out_norm == pytest.approx(norm, rel=1e-5)
   # One common scale factor: direction preserved.
-  np.testing.assert_allclose(_flat(out), _flat(update) * (norm / raw_norm), rtol=1e-5,
-                             atol=1e-9)
+  np.testing.assert_allclose(_flat(out), _flat(update) * (norm / raw_norm), rtol=1e-5, atol=1e-9)
 
 
 def test_clipping_below_the_bound_is_unchanged():
@@ -236,7 +244,7 @@ def test_relative_clipping_ignores_excluded_tensors_and_zero_updates():
   np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(update[1]))
   zero = [tf.zeros([4]), tf.zeros([3])]
   np.testing.assert_array_equal(_flat(d(zero, 0)), 0.0)
-  assert float(d.clip_scale(zero)) == 1.0   # nothing to clip: not counted as clipped
+  assert float(d.clip_scale(zero)) == 1.0  # nothing to clip: not counted as clipped
 
 
 def test_clip_scale_says_whether_and_how_much_clipping_acted():
@@ -261,13 +269,16 @@ def test_value_clipping_bounds_every_entry(bound):
   update = _update(scale=0.5)
   out = _flat(defenses.get_defense("value_clipping", bound)(update, 0))
   raw = _flat(update)
-  bound32 = np.float32(bound)   # the bound as the float32 the update is in
+  bound32 = np.float32(bound)  # the bound as the float32 the update is in
   assert np.max(np.abs(out)) <= bound32
   inside = np.abs(raw) <= bound32
   np.testing.assert_array_equal(out[inside], raw[inside])
   np.testing.assert_allclose(out[~inside], np.sign(raw[~inside]) * bound32, rtol=0)
-  assert clipping_lib.clip_by_value([tf.constant([-3.0, 0.5, 3.0])], 1.0)[0].numpy().tolist() \
-      == [-1.0, 0.5, 1.0]
+  assert clipping_lib.clip_by_value([tf.constant([-3.0, 0.5, 3.0])], 1.0)[0].numpy().tolist() == [
+    -1.0,
+    0.5,
+    1.0,
+  ]
 
 
 # ----------------------------------------------------------------------------- pruning
@@ -278,7 +289,7 @@ def test_pruning_per_tensor_sparsity_is_exact_and_keeps_the_largest(rate):
   update = _update(seed=2, shapes=((10,), (100,), (7, 13), (3,)))
   out = defenses.get_defense("pruning", rate)(update, 0)
   for t, o in zip(_np(update), _np(out)):
-    k = math.floor(round(rate * t.size, 6))   # floor(rate * size), 0.29 * 100 -> 29
+    k = math.floor(round(rate * t.size, 6))  # floor(rate * size), 0.29 * 100 -> 29
     assert _zeros(o) == k, (rate, t.shape)
     kept = o != 0
     np.testing.assert_array_equal(o[kept], t[kept])
@@ -290,8 +301,10 @@ def test_pruning_per_tensor_sparsity_is_exact_and_keeps_the_largest(rate):
 @pytest.mark.parametrize("rate", [0.1, 0.5, 0.97])
 def test_pruning_global_sparsity_is_exact_and_ranks_across_tensors(rate):
   # The second tensor is 100x larger: global pruning empties the first one first.
-  update = [tf.constant(np.random.default_rng(0).uniform(1, 2, 500), tf.float32),
-            tf.constant(np.random.default_rng(1).uniform(100, 200, 500), tf.float32)]
+  update = [
+    tf.constant(np.random.default_rng(0).uniform(1, 2, 500), tf.float32),
+    tf.constant(np.random.default_rng(1).uniform(100, 200, 500), tf.float32),
+  ]
   out = defenses.get_defense("pruning", rate, scope="global")(update, 0)
   k = math.floor(round(rate * 1000, 6))
   assert sum(_zeros(o) for o in out) == k
@@ -335,16 +348,15 @@ def test_gaussian_noise_mean_and_std(stddev):
 
 def test_laplacian_noise_mean_std_and_shape():
   stddev = 0.5
-  out = defenses.get_defense("noising", stddev, distribution="laplacian")(
-      [tf.zeros([500, 200])], 9)
+  out = defenses.get_defense("noising", stddev, distribution="laplacian")([tf.zeros([500, 200])], 9)
   x = _flat(out)
   _check_mean_std(x, stddev, "laplacian")
-  b = stddev / math.sqrt(2)           # Laplace scale: E|x| = b, kurtosis 6
+  b = stddev / math.sqrt(2)  # Laplace scale: E|x| = b, kurtosis 6
   assert abs(np.mean(np.abs(x)) - b) <= 4 * b / math.sqrt(x.size)
-  kurtosis = np.mean(x ** 4) / np.mean(x ** 2) ** 2
+  kurtosis = np.mean(x**4) / np.mean(x**2) ** 2
   assert 5.5 < kurtosis < 6.5
   g = _flat(defenses.get_defense("noising", stddev)([tf.zeros([500, 200])], 9))
-  assert 2.8 < np.mean(g ** 4) / np.mean(g ** 2) ** 2 < 3.2
+  assert 2.8 < np.mean(g**4) / np.mean(g**2) ** 2 < 3.2
 
 
 def test_noise_is_seeded_and_zero_stddev_is_identity():
@@ -352,8 +364,9 @@ def test_noise_is_seeded_and_zero_stddev_is_identity():
   d = defenses.get_defense("noising", 0.1)
   np.testing.assert_array_equal(_flat(d(update, 1)), _flat(d(update, 1)))
   assert np.all(_flat(d(update, 1)) != _flat(d(update, 2)))
-  np.testing.assert_array_equal(_flat(defenses.get_defense("noising", 0.0)(update, 1)),
-                                _flat(update))
+  np.testing.assert_array_equal(
+    _flat(defenses.get_defense("noising", 0.0)(update, 1)), _flat(update)
+  )
 
 
 @pytest.mark.parametrize("ratio", [0.01, 0.5, 3.0])
@@ -372,8 +385,9 @@ def test_noise_to_signal_ratio_gives_the_asked_rms_ratio(ratio, distribution):
   assert abs(noise.mean()) <= 4 * ratio * signal_rms / math.sqrt(n)
   # Scale-free: the same ratio on a 1000x smaller update gives 1000x smaller noise.
   small = [t / 1000.0 for t in update]
-  np.testing.assert_allclose(_flat(d(small, 11)) - _flat(small), noise / 1000.0,
-                             rtol=1e-3, atol=1e-6 * ratio * signal_rms)
+  np.testing.assert_allclose(
+    _flat(d(small, 11)) - _flat(small), noise / 1000.0, rtol=1e-3, atol=1e-6 * ratio * signal_rms
+  )
 
 
 def test_noise_ratio_ignores_excluded_tensors_and_zero_is_identity():
@@ -381,9 +395,10 @@ def test_noise_ratio_ignores_excluded_tensors_and_zero_is_identity():
   d = defenses.get_defense("noising_ratio", 0.5, exclude=[False, True])
   out = d(update, 1)
   np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(update[1]))
-  assert np.std(np.asarray(out[0])) == pytest.approx(0.5, rel=0.05)   # RMS of kept = 1
-  np.testing.assert_array_equal(_flat(defenses.get_defense("noising_ratio", 0.0)(update, 1)),
-                                _flat(update))
+  assert np.std(np.asarray(out[0])) == pytest.approx(0.5, rel=0.05)  # RMS of kept = 1
+  np.testing.assert_array_equal(
+    _flat(defenses.get_defense("noising_ratio", 0.0)(update, 1)), _flat(update)
+  )
 
 
 # ----------------------------------------------------------------------------- DP
@@ -404,8 +419,11 @@ def test_dp_clips_then_adds_noise_of_multiplier_times_clip(noise_multiplier, cli
   # Multiplier 0: pure clipping.
   zero = defenses.get_defense("dp", 0.0, l2_norm_clip=clip)(update, 5)
   assert float(tf.linalg.global_norm(zero)) == pytest.approx(clip, rel=1e-5)
-  assert d.get_config() == {"name": "dp", "noise_multiplier": noise_multiplier,
-                            "l2_norm_clip": clip}
+  assert d.get_config() == {
+    "name": "dp",
+    "noise_multiplier": noise_multiplier,
+    "l2_norm_clip": clip,
+  }
 
 
 def test_dp_epsilon_accounting_is_monotone():
@@ -414,9 +432,11 @@ def test_dp_epsilon_accounting_is_monotone():
   steps = [dp_lib.dp_sgd_epsilon(1.0, s, 0.01) for s in (10, 100, 1000)]
   assert steps == sorted(steps) and steps[0] < steps[-1]
   # DP-FedAvg: sampling fewer clients per round amplifies privacy.
-  assert (dp_lib.dp_fedavg_epsilon(1.0, 10, 1000, 50)
-          < dp_lib.dp_fedavg_epsilon(1.0, 100, 1000, 50)
-          < dp_lib.dp_fedavg_epsilon(1.0, 1000, 1000, 50))
+  assert (
+    dp_lib.dp_fedavg_epsilon(1.0, 10, 1000, 50)
+    < dp_lib.dp_fedavg_epsilon(1.0, 100, 1000, 50)
+    < dp_lib.dp_fedavg_epsilon(1.0, 1000, 1000, 50)
+  )
   for bad in (0, 1.5, -3):
     with pytest.raises(ValueError, match=re.escape(f"steps={bad!r}")):
       dp_lib.dp_sgd_epsilon(1.0, bad)
@@ -429,15 +449,35 @@ def test_dp_epsilon_accounting_is_monotone():
 # ----------------------------------------------------------------------------- validation
 
 BAD = [
-    ("masking", -0.1), ("masking", 1.0), ("masking", 1.5), ("masking", float("nan")),
-    ("masking", float("inf")), ("pruning", 1.0), ("pruning", -0.01),
-    ("pruning", float("nan")), ("clipping", 0.0), ("clipping", -1.0),
-    ("clipping", float("nan")), ("clipping", float("inf")), ("value_clipping", 0.0),
-    ("value_clipping", -2.0), ("value_clipping", float("nan")), ("noising", -1e-3),
-    ("noising", float("nan")), ("noising", float("inf")), ("dp", -1.0), ("dp", float("nan")),
-    ("masking", "0.5"), ("clipping", True), ("noising", [0.1]),
-    ("clipping_ratio", 0.0), ("clipping_ratio", 1.5), ("clipping_ratio", -0.5),
-    ("clipping_ratio", float("nan")), ("noising_ratio", -0.1), ("noising_ratio", float("inf")),
+  ("masking", -0.1),
+  ("masking", 1.0),
+  ("masking", 1.5),
+  ("masking", float("nan")),
+  ("masking", float("inf")),
+  ("pruning", 1.0),
+  ("pruning", -0.01),
+  ("pruning", float("nan")),
+  ("clipping", 0.0),
+  ("clipping", -1.0),
+  ("clipping", float("nan")),
+  ("clipping", float("inf")),
+  ("value_clipping", 0.0),
+  ("value_clipping", -2.0),
+  ("value_clipping", float("nan")),
+  ("noising", -1e-3),
+  ("noising", float("nan")),
+  ("noising", float("inf")),
+  ("dp", -1.0),
+  ("dp", float("nan")),
+  ("masking", "0.5"),
+  ("clipping", True),
+  ("noising", [0.1]),
+  ("clipping_ratio", 0.0),
+  ("clipping_ratio", 1.5),
+  ("clipping_ratio", -0.5),
+  ("clipping_ratio", float("nan")),
+  ("noising_ratio", -0.1),
+  ("noising_ratio", float("inf")),
 ]
 
 
@@ -446,11 +486,13 @@ def test_bad_parameter_raises_value_error_naming_the_value(name, param):
   with pytest.raises(ValueError, match=re.escape(f"={param!r}")) as info:
     defenses.get_defense(name, param)
   assert "must be" in str(info.value)
-  if name.endswith("_ratio"):   # the message names the relative parameter
+  if name.endswith("_ratio"):  # the message names the relative parameter
     assert defenses.DEFENSES[name].param_name + "=" in str(info.value)
 
 
-@pytest.mark.parametrize("kwargs,needle", [
+@pytest.mark.parametrize(
+  "kwargs,needle",
+  [
     (dict(name="masking", param=0.5, rescale=True), None),
     (dict(name="dp", param=1.0, l2_norm_clip=0.0), "l2_norm_clip=0.0"),
     (dict(name="dp", param=1.0, l2_norm_clip=float("nan")), "l2_norm_clip=nan"),
@@ -459,10 +501,11 @@ def test_bad_parameter_raises_value_error_naming_the_value(name, param):
     (dict(name="masks", param=0.5), "'masks'"),
     (dict(name="masking"), "'masking' needs a parameter"),
     (dict(name="clipping"), "'clipping' needs a parameter"),
-])
+  ],
+)
 def test_bad_names_and_options_raise_value_error(kwargs, needle):
   if needle is None:
-    defenses.get_defense(**kwargs)   # a valid control
+    defenses.get_defense(**kwargs)  # a valid control
     return
   with pytest.raises(ValueError, match=re.escape(needle)):
     defenses.get_defense(**kwargs)
@@ -505,7 +548,8 @@ def test_config_round_trips_and_structure_is_kept(name):
   nested = {"a": tf.ones([4, 3]), "b": [tf.ones([2]), tf.ones([5])]}
   out = d(nested, 0)
   assert tf.nest.map_structure(lambda t: tuple(t.shape), out) == tf.nest.map_structure(
-      lambda t: tuple(t.shape), nested)
+    lambda t: tuple(t.shape), nested
+  )
 
 
 def test_parameter_search_ranges_are_valid_parameters():
@@ -534,10 +578,12 @@ def test_defences_work_inside_tf_function(name):
     graph = defend(update, seed)
     eager = d(update, s)
     np.testing.assert_allclose(_flat(graph), _flat(eager), rtol=1e-6, atol=1e-7)
-  assert len(traces) == 1   # the seed is a tensor input: no retracing, no baked randomness
+  assert len(traces) == 1  # the seed is a tensor input: no retracing, no baked randomness
   if name in RANDOM:
-    assert np.any(_flat(defend(update, tf.constant([0, 1], tf.int64)))
-                  != _flat(defend(update, tf.constant([0, 2], tf.int64))))
+    assert np.any(
+      _flat(defend(update, tf.constant([0, 1], tf.int64)))
+      != _flat(defend(update, tf.constant([0, 2], tf.int64)))
+    )
   with pytest.raises(tf.errors.InvalidArgumentError):
     bad = list(update)
     bad[0] = bad[0] * float("nan")
@@ -567,16 +613,25 @@ def bn_round(digits):
   server, client = build(), build()
   # fit's shuffling draws from the global seed: fix it, or the result depends on test order.
   tf.keras.utils.set_random_seed(0)
-  client.compile(tf.keras.optimizers.SGD(0.1, momentum=0.9),
-                 tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  client.compile(
+    tf.keras.optimizers.SGD(0.1, momentum=0.9),
+    tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+  )
   client.fit(ds.x_train[:256], ds.y_train[:256], batch_size=32, epochs=4, verbose=0)
   variables = _fedavg_layout(server)
   initial = [v.numpy() for v in variables]
   final = [v.numpy() for v in _fedavg_layout(client)]
-  return dict(build=build, server=server, client=client, initial=initial, final=final,
-              delta=[tf.constant(a - b) for a, b in zip(initial, final)],
-              exclude=defenses.batchnorm_exclusion(server, variables),
-              num_trainable=len(server.trainable_variables), x=ds.x_test[:300])
+  return dict(
+    build=build,
+    server=server,
+    client=client,
+    initial=initial,
+    final=final,
+    delta=[tf.constant(a - b) for a, b in zip(initial, final)],
+    exclude=defenses.batchnorm_exclusion(server, variables),
+    num_trainable=len(server.trainable_variables),
+    x=ds.x_test[:300],
+  )
 
 
 def _server_apply(r, update, stats_are_values=False):
@@ -671,8 +726,9 @@ def test_masking_a_batchnorm_fedavg_update(bn_round):
 
   # Naive: the same masked non-BN entries, and the BN entries masked as well.
   def naive(rescale):
-    bn_masked = masking_lib.mask_update([r["delta"][i] for i in range(len(ex)) if ex[i]],
-                                        rate, 2, rescale=rescale)
+    bn_masked = masking_lib.mask_update(
+      [r["delta"][i] for i in range(len(ex)) if ex[i]], rate, 2, rescale=rescale
+    )
     it = iter(bn_masked)
     return [next(it) if e else u for u, e in zip(excluded_update, ex)]
 
@@ -688,14 +744,15 @@ def test_masking_a_batchnorm_fedavg_update(bn_round):
   ratio = _bn1_normalised_std(m_naive, x) / z_ex
   predicted = np.sqrt((var_c + eps) / (var_n + eps))
   np.testing.assert_allclose(ratio, predicted, rtol=2e-3)
-  assert np.min(ratio[stale]) < 0.5    # stale channels are squashed
+  assert np.min(ratio[stale]) < 0.5  # stale channels are squashed
 
   # 3. Naive with rescale: negative variances, NaN outputs.
   m_rescaled = _server_apply(r, naive(True))
   var_r = _bn_stats(m_rescaled, "bn1")[1]
   kept_r = ~np.isclose(var_r, var0)
-  np.testing.assert_allclose(var_r[kept_r], var0[kept_r] - (var0 - var_c)[kept_r] / (1 - rate),
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    var_r[kept_r], var0[kept_r] - (var0 - var_c)[kept_r] / (1 - rate), rtol=1e-4, atol=1e-6
+  )
   assert np.any(var_r < 0)
   assert np.isnan(m_rescaled(x, training=False).numpy()).all()
 
@@ -705,10 +762,10 @@ def test_masking_a_batchnorm_fedavg_update(bn_round):
   for i in stats_idx:
     np.testing.assert_array_equal(np.asarray(guarded[i]), r["final"][i])
   m_vals = _server_apply(r, guarded, stats_are_values=True)
-  np.testing.assert_allclose(m_vals(x, training=False).numpy(), logits_ex, rtol=1e-4,
-                             atol=1e-5)
+  np.testing.assert_allclose(m_vals(x, training=False).numpy(), logits_ex, rtol=1e-4, atol=1e-5)
   naive_values = list(excluded_update[:n_train]) + masking_lib.mask_update(
-      [tf.constant(r["final"][i]) for i in stats_idx], rate, 3)
+    [tf.constant(r["final"][i]) for i in stats_idx], rate, 3
+  )
   m_zero = _server_apply(r, naive_values, stats_are_values=True)
   var_z = _bn_stats(m_zero, "bn1")[1]
   zeroed = var_z == 0
@@ -718,8 +775,10 @@ def test_masking_a_batchnorm_fedavg_update(bn_round):
   assert np.max(ratio) > 3
   logits_zero = m_zero(x, training=False).numpy()
   blow_up = np.max(np.abs(logits_zero)) / scale_ex
-  print(f"BN proof: z std excluded {np.round(z_ex, 2)}, zero-variance amplification {np.round(ratio, 2)}, "
-        f"logit blow-up x{blow_up:.1f}")
+  print(
+    f"BN proof: z std excluded {np.round(z_ex, 2)}, zero-variance amplification {np.round(ratio, 2)}, "
+    f"logit blow-up x{blow_up:.1f}"
+  )
   assert blow_up > 10
 
 
@@ -727,15 +786,22 @@ def test_masking_a_batchnorm_fedavg_update(bn_round):
 
 
 def test_importing_defenses_loads_neither_keras_glue_nor_tff():
-  code = ("import sys, tf_dlg.defenses as d; "
-          "bad = [m for m in ('tf_dlg.defenses.keras', 'tf_dlg.defenses.aggregator', "
-          "'tensorflow_federated', 'tf_dlg.federated') if m in sys.modules]; "
-          "assert not bad, bad; "
-          "assert d.DefendedModel.__module__ == 'tf_dlg.defenses.keras'; "
-          "assert 'tf_dlg.defenses.keras' in sys.modules; "
-          "assert 'tensorflow_federated' not in sys.modules; print('ok')")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  code = (
+    "import sys, tf_dlg.defenses as d; "
+    "bad = [m for m in ('tf_dlg.defenses.keras', 'tf_dlg.defenses.aggregator', "
+    "'tensorflow_federated', 'tf_dlg.federated') if m in sys.modules]; "
+    "assert not bad, bad; "
+    "assert d.DefendedModel.__module__ == 'tf_dlg.defenses.keras'; "
+    "assert 'tf_dlg.defenses.keras' in sys.modules; "
+    "assert 'tensorflow_federated' not in sys.modules; print('ok')"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+  )
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
@@ -743,10 +809,10 @@ def test_lazy_attributes_resolve_and_unknown_ones_raise():
   assert "defense_factory" in dir(defenses) and "DefendedModel" in dir(defenses)
   assert defenses.defended_gradients.__module__ == "tf_dlg.defenses.keras"
   with pytest.raises(AttributeError, match="no attribute 'defence_factory'"):
-    getattr(defenses, "defence_factory")
+    _ = defenses.defence_factory
 
 
 def test_parameter_search_has_relative_units_with_their_direction():
-  assert defenses.PARAMETER_SEARCH["clipping_ratio"][1] == 1.0   # 1 = no-op, weakest
+  assert defenses.PARAMETER_SEARCH["clipping_ratio"][1] == 1.0  # 1 = no-op, weakest
   assert defenses.PARAMETER_SEARCH["clipping_ratio"][3] == "lower"
   assert defenses.PARAMETER_SEARCH["noising_ratio"][3] == "higher"

@@ -9,25 +9,30 @@ float rounding of the mean), for the factory on its own and inside a one-round
 Kept fast: tiny value types, one tiny Keras model, and one TFF build per defence.
 """
 
-import collections
 import math
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_dlg import _tff
+from tf_dlg import _tff, defenses, models
 from tf_dlg import data as data_lib
-from tf_dlg import defenses
-from tf_dlg import models
 from tf_dlg.defenses import aggregator
 from tf_dlg.federated import aggregators as aggregators_lib
 
 tff = _tff.import_tff()
 
-PARAMS = {"none": None, "masking": 0.5, "clipping": 1.0, "clipping_ratio": 0.5,
-          "value_clipping": 0.05, "pruning": 0.5, "noising": 0.1, "noising_ratio": 0.1,
-          "dp": 0.5}
+PARAMS = {
+  "none": None,
+  "masking": 0.5,
+  "clipping": 1.0,
+  "clipping_ratio": 0.5,
+  "value_clipping": 0.05,
+  "pruning": 0.5,
+  "noising": 0.1,
+  "noising_ratio": 0.1,
+  "dp": 0.5,
+}
 RANDOM = ("masking", "noising", "noising_ratio", "dp")
 
 SHAPES = [(5, 4), (3,)]
@@ -38,8 +43,9 @@ WEIGHTS = [1.0, 2.0, 5.0]
 
 def _client_values(num_clients=3, scale=1.0):
   rng = np.random.default_rng(42)
-  return [[(rng.normal(size=s) * scale).astype(np.float32) for s in SHAPES]
-          for _ in range(num_clients)]
+  return [
+    [(rng.normal(size=s) * scale).astype(np.float32) for s in SHAPES] for _ in range(num_clients)
+  ]
 
 
 def _defend_clients(defense, values, round_num, seed):
@@ -53,8 +59,10 @@ def _defend_clients(defense, values, round_num, seed):
 
 def _mean(defended, weights=None):
   w = np.ones(len(defended)) if weights is None else np.asarray(weights, np.float64)
-  return [sum(wc * np.asarray(d[j], np.float64) for wc, d in zip(w, defended)) / w.sum()
-          for j in range(len(defended[0]))]
+  return [
+    sum(wc * np.asarray(d[j], np.float64) for wc, d in zip(w, defended)) / w.sum()
+    for j in range(len(defended[0]))
+  ]
 
 
 def _zero_fraction(defended):
@@ -75,7 +83,7 @@ def test_weighted_factory_aggregate_is_the_pure_defence(name):
   factory = defenses.defense_factory(defense, tff.aggregators.MeanFactory(), seed=3)
   assert isinstance(factory, tff.aggregators.WeightedAggregationFactory)
   process = factory.create(VALUE_TYPE, WEIGHT_TYPE)
-  values = _client_values(scale=3.0)   # norms > 1 so that clipping and dp clip
+  values = _client_values(scale=3.0)  # norms > 1 so that clipping and dp clip
   state = process.initialize()
   results = []
   for round_num in (0, 1):
@@ -84,15 +92,17 @@ def test_weighted_factory_aggregate_is_the_pure_defence(name):
     defended = _defend_clients(defense, values, round_num, seed=3)
     _assert_close(out.result, _mean(defended, WEIGHTS))
     assert out.measurements["defense_zero_fraction"] == pytest.approx(
-        _zero_fraction(defended), abs=1e-6)
+      _zero_fraction(defended), abs=1e-6
+    )
     scales = [float(defense.clip_scale([tf.constant(a) for a in v])) for v in values]
     assert out.measurements["defense_clip_scale"] == pytest.approx(np.mean(scales), rel=1e-5)
     assert out.measurements["defense_clipped_fraction"] == pytest.approx(
-        np.mean(np.asarray(scales) < 1.0))
+      np.mean(np.asarray(scales) < 1.0)
+    )
     results.append(out.result)
     state = out.state
   assert state["round"] == 2
-  if name in RANDOM:   # a fresh mask / noise every round
+  if name in RANDOM:  # a fresh mask / noise every round
     assert np.any(np.asarray(results[0][0]) != np.asarray(results[1][0]))
   else:
     _assert_close(results[1], [np.asarray(r) for r in results[0]])
@@ -100,7 +110,7 @@ def test_weighted_factory_aggregate_is_the_pure_defence(name):
     assert _zero_fraction(defended) > 0.3
   if name == "none":
     _assert_close(results[0], _mean(values, WEIGHTS))
-  if name in ("clipping", "clipping_ratio", "dp"):   # norms > 1: every client clipped
+  if name in ("clipping", "clipping_ratio", "dp"):  # norms > 1: every client clipped
     assert out.measurements["defense_clipped_fraction"] == 1.0
     assert out.measurements["defense_clip_scale"] < 1.0
   elif name != "none":
@@ -111,18 +121,22 @@ def test_clients_and_seeds_get_different_masks():
   values = _client_values()
   defense = defenses.get_defense("masking", 0.5)
   same = [values[0]] * 3
-  seeds = [tuple(aggregator.client_seed([tf.constant(a) for a in v], 0, 3).numpy())
-           for v in values + same[:1]]
+  seeds = [
+    tuple(aggregator.client_seed([tf.constant(a) for a in v], 0, 3).numpy())
+    for v in values + same[:1]
+  ]
   assert len(set(seeds[:3])) == 3 and seeds[3] == seeds[0]
   # Three clients with the same value and base seed get the same mask (the seed is a
   # function of the value) -- the mean is then exactly one client's masked value.
-  process = defenses.defense_factory(defense, tff.aggregators.UnweightedMeanFactory(),
-                                     seed=3).create(VALUE_TYPE)
+  process = defenses.defense_factory(
+    defense, tff.aggregators.UnweightedMeanFactory(), seed=3
+  ).create(VALUE_TYPE)
   out = process.next(process.initialize(), same)
   _assert_close(out.result, _defend_clients(defense, same[:1], 0, 3)[0])
   # Another base seed: other masks.
-  other = defenses.defense_factory(defense, tff.aggregators.UnweightedMeanFactory(),
-                                   seed=4).create(VALUE_TYPE)
+  other = defenses.defense_factory(defense, tff.aggregators.UnweightedMeanFactory(), seed=4).create(
+    VALUE_TYPE
+  )
   out4 = other.next(other.initialize(), same)
   _assert_close(out4.result, _defend_clients(defense, same[:1], 0, 4)[0])
   assert np.any(np.asarray(out4.result[0]) != np.asarray(out.result[0]))
@@ -144,24 +158,26 @@ def test_unweighted_inner_factories_are_inherited():
   assert isinstance(median, tff.aggregators.UnweightedAggregationFactory)
   process = median.create(VALUE_TYPE)
   out = process.next(process.initialize(), values)
-  _assert_close(out.result, [np.median(np.stack([d[j] for d in defended]), axis=0)
-                             for j in range(len(SHAPES))])
+  _assert_close(
+    out.result, [np.median(np.stack([d[j] for d in defended]), axis=0) for j in range(len(SHAPES))]
+  )
 
 
 def test_exclude_passes_tensors_through_and_overrides_the_defence():
   defense = defenses.get_defense("masking", 0.9, exclude=[True, True])
-  process = defenses.defense_factory(defense, tff.aggregators.MeanFactory(),
-                                     exclude=[False, True]).create(VALUE_TYPE, WEIGHT_TYPE)
+  process = defenses.defense_factory(
+    defense, tff.aggregators.MeanFactory(), exclude=[False, True]
+  ).create(VALUE_TYPE, WEIGHT_TYPE)
   values = _client_values()
   out = process.next(process.initialize(), values, WEIGHTS)
-  assert defense.exclude == [True, True]   # the caller's defence is not modified
+  assert defense.exclude == [True, True]  # the caller's defence is not modified
   raw_mean = _mean(values, WEIGHTS)
   np.testing.assert_allclose(np.asarray(out.result[1]), raw_mean[1], rtol=1e-5)
-  expected = _defend_clients(defenses.get_defense("masking", 0.9, exclude=[False, True]),
-                             values, 0, 0)
+  expected = _defend_clients(
+    defenses.get_defense("masking", 0.9, exclude=[False, True]), values, 0, 0
+  )
   _assert_close(out.result, _mean(expected, WEIGHTS))
-  assert out.measurements["defense_zero_fraction"] == pytest.approx(
-      0.9 * 20 / 23, abs=0.1)
+  assert out.measurements["defense_zero_fraction"] == pytest.approx(0.9 * 20 / 23, abs=0.1)
 
 
 def test_type_errors():
@@ -175,13 +191,15 @@ def test_type_errors():
   with pytest.raises(TypeError, match="seed"):
     defenses.defense_factory(defenses.get_defense("masking", 0.5), mean, seed=0.5)
   factory = defenses.defense_factory(defenses.get_defense("masking", 0.5), mean)
-  for bad in (tff.TensorType(np.int32, [3]),
-              tff.types.to_type([tff.TensorType(np.float32, [2]),
-                                 tff.TensorType(np.int64, [2])])):
+  for bad in (
+    tff.TensorType(np.int32, [3]),
+    tff.types.to_type([tff.TensorType(np.float32, [2]), tff.TensorType(np.int64, [2])]),
+  ):
     with pytest.raises(TypeError, match="floating"):
       factory.create(bad, WEIGHT_TYPE)
-  unweighted = defenses.defense_factory(defenses.get_defense("noising", 0.1),
-                                        tff.aggregators.UnweightedMeanFactory())
+  unweighted = defenses.defense_factory(
+    defenses.get_defense("noising", 0.1), tff.aggregators.UnweightedMeanFactory()
+  )
   with pytest.raises(TypeError, match="floating"):
     unweighted.create(tff.TensorType(np.int32, [3]))
 
@@ -190,18 +208,24 @@ def test_type_errors():
 
 
 def _norms(values, exclude=(False, False)):
-  return np.asarray([math.sqrt(sum(np.sum(np.asarray(a, np.float64) ** 2)
-                                   for a, e in zip(v, exclude) if not e)) for v in values])
+  return np.asarray(
+    [
+      math.sqrt(sum(np.sum(np.asarray(a, np.float64) ** 2) for a, e in zip(v, exclude) if not e))
+      for v in values
+    ]
+  )
 
 
 @pytest.mark.parametrize("num_clients,ratio", [(3, 1.0), (4, 0.5)])
 def test_median_clipping_clips_to_ratio_times_the_round_median_norm(num_clients, ratio):
   rng = np.random.default_rng(7)
-  values = [[(rng.normal(size=s) * scale).astype(np.float32) for s in SHAPES]
-            for scale in (0.5, 1.0, 2.0, 8.0)[:num_clients]]
+  values = [
+    [(rng.normal(size=s) * scale).astype(np.float32) for s in SHAPES]
+    for scale in (0.5, 1.0, 2.0, 8.0)[:num_clients]
+  ]
   weights = (WEIGHTS + [3.0])[:num_clients]
   norms = _norms(values)
-  bound = ratio * np.median(norms)   # an even count: the mean of the middle two
+  bound = ratio * np.median(norms)  # an even count: the mean of the middle two
   scales = np.minimum(1.0, bound / norms)
   expected = [[a * s for a in v] for v, s in zip(values, scales)]
   factory = defenses.median_clipping_factory(ratio, tff.aggregators.MeanFactory())
@@ -211,7 +235,7 @@ def test_median_clipping_clips_to_ratio_times_the_round_median_norm(num_clients,
   _assert_close(out.result, _mean(expected, weights))
   assert out.measurements["defense_clipped_fraction"] == pytest.approx(np.mean(scales < 1))
   assert out.measurements["defense_clip_scale"] == pytest.approx(np.mean(scales), rel=1e-5)
-  if ratio == 1.0:   # 3 clients: only the largest is above the median, the median is kept
+  if ratio == 1.0:  # 3 clients: only the largest is above the median, the median is kept
     assert np.sum(scales < 1) == 1
 
 
@@ -221,8 +245,9 @@ def test_median_clipping_excludes_tensors_and_works_unweighted():
   norms = _norms(values, exclude)
   bound = 0.5 * np.median(norms)
   expected = [[v[0] * min(1.0, bound / n), v[1]] for v, n in zip(values, norms)]
-  factory = defenses.median_clipping_factory(0.5, tff.aggregators.UnweightedMeanFactory(),
-                                             exclude=exclude)
+  factory = defenses.median_clipping_factory(
+    0.5, tff.aggregators.UnweightedMeanFactory(), exclude=exclude
+  )
   assert not isinstance(factory, tff.aggregators.WeightedAggregationFactory)
   process = factory.create(VALUE_TYPE)
   out = process.next(process.initialize(), values)
@@ -243,22 +268,25 @@ def test_median_matches_numpy():
 # ----------------------------------------------------------------------------- FedAvg
 
 
-NUM_EXAMPLES = (20, 30, 40)   # unequal, so that the example weighting matters
+NUM_EXAMPLES = (20, 30, 40)  # unequal, so that the example weighting matters
 
 
 @pytest.fixture(scope="module")
 def digits_clients(digits):
   starts = np.cumsum((0,) + NUM_EXAMPLES)
   parts = [np.arange(a, b) for a, b in zip(starts[:-1], starts[1:])]
-  clients = data_lib.client_datasets(digits.x_train, digits.y_train, parts, batch_size=10,
-                                     epochs=1, shuffle=False)
+  clients = data_lib.client_datasets(
+    digits.x_train, digits.y_train, parts, batch_size=10, epochs=1, shuffle=False
+  )
   return digits, clients
 
 
-@pytest.mark.parametrize("name", ["masking", "clipping", "clipping_ratio", "pruning",
-                                  "noising", "noising_ratio", "dp"])
-def test_one_round_weighted_fed_avg_aggregate_is_the_pure_defence(digits_clients,
-                                                                  tiny_bn_model, name):
+@pytest.mark.parametrize(
+  "name", ["masking", "clipping", "clipping_ratio", "pruning", "noising", "noising_ratio", "dp"]
+)
+def test_one_round_weighted_fed_avg_aggregate_is_the_pure_defence(
+  digits_clients, tiny_bn_model, name
+):
   """3 `digits` clients, one round of TFF's own FedAvg with the defence as aggregator.
 
   The model update is TFF's (trainable weights only); BN gamma/beta are excluded with
@@ -270,27 +298,31 @@ def test_one_round_weighted_fed_avg_aggregate_is_the_pure_defence(digits_clients
   shape = ds.x_train.shape[1:]
   probe = tiny_bn_model(shape, ds.num_classes)
   exclude = defenses.batchnorm_exclusion(probe, probe.trainable_variables)
-  assert sum(exclude) == 2   # gamma, beta
+  assert sum(exclude) == 2  # gamma, beta
   defense = defenses.get_defense(name, PARAMS[name], exclude=exclude)
 
   def model_fn():
     return tff.learning.models.from_keras_model(
-        tiny_bn_model(shape, ds.num_classes), input_spec=models.input_spec(shape),
-        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+      tiny_bn_model(shape, ds.num_classes),
+      input_spec=models.input_spec(shape),
+      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
 
   process = tff.learning.algorithms.build_weighted_fed_avg(
-      model_fn,
-      client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=0.5),
-      server_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=1.0),
-      model_aggregator=aggregators_lib.capture_factory(
-          defenses.defense_factory(defense, tff.aggregators.MeanFactory(), seed=7)))
+    model_fn,
+    client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=0.5),
+    server_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=1.0),
+    model_aggregator=aggregators_lib.capture_factory(
+      defenses.defense_factory(defense, tff.aggregators.MeanFactory(), seed=7)
+    ),
+  )
   state = process.initialize()
   before = process.get_model_weights(state).trainable
   out = process.next(state, clients)
   after = process.get_model_weights(out.state).trainable
   captured = out.metrics["aggregator"]
   raw = [[np.asarray(leaf[c]) for leaf in captured["client_values"]] for c in range(3)]
-  assert all(np.any(r[0] != raw[0][0]) for r in raw[1:])   # three different clients
+  assert all(np.any(r[0] != raw[0][0]) for r in raw[1:])  # three different clients
 
   defended = _defend_clients(defense, raw, 0, seed=7)
   expected = _mean(defended, NUM_EXAMPLES)
@@ -298,12 +330,11 @@ def test_one_round_weighted_fed_avg_aggregate_is_the_pure_defence(digits_clients
   _assert_close(moved, expected)
   zero = captured["inner"]["defense_zero_fraction"]
   assert zero == pytest.approx(_zero_fraction(defended), abs=1e-6)
-  for j, ex in enumerate(exclude):   # BN gamma/beta: the plain weighted mean
+  for j, ex in enumerate(exclude):  # BN gamma/beta: the plain weighted mean
     if ex:
       np.testing.assert_allclose(moved[j], _mean(raw, NUM_EXAMPLES)[j], rtol=1e-5, atol=1e-7)
   if name == "masking":
     assert zero > 0.3
   elif name == "clipping":
-    norms = [np.sqrt(sum(np.sum(t ** 2) for t, e in zip(d, exclude) if not e))
-             for d in defended]
+    norms = [np.sqrt(sum(np.sum(t**2) for t, e in zip(d, exclude) if not e)) for d in defended]
     assert max(norms) <= PARAMS[name] * (1 + 1e-5)

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_dlg import defenses
-from tf_dlg import models
+from tf_dlg import defenses, models
 
 LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -54,10 +53,11 @@ def test_one_step_applies_exactly_the_defended_gradient(digit_arrays):
   raw = [g.numpy() for g in _raw_gradient(model, x, y)]
   before = _weights(model)
   model.train_on_batch(x, y)
-  applied = [b - a for b, a in zip(before, _weights(model))]   # SGD, lr 1: = gradient
+  applied = [b - a for b, a in zip(before, _weights(model))]  # SGD, lr 1: = gradient
 
   expected = defenses.get_defense("masking", rate, exclude=exclude)(
-      [tf.constant(g) for g in raw], model.step_seed(0))
+    [tf.constant(g) for g in raw], model.step_seed(0)
+  )
   for j, (a, e) in enumerate(zip(applied, expected)):
     np.testing.assert_allclose(a, np.asarray(e), rtol=1e-4, atol=1e-6, err_msg=f"var {j}")
   # The masked fraction, counted on the entries whose raw gradient was nonzero.
@@ -65,7 +65,7 @@ def test_one_step_applies_exactly_the_defended_gradient(digit_arrays):
   zero = np.concatenate([a.ravel() == 0 for a, e in zip(applied, exclude) if not e])
   n = int(moved.sum())
   assert abs(zero[moved].mean() - rate) <= 4 * math.sqrt(rate * (1 - rate) / n)
-  for a, g, e in zip(applied, raw, exclude):   # BN gamma/beta: the raw gradient
+  for a, g, e in zip(applied, raw, exclude):  # BN gamma/beta: the raw gradient
     if e:
       np.testing.assert_allclose(a, g, rtol=1e-4, atol=1e-7)
       assert np.all(a != 0)
@@ -78,14 +78,20 @@ def test_one_step_applies_exactly_the_defended_gradient(digit_arrays):
   big = int(np.argmax([a.size for a in applied]))
   mask1, mask2 = applied[big] == 0, applied2[big] == 0
   both = (raw[big] != 0) & (raw2[big] != 0)
-  assert 0.3 < np.mean(mask1[both] != mask2[both]) < 0.6   # ~2 rate (1 - rate) = 0.48
+  assert 0.3 < np.mean(mask1[both] != mask2[both]) < 0.6  # ~2 rate (1 - rate) = 0.48
 
 
 def _mlp():
   tf.keras.utils.set_random_seed(0)
-  return tf.keras.Sequential([
-      tf.keras.layers.Flatten(input_shape=(28, 28, 1)), tf.keras.layers.Dense(64),
-      tf.keras.layers.BatchNormalization(), tf.keras.layers.ReLU(), tf.keras.layers.Dense(10)])
+  return tf.keras.Sequential(
+    [
+      tf.keras.layers.Flatten(input_shape=(28, 28, 1)),
+      tf.keras.layers.Dense(64),
+      tf.keras.layers.BatchNormalization(),
+      tf.keras.layers.ReLU(),
+      tf.keras.layers.Dense(10),
+    ]
+  )
 
 
 def test_fit_with_masking_still_reduces_the_loss(digit_arrays):
@@ -98,13 +104,17 @@ def test_fit_with_masking_still_reduces_the_loss(digit_arrays):
   assert int(model.optimizer.iterations) == 50
   assert np.isfinite(history.history["loss"]).all()
   test_loss, test_accuracy = model.evaluate(xt, yt, verbose=0)
-  assert test_loss < 0.5 * initial_loss and test_accuracy > 0.6, (initial_loss, test_loss,
-                                                                  test_accuracy)
+  assert test_loss < 0.5 * initial_loss and test_accuracy > 0.6, (
+    initial_loss,
+    test_loss,
+    test_accuracy,
+  )
   # The wrapped model itself was trained (same variables), BN statistics included.
   bn = model.model.layers[2]
   assert np.all(bn.moving_variance.numpy() != 1.0)
-  np.testing.assert_allclose(model.model.predict(xt[:50], verbose=0),
-                             model.predict(xt[:50], verbose=0), rtol=1e-6)
+  np.testing.assert_allclose(
+    model.model.predict(xt[:50], verbose=0), model.predict(xt[:50], verbose=0), rtol=1e-6
+  )
 
 
 @pytest.mark.parametrize("norm", [0.05, 1.0])
@@ -115,10 +125,11 @@ def test_fit_with_clipping_bounds_every_step(digit_arrays, norm):
   exclude = model.gradient_exclusion()
   for i in range(2):
     before = _weights(model)
-    model.train_on_batch(x[32 * i:32 * (i + 1)], y[32 * i:32 * (i + 1)])
+    model.train_on_batch(x[32 * i : 32 * (i + 1)], y[32 * i : 32 * (i + 1)])
     step = [b - a for b, a in zip(before, _weights(model))]
-    norm_step = math.sqrt(sum(float(np.sum(s.astype(np.float64) ** 2))
-                              for s, e in zip(step, exclude) if not e))
+    norm_step = math.sqrt(
+      sum(float(np.sum(s.astype(np.float64) ** 2)) for s, e in zip(step, exclude) if not e)
+    )
     assert norm_step <= norm * (1 + 1e-4)
     if norm == 0.05:
       assert norm_step == pytest.approx(norm, rel=1e-3)
@@ -133,8 +144,9 @@ def test_fit_with_relative_clipping_scales_each_step_by_the_ratio(digit_arrays):
   before = _weights(model)
   model.train_on_batch(x, y)
   for j, (b, a, g, e) in enumerate(zip(before, _weights(model), raw, exclude)):
-    np.testing.assert_allclose(b - a, g if e else 0.25 * g, rtol=1e-3, atol=1e-7,
-                               err_msg=f"var {j}")
+    np.testing.assert_allclose(
+      b - a, g if e else 0.25 * g, rtol=1e-3, atol=1e-7, err_msg=f"var {j}"
+    )
 
 
 def test_exclude_options(digit_arrays):
@@ -146,7 +158,7 @@ def test_exclude_options(digit_arrays):
   before = _weights(naive)
   naive.train_on_batch(x, y)
   gamma = [i for i, v in enumerate(naive.trainable_variables) if "gamma" in v.name]
-  assert any(np.any(before[i] == _weights(naive)[i]) for i in gamma)   # gamma masked
+  assert any(np.any(before[i] == _weights(naive)[i]) for i in gamma)  # gamma masked
   own = defenses.get_defense("masking", 0.5, exclude=[True] * 10)
   m = _defended(own)
   m.build((None, 28, 28, 1))
@@ -154,7 +166,7 @@ def test_exclude_options(digit_arrays):
   raw = [g.numpy() for g in _raw_gradient(m, x, y)]
   before = _weights(m)
   m.train_on_batch(x, y)
-  for b, a, g in zip(before, _weights(m), raw):   # nothing masked
+  for b, a, g in zip(before, _weights(m), raw):  # nothing masked
     assert np.all((b - a)[g != 0] != 0)
   with pytest.raises(ValueError, match="exclude='bn'"):
     _defended(masking, exclude="bn")
@@ -166,8 +178,11 @@ def test_exclude_options(digit_arrays):
 
 def test_defended_gradients_keeps_none_and_densifies():
   d = defenses.get_defense("clipping", 1.0)
-  grads = [tf.fill([3], 10.0), None,
-           tf.IndexedSlices(tf.fill([1, 2], 10.0), tf.constant([1]), tf.constant([3, 2]))]
+  grads = [
+    tf.fill([3], 10.0),
+    None,
+    tf.IndexedSlices(tf.fill([1, 2], 10.0), tf.constant([1]), tf.constant([3, 2])),
+  ]
   out = defenses.defended_gradients(d, grads, 0)
   assert out[1] is None and out[2].shape == (3, 2)
   assert float(tf.linalg.global_norm([out[0], out[2]])) == pytest.approx(1.0, rel=1e-5)
@@ -192,15 +207,15 @@ def test_config_round_trip_and_save_load(digit_arrays, tmp_path):
   loaded = tf.keras.models.load_model(path)
   assert isinstance(loaded, defenses.DefendedModel)
   assert loaded.get_config()["defense"] == cfg["defense"]
-  np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_mixin_on_a_subclassed_model_and_loss_scale_optimizer(digit_arrays):
   x, y = digit_arrays[0][:32], digit_arrays[1][:32]
 
   class Small(defenses.DefenseTrainStepMixin, tf.keras.Model):
-
     def __init__(self):
       super().__init__()
       self.flatten = tf.keras.layers.Flatten()
@@ -213,16 +228,18 @@ def test_mixin_on_a_subclassed_model_and_loss_scale_optimizer(digit_arrays):
 
   tf.keras.utils.set_random_seed(0)
   model = Small()
-  model.compile(optimizer=tf.keras.mixed_precision.LossScaleOptimizer(
-      tf.keras.optimizers.SGD(1.0)), loss=LOSS)
+  model.compile(
+    optimizer=tf.keras.mixed_precision.LossScaleOptimizer(tf.keras.optimizers.SGD(1.0)), loss=LOSS
+  )
   model.build((None, 28, 28, 1))
-  assert model.gradient_exclusion() == [True, True, False, False]   # gamma, beta, W, b
+  assert model.gradient_exclusion() == [True, True, False, False]  # gamma, beta, W, b
   raw = [g.numpy() for g in _raw_gradient(model, x, y)]
   before = _weights(model)
   model.train_on_batch(x, y)
   step = [b - a for b, a in zip(before, _weights(model))]
   expected = defenses.get_defense("masking", 0.5, exclude=[True, True, False, False])(
-      [tf.constant(g) for g in raw], model.step_seed(0))
+    [tf.constant(g) for g in raw], model.step_seed(0)
+  )
   for a, e in zip(step, expected):
     np.testing.assert_allclose(a, np.asarray(e), rtol=1e-3, atol=1e-6)
   moved = raw[2] != 0

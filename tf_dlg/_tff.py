@@ -27,6 +27,7 @@ def import_tff():
   global _HOOKED
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tensorflow_federated as tff  # about 6 s: only on first use
+
   if not _HOOKED:
     atexit.register(stop_tff_workers)
     # atexit runs hooks last-in first-out: release the context first, then sweep.
@@ -89,7 +90,10 @@ def _release_default_context():
   if "tensorflow_federated" not in sys.modules:
     return
   from tensorflow_federated.python.core.impl.context_stack import (
-      context_stack_impl, runtime_error_context)
+    context_stack_impl,
+    runtime_error_context,
+  )
+
   previous_hook = sys.unraisablehook
 
   def quiet_hook(unraisable):
@@ -104,7 +108,8 @@ def _release_default_context():
     # then waits without a timeout, which hangs the exit on a worker that ignores SIGINT.
     stop_tff_workers()
     context_stack_impl.context_stack.set_default_context(
-        runtime_error_context.RuntimeErrorContext())
+      runtime_error_context.RuntimeErrorContext()
+    )
     gc.collect()
   finally:
     sys.unraisablehook = previous_hook

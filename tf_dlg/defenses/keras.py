@@ -41,14 +41,14 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import tensorflow as tf
 
-from tf_dlg.defenses import base
-from tf_dlg.defenses import batchnorm
+from tf_dlg.defenses import base, batchnorm
 
 _EXCLUDE_MODES = ("auto", "batchnorm")
 
 
-def defended_gradients(defense: base.Defense, gradients: Sequence[Any], seed,
-                       exclude: Optional[Sequence[bool]] = None) -> List[Any]:
+def defended_gradients(
+  defense: base.Defense, gradients: Sequence[Any], seed, exclude: Optional[Sequence[bool]] = None
+) -> List[Any]:
   """Applies `defense` to a list of gradients (one per variable); None entries stay None.
 
   Args:
@@ -67,8 +67,9 @@ def defended_gradients(defense: base.Defense, gradients: Sequence[Any], seed,
   if exclude is not None:
     exclude = [bool(e) for e in exclude]
     if len(exclude) != len(gradients):
-      raise ValueError(f"exclude has {len(exclude)} entries but there are "
-                       f"{len(gradients)} gradients.")
+      raise ValueError(
+        f"exclude has {len(exclude)} entries but there are {len(gradients)} gradients."
+      )
   present = [i for i, g in enumerate(gradients) if g is not None]
   if not present:
     return gradients
@@ -84,24 +85,25 @@ def defended_gradients(defense: base.Defense, gradients: Sequence[Any], seed,
 class DefenseTrainStepMixin:
   """A `train_step` that defends the gradient; mix into a `tf.keras.Model` subclass.
 
-      class MyModel(DefenseTrainStepMixin, tf.keras.Model):
-        def __init__(self, ...):
-          super().__init__()
-          ...
-          self.set_defense(get_defense("noising", 1e-3), seed=0)
+  class MyModel(DefenseTrainStepMixin, tf.keras.Model):
+    def __init__(self, ...):
+      super().__init__()
+      ...
+      self.set_defense(get_defense("noising", 1e-3), seed=0)
   """
 
   def set_defense(self, defense: base.Defense, seed: int = 0, exclude="auto") -> None:
     """Sets the defence, its base seed and the exclusion (see the module docstring)."""
     if not isinstance(defense, base.Defense):
-      raise TypeError(f"defense must be a tf_dlg.defenses.Defense, got "
-                      f"{type(defense).__name__}.")
+      raise TypeError(f"defense must be a tf_dlg.defenses.Defense, got {type(defense).__name__}.")
     if isinstance(seed, bool) or not isinstance(seed, int):
       raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
     if isinstance(exclude, str):
       if exclude not in _EXCLUDE_MODES:
-        raise ValueError(f"exclude={exclude!r} must be one of {', '.join(_EXCLUDE_MODES)}, "
-                         "None or a list of bools.")
+        raise ValueError(
+          f"exclude={exclude!r} must be one of {', '.join(_EXCLUDE_MODES)}, "
+          "None or a list of bools."
+        )
     elif exclude is not None:
       exclude = [bool(e) for e in exclude]
     self._defense = defense
@@ -127,8 +129,9 @@ class DefenseTrainStepMixin:
 
   def step_seed(self, step) -> tf.Tensor:
     """The defence's seed at optimizer step `step` (0 for the first training step)."""
-    return tf.random.experimental.stateless_fold_in(base.as_seed(self._defense_seed),
-                                                    tf.cast(step, tf.int64))
+    return tf.random.experimental.stateless_fold_in(
+      base.as_seed(self._defense_seed), tf.cast(step, tf.int64)
+    )
 
   def train_step(self, data):
     x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
@@ -149,9 +152,11 @@ class DefenseTrainStepMixin:
 
     if loss_scale:
       present = [i for i, g in enumerate(grads) if g is not None]
-      finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(grads[i])))
-                              for i in present])
+      finite = tf.reduce_all(
+        [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(grads[i]))) for i in present]
+      )
       dense = [tf.convert_to_tensor(grads[i]) for i in present]
+
       def defend_present():
         out = defend()
         return [out[i] for i in present]
@@ -162,26 +167,24 @@ class DefenseTrainStepMixin:
         grads[i] = g
     else:
       grads = defend()
-    self.optimizer.apply_gradients(
-        (g, v) for g, v in zip(grads, variables) if g is not None)
+    self.optimizer.apply_gradients((g, v) for g, v in zip(grads, variables) if g is not None)
     return self.compute_metrics(x, y, y_pred, sample_weight)
 
   def defense_config(self) -> Dict[str, Any]:
     exclude = self._defense_exclude
     if exclude == "auto" and self._defense.exclude is not None:
       exclude = list(self._defense.exclude)
-    return {"defense": self._defense.get_config(), "seed": self._defense_seed,
-            "exclude": exclude}
+    return {"defense": self._defense.get_config(), "seed": self._defense_seed, "exclude": exclude}
 
 
 def defense_from_config(config: Dict[str, Any]) -> base.Defense:
   """Rebuilds a defence from its `get_config()` (the inverse, for serialisation)."""
   from tf_dlg import defenses
+
   config = dict(config)
   name = config.pop("name")
   if name not in defenses.DEFENSES:
-    raise ValueError(f"Unknown defence {name!r}; expected one of "
-                     f"{', '.join(defenses.DEFENSES)}.")
+    raise ValueError(f"Unknown defence {name!r}; expected one of {', '.join(defenses.DEFENSES)}.")
   param = config.pop(defenses.DEFENSES[name].param_name, None)
   return defenses.get_defense(name, param, **config)
 
@@ -203,8 +206,9 @@ class DefendedModel(DefenseTrainStepMixin, tf.keras.Model):
   round-trip it.
   """
 
-  def __init__(self, model: tf.keras.Model, defense: base.Defense, seed: int = 0,
-               exclude="auto", **kwargs):
+  def __init__(
+    self, model: tf.keras.Model, defense: base.Defense, seed: int = 0, exclude="auto", **kwargs
+  ):
     super().__init__(**kwargs)
     if not isinstance(model, tf.keras.Model):
       raise TypeError(f"model must be a tf.keras.Model, got {type(model).__name__}.")
@@ -216,18 +220,23 @@ class DefendedModel(DefenseTrainStepMixin, tf.keras.Model):
 
   def gradient_exclusion(self) -> Optional[List[bool]]:
     if self._defense_exclude in _EXCLUDE_MODES and not (
-        self._defense_exclude == "auto" and self._defense.exclude is not None):
+      self._defense_exclude == "auto" and self._defense.exclude is not None
+    ):
       return batchnorm.batchnorm_exclusion(self.model, self.trainable_variables)
     return super().gradient_exclusion()
 
   def get_config(self):
-    return dict(model=tf.keras.saving.serialize_keras_object(self.model),
-                **self.defense_config(), name=self.name)
+    return dict(
+      model=tf.keras.saving.serialize_keras_object(self.model),
+      **self.defense_config(),
+      name=self.name,
+    )
 
   @classmethod
   def from_config(cls, config, custom_objects=None):
     config = dict(config)
-    model = tf.keras.saving.deserialize_keras_object(config.pop("model"),
-                                                     custom_objects=custom_objects)
+    model = tf.keras.saving.deserialize_keras_object(
+      config.pop("model"), custom_objects=custom_objects
+    )
     defense = defense_from_config(config.pop("defense"))
     return cls(model, defense, **config)

@@ -36,8 +36,9 @@ def add_noise(tensors, stddev, seed, distribution: str = "gaussian"):
       noise = std * tf.random.stateless_normal(tf.shape(t), s, dtype=t.dtype)
     else:
       # Difference of two exponentials: Laplace(0, b) from two uniforms.
-      u = tf.random.stateless_uniform(tf.concat([[2], tf.shape(t)], 0), s,
-                                      minval=1e-12, maxval=1.0, dtype=t.dtype)
+      u = tf.random.stateless_uniform(
+        tf.concat([[2], tf.shape(t)], 0), s, minval=1e-12, maxval=1.0, dtype=t.dtype
+      )
       noise = (std / math.sqrt(2.0)) * (tf.math.log(u[0]) - tf.math.log(u[1]))
     out.append(t + noise)
   return out
@@ -50,8 +51,9 @@ class Noising(base.Defense):
   param_name = "stddev"
 
   def __init__(self, stddev: float, exclude=None, distribution: str = "gaussian"):
-    super().__init__(base.check_number("noise stddev", stddev, 0.0, float("inf"),
-                                       high_open=True), exclude)
+    super().__init__(
+      base.check_number("noise stddev", stddev, 0.0, float("inf"), high_open=True), exclude
+    )
     self.distribution = validation.check_choice("distribution", distribution, DISTRIBUTIONS)
 
   def _stddev(self, tensors):
@@ -71,8 +73,11 @@ class RelativeNoising(Noising):
   param_name = "noise_ratio"
 
   def __init__(self, noise_ratio: float, exclude=None, distribution: str = "gaussian"):
-    super().__init__(base.check_number("noise_ratio", noise_ratio, 0.0, float("inf"),
-                                       high_open=True), exclude, distribution)
+    super().__init__(
+      base.check_number("noise_ratio", noise_ratio, 0.0, float("inf"), high_open=True),
+      exclude,
+      distribution,
+    )
 
   def _stddev(self, tensors):
     return self.param * base.root_mean_square(tensors)
