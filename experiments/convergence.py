@@ -29,9 +29,6 @@ Example:
 
 from __future__ import annotations
 
-# First: imports TensorFlow quietly and before absl's app.run (see experiments.cli).
-from experiments import cli
-
 import dataclasses
 import json
 import os
@@ -39,6 +36,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+# Imports TensorFlow quietly, before anything uses it or absl starts (experiments.cli).
+from experiments import cli
 from tf_dlg import io as io_lib
 from tf_dlg import validation
 
@@ -219,6 +218,7 @@ class Convergence:
     """Trains (or resumes) every run; writes the table and figure; returns the rows."""
     # pylint: disable=g-import-not-at-top
     from tqdm import tqdm
+
     from tf_dlg.federated import simulation
     dataset = self.prepare()
     rows = []

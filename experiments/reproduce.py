@@ -20,15 +20,14 @@ Example:
 
 from __future__ import annotations
 
-# First: imports TensorFlow quietly and before absl's app.run (see experiments.cli).
-from experiments import cli
-
 import os
 import platform
 import sys
 import time
 from typing import Any, Dict, List, Sequence
 
+# Imports TensorFlow quietly, before anything uses it or absl starts (experiments.cli).
+from experiments import cli
 from tf_dlg import io as io_lib
 from tf_dlg import validation
 
@@ -209,8 +208,8 @@ def check_settings(output_dir: str, settings: Dict[str, Any], progress: bool = T
   """
   # pylint: disable=g-import-not-at-top
   from experiments import threshold_search
-  from tf_dlg.attacks import runner
   from tf_dlg import defenses
+  from tf_dlg.attacks import runner
   validation.check_output_dir("output_dir", output_dir)
   validation.check_choices("adaptive_attacks", settings["adaptive_attacks"], runner.ATTACKS)
   # A defence that is not searched has no threshold to train with: refuse, never drop it.

@@ -25,9 +25,6 @@ Example:
 
 from __future__ import annotations
 
-# First: imports TensorFlow quietly and before absl's app.run (see experiments.cli).
-from experiments import cli
-
 import csv
 import hashlib
 import io
@@ -39,6 +36,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+# Imports TensorFlow quietly, before anything uses it or absl starts (experiments.cli).
+from experiments import cli
 from experiments import results as results_lib
 from tf_dlg import io as io_lib
 from tf_dlg import validation
@@ -79,7 +78,8 @@ SEARCH_DEFAULTS = dict(num_images=4, iterations=3000, leak_ssim=None, defended_f
 def _check_cover(datasets, attacks, defenses) -> None:
   """Every dataset / attack / defence name is known, and none of the lists is empty."""
   # pylint: disable=g-import-not-at-top
-  from tf_dlg import data, defenses as defenses_lib
+  from tf_dlg import data
+  from tf_dlg import defenses as defenses_lib
   from tf_dlg.attacks import runner
   for name, values, allowed in (("datasets", datasets, data.DATASETS),
                                 ("attacks", attacks, runner.ATTACKS),
@@ -248,6 +248,7 @@ class ThresholdSearch:
     """Searches every cell; writes thresholds.csv/md and grids; returns the rows."""
     # pylint: disable=g-import-not-at-top
     from tqdm import tqdm
+
     from tf_dlg import defenses as defenses_lib
     from tf_dlg.analysis import threshold as threshold_lib
     cells = [(d, a, f) for d in self.datasets for a in self.attacks for f in self.defenses]
@@ -337,7 +338,7 @@ class ThresholdSearch:
   def write_tables(self, rows: List[Dict[str, Any]]) -> None:
     from tf_dlg.analysis import figures  # pylint: disable=g-import-not-at-top
     write_csv(os.path.join(self.output_dir, "thresholds.csv"), THRESHOLD_FIELDS, rows)
-    lines = [f"# Defence thresholds against gradient inversion\n",
+    lines = ["# Defence thresholds against gradient inversion\n",
              f"A setting *defends* when at least {self.defended_fraction:.0%} of "
              f"{self.num_images} images per dataset score a brightness-adjusted SSIM below "
              f"{self.leak_ssim} (attack iterations {self.iterations}, seed {self.seed}).\n"]

@@ -197,6 +197,7 @@ def test_reproduce_miniature_writes_report_and_claims(tmp_path):
 def fake_simulation(monkeypatch):
   """Replaces TFF training by a history of made-up rounds; records every run."""
   import csv as csv_lib
+
   from tf_dlg.federated import simulation
   runs = []
 
@@ -334,10 +335,10 @@ def test_claims_never_agree_when_the_attack_fails_undefended(tmp_path, cells, ve
                param_source=f"weakest searched ({untested})") for d in ("none", "masking")]
   text = open(reproduce.write_claims(str(tmp_path), rows, robustness, conv)).read()
   lines = text.splitlines()
-  threshold_line = next(l for l in lines if l.startswith("| A threshold of masking"))
+  threshold_line = next(x for x in lines if x.startswith("| A threshold of masking"))
   assert threshold_line.endswith(verdict)
-  assert next(l for l in lines if "(ours) masking" in l).endswith(f"| {untested} |")
-  cost = next(l for l in lines if "costs almost no accuracy" in l)
+  assert next(x for x in lines if "(ours) masking" in x).endswith(f"| {untested} |")
+  cost = next(x for x in lines if "costs almost no accuracy" in x)
   assert cost.endswith("| inconclusive (threshold untested: the attack fails undefended) |")
 
 
@@ -357,7 +358,9 @@ def test_threshold_rows_record_whether_the_attack_works_undefended(tmp_path, mon
 
 def test_unmeasurable_reconstruction_never_counts_as_defended(tmp_path, monkeypatch):
   import types
+
   import numpy as np
+
   from tf_dlg.attacks import runner
   search = threshold_search.ThresholdSearch(
       str(tmp_path), **dict(TINY, defenses=["masking"], num_images=1))

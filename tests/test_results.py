@@ -29,7 +29,7 @@ def test_results_log_drops_partial_last_line_from_a_kill(tmp_path):
   again = results.ResultsLog(str(path), "exp", {"seed": 1})
   assert len(again) == 1 and "b" not in again
   again.add("b", {"v": 2})
-  assert [json.loads(l)["key"] for l in path.read_text().splitlines()[1:]] == ["a", "b"]
+  assert [json.loads(line)["key"] for line in path.read_text().splitlines()[1:]] == ["a", "b"]
 
 
 def test_results_log_refuses_foreign_corrupt_or_other_config(tmp_path):

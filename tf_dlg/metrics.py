@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from skimage.metrics import structural_similarity
@@ -168,7 +168,7 @@ def match_images(originals: np.ndarray, leaked_images: np.ndarray) -> np.ndarray
   if n == 1:
     return np.zeros(1, np.int64)
   from scipy.optimize import linear_sum_assignment  # pylint: disable=g-import-not-at-top
-  cost = np.array([[-ssim(o, l) for l in leaked_images] for o in originals])
+  cost = np.array([[-ssim(o, rec) for rec in leaked_images] for o in originals])
   cost = np.nan_to_num(cost, nan=2.0)  # unmeasurable pairs match last (SSIM >= -1)
   _, cols = linear_sum_assignment(cost)
   return cols
