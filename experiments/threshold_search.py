@@ -5,14 +5,18 @@ the DLG/iDLG setting) through the reference LeNet. Each defence's parameter is s
 bisection (`tf_dlg.analysis.threshold`) between the ends of its range
 (`tf_dlg.defenses.PARAMETER_SEARCH`); a setting *defends* when at least
 `--defended_fraction` of the images score a brightness-adjusted SSIM below `--leak_ssim`.
-All images of one evaluation are attacked together as one batch.
+All images of one evaluation are attacked together as one batch. A reconstruction that
+cannot be scored (non-finite) counts as leaked, never as defended, with a warning.
+Every flag is checked before the first attack (one-line error, exit status 2).
 
 Outputs in `--output_dir`:
   points.jsonl     every evaluated (dataset, attack, defence, parameter): per-image scores.
                    Written as it goes; a rerun skips finished points.
   recon/*.npz      leaked and brightness-adjusted images of every point.
   thresholds.csv   per dataset x attack x defence: threshold, fraction defended there,
-                   SSIM / adjusted SSIM at the threshold and one step weaker.
+                   SSIM / adjusted SSIM at the threshold and one step weaker, and whether
+                   the attack leaks without a defence (`attack_works_undefended`): if it
+                   does not, the threshold is "untested (attack fails undefended)".
   thresholds.md    the paper's table shape (defences x datasets), plus details.
   figures/grid_<dataset>_<attack>_<defence>.png
                    leaked | best brightness-adjusted | original for no defence, one step
