@@ -35,7 +35,7 @@ reference steps are up to 6,000 iterations here: compare time-to-recovery.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -127,15 +127,15 @@ def _compile(init_state: Callable, step: Callable, jit_compile: bool,
   """init / chunk / refill functions around a row-wise `step(state, c, tol)`."""
   slot_axis = dict(slot_axis or {})
 
-  @tf.function(jit_compile=jit_compile)
+  @tf.function(jit_compile=jit_compile, autograph=False)
   def init_fn(x, c, tol, active):
     return init_state(x, c, tol, active)
 
-  @tf.function(jit_compile=jit_compile)
+  @tf.function(jit_compile=jit_compile, autograph=False)
   def refill_fn(st, x, c, tol, entering):
     return _merge(entering, init_state(x, c, tol, entering), st, slot_axis)
 
-  @tf.function(jit_compile=jit_compile)
+  @tf.function(jit_compile=jit_compile, autograph=False)
   def chunk_fn(st, c, tol, steps, max_iters, min_running):
     def count(st):
       return tf.reduce_sum(tf.cast(tf.equal(st["status"], RUNNING), tf.int32))
@@ -301,7 +301,7 @@ def build_tfp_lbfgs(value_fn: Callable, iterations: int = 0, jit_compile: bool =
               _keep_where(stop, tf.zeros_like(g), g))
     return value_and_gradients
 
-  @tf.function(jit_compile=jit_compile, reduce_retracing=True)
+  @tf.function(jit_compile=jit_compile, reduce_retracing=True, autograph=False)
   def init_fn(x, c, tol, active):
     loss, dist, g = value_fn(x, c)
     st = _base_state(x, loss, dist, g, tol, active)
@@ -310,7 +310,7 @@ def build_tfp_lbfgs(value_fn: Callable, iterations: int = 0, jit_compile: bool =
                                              tolerance=0.0)
     return st
 
-  @tf.function(jit_compile=jit_compile, reduce_retracing=True)
+  @tf.function(jit_compile=jit_compile, reduce_retracing=True, autograph=False)
   def chunk_fn(st, c, tol, steps, max_iters, min_running):
     del min_running
     running = tf.equal(st["status"], RUNNING)
@@ -495,7 +495,8 @@ def _harvest(st, slots: _Slots) -> Dict:
 
 
 def run_queue(compiled: Compiled, queue: JobQueue, num_slots: int, iterations: int,
-              check_every: int = 50, on_chunk: Optional[Callable] = None) -> None:
+              check_every: int = 50, on_chunk: Optional[Callable] = None,
+              upgrade: Optional[Tuple[Compiled, int]] = None) -> None:
   """Continuous batching: runs every job of `queue` on `num_slots` slots.
 
   Args:
@@ -507,6 +508,9 @@ def run_queue(compiled: Compiled, queue: JobQueue, num_slots: int, iterations: i
     on_chunk: Optional `on_chunk(jobs, state)` after every chunk (`jobs[s]`: the job in
       slot s or None; `state`: the optimiser state, `best_x` [S, n] etc.). Costs
       nothing when None.
+    upgrade: Optional (compiled, after): once a slot has run `after` iterations, go on
+      with these functions (same state; e.g. XLA ones whose compilation only long runs
+      repay).
   """
   slots = _Slots(queue, num_slots)
   entering = slots.fill(range(1, num_slots))
@@ -531,6 +535,8 @@ def run_queue(compiled: Compiled, queue: JobQueue, num_slots: int, iterations: i
       return
     # With refills a chunk ends as soon as one slot finishes, so it is refilled at once.
     min_running = tf.constant(running if compiled.refill_fn is not None else 1)
+    if upgrade is not None and int(tf.reduce_max(st["iters"])) >= upgrade[1]:
+      compiled, upgrade = upgrade[0], None
     st = compiled.chunk_fn(st, c, tol, steps, max_iters, min_running)
     if on_chunk is not None:
       on_chunk(list(slots.jobs), st)
