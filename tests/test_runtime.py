@@ -183,14 +183,16 @@ def test_shim_is_cached_by_source_hash(monkeypatch, tmp_path):
 _CHILD = """
 import sys, time
 from tf_dlg.federated import runtime
-proc, _ = runtime.start_local_worker()
+proc, _ = runtime.start_local_worker(expose=sys.argv[1] == "expose")
 print(proc.pid, flush=True)
 time.sleep(600)
 """
 
 
-def test_worker_dies_with_a_sigkilled_parent():
-  parent = subprocess.Popen([sys.executable, "-c", _CHILD], cwd=REPO,
+@pytest.mark.parametrize("mode", ["loopback", "expose"])
+def test_worker_dies_with_a_sigkilled_parent(mode):
+  """Shim constructor (loopback) or preexec prctl (exposed, no shim): both guard."""
+  parent = subprocess.Popen([sys.executable, "-c", _CHILD, mode], cwd=REPO,
                             stdout=subprocess.PIPE, text=True)
   try:
     pid = int(parent.stdout.readline())

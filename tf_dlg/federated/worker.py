@@ -118,10 +118,19 @@ def shim_path():
   return target
 
 
-def _set_parent_death_signal() -> None:
-  """preexec_fn: SIGKILL this child when its parent dies (Linux prctl)."""
-  libc = ctypes.CDLL(None, use_errno=True)
-  libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+def _parent_death_signal():
+  """A preexec_fn that SIGKILLs the child when its parent dies (Linux prctl).
+
+  libc's prctl is looked up here, in the parent: the child between fork and exec
+  should only call it, not dlopen anything.
+  """
+  prctl = ctypes.CDLL(None, use_errno=True).prctl
+  sig = int(signal.SIGKILL)
+
+  def preexec():
+    prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+  return preexec
 
 
 def worker_env(expose: bool = False, parent: int = None) -> dict:
@@ -144,12 +153,17 @@ def spawn_worker(port: int, *, expose: bool = False, extra_args=(), stdout=None,
                  stderr=None) -> subprocess.Popen:
   """Starts `worker_binary --port=PORT` (loopback only unless `expose`).
 
-  The worker gets a parent-death signal (preexec prctl) and, through the shim, a
-  watchdog on its parent's pid, so it never outlives the process that started it.
+  The worker gets a parent-death signal (from the shim, or a preexec prctl when
+  exposed without it) and, through the shim, a watchdog on its parent's pid, so it
+  never outlives the process that started it.
   """
   args = [worker_binary_path(), f"--port={int(port)}", *extra_args]
+  env = worker_env(expose)
+  # With the shim its constructor sets the parent-death signal after exec, which is
+  # safe in a threaded parent; a preexec_fn (Python in the forked child) only without.
+  preexec = None if "loopback_shim" in env.get("LD_PRELOAD", "") else _parent_death_signal()
   return subprocess.Popen(
-      args, env=worker_env(expose), preexec_fn=_set_parent_death_signal,
+      args, env=env, preexec_fn=preexec,
       stdin=subprocess.DEVNULL,
       stdout=subprocess.DEVNULL if stdout is None else stdout,
       stderr=subprocess.DEVNULL if stderr is None else stderr)
