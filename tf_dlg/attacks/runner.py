@@ -309,13 +309,15 @@ def run_attacks(model: Optional[tf.keras.Model], observed_updates: Sequence[Obse
 
 
 class _RestartQueue(optimize.JobQueue):
-  """Jobs (observation, restart) in observation-major order; siblings leave once one
-  restart of their observation converges."""
+  """Jobs (observation, restart), restart-major: every observation's restart 0 first,
+  so when observations outnumber slots the later restarts of an observation whose
+  earlier one converged are dropped before they start; siblings already running leave."""
 
   def __init__(self, group: "_GroupJob", starts, bar):
     self.group, self.starts, self.bar = group, starts, bar
-    r = group.config.restarts
-    self.jobs = [(i, k) for i in range(len(group.obs)) for k in range(r)]
+    r, n = group.config.restarts, len(group.obs)
+    self.jobs = [(i, k) for k in range(r) for i in range(n)]
+    self.job_of = {ik: j for j, ik in enumerate(self.jobs)}
     self.rows_done: List[Dict[int, Dict]] = [{} for _ in group.obs]
     self.cancelled = set()
     self.reported = set()
@@ -345,7 +347,7 @@ class _RestartQueue(optimize.JobQueue):
         self.bar.update(1)
     if not converged:
       return ()
-    siblings = {job - r + k for k in range(restarts) if k not in self.rows_done[i]}
+    siblings = {self.job_of[i, k] for k in range(restarts) if k not in self.rows_done[i]}
     self.cancelled |= siblings
     return siblings
 
