@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -78,7 +79,7 @@ def load_npz(path: str, expected_format: Optional[str] = None
     with np.load(path, allow_pickle=False) as z:
       header = json.loads(str(z["header"]))
       arrays = {k: z[k] for k in z.files if k != "header"}
-  except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
+  except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as e:
     raise ValueError(f"{path!r} is not a readable tf-dlg file ({type(e).__name__}: {e}).") from e
   if expected_format is not None and header.get("format") != expected_format:
     raise ValueError(f"{path!r} has format={header.get('format')!r}, expected "

@@ -30,12 +30,12 @@ def check_number(name: str, value, low: float, high: float, low_open: bool = Fal
 
 def check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
   """Returns int(value) or raises ValueError; `high=None` means unbounded."""
-  if isinstance(value, bool) or not isinstance(value, (int,)) and not (
-      hasattr(value, "__index__")):
-    raise ValueError(f"{name}={value!r} must be an integer in [{low}, {high or 'inf'}].")
+  rng = f"[{low}, {'inf' if high is None else high}]"
+  if isinstance(value, bool) or not hasattr(value, "__index__"):
+    raise ValueError(f"{name}={value!r} must be an integer in {rng}.")
   v = int(value)
   if v < low or (high is not None and v > high):
-    raise ValueError(f"{name}={value!r} must be an integer in [{low}, {high or 'inf'}].")
+    raise ValueError(f"{name}={value!r} must be an integer in {rng}.")
   return v
 
 
