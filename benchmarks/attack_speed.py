@@ -32,17 +32,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # First: imports TensorFlow quietly and before absl's app.run (see experiments.cli).
-from experiments import cli  # noqa: E402
-
-from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
-from tf_dlg import data, io as io_lib, metrics, models  # noqa: E402
+from experiments import cli  # noqa: E402
+from tf_dlg import data, metrics, models  # noqa: E402
+from tf_dlg import io as io_lib
 from tf_dlg.attacks import observe_gradient, run_attacks, runner  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("datasets", ["lfw_subset", "digits", "photos"], "Datasets (any name "
-                  "tf_dlg.data.load_dataset knows).")
+flags.DEFINE_list(
+  "datasets",
+  ["lfw_subset", "digits", "photos"],
+  "Datasets (any name tf_dlg.data.load_dataset knows).",
+)
 flags.DEFINE_integer("num_images", 32, "Images per dataset.", lower_bound=1)
 flags.DEFINE_integer("iterations", 4000, "Maximum iterations per attack.", lower_bound=1)
 flags.DEFINE_integer("slots", 8, "Slots of the continuous batch.", lower_bound=1)
@@ -62,8 +65,10 @@ def _images(name):
   start = FIRST_INDEX.get(name, 100)
   stop = start + FLAGS.num_images
   if name == "lfw_subset" and stop > 100:
-    raise ValueError(f"--num_images={FLAGS.num_images}: lfw_subset has faces at indices "
-                     f"< 100 only ({start}.. used here).")
+    raise ValueError(
+      f"--num_images={FLAGS.num_images}: lfw_subset has faces at indices "
+      f"< 100 only ({start}.. used here)."
+    )
   return ds, np.arange(start, min(stop, len(ds.x_train)))
 
 
@@ -72,13 +77,19 @@ def _way(model, obs, way):
   if way == "one":
     config = runner.AttackConfig(iterations=FLAGS.iterations, slots=1, seed=0)
   else:
-    config = runner.AttackConfig(iterations=FLAGS.iterations, slots=FLAGS.slots, seed=0,
-                                 restarts=FLAGS.restarts if way == "restarts" else 1)
-  run_attacks(model, obs[:config.slots], config=dataclasses.replace(config, iterations=2))
+    config = runner.AttackConfig(
+      iterations=FLAGS.iterations,
+      slots=FLAGS.slots,
+      seed=0,
+      restarts=FLAGS.restarts if way == "restarts" else 1,
+    )
+  run_attacks(model, obs[: config.slots], config=dataclasses.replace(config, iterations=2))
   t0 = time.perf_counter()
   if way == "one":
-    results = [run_attacks(model, [o], config=dataclasses.replace(config, seed=i))[0]
-               for i, o in enumerate(obs)]
+    results = [
+      run_attacks(model, [o], config=dataclasses.replace(config, seed=i))[0]
+      for i, o in enumerate(obs)
+    ]
   else:
     results = run_attacks(model, obs, config=config)
   return results, time.perf_counter() - t0
@@ -87,21 +98,38 @@ def _way(model, obs, way):
 def _row(name, way, results, seconds):
   ssims = [r["ssim"] for r in metrics.score_results(results)]
   wins = np.bincount([r.restart for r in results], minlength=FLAGS.restarts)
-  return {"dataset": name, "way": way, "attacks": len(results), "seconds": seconds,
-          "attacks_per_minute": 60.0 * len(results) / seconds,
-          "recovered": int(np.sum(np.asarray(ssims) >= 0.9)),
-          "median_iterations": float(np.median([r.iterations for r in results])),
-          "restart_wins": wins.tolist() if way == "restarts" else None,
-          "load_average": os.getloadavg()[0], "ssims": ssims}
+  return {
+    "dataset": name,
+    "way": way,
+    "attacks": len(results),
+    "seconds": seconds,
+    "attacks_per_minute": 60.0 * len(results) / seconds,
+    "recovered": int(np.sum(np.asarray(ssims) >= 0.9)),
+    "median_iterations": float(np.median([r.iterations for r in results])),
+    "restart_wins": wins.tolist() if way == "restarts" else None,
+    "load_average": os.getloadavg()[0],
+    "ssims": ssims,
+  }
 
 
 def _cold_start():
   out = os.path.join(os.path.dirname(os.path.abspath(FLAGS.output)), "cold_start")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   t0 = time.perf_counter()
-  proc = subprocess.run([sys.executable, "-m", "experiments.attack", "--dataset=digits",
-                         "--index=1203", f"--output_dir={out}"], cwd=root,
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.attack",
+      "--dataset=digits",
+      "--index=1203",
+      f"--output_dir={out}",
+    ],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   seconds = time.perf_counter() - t0
   if proc.returncode != 0:
     raise RuntimeError(f"cold-start attack failed: {proc.stderr[-2000:]}")
@@ -109,14 +137,18 @@ def _cold_start():
 
 
 def _print(rows, cold):
-  print("\n| dataset | way | images | total s | s/image | attacks/min | recovered (SSIM>=0.9) "
-        "| median iterations | restart wins | load |")
+  print(
+    "\n| dataset | way | images | total s | s/image | attacks/min | recovered (SSIM>=0.9) "
+    "| median iterations | restart wins | load |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['dataset']} | {r['way']} | {r['attacks']} | {r['seconds']:.1f} | "
-          f"{r['seconds'] / r['attacks']:.2f} | {r['attacks_per_minute']:.1f} | "
-          f"{r['recovered']}/{r['attacks']} | {r['median_iterations']:.0f} | "
-          f"{r['restart_wins'] or ''} | {r['load_average']:.1f} |")
+    print(
+      f"| {r['dataset']} | {r['way']} | {r['attacks']} | {r['seconds']:.1f} | "
+      f"{r['seconds'] / r['attacks']:.2f} | {r['attacks_per_minute']:.1f} | "
+      f"{r['recovered']}/{r['attacks']} | {r['median_iterations']:.0f} | "
+      f"{r['restart_wins'] or ''} | {r['load_average']:.1f} |"
+    )
   print("\nreference PyTorch iDLG, measured on this CPU class (issue 10, 12 images each):")
   for name, (total, ok) in REFERENCE.items():
     print(f"  {name}: {total:.1f} s total, {total / 12:.2f} s/image, {ok}/12 recovered")
@@ -131,25 +163,47 @@ def main(argv):
   for name in FLAGS.datasets:
     ds, idx = _images(name)
     model = models.attack_lenet(ds.input_shape, ds.num_classes, seed=0)
-    obs = [observe_gradient(model, ds.x_train[i:i + 1], ds.y_train[i:i + 1],
-                            metadata={"dataset": name, "index": int(i)}) for i in idx]
+    obs = [
+      observe_gradient(
+        model,
+        ds.x_train[i : i + 1],
+        ds.y_train[i : i + 1],
+        metadata={"dataset": name, "index": int(i)},
+      )
+      for i in idx
+    ]
     for way in ways:
       results, seconds = _way(model, obs, way)
       rows.append(_row(name, way, results, seconds))
       r = rows[-1]
-      print(f"{name} {way}: {seconds:.1f} s, {r['recovered']}/{len(obs)} recovered, median "
-            f"{r['median_iterations']:.0f} iterations, wins {r['restart_wins']}", flush=True)
+      print(
+        f"{name} {way}: {seconds:.1f} s, {r['recovered']}/{len(obs)} recovered, median "
+        f"{r['median_iterations']:.0f} iterations, wins {r['restart_wins']}",
+        flush=True,
+      )
   cold = _cold_start() if FLAGS.cold_start else None
   _print(rows, cold)
-  io_lib.atomic_write_text(FLAGS.output, io_lib.dumps({
-      "rows": rows, "cold_start_seconds": cold, "reference": REFERENCE,
-      "iterations": FLAGS.iterations, "slots": FLAGS.slots, "restarts": FLAGS.restarts,
-      "note": "shared CPU: timings noisy; reference figures are constants"}, indent=2))
+  io_lib.atomic_write_text(
+    FLAGS.output,
+    io_lib.dumps(
+      {
+        "rows": rows,
+        "cold_start_seconds": cold,
+        "reference": REFERENCE,
+        "iterations": FLAGS.iterations,
+        "slots": FLAGS.slots,
+        "restarts": FLAGS.restarts,
+        "note": "shared CPU: timings noisy; reference figures are constants",
+      },
+      indent=2,
+    ),
+  )
   print(f"\nwrote {os.path.abspath(FLAGS.output)}")
 
 
 def cli_check_ways(ways):
-  from tf_dlg import validation  # pylint: disable=g-import-not-at-top
+  from tf_dlg import validation
+
   return validation.check_choices("--ways", ways, ("one", "batch", "restarts"))
 
 

@@ -10,8 +10,14 @@ import pytest
 import tensorflow as tf
 
 from tf_dlg import data, metrics, models
-from tf_dlg.attacks import (functional, objectives, observe_fedavg_delta, observe_gradient,
-                            optimize, run_attacks)
+from tf_dlg.attacks import (
+  functional,
+  objectives,
+  observe_fedavg_delta,
+  observe_gradient,
+  optimize,
+  run_attacks,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,12 +53,14 @@ def test_batched_model_matches_keras(name):
 
 def test_fedavg_delta_matches_keras_local_training(digits):
   ds, model = digits
-  obs = observe_fedavg_delta(model, ds.x_train[:4], ds.y_train[:4], local_steps=3,
-                             learning_rate=0.1, batch_size=2)
+  obs = observe_fedavg_delta(
+    model, ds.x_train[:4], ds.y_train[:4], local_steps=3, learning_rate=0.1, batch_size=2
+  )
   fm = functional.BatchedModel(model)
   weights = [tf.constant(w[None]) for w in fm.trainable_weights_from(obs.model_weights)]
-  delta = functional.fedavg_delta(fm, weights, tf.constant(ds.x_train[None, :4]),
-                                  tf.one_hot(ds.y_train[None, :4], 10), 3, 0.1, 2)
+  delta = functional.fedavg_delta(
+    fm, weights, tf.constant(ds.x_train[None, :4]), tf.one_hot(ds.y_train[None, :4], 10), 3, 0.1, 2
+  )
   for d, e in zip(delta, obs.update):
     np.testing.assert_allclose(d[0].numpy(), e, atol=1e-5, rtol=1e-3)
   assert max(np.abs(e).max() for e in obs.update) > 1e-3
@@ -60,8 +68,10 @@ def test_fedavg_delta_matches_keras_local_training(digits):
 
 def test_objectives():
   rng = np.random.default_rng(0)
-  obs = [tf.constant(rng.normal(size=(2, 5, 3)).astype(np.float32)),
-         tf.constant(rng.normal(size=(2, 4)).astype(np.float32))]
+  obs = [
+    tf.constant(rng.normal(size=(2, 5, 3)).astype(np.float32)),
+    tf.constant(rng.normal(size=(2, 4)).astype(np.float32)),
+  ]
   euclid = objectives.EuclideanMatching()
   np.testing.assert_allclose(euclid.distance(obs, obs).numpy(), 0.0)
   shifted = [o + 1.0 for o in obs]
@@ -93,9 +103,16 @@ def test_optimizer_isolates_non_finite_attack():
     return loss, d, tape.gradient(loss, x)
 
   for name in ("lbfgs", "adam", "tfp_lbfgs"):
-    res = optimize.minimize(name, value_fn, np.zeros([2, 2], np.float32), {},
-                            iterations=400, tolerance=1e-8, check_every=25, **(
-                                {"learning_rate": 0.05} if name == "adam" else {}))
+    res = optimize.minimize(
+      name,
+      value_fn,
+      np.zeros([2, 2], np.float32),
+      {},
+      iterations=400,
+      tolerance=1e-8,
+      check_every=25,
+      **({"learning_rate": 0.05} if name == "adam" else {}),
+    )
     assert res.status[0] == "converged", (name, res.status)
     np.testing.assert_allclose(res.position[0], [0.5, -0.25], atol=1e-3)
     # tfp's line search never accepts a non-finite point: that row stops short instead.
@@ -106,9 +123,11 @@ def test_optimizer_isolates_non_finite_attack():
 
 def test_idlg_recovers_real_digit_and_nan_start_fails_alone(digits):
   ds, model = digits
-  obs = [observe_gradient(model, ds.x_train[i:i + 1], ds.y_train[i:i + 1]) for i in (0, 1)]
-  start = [np.full((1, 28, 28, 1), np.nan, np.float32),
-           np.random.default_rng(0).normal(size=(1, 28, 28, 1)).astype(np.float32)]
+  obs = [observe_gradient(model, ds.x_train[i : i + 1], ds.y_train[i : i + 1]) for i in (0, 1)]
+  start = [
+    np.full((1, 28, 28, 1), np.nan, np.float32),
+    np.random.default_rng(0).normal(size=(1, 28, 28, 1)).astype(np.float32),
+  ]
   bad, good = run_attacks(model, obs, "idlg", iterations=1500, initial_images=start)
   assert bad.status == "failed"
   assert good.status == "converged"
@@ -119,12 +138,13 @@ def test_idlg_recovers_real_digit_and_nan_start_fails_alone(digits):
 
 def test_batched_equals_one_by_one(digits):
   ds, model = digits
-  obs = [observe_gradient(model, ds.x_train[i:i + 1], ds.y_train[i:i + 1]) for i in (2, 3, 4)]
+  obs = [observe_gradient(model, ds.x_train[i : i + 1], ds.y_train[i : i + 1]) for i in (2, 3, 4)]
   # XLA: every slot count >= 2 rounds alike and an attack alone still gets 2 slots, so
   # batched and single attacks are bit for bit the same.
   batched = run_attacks(model, obs, "idlg", iterations=1500, seed=[5, 6, 7])
-  single = [run_attacks(model, [o], "idlg", iterations=1500, seed=s)[0]
-            for o, s in zip(obs, (5, 6, 7))]
+  single = [
+    run_attacks(model, [o], "idlg", iterations=1500, seed=s)[0] for o, s in zip(obs, (5, 6, 7))
+  ]
   for b, s in zip(batched, single):
     assert b.batch_size == 3 and s.batch_size == 2
     assert b.status == s.status == "converged"
@@ -138,8 +158,9 @@ def test_batched_equals_one_by_one(digits):
 
 def test_multi_step_fedavg_delta_attack_recovers_image(digits):
   ds, model = digits
-  obs = observe_fedavg_delta(model, ds.x_train[5:6], ds.y_train[5:6], local_steps=3,
-                             learning_rate=0.1)
+  obs = observe_fedavg_delta(
+    model, ds.x_train[5:6], ds.y_train[5:6], local_steps=3, learning_rate=0.1
+  )
   res = run_attacks(model, [obs], "idlg", iterations=3000)[0]
   row = metrics.score(res)
   assert row["ssim"] > 0.9, row
@@ -156,18 +177,43 @@ def test_dlg_recovers_image_and_label_jointly(digits):
 
 def _run_cli(tmp_path, *flags):
   env = dict(os.environ, PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, "-m", "experiments.attack", *flags],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.attack", *flags],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_entry_point_writes_json_and_png(tmp_path):
   out = tmp_path / "run"
-  proc = _run_cli(tmp_path, "--dataset=digits", "--index=0", "--attack=idlg",
-                  "--iterations=1500", f"--output_dir={out}", "--seed=0")
+  proc = _run_cli(
+    tmp_path,
+    "--dataset=digits",
+    "--index=0",
+    "--attack=idlg",
+    "--iterations=1500",
+    f"--output_dir={out}",
+    "--seed=0",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   record = json.loads((out / "attack.json").read_text())
-  for key in ("dataset", "dataset_source", "index", "attack", "defense", "ssim",
-              "adjusted_ssim", "psnr", "mse", "label_correct", "seconds", "iterations"):
+  for key in (
+    "dataset",
+    "dataset_source",
+    "index",
+    "attack",
+    "defense",
+    "ssim",
+    "adjusted_ssim",
+    "psnr",
+    "mse",
+    "label_correct",
+    "seconds",
+    "iterations",
+  ):
     assert key in record, key
   assert record["dataset"] == "digits" and "sklearn" in record["dataset_source"]
   assert record["ssim"] > 0.95 and record["adjusted_ssim"] >= record["ssim"] - 1e-9
@@ -177,18 +223,22 @@ def test_entry_point_writes_json_and_png(tmp_path):
   assert record["restart"] == 0 and len(record["restart_distances"]) == 1
   assert set(record["timing"]) >= {"startup", "data", "attack", "total"}
   events = list((out / "tensorboard").glob("events.out.tfevents.*"))
-  tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(events[0]))
-          for v in e.summary.value}
+  tags = {
+    v.tag for e in tf.compat.v1.train.summary_iterator(str(events[0])) for v in e.summary.value
+  }
   assert {"attack_0/distance", "attack_0/ssim", "attack_0/reconstruction"} <= tags, tags
 
 
-@pytest.mark.parametrize("flags,message", [
+@pytest.mark.parametrize(
+  "flags,message",
+  [
     (["--dataset=imagenet"], "imagenet"),
     (["--dataset=digits", "--index=5000"], "0..1437"),
     (["--dataset=digits", "--iterations=0"], "iterations=0"),
     (["--dataset=digits", "--defense=none", "--defense_param=0.3"], "--defense_param=0.3"),
     (["--dataset=digits", "--restarts=0"], "restarts=0"),
-])
+  ],
+)
 def test_entry_point_rejects_bad_flags(tmp_path, flags, message):
   proc = _run_cli(tmp_path, *flags, f"--output_dir={tmp_path}")
   assert proc.returncode == 2, proc.stderr[-2000:]
@@ -216,7 +266,7 @@ def test_idlg_median_ssim_over_eight_images(name):
   # stalls on 5 of these 8 images (see models.ATTACK_MIN_CLASSES and the IG test below).
   ds = data.load_dataset(name)
   model = models.attack_lenet(ds.input_shape, ds.num_classes, seed=0)
-  obs = [observe_gradient(model, ds.x_train[i:i + 1], ds.y_train[i:i + 1]) for i in range(8)]
+  obs = [observe_gradient(model, ds.x_train[i : i + 1], ds.y_train[i : i + 1]) for i in range(8)]
   rows = metrics.score_results(run_attacks(model, obs, "idlg", iterations=8000))
   ssims = [r["ssim"] for r in rows]
   print(name, np.round(ssims, 3).tolist())
@@ -228,7 +278,7 @@ def test_idlg_median_ssim_over_eight_images(name):
 def test_ig_recovers_saturated_lfw_images():
   ds = data.load_dataset("lfw_subset")
   model = models.lenet(ds.input_shape, ds.num_classes, seed=0)
-  obs = [observe_gradient(model, ds.x_train[i:i + 1], ds.y_train[i:i + 1]) for i in range(8)]
+  obs = [observe_gradient(model, ds.x_train[i : i + 1], ds.y_train[i : i + 1]) for i in range(8)]
   rows = metrics.score_results(run_attacks(model, obs, "ig", iterations=2000, tv_weight=0.0))
   ssims = [r["ssim"] for r in rows]
   print("lfw_subset ig", np.round(ssims, 3).tolist())

@@ -42,11 +42,12 @@ def test_rule_on_real_lenet_gradients():
   for name in ("digits", "photos"):
     ds = data.load_dataset(name)
     model = models.lenet(ds.input_shape, ds.num_classes, seed=0)
-    ki = labels.last_dense_kernel_index([tuple(v.shape) for v in model.trainable_variables],
-                                        ds.num_classes)
+    ki = labels.last_dense_kernel_index(
+      [tuple(v.shape) for v in model.trainable_variables], ds.num_classes
+    )
     assert ki == len(model.trainable_variables) - 2
     for i in range(10):
-      obs = observe_gradient(model, ds.x_train[i:i + 1], ds.y_train[i:i + 1])
+      obs = observe_gradient(model, ds.x_train[i : i + 1], ds.y_train[i : i + 1])
       assert labels.infer_labels(obs.update[ki], 1)[0] == ds.y_train[i]
 
 

@@ -7,14 +7,17 @@ import tensorflow as tf
 from tf_dlg import models
 
 
-@pytest.mark.parametrize("shape, classes, flat", [
+@pytest.mark.parametrize(
+  "shape, classes, flat",
+  [
     ((28, 28, 1), 10, 7 * 7 * 12),
     ((32, 32, 1), 2, 8 * 8 * 12),
     ((32, 32, 3), 8, 8 * 8 * 12),
-])
+  ],
+)
 def test_lenet_layer_shapes(shape, classes, flat):
   m = models.lenet(shape, classes, seed=0)
-  convs = [l for l in m.layers if isinstance(l, tf.keras.layers.Conv2D)]
+  convs = [x for x in m.layers if isinstance(x, tf.keras.layers.Conv2D)]
   assert [c.strides for c in convs] == [(2, 2), (2, 2), (1, 1)]
   assert all(c.kernel_size == (5, 5) and c.filters == 12 and c.padding == "same" for c in convs)
   assert all(c.activation is tf.keras.activations.sigmoid for c in convs)
@@ -59,7 +62,8 @@ def test_model_errors():
 
 @pytest.mark.parametrize("name", ["lenet", "bn_cnn"])
 def test_building_a_model_leaves_global_random_state_alone(name):
-  import random  # pylint: disable=g-import-not-at-top
+  import random
+
   np.random.seed(123)
   random.seed(123)
   expected_np, expected_py = np.random.rand(3), random.random()

@@ -14,27 +14,43 @@ from tf_dlg.attacks import observe_gradient, run_attacks, runner, summaries
 def digits():
   ds = data.load_dataset("digits")
   model = models.attack_lenet(ds.input_shape, ds.num_classes, seed=0)
-  obs = [observe_gradient(model, ds.x_train[i:i + 1], ds.y_train[i:i + 1])
-         for i in range(20, 26)]
+  obs = [
+    observe_gradient(model, ds.x_train[i : i + 1], ds.y_train[i : i + 1]) for i in range(20, 26)
+  ]
   return model, obs
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("attack", "dlgg", "attack='dlgg'"), ("iterations", 0, "iterations=0"),
-    ("restarts", 0, "restarts=0"), ("slots", 0, "slots=0"),
-    ("optimizer", "sgd", "optimizer='sgd'"), ("tolerance", -1.0, "tolerance=-1.0"),
-    ("optimizer_options", {"momentum": 0.9}, "momentum"), ("init", "zeros", "init='zeros'")])
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
+    ("attack", "dlgg", "attack='dlgg'"),
+    ("iterations", 0, "iterations=0"),
+    ("restarts", 0, "restarts=0"),
+    ("slots", 0, "slots=0"),
+    ("optimizer", "sgd", "optimizer='sgd'"),
+    ("tolerance", -1.0, "tolerance=-1.0"),
+    ("optimizer_options", {"momentum": 0.9}, "momentum"),
+    ("init", "zeros", "init='zeros'"),
+  ],
+)
 def test_config_is_validated(field, value, message):
   with pytest.raises(ValueError, match=message):
     runner.AttackConfig(**{field: value})
 
 
 def test_old_keyword_arguments_build_a_config():
-  c = runner.config_from_kwargs("ig", iterations=9, seed=[1, 2], optimizer="adam",
-                                learning_rate=0.3, max_batch=4, tv_weight=0.0)
-  assert c == runner.AttackConfig(attack="ig", iterations=9, seed=(1, 2), optimizer="adam",
-                                  optimizer_options={"learning_rate": 0.3}, slots=4,
-                                  tv_weight=0.0)
+  c = runner.config_from_kwargs(
+    "ig", iterations=9, seed=[1, 2], optimizer="adam", learning_rate=0.3, max_batch=4, tv_weight=0.0
+  )
+  assert c == runner.AttackConfig(
+    attack="ig",
+    iterations=9,
+    seed=(1, 2),
+    optimizer="adam",
+    optimizer_options={"learning_rate": 0.3},
+    slots=4,
+    tv_weight=0.0,
+  )
   with pytest.raises(ValueError, match="either config"):
     run_attacks(None, [], config=c, iterations=3)
 
@@ -58,8 +74,11 @@ def test_batch_larger_than_slots_completes_and_matches_solo(digits):
   assert len(set(r.iterations for r in together)) > 2
   assert all(r.batch_size == 2 for r in together)
   for i in (0, 3, 5):
-    alone = run_attacks(model, [obs[i]], config=runner.AttackConfig(
-        iterations=400, seed=3 + i, slots=2, check_every=20))[0]
+    alone = run_attacks(
+      model,
+      [obs[i]],
+      config=runner.AttackConfig(iterations=400, seed=3 + i, slots=2, check_every=20),
+    )[0]
     assert alone.iterations == together[i].iterations
     np.testing.assert_array_equal(alone.raw_images, together[i].raw_images)
     assert alone.status == together[i].status
@@ -69,8 +88,9 @@ def test_restarts_pick_smallest_distance_never_ground_truth(digits):
   model, obs = digits
   config = runner.AttackConfig(iterations=25, seed=0, restarts=3, slots=4)
   res = run_attacks(model, obs[:2], config=config)
-  blind = [runner.ObservedUpdate(**{**vars(o), "true_images": None, "true_labels": None})
-           for o in obs[:2]]
+  blind = [
+    runner.ObservedUpdate(**{**vars(o), "true_images": None, "true_labels": None}) for o in obs[:2]
+  ]
   res_blind = run_attacks(model, blind, config=config)
   for r, b in zip(res, res_blind):
     assert r.status == "max_iterations" and len(r.restart_distances) == 3
@@ -86,8 +106,9 @@ def test_restarts_pick_smallest_distance_never_ground_truth(digits):
 
 def test_converged_restart_sends_siblings_away(digits):
   model, obs = digits
-  res = run_attacks(model, obs[:1], config=runner.AttackConfig(
-      iterations=1500, restarts=4, slots=2, check_every=10))[0]
+  res = run_attacks(
+    model, obs[:1], config=runner.AttackConfig(iterations=1500, restarts=4, slots=2, check_every=10)
+  )[0]
   assert res.status == "converged"
   assert metrics.ssim(obs[0].true_images[0], res.images[0]) > 0.95
   others = [s for k, s in enumerate(res.restart_status) if k != res.restart]
@@ -98,13 +119,11 @@ def test_converged_restart_sends_siblings_away(digits):
 def test_tensorboard_hook_writes_progress(digits, tmp_path):
   model, obs = digits
   hook = summaries.TensorBoardHook(str(tmp_path), image_every=2)
-  run_attacks(model, obs[:2], config=runner.AttackConfig(iterations=60, check_every=20),
-              hook=hook)
+  run_attacks(model, obs[:2], config=runner.AttackConfig(iterations=60, check_every=20), hook=hook)
   hook.close()
   tags = set()
   for path in glob.glob(str(tmp_path / "events.out.tfevents.*")):
     for event in tf.compat.v1.train.summary_iterator(path):
       tags.update(v.tag for v in event.summary.value)
   for i in range(2):
-    assert {f"attack_{i}/distance", f"attack_{i}/ssim",
-            f"attack_{i}/reconstruction"} <= tags, tags
+    assert {f"attack_{i}/distance", f"attack_{i}/ssim", f"attack_{i}/reconstruction"} <= tags, tags

@@ -42,12 +42,20 @@ def lenet(input_shape: Sequence[int], num_classes: int, seed: int = 0) -> tf.ker
   inputs = tf.keras.Input(shape=shape, name="image")
   h = inputs
   for i, stride in enumerate((2, 2, 1)):
-    h = tf.keras.layers.Conv2D(12, 5, strides=stride, padding="same", activation="sigmoid",
-                               kernel_initializer=init(), bias_initializer=init(),
-                               name=f"conv{i + 1}")(h)
+    h = tf.keras.layers.Conv2D(
+      12,
+      5,
+      strides=stride,
+      padding="same",
+      activation="sigmoid",
+      kernel_initializer=init(),
+      bias_initializer=init(),
+      name=f"conv{i + 1}",
+    )(h)
   h = tf.keras.layers.Flatten(name="flatten")(h)
-  logits = tf.keras.layers.Dense(num_classes, kernel_initializer=init(),
-                                 bias_initializer=init(), name="logits")(h)
+  logits = tf.keras.layers.Dense(
+    num_classes, kernel_initializer=init(), bias_initializer=init(), name="logits"
+  )(h)
   return tf.keras.Model(inputs, logits, name="dlg_lenet")
 
 
@@ -63,8 +71,9 @@ def attack_lenet(input_shape: Sequence[int], num_classes: int, seed: int = 0) ->
   return lenet(input_shape, max(int(num_classes), ATTACK_MIN_CLASSES), seed=seed)
 
 
-def bn_cnn(input_shape: Sequence[int], num_classes: int, seed: int = 0,
-           width: int = 16) -> tf.keras.Model:
+def bn_cnn(
+  input_shape: Sequence[int], num_classes: int, seed: int = 0, width: int = 16
+) -> tf.keras.Model:
   """A small CNN with BatchNormalization, for federated training.
 
   conv(w)-BN-ReLU-maxpool, conv(2w)-BN-ReLU-maxpool, global average pool, dense(4w)-ReLU,
@@ -82,20 +91,21 @@ def bn_cnn(input_shape: Sequence[int], num_classes: int, seed: int = 0,
   inputs = tf.keras.Input(shape=shape, name="image")
   h = inputs
   for i, channels in enumerate((width, 2 * width)):
-    h = tf.keras.layers.Conv2D(channels, 3, padding="same", use_bias=False,
-                               kernel_initializer=glorot(), name=f"conv{i + 1}")(h)
+    h = tf.keras.layers.Conv2D(
+      channels, 3, padding="same", use_bias=False, kernel_initializer=glorot(), name=f"conv{i + 1}"
+    )(h)
     h = tf.keras.layers.BatchNormalization(name=f"bn{i + 1}")(h)
     h = tf.keras.layers.ReLU(name=f"relu{i + 1}")(h)
     h = tf.keras.layers.MaxPool2D(name=f"pool{i + 1}")(h)
   h = tf.keras.layers.GlobalAveragePooling2D(name="gap")(h)
-  h = tf.keras.layers.Dense(4 * width, activation="relu", kernel_initializer=glorot(),
-                            name="fc")(h)
+  h = tf.keras.layers.Dense(4 * width, activation="relu", kernel_initializer=glorot(), name="fc")(h)
   logits = tf.keras.layers.Dense(num_classes, kernel_initializer=glorot(), name="logits")(h)
   return tf.keras.Model(inputs, logits, name="bn_cnn")
 
 
-def build_model(name: str, input_shape: Sequence[int], num_classes: int,
-                seed: int = 0) -> tf.keras.Model:
+def build_model(
+  name: str, input_shape: Sequence[int], num_classes: int, seed: int = 0
+) -> tf.keras.Model:
   """Builds a registered model (`lenet` or `bn_cnn`) by name."""
   builders = {"lenet": lenet, "bn_cnn": bn_cnn}
   if name not in builders:
@@ -106,8 +116,8 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int,
 def input_spec(input_shape: Sequence[int]) -> collections.OrderedDict:
   """The batch spec of `tf_dlg.data.client_datasets`, for `tff.learning` Keras wrappers."""
   return collections.OrderedDict(
-      x=tf.TensorSpec([None, *input_shape], tf.float32),
-      y=tf.TensorSpec([None], tf.int64))
+    x=tf.TensorSpec([None, *input_shape], tf.float32), y=tf.TensorSpec([None], tf.int64)
+  )
 
 
 def batchnorm_variables(model: tf.keras.Model):

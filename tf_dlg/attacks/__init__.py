@@ -6,24 +6,43 @@ Pieces (breaching style):
   `functional`    the Keras model as a batched function of per-attack weights;
   `objectives`    interchangeable matching objectives (Euclidean, cosine + TV, masked);
   `labels`        iDLG label inference (and its batch extension);
-  `optimize`      batched L-BFGS / tfp L-BFGS / Adam loops with per-attack stopping;
-  `runner`        `run_attacks`, which puts them together.
+  `optimize`      L-BFGS / tfp L-BFGS / Adam over a fixed number of slots, with
+                  continuous batching (`run_queue`: finished slots are refilled);
+  `runner`        `AttackConfig` and `run_attacks`, which put them together
+                  (restarts, `CompileCache`);
+  `summaries`     `TensorBoardHook`: reconstruction progress for TensorBoard.
 Scoring lives in `tf_dlg.metrics` (`score`, `score_results`).
 
 Usage:
   from tf_dlg import data, models, metrics
-  from tf_dlg.attacks import observe_gradient, run_attacks
+  from tf_dlg.attacks import AttackConfig, observe_gradient, run_attacks
   ds = data.load_dataset("lfw_subset")
   model = models.lenet(ds.input_shape, ds.num_classes, seed=0)
   observed = [observe_gradient(model, ds.x_train[i:i + 1], ds.y_train[i:i + 1])
               for i in range(32)]              # optionally defense=get_defense(...)
-  results = run_attacks(model, observed, attack="idlg", iterations=3000, seed=0)
+  config = AttackConfig(attack="idlg", iterations=3000, seed=0, restarts=4)
+  results = run_attacks(model, observed, config=config)
   rows = metrics.score_results(results)       # dicts: ssim, adjusted_ssim, psnr, ...
 """
 
-from tf_dlg.attacks.runner import ATTACKS, AttackResult, make_objective, run_attacks
-from tf_dlg.attacks.threat_model import (ObservedUpdate, observe_fedavg_delta,
-                                         observe_gradient)
+from tf_dlg.attacks.runner import (
+  ATTACKS,
+  AttackConfig,
+  AttackResult,
+  CompileCache,
+  make_objective,
+  run_attacks,
+)
+from tf_dlg.attacks.threat_model import ObservedUpdate, observe_fedavg_delta, observe_gradient
 
-__all__ = ["ATTACKS", "AttackResult", "ObservedUpdate", "make_objective",
-           "observe_fedavg_delta", "observe_gradient", "run_attacks"]
+__all__ = [
+  "ATTACKS",
+  "AttackConfig",
+  "AttackResult",
+  "CompileCache",
+  "ObservedUpdate",
+  "make_objective",
+  "observe_fedavg_delta",
+  "observe_gradient",
+  "run_attacks",
+]

@@ -41,13 +41,47 @@ def _patches(h, kernel_shape, strides, padding):
     out_h, out_w = -(-height // s_h), -(-width // s_w)
     pad_h = max((out_h - 1) * s_h + k_h - height, 0)
     pad_w = max((out_w - 1) * s_w + k_w - width, 0)
-    h = tf.pad(h, [[0, 0], [pad_h // 2, pad_h - pad_h // 2],
-                   [pad_w // 2, pad_w - pad_w // 2], [0, 0]])
+    h = tf.pad(
+      h, [[0, 0], [pad_h // 2, pad_h - pad_h // 2], [pad_w // 2, pad_w - pad_w // 2], [0, 0]]
+    )
   else:
     out_h, out_w = (height - k_h) // s_h + 1, (width - k_w) // s_w + 1
-  cols = [h[:, i:i + (out_h - 1) * s_h + 1:s_h, j:j + (out_w - 1) * s_w + 1:s_w, :]
-          for i in range(k_h) for j in range(k_w)]
+  cols = [
+    h[:, i : i + (out_h - 1) * s_h + 1 : s_h, j : j + (out_w - 1) * s_w + 1 : s_w, :]
+    for i in range(k_h)
+    for j in range(k_w)
+  ]
   return tf.concat(cols, axis=-1)
+
+
+def _weightless_op(layer):
+  """The op of a layer without weights (flatten, activation, pooling), else None."""
+  kl = tf.keras.layers
+  if isinstance(layer, kl.Flatten):
+    return ("flatten",)
+  if isinstance(layer, kl.Activation):
+    return ("act", layer.activation)
+  if isinstance(layer, kl.ReLU):
+    return ("act", lambda h, layer=layer: layer(h))
+  if isinstance(layer, kl.MaxPool2D):
+    return (
+      "pool",
+      tf.nn.max_pool2d,
+      list(layer.pool_size),
+      list(layer.strides),
+      layer.padding.upper(),
+    )
+  if isinstance(layer, kl.AveragePooling2D):
+    return (
+      "pool",
+      tf.nn.avg_pool2d,
+      list(layer.pool_size),
+      list(layer.strides),
+      layer.padding.upper(),
+    )
+  if isinstance(layer, kl.GlobalAveragePooling2D):
+    return ("gap",)
+  return None
 
 
 class BatchedModel:
@@ -67,8 +101,7 @@ class BatchedModel:
     self.num_classes = int(model.output_shape[-1])
     trainable = {v.ref(): i for i, v in enumerate(model.trainable_variables)}
     self._all_index = {v.ref(): i for i, v in enumerate(model.weights)}
-    self.trainable_index_in_all = [self._all_index[v.ref()]
-                                   for v in model.trainable_variables]
+    self.trainable_index_in_all = [self._all_index[v.ref()] for v in model.trainable_variables]
     self.trainable_shapes = [tuple(v.shape) for v in model.trainable_variables]
     self._ops = []
     prev = None
@@ -77,20 +110,26 @@ class BatchedModel:
         inbound = layer._inbound_nodes[0].inbound_layers  # pylint: disable=protected-access
         inbound = inbound if isinstance(inbound, (list, tuple)) else [inbound]
         if len(inbound) != 1 or inbound[0] is not prev:
-          raise ValueError(f"Layer {layer.name!r} does not follow {prev.name!r}: only chain "
-                           "(sequential) models are supported by the batched attack.")
+          raise ValueError(
+            f"Layer {layer.name!r} does not follow {prev.name!r}: only chain "
+            "(sequential) models are supported by the batched attack."
+          )
       prev = layer
       self._ops.append(self._compile_layer(layer, trainable))
 
   def _compile_layer(self, layer, trainable):
     kl = tf.keras.layers
+
     def idx(v):
       if v is None:
         return None
       if v.ref() not in trainable:
-        raise ValueError(f"Variable {v.name} of layer {layer.name!r} is frozen; the batched "
-                         "attack needs every weight of a supported layer to be trainable.")
+        raise ValueError(
+          f"Variable {v.name} of layer {layer.name!r} is frozen; the batched "
+          "attack needs every weight of a supported layer to be trainable."
+        )
       return trainable[v.ref()]
+
     if isinstance(layer, kl.InputLayer) or isinstance(layer, kl.Dropout):
       return None
     if isinstance(layer, kl.Conv2D) and type(layer) is kl.Conv2D:
@@ -99,32 +138,38 @@ class BatchedModel:
       if layer.data_format != "channels_last":
         raise ValueError(f"Conv2D {layer.name!r}: only channels_last is supported.")
       patch = tuple(layer.kernel.shape[:2])
-      return ("conv", idx(layer.kernel), idx(layer.bias) if layer.use_bias else None,
-              patch, list(layer.strides), layer.padding.upper(), layer.activation)
+      return (
+        "conv",
+        idx(layer.kernel),
+        idx(layer.bias) if layer.use_bias else None,
+        patch,
+        list(layer.strides),
+        layer.padding.upper(),
+        layer.activation,
+      )
     if isinstance(layer, kl.Dense):
-      return ("dense", idx(layer.kernel), idx(layer.bias) if layer.use_bias else None,
-              layer.activation)
-    if isinstance(layer, kl.Flatten):
-      return ("flatten",)
-    if isinstance(layer, kl.Activation):
-      return ("act", layer.activation)
-    if isinstance(layer, kl.ReLU):
-      return ("act", lambda h, layer=layer: layer(h))
-    if isinstance(layer, kl.MaxPool2D):
-      return ("pool", tf.nn.max_pool2d, list(layer.pool_size), list(layer.strides),
-              layer.padding.upper())
-    if isinstance(layer, kl.AveragePooling2D):
-      return ("pool", tf.nn.avg_pool2d, list(layer.pool_size), list(layer.strides),
-              layer.padding.upper())
-    if isinstance(layer, kl.GlobalAveragePooling2D):
-      return ("gap",)
+      return (
+        "dense",
+        idx(layer.kernel),
+        idx(layer.bias) if layer.use_bias else None,
+        layer.activation,
+      )
+    op = _weightless_op(layer)
+    if op is not None:
+      return op
     if isinstance(layer, kl.BatchNormalization):
-      return ("bn", idx(layer.gamma) if layer.scale else None,
-              idx(layer.beta) if layer.center else None, float(layer.epsilon))
-    raise ValueError(f"Layer {layer.name!r} ({type(layer).__name__}) is not supported by the "
-                     "batched attack model; supported: Conv2D, Dense, Flatten, Activation, "
-                     "ReLU, MaxPool2D, AveragePooling2D, GlobalAveragePooling2D, "
-                     "BatchNormalization, Dropout.")
+      return (
+        "bn",
+        idx(layer.gamma) if layer.scale else None,
+        idx(layer.beta) if layer.center else None,
+        float(layer.epsilon),
+      )
+    raise ValueError(
+      f"Layer {layer.name!r} ({type(layer).__name__}) is not supported by the "
+      "batched attack model; supported: Conv2D, Dense, Flatten, Activation, "
+      "ReLU, MaxPool2D, AveragePooling2D, GlobalAveragePooling2D, "
+      "BatchNormalization, Dropout."
+    )
 
   def trainable_weights_from(self, all_weights: Sequence[np.ndarray]) -> List[np.ndarray]:
     """`model.get_weights()`-ordered list -> trainable-variable-ordered list."""
@@ -202,8 +247,9 @@ def batch_indices(step: int, num_examples: int, batch_size: int) -> np.ndarray:
   return (start + np.arange(min(batch_size, num_examples))) % num_examples
 
 
-def fedavg_delta(fmodel: BatchedModel, weights, x, labels, local_steps: int,
-                 learning_rate: float, batch_size: int):
+def fedavg_delta(
+  fmodel: BatchedModel, weights, x, labels, local_steps: int, learning_rate: float, batch_size: int
+):
   """Per-attack `initial - final` weights after `local_steps` SGD steps (differentiable)."""
   n = int(x.shape[1])
   current = list(weights)

@@ -75,15 +75,20 @@ class EuclideanMatching(Objective):
   def stop_threshold(self, observed):
     if not self.relative:
       return self.tolerance
-    return self.tolerance * float(sum(np.sum(np.square(np.asarray(o, np.float64)))
-                                      for o in observed))
+    return self.tolerance * float(
+      sum(np.sum(np.square(np.asarray(o, np.float64))) for o in observed)
+    )
 
   def get_config(self):
     return dict(super().get_config(), relative=self.relative)
 
   def distance(self, update, observed):
-    return tf.add_n([tf.reduce_sum(tf.reshape(tf.square(u - o), [tf.shape(u)[0], -1]), 1)
-                     for u, o in zip(update, observed)])
+    return tf.add_n(
+      [
+        tf.reduce_sum(tf.reshape(tf.square(u - o), [tf.shape(u)[0], -1]), 1)
+        for u, o in zip(update, observed)
+      ]
+    )
 
 
 class CosineMatching(Objective):
@@ -128,7 +133,7 @@ class MaskedCosineMatching(CosineMatching):
 
 
 OBJECTIVES: Dict[str, Type[Objective]] = {
-    "euclidean": EuclideanMatching,
-    "cosine": CosineMatching,
-    "masked_cosine": MaskedCosineMatching,
+  "euclidean": EuclideanMatching,
+  "cosine": CosineMatching,
+  "masked_cosine": MaskedCosineMatching,
 }

@@ -41,14 +41,21 @@ import numpy as np
 import tensorflow as tf
 
 RUNNING, CONVERGED, FAILED, STALLED, MAXED, IDLE, SUPERSEDED = range(7)
-STATUS_NAMES = {RUNNING: "running", CONVERGED: "converged", FAILED: "failed",
-                STALLED: "stalled", MAXED: "max_iterations", IDLE: "idle",
-                SUPERSEDED: "superseded"}
+STATUS_NAMES = {
+  RUNNING: "running",
+  CONVERGED: "converged",
+  FAILED: "failed",
+  STALLED: "stalled",
+  MAXED: "max_iterations",
+  IDLE: "idle",
+  SUPERSEDED: "superseded",
+}
 
 
 @dataclasses.dataclass
 class OptimizationResult:
   """Per problem: final position [A, n], distance, loss, iterations run and status."""
+
   position: np.ndarray
   distance: np.ndarray
   loss: np.ndarray
@@ -65,6 +72,7 @@ class Compiled:
   the optimiser cannot refill single slots. `slot_axis` names state entries whose slot
   axis is not 0.
   """
+
   init_fn: Callable
   chunk_fn: Callable
   refill_fn: Optional[Callable]
@@ -98,8 +106,12 @@ def _keep_where(mask, new, old, axis=0):
 
 def _merge(mask, new, old, slot_axis):
   """State `new` in the slots of mask, `old` elsewhere; slot-free scalars stay `old`."""
-  return {k: (old[k] if old[k].shape.rank == 0 else
-              _keep_where(mask, new[k], old[k], slot_axis.get(k, 0))) for k in old}
+  return {
+    k: (
+      old[k] if old[k].shape.rank == 0 else _keep_where(mask, new[k], old[k], slot_axis.get(k, 0))
+    )
+    for k in old
+  }
 
 
 def _base_state(x, loss, dist, grad, tol, active):
@@ -107,23 +119,39 @@ def _base_state(x, loss, dist, grad, tol, active):
   status = tf.where(active, tf.zeros([s], tf.int32), IDLE)
   status = _classify(status, loss, dist, grad, tol)
   ok = tf.not_equal(status, FAILED)
-  return {"x": x, "loss": loss, "dist": dist, "g": grad, "status": status,
-          "iters": tf.zeros([s], tf.int32), "best_x": x,
-          "best_loss": tf.where(ok, loss, np.inf), "best_dist": tf.where(ok, dist, np.inf)}
+  return {
+    "x": x,
+    "loss": loss,
+    "dist": dist,
+    "g": grad,
+    "status": status,
+    "iters": tf.zeros([s], tf.int32),
+    "best_x": x,
+    "best_loss": tf.where(ok, loss, np.inf),
+    "best_dist": tf.where(ok, dist, np.inf),
+  }
 
 
 def _record(st, x, loss, dist, grad, tol, was_running):
   """Advances running rows; failed rows keep their last finite point."""
   status = _classify(st["status"], loss, dist, grad, tol)
   ok = was_running & tf.not_equal(status, FAILED)
-  return dict(st, status=status, iters=st["iters"] + tf.cast(was_running, tf.int32),
-              best_x=_keep_where(ok, x, st["best_x"]),
-              best_loss=tf.where(ok, loss, st["best_loss"]),
-              best_dist=tf.where(ok, dist, st["best_dist"]))
+  return dict(
+    st,
+    status=status,
+    iters=st["iters"] + tf.cast(was_running, tf.int32),
+    best_x=_keep_where(ok, x, st["best_x"]),
+    best_loss=tf.where(ok, loss, st["best_loss"]),
+    best_dist=tf.where(ok, dist, st["best_dist"]),
+  )
 
 
-def _compile(init_state: Callable, step: Callable, jit_compile: bool,
-             slot_axis: Optional[Mapping[str, int]] = None) -> Compiled:
+def _compile(
+  init_state: Callable,
+  step: Callable,
+  jit_compile: bool,
+  slot_axis: Optional[Mapping[str, int]] = None,
+) -> Compiled:
   """init / chunk / refill functions around a row-wise `step(state, c, tol)`."""
   slot_axis = dict(slot_axis or {})
 
@@ -144,17 +172,25 @@ def _compile(init_state: Callable, step: Callable, jit_compile: bool,
       st = step(st, c, tol)
       capped = tf.equal(st["status"], RUNNING) & (st["iters"] >= max_iters)
       return k + 1, dict(st, status=tf.where(capped, MAXED, st["status"]))
-    return tf.while_loop(lambda k, st: (k < steps) & (count(st) >= min_running), body,
-                         (tf.constant(0), st))[1]
 
-  return Compiled(_slot_generic(init_fn, slot_axis), _slot_generic(chunk_fn, slot_axis),
-                  _slot_generic(refill_fn, slot_axis), slot_axis)
+    return tf.while_loop(
+      lambda k, st: (k < steps) & (count(st) >= min_running), body, (tf.constant(0), st)
+    )[1]
+
+  return Compiled(
+    _slot_generic(init_fn, slot_axis),
+    _slot_generic(chunk_fn, slot_axis),
+    _slot_generic(refill_fn, slot_axis),
+    slot_axis,
+  )
 
 
 def _relaxed_spec(value, axis):
   if isinstance(value, dict):
-    return {k: _relaxed_spec(v, axis.get(k, 0) if isinstance(axis, dict) else axis)
-            for k, v in value.items()}
+    return {
+      k: _relaxed_spec(v, axis.get(k, 0) if isinstance(axis, dict) else axis)
+      for k, v in value.items()
+    }
   if isinstance(value, (list, tuple)):
     return type(value)(_relaxed_spec(v, axis) for v in value)
   value = tf.convert_to_tensor(value)
@@ -178,12 +214,18 @@ def _slot_generic(fn, slot_axis):
       fn.get_concrete_function(*[_relaxed_spec(a, slot_axis) for a in args])
       traced.append(True)
     return fn(*args)
+
   call.python_function = fn
   return call
 
 
-def build_lbfgs(value_fn: Callable, iterations: int = 0, jit_compile: bool = True,
-                history: int = 100, lr: float = 1.0) -> Compiled:
+def build_lbfgs(
+  value_fn: Callable,
+  iterations: int = 0,
+  jit_compile: bool = True,
+  history: int = 100,
+  lr: float = 1.0,
+) -> Compiled:
   """Fixed-step L-BFGS (PyTorch semantics, no line search), per-slot history.
 
   The ring buffer's head is shared, but a slot's pairs are read newest first relative
@@ -197,9 +239,17 @@ def build_lbfgs(value_fn: Callable, iterations: int = 0, jit_compile: bool = Tru
     st = _base_state(x, loss, dist, g, tol, active)
     s, n = tf.shape(x)[0], tf.shape(x)[1]
     zeros = tf.zeros([history, s, n], x.dtype)
-    st.update(S=zeros, Y=zeros, rho=tf.zeros([history, s], x.dtype),
-              head=tf.constant(0), hdiag=tf.ones([s], x.dtype), d=tf.zeros_like(x),
-              t=tf.zeros([s], x.dtype), gprev=g, first=tf.ones([s], tf.bool))
+    st.update(
+      S=zeros,
+      Y=zeros,
+      rho=tf.zeros([history, s], x.dtype),
+      head=tf.constant(0),
+      hdiag=tf.ones([s], x.dtype),
+      d=tf.zeros_like(x),
+      t=tf.zeros([s], x.dtype),
+      gprev=g,
+      first=tf.ones([s], tf.bool),
+    )
     return st
 
   def step(st, c, tol):
@@ -215,7 +265,8 @@ def build_lbfgs(value_fn: Callable, iterations: int = 0, jit_compile: bool = Tru
     S = tf.tensor_scatter_nd_update(st["S"], [[h]], (s * okf)[None])
     Y = tf.tensor_scatter_nd_update(st["Y"], [[h]], (y * okf)[None])
     rho = tf.tensor_scatter_nd_update(
-        st["rho"], [[h]], tf.where(ok, 1.0 / tf.where(ok, ys, 1.0), 0.0)[None])
+      st["rho"], [[h]], tf.where(ok, 1.0 / tf.where(ok, ys, 1.0), 0.0)[None]
+    )
     head = (h + 1) % history
     hdiag = tf.where(ok, ys / tf.maximum(tf.reduce_sum(y * y, 1), 1e-30), st["hdiag"])
     r = _two_loop(S, Y, rho, head, history, -g, hdiag)
@@ -226,9 +277,22 @@ def build_lbfgs(value_fn: Callable, iterations: int = 0, jit_compile: bool = Tru
     loss, dist, g_new = value_fn(x, c)
     st = _record(st, x, loss, dist, g_new, tol, running)
     still = tf.equal(st["status"], RUNNING)
-    return dict(st, x=_keep_where(still, x, st["best_x"]), loss=loss, dist=dist,
-                g=g_new, gprev=g, d=d, t=t, S=S, Y=Y, rho=rho, head=head, hdiag=hdiag,
-                first=first & ~running)
+    return dict(
+      st,
+      x=_keep_where(still, x, st["best_x"]),
+      loss=loss,
+      dist=dist,
+      g=g_new,
+      gprev=g,
+      d=d,
+      t=t,
+      S=S,
+      Y=Y,
+      rho=rho,
+      head=head,
+      hdiag=hdiag,
+      first=first & ~running,
+    )
 
   return _compile(init_state, step, jit_compile, {"S": 1, "Y": 1, "rho": 1})
 
@@ -241,20 +305,21 @@ def _two_loop(S, Y, rho, head, history, q, hdiag):
     i = (head - 1 - k) % history
     alpha = tf.reduce_sum(S[i] * q, 1) * rho[i]
     return k + 1, q - alpha[:, None] * Y[i], alphas.write(i, alpha)
-  _, q, alphas = tf.while_loop(lambda k, *_: k < history, backward,
-                               (tf.constant(0), q, alphas))
+
+  _, q, alphas = tf.while_loop(lambda k, *_: k < history, backward, (tf.constant(0), q, alphas))
   alphas = alphas.stack()
 
   def forward(k, r):
     i = (head + k) % history
     beta = tf.reduce_sum(Y[i] * r, 1) * rho[i]
     return k + 1, r + S[i] * (alphas[i] - beta)[:, None]
-  return tf.while_loop(lambda k, *_: k < history, forward,
-                       (tf.constant(0), q * hdiag[:, None]))[1]
+
+  return tf.while_loop(lambda k, *_: k < history, forward, (tf.constant(0), q * hdiag[:, None]))[1]
 
 
-def build_adam(value_fn: Callable, iterations: int, jit_compile: bool = True,
-               learning_rate: float = 0.1) -> Compiled:
+def build_adam(
+  value_fn: Callable, iterations: int, jit_compile: bool = True, learning_rate: float = 0.1
+) -> Compiled:
   """Adam with a per-slot step count (its decay schedule depends on `iterations`)."""
   milestones = tf.constant([int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)], tf.int32)
 
@@ -273,7 +338,7 @@ def build_adam(value_fn: Callable, iterations: int, jit_compile: bool = True,
     m = 0.9 * st["m"] + 0.1 * g
     v = 0.999 * st["v"] + 0.001 * g * g
     kf = tf.cast(k, g.dtype)[:, None]
-    upd = lr[:, None] * (m / (1 - 0.9 ** kf)) / (tf.sqrt(v / (1 - 0.999 ** kf)) + 1e-8)
+    upd = lr[:, None] * (m / (1 - 0.9**kf)) / (tf.sqrt(v / (1 - 0.999**kf)) + 1e-8)
     x = st["x"] - _keep_where(running, upd, tf.zeros_like(upd))
     loss, dist, g_new = value_fn(x, c)
     st = _record(st, x, loss, dist, g_new, tol, running)
@@ -282,8 +347,9 @@ def build_adam(value_fn: Callable, iterations: int, jit_compile: bool = True,
   return _compile(init_state, step, jit_compile)
 
 
-def build_tfp_lbfgs(value_fn: Callable, iterations: int = 0, jit_compile: bool = True,
-                    history: int = 100) -> Compiled:
+def build_tfp_lbfgs(
+  value_fn: Callable, iterations: int = 0, jit_compile: bool = True, history: int = 100
+) -> Compiled:
   """`tfp.optimizer.lbfgs_minimize` on all slots at once (no refill).
 
   Our stopping rule enters tfp through the gradient: a member whose distance is below
@@ -291,23 +357,23 @@ def build_tfp_lbfgs(value_fn: Callable, iterations: int = 0, jit_compile: bool =
   as converged (tolerance 0 means |g| <= 0), and is frozen from then on.
   """
   del iterations
-  import tensorflow_probability as tfp  # pylint: disable=g-import-not-at-top
+  import tensorflow_probability as tfp
 
   def vg(c, tol):
     def value_and_gradients(x):
       loss, dist, g = value_fn(x, c)
       stop = (dist < tol) | ~_finite_rows(loss, dist, g)
-      return (tf.where(_finite_rows(loss), loss, np.inf),
-              _keep_where(stop, tf.zeros_like(g), g))
+      return (tf.where(_finite_rows(loss), loss, np.inf), _keep_where(stop, tf.zeros_like(g), g))
+
     return value_and_gradients
 
   @tf.function(jit_compile=jit_compile, reduce_retracing=True, autograph=False)
   def init_fn(x, c, tol, active):
     loss, dist, g = value_fn(x, c)
     st = _base_state(x, loss, dist, g, tol, active)
-    st["opt"] = tfp.optimizer.lbfgs_minimize(vg(c, tol), initial_position=x,
-                                             max_iterations=0, num_correction_pairs=history,
-                                             tolerance=0.0)
+    st["opt"] = tfp.optimizer.lbfgs_minimize(
+      vg(c, tol), initial_position=x, max_iterations=0, num_correction_pairs=history, tolerance=0.0
+    )
     return st
 
   @tf.function(jit_compile=jit_compile, reduce_retracing=True, autograph=False)
@@ -317,16 +383,20 @@ def build_tfp_lbfgs(value_fn: Callable, iterations: int = 0, jit_compile: bool =
     opt = st["opt"]
     opt = opt._replace(converged=opt.converged | ~running)
     opt = tfp.optimizer.lbfgs_minimize(
-        vg(c, tol), initial_position=None, previous_optimizer_results=opt,
-        max_iterations=opt.num_iterations + steps, num_correction_pairs=history,
-        tolerance=0.0, max_line_search_iterations=20)
+      vg(c, tol),
+      initial_position=None,
+      previous_optimizer_results=opt,
+      max_iterations=opt.num_iterations + steps,
+      num_correction_pairs=history,
+      tolerance=0.0,
+      max_line_search_iterations=20,
+    )
     loss, dist, g = value_fn(opt.position, c)
     new = _record(st, opt.position, loss, dist, g, tol, running)
     # tfp stops moving a member it considers converged or failed: finished too.
     stuck = tf.equal(new["status"], RUNNING) & (opt.converged | opt.failed)
     new["status"] = tf.where(stuck, STALLED, new["status"])
-    new["iters"] = st["iters"] + tf.where(running, opt.num_iterations
-                                          - st["opt"].num_iterations, 0)
+    new["iters"] = st["iters"] + tf.where(running, opt.num_iterations - st["opt"].num_iterations, 0)
     capped = tf.equal(new["status"], RUNNING) & (new["iters"] >= max_iters)
     new["status"] = tf.where(capped, MAXED, new["status"])
     new["opt"] = opt
@@ -338,29 +408,31 @@ def build_tfp_lbfgs(value_fn: Callable, iterations: int = 0, jit_compile: bool =
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
   """One registered optimiser: its builder and the options it accepts (defaults)."""
+
   build: Callable
   defaults: Mapping[str, Any]
 
 
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
-    "lbfgs": OptimizerSpec(build_lbfgs, {"history": 100, "lr": 1.0}),
-    "tfp_lbfgs": OptimizerSpec(build_tfp_lbfgs, {"history": 100}),
-    "adam": OptimizerSpec(build_adam, {"learning_rate": 0.1}),
+  "lbfgs": OptimizerSpec(build_lbfgs, {"history": 100, "lr": 1.0}),
+  "tfp_lbfgs": OptimizerSpec(build_tfp_lbfgs, {"history": 100}),
+  "adam": OptimizerSpec(build_adam, {"learning_rate": 0.1}),
 }
 
 
-def build(name: str, value_fn: Callable, iterations: int, jit_compile: bool = True,
-          **options) -> Compiled:
+def build(
+  name: str, value_fn: Callable, iterations: int, jit_compile: bool = True, **options
+) -> Compiled:
   """Compiled functions of optimiser `name`; unknown names or options raise ValueError."""
   if name not in OPTIMIZERS:
     raise ValueError(f"optimizer={name!r} is not one of {', '.join(OPTIMIZERS)}.")
   spec = OPTIMIZERS[name]
   unknown = sorted(set(options) - set(spec.defaults))
   if unknown:
-    raise ValueError(f"optimizer={name!r} takes options {sorted(spec.defaults)}, "
-                     f"not {unknown}.")
-  return spec.build(value_fn, iterations=iterations, jit_compile=jit_compile,
-                    **dict(spec.defaults, **options))
+    raise ValueError(f"optimizer={name!r} takes options {sorted(spec.defaults)}, not {unknown}.")
+  return spec.build(
+    value_fn, iterations=iterations, jit_compile=jit_compile, **dict(spec.defaults, **options)
+  )
 
 
 class JobQueue:
@@ -400,8 +472,11 @@ class ArrayQueue(JobQueue):
     return self._next - 1
 
   def rows(self, job):
-    return (self.position[job], tf.nest.map_structure(lambda v: v[job], self.consts),
-            self.tolerance[job])
+    return (
+      self.position[job],
+      tf.nest.map_structure(lambda v: v[job], self.consts),
+      self.tolerance[job],
+    )
 
   def finish(self, job, row):
     self.finished[job] = row
@@ -410,21 +485,29 @@ class ArrayQueue(JobQueue):
   def result(self) -> OptimizationResult:
     rows = self.finished
     return OptimizationResult(
-        position=np.stack([r["x"] for r in rows]),
-        distance=np.array([r["distance"] for r in rows]),
-        loss=np.array([r["loss"] for r in rows]),
-        iterations=np.array([r["iterations"] for r in rows]),
-        status=np.array([r["status"] for r in rows]))
+      position=np.stack([r["x"] for r in rows]),
+      distance=np.array([r["distance"] for r in rows]),
+      loss=np.array([r["loss"] for r in rows]),
+      iterations=np.array([r["iterations"] for r in rows]),
+      status=np.array([r["status"] for r in rows]),
+    )
 
 
-def minimize(name: str, value_fn: Callable, position, consts, iterations: int,
-             tolerance=1e-6, slots: Optional[int] = None, check_every: int = 50,
-             jit_compile: bool = True, **options) -> OptimizationResult:
-  """Minimises the problems stacked in `position` / `consts` (rows = problems)."""
+def minimize(
+  name: str,
+  value_fn: Callable,
+  position,
+  consts,
+  iterations: int,
+  tolerance=1e-6,
+  check_every: int = 50,
+  jit_compile: bool = True,
+  **options,
+) -> OptimizationResult:
+  """Minimises the problems stacked in `position` / `consts` (one slot per row)."""
   compiled = build(name, value_fn, iterations, jit_compile, **options)
   queue = ArrayQueue(position, consts, tolerance)
-  run_queue(compiled, queue, slots or len(queue.position), iterations,
-            check_every=check_every)
+  run_queue(compiled, queue, len(queue.position), iterations, check_every=check_every)
   return queue.result()
 
 
@@ -439,8 +522,7 @@ class _Slots:
       raise ValueError("run_queue needs at least one job.")
     x, c, tol = queue.rows(first)
     self.x = np.repeat(np.asarray(x, np.float32)[None], num_slots, 0)
-    self.c = tf.nest.map_structure(
-        lambda v: np.repeat(np.asarray(v)[None], num_slots, 0), c)
+    self.c = tf.nest.map_structure(lambda v: np.repeat(np.asarray(v)[None], num_slots, 0), c)
     self.tol = np.full(num_slots, tol, np.float32)
     self._put(0, first, x, c, tol)
 
@@ -463,8 +545,7 @@ class _Slots:
     return entering
 
   def tensors(self):
-    return (tf.constant(self.x), tf.nest.map_structure(tf.constant, self.c),
-            tf.constant(self.tol))
+    return (tf.constant(self.x), tf.nest.map_structure(tf.constant, self.c), tf.constant(self.tol))
 
 
 def _harvest(st, slots: _Slots) -> Dict:
@@ -476,9 +557,14 @@ def _harvest(st, slots: _Slots) -> Dict:
   fields = {k: st[k].numpy() for k in ("best_x", "best_dist", "best_loss", "iters")}
 
   def row(s, name):
-    return {"x": fields["best_x"][s], "distance": float(fields["best_dist"][s]),
-            "loss": float(fields["best_loss"][s]), "iterations": int(fields["iters"][s]),
-            "status": name}
+    return {
+      "x": fields["best_x"][s],
+      "distance": float(fields["best_dist"][s]),
+      "loss": float(fields["best_loss"][s]),
+      "iterations": int(fields["iters"][s]),
+      "status": name,
+    }
+
   cancel = set()
   for s in done:
     cancel.update(slots.queue.finish(slots.jobs[s], row(s, STATUS_NAMES[int(status[s])])))
@@ -494,9 +580,15 @@ def _harvest(st, slots: _Slots) -> Dict:
   return st
 
 
-def run_queue(compiled: Compiled, queue: JobQueue, num_slots: int, iterations: int,
-              check_every: int = 50, on_chunk: Optional[Callable] = None,
-              upgrade: Optional[Tuple[Compiled, int]] = None) -> None:
+def run_queue(
+  compiled: Compiled,
+  queue: JobQueue,
+  num_slots: int,
+  iterations: int,
+  check_every: int = 50,
+  on_chunk: Optional[Callable] = None,
+  upgrade: Optional[Tuple[Compiled, int]] = None,
+) -> None:
   """Continuous batching: runs every job of `queue` on `num_slots` slots.
 
   Args:

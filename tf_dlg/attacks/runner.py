@@ -29,15 +29,16 @@ import numpy as np
 import tensorflow as tf
 
 from tf_dlg import validation
-from tf_dlg.attacks import functional, labels as labels_lib, objectives, optimize
+from tf_dlg.attacks import functional, objectives, optimize
+from tf_dlg.attacks import labels as labels_lib
 from tf_dlg.attacks.threat_model import ObservedUpdate
 
 ATTACKS = {
-    # name: (objective, infer labels?)
-    "dlg": ("euclidean", False),
-    "idlg": ("euclidean", True),
-    "ig": ("cosine", True),
-    "masked_ig": ("masked_cosine", True),
+  # name: (objective, infer labels?)
+  "dlg": ("euclidean", False),
+  "idlg": ("euclidean", True),
+  "ig": ("cosine", True),
+  "masked_ig": ("masked_cosine", True),
 }
 DEFAULT_ITERATIONS = 4000
 DEFAULT_SLOTS = 8
@@ -69,6 +70,7 @@ class AttackConfig:
       results are then not bit-identical to an XLA run of the same seed).
     init: Dummy image start: `rand` (uniform [0, 1]) or `randn` (the reference's).
   """
+
   attack: str = "idlg"
   iterations: int = DEFAULT_ITERATIONS
   seed: Union[int, Tuple[int, ...]] = 0
@@ -136,6 +138,7 @@ class AttackResult:
     restart_distances / restart_iterations / restart_status: per restart (None for a
       restart that never started because a sibling had converged).
   """
+
   attack: str
   images: np.ndarray
   raw_images: np.ndarray
@@ -160,6 +163,7 @@ class AttackResult:
 @dataclasses.dataclass
 class Snapshot:
   """Progress of one running attack after a chunk (what a `hook` receives)."""
+
   index: int
   restart: int
   iterations: int
@@ -168,8 +172,9 @@ class Snapshot:
   observed: ObservedUpdate = dataclasses.field(repr=False, default=None)
 
 
-def make_objective(attack: str, tv_weight: Optional[float] = None,
-                   tolerance: Optional[float] = None) -> objectives.Objective:
+def make_objective(
+  attack: str, tv_weight: Optional[float] = None, tolerance: Optional[float] = None
+) -> objectives.Objective:
   """The objective of a named attack (tv_weight / tolerance override its defaults)."""
   if attack not in ATTACKS:
     raise ValueError(f"Unknown attack {attack!r}; expected one of {', '.join(ATTACKS)}.")
@@ -185,10 +190,17 @@ def make_objective(attack: str, tv_weight: Optional[float] = None,
 def architecture_key(model: tf.keras.Model) -> str:
   """What the traced attack depends on: layer types and configs, not names or weights."""
   skip = ("name", "trainable", "dtype")
-  layers = [(type(l).__name__, {k: v for k, v in l.get_config().items()
-                                if k not in skip and not k.endswith(
-                                    ("initializer", "regularizer", "constraint"))})
-            for l in model.layers]
+  layers = [
+    (
+      type(layer).__name__,
+      {
+        k: v
+        for k, v in layer.get_config().items()
+        if k not in skip and not k.endswith(("initializer", "regularizer", "constraint"))
+      },
+    )
+    for layer in model.layers
+  ]
   return json.dumps(layers, sort_keys=True, default=str)
 
 
@@ -214,8 +226,7 @@ class CompileCache:
     return value
 
   def batched_model(self, model: tf.keras.Model) -> functional.BatchedModel:
-    return self.get(("model", architecture_key(model)),
-                    lambda: functional.BatchedModel(model))
+    return self.get(("model", architecture_key(model)), lambda: functional.BatchedModel(model))
 
   def clear(self):
     self._entries.clear()
@@ -228,8 +239,16 @@ CACHE = CompileCache()
 
 
 def _group_key(o: ObservedUpdate):
-  return (o.kind, o.model_name, o.input_shape, o.num_classes, o.num_examples,
-          o.batch_size, o.local_steps, o.learning_rate)
+  return (
+    o.kind,
+    o.model_name,
+    o.input_shape,
+    o.num_classes,
+    o.num_examples,
+    o.batch_size,
+    o.local_steps,
+    o.learning_rate,
+  )
 
 
 def _initial_images(seed: int, shape, init: str) -> np.ndarray:
@@ -239,10 +258,16 @@ def _initial_images(seed: int, shape, init: str) -> np.ndarray:
   return tf.random.stateless_uniform(shape, s).numpy()
 
 
-def config_from_kwargs(attack: str = "idlg", iterations: int = DEFAULT_ITERATIONS,
-                       seed: Union[int, Sequence[int]] = 0, optimizer: str = "lbfgs",
-                       learning_rate: Optional[float] = None, max_batch: Optional[int] = None,
-                       jit_compile: Optional[bool] = True, **fields) -> AttackConfig:
+def config_from_kwargs(
+  attack: str = "idlg",
+  iterations: int = DEFAULT_ITERATIONS,
+  seed: Union[int, Sequence[int]] = 0,
+  optimizer: str = "lbfgs",
+  learning_rate: Optional[float] = None,
+  max_batch: Optional[int] = None,
+  jit_compile: Optional[bool] = True,
+  **fields,
+) -> AttackConfig:
   """The `AttackConfig` of `run_attacks`' keyword arguments (the older signature)."""
   options = dict(fields.pop("optimizer_options", {}))
   for name in ("history", "lr"):
@@ -252,15 +277,29 @@ def config_from_kwargs(attack: str = "idlg", iterations: int = DEFAULT_ITERATION
     options["learning_rate"] = learning_rate
   if max_batch is not None:
     fields["slots"] = max_batch
-  return AttackConfig(attack=attack, iterations=iterations, seed=seed, optimizer=optimizer,
-                      optimizer_options=options, jit_compile=jit_compile, **fields)
+  return AttackConfig(
+    attack=attack,
+    iterations=iterations,
+    seed=seed,
+    optimizer=optimizer,
+    optimizer_options=options,
+    jit_compile=jit_compile,
+    **fields,
+  )
 
 
-def run_attacks(model: Optional[tf.keras.Model], observed_updates: Sequence[ObservedUpdate],
-                attack: str = "idlg", *, config: Optional[AttackConfig] = None,
-                initial_images: Optional[Sequence[np.ndarray]] = None,
-                progress: bool = False, hook: Optional[Callable] = None,
-                cache: Optional[CompileCache] = None, **kwargs) -> List[AttackResult]:
+def run_attacks(
+  model: Optional[tf.keras.Model],
+  observed_updates: Sequence[ObservedUpdate],
+  attack: str = "idlg",
+  *,
+  config: Optional[AttackConfig] = None,
+  initial_images: Optional[Sequence[np.ndarray]] = None,
+  progress: bool = False,
+  hook: Optional[Callable] = None,
+  cache: Optional[CompileCache] = None,
+  **kwargs,
+) -> List[AttackResult]:
   """Runs one attack per observed update; returns results in input order.
 
   Args:
@@ -281,8 +320,9 @@ def run_attacks(model: Optional[tf.keras.Model], observed_updates: Sequence[Obse
   if config is None:
     config = config_from_kwargs(attack, **kwargs)
   elif kwargs:
-    raise ValueError(f"run_attacks: pass either config or keyword arguments, not both "
-                     f"({sorted(kwargs)}).")
+    raise ValueError(
+      f"run_attacks: pass either config or keyword arguments, not both ({sorted(kwargs)})."
+    )
   observed_updates = list(observed_updates)
   if not observed_updates:
     return []
@@ -292,13 +332,20 @@ def run_attacks(model: Optional[tf.keras.Model], observed_updates: Sequence[Obse
     groups.setdefault(_group_key(o), []).append(i)
   bar = None
   if progress:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    from tqdm import tqdm
+
     bar = tqdm(total=len(observed_updates), desc=f"{config.attack} attacks", unit="attack")
   results: List[Optional[AttackResult]] = [None] * len(observed_updates)
   try:
     for ids in groups.values():
-      job = _GroupJob(config, cache or CACHE, model, [observed_updates[i] for i in ids],
-                      ids, [seeds[i] for i in ids])
+      job = _GroupJob(
+        config,
+        cache or CACHE,
+        model,
+        [observed_updates[i] for i in ids],
+        ids,
+        [seeds[i] for i in ids],
+      )
       starts = None if initial_images is None else [initial_images[i] for i in ids]
       for i, r in zip(ids, job.run(starts, bar, hook)):
         results[i] = r
@@ -369,21 +416,27 @@ class _GroupJob:
     for o in obs:
       got = [tuple(np.shape(u)) for u in o.update]
       if got != shapes:
-        raise ValueError(f"Observed update shapes {got} do not match the model's "
-                         f"trainable variables {shapes}.")
+        raise ValueError(
+          f"Observed update shapes {got} do not match the model's trainable variables {shapes}."
+        )
     if not self.joint:
       ki = labels_lib.last_dense_kernel_index(shapes, self.k)
       self.inferred = [labels_lib.infer_labels(o.update[ki], self.n) for o in obs]
     self.tol = [self.objective.stop_threshold(o.update) for o in obs]
 
   def _keras_model(self, model, first):
-    if model is not None and tuple(model.input_shape[1:]) == first.input_shape \
-        and int(model.output_shape[-1]) == first.num_classes:
+    if (
+      model is not None
+      and tuple(model.input_shape[1:]) == first.input_shape
+      and int(model.output_shape[-1]) == first.num_classes
+    ):
       return model
-    from tf_dlg import models as models_lib  # pylint: disable=g-import-not-at-top
-    return self.cache.get(("keras", first.model_name, first.input_shape, first.num_classes),
-                          lambda: models_lib.build_model(first.model_name, first.input_shape,
-                                                         first.num_classes))
+    from tf_dlg import models as models_lib
+
+    return self.cache.get(
+      ("keras", first.model_name, first.input_shape, first.num_classes),
+      lambda: models_lib.build_model(first.model_name, first.input_shape, first.num_classes),
+    )
 
   def start(self, i: int, restart: int, explicit=None) -> np.ndarray:
     """Flat starting position of restart `restart` of observation i."""
@@ -394,13 +447,14 @@ class _GroupJob:
       x0 = np.asarray(explicit, np.float32).reshape(self.img_shape)
     parts = [x0.reshape(-1)]
     if self.joint:
-      parts.append(_initial_images(seed + 10**6, (self.n, self.k), self.config.init)
-                   .reshape(-1))
+      parts.append(_initial_images(seed + 10**6, (self.n, self.k), self.config.init).reshape(-1))
     return np.concatenate(parts).astype(np.float32)
 
   def consts_row(self, i: int) -> Dict:
-    row = {"weights": [np.asarray(w, np.float32) for w in self.weights[i]],
-           "observed": [np.asarray(u, np.float32) for u in self.obs[i].update]}
+    row = {
+      "weights": [np.asarray(w, np.float32) for w in self.weights[i]],
+      "observed": [np.asarray(u, np.float32) for u in self.obs[i].update],
+    }
     if not self.joint:
       row["labels"] = np.eye(self.k, dtype=np.float32)[self.inferred[i]]
     return row
@@ -423,11 +477,13 @@ class _GroupJob:
         if first.kind == "gradient":
           update = functional.client_gradients(fmodel, c["weights"], x, y)
         else:
-          update = functional.fedavg_delta(fmodel, c["weights"], x, y, first.local_steps,
-                                           first.learning_rate, first.batch_size)
+          update = functional.fedavg_delta(
+            fmodel, c["weights"], x, y, first.local_steps, first.learning_rate, first.batch_size
+          )
         dist = objective.distance(update, c["observed"])
         loss = dist + objective.regularizer(x)
       return loss, dist, tape.gradient(loss, pos)
+
     # A function of its own: traced once (slot axis unknown) and called by the init,
     # refill and chunk functions alike, instead of being traced into each. No AutoGraph:
     # there is no tensor-dependent Python control flow, and converting the model code
@@ -444,12 +500,29 @@ class _GroupJob:
     c, first = self.config, self.obs[0]
     jit = self.jit() if jit is None else jit
     iterations = c.iterations if c.optimizer == "adam" else 0
-    key = ("compiled", id(self.fmodel), architecture_key(self.fmodel.model), c.attack,
-           json.dumps(self.objective.get_config(), sort_keys=True), first.kind, self.n,
-           self.k, first.local_steps, first.learning_rate, first.batch_size, c.optimizer,
-           json.dumps(dict(c.optimizer_options), sort_keys=True), jit, iterations)
-    return self.cache.get(key, lambda: optimize.build(
-        c.optimizer, self.value_fn(), c.iterations, jit, **c.optimizer_options))
+    key = (
+      "compiled",
+      id(self.fmodel),
+      architecture_key(self.fmodel.model),
+      c.attack,
+      json.dumps(self.objective.get_config(), sort_keys=True),
+      first.kind,
+      self.n,
+      self.k,
+      first.local_steps,
+      first.learning_rate,
+      first.batch_size,
+      c.optimizer,
+      json.dumps(dict(c.optimizer_options), sort_keys=True),
+      jit,
+      iterations,
+    )
+    return self.cache.get(
+      key,
+      lambda: optimize.build(
+        c.optimizer, self.value_fn(), c.iterations, jit, **c.optimizer_options
+      ),
+    )
 
   def run(self, starts, bar, hook) -> List[AttackResult]:
     t0 = time.perf_counter()
@@ -463,9 +536,15 @@ class _GroupJob:
     upgrade = None
     if self.config.jit_compile is None and not self.jit():
       upgrade = (self.compiled(jit=True), AUTO_JIT_AFTER)
-    optimize.run_queue(self.compiled(), queue, slots, self.config.iterations,
-                       check_every=self.config.check_every, on_chunk=on_chunk,
-                       upgrade=upgrade)
+    optimize.run_queue(
+      self.compiled(),
+      queue,
+      slots,
+      self.config.iterations,
+      check_every=self.config.check_every,
+      on_chunk=on_chunk,
+      upgrade=upgrade,
+    )
     seconds = (time.perf_counter() - t0) / len(self.obs)
     return [self.pack(i, rows, seconds, slots) for i, rows in enumerate(queue.rows_done)]
 
@@ -475,29 +554,46 @@ class _GroupJob:
     for s, job in enumerate(jobs):
       if job is not None:
         i, r = queue.jobs[job]
-        out.append(Snapshot(index=self.ids[i], restart=r, iterations=int(iters[s]),
-                            distance=float(dist[s]), observed=self.obs[i],
-                            images=best_x[s, :self.img_size].reshape(self.img_shape)))
+        out.append(
+          Snapshot(
+            index=self.ids[i],
+            restart=r,
+            iterations=int(iters[s]),
+            distance=float(dist[s]),
+            observed=self.obs[i],
+            images=best_x[s, : self.img_size].reshape(self.img_shape),
+          )
+        )
     return out
 
-  def pack(self, i: int, rows: Dict[int, Optional[Dict]], seconds: float,
-           slots: int) -> AttackResult:
+  def pack(
+    self, i: int, rows: Dict[int, Optional[Dict]], seconds: float, slots: int
+  ) -> AttackResult:
     """The restart with the smallest matching distance (ties: the lowest index)."""
     order = range(self.config.restarts)
     ran = [r for r in order if rows.get(r) is not None]
-    win = min(ran, key=lambda r: (not np.isfinite(rows[r]["distance"]),
-                                  rows[r]["distance"], r))
+    win = min(ran, key=lambda r: (not np.isfinite(rows[r]["distance"]), rows[r]["distance"], r))
     row = rows[win]
-    raw = row["x"][:self.img_size].reshape(self.img_shape)
+    raw = row["x"][: self.img_size].reshape(self.img_shape)
     if self.joint:
-      lab = np.argmax(row["x"][self.img_size:].reshape(self.n, self.k), -1).astype(np.int64)
+      lab = np.argmax(row["x"][self.img_size :].reshape(self.n, self.k), -1).astype(np.int64)
     else:
       lab = self.inferred[i]
     pick = lambda key: [None if rows.get(r) is None else rows[r][key] for r in order]  # noqa: E731
     return AttackResult(
-        attack=self.config.attack, images=np.clip(raw, 0.0, 1.0), raw_images=raw,
-        labels=lab, status=row["status"], distance=float(row["distance"]),
-        iterations=int(row["iterations"]), seconds=seconds, batch_size=slots,
-        seed=self.seeds[i], observed=self.obs[i], restart=win,
-        restart_distances=pick("distance"), restart_iterations=pick("iterations"),
-        restart_status=pick("status"))
+      attack=self.config.attack,
+      images=np.clip(raw, 0.0, 1.0),
+      raw_images=raw,
+      labels=lab,
+      status=row["status"],
+      distance=float(row["distance"]),
+      iterations=int(row["iterations"]),
+      seconds=seconds,
+      batch_size=slots,
+      seed=self.seeds[i],
+      observed=self.obs[i],
+      restart=win,
+      restart_distances=pick("distance"),
+      restart_iterations=pick("iterations"),
+      restart_status=pick("status"),
+    )

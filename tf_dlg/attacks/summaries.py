@@ -29,7 +29,8 @@ class TensorBoardHook:
     self._calls = 0
 
   def __call__(self, snapshots: List) -> None:
-    from tf_dlg import metrics  # pylint: disable=g-import-not-at-top
+    from tf_dlg import metrics
+
     images_now = self._calls % self.image_every == 0
     self._calls += 1
     with self.writer.as_default():
@@ -42,8 +43,9 @@ class TensorBoardHook:
           ssim = np.mean([metrics.ssim(t, c) for t, c in zip(truth, clipped)])
           tf.summary.scalar(f"{tag}/ssim", float(ssim), step=s.iterations)
         if images_now:
-          tf.summary.image(f"{tag}/reconstruction", clipped, step=s.iterations,
-                           max_outputs=self.max_images)
+          tf.summary.image(
+            f"{tag}/reconstruction", clipped, step=s.iterations, max_outputs=self.max_images
+          )
     self.writer.flush()
 
   def close(self) -> None:

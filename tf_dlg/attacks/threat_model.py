@@ -68,8 +68,9 @@ class ObservedUpdate:
     if self.kind not in UPDATE_KINDS:
       raise ValueError(f"kind={self.kind!r} must be one of {', '.join(UPDATE_KINDS)}.")
     if self.kind == "fedavg_delta" and not self.learning_rate:
-      raise ValueError("A fedavg_delta observation needs the client learning_rate "
-                       f"(got {self.learning_rate!r}).")
+      raise ValueError(
+        f"A fedavg_delta observation needs the client learning_rate (got {self.learning_rate!r})."
+      )
     self.update = [np.asarray(u) for u in self.update]
     self.model_weights = [np.asarray(w) for w in self.model_weights]
     self.input_shape = tuple(int(d) for d in self.input_shape)
@@ -79,9 +80,21 @@ class ObservedUpdate:
 
   def save(self, path: str) -> str:
     """Writes `path` (.npz) holding arrays and a JSON header, atomically; returns it."""
-    header = {k: getattr(self, k) for k in (
-        "kind", "model_name", "input_shape", "num_classes", "num_examples", "batch_size",
-        "local_steps", "learning_rate", "defense", "metadata")}
+    header = {
+      k: getattr(self, k)
+      for k in (
+        "kind",
+        "model_name",
+        "input_shape",
+        "num_classes",
+        "num_examples",
+        "batch_size",
+        "local_steps",
+        "learning_rate",
+        "defense",
+        "metadata",
+      )
+    }
     header["format"] = _FORMAT
     header["num_update"] = len(self.update)
     header["num_weights"] = len(self.model_weights)
@@ -103,8 +116,13 @@ class ObservedUpdate:
     except KeyError as e:
       raise ValueError(f"{path!r} is not a readable tf-dlg observed update: {e}") from e
     header.pop("format")
-    return cls(update=update, model_weights=weights, true_images=z.get("true_images"),
-               true_labels=z.get("true_labels"), **header)
+    return cls(
+      update=update,
+      model_weights=weights,
+      true_images=z.get("true_images"),
+      true_labels=z.get("true_labels"),
+      **header,
+    )
 
 
 # --------------------------------------------------------------------------- capture
@@ -116,13 +134,15 @@ class ObservedUpdate:
 def _defend(update, defense, seed):
   if defense is None:
     return update, None
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+
   out = defense([tf.convert_to_tensor(u) for u in update], seed)
   return [np.asarray(u) for u in out], defense.get_config()
 
 
-def observe_gradient(model, images, labels, defense=None, seed: int = 0,
-                     model_name: str = "lenet", metadata=None) -> ObservedUpdate:
+def observe_gradient(
+  model, images, labels, defense=None, seed: int = 0, model_name: str = "lenet", metadata=None
+) -> ObservedUpdate:
   """FedSGD observation: gradient of the mean cross-entropy of the batch (images, labels).
 
   Args:
@@ -130,46 +150,73 @@ def observe_gradient(model, images, labels, defense=None, seed: int = 0,
     images: [N, H, W, C] float32; labels: [N] int.
     defense: Optional `tf_dlg.defenses` Defense applied to the update (seeded by `seed`).
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+
   images = np.asarray(images, np.float32)
   labels = np.asarray(labels, np.int64)
   with tf.GradientTape() as tape:
-    loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(
-        labels, model(images, training=True), from_logits=True))
+    loss = tf.reduce_mean(
+      tf.keras.losses.sparse_categorical_crossentropy(
+        labels, model(images, training=True), from_logits=True
+      )
+    )
   grads = tape.gradient(loss, model.trainable_variables)
   update, config = _defend([g.numpy() for g in grads], defense, seed)
   return ObservedUpdate(
-      kind="gradient", update=update, model_weights=model.get_weights(),
-      model_name=model_name, input_shape=images.shape[1:],
-      num_classes=int(model.output_shape[-1]), num_examples=len(images),
-      batch_size=len(images), local_steps=1, defense=config,
-      metadata=dict(metadata or {}), true_images=images, true_labels=labels)
+    kind="gradient",
+    update=update,
+    model_weights=model.get_weights(),
+    model_name=model_name,
+    input_shape=images.shape[1:],
+    num_classes=int(model.output_shape[-1]),
+    num_examples=len(images),
+    batch_size=len(images),
+    local_steps=1,
+    defense=config,
+    metadata=dict(metadata or {}),
+    true_images=images,
+    true_labels=labels,
+  )
 
 
-def observe_fedavg_delta(model, images, labels, local_steps: int, learning_rate: float,
-                         batch_size: Optional[int] = None, defense=None, seed: int = 0,
-                         model_name: str = "lenet", metadata=None) -> ObservedUpdate:
+def observe_fedavg_delta(
+  model,
+  images,
+  labels,
+  local_steps: int,
+  learning_rate: float,
+  batch_size: Optional[int] = None,
+  defense=None,
+  seed: int = 0,
+  model_name: str = "lenet",
+  metadata=None,
+) -> ObservedUpdate:
   """FedAvg observation: `initial - final` weights after `local_steps` local SGD steps.
 
   Step t trains on examples `[t * batch_size, (t + 1) * batch_size)` modulo N (unshuffled
   epochs), the schedule the attacker simulates. The model's weights are left unchanged.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+
   images = np.asarray(images, np.float32)
   labels = np.asarray(labels, np.int64)
   n = len(images)
   batch_size = n if batch_size is None else int(batch_size)
   if local_steps < 1 or not 1 <= batch_size <= n:
-    raise ValueError(f"local_steps={local_steps} must be >= 1 and batch_size={batch_size} "
-                     f"in [1, {n}].")
+    raise ValueError(
+      f"local_steps={local_steps} must be >= 1 and batch_size={batch_size} in [1, {n}]."
+    )
   initial = model.get_weights()
   start = [v.numpy() for v in model.trainable_variables]
   try:
     for step in range(local_steps):
       idx = (step * batch_size + np.arange(batch_size)) % n
       with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(
-            labels[idx], model(images[idx], training=True), from_logits=True))
+        loss = tf.reduce_mean(
+          tf.keras.losses.sparse_categorical_crossentropy(
+            labels[idx], model(images[idx], training=True), from_logits=True
+          )
+        )
       grads = tape.gradient(loss, model.trainable_variables)
       for v, g in zip(model.trainable_variables, grads):
         v.assign_sub(learning_rate * g)
@@ -178,8 +225,18 @@ def observe_fedavg_delta(model, images, labels, local_steps: int, learning_rate:
     model.set_weights(initial)
   update, config = _defend(delta, defense, seed)
   return ObservedUpdate(
-      kind="fedavg_delta", update=update, model_weights=initial, model_name=model_name,
-      input_shape=images.shape[1:], num_classes=int(model.output_shape[-1]),
-      num_examples=n, batch_size=batch_size, local_steps=int(local_steps),
-      learning_rate=float(learning_rate), defense=config, metadata=dict(metadata or {}),
-      true_images=images, true_labels=labels)
+    kind="fedavg_delta",
+    update=update,
+    model_weights=initial,
+    model_name=model_name,
+    input_shape=images.shape[1:],
+    num_classes=int(model.output_shape[-1]),
+    num_examples=n,
+    batch_size=batch_size,
+    local_steps=int(local_steps),
+    learning_rate=float(learning_rate),
+    defense=config,
+    metadata=dict(metadata or {}),
+    true_images=images,
+    true_labels=labels,
+  )
