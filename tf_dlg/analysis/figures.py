@@ -9,9 +9,11 @@ import numpy as np
 
 
 def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
+
   matplotlib.use("Agg")  # headless: figures are files, never windows
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
+
   return plt
 
 
@@ -25,8 +27,7 @@ def _show(ax, image):
   ax.set_yticks([])
 
 
-def leak_grid(rows: Sequence[Mapping], path: str, title: str = "",
-              footer: str = "") -> str:
+def leak_grid(rows: Sequence[Mapping], path: str, title: str = "", footer: str = "") -> str:
   """Saves a grid: one row per setting, columns leaked | best adjusted | original.
 
   Args:
@@ -41,8 +42,9 @@ def leak_grid(rows: Sequence[Mapping], path: str, title: str = "",
   n = len(rows)
   fig, axes = plt.subplots(n, 3, figsize=(6.0, 2.1 * n + 0.6), squeeze=False)
   for i, row in enumerate(rows):
-    for j, (col, name) in enumerate((("leaked", "leaked"), ("adjusted", "best brightness-adjusted"),
-                                     ("original", "original"))):
+    for j, (col, name) in enumerate(
+      (("leaked", "leaked"), ("adjusted", "best brightness-adjusted"), ("original", "original"))
+    ):
       ax = axes[i, j]
       _show(ax, row[col])
       if i == 0:
@@ -64,13 +66,18 @@ def leak_grid(rows: Sequence[Mapping], path: str, title: str = "",
   return path
 
 
-def accuracy_panel(curves: Mapping[Tuple[str, str], Mapping[str, Sequence[Tuple[int, float]]]],
-                   path: str, title: str = "", footer: str = "",
-                   panel_order: Optional[List[Tuple[str, str]]] = None) -> str:
+def accuracy_panel(
+  curves: Mapping[Tuple[str, str], Mapping[str, Sequence[Tuple[int, float]]]],
+  path: str,
+  title: str = "",
+  footer: str = "",
+  panel_order: Optional[List[Tuple[str, str]]] = None,
+) -> str:
   """Saves Figure 5's panel: one subplot per (aggregator, partition), one curve per defence.
 
   Args:
-    curves: {(aggregator, partition): {defence label: [(round, test accuracy), ...]}}.
+    curves: {(aggregator, partition): {defence label: [(round, test accuracy), ...]}};
+      points may be (round, mean, low, high) to draw an interval band around the mean.
     path: PNG path.
     panel_order: Subplot order; default sorted keys, laid out 2 per row.
   """
@@ -84,8 +91,16 @@ def accuracy_panel(curves: Mapping[Tuple[str, str], Mapping[str, Sequence[Tuple[
     for label, points in sorted(curves[key].items(), key=lambda kv: (kv[0] != "none", kv[0])):
       if not points:
         continue
-      r, acc = zip(*points)
-      ax.plot(r, acc, marker=".", label=label, linewidth=2.2 if label == "none" else 1.4)
+      cols = list(zip(*points))
+      line = ax.plot(
+        cols[0], cols[1], marker=".", label=label, linewidth=2.2 if label == "none" else 1.4
+      )[0]
+      if len(cols) == 4:  # (round, mean, low, high): a band, where it is finite
+        low, high = (
+          np.clip(np.nan_to_num(np.asarray(c, float), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+          for c in cols[2:]
+        )
+        ax.fill_between(cols[0], low, high, color=line.get_color(), alpha=0.18, linewidth=0)
     ax.set_title(f"{key[0]} aggregation, {key[1]} clients", fontsize=10)
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
@@ -107,10 +122,12 @@ def accuracy_panel(curves: Mapping[Tuple[str, str], Mapping[str, Sequence[Tuple[
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
   """A GitHub-flavoured Markdown table."""
+
   def fmt(v):
     if isinstance(v, float):
       return f"{v:.3g}"
     return "" if v is None else str(v)
+
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
   return "\n".join(lines) + "\n"
@@ -122,10 +139,48 @@ def read_curves(csv_paths: Mapping[Tuple[str, str, str], str]) -> Dict:
   Args:
     csv_paths: {(aggregator, partition, defence label): path to history.csv}.
   """
-  import csv  # pylint: disable=g-import-not-at-top
+  import csv
+
   out: Dict = {}
   for (agg, part, label), p in csv_paths.items():
     with open(p, newline="") as f:
       pts = [(int(r["round"]), float(r["test_accuracy"])) for r in csv.DictReader(f)]
     out.setdefault((agg, part), {})[label] = pts
   return out
+
+
+_HTML_STYLE = (
+  "body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em}"
+  "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 6px;"
+  "font-size:90%}img{max-width:100%}code,pre{background:#f4f4f4}"
+)
+
+
+def markdown_to_html(text: str, base_dir: str, title: str = "tf-dlg report") -> str:
+  """A self-contained HTML page of a Markdown report: every image inlined as base64.
+
+  Image links are resolved against `base_dir`; one whose file is missing becomes its alt
+  text, so the page never points at a file.
+  """
+  import base64
+  import html
+  import re
+
+  import markdown
+
+  body = markdown.markdown(text, extensions=["tables", "fenced_code"])
+
+  def inline(match):
+    src = html.unescape(match.group(2))
+    path = os.path.join(base_dir, src)
+    if re.match(r"^[a-z]+:", src) or not os.path.isfile(path):
+      return f"<em>[figure {html.escape(src)} missing]</em>"
+    with open(path, "rb") as f:
+      data = base64.b64encode(f.read()).decode("ascii")
+    return f'<img{match.group(1)}src="data:image/png;base64,{data}"{match.group(3)}>'
+
+  body = re.sub(r'<img([^>]*?)src="([^"]*)"([^>]*)>', inline, body)
+  return (
+    f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+    f"<style>{_HTML_STYLE}</style></head><body>\n{body}\n</body></html>\n"
+  )
