@@ -58,7 +58,7 @@ def fedavg_rounds(dataset, config, repeats, workers):
   """Seconds of `process.next` per round (data built beforehand), after one warm-up."""
   # pylint: disable=g-import-not-at-top
   from tf_dlg import data as data_lib
-  from tf_dlg.federated import runtime
+  from tf_dlg.execution import runtime
   from tf_dlg.federated import simulation as sim
   fa = sim.build_for_config(config, dataset)
   parts = data_lib.partition(dataset.y_train, config.num_clients, "iid", seed=0)
@@ -80,7 +80,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # TFF logs INFO lines per model build
   # pylint: disable=g-import-not-at-top
   from tf_dlg import data as data_lib
-  from tf_dlg.federated import runtime
+  from tf_dlg.execution import runtime
   from tf_dlg.federated import simulation as sim
   dataset = data_lib.load_dataset("digits")
   workers = runtime.parse_workers(FLAGS.workers)

@@ -9,8 +9,8 @@ accuracy per round), `run.json` (flags, dataset source, malicious clients) and, 
 `ObservedUpdate` for the attacks), and per-round TensorBoard scalars under
 `tensorboard/` (`tensorboard --logdir OUTPUT_DIR`). Rerunning with the same
 `--output_dir` resumes from the last finished round. `--workers=host:port[,host:port]`
-runs the rounds on TFF workers started with `python -m tf_dlg.federated.worker`
-(see `tf_dlg.federated.runtime`). Every flag is checked before any work; SIGTERM stops
+runs the rounds on TFF workers started with `python -m tf_dlg.execution.worker`
+(see `tf_dlg.execution.runtime`). Every flag is checked before any work; SIGTERM stops
 the run like Ctrl-C (exit 130), and the local TFF worker never outlives the run.
 """
 
@@ -30,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: F401,E402  pylint: disable=unused-import,g-import-not-at-top
 
 from tf_dlg import io as io_lib  # noqa: E402
-from tf_dlg.federated import worker as worker_lib  # noqa: E402
+from tf_dlg.execution import worker as worker_lib  # noqa: E402
 
 _D = flags.DEFINE_string
 _I = flags.DEFINE_integer
@@ -63,7 +63,7 @@ _F("bn_momentum", 0.5, "BatchNorm moving-statistics momentum (see tf_dlg.federat
 _I("capture_round", 0, "Round (1-based) whose client update is captured (0: none).")
 _I("capture_client", -1, "Client id to capture (-1: first sampled client).")
 _D("workers", "", "TFF worker addresses host:port[,host:port] (empty: local); start "
-   "each with `python -m tf_dlg.federated.worker --port=PORT`.")
+   "each with `python -m tf_dlg.execution.worker --port=PORT`.")
 _D("output_dir", "/tmp/tf_dlg_federated", "Output directory (resumes if it holds a run).")
 _I("seed", 0, "Seed of the partition, sampling, shuffling and model initialisation.")
 flags.DEFINE_bool("overwrite", False, "Start afresh even if --output_dir holds a run.")
@@ -116,7 +116,8 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   from tf_dlg import data as data_lib
   from tf_dlg import validation
-  from tf_dlg.federated import runtime, simulation
+  from tf_dlg.execution import runtime
+  from tf_dlg.federated import simulation
   runtime.sigterm_as_interrupt()
   config = config_from_flags()
   config.validate()  # every flag, before the dataset loads

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session", autouse=True)
 def _stop_tff_workers_at_end():
   yield
-  from tf_dlg.federated import runtime
+  from tf_dlg.execution import runtime
 
   runtime.stop_tff_workers()
 

@@ -785,6 +785,18 @@ def test_masking_a_batchnorm_fedavg_update(bn_round):
 # ----------------------------------------------------------------------------- package
 
 
+def test_defenses_tff_glue_does_not_import_the_federated_package():
+  """The defences <-> federated cycle is gone: TFF comes from tf_dlg.execution."""
+  code = (
+    "import sys, tf_dlg.defenses as d; f = d.defense_factory; "
+    "assert 'tensorflow_federated' in sys.modules; "
+    "bad = [m for m in sys.modules if m.startswith('tf_dlg.federated')]; "
+    "assert not bad, bad; print('ok')"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
 def test_importing_defenses_loads_neither_keras_glue_nor_tff():
   code = (
     "import sys, tf_dlg.defenses as d; "

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_dlg import _tff, defenses, models
 from tf_dlg import data as data_lib
+from tf_dlg import defenses, models
 from tf_dlg.defenses import aggregator
+from tf_dlg.execution import runtime
 from tf_dlg.federated import aggregators as aggregators_lib
 
-tff = _tff.import_tff()
+tff = runtime.import_tff()
 
 PARAMS = {
   "none": None,

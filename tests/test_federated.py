@@ -18,7 +18,7 @@ import tensorflow as tf
 from tf_dlg import data as data_lib
 from tf_dlg.attacks.threat_model import ObservedUpdate
 from tf_dlg.federated import fedavg as fedavg_lib
-from tf_dlg.federated import runtime
+from tf_dlg.execution import runtime
 from tf_dlg.federated import simulation as sim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tf_dlg.federated import runtime, worker
+from tf_dlg.execution import runtime, worker
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LISTEN = "0A"
@@ -129,7 +129,7 @@ def test_remote_worker_is_loopback_unless_exposed():
 def test_worker_launcher_defaults_to_loopback_and_stops_on_sigterm():
   import portpicker  # pylint: disable=g-import-not-at-top
   port = portpicker.pick_unused_port()
-  launcher = subprocess.Popen([sys.executable, "-m", "tf_dlg.federated.worker",
+  launcher = subprocess.Popen([sys.executable, "-m", "tf_dlg.execution.worker",
                                f"--port={port}"], cwd=REPO, stderr=subprocess.PIPE,
                               text=True)
   try:
@@ -149,7 +149,7 @@ def test_worker_launcher_defaults_to_loopback_and_stops_on_sigterm():
 
 
 def test_launcher_rejects_a_bad_port():
-  proc = subprocess.run([sys.executable, "-m", "tf_dlg.federated.worker", "--port=0"],
+  proc = subprocess.run([sys.executable, "-m", "tf_dlg.execution.worker", "--port=0"],
                         cwd=REPO, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 2
   assert "--port=0 must be an integer in [1, 65535]" in proc.stderr
@@ -182,7 +182,7 @@ def test_shim_is_cached_by_source_hash(monkeypatch, tmp_path):
 
 _CHILD = """
 import sys, time
-from tf_dlg.federated import runtime
+from tf_dlg.execution import runtime
 proc, _ = runtime.start_local_worker(expose=sys.argv[1] == "expose")
 print(proc.pid, flush=True)
 time.sleep(600)

@@ -18,10 +18,10 @@ import copy
 import numpy as np
 import tensorflow as tf
 
-from tf_dlg import _tff
+from tf_dlg.execution import runtime
 from tf_dlg.defenses import base, clipping
 
-tff = _tff.import_tff()
+tff = runtime.import_tff()
 # Norms gathered per round for the median: every client's when there are at most this many.
 MAX_MEDIAN_CLIENTS = 1000
 

@@ -90,8 +90,8 @@ def dp_fedavg_epsilon(
 
 def dp_fedavg_aggregator(noise_multiplier: float, clients_per_round: int, zeroing: bool = True):
   """`tff.learning.dp_aggregator`: DP-FedAvg's unweighted aggregation factory."""
-  from tf_dlg import _tff
+  from tf_dlg.execution import runtime
 
-  tff = _tff.import_tff()
+  tff = runtime.import_tff()
   base.check_number("noise_multiplier", noise_multiplier, 0.0, float("inf"), high_open=True)
   return tff.learning.dp_aggregator(noise_multiplier, clients_per_round, zeroing=zeroing)

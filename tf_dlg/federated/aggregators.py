@@ -41,7 +41,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from tf_dlg.federated.runtime import import_tff
+from tf_dlg.execution.runtime import import_tff
 
 tff = import_tff()
 

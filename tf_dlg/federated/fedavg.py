@@ -48,7 +48,7 @@ import tensorflow as tf
 
 from tf_dlg import models as models_lib
 from tf_dlg.federated import aggregators as aggregators_lib
-from tf_dlg.federated.runtime import import_tff
+from tf_dlg.execution.runtime import import_tff
 
 tff = import_tff()
 

@@ -484,7 +484,7 @@ def run_simulation(config: SimulationConfig, output_dir: str, *, workers=None,
     output_dir: Where `history.csv`, `checkpoint.npz`, captures and `tensorboard/`
       (per-round scalars: `tensorboard --logdir OUTPUT_DIR`) go.
     workers: None (local TFF runtime) or worker addresses `host:port`
-      (`tf_dlg.federated.runtime.create_execution_context`).
+      (`tf_dlg.execution.runtime.create_execution_context`).
     dataset: A preloaded `ImageDataset` (else `load_dataset(config.dataset)`).
     fedavg: A prebuilt `FedAvg` for this config (lets tests share one build).
     progress: Show a tqdm bar.
@@ -496,7 +496,7 @@ def run_simulation(config: SimulationConfig, output_dir: str, *, workers=None,
   import tensorflow as tf
   import tqdm
 
-  from tf_dlg.federated import runtime
+  from tf_dlg.execution import runtime
   dataset, parts = _prepare(config, output_dir, dataset, overwrite)
   ckpt_path = os.path.join(output_dir, CHECKPOINT_NAME)
   hist_path = os.path.join(output_dir, HISTORY_NAME)

@@ -13,8 +13,8 @@ No C compiler: a one-line error says to install one (e.g. `apt-get install gcc`)
 
 Remote workers (a driver's `--workers=host:port`) are started with this module:
 
-    python -m tf_dlg.federated.worker --port=8000            # loopback only (default)
-    python -m tf_dlg.federated.worker --port=8000 --expose   # every interface
+    python -m tf_dlg.execution.worker --port=8000            # loopback only (default)
+    python -m tf_dlg.execution.worker --port=8000 --expose   # every interface
 
 Keep the default and reach the worker through an SSH tunnel, a TLS-terminating proxy or
 a private network namespace; `--expose` is for networks where every host is trusted.
@@ -170,9 +170,9 @@ def spawn_worker(port: int, *, expose: bool = False, extra_args=(), stdout=None,
 
 
 def main(argv=None) -> int:
-  """`python -m tf_dlg.federated.worker --port=8000 [--expose]`: a remote worker."""
+  """`python -m tf_dlg.execution.worker --port=8000 [--expose]`: a remote worker."""
   parser = argparse.ArgumentParser(
-      prog="python -m tf_dlg.federated.worker",
+      prog="python -m tf_dlg.execution.worker",
       description="TFF worker_binary for --workers=host:port (no authentication).")
   parser.add_argument("--port", type=int, default=8000, help="Port (1-65535).")
   parser.add_argument("--expose", action="store_true",

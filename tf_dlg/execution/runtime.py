@@ -4,7 +4,7 @@ TFF 0.87 runs every computation in a C++ `worker_binary` child reached over gRPC
 pip build has no in-process executor). Its own default context starts that child on
 `[::]` (every interface, no authentication) and stops it in a `__del__` that fails at
 interpreter shutdown. `import_tff()` therefore replaces the default context with
-`create_local_context()`: the worker is started by `tf_dlg.federated.worker` (loopback
+`create_local_context()`: the worker is started by `tf_dlg.execution.worker` (loopback
 only, killed when this process dies, even by SIGKILL), and `atexit` hooks stop it.
 `sigterm_as_interrupt()` lets a driver treat SIGTERM like Ctrl-C.
 
@@ -13,7 +13,7 @@ worker child; "remote" means workers you start yourself on other machines:
 
     # on each worker machine: loopback only by default -- reach it through an SSH tunnel
     # or TLS proxy, or add --expose on a network where every host is trusted
-    python -m tf_dlg.federated.worker --port=8000
+    python -m tf_dlg.execution.worker --port=8000
     # on the driver
     python -m experiments.federated --workers=host1:8000,host2:8000 ...
 
@@ -143,7 +143,7 @@ _GRPC_OPTIONS = [
 
 def worker_binary_path() -> str:
   """Path of the C++ executor service that the TFF pip package ships."""
-  from tf_dlg.federated import worker  # pylint: disable=g-import-not-at-top
+  from tf_dlg.execution import worker  # pylint: disable=g-import-not-at-top
   return worker.worker_binary_path()
 
 
@@ -182,7 +182,7 @@ class _LocalWorker:
     import grpc
     import portpicker
 
-    from tf_dlg.federated import worker
+    from tf_dlg.execution import worker
     tff = import_tff()
     if self._stub is not None and self._process.poll() is None and self._stub.is_ready:
       return self._stub
@@ -256,7 +256,7 @@ def _remote_executor_factory(address: str, timeout: float):
     if time.time() > deadline:
       raise ConnectionError(
           f"No TFF worker answers at {address} after {timeout:.0f} s. Start one there "
-          f"with `{worker_binary_path()} --port=PORT` (see tf_dlg.federated.runtime).")
+          f"with `{worker_binary_path()} --port=PORT` (see tf_dlg.execution.runtime).")
     time.sleep(0.1)
 
   def stack_fn(cardinalities):
@@ -286,8 +286,8 @@ def create_execution_context(workers=None, timeout: float = 30.0):
     A `tff` sync context (set it with `tff.framework.set_default_context`).
 
   Workers are TFF's own C++ executor service, started on each machine with
-  `python -m tf_dlg.federated.worker --port=8000` (loopback only unless `--expose`; the
-  protocol has no authentication, see `tf_dlg.federated.worker`).
+  `python -m tf_dlg.execution.worker --port=8000` (loopback only unless `--expose`; the
+  protocol has no authentication, see `tf_dlg.execution.worker`).
   """
   # pylint: disable=g-import-not-at-top
   tff = import_tff()
@@ -347,7 +347,7 @@ def start_local_worker(port: int = 0, expose: bool = False):
   """
   import portpicker  # pylint: disable=g-import-not-at-top
 
-  from tf_dlg.federated import worker  # pylint: disable=g-import-not-at-top
+  from tf_dlg.execution import worker  # pylint: disable=g-import-not-at-top
   port = port or portpicker.pick_unused_port()
   return worker.spawn_worker(port, expose=expose), f"127.0.0.1:{port}"
 
