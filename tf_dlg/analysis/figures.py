@@ -91,16 +91,16 @@ def accuracy_panel(
     for label, points in sorted(curves[key].items(), key=lambda kv: (kv[0] != "none", kv[0])):
       if not points:
         continue
-      cols = list(zip(*points))
+      pts = list(zip(*points))
       line = ax.plot(
-        cols[0], cols[1], marker=".", label=label, linewidth=2.2 if label == "none" else 1.4
+        pts[0], pts[1], marker=".", label=label, linewidth=2.2 if label == "none" else 1.4
       )[0]
-      if len(cols) == 4:  # (round, mean, low, high): a band, where it is finite
+      if len(pts) == 4:  # (round, mean, low, high): a band, where it is finite
         low, high = (
           np.clip(np.nan_to_num(np.asarray(c, float), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
-          for c in cols[2:]
+          for c in pts[2:]
         )
-        ax.fill_between(cols[0], low, high, color=line.get_color(), alpha=0.18, linewidth=0)
+        ax.fill_between(pts[0], low, high, color=line.get_color(), alpha=0.18, linewidth=0)
     ax.set_title(f"{key[0]} aggregation, {key[1]} clients", fontsize=10)
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
