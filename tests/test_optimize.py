@@ -67,9 +67,10 @@ def test_failed_row_stops_alone_and_others_converge():
   assert list(res.status) == ["converged", "failed"]
 
 
-@pytest.mark.parametrize("name", ["lbfgs", "adam"])
-def test_refilled_slots_match_solo_runs(name):
-  """Six problems of different difficulty on 2 slots: each equals its solo run exactly."""
+@pytest.mark.parametrize("name,slots", [("lbfgs", 2), ("lbfgs", 4), ("adam", 2)])
+def test_refilled_slots_match_solo_runs(name, slots):
+  """Six problems of different difficulty on 2 or 4 slots (4: the batch shrinks to 2 for
+  the last ones): each equals its solo run exactly."""
   rng = np.random.default_rng(1)
   value_fn = _quadratic(
     rng.uniform(0.5, 5.0, size=8).astype(np.float32), rng.normal(size=8).astype(np.float32)
@@ -80,7 +81,7 @@ def test_refilled_slots_match_solo_runs(name):
   tol = 1e-2 if name == "adam" else 1e-7
   compiled = optimize.build(name, value_fn, 300, jit_compile=True, **opts)
   queue = optimize.ArrayQueue(x0, {"scale": scale}, tol)
-  optimize.run_queue(compiled, queue, 2, 300, check_every=7)
+  optimize.run_queue(compiled, queue, slots, 300, check_every=7)
   together = queue.result()
   assert len(set(together.iterations)) > 2  # they did finish at different iterations
   for i in range(6):

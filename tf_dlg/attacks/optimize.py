@@ -516,6 +516,7 @@ class _Slots:
 
   def __init__(self, queue: JobQueue, num_slots: int):
     self.queue = queue
+    self.exhausted = False
     self.jobs: List[Optional[int]] = [None] * num_slots
     first = queue.next()
     if first is None:
@@ -539,13 +540,42 @@ class _Slots:
     for slot in free:
       job = self.queue.next()
       if job is None:
+        self.exhausted = True
         break
       self._put(slot, job, *self.queue.rows(job))
       entering[slot] = True
     return entering
 
+  def take(self, idx: List[int]) -> None:
+    """Keeps only slots `idx`, in that order."""
+    self.jobs = [self.jobs[i] for i in idx]
+    self.x, self.tol = self.x[idx], self.tol[idx]
+    self.c = tf.nest.map_structure(lambda v: v[idx], self.c)
+
   def tensors(self):
     return (tf.constant(self.x), tf.nest.map_structure(tf.constant, self.c), tf.constant(self.tol))
+
+
+def _compact(st, slots: _Slots, slot_axis: Mapping[str, int]):
+  """Halves the slots while at most half are busy and the queue is empty.
+
+  Idle slots still cost a full row of every batched op, so a long last attack would
+  otherwise pay for all slots. Every slot count >= 2 rounds alike under XLA, so moving
+  an attack to a smaller batch does not change its result.
+  """
+  busy = [i for i, j in enumerate(slots.jobs) if j is not None]
+  size = len(slots.jobs)
+  while size > 2 and len(busy) <= size // 2:
+    size //= 2
+  if size == len(slots.jobs):
+    return st, False
+  idle = [i for i, j in enumerate(slots.jobs) if j is None]
+  idx = busy + idle[: size - len(busy)]
+  slots.take(idx)
+  return {
+    k: v if v.shape.rank == 0 else tf.gather(v, idx, axis=slot_axis.get(k, 0))
+    for k, v in st.items()
+  }, True
 
 
 def _harvest(st, slots: _Slots) -> Dict:
@@ -625,6 +655,10 @@ def run_queue(
     running = sum(j is not None for j in slots.jobs)
     if not running:
       return
+    if compiled.refill_fn is not None and slots.exhausted:
+      st, changed = _compact(st, slots, compiled.slot_axis)
+      if changed:
+        x, c, tol = slots.tensors()
     # With refills a chunk ends as soon as one slot finishes, so it is refilled at once.
     min_running = tf.constant(running if compiled.refill_fn is not None else 1)
     if upgrade is not None and int(tf.reduce_max(st["iters"])) >= upgrade[1]:
