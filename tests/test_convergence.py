@@ -1,0 +1,267 @@
+"""Convergence: seeds per cell, fingerprints, intervals, relative units, adaptive labels."""
+
+import csv
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from experiments import convergence, threshold_search
+from tf_dlg.analysis import intervals
+
+
+@pytest.fixture
+def fake_simulation(monkeypatch):
+  """Replaces TFF training by made-up rounds (accuracy depends on seed and parameter)."""
+  from tf_dlg.federated import simulation
+
+  runs = []
+
+  def fake_run(config, out_dir, dataset=None, fedavg=None, progress=True):
+    del dataset, fedavg, progress
+    runs.append(
+      (
+        os.path.relpath(out_dir, os.path.dirname(os.path.dirname(out_dir))),
+        config.seed,
+        config.defense_param,
+      )
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, simulation.HISTORY_NAME), "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=simulation.HISTORY_FIELDS)
+      w.writeheader()
+      for r in range(1, config.rounds + 1):
+        acc = 0.1 * r + 0.01 * config.seed - (config.defense_param or 0)
+        w.writerow(
+          dict(
+            round=r,
+            train_loss=1.0,
+            train_accuracy=0.5,
+            seconds=0.1,
+            test_loss=1.0,
+            test_accuracy=acc,
+          )
+        )
+
+  monkeypatch.setattr(simulation, "build_for_config", lambda config, dataset: object())
+  monkeypatch.setattr(simulation, "run_simulation", fake_run)
+  return runs
+
+
+def _grid(out, masking=0.1, seeds=(0,), **kwargs):
+  base = dict(
+    aggregators=("mean",),
+    partitions=("iid",),
+    rounds=2,
+    num_clients=3,
+    progress=False,
+    dataset="digits",
+  )
+  return convergence.Convergence(
+    str(out), {"masking": (masking, "given")}, seeds=seeds, **dict(base, **kwargs)
+  )
+
+
+def test_each_seed_is_its_own_run_and_rows_carry_intervals(tmp_path, fake_simulation):
+  rows = _grid(tmp_path, seeds=(0, 1, 2), masking=0.05).run()
+  assert len(fake_simulation) == 6  # (none, masking) x 3 seeds
+  assert sorted(r for r, _, _ in fake_simulation)[:3] == [
+    "mean_iid_masking/seed0",
+    "mean_iid_masking/seed1",
+    "mean_iid_masking/seed2",
+  ]
+  none, masking = rows
+  # Last rounds' mean: (0.1 + 0.2) / 2 + 0.01 seed, minus the parameter.
+  finals = [0.15 + 0.01 * s for s in range(3)]
+  iv = intervals.mean_interval(finals)
+  assert none["final_test_accuracy"] == pytest.approx(iv.estimate)
+  assert (none["final_low"], none["final_high"]) == pytest.approx((iv.low, iv.high))
+  assert none["seeds"] == "0 1 2" and masking["per_seed"].split()[0] == "0.1000"
+  # Paired over seeds: every seed costs exactly 0.05, so the interval collapses on it.
+  assert masking["cost"] == pytest.approx(0.05)
+  assert (masking["cost_low"], masking["cost_high"]) == pytest.approx((0.05, 0.05))
+  table = (tmp_path / "convergence.md").read_text()
+  assert "seeds 0, 1, 2 (n=3)" in table and "+5.0 [+5.0, +5.0]" in table
+  assert (tmp_path / "figures" / "convergence.png").stat().st_size > 1000
+
+
+def test_a_folder_of_another_seed_is_not_reused(tmp_path, fake_simulation):
+  _grid(tmp_path, seeds=(0,)).run()
+  # A seed-0 run copied where seed 1 belongs is refused, not taken as seed 1's result.
+  shutil.copytree(
+    tmp_path / "runs" / "mean_iid_none" / "seed0", tmp_path / "runs" / "mean_iid_none" / "seed1"
+  )
+  with pytest.raises(
+    convergence.CellError,
+    match="mean_iid_none/seed1/cell.json: .*another configuration.*seed 0 there, 1 now",
+  ):
+    _grid(tmp_path, seeds=(0, 1)).run()
+  assert len(fake_simulation) == 2
+
+
+def test_refuses_runs_of_another_configuration(tmp_path, fake_simulation):
+  first = _grid(tmp_path).run()
+  history = (tmp_path / "runs" / "mean_iid_masking" / "seed0" / "history.csv").read_text()
+  for kwargs, cell, diff in [
+    (dict(masking=0.9), "mean_iid_masking", "defense_param 0.1 there, 0.9 now"),
+    (dict(num_clients=4), "mean_iid_none", "num_clients 3 there, 4 now"),
+    (dict(rounds=1), "mean_iid_none", "rounds 2 there, 1 now"),
+    (dict(local_epochs=2), "mean_iid_none", "local_epochs 1 there, 2 now"),
+  ]:
+    with pytest.raises(
+      convergence.CellError, match=f"runs/{cell}/seed0/cell.json: .*another configuration.*{diff}"
+    ):
+      _grid(tmp_path, **kwargs).run()
+  assert len(fake_simulation) == 2
+  assert (tmp_path / "runs" / "mean_iid_masking" / "seed0" / "history.csv").read_text() == history
+  assert _grid(tmp_path).run() == first and len(fake_simulation) == 2
+
+
+def test_resumes_an_unfinished_run_and_refuses_one_without_fingerprint(tmp_path, fake_simulation):
+  _grid(tmp_path).run()
+  hist = tmp_path / "runs" / "mean_iid_masking" / "seed0" / "history.csv"
+  hist.write_text("\n".join(hist.read_text().splitlines()[:2]) + "\n")  # killed in round 2
+  rows = _grid(tmp_path).run()
+  assert fake_simulation[-1] == ("mean_iid_masking/seed0", 0, 0.1)
+  assert len(fake_simulation) == 3 and all(r["rounds"] == 2 for r in rows)
+  os.remove(tmp_path / "runs" / "mean_iid_none" / "seed0" / "cell.json")
+  with pytest.raises(convergence.CellError, match="a run without cell.json"):
+    _grid(tmp_path).run()
+
+
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    (dict(aggregators=("mean", "mode")), "aggregators: 'mode' not one of"),
+    (dict(partitions=()), "partitions is empty"),
+    (dict(seeds=(0, 0)), r"seeds=\[0, 0\] must be distinct"),
+    (dict(seeds=()), "must be distinct and at least one"),
+    (dict(rounds=0), r"rounds=0 must be an integer"),
+    (dict(masking=1.5), "1.5"),
+    (dict(seed=3), r"unknown simulation settings \['seed'\]"),
+  ],
+)
+def test_bad_arguments(tmp_path, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    _grid(tmp_path / "c", **kwargs)
+
+
+def _thresholds_csv(path, rows):
+  out = []
+  for overrides in rows:
+    row = {k: "" for k in threshold_search.THRESHOLD_FIELDS}
+    row.update(
+      dataset="mnist",
+      dataset_source="x",
+      kind="plain",
+      attack="idlg",
+      defense="masking",
+      status="found",
+      threshold="0.3",
+      search_low="0.0001",
+      search_high="0.99",
+      search_scale="log",
+      stronger="higher",
+      attack_works_undefended="True",
+    )
+    row.update(overrides)
+    out.append(row)
+  threshold_search.write_csv(str(path), threshold_search.THRESHOLD_FIELDS, out)
+  return str(path)
+
+
+def test_plain_and_adaptive_thresholds_become_labelled_settings(tmp_path):
+  path = _thresholds_csv(
+    tmp_path / "t.csv",
+    [
+      {},
+      dict(kind="adaptive", attack="masked_ig", threshold="0.9"),
+      dict(
+        defense="clipping_ratio",
+        threshold="0.01",
+        stronger="lower",
+        search_low="0.0001",
+        search_high="1.0",
+      ),
+    ],
+  )
+  plain = convergence.defense_params_from_thresholds(path, "mnist", "idlg")
+  assert plain == {
+    "masking": (0.3, "plain threshold (found)"),
+    "clipping_ratio": (0.01, "plain threshold (found)"),
+  }
+  adaptive = convergence.defense_params_from_thresholds(path, "mnist", kind="adaptive")
+  assert adaptive == {"masking@adaptive": (0.9, "adaptive threshold vs masked_ig (found)")}
+  with pytest.raises(ValueError, match="no plain thresholds for dataset='lfw_faces'"):
+    convergence.defense_params_from_thresholds(path, "lfw_faces")
+
+
+def test_adaptive_label_trains_the_named_defence_beside_the_plain_one(tmp_path, fake_simulation):
+  conv = convergence.Convergence(
+    str(tmp_path),
+    {"masking": (0.1, "plain"), "masking@adaptive": (0.3, "adaptive")},
+    aggregators=("mean",),
+    partitions=("iid",),
+    seeds=(0, 1),
+    rounds=2,
+    num_clients=3,
+    progress=False,
+    dataset="digits",
+  )
+  assert conv.configs[("mean", "iid", "masking@adaptive", 1)].defense == "masking"
+  rows = conv.run()
+  adaptive = next(r for r in rows if r["label"] == "masking@adaptive")
+  assert adaptive["defense"] == "masking" and adaptive["cost"] == pytest.approx(0.3)
+
+
+def test_clipped_fraction_relative_by_construction_absolute_from_tensorboard(tmp_path):
+  import tensorflow as tf
+
+  assert convergence.clipped_fraction("clipping_ratio", 0.5, str(tmp_path)) == 1.0
+  assert convergence.clipped_fraction("clipping_ratio", 1.0, str(tmp_path)) == 0.0
+  assert convergence.clipped_fraction("masking", 0.5, str(tmp_path)) is None
+  assert convergence.clipped_fraction("clipping", 3.0, str(tmp_path)) is None  # not logged
+  writer = tf.summary.create_file_writer(str(tmp_path / "tensorboard"))
+  with writer.as_default():
+    for step, value in enumerate((0.0, 0.5, 1.0), start=1):
+      tf.summary.scalar("defense/clipped_fraction", value, step=step)
+      tf.summary.scalar("test/accuracy", 0.9, step=step)
+  writer.close()
+  assert convergence.clipped_fraction("clipping", 3.0, str(tmp_path)) == pytest.approx(0.5)
+
+
+def test_subset_is_seeded_and_named_in_the_source():
+  from tf_dlg import data
+
+  ds = data.load_dataset("digits")
+  a = convergence.subset(ds, 50, 20, seed=0)
+  b = convergence.subset(ds, 50, 20, seed=0)
+  assert a.x_train.shape[0] == 50 and a.x_test.shape[0] == 20
+  np.testing.assert_array_equal(a.y_train, b.y_train)
+  assert "seeded subset (seed 0) of 50 train / 20 test images" in a.source
+
+
+def test_tiny_real_convergence_end_to_end(tmp_path):
+  """Real TFF training: 1 round, 2 clients, a 40-image MNIST subset, 2 seeds."""
+  conv = convergence.Convergence(
+    str(tmp_path),
+    {"clipping_ratio": (0.5, "given")},
+    aggregators=("mean",),
+    partitions=("iid",),
+    seeds=(0, 1),
+    subsets=(40, 20),
+    progress=False,
+    dataset="mnist",
+    rounds=1,
+    num_clients=2,
+  )
+  rows = conv.run()
+  assert [r["label"] for r in rows] == ["none", "clipping_ratio"]
+  for r in rows:
+    assert 0.0 <= r["final_test_accuracy"] <= 1.0 and r["seeds"] == "0 1"
+    assert r["final_low"] <= r["final_test_accuracy"] <= r["final_high"]
+  assert rows[1]["clipped_fraction"] == 1.0
+  assert "MNIST" in conv.dataset_source and "40 train / 20 test" in conv.dataset_source
+  for s in (0, 1):
+    assert (tmp_path / "runs" / "mean_iid_clipping_ratio" / f"seed{s}" / "cell.json").exists()
