@@ -46,3 +46,10 @@ def test_jsonable_numpy_and_refusal():
   assert io.dumps({"a": np.float32(0.5), "b": np.arange(2)}) == '{"a": 0.5, "b": [0, 1]}'
   with pytest.raises(TypeError, match="cannot store a set"):
     io.dumps({"a": {1}})
+
+
+def test_write_json_is_atomic_and_stores_numpy_values(tmp_path):
+  path = str(tmp_path / "sub" / "run.json")
+  assert io.write_json(path, {"a": np.float32(1.5), "b": np.arange(2)}) == path
+  assert json.loads(open(path).read()) == {"a": 1.5, "b": [0, 1]}
+  assert os.listdir(tmp_path / "sub") == ["run.json"]

@@ -441,7 +441,7 @@ def _open_builder(name: str, data_dir: Optional[str], download: bool):
       builder.download_and_prepare()
   except DatasetUnavailableError:
     raise
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise DatasetUnavailableError(_unavailable_message(name, data_dir, e)) from e
   return builder
 
@@ -456,7 +456,7 @@ def _read_split(builder, name, data_dir, split, max_examples):
     split = f"{split}[:{int(max_examples)}]"
   try:
     ds = builder.as_dataset(split=split, as_supervised=False)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise DatasetUnavailableError(_unavailable_message(name, data_dir, e)) from e
   images, labels = [], []
   for ex in tfds.as_numpy(ds):

@@ -52,8 +52,14 @@ def atomic_write_text(path: str, text: str) -> str:
   return path
 
 
-def save_npz(path: str, header: Dict[str, Any], arrays: Dict[str, np.ndarray],
-             compressed: bool = True) -> str:
+def write_json(path: str, obj, indent: int = 2) -> str:
+  """Atomically writes `obj` as JSON (NumPy values as numbers / lists, see `jsonable`)."""
+  return atomic_write_text(path, dumps(obj, indent=indent) + "\n")
+
+
+def save_npz(
+  path: str, header: Dict[str, Any], arrays: Dict[str, np.ndarray], compressed: bool = True
+) -> str:
   """Atomically writes arrays plus a JSON `header` (a string array) to an .npz file."""
   if "header" in arrays:
     raise ValueError("'header' is reserved for the JSON header.")
@@ -68,8 +74,9 @@ def save_npz(path: str, header: Dict[str, Any], arrays: Dict[str, np.ndarray],
   return path
 
 
-def load_npz(path: str, expected_format: Optional[str] = None
-             ) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+def load_npz(
+  path: str, expected_format: Optional[str] = None
+) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
   """(header, arrays) of a file written by `save_npz`, never unpickling anything.
 
   Raises:
@@ -82,6 +89,5 @@ def load_npz(path: str, expected_format: Optional[str] = None
   except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as e:
     raise ValueError(f"{path!r} is not a readable tf-dlg file ({type(e).__name__}: {e}).") from e
   if expected_format is not None and header.get("format") != expected_format:
-    raise ValueError(f"{path!r} has format={header.get('format')!r}, expected "
-                     f"{expected_format!r}.")
+    raise ValueError(f"{path!r} has format={header.get('format')!r}, expected {expected_format!r}.")
   return header, arrays

@@ -72,8 +72,10 @@ def _check_pair(original, leaked):
     raise ValueError(f"Image shapes differ: original {original.shape}, leaked {leaked.shape}.")
   bad = int(np.size(original) - np.count_nonzero(np.isfinite(original)))
   if bad:
-    raise ValueError(f"original image has {bad} non-finite pixels; the ground truth must be "
-                     "finite to score a reconstruction against it.")
+    raise ValueError(
+      f"original image has {bad} non-finite pixels; the ground truth must be "
+      "finite to score a reconstruction against it."
+    )
   return original, leaked
 
 
@@ -156,8 +158,11 @@ def leaked(adjusted_ssim_value: float, threshold: float = DEFAULT_LEAK_SSIM) -> 
   """
   value = float(adjusted_ssim_value)
   if not math.isfinite(value):
-    warnings.warn(f"non-finite leak score {value!r} counts as leaked (never as defended).",
-                  RuntimeWarning, stacklevel=2)
+    warnings.warn(
+      f"non-finite leak score {value!r} counts as leaked (never as defended).",
+      RuntimeWarning,
+      stacklevel=2,
+    )
     return True
   return bool(value >= threshold)
 
@@ -167,15 +172,21 @@ def match_images(originals: np.ndarray, leaked_images: np.ndarray) -> np.ndarray
   n = len(originals)
   if n == 1:
     return np.zeros(1, np.int64)
-  from scipy.optimize import linear_sum_assignment  # pylint: disable=g-import-not-at-top
+  from scipy.optimize import linear_sum_assignment
+
   cost = np.array([[-ssim(o, rec) for rec in leaked_images] for o in originals])
   cost = np.nan_to_num(cost, nan=2.0)  # unmeasurable pairs match last (SSIM >= -1)
   _, cols = linear_sum_assignment(cost)
   return cols
 
 
-def score_images(originals, leaked_images, true_labels=None, predicted_labels=None,
-                 threshold: float = DEFAULT_LEAK_SSIM) -> List[Dict]:
+def score_images(
+  originals,
+  leaked_images,
+  true_labels=None,
+  predicted_labels=None,
+  threshold: float = DEFAULT_LEAK_SSIM,
+) -> List[Dict]:
   """Per-image metric dicts (batch reconstructions matched to originals by SSIM)."""
   originals = np.asarray(originals)
   leaked_images = np.asarray(leaked_images)
@@ -186,15 +197,21 @@ def score_images(originals, leaked_images, true_labels=None, predicted_labels=No
   rows = []
   for i, j in enumerate(order):
     adj, adj_image = adjusted_ssim(originals[i], leaked_images[j])
-    rows.append({
-        "ssim": ssim(originals[i], leaked_images[j]), "adjusted_ssim": adj,
+    rows.append(
+      {
+        "ssim": ssim(originals[i], leaked_images[j]),
+        "adjusted_ssim": adj,
         "psnr": psnr(originals[i], leaked_images[j]),
         "mse": mse(originals[i], leaked_images[j]),
         "label_accuracy": label_ok,
         "label_correct": None if label_ok is None else bool(label_ok == 1.0),
-        "leaked": leaked(adj, threshold), "leak_threshold": threshold,
-        "adjusted_image": adj_image, "leaked_image": leaked_images[j],
-        "original_image": originals[i]})
+        "leaked": leaked(adj, threshold),
+        "leak_threshold": threshold,
+        "adjusted_image": adj_image,
+        "leaked_image": leaked_images[j],
+        "original_image": originals[i],
+      }
+    )
   return rows
 
 
@@ -208,19 +225,28 @@ def score(result, threshold: float = DEFAULT_LEAK_SSIM, keep_images: bool = Fals
   obs = result.observed
   if obs is None or obs.true_images is None:
     raise ValueError("Scoring needs the observed update's true_images (ground truth).")
-  rows = score_images(obs.true_images, result.images, obs.true_labels, result.labels,
-                      threshold)
-  out = {k: float(np.mean([r[k] for r in rows])) for k in ("ssim", "adjusted_ssim", "psnr",
-                                                           "mse")}
-  out.update(label_accuracy=rows[0]["label_accuracy"], label_correct=rows[0]["label_correct"],
-             leaked=leaked(out["adjusted_ssim"], threshold), leak_threshold=threshold,
-             status=result.status, failed=result.status == "failed",
-             distance=result.distance, iterations=result.iterations,
-             seconds=result.seconds, attack=result.attack, num_images=len(rows),
-             per_image_ssim=[r["ssim"] for r in rows])
+  rows = score_images(obs.true_images, result.images, obs.true_labels, result.labels, threshold)
+  out = {k: float(np.mean([r[k] for r in rows])) for k in ("ssim", "adjusted_ssim", "psnr", "mse")}
+  out.update(
+    label_accuracy=rows[0]["label_accuracy"],
+    label_correct=rows[0]["label_correct"],
+    leaked=leaked(out["adjusted_ssim"], threshold),
+    leak_threshold=threshold,
+    status=result.status,
+    failed=result.status == "failed",
+    distance=result.distance,
+    iterations=result.iterations,
+    seconds=result.seconds,
+    attack=result.attack,
+    num_images=len(rows),
+    per_image_ssim=[r["ssim"] for r in rows],
+  )
   if keep_images:
-    out.update(leaked_image=rows[0]["leaked_image"], adjusted_image=rows[0]["adjusted_image"],
-               original_image=rows[0]["original_image"])
+    out.update(
+      leaked_image=rows[0]["leaked_image"],
+      adjusted_image=rows[0]["adjusted_image"],
+      original_image=rows[0]["original_image"],
+    )
   return out
 
 
@@ -231,7 +257,8 @@ def score_results(results: Sequence, threshold: float = DEFAULT_LEAK_SSIM) -> Li
 
 def _non_leak_baseline(per_dataset: int = 60, seed: int = 0):
   """Adjusted SSIM of images against other images of the same dataset (no leak)."""
-  from tf_dlg import data  # pylint: disable=g-import-not-at-top
+  from tf_dlg import data
+
   rng = np.random.default_rng(seed)
   out = {}
   for name in data.OFFLINE_DATASETS:
@@ -240,8 +267,9 @@ def _non_leak_baseline(per_dataset: int = 60, seed: int = 0):
     pairs = [(i, j) for i, j in idx if i != j]
     adj = [adjusted_ssim(ds.x_train[i], ds.x_train[j])[0] for i, j in pairs]
     plain = [ssim(ds.x_train[i], ds.x_train[j]) for i, j in pairs]
-    out[name] = {q: (float(np.percentile(plain, q)), float(np.percentile(adj, q)))
-                 for q in (50, 95, 99)}
+    out[name] = {
+      q: (float(np.percentile(plain, q)), float(np.percentile(adj, q))) for q in (50, 95, 99)
+    }
   return out
 
 

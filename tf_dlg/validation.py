@@ -12,17 +12,22 @@ import os
 from typing import Any, Iterable, Optional
 
 
-def check_number(name: str, value, low: float, high: float, low_open: bool = False,
-                 high_open: bool = False) -> float:
+def check_number(
+  name: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False
+) -> float:
   """Returns float(value) or raises ValueError naming it and the allowed range."""
   lo, hi = "(" if low_open else "[", ")" if high_open else "]"
   rng = f"{lo}{low}, {high}{hi}"
   if isinstance(value, bool) or (
-      not isinstance(value, (int, float)) and not hasattr(value, "__float__")):
+    not isinstance(value, (int, float)) and not hasattr(value, "__float__")
+  ):
     raise ValueError(f"{name}={value!r} must be a number in {rng}.")
   v = float(value)
-  ok = not math.isnan(v) and (v > low if low_open else v >= low) and (
-      v < high if high_open else v <= high)
+  ok = (
+    not math.isnan(v)
+    and (v > low if low_open else v >= low)
+    and (v < high if high_open else v <= high)
+  )
   if not ok:
     raise ValueError(f"{name}={value!r} must be a number in {rng}.")
   return v
@@ -53,8 +58,9 @@ def check_choices(name: str, values: Iterable[Any], allowed: Iterable[Any]) -> l
   values = list(values)
   bad = [v for v in values if v not in allowed]
   if bad:
-    raise ValueError(f"{name}: {', '.join(map(repr, bad))} not one of "
-                     f"{', '.join(map(str, allowed))}.")
+    raise ValueError(
+      f"{name}: {', '.join(map(repr, bad))} not one of {', '.join(map(str, allowed))}."
+    )
   return values
 
 

@@ -18,8 +18,8 @@ import copy
 import numpy as np
 import tensorflow as tf
 
-from tf_dlg.execution import runtime
 from tf_dlg.defenses import base, clipping
+from tf_dlg.execution import runtime
 
 tff = runtime.import_tff()
 # Norms gathered per round for the median: every client's when there are at most this many.

@@ -6,7 +6,6 @@ pip build has no in-process executor). Its own default context starts that child
 interpreter shutdown. `import_tff()` therefore replaces the default context with
 `create_local_context()`: the worker is started by `tf_dlg.execution.worker` (loopback
 only, killed when this process dies, even by SIGKILL), and `atexit` hooks stop it.
-`sigterm_as_interrupt()` lets a driver treat SIGTERM like Ctrl-C.
 
 Execution targets (`create_execution_context`, `execution_target`): "local" means one
 worker child; "remote" means workers you start yourself on other machines:
@@ -63,11 +62,11 @@ def _release_default_context():
   """
   if "tensorflow_federated" not in sys.modules:
     return
-  # pylint: disable=g-import-not-at-top
   from tensorflow_federated.python.core.impl.context_stack import (
     context_stack_impl,
     runtime_error_context,
   )
+
   previous_hook = sys.unraisablehook
 
   def quiet_hook(unraisable):
@@ -83,7 +82,8 @@ def _release_default_context():
     # busy worker ignores SIGINT (seen under load in CI-like runs).
     stop_tff_workers()
     context_stack_impl.context_stack.set_default_context(
-        runtime_error_context.RuntimeErrorContext())
+      runtime_error_context.RuntimeErrorContext()
+    )
     gc.collect()
   finally:
     sys.unraisablehook = previous_hook
@@ -122,7 +122,8 @@ def import_tff():
   """
   global _HOOKED
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  import tensorflow_federated as tff
+
   if not _HOOKED:
     _HOOKED = True
     tff.framework.set_default_context(create_local_context())
@@ -135,15 +136,16 @@ def import_tff():
 # --------------------------------------------------------------------------- execution targets
 
 _GRPC_OPTIONS = [
-    ("grpc.max_message_length", 2 * 1000 * 1000 * 1000),
-    ("grpc.max_receive_message_length", 2 * 1000 * 1000 * 1000),
-    ("grpc.max_send_message_length", 2 * 1000 * 1000 * 1000),
+  ("grpc.max_message_length", 2 * 1000 * 1000 * 1000),
+  ("grpc.max_receive_message_length", 2 * 1000 * 1000 * 1000),
+  ("grpc.max_send_message_length", 2 * 1000 * 1000 * 1000),
 ]
 
 
 def worker_binary_path() -> str:
   """Path of the C++ executor service that the TFF pip package ships."""
-  from tf_dlg.execution import worker  # pylint: disable=g-import-not-at-top
+  from tf_dlg.execution import worker
+
   return worker.worker_binary_path()
 
 
@@ -158,8 +160,7 @@ def parse_workers(workers) -> list:
     address = str(address).strip()
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-      raise ValueError(f"Worker address {address!r} must be host:port with a port in "
-                       "[1, 65535].")
+      raise ValueError(f"Worker address {address!r} must be host:port with a port in [1, 65535].")
     out.append(address)
   return out
 
@@ -178,11 +179,11 @@ class _LocalWorker:
 
   def get_stub(self):
     """A ready stub to the worker, starting (or restarting) the worker if needed."""
-    # pylint: disable=g-import-not-at-top
     import grpc
     import portpicker
 
     from tf_dlg.execution import worker
+
     tff = import_tff()
     if self._stub is not None and self._process.poll() is None and self._stub.is_ready:
       return self._stub
@@ -194,8 +195,10 @@ class _LocalWorker:
     deadline = time.time() + 120
     while not self._stub.is_ready:
       if self._process.poll() is not None or time.time() > deadline:
-        raise ConnectionError(f"The local TFF worker (pid {self._process.pid}) did not "
-                              f"start (exit code {self._process.poll()}).")
+        raise ConnectionError(
+          f"The local TFF worker (pid {self._process.pid}) did not "
+          f"start (exit code {self._process.poll()})."
+        )
       time.sleep(0.1)
     return self._stub
 
@@ -211,24 +214,24 @@ class _LocalWorker:
         return
       except ProcessLookupError:
         return
-      except Exception:  # pylint: disable=broad-except  (TimeoutExpired)
+      except Exception:  # TimeoutExpired
         continue
 
   def __del__(self):
     try:
       self.stop()
-    except Exception:  # pylint: disable=broad-except  (interpreter shutdown)
+    except Exception:  # interpreter shutdown
       pass
 
 
 def create_local_context(max_concurrent_computation_calls: int = -1):
   """TFF's sync local C++ context with a loopback-only, parent-bound worker."""
-  # pylint: disable=g-import-not-at-top
   tff = import_tff()
   from tensorflow_federated.python.core.backends.native import compiler
   from tensorflow_federated.python.core.environments.tensorflow_frontend import (
     tensorflow_computation,
   )
+
   service = _LocalWorker(max_concurrent_computation_calls)
 
   def stack_fn(cardinalities):
@@ -239,15 +242,17 @@ def create_local_context(max_concurrent_computation_calls: int = -1):
     return executor
 
   return tff.framework.SyncExecutionContext(
-      executor_fn=tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn),
-      compiler_fn=compiler.desugar_and_transform_to_native,
-      transform_args=tensorflow_computation.transform_args,
-      transform_result=tensorflow_computation.transform_result)
+    executor_fn=tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn),
+    compiler_fn=compiler.desugar_and_transform_to_native,
+    transform_args=tensorflow_computation.transform_args,
+    transform_result=tensorflow_computation.transform_result,
+  )
 
 
 def _remote_executor_factory(address: str, timeout: float):
   """A TFF executor factory whose executors run on the worker at `address`."""
-  import grpc  # pylint: disable=g-import-not-at-top
+  import grpc
+
   tff = import_tff()
   channel = grpc.insecure_channel(address, _GRPC_OPTIONS)
   stub = tff.framework.RemoteExecutorGrpcStub(channel)
@@ -255,8 +260,9 @@ def _remote_executor_factory(address: str, timeout: float):
   while not stub.is_ready:
     if time.time() > deadline:
       raise ConnectionError(
-          f"No TFF worker answers at {address} after {timeout:.0f} s. Start one there "
-          f"with `{worker_binary_path()} --port=PORT` (see tf_dlg.execution.runtime).")
+        f"No TFF worker answers at {address} after {timeout:.0f} s. Start one there "
+        f"with `{worker_binary_path()} --port=PORT` (see tf_dlg.execution.runtime)."
+      )
     time.sleep(0.1)
 
   def stack_fn(cardinalities):
@@ -289,28 +295,32 @@ def create_execution_context(workers=None, timeout: float = 30.0):
   `python -m tf_dlg.execution.worker --port=8000` (loopback only unless `--expose`; the
   protocol has no authentication, see `tf_dlg.execution.worker`).
   """
-  # pylint: disable=g-import-not-at-top
   tff = import_tff()
   from tensorflow_federated.python.core.backends.native import compiler
   from tensorflow_federated.python.core.environments.tensorflow_frontend import (
     tensorflow_computation,
   )
+
   addresses = parse_workers(workers)
   if not addresses:
     return create_local_context()
-  kwargs = dict(compiler_fn=compiler.desugar_and_transform_to_native,
-                transform_args=tensorflow_computation.transform_args,
-                transform_result=tensorflow_computation.transform_result)
+  kwargs = dict(
+    compiler_fn=compiler.desugar_and_transform_to_native,
+    transform_args=tensorflow_computation.transform_args,
+    transform_result=tensorflow_computation.transform_result,
+  )
   if len(addresses) == 1:
     return tff.framework.SyncExecutionContext(
-        executor_fn=_remote_executor_factory(addresses[0], timeout), **kwargs)
+      executor_fn=_remote_executor_factory(addresses[0], timeout), **kwargs
+    )
   async_contexts = [
-      tff.framework.AsyncExecutionContext(
-          executor_fn=_remote_executor_factory(a, timeout), **kwargs) for a in addresses]
+    tff.framework.AsyncExecutionContext(executor_fn=_remote_executor_factory(a, timeout), **kwargs)
+    for a in addresses
+  ]
   return tff.backends.native.create_mergeable_comp_execution_context(async_contexts)
 
 
-class execution_target:  # pylint: disable=invalid-name
+class execution_target:  # lowercase: used like a function, `with execution_target(...)`
   """Context manager: run TFF computations on `workers` (see `create_execution_context`).
 
   On exit the previous default context is restored and, for remote workers, the
@@ -327,8 +337,7 @@ class execution_target:  # pylint: disable=invalid-name
     if not self._workers:
       return None
     self._previous = tff.framework.get_context_stack().current
-    tff.framework.set_default_context(
-        create_execution_context(self._workers, self._timeout))
+    tff.framework.set_default_context(create_execution_context(self._workers, self._timeout))
     return self
 
   def __exit__(self, *exc):
@@ -345,9 +354,10 @@ def start_local_worker(port: int = 0, expose: bool = False):
   For tests and single-machine demos of the remote path. Loopback only unless `expose`;
   it dies with this process. The caller should stop it (`stop_worker`).
   """
-  import portpicker  # pylint: disable=g-import-not-at-top
+  import portpicker
 
-  from tf_dlg.execution import worker  # pylint: disable=g-import-not-at-top
+  from tf_dlg.execution import worker
+
   port = port or portpicker.pick_unused_port()
   return worker.spawn_worker(port, expose=expose), f"127.0.0.1:{port}"
 
@@ -359,22 +369,6 @@ def stop_worker(proc, timeout: float = 10.0) -> None:
   proc.send_signal(signal.SIGINT)
   try:
     proc.wait(timeout)
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     proc.kill()
     proc.wait(timeout)
-
-
-def sigterm_as_interrupt() -> None:
-  """Makes SIGTERM raise KeyboardInterrupt in the main thread, as Ctrl-C does.
-
-  `kill`, `timeout`, schedulers and container stops send SIGTERM, whose default action
-  ends the process without `finally` blocks or `atexit` hooks. With this the run stops
-  its workers as on Ctrl-C (and a checkpointed run resumes as usual). Call it from the
-  main thread of a driver, not from a library.
-  """
-
-  def handler(signum, frame):
-    del signum, frame
-    raise KeyboardInterrupt("SIGTERM")
-
-  signal.signal(signal.SIGTERM, handler)

@@ -71,17 +71,21 @@ def _compiler():
 def _compile(source: str, target: str, compiler: str) -> None:
   """Compiles `source` to the shared object `target` (atomically: tmp + rename)."""
   os.makedirs(os.path.dirname(target), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix="loopback_shim.", suffix=".so",
-                             dir=os.path.dirname(target))
+  fd, tmp = tempfile.mkstemp(prefix="loopback_shim.", suffix=".so", dir=os.path.dirname(target))
   os.close(fd)
   try:
-    proc = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", tmp, source,
-                           "-ldl", "-lpthread"], capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+      [compiler, "-shared", "-fPIC", "-O2", "-o", tmp, source, "-ldl", "-lpthread"],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+    )
     if proc.returncode != 0:
       raise WorkerSetupError(
-          f"{compiler} could not build the worker's loopback shim ({_SHIM_SOURCE}): "
-          f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+        f"{compiler} could not build the worker's loopback shim ({_SHIM_SOURCE}): "
+        f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+      )
     os.replace(tmp, target)
   finally:
     if os.path.exists(tmp):
@@ -105,14 +109,16 @@ def shim_path():
       if os.environ.get(ALLOW_EXPOSED_ENV) == "1":
         return None
       raise WorkerSetupError(
-          "tf-dlg needs a C compiler (cc) to confine TFF's worker_binary to loopback: "
-          f"install gcc (e.g. apt-get install gcc), or set {ALLOW_EXPOSED_ENV}=1 to run "
-          "it listening on every interface (unauthenticated; trusted networks only).")
+        "tf-dlg needs a C compiler (cc) to confine TFF's worker_binary to loopback: "
+        f"install gcc (e.g. apt-get install gcc), or set {ALLOW_EXPOSED_ENV}=1 to run "
+        "it listening on every interface (unauthenticated; trusted networks only)."
+      )
     try:
       _compile(_SHIM_SOURCE, target, compiler)
     except OSError:  # unwritable cache: a private temporary directory instead
-      target = os.path.join(tempfile.gettempdir(), f"tf_dlg-{os.getuid()}",
-                            os.path.basename(target))
+      target = os.path.join(
+        tempfile.gettempdir(), f"tf_dlg-{os.getuid()}", os.path.basename(target)
+      )
       if not os.path.isfile(target):
         _compile(_SHIM_SOURCE, target, compiler)
   return target
@@ -141,16 +147,20 @@ def worker_env(expose: bool = False, parent: int = None) -> dict:
   shim = None if expose else shim_path()
   if shim is None:
     if not expose:
-      warnings.warn(f"{ALLOW_EXPOSED_ENV}=1 and no C compiler: TFF's worker_binary "
-                    "listens on EVERY interface with no authentication.", RuntimeWarning,
-                    stacklevel=2)
+      warnings.warn(
+        f"{ALLOW_EXPOSED_ENV}=1 and no C compiler: TFF's worker_binary "
+        "listens on EVERY interface with no authentication.",
+        RuntimeWarning,
+        stacklevel=2,
+      )
     return env
   env["LD_PRELOAD"] = " ".join(p for p in (shim, env.get("LD_PRELOAD", "")) if p)
   return env
 
 
-def spawn_worker(port: int, *, expose: bool = False, extra_args=(), stdout=None,
-                 stderr=None) -> subprocess.Popen:
+def spawn_worker(
+  port: int, *, expose: bool = False, extra_args=(), stdout=None, stderr=None
+) -> subprocess.Popen:
   """Starts `worker_binary --port=PORT` (loopback only unless `expose`).
 
   The worker gets a parent-death signal (from the shim, or a preexec prctl when
@@ -163,32 +173,39 @@ def spawn_worker(port: int, *, expose: bool = False, extra_args=(), stdout=None,
   # safe in a threaded parent; a preexec_fn (Python in the forked child) only without.
   preexec = None if "loopback_shim" in env.get("LD_PRELOAD", "") else _parent_death_signal()
   return subprocess.Popen(
-      args, env=env, preexec_fn=preexec,
-      stdin=subprocess.DEVNULL,
-      stdout=subprocess.DEVNULL if stdout is None else stdout,
-      stderr=subprocess.DEVNULL if stderr is None else stderr)
+    args,
+    env=env,
+    preexec_fn=preexec,
+    stdin=subprocess.DEVNULL,
+    stdout=subprocess.DEVNULL if stdout is None else stdout,
+    stderr=subprocess.DEVNULL if stderr is None else stderr,
+  )
 
 
 def main(argv=None) -> int:
   """`python -m tf_dlg.execution.worker --port=8000 [--expose]`: a remote worker."""
   parser = argparse.ArgumentParser(
-      prog="python -m tf_dlg.execution.worker",
-      description="TFF worker_binary for --workers=host:port (no authentication).")
+    prog="python -m tf_dlg.execution.worker",
+    description="TFF worker_binary for --workers=host:port (no authentication).",
+  )
   parser.add_argument("--port", type=int, default=8000, help="Port (1-65535).")
-  parser.add_argument("--expose", action="store_true",
-                      help="Listen on every interface instead of loopback only.")
+  parser.add_argument(
+    "--expose", action="store_true", help="Listen on every interface instead of loopback only."
+  )
   args = parser.parse_args(argv)
   if not 0 < args.port < 65536:
     parser.error(f"--port={args.port} must be an integer in [1, 65535].")
   try:
-    proc = spawn_worker(args.port, expose=args.expose, stdout=sys.stdout,
-                        stderr=sys.stderr)
+    proc = spawn_worker(args.port, expose=args.expose, stdout=sys.stdout, stderr=sys.stderr)
   except WorkerSetupError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   where = "EVERY interface (unauthenticated!)" if args.expose else "loopback only"
-  print(f"TFF worker pid {proc.pid} on port {args.port}, {where}; Ctrl-C stops it.",
-        file=sys.stderr, flush=True)
+  print(
+    f"TFF worker pid {proc.pid} on port {args.port}, {where}; Ctrl-C stops it.",
+    file=sys.stderr,
+    flush=True,
+  )
   signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGINT))
   try:
     return proc.wait()

@@ -52,22 +52,26 @@ tff = import_tff()
 def _check_float_structure(value_type) -> None:
   """Raises TypeError unless `value_type` is a structure of floating-point tensors."""
   if not tff.types.is_tensorflow_compatible_type(value_type):
-    raise TypeError(f"Expected `value_type` to be a structure of tensors, found "
-                    f"{type(value_type).__name__}: {value_type}.")
+    raise TypeError(
+      f"Expected `value_type` to be a structure of tensors, found "
+      f"{type(value_type).__name__}: {value_type}."
+    )
   for spec in tf.nest.flatten(tff.types.type_to_tf_tensor_specs(value_type)):
     if not spec.dtype.is_floating:
-      raise TypeError(f"Order statistics need floating-point values; found a tensor of "
-                      f"dtype {spec.dtype.name} in {value_type}.")
+      raise TypeError(
+        f"Order statistics need floating-point values; found a tensor of "
+        f"dtype {spec.dtype.name} in {value_type}."
+      )
     if not spec.shape.is_fully_defined():
-      raise TypeError(f"Order statistics need fully defined shapes; found {spec.shape} "
-                      f"in {value_type}.")
+      raise TypeError(
+        f"Order statistics need fully defined shapes; found {spec.shape} in {value_type}."
+      )
 
 
 def _stack_specs(value_type):
   """`value_type`'s tf.TensorSpecs with an unknown leading (client) axis added."""
   specs = tff.types.type_to_tf_tensor_specs(value_type)
-  return tf.nest.map_structure(
-      lambda s: tf.TensorSpec([None, *s.shape], s.dtype), specs)
+  return tf.nest.map_structure(lambda s: tf.TensorSpec([None, *s.shape], s.dtype), specs)
 
 
 def _build_stack_computations(value_type, report_fn: Callable):
@@ -80,13 +84,13 @@ def _build_stack_computations(value_type, report_fn: Callable):
 
   @tff.tensorflow.computation
   def zero():
-    return tf.nest.map_structure(
-        lambda s: tf.zeros([0, *s.shape[1:]], s.dtype), stack_specs)
+    return tf.nest.map_structure(lambda s: tf.zeros([0, *s.shape[1:]], s.dtype), stack_specs)
 
   @tff.tensorflow.computation(stack_type, value_type)
   def accumulate(stack, value):
     return tf.nest.map_structure(
-        lambda a, v: tf.concat([a, tf.expand_dims(v, 0)], axis=0), stack, value)
+      lambda a, v: tf.concat([a, tf.expand_dims(v, 0)], axis=0), stack, value
+    )
 
   @tff.tensorflow.computation(stack_type, stack_type)
   def merge(a, b):
@@ -101,28 +105,34 @@ def _build_stack_computations(value_type, report_fn: Callable):
 
 def _empty_guard(stacked: tf.Tensor, statistic: Callable[[tf.Tensor], tf.Tensor]):
   """`statistic(stacked)`, or zeros of one row's shape when no client contributed."""
-  return tf.cond(tf.shape(stacked)[0] > 0,
-                 lambda: statistic(stacked),
-                 lambda: tf.zeros(tf.shape(stacked)[1:], stacked.dtype))
+  return tf.cond(
+    tf.shape(stacked)[0] > 0,
+    lambda: statistic(stacked),
+    lambda: tf.zeros(tf.shape(stacked)[1:], stacked.dtype),
+  )
 
 
 def coordinate_median(stacked: tf.Tensor) -> tf.Tensor:
   """`numpy.median(stacked, axis=0)` in TensorFlow (leading axis: clients)."""
+
   def median(x):
     n = tf.shape(x)[0]
     s = tf.sort(x, axis=0)
     return 0.5 * (tf.gather(s, (n - 1) // 2) + tf.gather(s, n // 2))
+
   return _empty_guard(stacked, median)
 
 
 def coordinate_trimmed_mean(stacked: tf.Tensor, trim_fraction: float) -> tf.Tensor:
   """`scipy.stats.trim_mean(stacked, trim_fraction, axis=0)` in TensorFlow."""
+
   def trimmed(x):
     n = tf.shape(x)[0]
     # floor(f * n) per side, as scipy; f < 0.5 keeps at least one value.
     k = tf.cast(tf.math.floor(trim_fraction * tf.cast(n, tf.float64)), tf.int32)
     s = tf.sort(x, axis=0)
-    return tf.reduce_mean(s[k:n - k], axis=0)
+    return tf.reduce_mean(s[k : n - k], axis=0)
+
   return _empty_guard(stacked, trimmed)
 
 
@@ -139,7 +149,8 @@ class _OrderStatisticFactory(tff.aggregators.UnweightedAggregationFactory):
     _check_float_structure(value_type)
     statistic = self._statistic
     zero, accumulate, merge, report = _build_stack_computations(
-        value_type, lambda stack: tf.nest.map_structure(statistic, stack))
+      value_type, lambda stack: tf.nest.map_structure(statistic, stack)
+    )
 
     @tff.tensorflow.computation(value_type)
     def one(value):
@@ -150,14 +161,16 @@ class _OrderStatisticFactory(tff.aggregators.UnweightedAggregationFactory):
     def init_fn():
       return tff.federated_value((), tff.SERVER)
 
-    @tff.federated_computation(init_fn.type_signature.result,
-                               tff.FederatedType(value_type, tff.CLIENTS))
+    @tff.federated_computation(
+      init_fn.type_signature.result, tff.FederatedType(value_type, tff.CLIENTS)
+    )
     def next_fn(state, value):
       result = tff.federated_aggregate(value, zero(), accumulate, merge, report)
       num_clients = tff.federated_sum(tff.federated_map(one, value))
       measurements = tff.federated_zip(collections.OrderedDict(num_clients=num_clients))
       return tff.templates.MeasuredProcessOutput(
-          state=state, result=result, measurements=measurements)
+        state=state, result=result, measurements=measurements
+      )
 
     return tff.templates.AggregationProcess(init_fn, next_fn)
 
@@ -203,10 +216,8 @@ class TrimmedMeanFactory(_OrderStatisticFactory):
       TypeError: `trim_fraction` is not a real number.
       ValueError: `trim_fraction` is outside [0, 0.5).
     """
-    if isinstance(trim_fraction, bool) or not isinstance(trim_fraction,
-                                                         (int, float, np.floating)):
-      raise TypeError(f"trim_fraction must be a float, found "
-                      f"{type(trim_fraction).__name__}.")
+    if isinstance(trim_fraction, bool) or not isinstance(trim_fraction, (int, float, np.floating)):
+      raise TypeError(f"trim_fraction must be a float, found {type(trim_fraction).__name__}.")
     trim_fraction = float(trim_fraction)
     if not (math.isfinite(trim_fraction) and 0.0 <= trim_fraction < 0.5):
       raise ValueError(f"trim_fraction={trim_fraction!r} must be in [0, 0.5).")
@@ -238,10 +249,12 @@ def _wrap_next(inner_process, value_type, weighted: bool, extra_fn: Callable):
   def body(state, value, weight=None):
     args = (state, value) if weight is None else (state, value, weight)
     out = inner_process.next(*args)
-    measurements = tff.federated_zip(collections.OrderedDict(
-        inner=out.measurements, **extra_fn(value)))
+    measurements = tff.federated_zip(
+      collections.OrderedDict(inner=out.measurements, **extra_fn(value))
+    )
     return tff.templates.MeasuredProcessOutput(
-        state=out.state, result=out.result, measurements=measurements)
+      state=out.state, result=out.result, measurements=measurements
+    )
 
   value_param = tff.FederatedType(value_type, tff.CLIENTS)
   if weighted:
@@ -255,6 +268,7 @@ def _wrap_next(inner_process, value_type, weighted: bool, extra_fn: Callable):
     @tff.federated_computation(state_type, value_param)
     def next_fn(state, value):
       return body(state, value)
+
   return next_fn
 
 
@@ -263,8 +277,9 @@ def _capture_next(inner_process, value_type, weighted: bool):
   zero, accumulate, merge, report = _build_stack_computations(value_type, lambda s: s)
 
   def extra(value):
-    return collections.OrderedDict(client_values=tff.federated_aggregate(
-        value, zero(), accumulate, merge, report))
+    return collections.OrderedDict(
+      client_values=tff.federated_aggregate(value, zero(), accumulate, merge, report)
+    )
 
   return _wrap_next(inner_process, value_type, weighted, extra)
 
@@ -281,8 +296,9 @@ def _stats_next(inner_process, value_type, weighted: bool, include, clip_norm):
   @tff.tensorflow.computation(value_type)
   def per_client(value):
     kept = [v for v, i in zip(tf.nest.flatten(value), include) if i]
-    zeros = tf.add_n([tf.reduce_sum(tf.cast(tf.equal(v, 0), tf.float32)) for v in kept]
-                     + [tf.constant(0.0)])
+    zeros = tf.add_n(
+      [tf.reduce_sum(tf.cast(tf.equal(v, 0), tf.float32)) for v in kept] + [tf.constant(0.0)]
+    )
     if kept and clip_norm is not None:
       clipped = tf.cast(tf.linalg.global_norm(kept) >= bound, tf.float32)
     else:
@@ -315,7 +331,8 @@ class _UnweightedWrapFactory(tff.aggregators.UnweightedAggregationFactory):
     _check_float_structure(value_type)
     inner = self._inner.create(value_type)
     return tff.templates.AggregationProcess(
-        inner.initialize, self._build_next(inner, value_type, False))
+      inner.initialize, self._build_next(inner, value_type, False)
+    )
 
 
 class _WeightedWrapFactory(tff.aggregators.WeightedAggregationFactory):
@@ -329,7 +346,8 @@ class _WeightedWrapFactory(tff.aggregators.WeightedAggregationFactory):
     _check_float_structure(value_type)
     inner = self._inner.create(value_type, weight_type)
     return tff.templates.AggregationProcess(
-        inner.initialize, self._build_next(inner, value_type, True))
+      inner.initialize, self._build_next(inner, value_type, True)
+    )
 
 
 def _wrap(inner, build_next):
@@ -338,8 +356,7 @@ def _wrap(inner, build_next):
     return _WeightedWrapFactory(inner, build_next)
   if isinstance(inner, tff.aggregators.UnweightedAggregationFactory):
     return _UnweightedWrapFactory(inner, build_next)
-  raise TypeError(f"inner must be a tff.aggregators factory, found "
-                  f"{type(inner).__name__}.")
+  raise TypeError(f"inner must be a tff.aggregators factory, found {type(inner).__name__}.")
 
 
 def capture_factory(inner):

@@ -1,6 +1,6 @@
 """FedAvg learning processes in TFF with robust aggregators, defences and BatchNorm sync.
 
-`build_fedavg(...)` returns a `FedAvg` bundle whose `process` is a
+`build_fedavg(input_shape, num_classes, FedAvgConfig(...))` returns a `FedAvg` bundle whose `process` is a
 `tff.learning.templates.LearningProcess`. It is composed (with
 `tff.learning.templates.compose_learning_process`) from the same parts that
 `tff.learning.algorithms.build_weighted_fed_avg` / `build_unweighted_fed_avg` use --
@@ -47,20 +47,19 @@ import numpy as np
 import tensorflow as tf
 
 from tf_dlg import models as models_lib
-from tf_dlg.federated import aggregators as aggregators_lib
 from tf_dlg.execution.runtime import import_tff
+from tf_dlg.federated import AGGREGATORS, OPTIMIZERS
+from tf_dlg.federated import aggregators as aggregators_lib
 
 tff = import_tff()
 
-AGGREGATORS = ("mean", "median", "trimmed_mean")
-OPTIMIZERS = ("sgd", "sgdm", "adam")
-MALICIOUS_MODES = ("scale", "random")
 
 # Per-client role, one element of the `role` sequence.
 ROLE_SPEC = collections.OrderedDict(
-    mode=tf.TensorSpec([], tf.int32),     # 0 honest, 1 scale, 2 random
-    scale=tf.TensorSpec([], tf.float32),
-    seed=tf.TensorSpec([2], tf.int64))
+  mode=tf.TensorSpec([], tf.int32),  # 0 honest, 1 scale, 2 random
+  scale=tf.TensorSpec([], tf.float32),
+  seed=tf.TensorSpec([2], tf.int64),
+)
 _MODE_CODES = {"honest": 0, "scale": 1, "random": 2}
 
 
@@ -69,8 +68,10 @@ def role(mode: str = "honest", scale: float = 1.0, seed: int = 0) -> tf.data.Dat
   if mode not in _MODE_CODES:
     raise ValueError(f"role mode={mode!r} must be one of {', '.join(_MODE_CODES)}.")
   element = collections.OrderedDict(
-      mode=np.int32(_MODE_CODES[mode]), scale=np.float32(scale),
-      seed=np.asarray([seed, 0x5eed], np.int64))
+    mode=np.int32(_MODE_CODES[mode]),
+    scale=np.float32(scale),
+    seed=np.asarray([seed, 0x5EED], np.int64),
+  )
   return tf.data.Dataset.from_tensors(element)
 
 
@@ -94,7 +95,8 @@ def update_variables(keras_model: tf.keras.Model) -> List[tf.Variable]:
 
 def update_exclusion(keras_model: tf.keras.Model) -> List[bool]:
   """Defence `exclude` mask for the update layout (True: a BatchNorm variable)."""
-  from tf_dlg import defenses  # pylint: disable=g-import-not-at-top
+  from tf_dlg import defenses
+
   return list(defenses.batchnorm_exclusion(keras_model, update_variables(keras_model)))
 
 
@@ -105,8 +107,10 @@ def _inner_factory(name: str, trim_fraction: float):
   if name == "median":
     return aggregators_lib.median_factory(), tff.learning.ClientWeighting.UNIFORM
   if name == "trimmed_mean":
-    return (aggregators_lib.trimmed_mean_factory(trim_fraction),
-            tff.learning.ClientWeighting.UNIFORM)
+    return (
+      aggregators_lib.trimmed_mean_factory(trim_fraction),
+      tff.learning.ClientWeighting.UNIFORM,
+    )
   raise ValueError(f"aggregator={name!r} must be one of {', '.join(AGGREGATORS)}.")
 
 
@@ -151,17 +155,19 @@ def _client_update_fn(model_fn, weighting):
     opt_state = optimizer.set_hparams(optimizer.initialize(specs), hparams)
     num_examples, _ = batches.reduce((tf.zeros([], tf.int64), opt_state), reduce_fn)
 
-    initial = (list(tf.nest.flatten(initial_weights.trainable))
-               + list(tf.nest.flatten(initial_weights.non_trainable)))
-    final = (list(tf.nest.flatten(weights.trainable))
-             + list(tf.nest.flatten(weights.non_trainable)))
-    delta = [a - b for a, b in zip(initial, final)]   # TFF sign: initial - final
+    initial = list(tf.nest.flatten(initial_weights.trainable)) + list(
+      tf.nest.flatten(initial_weights.non_trainable)
+    )
+    final = list(tf.nest.flatten(weights.trainable)) + list(tf.nest.flatten(weights.non_trainable))
+    delta = [a - b for a, b in zip(initial, final)]  # TFF sign: initial - final
 
     # Byzantine behaviour (honest: mode 0, scale 1 -> unchanged).
     r = roles.reduce(
-        collections.OrderedDict(mode=tf.constant(0), scale=tf.constant(1.0),
-                                seed=tf.zeros([2], tf.int64)),
-        lambda _, x: x)
+      collections.OrderedDict(
+        mode=tf.constant(0), scale=tf.constant(1.0), seed=tf.zeros([2], tf.int64)
+      ),
+      lambda _, x: x,
+    )
     is_random = tf.cast(tf.equal(r["mode"], 2), tf.float32)
     out = []
     for i, d in enumerate(delta):
@@ -179,8 +185,10 @@ def _client_update_fn(model_fn, weighting):
     weight = tf.where(finite, weight, 0.0)
     if not finite:
       model.reset_metrics()
-    return (tff.learning.templates.ClientResult(update=out, update_weight=weight),
-            model.report_local_unfinalized_metrics())
+    return (
+      tff.learning.templates.ClientResult(update=out, update_weight=weight),
+      model.report_local_unfinalized_metrics(),
+    )
 
   return client_update
 
@@ -190,9 +198,12 @@ def _build_client_work(model_fn, optimizer, weighting):
   with tf.Graph().as_default():
     model = model_fn()
     metrics_fn = tff.learning.metrics.sum_then_finalize(model.metric_finalizers())
-  data_type = tff.types.to_type(collections.OrderedDict(
+  data_type = tff.types.to_type(
+    collections.OrderedDict(
       batches=tff.SequenceType(tff.types.tensorflow_to_type(model.input_spec)),
-      role=tff.SequenceType(tff.types.tensorflow_to_type(ROLE_SPEC))))
+      role=tff.SequenceType(tff.types.tensorflow_to_type(ROLE_SPEC)),
+    )
+  )
   weights_type = tff.learning.models.weights_type_from_model(model)
   hparams = optimizer.get_hparams(optimizer.initialize(tf.TensorSpec([], tf.float32)))
 
@@ -207,14 +218,16 @@ def _build_client_work(model_fn, optimizer, weighting):
     fn = _client_update_fn(model_fn, weighting)
     return fn(optimizer, state, initial_weights, data["batches"], data["role"])
 
-  @tff.federated_computation(init_fn.type_signature.result,
-                             tff.FederatedType(weights_type, tff.CLIENTS),
-                             tff.FederatedType(data_type, tff.CLIENTS))
+  @tff.federated_computation(
+    init_fn.type_signature.result,
+    tff.FederatedType(weights_type, tff.CLIENTS),
+    tff.FederatedType(data_type, tff.CLIENTS),
+  )
   def next_fn(state, weights, data):
     result, model_outputs = tff.federated_map(
-        client_update, (tff.federated_broadcast(state), weights, data))
-    measurements = tff.federated_zip(
-        collections.OrderedDict(train=metrics_fn(model_outputs)))
+      client_update, (tff.federated_broadcast(state), weights, data)
+    )
+    measurements = tff.federated_zip(collections.OrderedDict(train=metrics_fn(model_outputs)))
     return tff.templates.MeasuredProcessOutput(state, result, measurements)
 
   @tff.tensorflow.computation(state_type)
@@ -227,7 +240,8 @@ def _build_client_work(model_fn, optimizer, weighting):
     return new_hparams
 
   return tff.learning.templates.ClientWorkProcess(
-      init_fn, next_fn, get_hparams_fn=get_hparams_fn, set_hparams_fn=set_hparams_fn)
+    init_fn, next_fn, get_hparams_fn=get_hparams_fn, set_hparams_fn=set_hparams_fn
+  )
 
 
 # --------------------------------------------------------------------------- finalizer
@@ -251,31 +265,35 @@ def _build_finalizer(optimizer, weights_type, num_trainable: int):
     update = list(update)
     finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(u)) for u in update])
     new_state, new_trainable = optimizer.next(
-        opt_state, weights.trainable,
-        tf.nest.pack_sequence_as(weights.trainable, update[:num_trainable]))
+      opt_state,
+      weights.trainable,
+      tf.nest.pack_sequence_as(weights.trainable, update[:num_trainable]),
+    )
     new_non_trainable = [w - u for w, u in zip(non_trainable, update[num_trainable:])]
     # The norm of the aggregated update of the trainable weights (what the server
     # optimizer receives), for the run's TensorBoard.
     measurements = collections.OrderedDict(
-        update_non_finite=tf.cast(tf.logical_not(finite), tf.int32),
-        update_norm=tf.linalg.global_norm(update[:num_trainable]))
+      update_non_finite=tf.cast(tf.logical_not(finite), tf.int32),
+      update_norm=tf.linalg.global_norm(update[:num_trainable]),
+    )
     if not finite:  # as TFF's reject_non_finite_update: keep the old model
       return opt_state, weights, measurements
     new_weights = tff.learning.models.ModelWeights(
-        new_trainable,
-        tf.nest.pack_sequence_as(weights.non_trainable, new_non_trainable))
+      new_trainable, tf.nest.pack_sequence_as(weights.non_trainable, new_non_trainable)
+    )
     return new_state, new_weights, measurements
 
   @tff.federated_computation
   def init_fn():
     return tff.federated_eval(init_tf, tff.SERVER)
 
-  @tff.federated_computation(init_fn.type_signature.result,
-                             tff.FederatedType(weights_type, tff.SERVER),
-                             tff.FederatedType(update_type, tff.SERVER))
+  @tff.federated_computation(
+    init_fn.type_signature.result,
+    tff.FederatedType(weights_type, tff.SERVER),
+    tff.FederatedType(update_type, tff.SERVER),
+  )
   def next_fn(state, weights, update):
-    new_state, new_weights, measurements = tff.federated_map(
-        next_tf, (state, weights, update))
+    new_state, new_weights, measurements = tff.federated_map(next_tf, (state, weights, update))
     return tff.templates.MeasuredProcessOutput(new_state, new_weights, measurements)
 
   @tff.tensorflow.computation(opt_state_type)
@@ -287,7 +305,8 @@ def _build_finalizer(optimizer, weights_type, num_trainable: int):
     return optimizer.set_hparams(state, hparams)
 
   return tff.learning.templates.FinalizerProcess(
-      init_fn, next_fn, get_hparams_fn=get_hparams_fn, set_hparams_fn=set_hparams_fn)
+    init_fn, next_fn, get_hparams_fn=get_hparams_fn, set_hparams_fn=set_hparams_fn
+  )
 
 
 def _update_type(weights_type):
@@ -312,6 +331,7 @@ class FedAvg:
     defense: The defence applied on each client (or None).
     client_learning_rate, client_optimizer, batch_size, local_epochs: Client settings.
     num_trainable: Number of leading update entries that are trainable weights.
+    config: The `FedAvgConfig` it was built from.
     capture_process: Same algorithm, whose `aggregator` metrics also hold every
       client's (defended) update (`client_values`); built on first use.
   """
@@ -328,6 +348,7 @@ class FedAvg:
   batch_size: int
   local_epochs: int
   num_trainable: int
+  config: Optional[FedAvgConfig] = None
   _build_capture: Callable[[], Any] = dataclasses.field(repr=False, default=None)
   _capture_process: Any = dataclasses.field(repr=False, default=None)
 
@@ -344,17 +365,11 @@ class FedAvg:
     model_weights.assign_weights_to(keras_model)
 
 
-def build_fedavg(input_shape: Sequence[int], num_classes: int, *,
-                 model: str = "bn_cnn", model_seed: int = 0,
-                 aggregator: str = "mean", trim_fraction: float = 0.1,
-                 defense=None, client_optimizer: str = "sgd",
-                 client_learning_rate: float = 0.05, server_optimizer: str = "sgd",
-                 server_learning_rate: float = 1.0, batch_size: int = 20,
-                 local_epochs: int = 1, bn_momentum: Optional[float] = 0.9) -> FedAvg:
-  """Builds FedAvg over a `tf_dlg.models` Keras model.
+@dataclasses.dataclass(frozen=True)
+class FedAvgConfig:
+  """What defines a FedAvg process (besides the data shape); see `build_fedavg`.
 
-  Args:
-    input_shape, num_classes: Data shape (H, W, C) and class count.
+  Attributes:
     model: `tf_dlg.models` registry name; `bn_cnn` (BatchNorm CNN) by default.
     model_seed: Seed of the initial server model.
     aggregator: `mean` (weighted by examples), `median` or `trimmed_mean`
@@ -370,21 +385,39 @@ def build_fedavg(input_shape: Sequence[int], num_classes: int, *,
       so with 0.99 the statistics it sends barely move from the server's and the
       global model's inference-mode accuracy lags its training accuracy by many
       rounds; 0.9 lets them track the data within a round or two.
-
-  Returns:
-    A `FedAvg` bundle.
   """
-  if aggregator not in AGGREGATORS:
-    raise ValueError(f"aggregator={aggregator!r} must be one of {', '.join(AGGREGATORS)}.")
-  input_shape = tuple(int(d) for d in input_shape)
+
+  model: str = "bn_cnn"
+  model_seed: int = 0
+  aggregator: str = "mean"
+  trim_fraction: float = 0.1
+  defense: Any = None
+  client_optimizer: str = "sgd"
+  client_learning_rate: float = 0.05
+  server_optimizer: str = "sgd"
+  server_learning_rate: float = 1.0
+  batch_size: int = 20
+  local_epochs: int = 1
+  bn_momentum: Optional[float] = 0.9
+
+
+def _keras_model_fn(config: FedAvgConfig, input_shape: tuple, num_classes: int):
+  """A no-arg function building the (uncompiled) Keras model of `config`."""
 
   def keras_model_fn():
-    keras_model = models_lib.build_model(model, input_shape, num_classes, seed=model_seed)
-    if bn_momentum is not None:
+    keras_model = models_lib.build_model(
+      config.model, input_shape, num_classes, seed=config.model_seed
+    )
+    if config.bn_momentum is not None:
       for layer, _ in models_lib.batchnorm_variables(keras_model):
-        layer.momentum = float(bn_momentum)  # read at call time, so this takes effect
+        layer.momentum = float(config.bn_momentum)  # read at call time, so this takes effect
     return keras_model
 
+  return keras_model_fn
+
+
+def _tff_model_fn(keras_model_fn, input_shape: tuple):
+  """A no-arg function wrapping a fresh Keras model as a TFF model."""
   spec = models_lib.input_spec(input_shape)
 
   def model_fn():
@@ -393,22 +426,72 @@ def build_fedavg(input_shape: Sequence[int], num_classes: int, *,
       # is precisely what sends and averages them (see the module docstring).
       warnings.filterwarnings("ignore", message="Batch Normalization contains")
       return tff.learning.models.from_keras_model(
-          keras_model_fn(), input_spec=spec,
-          loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-          metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
+        keras_model_fn(),
+        input_spec=spec,
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[tf.keras.metrics.SparseCategoricalAccuracy()],
+      )
 
+  return model_fn
+
+
+def _probe(keras_model_fn, defense):
+  """(number of trainable variables, defence exclusion mask or None) of the model."""
   probe = keras_model_fn()
   for v in probe.non_trainable_variables:
     if not v.dtype.is_floating:
-      raise TypeError(f"Non-trainable variable {v.name} has dtype {v.dtype.name}; "
-                      "FedAvg here averages non-trainable weights, which must be float.")
-  num_trainable = len(probe.trainable_variables)
-  exclude = None
-  if _is_defense(defense):
-    exclude = update_exclusion(probe)
+      raise TypeError(
+        f"Non-trainable variable {v.name} has dtype {v.dtype.name}; "
+        "FedAvg here averages non-trainable weights, which must be float."
+      )
+  exclude = update_exclusion(probe) if _is_defense(defense) else None
+  return len(probe.trainable_variables), exclude
 
-  client_opt = build_optimizer(client_optimizer, client_learning_rate)
-  server_opt = build_optimizer(server_optimizer, server_learning_rate)
+
+def _aggregation_process(config: FedAvgConfig, weights_type, exclude, capture: bool):
+  """(aggregation process over the update list, client weighting) of `config`."""
+  factory, weighting = _inner_factory(config.aggregator, config.trim_fraction)
+  if capture:
+    # Inside the defence, so it records exactly what the defence outputs.
+    factory = aggregators_lib.capture_factory(factory)
+  if _is_defense(config.defense):
+    from tf_dlg import defenses
+
+    factory = aggregators_lib.stats_factory(
+      factory, include=[not e for e in exclude], clip_norm=_clip_norm(config.defense)
+    )
+    factory = defenses.defense_factory(config.defense, factory, exclude=exclude)
+  if isinstance(factory, tff.aggregators.UnweightedAggregationFactory):
+    factory = tff.aggregators.as_weighted_aggregator(factory)
+  return factory.create(_update_type(weights_type), tff.TensorType(np.float32)), weighting
+
+
+def build_fedavg(
+  input_shape: Sequence[int],
+  num_classes: int,
+  config: Optional[FedAvgConfig] = None,
+  **overrides,
+) -> FedAvg:
+  """Builds FedAvg over a `tf_dlg.models` Keras model.
+
+  Args:
+    input_shape, num_classes: Data shape (H, W, C) and class count.
+    config: A `FedAvgConfig` (default: `FedAvgConfig()`).
+    **overrides: `FedAvgConfig` fields replacing those of `config`
+      (`dataclasses.replace`: a misspelt name raises TypeError naming it).
+
+  Returns:
+    A `FedAvg` bundle.
+  """
+  config = dataclasses.replace(config or FedAvgConfig(), **overrides)
+  if config.aggregator not in AGGREGATORS:
+    raise ValueError(f"aggregator={config.aggregator!r} must be one of {', '.join(AGGREGATORS)}.")
+  input_shape = tuple(int(d) for d in input_shape)
+  keras_model_fn = _keras_model_fn(config, input_shape, num_classes)
+  model_fn = _tff_model_fn(keras_model_fn, input_shape)
+  num_trainable, exclude = _probe(keras_model_fn, config.defense)
+  client_opt = build_optimizer(config.client_optimizer, config.client_learning_rate)
+  server_opt = build_optimizer(config.server_optimizer, config.server_learning_rate)
 
   @tff.tensorflow.computation
   def initial_weights_fn():
@@ -417,29 +500,28 @@ def build_fedavg(input_shape: Sequence[int], num_classes: int, *,
   weights_type = initial_weights_fn.type_signature.result
 
   def compose(capture: bool):
-    factory, weighting = _inner_factory(aggregator, trim_fraction)
-    if capture:
-      # Inside the defence, so it records exactly what the defence outputs.
-      factory = aggregators_lib.capture_factory(factory)
-    if _is_defense(defense):
-      from tf_dlg import defenses  # pylint: disable=g-import-not-at-top
-      factory = aggregators_lib.stats_factory(
-          factory, include=[not e for e in exclude], clip_norm=_clip_norm(defense))
-      factory = defenses.defense_factory(defense, factory, exclude=exclude)
-    if isinstance(factory, tff.aggregators.UnweightedAggregationFactory):
-      factory = tff.aggregators.as_weighted_aggregator(factory)
-    agg_process = factory.create(_update_type(weights_type), tff.TensorType(np.float32))
+    agg_process, weighting = _aggregation_process(config, weights_type, exclude, capture)
     return tff.learning.templates.compose_learning_process(
-        initial_weights_fn,
-        tff.learning.templates.build_broadcast_process(weights_type),
-        _build_client_work(model_fn, client_opt, weighting),
-        agg_process,
-        _build_finalizer(server_opt, weights_type, num_trainable))
+      initial_weights_fn,
+      tff.learning.templates.build_broadcast_process(weights_type),
+      _build_client_work(model_fn, client_opt, weighting),
+      agg_process,
+      _build_finalizer(server_opt, weights_type, num_trainable),
+    )
 
   return FedAvg(
-      process=compose(False), keras_model_fn=keras_model_fn, model_name=model,
-      input_shape=input_shape, num_classes=num_classes, aggregator=aggregator,
-      defense=defense, client_optimizer=client_optimizer,
-      client_learning_rate=float(client_learning_rate), batch_size=int(batch_size),
-      local_epochs=int(local_epochs), num_trainable=num_trainable,
-      _build_capture=lambda: compose(True))
+    process=compose(False),
+    keras_model_fn=keras_model_fn,
+    model_name=config.model,
+    input_shape=input_shape,
+    num_classes=num_classes,
+    aggregator=config.aggregator,
+    defense=config.defense,
+    client_optimizer=config.client_optimizer,
+    client_learning_rate=float(config.client_learning_rate),
+    batch_size=int(config.batch_size),
+    local_epochs=int(config.local_epochs),
+    num_trainable=num_trainable,
+    config=config,
+    _build_capture=lambda: compose(True),
+  )

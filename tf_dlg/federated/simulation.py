@@ -49,8 +49,7 @@ import numpy as np
 from tf_dlg import io as io_lib
 from tf_dlg import validation
 
-HISTORY_FIELDS = ("round", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
-                  "seconds")
+HISTORY_FIELDS = ("round", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds")
 _CHECKPOINT_FORMAT = "tf_dlg.federated.checkpoint/v1"
 CHECKPOINT_NAME = "checkpoint.npz"
 HISTORY_NAME = "history.csv"
@@ -71,7 +70,7 @@ class SimulationConfig:
   alpha: float = 0.5
   classes_per_client: int = 2
   num_clients: int = 10
-  clients_per_round: Optional[int] = None   # None: all clients every round
+  clients_per_round: Optional[int] = None  # None: all clients every round
   rounds: int = 20
   model: str = "bn_cnn"
   bn_momentum: Optional[float] = 0.5
@@ -89,24 +88,27 @@ class SimulationConfig:
   server_optimizer: str = "sgd"
   server_lr: float = 1.0
   seed: int = 0
-  capture_round: Optional[int] = None       # 1-based round to capture, or None
-  capture_client: Optional[int] = None      # client id; None: first sampled client
+  capture_round: Optional[int] = None  # 1-based round to capture, or None
+  capture_client: Optional[int] = None  # client id; None: first sampled client
 
   # Fields that do not change the trajectory (may differ on resume).
   _NOT_FINGERPRINTED = ("rounds", "capture_round", "capture_client", "data_dir")
 
   def validate(self, num_examples: Optional[int] = None) -> "SimulationConfig":
     """Raises ValueError naming the bad value and the allowed range (before any work)."""
-    # pylint: disable=g-import-not-at-top
     from tf_dlg import data as data_lib
+    from tf_dlg import defenses, federated
     from tf_dlg import models as models_lib
-    from tf_dlg.federated import fedavg
-    for name, allowed in (("dataset", data_lib.DATASETS),
-                          ("partition", data_lib.PARTITION_SCHEMES),
-                          ("model", models_lib.MODELS), ("aggregator", fedavg.AGGREGATORS),
-                          ("malicious_mode", fedavg.MALICIOUS_MODES),
-                          ("client_optimizer", fedavg.OPTIMIZERS),
-                          ("server_optimizer", fedavg.OPTIMIZERS)):
+
+    for name, allowed in (
+      ("dataset", data_lib.DATASETS),
+      ("partition", data_lib.PARTITION_SCHEMES),
+      ("model", models_lib.MODELS),
+      ("aggregator", federated.AGGREGATORS),
+      ("malicious_mode", federated.MALICIOUS_MODES),
+      ("client_optimizer", federated.OPTIMIZERS),
+      ("server_optimizer", federated.OPTIMIZERS),
+    ):
       validation.check_choice(name, getattr(self, name), allowed)
     validation.check_int("num_clients", self.num_clients, 1, num_examples)
     if self.clients_per_round is not None:
@@ -117,20 +119,16 @@ class SimulationConfig:
     self._check_malicious()
     inf = float("inf")
     for name in ("alpha", "malicious_scale", "client_lr", "server_lr"):
-      validation.check_number(name, getattr(self, name), 0, inf, low_open=True,
-                              high_open=True)
+      validation.check_number(name, getattr(self, name), 0, inf, low_open=True, high_open=True)
     validation.check_number("trim_fraction", self.trim_fraction, 0, 0.5, high_open=True)
     if self.bn_momentum is not None:
       validation.check_number("bn_momentum", self.bn_momentum, 0, 1, high_open=True)
     if self.defense in (None, "none") and self.defense_param is not None:
-      raise ValueError(f"defense_param={self.defense_param!r} is set but defense="
-                       f"{self.defense!r}; set a defence or drop the parameter.")
+      raise ValueError(
+        f"defense_param={self.defense_param!r} is set but defense="
+        f"{self.defense!r}; set a defence or drop the parameter."
+      )
     if self.defense not in (None, "none"):
-      try:
-        from tf_dlg import defenses
-      except ImportError as e:
-        raise ValueError(f"defense={self.defense!r} needs tf_dlg.defenses, which this "
-                         f"checkout lacks ({e}); use defense='none'.") from e
       defenses.get_defense(self.defense, self.defense_param)  # its own ValueError
     if self.capture_round is not None:
       validation.check_int("capture_round", self.capture_round, 1, self.rounds)
@@ -144,9 +142,11 @@ class SimulationConfig:
     """Every round needs an honest client: an all-Byzantine round trains on garbage."""
     m = validation.check_int("malicious_clients", self.malicious_clients, 0)
     if m >= self.num_clients:
-      raise ValueError(f"malicious_clients={m} must be an integer in "
-                       f"[0, {self.num_clients - 1}] (num_clients - 1): every client "
-                       "malicious leaves nothing to learn from.")
+      raise ValueError(
+        f"malicious_clients={m} must be an integer in "
+        f"[0, {self.num_clients - 1}] (num_clients - 1): every client "
+        "malicious leaves nothing to learn from."
+      )
     k = self.clients_per_round or self.num_clients
     if not self.malicious_clients or k > self.malicious_clients:
       return
@@ -154,16 +154,15 @@ class SimulationConfig:
     for round_num in range(1, self.rounds + 1):
       if set(sample_clients(self, round_num)) <= bad:
         raise ValueError(
-            f"malicious_clients={self.malicious_clients} with clients_per_round={k}: "
-            f"round {round_num} samples only malicious clients; use malicious_clients in "
-            f"[0, {k - 1}] or clients_per_round in "
-            f"[{self.malicious_clients + 1}, {self.num_clients}].")
+          f"malicious_clients={self.malicious_clients} with clients_per_round={k}: "
+          f"round {round_num} samples only malicious clients; use malicious_clients in "
+          f"[0, {k - 1}] or clients_per_round in "
+          f"[{self.malicious_clients + 1}, {self.num_clients}]."
+        )
 
   def fingerprint(self) -> str:
-    fields = {k: v for k, v in dataclasses.asdict(self).items()
-              if k not in self._NOT_FINGERPRINTED}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()
-                          ).hexdigest()[:16]
+    fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in self._NOT_FINGERPRINTED}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass
@@ -196,27 +195,44 @@ def sample_clients(config: SimulationConfig, round_num: int) -> List[int]:
 def malicious_ids(config: SimulationConfig) -> List[int]:
   """The fixed, seeded set of Byzantine client ids."""
   rng = np.random.default_rng([config.seed, 0xBAD])
-  return sorted(int(c) for c in rng.permutation(config.num_clients)[:config.malicious_clients])
+  return sorted(int(c) for c in rng.permutation(config.num_clients)[: config.malicious_clients])
 
 
 def _round_seed(config: SimulationConfig, round_num: int) -> int:
   return int(np.random.default_rng([config.seed, round_num, 0xDA7A]).integers(2**31 - 1))
 
 
-def _client_data(config, dataset, parts, ids, round_num, bad):
-  """Per-client `OrderedDict(batches=, role=)` for the TFF process."""
-  # pylint: disable=g-import-not-at-top
+def client_data(config, dataset, parts, ids, round_num, bad=()):
+  """Per-client `OrderedDict(batches=, role=)` of round `round_num` for the TFF process.
+
+  Args:
+    config: The run's `SimulationConfig`.
+    dataset: Its `ImageDataset`.
+    parts: Client partitions (indices into the training set), one per client id.
+    ids: The round's client ids (`sample_clients`).
+    round_num: The 1-based round (seeds the shuffling and Byzantine noise).
+    bad: Byzantine client ids (`malicious_ids`).
+  """
   from tf_dlg import data as data_lib
   from tf_dlg.federated import fedavg
+
   batches = data_lib.client_datasets(
-      dataset.x_train, dataset.y_train, [parts[i] for i in ids],
-      batch_size=config.batch_size, epochs=config.local_epochs, shuffle=True,
-      seed=_round_seed(config, round_num))
+    dataset.x_train,
+    dataset.y_train,
+    [parts[i] for i in ids],
+    batch_size=config.batch_size,
+    epochs=config.local_epochs,
+    shuffle=True,
+    seed=_round_seed(config, round_num),
+  )
   out = []
   for cid, ds in zip(ids, batches):
     if cid in bad:
-      r = fedavg.role(config.malicious_mode, config.malicious_scale,
-                      seed=config.seed * 100003 + round_num * 1009 + cid)
+      r = fedavg.role(
+        config.malicious_mode,
+        config.malicious_scale,
+        seed=config.seed * 100003 + round_num * 1009 + cid,
+      )
     else:
       r = fedavg.role()
     out.append(collections.OrderedDict(batches=ds, role=r))
@@ -243,44 +259,65 @@ def _find(struct, key):
 def _defense(config):
   if config.defense in (None, "none"):
     return None
-  from tf_dlg import defenses  # pylint: disable=g-import-not-at-top
+  from tf_dlg import defenses
+
   return defenses.get_defense(config.defense, config.defense_param)
 
 
 def build_for_config(config: SimulationConfig, dataset):
   """The `FedAvg` bundle of a configuration."""
-  from tf_dlg.federated import fedavg  # pylint: disable=g-import-not-at-top
-  return fedavg.build_fedavg(
-      dataset.input_shape, dataset.num_classes, model=config.model,
-      model_seed=config.seed, aggregator=config.aggregator,
-      trim_fraction=config.trim_fraction, defense=_defense(config),
-      client_optimizer=config.client_optimizer, client_learning_rate=config.client_lr,
-      server_optimizer=config.server_optimizer, server_learning_rate=config.server_lr,
-      batch_size=config.batch_size, local_epochs=config.local_epochs,
-      bn_momentum=config.bn_momentum)
+  from tf_dlg.federated import fedavg
+
+  return fedavg.build_fedavg(dataset.input_shape, dataset.num_classes, fedavg_config(config))
+
+
+def fedavg_config(config: SimulationConfig):
+  """The `fedavg.FedAvgConfig` of a simulation configuration."""
+  from tf_dlg.federated import fedavg
+
+  return fedavg.FedAvgConfig(
+    model=config.model,
+    model_seed=config.seed,
+    aggregator=config.aggregator,
+    trim_fraction=config.trim_fraction,
+    defense=_defense(config),
+    client_optimizer=config.client_optimizer,
+    client_learning_rate=config.client_lr,
+    server_optimizer=config.server_optimizer,
+    server_learning_rate=config.server_lr,
+    batch_size=config.batch_size,
+    local_epochs=config.local_epochs,
+    bn_momentum=config.bn_momentum,
+  )
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
 def _flatten_state(state) -> List[np.ndarray]:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+
   return [np.asarray(x) for x in tf.nest.flatten(state)]
 
 
 def save_checkpoint(path: str, state, round_num: int, history, fingerprint: str) -> None:
   """Atomically writes the server state after `round_num` and the history so far."""
   leaves = _flatten_state(state)
-  header = dict(format=_CHECKPOINT_FORMAT, round=round_num, fingerprint=fingerprint,
-                num_leaves=len(leaves), history=history)
+  header = dict(
+    format=_CHECKPOINT_FORMAT,
+    round=round_num,
+    fingerprint=fingerprint,
+    num_leaves=len(leaves),
+    history=history,
+  )
   # Uncompressed: model weights barely compress and this runs every round.
-  io_lib.save_npz(path, header, {f"leaf_{i}": v for i, v in enumerate(leaves)},
-                  compressed=False)
+  io_lib.save_npz(path, header, {f"leaf_{i}": v for i, v in enumerate(leaves)}, compressed=False)
 
 
 def load_checkpoint(path: str, template_state, fingerprint: str):
   """(state, round, history) from `path`; CheckpointError if corrupt or foreign."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+
   try:
     header, arrays = io_lib.load_npz(path, expected_format=_CHECKPOINT_FORMAT)
     leaves = [arrays[f"leaf_{i}"] for i in range(int(header["num_leaves"]))]
@@ -288,16 +325,19 @@ def load_checkpoint(path: str, template_state, fingerprint: str):
   except CheckpointError:
     raise
   except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f"{path!r} is not a readable tf-dlg federated checkpoint "
-                          f"({type(e).__name__}: {e}).") from e
+    raise CheckpointError(
+      f"{path!r} is not a readable tf-dlg federated checkpoint ({type(e).__name__}: {e})."
+    ) from e
   if header.get("fingerprint") != fingerprint:
     raise CheckpointError(
-        f"{path!r} was written by a different configuration (fingerprint "
-        f"{header.get('fingerprint')}, this run {fingerprint}); use another --output_dir "
-        "or the original flags.")
+      f"{path!r} was written by a different configuration (fingerprint "
+      f"{header.get('fingerprint')}, this run {fingerprint}); use another --output_dir "
+      "or the original flags."
+    )
   template = tf.nest.flatten(template_state)
   if len(template) != len(leaves) or any(
-      np.shape(a) != np.shape(b) for a, b in zip(template, leaves)):
+    np.shape(a) != np.shape(b) for a, b in zip(template, leaves)
+  ):
     raise CheckpointError(f"{path!r} holds a server state of a different structure.")
   leaves = [np.asarray(b, dtype=np.asarray(a).dtype) for a, b in zip(template, leaves)]
   state = tf.nest.pack_sequence_as(template_state, leaves)
@@ -324,8 +364,9 @@ def _history_row(path: str, line: int, row) -> Dict[str, float]:
     if out[key] is None:
       kind = "round number" if key == "round" else "number"
       raise CheckpointError(
-          f"{path!r} line {line}, column {key!r}: {value!r} is not a {kind}; the run's "
-          "files are damaged: use another --output_dir or --overwrite.")
+        f"{path!r} line {line}, column {key!r}: {value!r} is not a {kind}; the run's "
+        "files are damaged: use another --output_dir or --overwrite."
+      )
   return out
 
 
@@ -333,8 +374,10 @@ def _check_history_file(path: str) -> None:
   with open(path, newline="") as f:
     header = next(csv.reader(f), None)
   if header != list(HISTORY_FIELDS):
-    raise CheckpointError(f"{path!r} is not a tf-dlg history (header {header!r}, expected "
-                          f"{list(HISTORY_FIELDS)}); use another --output_dir.")
+    raise CheckpointError(
+      f"{path!r} is not a tf-dlg history (header {header!r}, expected "
+      f"{list(HISTORY_FIELDS)}); use another --output_dir."
+    )
 
 
 def _write_history(path: str, history) -> None:
@@ -357,34 +400,61 @@ def read_history(path: str) -> List[Dict[str, float]]:
 # --------------------------------------------------------------------------- capture
 
 
-def _capture(config, dataset, fa, parts, ids, round_num, start_weights, client_values,
-             output_dir, bad):
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What stays fixed across the rounds of one simulation."""
+
+  fa: Any  # the FedAvg bundle
+  dataset: Any
+  parts: List[np.ndarray]
+  bad: frozenset  # Byzantine client ids
+  output_dir: str
+
+
+def _capture(config, run: _Run, ids, round_num, start_weights, client_values):
   """Writes the chosen client's update as an ObservedUpdate; returns the path."""
-  from tf_dlg.attacks.threat_model import ObservedUpdate  # pylint: disable=g-import-not-at-top
+  from tf_dlg.attacks.threat_model import ObservedUpdate
+
+  fa, dataset, parts, bad = run.fa, run.dataset, run.parts, run.bad
   cid = ids[0] if config.capture_client is None else config.capture_client
   pos = ids.index(cid)
-  update = [np.asarray(v[pos]) for v in client_values][:fa.num_trainable]
+  update = [np.asarray(v[pos]) for v in client_values][: fa.num_trainable]
   keras_model = fa.keras_model_fn()
   fa.assign_to_keras(start_weights, keras_model)
   idx = parts[cid]
   steps = int(math.ceil(len(idx) * config.local_epochs / config.batch_size))
   defense = _defense(config)
   obs = ObservedUpdate(
-      kind="fedavg_delta", update=update, model_weights=keras_model.get_weights(),
-      model_name=config.model, input_shape=dataset.input_shape,
-      num_classes=dataset.num_classes, num_examples=int(len(idx)),
-      batch_size=config.batch_size, local_steps=steps,
-      learning_rate=config.client_lr,
-      defense=None if defense is None else defense.get_config(),
-      metadata=dict(dataset=dataset.name, dataset_source=dataset.source, round=round_num,
-                    client=cid, seed=config.seed, aggregator=config.aggregator,
-                    local_epochs=config.local_epochs,
-                    client_optimizer=config.client_optimizer,
-                    bn_momentum=config.bn_momentum, malicious=cid in bad,
-                    data_seed=_round_seed(config, round_num), shuffled=True,
-                    update_layout="trainable_variables"),
-      true_images=dataset.x_train[idx], true_labels=dataset.y_train[idx])
-  path = os.path.join(output_dir, f"capture_round{round_num}_client{cid}.npz")
+    kind="fedavg_delta",
+    update=update,
+    model_weights=keras_model.get_weights(),
+    model_name=config.model,
+    input_shape=dataset.input_shape,
+    num_classes=dataset.num_classes,
+    num_examples=int(len(idx)),
+    batch_size=config.batch_size,
+    local_steps=steps,
+    learning_rate=config.client_lr,
+    defense=None if defense is None else defense.get_config(),
+    metadata=dict(
+      dataset=dataset.name,
+      dataset_source=dataset.source,
+      round=round_num,
+      client=cid,
+      seed=config.seed,
+      aggregator=config.aggregator,
+      local_epochs=config.local_epochs,
+      client_optimizer=config.client_optimizer,
+      bn_momentum=config.bn_momentum,
+      malicious=cid in bad,
+      data_seed=_round_seed(config, round_num),
+      shuffled=True,
+      update_layout="trainable_variables",
+    ),
+    true_images=dataset.x_train[idx],
+    true_labels=dataset.y_train[idx],
+  )
+  path = os.path.join(run.output_dir, f"capture_round{round_num}_client{cid}.npz")
   return obs.save(path)
 
 
@@ -393,27 +463,35 @@ def _capture(config, dataset, fa, parts, ids, round_num, start_weights, client_v
 
 def _prepare(config: SimulationConfig, output_dir: str, dataset, overwrite: bool):
   """Validates everything and checks `output_dir` before any training; (dataset, parts)."""
-  from tf_dlg import data as data_lib  # pylint: disable=g-import-not-at-top
+  from tf_dlg import data as data_lib
+
   config.validate()  # cheap checks first, before the dataset loads
   validation.check_output_dir("output_dir", output_dir)
   if dataset is None:
-    dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
-                                    seed=config.seed)
+    dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed)
   config.validate(len(dataset.x_train))
   if dataset.x_test is None:
     raise ValueError(f"dataset {dataset.name!r} has no test split to evaluate on.")
-  parts = data_lib.partition(dataset.y_train, config.num_clients, config.partition,
-                             alpha=config.alpha,
-                             classes_per_client=config.classes_per_client,
-                             seed=config.seed)
+  parts = data_lib.partition(
+    dataset.y_train,
+    config.num_clients,
+    config.partition,
+    alpha=config.alpha,
+    classes_per_client=config.classes_per_client,
+    seed=config.seed,
+  )
   if any(len(p) == 0 for p in parts):
-    raise ValueError(f"partition {config.partition!r} left a client with no examples; "
-                     "lower num_clients or change alpha/classes_per_client.")
+    raise ValueError(
+      f"partition {config.partition!r} left a client with no examples; "
+      "lower num_clients or change alpha/classes_per_client."
+    )
   if config.capture_round is not None and config.capture_client is not None:
     ids = sample_clients(config, config.capture_round)
     if config.capture_client not in ids:
-      raise ValueError(f"capture_client={config.capture_client} is not sampled in round "
-                       f"{config.capture_round} (clients {ids}); choose one of those.")
+      raise ValueError(
+        f"capture_client={config.capture_client} is not sampled in round "
+        f"{config.capture_round} (clients {ids}); choose one of those."
+      )
   ckpt_path = os.path.join(output_dir, CHECKPOINT_NAME)
   hist_path = os.path.join(output_dir, HISTORY_NAME)
   if overwrite:
@@ -424,27 +502,32 @@ def _prepare(config: SimulationConfig, output_dir: str, dataset, overwrite: bool
     shutil.rmtree(os.path.join(output_dir, TENSORBOARD_DIR), ignore_errors=True)
   # Read the history whole before anything is rewritten: a damaged file is refused,
   # never overwritten.
-  if os.path.exists(hist_path) and read_history(hist_path) and not os.path.exists(
-      ckpt_path):
-    raise CheckpointError(f"{hist_path!r} has rounds but there is no {CHECKPOINT_NAME} "
-                          "to resume from; use another --output_dir or overwrite.")
+  if os.path.exists(hist_path) and read_history(hist_path) and not os.path.exists(ckpt_path):
+    raise CheckpointError(
+      f"{hist_path!r} has rounds but there is no {CHECKPOINT_NAME} "
+      "to resume from; use another --output_dir or overwrite."
+    )
   return dataset, parts
 
 
 def _evaluate(fa, state, keras_model, dataset):
   """(test_loss, test_accuracy) of the server model, Keras in inference mode."""
   fa.assign_to_keras(fa.process.get_model_weights(state), keras_model)
-  loss, acc = keras_model.evaluate(dataset.x_test, dataset.y_test, batch_size=256,
-                                   verbose=0)
+  loss, acc = keras_model.evaluate(dataset.x_test, dataset.y_test, batch_size=256, verbose=0)
   return float(loss), float(acc)
 
 
 def _write_summaries(writer, row, metrics) -> None:
   """One round's TensorBoard scalars (step = round), flushed so a watcher sees them."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  scalars = {"train/loss": row["train_loss"], "train/accuracy": row["train_accuracy"],
-             "test/loss": row["test_loss"], "test/accuracy": row["test_accuracy"],
-             "round/seconds": row["seconds"]}
+  import tensorflow as tf
+
+  scalars = {
+    "train/loss": row["train_loss"],
+    "train/accuracy": row["train_accuracy"],
+    "test/loss": row["test_loss"],
+    "test/accuracy": row["test_accuracy"],
+    "round/seconds": row["seconds"],
+  }
   norm = _find(metrics, "update_norm")
   if norm is not None:
     scalars["update/global_norm"] = norm
@@ -458,25 +541,30 @@ def _write_summaries(writer, row, metrics) -> None:
   writer.flush()
 
 
-def _round(config, run, state, round_num):
+def _round(config, run: _Run, state, round_num):
   """One FedAvg round: (new state, TFF metrics, capture path or None)."""
-  fa, dataset, parts, bad, output_dir = run
   ids = sample_clients(config, round_num)
-  client_data = _client_data(config, dataset, parts, ids, round_num, bad)
+  data = client_data(config, run.dataset, run.parts, ids, round_num, run.bad)
   if round_num != config.capture_round:
-    out = fa.process.next(state, client_data)
+    out = run.fa.process.next(state, data)
     return out.state, out.metrics, None
-  start_weights = fa.process.get_model_weights(state)
-  out = fa.capture_process.next(state, client_data)
-  path = _capture(config, dataset, fa, parts, ids, round_num, start_weights,
-                  _find(out.metrics, "client_values"), output_dir, bad)
+  start_weights = run.fa.process.get_model_weights(state)
+  out = run.fa.capture_process.next(state, data)
+  path = _capture(config, run, ids, round_num, start_weights, _find(out.metrics, "client_values"))
   return out.state, out.metrics, path
 
 
-def run_simulation(config: SimulationConfig, output_dir: str, *, workers=None,
-                   dataset=None, fedavg=None, progress: bool = True,
-                   stop_after: Optional[int] = None, overwrite: bool = False
-                   ) -> SimulationResult:
+def run_simulation(
+  config: SimulationConfig,
+  output_dir: str,
+  *,
+  workers=None,
+  dataset=None,
+  fedavg=None,
+  progress: bool = True,
+  stop_after: Optional[int] = None,
+  overwrite: bool = False,
+) -> SimulationResult:
   """Runs (or resumes) a federated simulation; see the module docstring.
 
   Args:
@@ -492,21 +580,22 @@ def run_simulation(config: SimulationConfig, output_dir: str, *, workers=None,
       written as usual).
     overwrite: Start afresh even if `output_dir` holds a run.
   """
-  # pylint: disable=g-import-not-at-top
   import tensorflow as tf
   import tqdm
 
   from tf_dlg.execution import runtime
+
   dataset, parts = _prepare(config, output_dir, dataset, overwrite)
   ckpt_path = os.path.join(output_dir, CHECKPOINT_NAME)
   hist_path = os.path.join(output_dir, HISTORY_NAME)
   fa = fedavg if fedavg is not None else build_for_config(config, dataset)
   keras_model = fa.keras_model_fn()
   keras_model.compile(
-      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-      metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
-  bad = set(malicious_ids(config))
-  run = (fa, dataset, parts, bad, output_dir)
+    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    metrics=[tf.keras.metrics.SparseCategoricalAccuracy()],
+  )
+  bad = frozenset(malicious_ids(config))
+  run = _Run(fa, dataset, parts, bad, output_dir)
   writer = tf.summary.create_file_writer(os.path.join(output_dir, TENSORBOARD_DIR))
   with runtime.execution_target(workers):
     state = fa.process.initialize()
@@ -515,19 +604,28 @@ def run_simulation(config: SimulationConfig, output_dir: str, *, workers=None,
       state, start, history = load_checkpoint(ckpt_path, state, config.fingerprint())
     _write_history(hist_path, history)
     last = config.rounds if stop_after is None else min(config.rounds, stop_after)
-    bar = tqdm.tqdm(range(start + 1, last + 1), initial=start, total=config.rounds,
-                    disable=not progress, desc=f"FedAvg[{config.aggregator}]",
-                    unit="round")
+    bar = tqdm.tqdm(
+      range(start + 1, last + 1),
+      initial=start,
+      total=config.rounds,
+      disable=not progress,
+      desc=f"FedAvg[{config.aggregator}]",
+      unit="round",
+    )
     for round_num in bar:
       t0 = time.perf_counter()
       state, metrics, path = _round(config, run, state, round_num)
       capture_path = path or capture_path
       train = metrics["client_work"]["train"]
       test_loss, test_acc = _evaluate(fa, state, keras_model, dataset)
-      row = dict(round=round_num, train_loss=float(train["loss"]),
-                 train_accuracy=float(train["sparse_categorical_accuracy"]),
-                 test_loss=test_loss, test_accuracy=test_acc,
-                 seconds=round(time.perf_counter() - t0, 4))
+      row = dict(
+        round=round_num,
+        train_loss=float(train["loss"]),
+        train_accuracy=float(train["sparse_categorical_accuracy"]),
+        test_loss=test_loss,
+        test_accuracy=test_acc,
+        seconds=round(time.perf_counter() - t0, 4),
+      )
       history.append(row)
       _write_history(hist_path, history)
       save_checkpoint(ckpt_path, state, round_num, history, config.fingerprint())
@@ -535,6 +633,12 @@ def run_simulation(config: SimulationConfig, output_dir: str, *, workers=None,
       bar.set_postfix(test_acc=f"{test_acc:.3f}")
     bar.close()
   writer.close()
-  return SimulationResult(history=history, dataset_source=dataset.source,
-                          malicious=sorted(bad), capture_path=capture_path,
-                          resumed_from=start, server_state=state, fedavg=fa)
+  return SimulationResult(
+    history=history,
+    dataset_source=dataset.source,
+    malicious=sorted(bad),
+    capture_path=capture_path,
+    resumed_from=start,
+    server_state=state,
+    fedavg=fa,
+  )
