@@ -1,0 +1,242 @@
+"""reproduce: presets, claims by interval, the self-contained report, checks before work."""
+
+import dataclasses
+import os
+import re
+
+import pytest
+
+from experiments import reproduce, threshold_search
+
+
+def test_presets_are_frozen_and_unknown_overrides_fail():
+  quick = reproduce.PRESETS["quick"]
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    quick.num_images = 1
+  with pytest.raises(ValueError, match=r"unknown preset settings \['num_imagse'\]"):
+    quick.override(num_imagse=3)
+  changed = quick.override(num_images=3, datasets=["mnist"])
+  assert changed.num_images == 3 and changed.datasets == ("mnist",)
+  assert quick.num_images == 8  # the preset itself is untouched
+
+
+def test_presets_meet_the_issue_requirements():
+  quick, paper = reproduce.PRESETS["quick"], reproduce.PRESETS["paper"]
+  four = {"masking", "clipping_ratio", "pruning", "noising_ratio"}
+  assert quick.datasets == ("mnist", "cifar10_sample", "lfw_faces")
+  assert four <= set(quick.defenses) and four <= set(quick.convergence_defenses)
+  assert quick.num_images >= 8 and quick.seeds == 3 and quick.convergence_dataset == "mnist"
+  assert (quick.log_resolution, quick.linear_resolution) == (1.5, 0.05)
+  assert paper.datasets == ("mnist", "cifar10", "lfw") and paper.num_images >= 32
+  assert paper.convergence_dataset == "cifar10" and paper.seeds == 5
+  assert (paper.log_resolution, paper.linear_resolution) == (1.25, 0.02)
+  assert reproduce.PRESETS["adaptive"] == quick.override(name="adaptive", adaptive=True)
+  assert quick.override(seed=4).seed_list() == [4, 5, 6]
+
+
+def _row(cost, low, high, partition="iid", defense="masking", label=None, **extra):
+  return dict(
+    aggregator="mean",
+    partition=partition,
+    defense=defense,
+    label=label or defense,
+    param=0.1,
+    param_source="plain threshold (found)",
+    seeds="0 1 2",
+    cost=cost,
+    cost_low=low,
+    cost_high=high,
+    **extra,
+  )
+
+
+@pytest.mark.parametrize(
+  "low, high, side, verdict",
+  [
+    (-0.01, 0.015, "at_most", "agrees"),  # whole interval below the 2 pp margin
+    (0.03, 0.08, "at_most", "disagrees"),  # whole interval above it
+    (0.0, 0.05, "at_most", "inconclusive"),  # straddles the margin
+    (0.03, 0.08, "more_than", "agrees"),
+    (-0.01, 0.01, "more_than", "disagrees"),
+    (0.01, 0.03, "more_than", "inconclusive"),
+  ],
+)
+def test_cost_verdicts_follow_the_interval(low, high, side, verdict):
+  row = reproduce.cost_claim("c", [_row((low + high) / 2, low, high)], 0.02, side)
+  assert row[3].startswith(verdict)
+  assert re.search(r"\[[+-]\d+\.\d, [+-]\d+\.\d\] \(n=3 seeds\)", row[1])
+
+
+def test_an_untested_threshold_never_agrees():
+  row = _row(0.0, -0.01, 0.01)
+  row["param_source"] = f"weakest searched ({threshold_search.UNTESTED})"
+  assert reproduce.cost_claim("c", [row], 0.02, "at_most")[3].startswith(
+    "inconclusive (threshold untested"
+  )
+
+
+@pytest.mark.parametrize(
+  "verdicts, rule, out",
+  [
+    (["agrees", "agrees"], "all", "agrees"),
+    (["agrees", "inconclusive"], "all", "inconclusive"),
+    (["agrees", "disagrees"], "all", "disagrees"),
+    (["agrees", "agrees", "inconclusive"], "most", "agrees"),
+    (["disagrees", "disagrees", "agrees", "agrees"], "most", "disagrees"),
+    (["agrees", "inconclusive", "inconclusive"], "most", "inconclusive"),
+  ],
+)
+def test_combining_settings(verdicts, rule, out):
+  assert reproduce.combine(verdicts, rule) == out
+
+
+def test_claims_rows_for_clipping_that_acts_and_adaptive_costs(tmp_path):
+  conv = [_row(0.0, 0.0, 0.0, label="none", defense="none")]
+  conv += [
+    _row(0.005, -0.004, 0.012, p, "clipping_ratio", clipped_fraction=1.0)
+    for p in ("iid", "dirichlet")
+  ]
+  conv += [_row(0.10, 0.06, 0.14, p, "masking", "masking@adaptive") for p in ("iid",)]
+  reproduce.write_claims(str(tmp_path), [], [], conv, evidence="MNIST, seeds 0 1 2")
+  text = (tmp_path / "claims.md").read_text()
+  acts = next(line for line in text.splitlines() if "acts in training" in line)
+  assert acts.endswith("| agrees |") and "clipped fraction of client updates: 1.00" in acts
+  adaptive = next(line for line in text.splitlines() if "adaptive threshold" in line)
+  assert adaptive.endswith("| disagrees |") and "+10.0 pp [+6.0, +14.0]" in adaptive
+  assert "MNIST, seeds 0 1 2" in adaptive
+  # Clipping that never acted (absolute norm above every update) decides nothing.
+  idle = [conv[0], _row(0.0, 0.0, 0.0, defense="clipping", clipped_fraction=0.0)]
+  reproduce.write_claims(str(tmp_path), [], [], idle)
+  line = next(
+    x for x in (tmp_path / "claims.md").read_text().splitlines() if "acts in training" in x
+  )
+  assert "inconclusive (clipping did not act in training)" in line
+
+
+def test_report_html_is_self_contained_and_leads_with_thresholds(tmp_path):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  (tmp_path / "thresholds" / "figures").mkdir(parents=True)
+  (tmp_path / "thresholds" / "thresholds.md").write_text(
+    "# Thresholds\n\n| defence | threshold |\n|---|---|\n| masking | 0.3 [0.1, 0.5] |\n"
+  )
+  (tmp_path / "claims.md").write_text(
+    "# Claims\n\n| claim | verdict |\n|---|---|\n| masking is cheap | inconclusive |\n"
+  )
+  plt.plot([0, 1])
+  plt.savefig(tmp_path / "thresholds" / "figures" / "strip.png")
+  plt.close()
+  md_path = reproduce.write_report(
+    str(tmp_path),
+    reproduce.PRESETS["quick"],
+    {"mnist": "MNIST"},
+    {"threshold search": 1.0},
+    {"claims.md": "seeds 0, 1, 2"},
+  )
+  md = open(md_path).read()
+  assert md.index("Thresholds") < md.index("Claims") < md.index("## Figures")
+  assert "*Source: `claims.md`; seeds 0, 1, 2*" in md
+  html = (tmp_path / "report.html").read_text()
+  assert "<table>" in html and "0.3 [0.1, 0.5]" in html and "masking is cheap" in html
+  srcs = re.findall(r'src="([^"]*)"', html)
+  assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+  assert "href=" not in html and "<link" not in html
+
+
+def _checked_preset(**overrides):
+  base = dict(
+    datasets=["mnist"],
+    defenses=["masking"],
+    convergence_defenses=["masking"],
+    convergence_dataset="mnist",
+    iterations=100,
+  )
+  return reproduce.PRESETS["quick"].override(**dict(base, **overrides))
+
+
+@pytest.mark.parametrize(
+  "overrides, match",
+  [
+    (dict(partitions=["bogus"]), "partitions: 'bogus' not one of"),
+    (dict(convergence_defenses=["maskng"]), "convergence_defenses: 'maskng' not one of"),
+    (dict(convergence_defenses=["clipping"]), "convergence_defenses: 'clipping' not one of"),
+    (dict(adaptive_attacks=["gan"]), "adaptive_attacks: 'gan' not one of"),
+    (dict(convergence_dataset="photos"), "convergence_dataset='photos' is not one of"),
+    (dict(num_clients=0), "num_clients=0"),
+    (dict(rounds=-1), "rounds=-1"),
+    (dict(seeds=0), "seeds=0"),
+  ],
+)
+def test_every_setting_is_checked_before_any_work(tmp_path, monkeypatch, overrides, match):
+  def no_work(*args, **kwargs):
+    raise AssertionError("work started before the settings were checked")
+
+  monkeypatch.setattr(threshold_search.ThresholdSearch, "run", no_work)
+  with pytest.raises(ValueError, match=match):
+    reproduce.run(str(tmp_path), _checked_preset(**overrides), progress=False)
+  assert not os.path.exists(tmp_path / "thresholds" / "points.jsonl")
+
+
+def test_drivers_give_one_line_errors_with_exit_code_2(tmp_path):
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for module, args, needle in [
+    ("reproduce", ["--partitions=bogus"], "partitions: 'bogus' not one of"),
+    ("reproduce", ["--preset=fast"], "preset='fast' is not one of"),
+    ("convergence", ["--seeds=0,0"], "must be distinct"),
+  ]:
+    proc = subprocess.run(
+      [sys.executable, "-m", f"experiments.{module}", *args, f"--output_dir={tmp_path / module}"],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      cwd=root,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_miniature_paper_run_end_to_end_on_offline_mnist(tmp_path):
+  """The `paper` preset at toy size: real attacks and real TFF training (about a minute)."""
+  settings = reproduce.PRESETS["paper"].override(
+    datasets=["mnist"],
+    defenses=["masking"],
+    convergence_defenses=["masking"],
+    convergence_dataset="mnist",
+    num_images=1,
+    iterations=60,
+    restarts=1,
+    log_resolution=1000.0,
+    linear_resolution=0.5,
+    adaptive=False,
+    adaptive_attacks=[],
+    rounds=1,
+    num_clients=2,
+    seeds=2,
+    train_examples=40,
+    test_examples=20,
+  )
+  paths = reproduce.run(str(tmp_path), settings, progress=False)
+  report = open(paths["report"]).read()
+  for needle in (
+    "Thresholds",
+    "claims",
+    "Convergence",
+    "Figures",
+    "MNIST",
+    "seeds 0, 1",
+    "tensorflow-federated",
+    "preset `paper`",
+  ):
+    assert needle in report, needle
+  claims = open(paths["claims"]).read()
+  assert "masking" in claims and "(n=2 seeds)" in claims
+  html = open(paths["html"]).read()
+  assert 'src="data:image/png;base64,' in html and "<table>" in html
+  assert os.path.exists(tmp_path / "figures" / "convergence.png")
