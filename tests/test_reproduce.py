@@ -221,6 +221,7 @@ def test_miniature_paper_run_end_to_end_on_offline_mnist(tmp_path):
     seeds=2,
     train_examples=40,
     test_examples=20,
+    partitions=["iid"],
   )
   paths = reproduce.run(str(tmp_path), settings, progress=False)
   report = open(paths["report"]).read()
