@@ -11,38 +11,46 @@ Prints the load average too: on a shared machine the ratios are the informative 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
 
-from absl import app
-from absl import logging
 from absl import flags
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# First: imports TensorFlow quietly and before absl's app.run (see experiments.cli).
+from experiments import cli
+from tf_dlg import data as data_lib
+from tf_dlg import models
+from tf_dlg.execution import runtime
+from tf_dlg.federated import simulation as sim
 
-# Import TensorFlow before absl parses flags: building a Keras model inside `main` when TF
-# was first imported there fails in Keras 2.14 ("SymbolicTensor has no attribute node").
-import tensorflow as tf  # noqa: F401,E402  pylint: disable=unused-import,g-import-not-at-top
-
-flags.DEFINE_integer("rounds", 5, "Timed rounds (and Keras fits) per configuration.")
-flags.DEFINE_integer("local_epochs", 2, "Local epochs per round (= Keras epochs).")
-flags.DEFINE_integer("batch_size", 10, "Batch size.")
-flags.DEFINE_integer("num_clients", 10, "Clients.")
-flags.DEFINE_string("workers", "", "Optional TFF worker addresses host:port[,...].")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The benchmark's flags (defined on demand, so drivers can share one process)."""
+  flags.DEFINE_integer(
+    "rounds", 5, "Timed rounds (and Keras fits) per configuration.", lower_bound=1
+  )
+  flags.DEFINE_integer("local_epochs", 2, "Local epochs per round (= Keras epochs).", lower_bound=1)
+  flags.DEFINE_integer("batch_size", 10, "Batch size.", lower_bound=1)
+  flags.DEFINE_integer("num_clients", 10, "Clients.", lower_bound=1)
+  flags.DEFINE_string("workers", "", "Optional TFF worker addresses host:port[,...].")
 
 
 def keras_floor(dataset, config, repeats):
   """Median seconds of `fit` over all training examples for `local_epochs` epochs."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tf_dlg import models  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # already imported, quietly, by experiments.cli
+
   model = models.build_model(config.model, dataset.input_shape, dataset.num_classes)
   for layer, _ in models.batchnorm_variables(model):
     layer.momentum = config.bn_momentum
-  model.compile(optimizer=tf.keras.optimizers.Adam(config.client_lr),
-                loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                metrics=["accuracy"])
+  model.compile(
+    optimizer=tf.keras.optimizers.Adam(config.client_lr),
+    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    metrics=["accuracy"],
+  )
   ds = tf.data.Dataset.from_tensor_slices((dataset.x_train, dataset.y_train))
   ds = ds.shuffle(len(dataset.x_train), seed=0).batch(config.batch_size)
   model.fit(ds, epochs=1, verbose=0)  # warm-up: tracing
@@ -56,10 +64,6 @@ def keras_floor(dataset, config, repeats):
 
 def fedavg_rounds(dataset, config, repeats, workers):
   """Seconds of `process.next` per round (data built beforehand), after one warm-up."""
-  # pylint: disable=g-import-not-at-top
-  from tf_dlg import data as data_lib
-  from tf_dlg.execution import runtime
-  from tf_dlg.federated import simulation as sim
   fa = sim.build_for_config(config, dataset)
   parts = data_lib.partition(dataset.y_train, config.num_clients, "iid", seed=0)
   ids = list(range(config.num_clients))
@@ -67,7 +71,7 @@ def fedavg_rounds(dataset, config, repeats, workers):
   with runtime.execution_target(workers):
     state = fa.process.initialize()
     for r in range(repeats + 1):
-      client_data = sim._client_data(config, dataset, parts, ids, r + 1, set())  # pylint: disable=protected-access
+      client_data = sim.client_data(config, dataset, parts, ids, r + 1)
       t0 = time.perf_counter()
       state = fa.process.next(state, client_data).state
       if r:  # round 0 traces and ships the computation
@@ -77,25 +81,26 @@ def fedavg_rounds(dataset, config, repeats, workers):
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # TFF logs INFO lines per model build
-  # pylint: disable=g-import-not-at-top
-  from tf_dlg import data as data_lib
-  from tf_dlg.execution import runtime
-  from tf_dlg.federated import simulation as sim
   dataset = data_lib.load_dataset("digits")
   workers = runtime.parse_workers(FLAGS.workers)
-  base = sim.SimulationConfig(dataset="digits", num_clients=FLAGS.num_clients,
-                              local_epochs=FLAGS.local_epochs, batch_size=FLAGS.batch_size)
+  base = sim.SimulationConfig(
+    dataset="digits",
+    num_clients=FLAGS.num_clients,
+    local_epochs=FLAGS.local_epochs,
+    batch_size=FLAGS.batch_size,
+  )
   print(f"data: {dataset.source}")
-  print(f"{FLAGS.num_clients} IID clients, {len(dataset.x_train)} training examples, "
-        f"{FLAGS.local_epochs} local epochs, batch {FLAGS.batch_size}, "
-        f"{FLAGS.rounds} timed repeats; load average before: "
-        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+  print(
+    f"{FLAGS.num_clients} IID clients, {len(dataset.x_train)} training examples, "
+    f"{FLAGS.local_epochs} local epochs, batch {FLAGS.batch_size}, "
+    f"{FLAGS.rounds} timed repeats; load average before: "
+    f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs"
+  )
   results = {}
   floor = keras_floor(dataset, base, FLAGS.rounds)
   results["keras_fit"] = floor
   for aggregator in ("mean", "median", "trimmed_mean"):
-    config = sim.SimulationConfig(**{**vars(base), "aggregator": aggregator})
+    config = dataclasses.replace(base, aggregator=aggregator)
     results[aggregator] = fedavg_rounds(dataset, config, FLAGS.rounds, workers)
   med = {k: statistics.median(v) for k, v in results.items()}
   print(f"{'':14s}{'median s':>10s}{'min s':>9s}{'max s':>9s}")
@@ -108,4 +113,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  cli.run(main)

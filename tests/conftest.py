@@ -2,6 +2,8 @@
 
 Fixtures for every test module:
 - `digits`: the offline `digits` `ImageDataset` (real 8x8 digits at 28x28), loaded once.
+- `sim_config`: a 10-client, 3-round IID `SimulationConfig` on `digits` (mean FedAvg).
+- `mean_fedavg`: the `FedAvg` of `sim_config`, built once for every federated test.
 - `tiny_bn_model`: a function `(input_shape, num_classes, seed=0) -> tf.keras.Model`, a
   one-conv BatchNorm model small enough for TFF rounds in a second or two.
 """
@@ -26,6 +28,22 @@ def digits():
   from tf_dlg import data
 
   return data.load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def sim_config():
+  from tf_dlg.federated import simulation
+
+  return simulation.SimulationConfig(
+    dataset="digits", num_clients=10, rounds=3, aggregator="mean", seed=0
+  )
+
+
+@pytest.fixture(scope="session")
+def mean_fedavg(sim_config, digits):
+  from tf_dlg.federated import simulation
+
+  return simulation.build_for_config(sim_config, digits)
 
 
 def _tiny_bn_model(input_shape, num_classes, seed=0):

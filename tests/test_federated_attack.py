@@ -2,14 +2,12 @@
 
 import numpy as np
 
-from tf_dlg import data as data_lib
 from tf_dlg.attacks import runner
 from tf_dlg.attacks.threat_model import ObservedUpdate
 from tf_dlg.federated import simulation as sim
 
 
-def test_multistep_attack_runs_on_a_captured_tff_update(tmp_path):
-  digits = data_lib.load_dataset("digits")
+def test_multistep_attack_runs_on_a_captured_tff_update(digits, tmp_path):
   # Tiny clients (~4 examples), plain SGD as the attack's threat model assumes,
   # two local steps of batch 2: a multi-step fedavg_delta observation.
   config = sim.SimulationConfig(

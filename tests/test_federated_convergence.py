@@ -8,19 +8,11 @@ tracks it within about a point.
 Default suite: 6-round runs (the trends). `-m slow`: the issue's 30-round criteria.
 """
 
-import dataclasses
-
 import pytest
 
-from tf_dlg import data as data_lib
 from tf_dlg.federated import simulation as sim
 
 ROUNDS_TO_90 = 30  # the stated bound: mean FedAvg reaches >= 90 % within 30 rounds
-
-
-@pytest.fixture(scope="module")
-def digits():
-  return data_lib.load_dataset("digits")
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +24,28 @@ def runner(digits, tmp_path_factory):
   def run(aggregator, malicious=0, rounds=6):
     key = (aggregator, malicious, rounds)
     if key not in done:
-      config = sim.SimulationConfig(dataset="digits", num_clients=10, rounds=rounds,
-                                    aggregator=aggregator, malicious_clients=malicious,
-                                    malicious_scale=1000.0, seed=0)
+      config = sim.SimulationConfig(
+        dataset="digits",
+        num_clients=10,
+        rounds=rounds,
+        aggregator=aggregator,
+        malicious_clients=malicious,
+        malicious_scale=1000.0,
+        seed=0,
+      )
       if aggregator not in built:
         built[aggregator] = sim.build_for_config(config, digits)
-      result = sim.run_simulation(config, str(root / "_".join(map(str, key))),
-                                  dataset=digits, fedavg=built[aggregator], progress=False)
+      result = sim.run_simulation(
+        config,
+        str(root / "_".join(map(str, key))),
+        dataset=digits,
+        fedavg=built[aggregator],
+        progress=False,
+      )
       done[key] = [h["test_accuracy"] for h in result.history]
-      print(f"\n{aggregator} malicious={malicious}: "
-            f"{[round(a, 3) for a in done[key]]}")  # shown with -s
+      print(
+        f"\n{aggregator} malicious={malicious}: {[round(a, 3) for a in done[key]]}"
+      )  # shown with -s
     return done[key]
 
   return run
@@ -61,7 +65,7 @@ def test_short_one_malicious_client_breaks_mean_not_median_or_trimmed_mean(runne
   mean_bad = runner("mean", malicious=1)
   median_bad = runner("median", malicious=1)
   trimmed_bad = runner("trimmed_mean", malicious=1)
-  assert mean_bad[-1] <= 0.2, mean_bad                  # collapsed (10 classes: chance 0.1)
+  assert mean_bad[-1] <= 0.2, mean_bad  # collapsed (10 classes: chance 0.1)
   assert max(median_bad) >= clean - 0.1, (median_bad, clean)
   assert max(trimmed_bad) >= clean - 0.1, (trimmed_bad, clean)
 

@@ -33,7 +33,7 @@ def _socket_inodes(pid):
 
 def _hex_address(text):
   """An address of /proc/net/tcp{,6} (hex, host-endian 32-bit words) as ip_address."""
-  words = [bytes.fromhex(text[i:i + 8])[::-1] for i in range(0, len(text), 8)]
+  words = [bytes.fromhex(text[i : i + 8])[::-1] for i in range(0, len(text), 8)]
   return ipaddress.ip_address(b"".join(words))
 
 
@@ -95,7 +95,7 @@ def _worker_children(pid):
 
 def test_default_local_worker_listens_on_loopback_only():
   tff = runtime.import_tff()
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
 
   @tff.tensorflow.computation
   def three():
@@ -127,11 +127,15 @@ def test_remote_worker_is_loopback_unless_exposed():
 
 
 def test_worker_launcher_defaults_to_loopback_and_stops_on_sigterm():
-  import portpicker  # pylint: disable=g-import-not-at-top
+  import portpicker
+
   port = portpicker.pick_unused_port()
-  launcher = subprocess.Popen([sys.executable, "-m", "tf_dlg.execution.worker",
-                               f"--port={port}"], cwd=REPO, stderr=subprocess.PIPE,
-                              text=True)
+  launcher = subprocess.Popen(
+    [sys.executable, "-m", "tf_dlg.execution.worker", f"--port={port}"],
+    cwd=REPO,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     deadline = time.time() + 30
     while not _worker_children(launcher.pid) and time.time() < deadline:
@@ -149,8 +153,13 @@ def test_worker_launcher_defaults_to_loopback_and_stops_on_sigterm():
 
 
 def test_launcher_rejects_a_bad_port():
-  proc = subprocess.run([sys.executable, "-m", "tf_dlg.execution.worker", "--port=0"],
-                        cwd=REPO, capture_output=True, text=True, timeout=60)
+  proc = subprocess.run(
+    [sys.executable, "-m", "tf_dlg.execution.worker", "--port=0"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert proc.returncode == 2
   assert "--port=0 must be an integer in [1, 65535]" in proc.stderr
 
@@ -159,8 +168,11 @@ def test_no_compiler_is_a_one_line_error_unless_exposure_is_allowed(monkeypatch,
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached shim
   monkeypatch.setattr(worker, "_compiler", lambda: None)
   monkeypatch.delenv(worker.ALLOW_EXPOSED_ENV, raising=False)
-  with pytest.raises(worker.WorkerSetupError, match=r"install gcc .* "
-                     r"TF_DLG_ALLOW_EXPOSED_WORKER=1"):
+  with pytest.raises(
+    worker.WorkerSetupError,
+    match=r"install gcc .* "
+    r"TF_DLG_ALLOW_EXPOSED_WORKER=1",
+  ):
     worker.shim_path()
   monkeypatch.setenv(worker.ALLOW_EXPOSED_ENV, "1")
   with pytest.warns(RuntimeWarning, match="EVERY interface"):
@@ -192,8 +204,9 @@ time.sleep(600)
 @pytest.mark.parametrize("mode", ["loopback", "expose"])
 def test_worker_dies_with_a_sigkilled_parent(mode):
   """Shim constructor (loopback) or preexec prctl (exposed, no shim): both guard."""
-  parent = subprocess.Popen([sys.executable, "-c", _CHILD, mode], cwd=REPO,
-                            stdout=subprocess.PIPE, text=True)
+  parent = subprocess.Popen(
+    [sys.executable, "-c", _CHILD, mode], cwd=REPO, stdout=subprocess.PIPE, text=True
+  )
   try:
     pid = int(parent.stdout.readline())
     _wait_listening(pid)
@@ -212,9 +225,23 @@ def test_worker_dies_with_a_sigkilled_parent(mode):
 def test_killed_federated_run_leaves_no_worker(tmp_path, sig):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   run = subprocess.Popen(
-      [sys.executable, "-m", "experiments.federated", "--num_clients=3", "--rounds=500",
-       "--local_epochs=1", "--model=lenet", f"--output_dir={tmp_path}", "--noprogress"],
-      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    [
+      sys.executable,
+      "-m",
+      "experiments.federated",
+      "--num_clients=3",
+      "--rounds=500",
+      "--local_epochs=1",
+      "--model=lenet",
+      f"--output_dir={tmp_path}",
+      "--noprogress",
+    ],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     deadline = time.time() + 240
     pids = []

@@ -13,18 +13,23 @@ tff = aggregators.tff
 
 # A structured value: a vector, a matrix and a scalar, as a model update would be.
 _SPECS = collections.OrderedDict(
-    w=tf.TensorSpec([3], tf.float32),
-    k=tf.TensorSpec([2, 2], tf.float32),
-    b=tf.TensorSpec([], tf.float32))
+  w=tf.TensorSpec([3], tf.float32),
+  k=tf.TensorSpec([2, 2], tf.float32),
+  b=tf.TensorSpec([], tf.float32),
+)
 _TYPE = tff.types.tensorflow_to_type(_SPECS)
 
 
 def _client_values(n, seed):
   rng = np.random.default_rng(seed)
-  return [collections.OrderedDict(
+  return [
+    collections.OrderedDict(
       w=rng.normal(size=3).astype(np.float32),
       k=rng.normal(size=(2, 2)).astype(np.float32),
-      b=np.float32(rng.normal())) for _ in range(n)]
+      b=np.float32(rng.normal()),
+    )
+    for _ in range(n)
+  ]
 
 
 def _stack(values, key):
@@ -46,14 +51,19 @@ def test_median_equals_numpy_median(median_process, n):
   values = _client_values(n, seed=n)
   out = median_process.next(median_process.initialize(), values)
   for key in _SPECS:
-    np.testing.assert_allclose(out.result[key], np.median(_stack(values, key), axis=0),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+      out.result[key], np.median(_stack(values, key), axis=0), rtol=1e-6, atol=1e-7
+    )
   assert out.measurements["num_clients"] == n
 
 
 def test_median_even_count_averages_middle_values(median_process):
-  values = [collections.OrderedDict(w=np.full(3, x, np.float32), k=np.zeros((2, 2), np.float32),
-                                    b=np.float32(x)) for x in (1.0, 2.0, 10.0, 4.0)]
+  values = [
+    collections.OrderedDict(
+      w=np.full(3, x, np.float32), k=np.zeros((2, 2), np.float32), b=np.float32(x)
+    )
+    for x in (1.0, 2.0, 10.0, 4.0)
+  ]
   out = median_process.next(median_process.initialize(), values)
   np.testing.assert_allclose(out.result["w"], [3.0, 3.0, 3.0])  # (2 + 4) / 2
   assert float(out.result["b"]) == 3.0
@@ -75,8 +85,8 @@ def test_trimmed_mean_equals_scipy(trimmed_process, n):
   out = trimmed_process.next(trimmed_process.initialize(), values)
   for key in _SPECS:
     np.testing.assert_allclose(
-        out.result[key], scipy.stats.trim_mean(_stack(values, key), 0.2, axis=0),
-        rtol=1e-5, atol=1e-6)
+      out.result[key], scipy.stats.trim_mean(_stack(values, key), 0.2, axis=0), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_trimmed_mean_zero_fraction_is_the_mean():
@@ -99,8 +109,7 @@ def test_capture_reports_values_in_client_order_and_keeps_inner_result():
   out = process.next(process.initialize(), values)
   for key in _SPECS:
     np.testing.assert_array_equal(out.measurements["client_values"][key], _stack(values, key))
-    np.testing.assert_allclose(out.result[key], np.median(_stack(values, key), axis=0),
-                               rtol=1e-6)
+    np.testing.assert_allclose(out.result[key], np.median(_stack(values, key), axis=0), rtol=1e-6)
 
 
 def test_capture_of_weighted_mean_stays_weighted():
@@ -110,16 +119,17 @@ def test_capture_of_weighted_mean_stays_weighted():
   values = _client_values(3, seed=1)
   weights = [1.0, 2.0, 5.0]
   out = process.next(process.initialize(), values, weights)
-  np.testing.assert_allclose(out.result["w"],
-                             np.average(_stack(values, "w"), axis=0, weights=weights),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    out.result["w"], np.average(_stack(values, "w"), axis=0, weights=weights), rtol=1e-5
+  )
   np.testing.assert_array_equal(out.measurements["client_values"]["w"], _stack(values, "w"))
 
 
 def test_factories_are_unweighted():
   assert isinstance(aggregators.median_factory(), tff.aggregators.UnweightedAggregationFactory)
-  assert isinstance(aggregators.trimmed_mean_factory(0.1),
-                    tff.aggregators.UnweightedAggregationFactory)
+  assert isinstance(
+    aggregators.trimmed_mean_factory(0.1), tff.aggregators.UnweightedAggregationFactory
+  )
 
 
 @pytest.mark.parametrize("bad", [-0.1, 0.5, 0.7, float("nan")])
@@ -149,20 +159,22 @@ def test_capture_refuses_non_factory():
 def test_stats_reports_zero_and_clipped_fractions_and_keeps_result():
   # Leaves in flattening order (b, k, w); include skips the scalar `b`.
   include = [False, True, True]
-  factory = aggregators.stats_factory(tff.aggregators.MeanFactory(), include=include,
-                                      clip_norm=2.0)
+  factory = aggregators.stats_factory(tff.aggregators.MeanFactory(), include=include, clip_norm=2.0)
   assert isinstance(factory, tff.aggregators.WeightedAggregationFactory)
   process = factory.create(_TYPE, tff.TensorType(np.float32))
   values = [
-      # 3 of 7 included entries zero; norm sqrt(1 + 1 + 4 + 1) > 2: counted as clipped
-      collections.OrderedDict(w=np.array([0, 1, 0], np.float32),
-                              k=np.array([[1, 2], [0, 1]], np.float32), b=np.float32(0)),
-      # clipped to exactly the bound: counted; 0 zeros (the zero `b` is excluded)
-      collections.OrderedDict(w=np.array([2, 0, 0], np.float32),
-                              k=np.zeros((2, 2), np.float32), b=np.float32(0)),
-      # far inside the bound: not clipped; all 7 included entries zero
-      collections.OrderedDict(w=np.zeros(3, np.float32), k=np.zeros((2, 2), np.float32),
-                              b=np.float32(5)),
+    # 3 of 7 included entries zero; norm sqrt(1 + 1 + 4 + 1) > 2: counted as clipped
+    collections.OrderedDict(
+      w=np.array([0, 1, 0], np.float32), k=np.array([[1, 2], [0, 1]], np.float32), b=np.float32(0)
+    ),
+    # clipped to exactly the bound: counted; 0 zeros (the zero `b` is excluded)
+    collections.OrderedDict(
+      w=np.array([2, 0, 0], np.float32), k=np.zeros((2, 2), np.float32), b=np.float32(0)
+    ),
+    # far inside the bound: not clipped; all 7 included entries zero
+    collections.OrderedDict(
+      w=np.zeros(3, np.float32), k=np.zeros((2, 2), np.float32), b=np.float32(5)
+    ),
   ]
   weights = [1.0, 1.0, 2.0]
   out = process.next(process.initialize(), values, weights)
@@ -170,9 +182,9 @@ def test_stats_reports_zero_and_clipped_fractions_and_keeps_result():
   stats = out.measurements["defense_stats"]
   assert float(stats["zero_fraction"]) == pytest.approx(zeros / 21)
   assert float(stats["clipped_fraction"]) == pytest.approx(2 / 3)
-  np.testing.assert_allclose(out.result["w"],
-                             np.average(_stack(values, "w"), axis=0, weights=weights),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    out.result["w"], np.average(_stack(values, "w"), axis=0, weights=weights), rtol=1e-6
+  )
 
 
 def test_stats_without_clip_norm_has_no_clipped_fraction():
@@ -187,5 +199,4 @@ def test_stats_without_clip_norm_has_no_clipped_fraction():
 
 def test_stats_include_must_match_the_leaves():
   with pytest.raises(ValueError, match="include has 2 entries, the value 3 leaves"):
-    aggregators.stats_factory(aggregators.median_factory(), include=[True, False]
-                              ).create(_TYPE)
+    aggregators.stats_factory(aggregators.median_factory(), include=[True, False]).create(_TYPE)

@@ -1,0 +1,118 @@
+"""FedAvg in TFF (`tf_dlg.federated.fedavg`): BatchNorm statistics travel with the update,
+its layout lines up with the defences' exclusion, and a defence is applied per client.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_dlg import data as data_lib
+from tf_dlg import defenses
+from tf_dlg.federated import fedavg as fedavg_lib
+from tf_dlg.federated import simulation as sim
+
+
+def test_batchnorm_statistics_are_averaged_and_used(sim_config, mean_fedavg, digits):
+  """Server BN moving stats leave their init and equal the weighted client mean."""
+  parts = data_lib.partition(digits.y_train, 10, "iid", seed=0)
+  ids = sim.sample_clients(sim_config, 1)
+  client_data = sim.client_data(sim_config, digits, parts, ids, 1, set())
+  state0 = mean_fedavg.process.initialize()
+  out = mean_fedavg.capture_process.next(state0, client_data)
+  w0 = mean_fedavg.process.get_model_weights(state0)
+  w1 = mean_fedavg.process.get_model_weights(out.state)
+  deltas = sim._find(out.metrics, "client_values")
+  counts = np.array([len(parts[i]) * sim_config.local_epochs for i in ids], np.float64)
+  nt = mean_fedavg.num_trainable
+  for j, (before, after) in enumerate(zip(w0.non_trainable, w1.non_trainable)):
+    expected = before - np.average(np.asarray(deltas[nt + j]), axis=0, weights=counts)
+    np.testing.assert_allclose(after, expected, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(after, before), "BN statistic stuck at its initial value"
+  # Moving means start at 0 and variances at 1; both must have moved.
+  keras_model = mean_fedavg.keras_model_fn()
+  mean_fedavg.assign_to_keras(w1, keras_model)
+  bn = keras_model.get_layer("bn2")
+  assert np.abs(bn.moving_mean.numpy()).max() > 1e-3
+  assert np.abs(bn.moving_variance.numpy() - 1.0).max() > 1e-2
+
+
+def test_update_layout_and_exclusion_line_up(mean_fedavg):
+  keras_model = mean_fedavg.keras_model_fn()
+  variables = fedavg_lib.update_variables(keras_model)
+  assert len(variables) == mean_fedavg.num_trainable + len(keras_model.non_trainable_variables)
+  names = [v.name for v in variables]
+  assert all("moving" in n for n in names[mean_fedavg.num_trainable :])
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_config_overrides_are_checked_by_name(digits):
+  with pytest.raises(TypeError, match="modle"):
+    fedavg_lib.build_fedavg(digits.x_train.shape[1:], digits.num_classes, modle="lenet")
+  base = fedavg_lib.FedAvgConfig(model="lenet", client_learning_rate=0.1)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    base.model = "bn_cnn"
+  fa = fedavg_lib.build_fedavg(
+    digits.x_train.shape[1:], digits.num_classes, base, aggregator="median"
+  )
+  assert fa.config == dataclasses.replace(base, aggregator="median")
+  assert (fa.model_name, fa.aggregator, fa.client_learning_rate) == ("lenet", "median", 0.1)
+
+
+# --------------------------------------------------------------------------- defences
+
+
+def _middle(name):
+  low, high, scale, _ = defenses.PARAMETER_SEARCH[name]
+  return math.sqrt(low * high) if scale == "log" else 0.5 * (low + high)
+
+
+def _round_one(config, digits):
+  parts = data_lib.partition(digits.y_train, config.num_clients, "iid", seed=config.seed)
+  ids = sim.sample_clients(config, 1)
+  return parts, ids, sim.client_data(config, digits, parts, ids, 1, set())
+
+
+def test_clipping_defense_is_applied_per_client_with_batchnorm_excluded(digits):
+  name = "clipping"
+  param = _middle(name)
+  plain = sim.SimulationConfig(num_clients=4, rounds=1, seed=0)
+  defended = dataclasses.replace(plain, defense=name, defense_param=param)
+  fa_plain = sim.build_for_config(plain, digits)
+  fa_def = sim.build_for_config(defended, digits)
+  _, _, client_data = _round_one(plain, digits)
+  # Each process starts from its own state (the defended aggregator keeps a round
+  # counter); both start from the same seeded model weights.
+  state = fa_plain.process.initialize()
+  state_def = fa_def.process.initialize()
+  for a, b in zip(
+    fa_plain.process.get_model_weights(state).trainable,
+    fa_def.process.get_model_weights(state_def).trainable,
+  ):
+    np.testing.assert_array_equal(a, b)
+  raw = sim._find(fa_plain.capture_process.next(state, client_data).metrics, "client_values")
+  got = sim._find(fa_def.capture_process.next(state_def, client_data).metrics, "client_values")
+
+  keras_model = fa_plain.keras_model_fn()
+  exclude = fedavg_lib.update_exclusion(keras_model)
+  n_bn_stats = len(keras_model.non_trainable_variables)
+  assert exclude[-n_bn_stats:] == [True] * n_bn_stats  # moving statistics pass through
+  defense = defenses.get_defense(name, param, exclude=exclude)
+  for c in range(len(client_data)):
+    update = [tf.constant(np.asarray(v[c])) for v in raw]
+    # Clipping draws no randomness, so the client's seed does not matter here.
+    expected = defense(update, 0)
+    for j, (e, g) in enumerate(zip(expected, got)):
+      np.testing.assert_allclose(
+        np.asarray(g[c]),
+        np.asarray(e),
+        rtol=1e-4,
+        atol=1e-6,
+        err_msg=f"client {c}, update entry {j}",
+      )
+    for j in range(len(raw) - n_bn_stats, len(raw)):  # BN statistics untouched
+      np.testing.assert_allclose(np.asarray(got[j][c]), np.asarray(raw[j][c]), rtol=1e-6)

@@ -1,0 +1,387 @@
+"""The FedAvg simulation loop (`tf_dlg.federated.simulation`): configuration checks,
+sampling, resume, checkpoints and history, capture, remote workers, TensorBoard scalars.
+
+Short runs here (default suite); the long convergence and Byzantine runs are in
+tests/test_federated_convergence.py (short versions default, full versions `-m slow`).
+"""
+
+import dataclasses
+import glob
+import math
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_dlg import data as data_lib
+from tf_dlg import defenses
+from tf_dlg import io as io_lib
+from tf_dlg.attacks.threat_model import ObservedUpdate
+from tf_dlg.execution import runtime
+from tf_dlg.federated import simulation as sim
+
+
+def _strip(history):
+  return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+# --------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
+    ("aggregator", "mode", r"aggregator='mode' is not one of mean, median, trimmed_mean"),
+    ("partition", "zipf", r"partition='zipf' is not one of iid, dirichlet, shards"),
+    ("num_clients", 0, r"num_clients=0 must be an integer in \[1, 1438\]"),
+    ("clients_per_round", 11, r"clients_per_round=11 must be an integer in \[1, 10\]"),
+    ("malicious_clients", 11, r"malicious_clients=11 must be an integer in \[0, 9\]"),
+    ("rounds", 0, r"rounds=0 must be an integer in \[1, inf\]"),
+    ("trim_fraction", 0.5, r"trim_fraction=0.5 must be a number in \[0, 0.5\)"),
+    ("client_lr", -1.0, r"client_lr=-1.0 must be a number in \(0, inf\)"),
+    ("client_lr", float("nan"), r"client_lr=nan must be a number in \(0, inf\)"),
+    ("capture_round", 5, r"capture_round=5 must be an integer in \[1, 3\]"),
+    ("defense_param", 0.3, r"defense_param=0.3 is set but defense='none'"),
+  ],
+)
+def test_config_errors_name_value_and_range(sim_config, digits, field, value, match):
+  bad = dataclasses.replace(sim_config, **{field: value})
+  with pytest.raises(ValueError, match=match):
+    bad.validate(len(digits.x_train))
+
+
+def test_all_malicious_runs_are_refused(sim_config, digits):
+  """Every client malicious (NaN loss from round 1) is refused before any work."""
+  with pytest.raises(
+    ValueError,
+    match=r"^malicious_clients=10 must be an integer in "
+    r"\[0, 9\] \(num_clients - 1\)",
+  ):
+    dataclasses.replace(sim_config, malicious_clients=10).validate(len(digits.x_train))
+  # With sampling, a round that draws only malicious clients is refused too ...
+  bad = dataclasses.replace(sim_config, malicious_clients=8, clients_per_round=2, rounds=20)
+  with pytest.raises(
+    ValueError,
+    match=r"malicious_clients=8 with clients_per_round=2: "
+    r"round \d+ samples only malicious clients; use malicious_clients in "
+    r"\[0, 1\] or clients_per_round in \[9, 10\]",
+  ):
+    bad.validate()
+  # ... but never one where each round keeps an honest client.
+  dataclasses.replace(bad, clients_per_round=9).validate()
+  dataclasses.replace(sim_config, malicious_clients=9).validate()
+
+
+def test_sampling_and_malicious_sets_are_seeded(sim_config):
+  c = dataclasses.replace(sim_config, clients_per_round=4, malicious_clients=2)
+  assert sim.sample_clients(c, 3) == sim.sample_clients(c, 3)
+  assert len(sim.sample_clients(c, 3)) == 4
+  assert {tuple(sim.sample_clients(c, r)) for r in range(1, 6)} != {tuple(sim.sample_clients(c, 1))}
+  assert sim.malicious_ids(c) == sim.malicious_ids(c) and len(sim.malicious_ids(c)) == 2
+  assert sim.sample_clients(sim_config, 1) == list(range(10))
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_interrupt_and_resume_matches_uninterrupted(sim_config, mean_fedavg, digits, tmp_path):
+  full = sim.run_simulation(
+    sim_config, str(tmp_path / "full"), dataset=digits, fedavg=mean_fedavg, progress=False
+  )
+  part = sim.run_simulation(
+    sim_config,
+    str(tmp_path / "part"),
+    dataset=digits,
+    fedavg=mean_fedavg,
+    progress=False,
+    stop_after=1,
+  )
+  assert len(part.history) == 1
+  resumed = sim.run_simulation(
+    sim_config, str(tmp_path / "part"), dataset=digits, fedavg=mean_fedavg, progress=False
+  )
+  assert resumed.resumed_from == 1
+  assert _strip(resumed.history) == _strip(full.history)
+  assert _strip(sim.read_history(str(tmp_path / "part" / "history.csv"))) == _strip(full.history)
+  for a, b in zip(tf.nest.flatten(full.server_state), tf.nest.flatten(resumed.server_state)):
+    np.testing.assert_array_equal(a, b)
+  assert full.history[-1]["test_accuracy"] > 0.3
+
+
+def test_foreign_or_corrupt_checkpoint_and_history(sim_config, mean_fedavg, digits, tmp_path):
+  d = tmp_path / "run"
+  sim.run_simulation(
+    dataclasses.replace(sim_config, rounds=1),
+    str(d),
+    dataset=digits,
+    fedavg=mean_fedavg,
+    progress=False,
+  )
+  other = dataclasses.replace(sim_config, client_lr=0.01)
+  with pytest.raises(sim.CheckpointError, match="different configuration"):
+    sim.run_simulation(other, str(d), dataset=digits, fedavg=mean_fedavg, progress=False)
+  (d / "checkpoint.npz").write_bytes(b"not a checkpoint")
+  with pytest.raises(sim.CheckpointError, match="not a readable tf-dlg federated checkpoint"):
+    sim.run_simulation(sim_config, str(d), dataset=digits, fedavg=mean_fedavg, progress=False)
+  e = tmp_path / "foreign"
+  e.mkdir()
+  (e / "history.csv").write_text("epoch,acc\n1,0.5\n")
+  with pytest.raises(sim.CheckpointError, match="not a tf-dlg history"):
+    sim.run_simulation(sim_config, str(e), dataset=digits, fedavg=mean_fedavg, progress=False)
+
+
+def test_garbage_history_row_is_named_and_never_overwritten(
+  sim_config, mean_fedavg, digits, tmp_path
+):
+  d = tmp_path / "run"
+  sim.run_simulation(
+    dataclasses.replace(sim_config, rounds=2),
+    str(d),
+    dataset=digits,
+    fedavg=mean_fedavg,
+    progress=False,
+  )
+  path = d / "history.csv"
+  lines = path.read_text().splitlines()
+  cols = lines[2].split(",")
+  cols[3] = "abc"  # test_loss of round 2
+  lines[2] = ",".join(cols)
+  path.write_text("\n".join(lines) + "\n")
+  damaged = path.read_bytes()
+  message = rf"'{path}' line 3, column 'test_loss': 'abc' is not a number"
+  with pytest.raises(sim.CheckpointError, match=message):
+    sim.read_history(str(path))
+  with pytest.raises(sim.CheckpointError, match=message):
+    sim.run_simulation(sim_config, str(d), dataset=digits, fedavg=mean_fedavg, progress=False)
+  assert path.read_bytes() == damaged
+  path.write_text(lines[0] + "\n1.5,1,1,1,1,1\n")
+  with pytest.raises(
+    sim.CheckpointError,
+    match=r"line 2, column 'round': '1.5' is not a "
+    "round number",
+  ):
+    sim.read_history(str(path))
+
+
+def test_checkpoint_is_an_npz_with_json_header(sim_config, mean_fedavg, digits, tmp_path):
+  sim.run_simulation(
+    dataclasses.replace(sim_config, rounds=1),
+    str(tmp_path),
+    dataset=digits,
+    fedavg=mean_fedavg,
+    progress=False,
+  )
+  header, arrays = io_lib.load_npz(
+    str(tmp_path / "checkpoint.npz"), expected_format="tf_dlg.federated.checkpoint/v1"
+  )
+  assert header["round"] == 1 and len(arrays) == header["num_leaves"] > 0
+  assert [h["round"] for h in header["history"]] == [1]
+  assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+# --------------------------------------------------------------------------- capture
+
+
+def test_capture_round_trips_and_is_the_clients_real_update(
+  sim_config, mean_fedavg, digits, tmp_path
+):
+  c = dataclasses.replace(sim_config, rounds=2, capture_round=2, capture_client=3)
+  result = sim.run_simulation(
+    c, str(tmp_path / "cap"), dataset=digits, fedavg=mean_fedavg, progress=False
+  )
+  obs = ObservedUpdate.load(result.capture_path)
+  parts = data_lib.partition(digits.y_train, 10, "iid", seed=0)
+  idx = parts[3]
+  assert obs.kind == "fedavg_delta" and obs.model_name == "bn_cnn"
+  assert obs.metadata["round"] == 2 and obs.metadata["client"] == 3
+  assert obs.num_examples == len(idx) and obs.batch_size == c.batch_size
+  assert obs.local_steps == math.ceil(len(idx) * c.local_epochs / c.batch_size)
+  assert obs.learning_rate == pytest.approx(c.client_lr)
+  np.testing.assert_array_equal(obs.true_images, digits.x_train[idx])
+  np.testing.assert_array_equal(obs.true_labels, digits.y_train[idx])
+  keras_model = mean_fedavg.keras_model_fn()
+  assert [u.shape for u in obs.update] == [tuple(v.shape) for v in keras_model.trainable_variables]
+
+  # The model it started from is the server model after round 1 (Keras order).
+  one = sim.run_simulation(
+    dataclasses.replace(sim_config, rounds=1),
+    str(tmp_path / "one"),
+    dataset=digits,
+    fedavg=mean_fedavg,
+    progress=False,
+  )
+  mean_fedavg.assign_to_keras(mean_fedavg.process.get_model_weights(one.server_state), keras_model)
+  for a, b in zip(obs.model_weights, keras_model.get_weights()):
+    np.testing.assert_array_equal(a, b)
+
+  # The update is exactly client 3's local delta: train client 3 alone from that model.
+  ids = sim.sample_clients(c, 2)
+  data = sim.client_data(c, digits, parts, ids, 2, set())[ids.index(3)]
+  alone = mean_fedavg.process.next(one.server_state, [data])
+  before = mean_fedavg.process.get_model_weights(one.server_state).trainable
+  after = mean_fedavg.process.get_model_weights(alone.state).trainable
+  for u, b, a in zip(obs.update, before, after):
+    np.testing.assert_allclose(u, np.asarray(b) - np.asarray(a), rtol=1e-4, atol=1e-6)
+  assert max(np.abs(u).max() for u in obs.update) > 1e-4
+
+
+def test_capture_client_must_be_sampled(sim_config, digits):
+  c = dataclasses.replace(
+    sim_config,
+    clients_per_round=3,
+    capture_round=1,
+    capture_client=[
+      i
+      for i in range(10)
+      if i not in sim.sample_clients(dataclasses.replace(sim_config, clients_per_round=3), 1)
+    ][0],
+  )
+  with pytest.raises(ValueError, match="is not sampled in round 1"):
+    sim.run_simulation(c, "/tmp/unused_tf_dlg_capture", dataset=digits, progress=False)
+
+
+# --------------------------------------------------------------------------- remote
+
+
+def test_remote_worker_on_loopback_gives_the_local_result(
+  sim_config, mean_fedavg, digits, tmp_path
+):
+  c = dataclasses.replace(sim_config, rounds=2)
+  local = sim.run_simulation(
+    c, str(tmp_path / "local"), dataset=digits, fedavg=mean_fedavg, progress=False
+  )
+  proc, address = runtime.start_local_worker()
+  try:
+    assert address.startswith("127.0.0.1:")
+    remote = sim.run_simulation(
+      c,
+      str(tmp_path / "remote"),
+      dataset=digits,
+      fedavg=mean_fedavg,
+      progress=False,
+      workers=[address],
+    )
+  finally:
+    runtime.stop_worker(proc)
+  assert proc.poll() is not None, "worker still running"
+  assert _strip(remote.history) == _strip(local.history)
+
+
+def test_two_loopback_workers_split_the_clients(sim_config, mean_fedavg, digits, tmp_path):
+  """Mergeable-computation context: each worker trains half the clients of a round."""
+  c = dataclasses.replace(sim_config, rounds=1)
+  local = sim.run_simulation(
+    c, str(tmp_path / "local"), dataset=digits, fedavg=mean_fedavg, progress=False
+  )
+  workers = [runtime.start_local_worker() for _ in range(2)]
+  try:
+    remote = sim.run_simulation(
+      c,
+      str(tmp_path / "two"),
+      dataset=digits,
+      fedavg=mean_fedavg,
+      progress=False,
+      workers=[a for _, a in workers],
+    )
+  finally:
+    for proc, _ in workers:
+      runtime.stop_worker(proc)
+  assert all(proc.poll() is not None for proc, _ in workers)
+  # Partial sums are merged in another order: equal up to float rounding.
+  for a, b in zip(tf.nest.flatten(local.server_state), tf.nest.flatten(remote.server_state)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert remote.history[0]["test_accuracy"] == pytest.approx(
+    local.history[0]["test_accuracy"], abs=0.01
+  )
+
+
+def test_unreachable_worker_is_a_clear_error(sim_config, mean_fedavg, digits, tmp_path):
+  import portpicker
+
+  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  with pytest.raises(ConnectionError, match="No TFF worker answers"):
+    with runtime.execution_target([address], timeout=1.0):
+      pass
+
+
+@pytest.mark.parametrize("bad", ["localhost", "host:0", "h:99999", "h:x"])
+def test_bad_worker_address(bad):
+  with pytest.raises(ValueError, match="must be host:port"):
+    runtime.parse_workers(bad)
+
+
+# --------------------------------------------------------------------------- defences
+
+
+def _middle(name):
+  low, high, scale, _ = defenses.PARAMETER_SEARCH[name]
+  return math.sqrt(low * high) if scale == "log" else 0.5 * (low + high)
+
+
+@pytest.mark.parametrize("name", ["masking", "noising"])
+def test_defended_run_trains_and_captures(digits, tmp_path, name):
+  config = sim.SimulationConfig(
+    num_clients=4, rounds=2, defense=name, defense_param=_middle(name), capture_round=2, seed=0
+  )
+  result = sim.run_simulation(config, str(tmp_path), dataset=digits, progress=False)
+  assert all(np.isfinite(h["test_loss"]) for h in result.history)
+  obs = ObservedUpdate.load(result.capture_path)
+  assert obs.defense is not None and obs.defense.get("name", name) == name
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+
+_BASE = {
+  "train/loss",
+  "train/accuracy",
+  "test/loss",
+  "test/accuracy",
+  "round/seconds",
+  "update/global_norm",
+}
+
+
+def read_scalars(directory):
+  """{tag: {step: value}} from every event file under `directory`."""
+  out = {}
+  files = glob.glob(os.path.join(directory, "events.out.tfevents.*"))
+  assert files, f"no event file in {directory}"
+  for path in files:
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        out.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+  return out
+
+
+def _run(digits, tmp_path, **kwargs):
+  config = sim.SimulationConfig(num_clients=3, rounds=2, local_epochs=1, model="lenet", **kwargs)
+  result = sim.run_simulation(config, str(tmp_path), dataset=digits, progress=False)
+  return result, read_scalars(str(tmp_path / sim.TENSORBOARD_DIR))
+
+
+def test_undefended_run_writes_round_scalars(digits, tmp_path):
+  result, scalars = _run(digits, tmp_path)
+  assert set(scalars) == _BASE
+  for tag in _BASE:
+    assert sorted(scalars[tag]) == [1, 2], tag
+  for row in result.history:
+    r = row["round"]
+    assert 0.0 <= scalars["test/accuracy"][r] <= 1.0
+    assert scalars["test/accuracy"][r] == pytest.approx(row["test_accuracy"])
+    assert scalars["train/loss"][r] == pytest.approx(row["train_loss"])
+  assert all(v > 0 and np.isfinite(v) for v in scalars["update/global_norm"].values())
+
+
+def test_masking_and_clipping_report_defence_statistics(digits, tmp_path):
+  _, masked = _run(digits, tmp_path / "mask", defense="masking", defense_param=0.6)
+  assert set(masked) == _BASE | {"defense/zero_fraction"}
+  for step in (1, 2):
+    # Each entry is kept with probability 0.4; thousands of entries: close to 0.6.
+    assert masked["defense/zero_fraction"][step] == pytest.approx(0.6, abs=0.02)
+  _, clipped = _run(digits, tmp_path / "clip", defense="clipping", defense_param=1e-3)
+  assert set(clipped) == _BASE | {"defense/zero_fraction", "defense/clipped_fraction"}
+  assert clipped["defense/clipped_fraction"] == {1: 1.0, 2: 1.0}
+  # Three clients clipped to norm 1e-3: their weighted mean has a norm of at most 1e-3.
+  assert all(v <= 1e-3 * (1 + 1e-4) for v in clipped["update/global_norm"].values())
