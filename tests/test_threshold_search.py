@@ -1,0 +1,246 @@
+"""The threshold-search driver: per-image points, adaptive attackers, resume, the CSV.
+
+Most tests replace the attack with a fake whose outcome is known (an image leaks while
+the update's zero fraction is below its own threshold), so they check the driver's
+bookkeeping in seconds; one tiny real run on MNIST keeps the whole path honest.
+"""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from experiments import results, threshold_search
+from tf_dlg import defenses
+from tf_dlg.analysis import threshold as threshold_lib
+from tf_dlg.attacks import runner
+
+FAKE = dict(
+  datasets=["digits"],
+  attacks=["idlg"],
+  defenses=["masking"],
+  num_images=3,
+  iterations=10,
+  restarts=3,
+  seed=0,
+  progress=False,
+)
+# Fake attackers: image k (of the sample, in order) leaks while the defence's strength
+# (0 weakest .. 1 strongest end of its search range) is below TRUE[attack][k]; None:
+# never leaks, not even undefended. masked_ig sees through far more masking.
+TRUE = {
+  "idlg": [0.3, 0.7, None],
+  "masked_ig": [0.8, 0.95, None],
+  "ig": [0.4, 0.6, None],
+  "dlg": [None] * 3,
+}
+
+
+def _strength(defense_config):
+  if defense_config is None:
+    return -1.0
+  name = defense_config["name"]
+  param = defense_config[defenses.DEFENSES[name].param_name]
+  space = threshold_lib.SearchSpace(*defenses.PARAMETER_SEARCH[name])
+  return threshold_lib.strength_of(space, param)
+
+
+@pytest.fixture
+def fake_attack(monkeypatch):
+  calls = []
+
+  def run_attacks(model, observed, attack="idlg", **kwargs):
+    calls.append({"attack": attack, "n": len(observed), **kwargs})
+    out = []
+    for o, seed in zip(observed, kwargs["seed"]):
+      k, truth = seed % 100_003, TRUE[attack][seed % 100_003]
+      leak = truth is not None and _strength(o.defense) < truth
+      img = o.true_images if leak else np.random.default_rng(k).random(o.true_images.shape)
+      out.append(
+        runner.AttackResult(
+          attack=attack,
+          images=img.astype(np.float32),
+          raw_images=img,
+          labels=o.true_labels,
+          status="converged" if leak else "max_iterations",
+          distance=0.0,
+          iterations=5,
+          seconds=0.0,
+          batch_size=len(observed),
+          seed=seed,
+          observed=o,
+        )
+      )
+    return out
+
+  monkeypatch.setattr(runner, "run_attacks", run_attacks)
+  return calls
+
+
+def _search(tmp_path, **kw):
+  return threshold_search.ThresholdSearch(str(tmp_path), **dict(FAKE, **kw))
+
+
+def test_per_image_thresholds_bracket_the_fake_truth(tmp_path, fake_attack):
+  search = _search(tmp_path, adaptive=True)
+  rows = search.run()
+  plain = next(r for r in rows if r["kind"] == "plain")
+  per_image = json.loads(plain["per_image"])
+  statuses = json.loads(plain["per_image_status"])
+  assert statuses == ["found", "found", "untested"]
+  space = threshold_lib.SearchSpace(1e-4, 0.99, "log", "higher")
+  for truth, value in zip(TRUE["idlg"][:2], per_image):
+    # Defended at its threshold, within the resolution (factor 1.5) of the truth.
+    assert threshold_lib.strength_of(space, value) >= truth - 1e-3
+    assert value / space.param(truth) <= 1.5 * 1.01
+  # Dataset threshold (fraction 1) = the largest per-image threshold, inside its interval.
+  assert plain["threshold"] == max(per_image[:2])
+  assert plain["low"] <= plain["threshold"] <= plain["high"]
+  assert plain["num_tested"] == 2 and plain["rank"] == 2 and plain["restarts"] == 3
+  assert space.low == plain["search_low"]
+  # Every attack call holds each image at most once, restarts passed through.
+  for c in fake_attack:
+    seeds = c["seed"]
+    assert len(set(seeds)) == len(seeds) and c["restarts"] == 3
+
+
+def test_adaptive_search_runs_the_named_attacker(tmp_path, fake_attack):
+  search = _search(
+    tmp_path, attacks=[], defenses=["masking", "noising_ratio"], adaptive=True, num_images=2
+  )
+  rows = search.run()
+  assert {(r["defense"], r["attack"], r["kind"]) for r in rows} == {
+    ("masking", "masked_ig", "adaptive"),
+    ("noising_ratio", "ig+idlg", "adaptive"),
+  }
+  ran = {(d, a) for _, a, d, _ in search.attack_calls}
+  assert ran == {
+    ("none", "masked_ig"),
+    ("masking", "masked_ig"),
+    ("none", "ig"),
+    ("none", "idlg"),
+    ("noising_ratio", "ig"),
+    ("noising_ratio", "idlg"),
+  }
+  # The points say which attacker ran.
+  recs = [r for r in search.log if r["defense"] == "masking"]
+  assert recs and {r["attack"] for r in recs} == {"masked_ig"}
+  masking = next(r for r in rows if r["defense"] == "masking")
+  space = threshold_lib.SearchSpace(*defenses.PARAMETER_SEARCH["masking"])
+  first = json.loads(masking["per_image"])[0]
+  assert threshold_lib.strength_of(space, first) >= TRUE["masked_ig"][0] - 1e-3
+  # noising_ratio: an absolute equivalent (median ratio x RMS), no relative one.
+  noise = next(r for r in rows if r["defense"] == "noising_ratio")
+  stats = search.update_stats("digits")
+  # Both ig and idlg must be stopped: the stronger of their per-image thresholds.
+  space = threshold_lib.SearchSpace(*defenses.PARAMETER_SEARCH["noising_ratio"])
+  for k, value in enumerate(json.loads(noise["per_image"])[:2]):
+    assert threshold_lib.strength_of(space, value) >= max(TRUE["ig"][k], TRUE["idlg"][k]) - 1e-3
+  if noise["threshold"] is not None:
+    assert noise["absolute_equivalent"] == pytest.approx(
+      float(np.median(noise["threshold"] * stats["rms"]))
+    )
+  assert noise["relative_equivalent"] is None
+
+
+def test_resume_skips_finished_points_and_refuses_other_configs(tmp_path, fake_attack):
+  first = _search(tmp_path).run()
+  n = len(fake_attack)
+  assert n > 2
+  again = _search(tmp_path, log_resolution=1.5)
+  drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+  assert drop(again.run()) == drop(first) and len(fake_attack) == n  # nothing attacked again
+  finer = _search(tmp_path, log_resolution=1.2)  # resolutions reuse the points
+  finer.run()
+  done = {(r["defense"], r["param"], r["image"]) for r in finer.log}
+  assert len(done) == len(list(finer.log))  # no point stored twice
+  with pytest.raises(results.ResultsFileError, match="restarts"):
+    _search(tmp_path, restarts=1)
+
+
+def test_csv_reads_back_strictly_and_old_files_still_read(tmp_path, fake_attack):
+  _search(tmp_path, defenses=["masking", "clipping"]).run()
+  rows = threshold_search.read_thresholds(str(tmp_path / "thresholds.csv"))
+  assert {r["kind"] for r in rows} == {"plain"}
+  clip = next(r for r in rows if r["defense"] == "clipping")
+  assert clip["unit"] == "norm" and isinstance(clip["per_image"], list)
+  path = tmp_path / "bad.csv"
+  with open(tmp_path / "thresholds.csv") as f:
+    text = f.read()
+  path.write_text(text.replace('"[', '"[oops', 1))
+  with pytest.raises(ValueError, match=r"bad.csv, line 2, column 'per_image'"):
+    threshold_search.read_thresholds(str(path))
+  path.write_text(text.replace(",plain,", ",fancy,", 1))
+  with pytest.raises(ValueError, match="column 'kind'"):
+    threshold_search.read_thresholds(str(path))
+  old = tmp_path / "old.csv"
+  fields = [
+    "dataset",
+    "dataset_source",
+    "attack",
+    "defense",
+    "status",
+    "threshold",
+    "fraction_defended",
+    "search_low",
+    "search_high",
+    "search_scale",
+    "stronger",
+  ]
+  with open(old, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(fields)
+    w.writerow(
+      ["digits", "x", "idlg", "masking", "found", "0.01", "1.0", "0.0001", "0.99", "log", "higher"]
+    )
+  back = threshold_search.read_thresholds(str(old))
+  assert back[0]["kind"] == "plain" and back[0]["threshold"] == 0.01
+  assert back[0]["low"] is None and "0.01" in threshold_search.format_threshold(back[0])
+
+
+def test_equivalents_and_unknown_settings(tmp_path, fake_attack):
+  search = _search(tmp_path)
+  stats = search.update_stats("digits")
+  assert np.all(stats["norm"] > 0) and np.all(stats["rms"] > 0)
+  absolute, relative = search.equivalents("digits", "clipping", 2.0)
+  assert absolute is None and relative == pytest.approx(float(np.median(2.0 / stats["norm"])))
+  absolute, _ = search.equivalents("digits", "clipping_ratio", 0.5)
+  assert absolute == pytest.approx(float(np.median(0.5 * stats["norm"])))
+  assert search.equivalents("digits", "masking", 0.5) == (None, None)
+  with pytest.raises(ValueError, match="unknown settings"):
+    _search(tmp_path / "x", steps=3)
+  with pytest.raises(ValueError, match="log_resolution=1.0"):
+    _search(tmp_path / "y", log_resolution=1.0)
+  with pytest.raises(ValueError, match="attacks is empty"):
+    _search(tmp_path / "z", attacks=[])
+
+
+def test_strongest_attacker_table_covers_every_searchable_defence():
+  assert set(threshold_search.STRONGEST_ATTACKER) == set(defenses.PARAMETER_SEARCH)
+  assert threshold_search.STRONGEST_ATTACKER["masking"] == ("masked_ig",)
+  assert threshold_search.STRONGEST_ATTACKER["clipping_ratio"] == ("ig",)
+  assert threshold_search.STRONGEST_ATTACKER["noising"] == ("ig", "idlg")
+
+
+def test_tiny_real_search_on_mnist(tmp_path):
+  """The real attack end to end: 1 image, 150 iterations, one defence, 3 steps."""
+  search = threshold_search.ThresholdSearch(
+    str(tmp_path),
+    ["mnist"],
+    ["idlg"],
+    ["pruning"],
+    num_images=1,
+    iterations=150,
+    restarts=1,
+    linear_resolution=0.5,
+    progress=False,
+  )
+  rows = search.run()
+  (row,) = rows
+  assert row["dataset_source"].startswith("MNIST") and row["kind"] == "plain"
+  assert row["status"] in threshold_search.STATUSES
+  assert (tmp_path / "thresholds.md").exists()
+  assert (tmp_path / "figures" / "thresholds_pruning.png").exists()
+  back = threshold_search.read_thresholds(str(tmp_path / "thresholds.csv"))
+  assert back[0]["per_image_status"][0] in threshold_lib.IMAGE_STATUSES
