@@ -253,6 +253,26 @@ def _threshold_claims(thresholds: List[Dict[str, Any]]) -> List[List[str]]:
   return rows
 
 
+def _clipping_acts_claim(acting: List[Dict[str, Any]], margin: float, evidence: str):
+  """(ours, issue 14) "clipping costs nothing", only where clipping changed updates."""
+  fractions = [r.get("clipped_fraction") for r in acting]
+  claim = (
+    "(ours, issue 14) clipping costs nothing, at a setting that acts in training "
+    f"(cost <= {100 * margin:.0f} pp)"
+  )
+  if all(f is not None and f > 0 for f in fractions):
+    row = cost_claim(claim, acting, margin, "at_most", "all", evidence)
+    row[1] += "; clipped fraction of client updates: " + ", ".join(f"{f:.2f}" for f in fractions)
+    return row
+  measured = ", ".join("not measured" if f is None else f"{f:.2f}" for f in fractions)
+  return [
+    claim,
+    f"clipped fraction: {measured}",
+    evidence,
+    "inconclusive (clipping did not act in training)",
+  ]
+
+
 def _cost_claims(conv: List[Dict[str, Any]], margin: float, evidence: str) -> List[List[str]]:
   """The paper's Figure 5 claims, and (ours) clipping that acts and adaptive costs."""
   rows = []
@@ -288,23 +308,7 @@ def _cost_claims(conv: List[Dict[str, Any]], margin: float, evidence: str) -> Li
       )
   acting = [r for r in plain if _base(r["defense"]) == "clipping"]
   if acting:
-    fractions = [r.get("clipped_fraction") for r in acting]
-    claim = (
-      "(ours, issue 14) clipping costs nothing, at a setting that acts in training "
-      f"(cost <= {100 * margin:.0f} pp)"
-    )
-    if all(f is not None and f > 0 for f in fractions):
-      row = cost_claim(claim, acting, margin, "at_most", "all", evidence)
-      row[1] += "; clipped fraction of client updates: " + ", ".join(f"{f:.2f}" for f in fractions)
-    else:
-      row = [
-        claim,
-        "clipped fraction: "
-        + ", ".join("not measured" if f is None else f"{f:.2f}" for f in fractions),
-        evidence,
-        "inconclusive (clipping did not act in training)",
-      ]
-    rows.append(row)
+    rows.append(_clipping_acts_claim(acting, margin, evidence))
   for label in sorted({r["label"] for r in conv if "@" in r["label"]}):
     d = [r for r in conv if r["label"] == label]
     rows.append(
