@@ -417,16 +417,9 @@ class ThresholdSearch:
     for _, i, p in todo:
       defence = None if defense == "none" else defenses_lib.get_defense(defense, p)
       configs.append(None if defence is None else defence.get_config())
+      meta = {"dataset": dataset, "index": int(idx[i])}
       observed.append(
-        self._observe(
-          model,
-          images[i : i + 1],
-          labels[i : i + 1],
-          defence,
-          update,
-          i,
-          {"dataset": dataset, "index": int(idx[i])},
-        )
+        self._observe(model, images[i : i + 1], labels[i : i + 1], defence, update, i, meta)
       )
     # One seed per image, the same at every setting: common random starts make the
     # outcome vary with the setting, not with the start.
@@ -441,30 +434,40 @@ class ThresholdSearch:
     self.attack_calls.append((dataset, attack, defense, len(todo)))
     per_image, leaked, adjusted = self._score(attacked, [idx[i] for _, i, _ in todo])
     seconds = (time.perf_counter() - start) / len(todo)
+    self._store(
+      ds.source,
+      (dataset, attack, defense, update),
+      todo,
+      per_image,
+      configs,
+      (leaked, adjusted, np.stack([images[i] for _, i, _ in todo])),
+      seconds,
+    )
+
+  def _store(self, source, cell, todo, per_image, configs, pictures, seconds):
+    """Saves one attack call's images (one npz) and its per-image records (points.jsonl)."""
+    dataset, attack, defense, update = cell
+    leaked, adjusted, originals = pictures
     name = hashlib.sha1(todo[0][0].encode() + str(len(todo)).encode()).hexdigest()[:16]
     recon = os.path.join("recon", name + ".npz")
     io_lib.save_npz(
       os.path.join(self.output_dir, recon),
       {"format": RECON_FORMAT, "keys": [k for k, _, _ in todo]},
-      {
-        "leaked": np.stack(leaked),
-        "adjusted": np.stack(adjusted),
-        "original": np.stack([images[i] for _, i, _ in todo]),
-      },
+      {"leaked": np.stack(leaked), "adjusted": np.stack(adjusted), "original": originals},
     )
     for row, ((key, i, p), score, config) in enumerate(zip(todo, per_image, configs)):
       if not math.isfinite(score["adjusted_ssim"]):
         warnings.warn(
           f"{key}: non-finite reconstruction; it counts as leaked, never as defended.",
           RuntimeWarning,
-          stacklevel=3,
+          stacklevel=4,
         )
       self.log.add(
         key,
         dict(
           score,
           dataset=dataset,
-          dataset_source=ds.source,
+          dataset_source=source,
           attack=attack,
           defense=defense,
           param=p,
