@@ -969,11 +969,11 @@ def _inconclusive(row: Dict[str, Any]) -> bool:
   low, high = row.get("low"), row.get("high")
   if low is None or high is None:
     return False
-  weak_end_hit = (low if row["stronger"] == "higher" else high) == (
-    row["search_low"] if row["stronger"] == "higher" else row["search_high"]
-  )
-  open_end = row.get("interval_open") in (True, "True")
-  return weak_end_hit and open_end
+  higher = row["stronger"] == "higher"
+  weak, strong = (low, high) if higher else (high, low)
+  weak_end_hit = weak == (row["search_low"] if higher else row["search_high"])
+  strong_end_hit = strong == (row["search_high"] if higher else row["search_low"])
+  return weak_end_hit and (strong_end_hit or row.get("interval_open") in (True, "True"))
 
 
 def _spread_row(r: Dict[str, Any]) -> List[Any]:

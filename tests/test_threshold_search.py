@@ -244,3 +244,50 @@ def test_tiny_real_search_on_mnist(tmp_path):
   assert (tmp_path / "figures" / "thresholds_pruning.png").exists()
   back = threshold_search.read_thresholds(str(tmp_path / "thresholds.csv"))
   assert back[0]["per_image_status"][0] in threshold_lib.IMAGE_STATUSES
+
+
+def _row(**kw):
+  row = dict(
+    dataset="d",
+    attack="idlg",
+    defense="masking",
+    kind="plain",
+    status="found",
+    threshold=0.01,
+    low=0.005,
+    high=0.02,
+    interval_open=False,
+    num_images=8,
+    num_tested=8,
+    search_low=1e-4,
+    search_high=0.99,
+    stronger="higher",
+    attack_works_undefended=True,
+  )
+  row.update(kw)
+  return row
+
+
+def test_format_threshold_interval_inconclusive_and_untested():
+  fmt = threshold_search.format_threshold
+  assert fmt(_row()) == "0.01 [0.005, 0.02] (n=8/8)"
+  # Spans the whole range (weakest to beyond the strongest): inconclusive.
+  assert fmt(_row(low=1e-4, high=0.99, interval_open=True)).startswith("inconclusive: ")
+  assert "> 0.99" in fmt(_row(low=1e-4, high=0.99, interval_open=True))
+  # Most images untested: inconclusive; none tested: untested.
+  assert fmt(_row(num_tested=3)).startswith("inconclusive: ")
+  assert fmt(_row(attack_works_undefended=False)) == threshold_search.UNTESTED
+  # Lower is stronger (clipping): the strong end is the low one.
+  clip = _row(
+    defense="clipping",
+    threshold=1.0,
+    low=1e-3,
+    high=1e4,
+    interval_open=True,
+    search_low=1e-3,
+    search_high=1e4,
+    stronger="lower",
+  )
+  assert fmt(clip) == "inconclusive: 1 [< 0.001, 1e+04] (n=8/8)"
+  assert fmt(_row(status="not_reached", threshold=None)) == "not reached (leaks at 0.99)"
+  assert fmt(_row(status="at_weakest", threshold=1e-4, low=1e-4, high=1e-4)).startswith("<= ")
