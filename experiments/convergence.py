@@ -123,11 +123,15 @@ def defense_params_from_thresholds(
     against = f" vs {r['attack']}" if kind == "adaptive" else ""
     if r["status"] == "not_reached":
       strongest = r["search_high"] if r["stronger"] == "higher" else r["search_low"]
-      out[label] = (strongest, f"strongest searched{against} (threshold not reached)")
+      setting = (strongest, f"strongest searched{against} (threshold not reached)")
     elif threshold_search.attack_untested(r):
-      out[label] = (r["threshold"], f"weakest searched{against} ({threshold_search.UNTESTED})")
+      setting = (r["threshold"], f"weakest searched{against} ({threshold_search.UNTESTED})")
     else:
-      out[label] = (r["threshold"], f"{kind} threshold{against} ({r['status']})")
+      setting = (r["threshold"], f"{kind} threshold{against} ({r['status']})")
+    # Several attackers of one defence (adaptive): the setting that stops them all.
+    if label in out and (setting[0] > out[label][0]) != (r["stronger"] == "higher"):
+      continue
+    out[label] = setting
   if not out:
     available = sorted({(r["dataset"], r.get("kind") or "plain", r["attack"]) for r in rows})
     raise ValueError(

@@ -265,3 +265,16 @@ def test_tiny_real_convergence_end_to_end(tmp_path):
   assert "MNIST" in conv.dataset_source and "40 train / 20 test" in conv.dataset_source
   for s in (0, 1):
     assert (tmp_path / "runs" / "mean_iid_clipping_ratio" / f"seed{s}" / "cell.json").exists()
+
+
+def test_adaptive_threshold_of_several_attackers_is_the_strongest_setting(tmp_path):
+  path = _thresholds_csv(
+    tmp_path / "t.csv",
+    [
+      dict(kind="adaptive", defense="noising_ratio", attack="ig", threshold="0.5"),
+      dict(kind="adaptive", defense="noising_ratio", attack="idlg", threshold="2.0"),
+      dict(kind="adaptive", defense="noising_ratio", attack="masked_ig", threshold="1.0"),
+    ],
+  )
+  adaptive = convergence.defense_params_from_thresholds(path, "mnist", kind="adaptive")
+  assert adaptive == {"noising_ratio@adaptive": (2.0, "adaptive threshold vs idlg (found)")}
