@@ -269,7 +269,8 @@ def build_lbfgs(
     )
     head = (h + 1) % history
     hdiag = tf.where(ok, ys / tf.maximum(tf.reduce_sum(y * y, 1), 1e-30), st["hdiag"])
-    r = _two_loop(S, Y, rho, head, history, -g, hdiag)
+    used = tf.minimum(history, tf.reduce_max(tf.where(running, st["iters"], 0)) + 1)
+    r = _two_loop(S, Y, rho, head, history, -g, hdiag, used)
     d = _keep_where(first, -g, r)
     t0 = tf.minimum(1.0, 1.0 / tf.maximum(tf.reduce_sum(tf.abs(g), 1), 1e-30)) * lr
     t = tf.where(running, tf.where(first, t0, lr * tf.ones_like(t0)), 0.0)
@@ -297,24 +298,31 @@ def build_lbfgs(
   return _compile(init_state, step, jit_compile, {"S": 1, "Y": 1, "rho": 1})
 
 
-def _two_loop(S, Y, rho, head, history, q, hdiag):
-  """L-BFGS two-loop recursion over the ring buffer, newest pair first."""
-  alphas = tf.TensorArray(q.dtype, size=history)
+def _two_loop(S, Y, rho, head, history, q, hdiag, used):
+  """L-BFGS two-loop recursion over the `used` newest ring-buffer pairs, newest first.
+
+  Every slot writes its pair at the shared head each step, so a slot that has run k
+  steps has all its pairs among the k + 1 newest positions; older positions hold exact
+  zeros for it, which would only add exact zeros. Looping over `used` (the most steps of
+  any running slot, + 1) instead of all `history` pairs saves most of the loop early in
+  an attack and changes no result.
+  """
+  alphas = tf.TensorArray(q.dtype, size=history)  # XLA: a constant size
 
   def backward(k, q, alphas):
     i = (head - 1 - k) % history
     alpha = tf.reduce_sum(S[i] * q, 1) * rho[i]
-    return k + 1, q - alpha[:, None] * Y[i], alphas.write(i, alpha)
+    return k + 1, q - alpha[:, None] * Y[i], alphas.write(k, alpha)
 
-  _, q, alphas = tf.while_loop(lambda k, *_: k < history, backward, (tf.constant(0), q, alphas))
-  alphas = alphas.stack()
+  _, q, alphas = tf.while_loop(lambda k, *_: k < used, backward, (tf.constant(0), q, alphas))
 
   def forward(k, r):
-    i = (head + k) % history
+    j = used - 1 - k  # oldest pair of the window first
+    i = (head - 1 - j) % history
     beta = tf.reduce_sum(Y[i] * r, 1) * rho[i]
-    return k + 1, r + S[i] * (alphas[i] - beta)[:, None]
+    return k + 1, r + S[i] * (alphas.read(j) - beta)[:, None]
 
-  return tf.while_loop(lambda k, *_: k < history, forward, (tf.constant(0), q * hdiag[:, None]))[1]
+  return tf.while_loop(lambda k, *_: k < used, forward, (tf.constant(0), q * hdiag[:, None]))[1]
 
 
 def build_adam(
