@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from defense_cases import PARAMS, RANDOM
 
 from tf_dlg import defenses, models
 from tf_dlg.defenses import clipping as clipping_lib
@@ -24,18 +25,6 @@ from tf_dlg.defenses import masking as masking_lib
 from tf_dlg.defenses import noising as noising_lib
 
 # A representative parameter for every defence (the TFF and Keras tests use the same).
-PARAMS = {
-  "none": None,
-  "masking": 0.5,
-  "clipping": 1.0,
-  "clipping_ratio": 0.5,
-  "value_clipping": 0.05,
-  "pruning": 0.5,
-  "noising": 0.1,
-  "noising_ratio": 0.1,
-  "dp": 0.5,
-}
-RANDOM = ("masking", "noising", "noising_ratio", "dp")
 
 
 def _update(seed=0, shapes=((30, 40), (40,), (5, 5, 3, 8), (1,)), scale=1.0):

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import tensorflow as tf
+from defense_cases import PARAMS, RANDOM
 
 from tf_dlg import data as data_lib
 from tf_dlg import defenses, models
@@ -23,18 +24,6 @@ from tf_dlg.federated import aggregators as aggregators_lib
 
 tff = runtime.import_tff()
 
-PARAMS = {
-  "none": None,
-  "masking": 0.5,
-  "clipping": 1.0,
-  "clipping_ratio": 0.5,
-  "value_clipping": 0.05,
-  "pruning": 0.5,
-  "noising": 0.1,
-  "noising_ratio": 0.1,
-  "dp": 0.5,
-}
-RANDOM = ("masking", "noising", "noising_ratio", "dp")
 
 SHAPES = [(5, 4), (3,)]
 VALUE_TYPE = tff.types.to_type([tff.TensorType(np.float32, s) for s in SHAPES])

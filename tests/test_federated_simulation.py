@@ -22,6 +22,18 @@ from tf_dlg.execution import runtime
 from tf_dlg.federated import simulation as sim
 
 
+@pytest.fixture
+def simulate(digits, mean_fedavg):
+  """`run_simulation` on `digits`, quietly, with the session's FedAvg build."""
+
+  def run(config, output_dir, **kwargs):
+    return sim.run_simulation(
+      config, str(output_dir), dataset=digits, fedavg=mean_fedavg, progress=False, **kwargs
+    )
+
+  return run
+
+
 def _strip(history):
   return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
 
@@ -85,22 +97,11 @@ def test_sampling_and_malicious_sets_are_seeded(sim_config):
 # --------------------------------------------------------------------------- resume
 
 
-def test_interrupt_and_resume_matches_uninterrupted(sim_config, mean_fedavg, digits, tmp_path):
-  full = sim.run_simulation(
-    sim_config, str(tmp_path / "full"), dataset=digits, fedavg=mean_fedavg, progress=False
-  )
-  part = sim.run_simulation(
-    sim_config,
-    str(tmp_path / "part"),
-    dataset=digits,
-    fedavg=mean_fedavg,
-    progress=False,
-    stop_after=1,
-  )
+def test_interrupt_and_resume_matches_uninterrupted(simulate, sim_config, tmp_path):
+  full = simulate(sim_config, tmp_path / "full")
+  part = simulate(sim_config, tmp_path / "part", stop_after=1)
   assert len(part.history) == 1
-  resumed = sim.run_simulation(
-    sim_config, str(tmp_path / "part"), dataset=digits, fedavg=mean_fedavg, progress=False
-  )
+  resumed = simulate(sim_config, tmp_path / "part")
   assert resumed.resumed_from == 1
   assert _strip(resumed.history) == _strip(full.history)
   assert _strip(sim.read_history(str(tmp_path / "part" / "history.csv"))) == _strip(full.history)
@@ -109,39 +110,25 @@ def test_interrupt_and_resume_matches_uninterrupted(sim_config, mean_fedavg, dig
   assert full.history[-1]["test_accuracy"] > 0.3
 
 
-def test_foreign_or_corrupt_checkpoint_and_history(sim_config, mean_fedavg, digits, tmp_path):
+def test_foreign_or_corrupt_checkpoint_and_history(simulate, sim_config, tmp_path):
   d = tmp_path / "run"
-  sim.run_simulation(
-    dataclasses.replace(sim_config, rounds=1),
-    str(d),
-    dataset=digits,
-    fedavg=mean_fedavg,
-    progress=False,
-  )
+  simulate(dataclasses.replace(sim_config, rounds=1), d)
   other = dataclasses.replace(sim_config, client_lr=0.01)
   with pytest.raises(sim.CheckpointError, match="different configuration"):
-    sim.run_simulation(other, str(d), dataset=digits, fedavg=mean_fedavg, progress=False)
+    simulate(other, d)
   (d / "checkpoint.npz").write_bytes(b"not a checkpoint")
   with pytest.raises(sim.CheckpointError, match="not a readable tf-dlg federated checkpoint"):
-    sim.run_simulation(sim_config, str(d), dataset=digits, fedavg=mean_fedavg, progress=False)
+    simulate(sim_config, d)
   e = tmp_path / "foreign"
   e.mkdir()
   (e / "history.csv").write_text("epoch,acc\n1,0.5\n")
   with pytest.raises(sim.CheckpointError, match="not a tf-dlg history"):
-    sim.run_simulation(sim_config, str(e), dataset=digits, fedavg=mean_fedavg, progress=False)
+    simulate(sim_config, e)
 
 
-def test_garbage_history_row_is_named_and_never_overwritten(
-  sim_config, mean_fedavg, digits, tmp_path
-):
+def test_garbage_history_row_is_named_and_never_overwritten(simulate, sim_config, tmp_path):
   d = tmp_path / "run"
-  sim.run_simulation(
-    dataclasses.replace(sim_config, rounds=2),
-    str(d),
-    dataset=digits,
-    fedavg=mean_fedavg,
-    progress=False,
-  )
+  simulate(dataclasses.replace(sim_config, rounds=2), d)
   path = d / "history.csv"
   lines = path.read_text().splitlines()
   cols = lines[2].split(",")
@@ -153,7 +140,7 @@ def test_garbage_history_row_is_named_and_never_overwritten(
   with pytest.raises(sim.CheckpointError, match=message):
     sim.read_history(str(path))
   with pytest.raises(sim.CheckpointError, match=message):
-    sim.run_simulation(sim_config, str(d), dataset=digits, fedavg=mean_fedavg, progress=False)
+    simulate(sim_config, d)
   assert path.read_bytes() == damaged
   path.write_text(lines[0] + "\n1.5,1,1,1,1,1\n")
   with pytest.raises(
@@ -164,14 +151,8 @@ def test_garbage_history_row_is_named_and_never_overwritten(
     sim.read_history(str(path))
 
 
-def test_checkpoint_is_an_npz_with_json_header(sim_config, mean_fedavg, digits, tmp_path):
-  sim.run_simulation(
-    dataclasses.replace(sim_config, rounds=1),
-    str(tmp_path),
-    dataset=digits,
-    fedavg=mean_fedavg,
-    progress=False,
-  )
+def test_checkpoint_is_an_npz_with_json_header(simulate, sim_config, tmp_path):
+  simulate(dataclasses.replace(sim_config, rounds=1), tmp_path)
   header, arrays = io_lib.load_npz(
     str(tmp_path / "checkpoint.npz"), expected_format="tf_dlg.federated.checkpoint/v1"
   )
@@ -184,12 +165,10 @@ def test_checkpoint_is_an_npz_with_json_header(sim_config, mean_fedavg, digits, 
 
 
 def test_capture_round_trips_and_is_the_clients_real_update(
-  sim_config, mean_fedavg, digits, tmp_path
+  simulate, sim_config, mean_fedavg, digits, tmp_path
 ):
   c = dataclasses.replace(sim_config, rounds=2, capture_round=2, capture_client=3)
-  result = sim.run_simulation(
-    c, str(tmp_path / "cap"), dataset=digits, fedavg=mean_fedavg, progress=False
-  )
+  result = simulate(c, tmp_path / "cap")
   obs = ObservedUpdate.load(result.capture_path)
   parts = data_lib.partition(digits.y_train, 10, "iid", seed=0)
   idx = parts[3]
@@ -204,13 +183,7 @@ def test_capture_round_trips_and_is_the_clients_real_update(
   assert [u.shape for u in obs.update] == [tuple(v.shape) for v in keras_model.trainable_variables]
 
   # The model it started from is the server model after round 1 (Keras order).
-  one = sim.run_simulation(
-    dataclasses.replace(sim_config, rounds=1),
-    str(tmp_path / "one"),
-    dataset=digits,
-    fedavg=mean_fedavg,
-    progress=False,
-  )
+  one = simulate(dataclasses.replace(sim_config, rounds=1), tmp_path / "one")
   mean_fedavg.assign_to_keras(mean_fedavg.process.get_model_weights(one.server_state), keras_model)
   for a, b in zip(obs.model_weights, keras_model.get_weights()):
     np.testing.assert_array_equal(a, b)
@@ -226,7 +199,7 @@ def test_capture_round_trips_and_is_the_clients_real_update(
   assert max(np.abs(u).max() for u in obs.update) > 1e-4
 
 
-def test_capture_client_must_be_sampled(sim_config, digits):
+def test_capture_client_must_be_sampled(sim_config, digits, tmp_path):
   c = dataclasses.replace(
     sim_config,
     clients_per_round=3,
@@ -238,52 +211,32 @@ def test_capture_client_must_be_sampled(sim_config, digits):
     ][0],
   )
   with pytest.raises(ValueError, match="is not sampled in round 1"):
-    sim.run_simulation(c, "/tmp/unused_tf_dlg_capture", dataset=digits, progress=False)
+    sim.run_simulation(c, str(tmp_path), dataset=digits, progress=False)
 
 
 # --------------------------------------------------------------------------- remote
 
 
-def test_remote_worker_on_loopback_gives_the_local_result(
-  sim_config, mean_fedavg, digits, tmp_path
-):
+def test_remote_worker_on_loopback_gives_the_local_result(simulate, sim_config, tmp_path):
   c = dataclasses.replace(sim_config, rounds=2)
-  local = sim.run_simulation(
-    c, str(tmp_path / "local"), dataset=digits, fedavg=mean_fedavg, progress=False
-  )
+  local = simulate(c, tmp_path / "local")
   proc, address = runtime.start_local_worker()
   try:
     assert address.startswith("127.0.0.1:")
-    remote = sim.run_simulation(
-      c,
-      str(tmp_path / "remote"),
-      dataset=digits,
-      fedavg=mean_fedavg,
-      progress=False,
-      workers=[address],
-    )
+    remote = simulate(c, tmp_path / "remote", workers=[address])
   finally:
     runtime.stop_worker(proc)
   assert proc.poll() is not None, "worker still running"
   assert _strip(remote.history) == _strip(local.history)
 
 
-def test_two_loopback_workers_split_the_clients(sim_config, mean_fedavg, digits, tmp_path):
+def test_two_loopback_workers_split_the_clients(simulate, sim_config, tmp_path):
   """Mergeable-computation context: each worker trains half the clients of a round."""
   c = dataclasses.replace(sim_config, rounds=1)
-  local = sim.run_simulation(
-    c, str(tmp_path / "local"), dataset=digits, fedavg=mean_fedavg, progress=False
-  )
+  local = simulate(c, tmp_path / "local")
   workers = [runtime.start_local_worker() for _ in range(2)]
   try:
-    remote = sim.run_simulation(
-      c,
-      str(tmp_path / "two"),
-      dataset=digits,
-      fedavg=mean_fedavg,
-      progress=False,
-      workers=[a for _, a in workers],
-    )
+    remote = simulate(c, tmp_path / "two", workers=[a for _, a in workers])
   finally:
     for proc, _ in workers:
       runtime.stop_worker(proc)
@@ -294,21 +247,6 @@ def test_two_loopback_workers_split_the_clients(sim_config, mean_fedavg, digits,
   assert remote.history[0]["test_accuracy"] == pytest.approx(
     local.history[0]["test_accuracy"], abs=0.01
   )
-
-
-def test_unreachable_worker_is_a_clear_error(sim_config, mean_fedavg, digits, tmp_path):
-  import portpicker
-
-  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-  with pytest.raises(ConnectionError, match="No TFF worker answers"):
-    with runtime.execution_target([address], timeout=1.0):
-      pass
-
-
-@pytest.mark.parametrize("bad", ["localhost", "host:0", "h:99999", "h:x"])
-def test_bad_worker_address(bad):
-  with pytest.raises(ValueError, match="must be host:port"):
-    runtime.parse_workers(bad)
 
 
 # --------------------------------------------------------------------------- defences

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import portpicker
 import pytest
 
 from tf_dlg.execution import runtime, worker
@@ -127,8 +128,6 @@ def test_remote_worker_is_loopback_unless_exposed():
 
 
 def test_worker_launcher_defaults_to_loopback_and_stops_on_sigterm():
-  import portpicker
-
   port = portpicker.pick_unused_port()
   launcher = subprocess.Popen(
     [sys.executable, "-m", "tf_dlg.execution.worker", f"--port={port}"],
@@ -264,3 +263,16 @@ def test_killed_federated_run_leaves_no_worker(tmp_path, sig):
   finally:
     if run.poll() is None:
       run.kill()
+
+
+def test_unreachable_worker_is_a_clear_error():
+  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  with pytest.raises(ConnectionError, match="No TFF worker answers"):
+    with runtime.execution_target([address], timeout=1.0):
+      pass
+
+
+@pytest.mark.parametrize("bad", ["localhost", "host:0", "h:99999", "h:x"])
+def test_bad_worker_address(bad):
+  with pytest.raises(ValueError, match="must be host:port"):
+    runtime.parse_workers(bad)

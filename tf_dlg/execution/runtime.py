@@ -121,7 +121,6 @@ def import_tff():
   interface) by `create_local_context()`, and installs the worker clean-up hooks.
   """
   global _HOOKED
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tensorflow_federated as tff
 
   if not _HOOKED:

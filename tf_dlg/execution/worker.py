@@ -142,7 +142,7 @@ def _parent_death_signal():
 def worker_env(expose: bool = False, parent: int = None) -> dict:
   """The environment of a worker: the shim preloaded unless `expose`."""
   env = dict(os.environ)
-  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the worker's C++ start-up pages
   env[PARENT_ENV] = str(os.getpid() if parent is None else parent)
   shim = None if expose else shim_path()
   if shim is None:

@@ -409,6 +409,7 @@ class _Run:
   parts: List[np.ndarray]
   bad: frozenset  # Byzantine client ids
   output_dir: str
+  keras_model: Any  # compiled, evaluates the server model (`_evaluate`)
 
 
 def _capture(config, run: _Run, ids, round_num, start_weights, client_values):
@@ -541,17 +542,41 @@ def _write_summaries(writer, row, metrics) -> None:
   writer.flush()
 
 
+def _evaluation_model(fa):
+  """A compiled Keras model of `fa`'s architecture that evaluates server weights."""
+  import tensorflow as tf
+
+  keras_model = fa.keras_model_fn()
+  keras_model.compile(
+    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    metrics=[tf.keras.metrics.SparseCategoricalAccuracy()],
+  )
+  return keras_model
+
+
 def _round(config, run: _Run, state, round_num):
-  """One FedAvg round: (new state, TFF metrics, capture path or None)."""
+  """One FedAvg round, evaluated: (new state, history row, TFF metrics, capture path)."""
+  t0 = time.perf_counter()
   ids = sample_clients(config, round_num)
   data = client_data(config, run.dataset, run.parts, ids, round_num, run.bad)
+  path = None
   if round_num != config.capture_round:
     out = run.fa.process.next(state, data)
-    return out.state, out.metrics, None
-  start_weights = run.fa.process.get_model_weights(state)
-  out = run.fa.capture_process.next(state, data)
-  path = _capture(config, run, ids, round_num, start_weights, _find(out.metrics, "client_values"))
-  return out.state, out.metrics, path
+  else:
+    start_weights = run.fa.process.get_model_weights(state)
+    out = run.fa.capture_process.next(state, data)
+    path = _capture(config, run, ids, round_num, start_weights, _find(out.metrics, "client_values"))
+  train = out.metrics["client_work"]["train"]
+  test_loss, test_acc = _evaluate(run.fa, out.state, run.keras_model, run.dataset)
+  row = dict(
+    round=round_num,
+    train_loss=float(train["loss"]),
+    train_accuracy=float(train["sparse_categorical_accuracy"]),
+    test_loss=test_loss,
+    test_accuracy=test_acc,
+    seconds=round(time.perf_counter() - t0, 4),
+  )
+  return out.state, row, out.metrics, path
 
 
 def run_simulation(
@@ -589,13 +614,8 @@ def run_simulation(
   ckpt_path = os.path.join(output_dir, CHECKPOINT_NAME)
   hist_path = os.path.join(output_dir, HISTORY_NAME)
   fa = fedavg if fedavg is not None else build_for_config(config, dataset)
-  keras_model = fa.keras_model_fn()
-  keras_model.compile(
-    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    metrics=[tf.keras.metrics.SparseCategoricalAccuracy()],
-  )
   bad = frozenset(malicious_ids(config))
-  run = _Run(fa, dataset, parts, bad, output_dir)
+  run = _Run(fa, dataset, parts, bad, output_dir, _evaluation_model(fa))
   writer = tf.summary.create_file_writer(os.path.join(output_dir, TENSORBOARD_DIR))
   with runtime.execution_target(workers):
     state = fa.process.initialize()
@@ -613,24 +633,13 @@ def run_simulation(
       unit="round",
     )
     for round_num in bar:
-      t0 = time.perf_counter()
-      state, metrics, path = _round(config, run, state, round_num)
+      state, row, metrics, path = _round(config, run, state, round_num)
       capture_path = path or capture_path
-      train = metrics["client_work"]["train"]
-      test_loss, test_acc = _evaluate(fa, state, keras_model, dataset)
-      row = dict(
-        round=round_num,
-        train_loss=float(train["loss"]),
-        train_accuracy=float(train["sparse_categorical_accuracy"]),
-        test_loss=test_loss,
-        test_accuracy=test_acc,
-        seconds=round(time.perf_counter() - t0, 4),
-      )
       history.append(row)
       _write_history(hist_path, history)
       save_checkpoint(ckpt_path, state, round_num, history, config.fingerprint())
       _write_summaries(writer, row, metrics)  # after the checkpoint: once per round
-      bar.set_postfix(test_acc=f"{test_acc:.3f}")
+      bar.set_postfix(test_acc=f"{row['test_accuracy']:.3f}")
     bar.close()
   writer.close()
   return SimulationResult(
