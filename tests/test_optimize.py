@@ -67,10 +67,10 @@ def test_failed_row_stops_alone_and_others_converge():
   assert list(res.status) == ["converged", "failed"]
 
 
-@pytest.mark.parametrize("name,slots", [("lbfgs", 2), ("lbfgs", 4), ("adam", 2)])
+@pytest.mark.parametrize("name,slots", [("lbfgs", 2), ("lbfgs", 3), ("lbfgs", 4), ("adam", 2)])
 def test_refilled_slots_match_solo_runs(name, slots):
-  """Six problems of different difficulty on 2 or 4 slots (4: the batch shrinks to 2 for
-  the last ones): each equals its solo run exactly."""
+  """Six problems of different difficulty on 2, 3 or 4 slots (3, 4: the batch shrinks to
+  2 for the last ones, never to 1): each equals its solo run exactly."""
   rng = np.random.default_rng(1)
   value_fn = _quadratic(
     rng.uniform(0.5, 5.0, size=8).astype(np.float32), rng.normal(size=8).astype(np.float32)

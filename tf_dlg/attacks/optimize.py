@@ -574,7 +574,7 @@ def _compact(st, slots: _Slots, slot_axis: Mapping[str, int]):
   busy = [i for i, j in enumerate(slots.jobs) if j is not None]
   size = len(slots.jobs)
   while size > 2 and len(busy) <= size // 2:
-    size //= 2
+    size = max(2, size // 2)  # never 1: XLA rounds a size-1 slot axis differently
   if size == len(slots.jobs):
     return st, False
   idle = [i for i, j in enumerate(slots.jobs) if j is None]
