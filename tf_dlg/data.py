@@ -148,6 +148,21 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
 # --------------------------------------------------------------------------- offline
 
 
+def _split_dataset(name: str, source: str, x, y, seed: int, class_names) -> ImageDataset:
+  """An `ImageDataset` of labelled images, split seeded and stratified 80/20."""
+  x_tr, y_tr, x_te, y_te = _split(x, y, 0.2, seed)
+  return ImageDataset(
+    name=name,
+    source=source,
+    x_train=x_tr,
+    y_train=y_tr,
+    x_test=x_te,
+    y_test=y_te,
+    num_classes=len(class_names),
+    class_names=list(class_names),
+  )
+
+
 def _load_digits(seed: int) -> ImageDataset:
   from sklearn import datasets as sk_datasets
 
@@ -155,20 +170,11 @@ def _load_digits(seed: int) -> ImageDataset:
   x = (digits.images.astype(np.float32) / 16.0)[..., None]
   x = _resize(x, 28)
   y = digits.target.astype(np.int64)
-  x_tr, y_tr, x_te, y_te = _split(x, y, 0.2, seed)
-  return ImageDataset(
-    name="digits",
-    source=(
-      "sklearn.datasets.load_digits: 1,797 real 8x8 handwritten digits, "
-      "upsampled to 28x28 (offline stand-in for MNIST)"
-    ),
-    x_train=x_tr,
-    y_train=y_tr,
-    x_test=x_te,
-    y_test=y_te,
-    num_classes=10,
-    class_names=[str(i) for i in range(10)],
+  source = (
+    "sklearn.datasets.load_digits: 1,797 real 8x8 handwritten digits, "
+    "upsampled to 28x28 (offline stand-in for MNIST)"
   )
+  return _split_dataset("digits", source, x, y, seed, [str(i) for i in range(10)])
 
 
 def _load_lfw_subset(seed: int) -> ImageDataset:
@@ -177,20 +183,11 @@ def _load_lfw_subset(seed: int) -> ImageDataset:
   faces = sk_data.lfw_subset().astype(np.float32)  # [200, 25, 25]: 100 faces, 100 non-faces
   x = _resize(faces[..., None], 32)
   y = np.array([1] * 100 + [0] * 100, dtype=np.int64)
-  x_tr, y_tr, x_te, y_te = _split(x, y, 0.2, seed)
-  return ImageDataset(
-    name="lfw_subset",
-    source=(
-      "skimage.data.lfw_subset: 200 real 25x25 grey LFW crops (100 faces, 100 "
-      "non-faces), resized to 32x32 (offline stand-in for LFW)"
-    ),
-    x_train=x_tr,
-    y_train=y_tr,
-    x_test=x_te,
-    y_test=y_te,
-    num_classes=2,
-    class_names=["non-face", "face"],
+  source = (
+    "skimage.data.lfw_subset: 200 real 25x25 grey LFW crops (100 faces, 100 "
+    "non-faces), resized to 32x32 (offline stand-in for LFW)"
   )
+  return _split_dataset("lfw_subset", source, x, y, seed, ["non-face", "face"])
 
 
 # Colour photos bundled inside scikit-image (no download needed).
@@ -232,21 +229,12 @@ def _load_photos(seed: int) -> ImageDataset:
       labels.append(label)
   x = np.clip(np.stack(crops), 0.0, 1.0).astype(np.float32)
   y = np.asarray(labels, dtype=np.int64)
-  x_tr, y_tr, x_te, y_te = _split(x, y, 0.2, seed)
-  return ImageDataset(
-    name="photos",
-    source=(
-      f"skimage.data colour photos ({', '.join(PHOTO_SOURCES)}): "
-      f"{len(x)} seeded 32x32 crops labelled by source photo "
-      "(offline stand-in for CIFAR-10)"
-    ),
-    x_train=x_tr,
-    y_train=y_tr,
-    x_test=x_te,
-    y_test=y_te,
-    num_classes=len(PHOTO_SOURCES),
-    class_names=list(PHOTO_SOURCES),
+  source = (
+    f"skimage.data colour photos ({', '.join(PHOTO_SOURCES)}): "
+    f"{len(x)} seeded 32x32 crops labelled by source photo "
+    "(offline stand-in for CIFAR-10)"
   )
+  return _split_dataset("photos", source, x, y, seed, list(PHOTO_SOURCES))
 
 
 # --------------------------------------------------------------------------- wheels
@@ -365,20 +353,11 @@ def _load_lfw_faces(seed: int) -> ImageDataset:
   faces = sk_data.lfw_subset()[:100].astype(np.float32)
   x = _resize(faces[..., None], 32)
   y = np.zeros(len(x), dtype=np.int64)
-  x_tr, y_tr, x_te, y_te = _split(x, y, 0.2, seed)
-  return ImageDataset(
-    name="lfw_faces",
-    source=(
-      "skimage.data.lfw_subset faces: 100 real 25x25 grey LFW face crops, resized "
-      "to 32x32 (one class: no identities; for attacks, not training)"
-    ),
-    x_train=x_tr,
-    y_train=y_tr,
-    x_test=x_te,
-    y_test=y_te,
-    num_classes=1,
-    class_names=["face"],
+  source = (
+    "skimage.data.lfw_subset faces: 100 real 25x25 grey LFW face crops, resized "
+    "to 32x32 (one class: no identities; for attacks, not training)"
   )
+  return _split_dataset("lfw_faces", source, x, y, seed, ["face"])
 
 
 # --------------------------------------------------------------------------- tfds
