@@ -325,32 +325,31 @@ class FedAvg:
   Attributes:
     process: The `tff.learning.templates.LearningProcess`.
     keras_model_fn: No-arg function returning a fresh (uncompiled) Keras model.
-    model_name: Registry name of the model in `tf_dlg.models`.
     input_shape, num_classes: Model input and head.
-    aggregator: `mean`, `median` or `trimmed_mean`.
-    defense: The defence applied on each client (or None).
-    client_learning_rate, client_optimizer, batch_size, local_epochs: Client settings.
     num_trainable: Number of leading update entries that are trainable weights.
-    config: The `FedAvgConfig` it was built from.
+    config: The `FedAvgConfig` it was built from (also read through the properties
+      `model_name`, `aggregator`, `defense`, `client_optimizer`,
+      `client_learning_rate`, `batch_size`, `local_epochs`).
     capture_process: Same algorithm, whose `aggregator` metrics also hold every
       client's (defended) update (`client_values`); built on first use.
   """
 
   process: Any
   keras_model_fn: Callable[[], tf.keras.Model]
-  model_name: str
   input_shape: tuple
   num_classes: int
-  aggregator: str
-  defense: Any
-  client_optimizer: str
-  client_learning_rate: float
-  batch_size: int
-  local_epochs: int
   num_trainable: int
-  config: Optional[FedAvgConfig] = None
+  config: FedAvgConfig
   _build_capture: Callable[[], Any] = dataclasses.field(repr=False, default=None)
   _capture_process: Any = dataclasses.field(repr=False, default=None)
+
+  model_name = property(lambda self: self.config.model)
+  aggregator = property(lambda self: self.config.aggregator)
+  defense = property(lambda self: self.config.defense)
+  client_optimizer = property(lambda self: self.config.client_optimizer)
+  client_learning_rate = property(lambda self: float(self.config.client_learning_rate))
+  batch_size = property(lambda self: int(self.config.batch_size))
+  local_epochs = property(lambda self: int(self.config.local_epochs))
 
   @property
   def capture_process(self):
@@ -512,15 +511,8 @@ def build_fedavg(
   return FedAvg(
     process=compose(False),
     keras_model_fn=keras_model_fn,
-    model_name=config.model,
     input_shape=input_shape,
     num_classes=num_classes,
-    aggregator=config.aggregator,
-    defense=config.defense,
-    client_optimizer=config.client_optimizer,
-    client_learning_rate=float(config.client_learning_rate),
-    batch_size=int(config.batch_size),
-    local_epochs=int(config.local_epochs),
     num_trainable=num_trainable,
     config=config,
     _build_capture=lambda: compose(True),
