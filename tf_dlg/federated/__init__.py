@@ -3,9 +3,11 @@
 Modules (imported lazily, so `import tf_dlg.federated` does not pull in TFF):
 - `aggregators`: `median_factory()`, `trimmed_mean_factory(f)`, `capture_factory(inner)`,
   `stats_factory(inner, include, clip_norm)`.
-- `fedavg`: `build_fedavg(input_shape, num_classes, FedAvgConfig(...))` -> `FedAvg` (learning process + Keras model fn); BatchNorm
-  statistics travel with the update (see its docstring).
+- `fedavg`: `build_fedavg(input_shape, num_classes, FedAvgConfig(...))` -> `FedAvg`
+  (learning process + Keras model fn); BatchNorm statistics travel with the update
+  (see its docstring).
 - `simulation`: `SimulationConfig`, `run_simulation(config, output_dir, workers=...)`.
+- `AGGREGATORS`, `OPTIMIZERS`, `MALICIOUS_MODES`: the choices, for drivers' flags.
 - TFF itself is imported through `tf_dlg.execution.runtime.import_tff()` (confined workers).
 """
 
