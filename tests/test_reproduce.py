@@ -241,3 +241,43 @@ def test_miniature_paper_run_end_to_end_on_offline_mnist(tmp_path):
   html = open(paths["html"]).read()
   assert 'src="data:image/png;base64,' in html and "<table>" in html
   assert os.path.exists(tmp_path / "figures" / "convergence.png")
+
+
+def _threshold_row(dataset, status, works, threshold=0.3):
+  return dict(
+    dataset=dataset,
+    kind="plain",
+    attack="idlg",
+    defense="masking",
+    status=status,
+    threshold=threshold,
+    low=0.1,
+    high=0.5,
+    num_images=8,
+    dataset_source="src",
+    attack_works_undefended=works,
+  )
+
+
+@pytest.mark.parametrize(
+  "cells, verdict",
+  [
+    ([("mnist", "at_weakest", False)], "| untested (attack fails undefended) |"),
+    (
+      [("mnist", "found", True), ("lfw_faces", "at_weakest", False)],
+      "| inconclusive (attack fails undefended on lfw_faces) |",
+    ),
+    ([("mnist", "found", True), ("lfw_faces", "at_weakest", True)], "| agrees |"),
+    ([("mnist", "not_reached", True), ("lfw_faces", "at_weakest", False)], "| disagrees |"),
+  ],
+)
+def test_threshold_claims_never_agree_when_the_attack_fails_undefended(tmp_path, cells, verdict):
+  rows = [_threshold_row(*c) for c in cells]
+  reproduce.write_claims(str(tmp_path), rows, [], [])
+  line = next(
+    x for x in (tmp_path / "claims.md").read_text().splitlines() if "stops the attack" in x
+  )
+  assert line.endswith(verdict)
+  assert "8 images" in line
+  if cells[0][1] == "found":
+    assert "0.3 [0.1, 0.5]" in line
