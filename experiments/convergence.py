@@ -222,14 +222,13 @@ def defense_of(label: str) -> str:
 def clipped_fraction(defense: str, param, run_dir: str):
   """Fraction of (round, client) updates that clipping changed in one run, or None.
 
-  `clipping_ratio` < 1 clips every client to ratio x its own norm: every non-zero update
-  is scaled, so the fraction is 1 by construction (computed here, not read back).
-  Absolute clipping and DP: the mean of the run's TensorBoard `defense/clipped_fraction`
-  (tf_dlg.federated logs it per round); None where the run logged none.
+  Read back from the run's TensorBoard `defense/clipped_fraction` (the mean over rounds
+  of the fraction of clients whose update the defence scaled): absolute clipping and DP
+  against their fixed bound, `clipping_ratio` against ratio x the round's median client
+  norm (`tf_dlg.defenses.median_clipping_factory`). None where the run logged none.
   """
-  if defense == "clipping_ratio":
-    return 1.0 if param is not None and param < 1.0 else 0.0
-  if defense not in ("clipping", "dp"):
+  del param
+  if defense not in ("clipping", "clipping_ratio", "dp"):
     return None
   import glob
 

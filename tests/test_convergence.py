@@ -215,11 +215,10 @@ def test_adaptive_label_trains_the_named_defence_beside_the_plain_one(tmp_path, 
   assert adaptive["defense"] == "masking" and adaptive["cost"] == pytest.approx(0.3)
 
 
-def test_clipped_fraction_relative_by_construction_absolute_from_tensorboard(tmp_path):
+def test_clipped_fraction_is_read_from_the_runs_tensorboard(tmp_path):
   import tensorflow as tf
 
-  assert convergence.clipped_fraction("clipping_ratio", 0.5, str(tmp_path)) == 1.0
-  assert convergence.clipped_fraction("clipping_ratio", 1.0, str(tmp_path)) == 0.0
+  assert convergence.clipped_fraction("clipping_ratio", 0.5, str(tmp_path)) is None
   assert convergence.clipped_fraction("masking", 0.5, str(tmp_path)) is None
   assert convergence.clipped_fraction("clipping", 3.0, str(tmp_path)) is None  # not logged
   writer = tf.summary.create_file_writer(str(tmp_path / "tensorboard"))
@@ -229,6 +228,7 @@ def test_clipped_fraction_relative_by_construction_absolute_from_tensorboard(tmp
       tf.summary.scalar("test/accuracy", 0.9, step=step)
   writer.close()
   assert convergence.clipped_fraction("clipping", 3.0, str(tmp_path)) == pytest.approx(0.5)
+  assert convergence.clipped_fraction("clipping_ratio", 0.5, str(tmp_path)) == pytest.approx(0.5)
 
 
 def test_subset_is_seeded_and_named_in_the_source():

@@ -323,3 +323,16 @@ def test_masking_and_clipping_report_defence_statistics(digits, tmp_path):
   assert clipped["defense/clipped_fraction"] == {1: 1.0, 2: 1.0}
   # Three clients clipped to norm 1e-3: their weighted mean has a norm of at most 1e-3.
   assert all(v <= 1e-3 * (1 + 1e-4) for v in clipped["update/global_norm"].values())
+
+
+def test_relative_clipping_clips_against_the_rounds_median_client(digits, tmp_path):
+  """clipping_ratio in training: bound = ratio x median client norm, so some clients act."""
+  _, scalars = _run(digits, tmp_path, defense="clipping_ratio", defense_param=0.5)
+  fractions = scalars["defense/clipped_fraction"]
+  assert sorted(fractions) == [1, 2]
+  # Clients at or above the median (at least 2 of 3) exceed half of it; a client far
+  # below it may pass unclipped, so the fraction is in [2/3, 1].
+  assert all(2 / 3 - 1e-6 <= v <= 1.0 for v in fractions.values()), fractions
+  _, loose = _run(digits, tmp_path / "loose", defense="clipping_ratio", defense_param=1.0)
+  # Ratio 1: only clients strictly above the median are clipped (at most 1 of 3).
+  assert all(v <= 1 / 3 + 1e-6 for v in loose["defense/clipped_fraction"].values())

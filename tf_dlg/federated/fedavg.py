@@ -459,7 +459,14 @@ def _aggregation_process(config: FedAvgConfig, weights_type, exclude, capture: b
     factory = aggregators_lib.stats_factory(
       factory, include=[not e for e in exclude], clip_norm=_clip_norm(config.defense)
     )
-    factory = defenses.defense_factory(config.defense, factory, exclude=exclude)
+    if config.defense.name == "clipping_ratio":
+      # In training a relative bound means relative to the round's clients: clip each to
+      # ratio x the median client norm. Relative to a client's own norm it would only
+      # rescale every update by the ratio (a smaller server step), never clip one client
+      # against the others.
+      factory = defenses.median_clipping_factory(config.defense.param, factory, exclude=exclude)
+    else:
+      factory = defenses.defense_factory(config.defense, factory, exclude=exclude)
   if isinstance(factory, tff.aggregators.UnweightedAggregationFactory):
     factory = tff.aggregators.as_weighted_aggregator(factory)
   return factory.create(_update_type(weights_type), tff.TensorType(np.float32)), weighting

@@ -518,7 +518,7 @@ def _evaluate(fa, state, keras_model, dataset):
   return float(loss), float(acc)
 
 
-def _write_summaries(writer, row, metrics) -> None:
+def _write_summaries(writer, row, metrics, defense=None) -> None:
   """One round's TensorBoard scalars (step = round), flushed so a watcher sees them."""
   import tensorflow as tf
 
@@ -536,6 +536,12 @@ def _write_summaries(writer, row, metrics) -> None:
   for key in ("zero_fraction", "clipped_fraction"):
     if key in stats:
       scalars[f"defense/{key}"] = stats[key]
+  # A bound set by the round itself (median-relative clipping) is known only to the
+  # defence, which measures the clients it scaled.
+  if defense == "clipping_ratio":
+    clipped = _find(metrics, "defense_clipped_fraction")
+    if clipped is not None:
+      scalars["defense/clipped_fraction"] = clipped
   with writer.as_default(step=row["round"]):
     for tag, value in scalars.items():
       tf.summary.scalar(tag, float(value))
@@ -638,7 +644,8 @@ def run_simulation(
       history.append(row)
       _write_history(hist_path, history)
       save_checkpoint(ckpt_path, state, round_num, history, config.fingerprint())
-      _write_summaries(writer, row, metrics)  # after the checkpoint: once per round
+      # After the checkpoint: once per round.
+      _write_summaries(writer, row, metrics, config.defense)
       bar.set_postfix(test_acc=f"{row['test_accuracy']:.3f}")
     bar.close()
   writer.close()
