@@ -30,9 +30,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Known start-up noise of the TF 2.14 CPU wheel: XLA registers the CUDA plugins twice and
 # logs it at ERROR level on every import, GPU or not. Only these lines are dropped.
-_NOISE = ("Unable to register cuDNN factory", "Unable to register cuFFT factory",
-          "Unable to register cuBLAS factory",
-          "TF-TRT Warning: Could not find TensorRT")
+_NOISE = (
+  "Unable to register cuDNN factory",
+  "Unable to register cuFFT factory",
+  "Unable to register cuBLAS factory",
+  "TF-TRT Warning: Could not find TensorRT",
+)
 
 
 def _import_tensorflow_quietly():
@@ -51,8 +54,11 @@ def _import_tensorflow_quietly():
       os.dup2(saved, 2)
       os.close(saved)
       buf.seek(0)
-      kept = [line for line in buf.read().decode(errors="replace").splitlines(True)
-              if not any(n in line for n in _NOISE)]
+      kept = [
+        line
+        for line in buf.read().decode(errors="replace").splitlines(True)
+        if not any(n in line for n in _NOISE)
+      ]
       sys.stderr.write("".join(kept))
   return tf
 
@@ -73,8 +79,9 @@ class UsageError(ValueError):
   """A bad argument found by a driver before it starts work."""
 
 
-def define_enum_list(name: str, default: Sequence[str], choices: Iterable[str],
-                     help_text: str) -> None:
+def define_enum_list(
+  name: str, default: Sequence[str], choices: Iterable[str], help_text: str
+) -> None:
   """A comma-separated list flag whose every element must be one of `choices`."""
   choices = list(choices)
   flags.DEFINE_list(name, list(default), f"{help_text} Any of: {', '.join(choices)}.")
@@ -83,15 +90,20 @@ def define_enum_list(name: str, default: Sequence[str], choices: Iterable[str],
     bad = [v for v in values or [] if v not in choices]
     if bad:
       raise flags.ValidationError(
-          f"--{name}={','.join(values)}: {', '.join(bad)} not one of {', '.join(choices)}")
+        f"--{name}={','.join(values)}: {', '.join(bad)} not one of {', '.join(choices)}"
+      )
     return True
 
   flags.register_validator(name, check)
 
 
 def define_output_dir(default: str) -> None:
-  flags.DEFINE_string("output_dir", default, "Output directory (resumed if it holds a run "
-                      "of the same configuration; another configuration is refused).")
+  flags.DEFINE_string(
+    "output_dir",
+    default,
+    "Output directory (resumed if it holds a run "
+    "of the same configuration; another configuration is refused).",
+  )
 
 
 def define_seed() -> None:
@@ -125,6 +137,7 @@ def _terminate(signum, frame):
 
 def run(main: Callable[[list], object]) -> None:
   """`app.run(main)` with one-line errors (exit 2) and SIGTERM handled like SIGINT."""
+
   def guarded(argv):
     logging.set_verbosity(logging.WARNING)
     signal.signal(signal.SIGTERM, _terminate)
@@ -134,6 +147,6 @@ def run(main: Callable[[list], object]) -> None:
       fail(str(e).strip().splitlines()[0])
     except KeyboardInterrupt:
       sys.stderr.write("interrupted; finished work is kept, rerun the same command to resume\n")
-      raise SystemExit(130)
+      raise SystemExit(130) from None
 
   app.run(guarded, flags_parser=_parse)

@@ -64,25 +64,36 @@ class ResultsLog:
     else:
       lines, tail = lines[:-1], ""
     if not lines:
-      raise ResultsFileError(f"{self.path}: no complete header line; not a tf-dlg results "
-                             "file. Move it away or choose another --output_dir.")
+      raise ResultsFileError(
+        f"{self.path}: no complete header line; not a tf-dlg results "
+        "file. Move it away or choose another --output_dir."
+      )
     try:
       header = json.loads(lines[0])
     except json.JSONDecodeError as e:
-      raise ResultsFileError(f"{self.path}: header is not JSON ({e}); not a tf-dlg results "
-                             "file. Move it away or choose another --output_dir.") from e
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-      raise ResultsFileError(f"{self.path}: format={header.get('format') if isinstance(header, dict) else header!r}, "
-                             f"expected {FORMAT!r}. Move it away or choose another --output_dir.")
-    if header.get("experiment") != self.experiment:
-      raise ResultsFileError(f"{self.path}: written by experiment {header.get('experiment')!r}, "
-                             f"not {self.experiment!r}.")
-    if header.get("config") != self.config:
-      diff = sorted(k for k in set(header.get("config", {})) | set(self.config)
-                    if header.get("config", {}).get(k) != self.config.get(k))
       raise ResultsFileError(
-          f"{self.path}: was written with a different configuration (differs in: "
-          f"{', '.join(diff)}). Resume with the same flags, or use a new --output_dir.")
+        f"{self.path}: header is not JSON ({e}); not a tf-dlg results "
+        "file. Move it away or choose another --output_dir."
+      ) from e
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+      raise ResultsFileError(
+        f"{self.path}: format={header.get('format') if isinstance(header, dict) else header!r}, "
+        f"expected {FORMAT!r}. Move it away or choose another --output_dir."
+      )
+    if header.get("experiment") != self.experiment:
+      raise ResultsFileError(
+        f"{self.path}: written by experiment {header.get('experiment')!r}, not {self.experiment!r}."
+      )
+    if header.get("config") != self.config:
+      diff = sorted(
+        k
+        for k in set(header.get("config", {})) | set(self.config)
+        if header.get("config", {}).get(k) != self.config.get(k)
+      )
+      raise ResultsFileError(
+        f"{self.path}: was written with a different configuration (differs in: "
+        f"{', '.join(diff)}). Resume with the same flags, or use a new --output_dir."
+      )
     for lineno, line in enumerate(lines[1:], start=2):
       if not line.strip():
         continue
@@ -125,4 +136,3 @@ class ResultsLog:
 
   def __len__(self) -> int:
     return len(self._records)
-

@@ -26,14 +26,23 @@ def _code_lines(source: str, node: ast.AST) -> int:
   """Lines of `node` holding code: no docstring, comment-only or blank lines."""
   doc = set()
   body = getattr(node, "body", [])
-  if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None),
-                                                           ast.Constant):
+  if (
+    body
+    and isinstance(body[0], ast.Expr)
+    and isinstance(getattr(body[0], "value", None), ast.Constant)
+  ):
     doc = set(range(body[0].lineno, body[0].end_lineno + 1))
   lines = set()
   tokens = tokenize.generate_tokens(io.StringIO(source).readline)
   for tok in tokens:
-    if tok.type in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT,
-                    tokenize.DEDENT, tokenize.ENDMARKER):
+    if tok.type in (
+      tokenize.COMMENT,
+      tokenize.NL,
+      tokenize.NEWLINE,
+      tokenize.INDENT,
+      tokenize.DEDENT,
+      tokenize.ENDMARKER,
+    ):
       continue
     for line in range(tok.start[0], tok.end[0] + 1):
       if node.lineno <= line <= node.end_lineno and line not in doc:
@@ -64,19 +73,29 @@ def test_the_checker_counts_code_not_docstrings():
 
 
 def test_no_function_is_longer_than_60_lines_of_code():
-  long = [f"{p}:{n.lineno} {n.name} ({_code_lines(s, n)} lines)" for p, s, n in _functions()
-          if _code_lines(s, n) > MAX_LINES]
+  long = [
+    f"{p}:{n.lineno} {n.name} ({_code_lines(s, n)} lines)"
+    for p, s, n in _functions()
+    if _code_lines(s, n) > MAX_LINES
+  ]
   assert not long, "functions over 60 lines of code:\n" + "\n".join(long)
 
 
 def test_no_function_takes_more_than_8_parameters():
-  wide = [f"{p}:{n.lineno} {n.name} ({_params(n)} parameters)" for p, s, n in _functions()
-          if _params(n) > MAX_PARAMS]
+  wide = [
+    f"{p}:{n.lineno} {n.name} ({_params(n)} parameters)"
+    for p, s, n in _functions()
+    if _params(n) > MAX_PARAMS
+  ]
   assert not wide, "functions over 8 parameters:\n" + "\n".join(wide)
 
 
 @pytest.mark.parametrize("package", PACKAGES + ("tests",))
 def test_no_pylint_comments_remain(package):
-  hits = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / package).rglob("*.py"))
-          for i, line in enumerate(p.read_text().splitlines(), 1) if "pylint" + ": disable" in line]
+  hits = [
+    f"{p.relative_to(ROOT)}:{i}"
+    for p in sorted((ROOT / package).rglob("*.py"))
+    for i, line in enumerate(p.read_text().splitlines(), 1)
+    if "pylint" + ": disable" in line
+  ]
   assert not hits, "pylint comments that no tool reads:\n" + "\n".join(hits)

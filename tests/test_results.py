@@ -65,6 +65,7 @@ def test_results_log_survives_a_kill_while_dropping_a_partial_line(tmp_path, mon
       real_open(file, mode, *args, **kwargs).close()  # opened (truncated), then killed
       raise KeyboardInterrupt("killed during the rewrite")
     return real_open(file, mode, *args, **kwargs)
+
   monkeypatch.setattr(builtins, "open", killed_while_writing)
   with pytest.raises(KeyboardInterrupt):
     results.ResultsLog(str(path), "exp", {"seed": 1})
