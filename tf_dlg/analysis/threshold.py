@@ -319,7 +319,7 @@ def dataset_threshold(
   k-th weakest per-image threshold, k = ceil(fraction x n). Not-reached images count
   as infinitely strong; untested images are left out (they prove nothing).
   """
-  from tf_dlg.analysis import intervals  # pylint: disable=g-import-not-at-top
+  from tf_dlg.analysis import intervals
 
   s = np.array([im.strength(space) for im in images if im.status != "untested"])
   if s.size == 0:

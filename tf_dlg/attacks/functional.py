@@ -106,8 +106,8 @@ class BatchedModel:
     self._ops = []
     prev = None
     for layer in model.layers:
-      if prev is not None and layer._inbound_nodes:  # pylint: disable=protected-access
-        inbound = layer._inbound_nodes[0].inbound_layers  # pylint: disable=protected-access
+      if prev is not None and layer._inbound_nodes:
+        inbound = layer._inbound_nodes[0].inbound_layers
         inbound = inbound if isinstance(inbound, (list, tuple)) else [inbound]
         if len(inbound) != 1 or inbound[0] is not prev:
           raise ValueError(

@@ -219,6 +219,24 @@ def _slot_generic(fn, slot_axis):
   return call
 
 
+def _lbfgs_state(st, x, g, history: int):
+  """`st` plus L-BFGS's per-slot curvature history, empty (exact zeros)."""
+  s, n = tf.shape(x)[0], tf.shape(x)[1]
+  zeros = tf.zeros([history, s, n], x.dtype)
+  st.update(
+    S=zeros,
+    Y=zeros,
+    rho=tf.zeros([history, s], x.dtype),
+    head=tf.constant(0),
+    hdiag=tf.ones([s], x.dtype),
+    d=tf.zeros_like(x),
+    t=tf.zeros([s], x.dtype),
+    gprev=g,
+    first=tf.ones([s], tf.bool),
+  )
+  return st
+
+
 def build_lbfgs(
   value_fn: Callable,
   iterations: int = 0,
@@ -236,21 +254,7 @@ def build_lbfgs(
 
   def init_state(x, c, tol, active):
     loss, dist, g = value_fn(x, c)
-    st = _base_state(x, loss, dist, g, tol, active)
-    s, n = tf.shape(x)[0], tf.shape(x)[1]
-    zeros = tf.zeros([history, s, n], x.dtype)
-    st.update(
-      S=zeros,
-      Y=zeros,
-      rho=tf.zeros([history, s], x.dtype),
-      head=tf.constant(0),
-      hdiag=tf.ones([s], x.dtype),
-      d=tf.zeros_like(x),
-      t=tf.zeros([s], x.dtype),
-      gprev=g,
-      first=tf.ones([s], tf.bool),
-    )
-    return st
+    return _lbfgs_state(_base_state(x, loss, dist, g, tol, active), x, g, history)
 
   def step(st, c, tol):
     g, first = st["g"], st["first"]
@@ -509,10 +513,14 @@ def minimize(
   iterations: int,
   tolerance=1e-6,
   check_every: int = 50,
-  jit_compile: bool = True,
   **options,
 ) -> OptimizationResult:
-  """Minimises the problems stacked in `position` / `consts` (one slot per row)."""
+  """Minimises the problems stacked in `position` / `consts` (one slot per row).
+
+  `options` go to the optimiser's builder (`jit_compile`, default True, and e.g.
+  L-BFGS's `history` and `lr`).
+  """
+  jit_compile = options.pop("jit_compile", True)
   compiled = build(name, value_fn, iterations, jit_compile, **options)
   queue = ArrayQueue(position, consts, tolerance)
   run_queue(compiled, queue, len(queue.position), iterations, check_every=check_every)

@@ -297,7 +297,6 @@ def run_attacks(
   initial_images: Optional[Sequence[np.ndarray]] = None,
   progress: bool = False,
   hook: Optional[Callable] = None,
-  cache: Optional[CompileCache] = None,
   **kwargs,
 ) -> List[AttackResult]:
   """Runs one attack per observed update; returns results in input order.
@@ -315,8 +314,12 @@ def run_attacks(
     progress: Show a tqdm bar of finished attacks.
     hook: Optional `hook(snapshots)` after every compiled chunk, given a list of
       `Snapshot`s of the running attacks (e.g. `summaries.TensorBoardHook`).
-    cache: Compile cache (default: the module's `CACHE`).
+    **kwargs: The older keyword arguments (see `config`), and `cache`: a
+      `CompileCache` to use instead of the module's `CACHE`.
   """
+  cache = kwargs.pop("cache", None)
+  if cache is not None and not isinstance(cache, CompileCache):
+    raise TypeError(f"cache must be a CompileCache, got {type(cache).__name__}.")
   if config is None:
     config = config_from_kwargs(attack, **kwargs)
   elif kwargs:

@@ -187,16 +187,23 @@ def observe_fedavg_delta(
   learning_rate: float,
   batch_size: Optional[int] = None,
   defense=None,
-  seed: int = 0,
-  model_name: str = "lenet",
-  metadata=None,
+  **description,
 ) -> ObservedUpdate:
   """FedAvg observation: `initial - final` weights after `local_steps` local SGD steps.
 
   Step t trains on examples `[t * batch_size, (t + 1) * batch_size)` modulo N (unshuffled
   epochs), the schedule the attacker simulates. The model's weights are left unchanged.
+  `description` takes `observe_gradient`'s other keywords: `seed` of the defence
+  (default 0), `model_name` (default `lenet`) and `metadata` (a dict).
   """
   import tensorflow as tf
+
+  unknown = sorted(set(description) - {"seed", "model_name", "metadata"})
+  if unknown:
+    raise TypeError(f"observe_fedavg_delta got unexpected arguments {unknown}.")
+  seed = description.get("seed", 0)
+  model_name = description.get("model_name", "lenet")
+  metadata = description.get("metadata")
 
   images = np.asarray(images, np.float32)
   labels = np.asarray(labels, np.int64)
