@@ -89,9 +89,8 @@ def define_enum_list(
   def check(values):
     bad = [v for v in values or [] if v not in choices]
     if bad:
-      raise flags.ValidationError(
-        f"--{name}={','.join(values)}: {', '.join(bad)} not one of {', '.join(choices)}"
-      )
+      # absl prefixes "flag --name=[...]: ", so the message names only the bad values.
+      raise flags.ValidationError(f"{', '.join(bad)} not one of {', '.join(choices)}")
     return True
 
   flags.register_validator(name, check)

@@ -189,6 +189,8 @@ def test_drivers_give_one_line_errors_with_exit_code_2(tmp_path):
     ("reproduce", ["--partitions=bogus"], "partitions: 'bogus' not one of"),
     ("reproduce", ["--preset=fast"], "preset='fast' is not one of"),
     ("convergence", ["--seeds=0,0"], "must be distinct"),
+    ("threshold_search", ["--defenses=maskng"], "maskng not one of masking"),
+    ("threshold_search", ["--num_images=0"], "--num_images=0"),
   ]:
     proc = subprocess.run(
       [sys.executable, "-m", f"experiments.{module}", *args, f"--output_dir={tmp_path / module}"],
