@@ -28,14 +28,8 @@ from typing import Callable, Iterable, Sequence
 # users' shells) silence its INFO/WARNING pages.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# Known start-up noise of the TF 2.14 CPU wheel: XLA registers the CUDA plugins twice and
-# logs it at ERROR level on every import, GPU or not. Only these lines are dropped.
-_NOISE = (
-  "Unable to register cuDNN factory",
-  "Unable to register cuFFT factory",
-  "Unable to register cuBLAS factory",
-  "TF-TRT Warning: Could not find TensorRT",
-)
+# Known start-up noise of the TF 2.14 CPU wheel (a stdlib-only module: no TF import yet).
+from tf_dlg.execution.worker import TF_STARTUP_NOISE as _NOISE  # noqa: E402
 
 
 def _import_tensorflow_quietly():
@@ -71,6 +65,7 @@ def _import_tensorflow_quietly():
 tf = _import_tensorflow_quietly()
 
 from absl import app, flags, logging  # noqa: E402
+from tensorflow.python.util import deprecation as _deprecation  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -139,6 +134,11 @@ def run(main: Callable[[list], object]) -> None:
 
   def guarded(argv):
     logging.set_verbosity(logging.WARNING)
+    # TensorFlow's logger also propagates to absl's root handler: each warning would
+    # print twice. And its deprecation notices name TF / Keras internals a user of
+    # these drivers cannot act on.
+    tf.get_logger().propagate = False
+    _deprecation.silence().__enter__()
     signal.signal(signal.SIGTERM, _terminate)
     try:
       return main(argv)

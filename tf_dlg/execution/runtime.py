@@ -188,7 +188,11 @@ class _LocalWorker:
       return self._stub
     self.stop()
     port = portpicker.pick_unused_port()
-    self._process = worker.spawn_worker(port, extra_args=self._args, stderr=sys.stderr)
+    stderr = worker.filtered_stderr()
+    try:
+      self._process = worker.spawn_worker(port, extra_args=self._args, stderr=stderr)
+    finally:
+      os.close(stderr)  # the child holds its own copy; EOF ends the pump with the child
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", _GRPC_OPTIONS)
     self._stub = tff.framework.RemoteExecutorGrpcStub(channel)
     deadline = time.time() + 120

@@ -36,6 +36,36 @@ import warnings
 
 ALLOW_EXPOSED_ENV = "TF_DLG_ALLOW_EXPOSED_WORKER"
 PARENT_ENV = "TF_DLG_WORKER_PARENT"
+# Known start-up noise of the TF 2.14 CPU build, printed at ERROR level by every process
+# that loads TensorFlow (the CUDA plugins are registered twice), GPU or not. Drivers and
+# local workers drop exactly these lines; everything else a worker prints passes through.
+TF_STARTUP_NOISE = (
+  "Unable to register cuDNN factory",
+  "Unable to register cuFFT factory",
+  "Unable to register cuBLAS factory",
+  "TF-TRT Warning: Could not find TensorRT",
+  "SetPriority unimplemented for this stream",
+)
+
+
+def filtered_stderr():
+  """A writable fd whose lines reach sys.stderr unless they are `TF_STARTUP_NOISE`.
+
+  For a child's stderr: a daemon thread copies the lines until the child closes it.
+  """
+  read_fd, write_fd = os.pipe()
+
+  def pump():
+    with os.fdopen(read_fd, "r", errors="replace") as lines:
+      for line in lines:
+        if not any(n in line for n in TF_STARTUP_NOISE):
+          sys.stderr.write(line)
+          sys.stderr.flush()
+
+  threading.Thread(target=pump, name="worker-stderr", daemon=True).start()
+  return write_fd
+
+
 _SHIM_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loopback_shim.c")
 _PR_SET_PDEATHSIG = 1
 _SHIM_LOCK = threading.Lock()
