@@ -291,3 +291,19 @@ def test_format_threshold_interval_inconclusive_and_untested():
   assert fmt(clip) == "inconclusive: 1 [< 0.001, 1e+04] (n=8/8)"
   assert fmt(_row(status="not_reached", threshold=None)) == "not reached (leaks at 0.99)"
   assert fmt(_row(status="at_weakest", threshold=1e-4, low=1e-4, high=1e-4)).startswith("<= ")
+
+
+def test_unit_equivalents_convert_both_ways(tmp_path):
+  """Absolute clipping / noising report their relative setting, relative ones the absolute."""
+  search = threshold_search.ThresholdSearch(
+    str(tmp_path), ["digits"], ["idlg"], ["clipping"], num_images=3, progress=False
+  )
+  stats = {"norm": np.array([10.0, 20.0, 40.0]), "rms": np.array([0.1, 0.2, 0.4])}
+  search._stats["digits"] = stats
+  # Clipping to norm 5: 0.5, 0.25 and 0.125 of the three updates' norms; median 0.25.
+  assert search.equivalents("digits", "clipping", 5.0) == (None, pytest.approx(0.25))
+  assert search.equivalents("digits", "noising", 0.02) == (None, pytest.approx(0.1))
+  # Ratio 0.5 of the norms 10, 20, 40: median absolute norm 10.
+  assert search.equivalents("digits", "clipping_ratio", 0.5) == (pytest.approx(10.0), None)
+  assert search.equivalents("digits", "noising_ratio", 2.0) == (pytest.approx(0.4), None)
+  assert search.equivalents("digits", "masking", 0.3) == (None, None)
