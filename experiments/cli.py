@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from typing import Callable, Iterable, Sequence
 
 # TensorFlow reads its C++ log level once, at import; entry points (not the library, and not
@@ -122,11 +123,43 @@ def _parse(argv):
     fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
+_TERMINATING = threading.Event()
+
+
 def _terminate(signum, frame):
-  # Raised in the main thread, so `finally` blocks and context managers (stopping TFF
-  # workers, closing summary writers) run as on Ctrl-C.
+  # Raised in the main thread, so `finally` blocks and context managers (closing summary
+  # writers, saving results) run as on Ctrl-C.
   del frame
   raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stop_workers_on_sigterm() -> None:
+  """Stops local TFF workers as soon as SIGTERM arrives, from a helper thread.
+
+  Python runs a signal handler only when the main thread returns to bytecode; during a
+  TFF round the main thread waits inside a C++ gRPC call, possibly for many seconds. The
+  wakeup fd is written by the C-level handler at once, so this thread sees the signal
+  immediately and stops the workers (they keep no state: checkpoints live here).
+  """
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)
+  signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+  def watch():
+    while True:
+      received = os.read(read_fd, 64)
+      if signal.SIGTERM in received:
+        _TERMINATING.set()
+        runtime = sys.modules.get("tf_dlg.execution.runtime")
+        if runtime is not None:
+          runtime.stop_tff_workers(timeout=1.0)
+
+  threading.Thread(target=watch, name="sigterm-watch", daemon=True).start()
+
+
+def _interrupted() -> None:
+  sys.stderr.write("interrupted; finished work is kept, rerun the same command to resume\n")
+  raise SystemExit(130)
 
 
 def run(main: Callable[[list], object]) -> None:
@@ -140,12 +173,18 @@ def run(main: Callable[[list], object]) -> None:
     tf.get_logger().propagate = False
     _deprecation.silence().__enter__()
     signal.signal(signal.SIGTERM, _terminate)
+    _stop_workers_on_sigterm()
     try:
       return main(argv)
-    except ValueError as e:
-      fail(str(e).strip().splitlines()[0])
     except KeyboardInterrupt:
-      sys.stderr.write("interrupted; finished work is kept, rerun the same command to resume\n")
-      raise SystemExit(130) from None
+      _interrupted()
+    except Exception as e:
+      # Killing the workers on SIGTERM can fail the round in flight before the
+      # KeyboardInterrupt arrives: that error is the interruption, not a bug.
+      if _TERMINATING.is_set():
+        _interrupted()
+      if isinstance(e, ValueError):
+        fail(str(e).strip().splitlines()[0])
+      raise
 
   app.run(guarded, flags_parser=_parse)

@@ -30,7 +30,10 @@ def test_presets_meet_the_issue_requirements():
   assert paper.datasets == ("mnist", "cifar10", "lfw") and paper.num_images >= 32
   assert paper.convergence_dataset == "cifar10" and paper.seeds == 5
   assert (paper.log_resolution, paper.linear_resolution) == (1.25, 0.02)
-  assert reproduce.PRESETS["adaptive"] == quick.override(name="adaptive", adaptive=True)
+  assert reproduce.PRESETS["adaptive"] == quick.override(
+    name="adaptive", adaptive=True, adaptive_attacks=("ig", "masked_ig")
+  )
+  assert quick.adaptive_attacks == () and not quick.adaptive  # adaptive has its own preset
   assert quick.override(seed=4).seed_list() == [4, 5, 6]
 
 

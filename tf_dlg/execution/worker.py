@@ -236,16 +236,23 @@ def main(argv=None) -> int:
     file=sys.stderr,
     flush=True,
   )
-  signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGINT))
+  signal.signal(signal.SIGTERM, _raise_interrupt)
   try:
     return proc.wait()
   except KeyboardInterrupt:
+    # worker_binary may take long to shut its gRPC server down on SIGINT (or miss it
+    # while starting): a bounded wait, then SIGKILL.
     proc.send_signal(signal.SIGINT)
     try:
-      return proc.wait(10)
+      return proc.wait(3)
     except subprocess.TimeoutExpired:
       proc.kill()
       return proc.wait()
+
+
+def _raise_interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
