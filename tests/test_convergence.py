@@ -6,8 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
+from threshold_rows import write_thresholds_csv
 
-from experiments import convergence, threshold_search
+from experiments import convergence
 from tf_dlg.analysis import intervals
 
 
@@ -147,32 +148,8 @@ def test_bad_arguments(tmp_path, kwargs, match):
     _grid(tmp_path / "c", **kwargs)
 
 
-def _thresholds_csv(path, rows):
-  out = []
-  for overrides in rows:
-    row = {k: "" for k in threshold_search.THRESHOLD_FIELDS}
-    row.update(
-      dataset="mnist",
-      dataset_source="x",
-      kind="plain",
-      attack="idlg",
-      defense="masking",
-      status="found",
-      threshold="0.3",
-      search_low="0.0001",
-      search_high="0.99",
-      search_scale="log",
-      stronger="higher",
-      attack_works_undefended="True",
-    )
-    row.update(overrides)
-    out.append(row)
-  threshold_search.write_csv(str(path), threshold_search.THRESHOLD_FIELDS, out)
-  return str(path)
-
-
 def test_plain_and_adaptive_thresholds_become_labelled_settings(tmp_path):
-  path = _thresholds_csv(
+  path = write_thresholds_csv(
     tmp_path / "t.csv",
     [
       {},
@@ -268,7 +245,7 @@ def test_tiny_real_convergence_end_to_end(tmp_path):
 
 
 def test_adaptive_threshold_of_several_attackers_is_the_strongest_setting(tmp_path):
-  path = _thresholds_csv(
+  path = write_thresholds_csv(
     tmp_path / "t.csv",
     [
       dict(kind="adaptive", defense="noising_ratio", attack="ig", threshold="0.5"),

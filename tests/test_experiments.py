@@ -5,6 +5,7 @@ import csv
 import os
 
 import pytest
+from threshold_rows import write_thresholds_csv
 
 from experiments import convergence, results, threshold_search
 
@@ -168,24 +169,8 @@ def test_rescore_with_adaptive_attacker_and_fedavg_delta(clean_run):
 
 
 def _thresholds_csv(path, **overrides):
-  row = {k: "" for k in threshold_search.THRESHOLD_FIELDS}
-  row.update(
-    dataset="digits",
-    dataset_source="x",
-    attack="idlg",
-    defense="masking",
-    status="found",
-    threshold="0.3",
-    weaker_param="0.1",
-    search_low="0.0001",
-    search_high="0.99",
-    search_scale="log",
-    stronger="higher",
-    attack_works_undefended="True",
-  )
-  row.update(overrides)
-  threshold_search.write_csv(str(path), threshold_search.THRESHOLD_FIELDS, [row])
-  return str(path)
+  """One found row on `digits` with its weaker step, overridden by `overrides`."""
+  return write_thresholds_csv(path, [overrides], dataset="digits", kind="", weaker_param="0.1")
 
 
 @pytest.mark.parametrize(
