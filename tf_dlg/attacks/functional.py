@@ -63,22 +63,9 @@ def _weightless_op(layer):
     return ("act", layer.activation)
   if isinstance(layer, kl.ReLU):
     return ("act", lambda h, layer=layer: layer(h))
-  if isinstance(layer, kl.MaxPool2D):
-    return (
-      "pool",
-      tf.nn.max_pool2d,
-      list(layer.pool_size),
-      list(layer.strides),
-      layer.padding.upper(),
-    )
-  if isinstance(layer, kl.AveragePooling2D):
-    return (
-      "pool",
-      tf.nn.avg_pool2d,
-      list(layer.pool_size),
-      list(layer.strides),
-      layer.padding.upper(),
-    )
+  if isinstance(layer, (kl.MaxPool2D, kl.AveragePooling2D)):
+    pool = tf.nn.max_pool2d if isinstance(layer, kl.MaxPool2D) else tf.nn.avg_pool2d
+    return ("pool", pool, list(layer.pool_size), list(layer.strides), layer.padding.upper())
   if isinstance(layer, kl.GlobalAveragePooling2D):
     return ("gap",)
   return None
