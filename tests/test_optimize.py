@@ -67,6 +67,75 @@ def test_failed_row_stops_alone_and_others_converge():
   assert list(res.status) == ["converged", "failed"]
 
 
+@pytest.mark.parametrize("name", ["lbfgs", "adam"])
+def test_stuck_row_stalls_after_patience_while_a_slow_row_goes_on(name):
+  """Row 0 sits on a plateau (zero gradient); row 1 creeps down by 1 % per iteration."""
+
+  def value_fn(x, c):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      plateau = tf.reduce_sum(0.0 * x, 1) + 5.0
+      creep = tf.reduce_sum(tf.square(x), 1)
+      d = tf.where(c["stuck"] > 0, plateau, creep)
+    return d, d, tape.gradient(d, x)
+
+  options = {"lr": 0.005} if name == "lbfgs" else {"learning_rate": 0.01}
+  res = optimize.minimize(
+    name,
+    value_fn,
+    np.ones([2, 3], np.float32),
+    {"stuck": np.array([1.0, 0.0], np.float32)},
+    iterations=300,
+    tolerance=1e-30,
+    check_every=7,
+    patience=40,
+    jit_compile=False,
+    **options,
+  )
+  assert list(res.status) == ["stalled", "max_iterations"]
+  assert res.iterations[0] == 40 and res.iterations[1] == 300
+  assert res.loss[1] < 0.5 * 3.0  # it kept improving
+
+
+def _textbook_direction(pairs, g, hdiag):
+  """H g by the n-space two-loop recursion (PyTorch's), float64; pairs oldest first."""
+  q = g.astype(np.float64)
+  alphas = []
+  for s, y in reversed(pairs):
+    alphas.append(np.dot(s, q) / np.dot(y, s))
+    q = q - alphas[-1] * y
+  r = hdiag * q
+  for (s, y), alpha in zip(pairs, reversed(alphas)):
+    r = r + s * (alpha - np.dot(y, r) / np.dot(y, s))
+  return r
+
+
+@pytest.mark.parametrize("pushes", [3, 6, 9])  # before and after the ring (history 5) wraps
+def test_gram_two_loop_matches_textbook_recursion(pushes):
+  rng = np.random.default_rng(pushes)
+  history, n = 5, 40
+  skipped = {1}  # a pair with y.s <= 1e-10 is stored as zeros and skipped
+  g0 = rng.normal(size=(2, n)).astype(np.float32)
+  st = optimize._lbfgs_state({}, tf.constant(g0), tf.constant(g0), history)
+  pushed = []
+  for k in range(pushes):
+    s = rng.normal(size=(2, n)).astype(np.float32)
+    y = (s * rng.uniform(0.5, 2.0, size=(2, n)) + 0.1 * rng.normal(size=(2, n))).astype(np.float32)
+    ok = np.array([k not in skipped, True])
+    s, y = s * ok[:, None], y * ok[:, None]
+    g = rng.normal(size=(2, n)).astype(np.float32)
+    st.update(optimize._push_pair(st, tf.constant(s), tf.constant(y), tf.constant(g), ok, history))
+    pushed.append((s, y, ok))
+    hist = {key: st[key] for key in ("pairs", "sy", "yy", "valid", "a", "b", "head")}
+  hdiag = np.array([0.7, 1.3], np.float32)
+  got = optimize._two_loop(hist, tf.constant(g), tf.constant(hdiag), history).numpy()
+  for slot in range(2):
+    # The ring holds the last `history` pushes; a skipped pair still takes its position.
+    pairs = [(s[slot], y[slot]) for s, y, ok in pushed[-history:] if ok[slot]]
+    want = _textbook_direction(pairs, g[slot], hdiag[slot])
+    np.testing.assert_allclose(got[slot], want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("name,slots", [("lbfgs", 2), ("lbfgs", 3), ("lbfgs", 4), ("adam", 2)])
 def test_refilled_slots_match_solo_runs(name, slots):
   """Six problems of different difficulty on 2, 3 or 4 slots (3, 4: the batch shrinks to

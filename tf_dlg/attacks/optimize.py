@@ -7,9 +7,10 @@ after every iteration:
 
 * distance < tolerance[s] -> `converged` (reference DLG/iDLG rule, checked every
   iteration inside the compiled loop);
-* a non-finite loss, distance or gradient -> `failed`: the slot keeps its last finite
-  point; the others go on;
+* a non-finite loss, distance or gradient -> `failed`; the others go on;
 * `iterations` spent -> `max_iterations`.
+
+A slot's result is its best point: the converged one, else the lowest loss seen.
 
 `run_queue` is continuous batching: compiled chunks of at most `check_every` iterations
 run on the slots, and between chunks every finished slot is handed back and refilled
@@ -68,15 +69,14 @@ class Compiled:
   """Compiled functions of one optimiser for one objective.
 
   init_fn(x, c, tol, active) -> state; chunk_fn(state, c, tol, steps, max_iters,
-  min_running) -> state; refill_fn(state, x, c, tol, entering) -> state, or None when
-  the optimiser cannot refill single slots. `slot_axis` names state entries whose slot
-  axis is not 0.
+  min_running, patience) -> state; refill_fn(state, x, c, tol, entering) -> state, or None when
+  the optimiser cannot refill single slots. Every state entry but slot-free scalars
+  has the slot axis first.
   """
 
   init_fn: Callable
   chunk_fn: Callable
   refill_fn: Optional[Callable]
-  slot_axis: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _finite_rows(*tensors):
@@ -97,21 +97,15 @@ def _classify(status, loss, dist, grad, tol):
   return tf.where(running & finite & (dist < tol), CONVERGED, status)
 
 
-def _keep_where(mask, new, old, axis=0):
-  """Slices of `new` along `axis` where mask [S], else those of `old`."""
-  shape = [1] * new.shape.rank
-  shape[axis] = -1
-  return tf.where(tf.reshape(mask, shape), new, old)
+def _keep_where(mask, new, old):
+  """Rows of `new` where mask [S], else those of `old` (slot axis first)."""
+  mask = tf.reshape(mask, [-1] + [1] * (new.shape.rank - 1))
+  return tf.where(mask, new, old)
 
 
-def _merge(mask, new, old, slot_axis):
+def _merge(mask, new, old):
   """State `new` in the slots of mask, `old` elsewhere; slot-free scalars stay `old`."""
-  return {
-    k: (
-      old[k] if old[k].shape.rank == 0 else _keep_where(mask, new[k], old[k], slot_axis.get(k, 0))
-    )
-    for k in old
-  }
+  return {k: (old[k] if old[k].shape.rank == 0 else _keep_where(mask, new[k], old[k])) for k in old}
 
 
 def _base_state(x, loss, dist, grad, tol, active):
@@ -129,31 +123,56 @@ def _base_state(x, loss, dist, grad, tol, active):
     "best_x": x,
     "best_loss": tf.where(ok, loss, np.inf),
     "best_dist": tf.where(ok, dist, np.inf),
+    "mark_loss": tf.where(ok, loss, np.inf),  # best loss at the last real progress
+    "mark_iter": tf.zeros([s], tf.int32),
   }
 
 
 def _record(st, x, loss, dist, grad, tol, was_running):
-  """Advances running rows; failed rows keep their last finite point."""
+  """Advances running rows; every row keeps its best point (lowest loss, or converged).
+
+  The optimiser goes on from its newest point, but the result is the best one seen: a
+  fixed-step L-BFGS can leave a near-solution and wander (no ground truth is needed to
+  prefer the lower loss), and a failed row keeps its best finite point.
+  """
   status = _classify(st["status"], loss, dist, grad, tol)
   ok = was_running & tf.not_equal(status, FAILED)
+  better = ok & ((loss < st["best_loss"]) | tf.equal(status, CONVERGED))
   return dict(
     st,
     status=status,
     iters=st["iters"] + tf.cast(was_running, tf.int32),
-    best_x=_keep_where(ok, x, st["best_x"]),
-    best_loss=tf.where(ok, loss, st["best_loss"]),
-    best_dist=tf.where(ok, dist, st["best_dist"]),
+    best_x=_keep_where(better, x, st["best_x"]),
+    best_loss=tf.where(better, loss, st["best_loss"]),
+    best_dist=tf.where(better, dist, st["best_dist"]),
   )
+
+
+# Real progress: the best loss falls by at least this fraction.
+PROGRESS = 1e-3
+
+
+def _stall_or_cap(st, max_iters, patience):
+  """Running rows without real progress for `patience` iterations (> 0) -> stalled;
+  rows that spent `max_iters` -> max_iterations."""
+  progress = st["best_loss"] < st["mark_loss"] * (1.0 - PROGRESS)
+  st = dict(
+    st,
+    mark_loss=tf.where(progress, st["best_loss"], st["mark_loss"]),
+    mark_iter=tf.where(progress, st["iters"], st["mark_iter"]),
+  )
+  running = tf.equal(st["status"], RUNNING)
+  stalled = running & (patience > 0) & (st["iters"] - st["mark_iter"] >= patience)
+  capped = running & ~stalled & (st["iters"] >= max_iters)
+  return dict(st, status=tf.where(stalled, STALLED, tf.where(capped, MAXED, st["status"])))
 
 
 def _compile(
   init_state: Callable,
   step: Callable,
   jit_compile: bool,
-  slot_axis: Optional[Mapping[str, int]] = None,
 ) -> Compiled:
   """init / chunk / refill functions around a row-wise `step(state, c, tol)`."""
-  slot_axis = dict(slot_axis or {})
 
   @tf.function(jit_compile=jit_compile, autograph=False)
   def init_fn(x, c, tol, active):
@@ -161,46 +180,34 @@ def _compile(
 
   @tf.function(jit_compile=jit_compile, autograph=False)
   def refill_fn(st, x, c, tol, entering):
-    return _merge(entering, init_state(x, c, tol, entering), st, slot_axis)
+    return _merge(entering, init_state(x, c, tol, entering), st)
 
   @tf.function(jit_compile=jit_compile, autograph=False)
-  def chunk_fn(st, c, tol, steps, max_iters, min_running):
+  def chunk_fn(st, c, tol, steps, max_iters, min_running, patience):
     def count(st):
       return tf.reduce_sum(tf.cast(tf.equal(st["status"], RUNNING), tf.int32))
 
     def body(k, st):
-      st = step(st, c, tol)
-      capped = tf.equal(st["status"], RUNNING) & (st["iters"] >= max_iters)
-      return k + 1, dict(st, status=tf.where(capped, MAXED, st["status"]))
+      st = _stall_or_cap(step(st, c, tol), max_iters, patience)
+      return k + 1, st
 
     return tf.while_loop(
       lambda k, st: (k < steps) & (count(st) >= min_running), body, (tf.constant(0), st)
     )[1]
 
-  return Compiled(
-    _slot_generic(init_fn, slot_axis),
-    _slot_generic(chunk_fn, slot_axis),
-    _slot_generic(refill_fn, slot_axis),
-    slot_axis,
-  )
+  return Compiled(_slot_generic(init_fn), _slot_generic(chunk_fn), _slot_generic(refill_fn))
 
 
-def _relaxed_spec(value, axis):
-  if isinstance(value, dict):
-    return {
-      k: _relaxed_spec(v, axis.get(k, 0) if isinstance(axis, dict) else axis)
-      for k, v in value.items()
-    }
-  if isinstance(value, (list, tuple)):
-    return type(value)(_relaxed_spec(v, axis) for v in value)
+def _relaxed_spec(value):
+  """TensorSpec of `value` (a nest) with the leading slot axis unknown."""
   value = tf.convert_to_tensor(value)
   shape = value.shape.as_list()
   if shape:
-    shape[axis if isinstance(axis, int) else 0] = None
+    shape[0] = None
   return tf.TensorSpec(shape, value.dtype)
 
 
-def _slot_generic(fn, slot_axis):
+def _slot_generic(fn):
   """`fn` traced once with the slot count unknown, then reused for every slot count.
 
   Otherwise TensorFlow traces the first call for its exact slot count and later ones
@@ -211,7 +218,7 @@ def _slot_generic(fn, slot_axis):
 
   def call(*args):
     if not traced:
-      fn.get_concrete_function(*[_relaxed_spec(a, slot_axis) for a in args])
+      fn.get_concrete_function(*tf.nest.map_structure(_relaxed_spec, list(args)))
       traced.append(True)
     return fn(*args)
 
@@ -220,14 +227,20 @@ def _slot_generic(fn, slot_axis):
 
 
 def _lbfgs_state(st, x, g, history: int):
-  """`st` plus L-BFGS's per-slot curvature history, empty (exact zeros)."""
+  """`st` plus L-BFGS's per-slot curvature history, empty (exact zeros).
+
+  `pairs` [S, 2m, n] holds s_i in rows 0..m-1 and y_i in rows m..2m-1 at ring positions
+  (one buffer, so one matrix product reads all pairs); `sy` [S, m, m] = s_i . y_j and
+  `yy` [S, m, m] = y_i . y_j are kept up to date, so a step never loops over the pairs.
+  """
   s, n = tf.shape(x)[0], tf.shape(x)[1]
-  zeros = tf.zeros([history, s, n], x.dtype)
+  square = tf.zeros([s, history, history], x.dtype)
   st.update(
-    S=zeros,
-    Y=zeros,
-    rho=tf.zeros([history, s], x.dtype),
-    head=tf.constant(0),
+    pairs=tf.zeros([s, 2 * history, n], x.dtype),
+    sy=square,
+    yy=square,
+    valid=tf.zeros([s, history], tf.bool),
+    head=tf.zeros([s], tf.int32),
     hdiag=tf.ones([s], x.dtype),
     d=tf.zeros_like(x),
     t=tf.zeros([s], x.dtype),
@@ -246,9 +259,9 @@ def build_lbfgs(
 ) -> Compiled:
   """Fixed-step L-BFGS (PyTorch semantics, no line search), per-slot history.
 
-  The ring buffer's head is shared, but a slot's pairs are read newest first relative
-  to it and a fresh slot's empty pairs contribute exact zeros, so a slot's steps do not
-  depend on when it entered.
+  The direction is PyTorch's two-loop recursion (`_two_loop`). Every slot has its own
+  ring head, reset when it enters, so its pairs sit at the same positions and are
+  summed in the same order whether it ran alone, in a batch or entered a slot late.
   """
   del iterations
 
@@ -259,29 +272,23 @@ def build_lbfgs(
   def step(st, c, tol):
     g, first = st["g"], st["first"]
     running = tf.equal(st["status"], RUNNING)
-    # Curvature pair of the previous step; pairs with y.s <= 1e-10 are skipped (rho 0).
+    # Curvature pair of the previous step; pairs with y.s <= 1e-10 are skipped (zeros).
     s = st["d"] * st["t"][:, None]
     y = g - st["gprev"]
     ys = tf.reduce_sum(y * s, 1)
     ok = (ys > 1e-10) & ~first & running
     okf = tf.cast(ok, s.dtype)[:, None]
-    h = st["head"]
-    S = tf.tensor_scatter_nd_update(st["S"], [[h]], (s * okf)[None])
-    Y = tf.tensor_scatter_nd_update(st["Y"], [[h]], (y * okf)[None])
-    rho = tf.tensor_scatter_nd_update(
-      st["rho"], [[h]], tf.where(ok, 1.0 / tf.where(ok, ys, 1.0), 0.0)[None]
-    )
-    head = (h + 1) % history
+    hist = _push_pair(st, s * okf, y * okf, g, ok, history)
     hdiag = tf.where(ok, ys / tf.maximum(tf.reduce_sum(y * y, 1), 1e-30), st["hdiag"])
-    used = tf.minimum(history, tf.reduce_max(tf.where(running, st["iters"], 0)) + 1)
-    r = _two_loop(S, Y, rho, head, history, -g, hdiag, used)
-    d = _keep_where(first, -g, r)
+    d = _keep_where(first, -g, -_two_loop(hist, g, hdiag, history))
     t0 = tf.minimum(1.0, 1.0 / tf.maximum(tf.reduce_sum(tf.abs(g), 1), 1e-30)) * lr
     t = tf.where(running, tf.where(first, t0, lr * tf.ones_like(t0)), 0.0)
     x = st["x"] + t[:, None] * d
     loss, dist, g_new = value_fn(x, c)
     st = _record(st, x, loss, dist, g_new, tol, running)
     still = tf.equal(st["status"], RUNNING)
+    hist.pop("a")
+    hist.pop("b")
     return dict(
       st,
       x=_keep_where(still, x, st["best_x"]),
@@ -291,42 +298,82 @@ def build_lbfgs(
       gprev=g,
       d=d,
       t=t,
-      S=S,
-      Y=Y,
-      rho=rho,
-      head=head,
       hdiag=hdiag,
       first=first & ~running,
+      **hist,
     )
 
-  return _compile(init_state, step, jit_compile, {"S": 1, "Y": 1, "rho": 1})
+  return _compile(init_state, step, jit_compile)
 
 
-def _two_loop(S, Y, rho, head, history, q, hdiag, used):
-  """L-BFGS two-loop recursion over the `used` newest ring-buffer pairs, newest first.
+def _push_pair(st, s, y, g, ok, history):
+  """History with pair (s, y) written at the head, and a = S^T g, b = Y^T g after it.
 
-  Every slot writes its pair at the shared head each step, so a slot that has run k
-  steps has all its pairs among the k + 1 newest positions; older positions hold exact
-  zeros for it, which would only add exact zeros. Looping over `used` (the most steps of
-  any running slot, + 1) instead of all `history` pairs saves most of the loop early in
-  an attack and changes no result.
+  The pair is written first, so the buffer is updated in place, and one product of the
+  new buffer with [g, s, y] then gives every new inner product.
   """
-  alphas = tf.TensorArray(q.dtype, size=history)  # XLA: a constant size
+  m, h = history, st["head"]  # h: [S]
+  b = tf.shape(g)[0]
+  rows = tf.stack([h, h + m], 1)[:, :, None]
+  idx = tf.concat([tf.tile(tf.range(b)[:, None, None], [1, 2, 1]), rows], 2)  # [S, 2, 2]
+  pairs = tf.tensor_scatter_nd_update(st["pairs"], idx, tf.stack([s, y], 1))
+  prod = tf.linalg.matmul(pairs, tf.stack([g, s, y], axis=2))  # [S, 2m, 3]
+  at = tf.one_hot(h, m, on_value=True, off_value=False)  # [S, m]
 
-  def backward(k, q, alphas):
-    i = (head - 1 - k) % history
-    alpha = tf.reduce_sum(S[i] * q, 1) * rho[i]
-    return k + 1, q - alpha[:, None] * Y[i], alphas.write(k, alpha)
+  def put_cross(mat, row, col):  # row h <- row, column h <- col
+    return tf.where(at[:, :, None], row[:, None, :], tf.where(at[:, None, :], col[:, :, None], mat))
 
-  _, q, alphas = tf.while_loop(lambda k, *_: k < used, backward, (tf.constant(0), q, alphas))
+  return {
+    "pairs": pairs,
+    "sy": put_cross(st["sy"], prod[:, m:, 1], prod[:, :m, 2]),
+    "yy": put_cross(st["yy"], prod[:, m:, 2], prod[:, m:, 2]),
+    "valid": tf.where(at, ok[:, None], st["valid"]),
+    "a": prod[:, :m, 0],
+    "b": prod[:, m:, 0],
+    "head": (h + 1) % m,
+  }
 
-  def forward(k, r):
-    j = used - 1 - k  # oldest pair of the window first
-    i = (head - 1 - j) % history
-    beta = tf.reduce_sum(Y[i] * r, 1) * rho[i]
-    return k + 1, r + S[i] * (alphas.read(j) - beta)[:, None]
 
-  return tf.while_loop(lambda k, *_: k < used, forward, (tf.constant(0), q * hdiag[:, None]))[1]
+def _two_loop(hist, g, hdiag, history):
+  """H g for L-BFGS's inverse Hessian H: PyTorch's two-loop recursion, run on Gram matrices.
+
+  Every inner product the recursion takes with an n-vector is a combination of
+  a = S^T g, b = Y^T g and the maintained s_i . y_j, y_i . y_j, so both loops run over
+  m-vectors (m = `history`), and the pairs are read once more, to form
+  H g = hdiag g + S (alpha - beta) - hdiag Y alpha. On a CPU a batch's pairs do not fit
+  in the cache; reading them 2m times, as the textbook loops over n-vectors do, cost
+  several times the attack's own gradient evaluation. Skipped and empty pairs have
+  rho = 0 and contribute exact zeros.
+  """
+  m = history
+  head = hist["head"][:, None]  # [S, 1]
+  order = (head + tf.range(m)[None]) % m  # ring position of age rank 0 (oldest) .. m-1
+
+  def aged(v, axis=1):
+    return tf.gather(v, order, axis=axis, batch_dims=1)
+
+  sy = aged(aged(hist["sy"]), 2)  # [S, m, m]: s_i . y_j by age
+  yy = aged(aged(hist["yy"]), 2)
+  ys = tf.linalg.diag_part(sy)
+  rho = tf.where(aged(hist["valid"]), 1.0 / tf.where(aged(hist["valid"]), ys, 1.0), 0.0)
+  a, b = aged(hist["a"]), aged(hist["b"])
+
+  def backward(i, alpha):  # newest first: alpha_i = rho_i s_i . (g - sum_{j>i} alpha_j y_j)
+    ai = rho[:, i] * (a[:, i] - tf.reduce_sum(sy[:, i, :] * alpha, 1))
+    return i - 1, alpha + ai[:, None] * tf.one_hot(i, m, dtype=g.dtype)[None]
+
+  alpha = tf.while_loop(lambda i, _: i >= 0, backward, (m - 1, tf.zeros_like(a)))[1]
+  yq = hdiag[:, None] * (b - tf.linalg.matvec(yy, alpha))  # y_i . (hdiag q)
+
+  def forward(i, c):  # oldest first: beta_i = rho_i y_i . r, c_j = alpha_j - beta_j
+    beta = rho[:, i] * (yq[:, i] + tf.reduce_sum(sy[:, :, i] * c, 1))
+    return i + 1, c + (alpha[:, i] - beta)[:, None] * tf.one_hot(i, m, dtype=g.dtype)[None]
+
+  c = tf.while_loop(lambda i, _: i < m, forward, (0, tf.zeros_like(a)))[1]
+  back = (tf.range(m)[None] - head) % m  # age rank of each ring position
+  both = tf.concat([c, -hdiag[:, None] * alpha], 1)
+  coef = tf.gather(both, tf.concat([back, back + m], 1), axis=1, batch_dims=1)
+  return hdiag[:, None] * g + tf.linalg.matmul(coef[:, None, :], hist["pairs"])[:, 0, :]
 
 
 def build_adam(
@@ -389,8 +436,8 @@ def build_tfp_lbfgs(
     return st
 
   @tf.function(jit_compile=jit_compile, reduce_retracing=True, autograph=False)
-  def chunk_fn(st, c, tol, steps, max_iters, min_running):
-    del min_running
+  def chunk_fn(st, c, tol, steps, max_iters, min_running, patience):
+    del min_running, patience  # tfp stops a member that stops moving itself
     running = tf.equal(st["status"], RUNNING)
     opt = st["opt"]
     opt = opt._replace(converged=opt.converged | ~running)
@@ -513,6 +560,7 @@ def minimize(
   iterations: int,
   tolerance=1e-6,
   check_every: int = 50,
+  patience: int = 0,
   **options,
 ) -> OptimizationResult:
   """Minimises the problems stacked in `position` / `consts` (one slot per row).
@@ -523,7 +571,9 @@ def minimize(
   jit_compile = options.pop("jit_compile", True)
   compiled = build(name, value_fn, iterations, jit_compile, **options)
   queue = ArrayQueue(position, consts, tolerance)
-  run_queue(compiled, queue, len(queue.position), iterations, check_every=check_every)
+  run_queue(
+    compiled, queue, len(queue.position), iterations, check_every=check_every, patience=patience
+  )
   return queue.result()
 
 
@@ -572,7 +622,7 @@ class _Slots:
     return (tf.constant(self.x), tf.nest.map_structure(tf.constant, self.c), tf.constant(self.tol))
 
 
-def _compact(st, slots: _Slots, slot_axis: Mapping[str, int]):
+def _compact(st, slots: _Slots):
   """Halves the slots while at most half are busy and the queue is empty.
 
   Idle slots still cost a full row of every batched op, so a long last attack would
@@ -588,10 +638,7 @@ def _compact(st, slots: _Slots, slot_axis: Mapping[str, int]):
   idle = [i for i, j in enumerate(slots.jobs) if j is None]
   idx = busy + idle[: size - len(busy)]
   slots.take(idx)
-  return {
-    k: v if v.shape.rank == 0 else tf.gather(v, idx, axis=slot_axis.get(k, 0))
-    for k, v in st.items()
-  }, True
+  return {k: v if v.shape.rank == 0 else tf.gather(v, idx) for k, v in st.items()}, True
 
 
 def _harvest(st, slots: _Slots) -> Dict:
@@ -634,6 +681,7 @@ def run_queue(
   check_every: int = 50,
   on_chunk: Optional[Callable] = None,
   upgrade: Optional[Tuple[Compiled, int]] = None,
+  patience: int = 0,
 ) -> None:
   """Continuous batching: runs every job of `queue` on `num_slots` slots.
 
@@ -649,13 +697,15 @@ def run_queue(
     upgrade: Optional (compiled, after): once a slot has run `after` iterations, go on
       with these functions (same state; e.g. XLA ones whose compilation only long runs
       repay).
+    patience: A job whose best loss has not fallen by `PROGRESS` (relative) for this
+      many iterations leaves as `stalled`; 0: never.
   """
   slots = _Slots(queue, num_slots)
   entering = slots.fill(range(1, num_slots))
   entering[0] = True
   x, c, tol = slots.tensors()
   st = compiled.init_fn(x, c, tol, tf.constant(entering))
-  max_iters, steps = tf.constant(int(iterations)), tf.constant(int(check_every))
+  limits = [tf.constant(int(v)) for v in (check_every, iterations)]
   while True:
     st = _harvest(st, slots)
     free = [s for s, j in enumerate(slots.jobs) if j is None]
@@ -672,13 +722,13 @@ def run_queue(
     if not running:
       return
     if compiled.refill_fn is not None and slots.exhausted:
-      st, changed = _compact(st, slots, compiled.slot_axis)
+      st, changed = _compact(st, slots)
       if changed:
         x, c, tol = slots.tensors()
     # With refills a chunk ends as soon as one slot finishes, so it is refilled at once.
     min_running = tf.constant(running if compiled.refill_fn is not None else 1)
     if upgrade is not None and int(tf.reduce_max(st["iters"])) >= upgrade[1]:
       compiled, upgrade = upgrade[0], None
-    st = compiled.chunk_fn(st, c, tol, steps, max_iters, min_running)
+    st = compiled.chunk_fn(st, c, tol, *limits, min_running, tf.constant(int(patience)))
     if on_chunk is not None:
       on_chunk(list(slots.jobs), st)
