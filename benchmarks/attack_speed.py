@@ -22,6 +22,7 @@ constants). Timings on a shared CPU are noisy: the load average is printed with 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import subprocess
@@ -111,6 +112,7 @@ def _row(name, way, results, seconds):
     "recovered": int(np.sum(np.asarray(ssims) >= 0.9)),
     "median_iterations": float(np.median([r.iterations for r in results])),
     "restart_wins": wins.tolist() if way == "restarts" else None,
+    "statuses": dict(collections.Counter(r.status for r in results)),
     "load_average": os.getloadavg()[0],
     "ssims": ssims,
   }
@@ -140,18 +142,22 @@ def _cold_start():
   return seconds
 
 
+def _counts(counter):
+  return ", ".join(f"{k} {v}" for k, v in sorted(counter.items()))
+
+
 def _print(rows, cold):
   print(
     "\n| dataset | way | images | total s | s/image | attacks/min | recovered (SSIM>=0.9) "
-    "| median iterations | restart wins | load |"
+    "| median iterations | restart wins | statuses | load |"
   )
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     print(
       f"| {r['dataset']} | {r['way']} | {r['attacks']} | {r['seconds']:.1f} | "
       f"{r['seconds'] / r['attacks']:.2f} | {r['attacks_per_minute']:.1f} | "
       f"{r['recovered']}/{r['attacks']} | {r['median_iterations']:.0f} | "
-      f"{r['restart_wins'] or ''} | {r['load_average']:.1f} |"
+      f"{r['restart_wins'] or ''} | {_counts(r['statuses'])} | {r['load_average']:.1f} |"
     )
   print("\nreference PyTorch iDLG, measured on this CPU class (issue 10, 12 images each):")
   for name, (total, ok) in REFERENCE.items():

@@ -149,7 +149,7 @@ def _record(st, x, loss, dist, grad, tol, was_running):
 
 
 # Real progress: the best loss falls by at least this fraction.
-PROGRESS = 1e-3
+PROGRESS = 1e-2
 
 
 def _stall_or_cap(st, max_iters, patience):
