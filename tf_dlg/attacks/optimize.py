@@ -560,15 +560,15 @@ def minimize(
   iterations: int,
   tolerance=1e-6,
   check_every: int = 50,
-  patience: int = 0,
   **options,
 ) -> OptimizationResult:
   """Minimises the problems stacked in `position` / `consts` (one slot per row).
 
-  `options` go to the optimiser's builder (`jit_compile`, default True, and e.g.
-  L-BFGS's `history` and `lr`).
+  `options`: `jit_compile` (default True), `patience` (`run_queue`'s, default 0: never
+  stall), and the optimiser's own (e.g. L-BFGS's `history` and `lr`).
   """
   jit_compile = options.pop("jit_compile", True)
+  patience = options.pop("patience", 0)
   compiled = build(name, value_fn, iterations, jit_compile, **options)
   queue = ArrayQueue(position, consts, tolerance)
   run_queue(
