@@ -124,11 +124,13 @@ def test_gram_two_loop_matches_textbook_recursion(pushes):
     ok = np.array([k not in skipped, True])
     s, y = s * ok[:, None], y * ok[:, None]
     g = rng.normal(size=(2, n)).astype(np.float32)
-    st.update(optimize._push_pair(st, tf.constant(s), tf.constant(y), tf.constant(g), ok, history))
+    hist, sg, yg = optimize._push_pair(
+      st, tf.constant(s), tf.constant(y), tf.constant(g), ok, history
+    )
+    st.update(hist)
     pushed.append((s, y, ok))
-    hist = {key: st[key] for key in ("pairs", "sy", "yy", "valid", "a", "b", "head")}
   hdiag = np.array([0.7, 1.3], np.float32)
-  got = optimize._two_loop(hist, tf.constant(g), tf.constant(hdiag), history).numpy()
+  got = optimize._two_loop(hist, sg, yg, tf.constant(g), tf.constant(hdiag), history).numpy()
   for slot in range(2):
     # The ring holds the last `history` pushes; a skipped pair still takes its position.
     pairs = [(s[slot], y[slot]) for s, y, ok in pushed[-history:] if ok[slot]]

@@ -278,17 +278,15 @@ def build_lbfgs(
     ys = tf.reduce_sum(y * s, 1)
     ok = (ys > 1e-10) & ~first & running
     okf = tf.cast(ok, s.dtype)[:, None]
-    hist = _push_pair(st, s * okf, y * okf, g, ok, history)
+    hist, sg, yg = _push_pair(st, s * okf, y * okf, g, ok, history)
     hdiag = tf.where(ok, ys / tf.maximum(tf.reduce_sum(y * y, 1), 1e-30), st["hdiag"])
-    d = _keep_where(first, -g, -_two_loop(hist, g, hdiag, history))
+    d = _keep_where(first, -g, -_two_loop(hist, sg, yg, g, hdiag, history))
     t0 = tf.minimum(1.0, 1.0 / tf.maximum(tf.reduce_sum(tf.abs(g), 1), 1e-30)) * lr
     t = tf.where(running, tf.where(first, t0, lr * tf.ones_like(t0)), 0.0)
     x = st["x"] + t[:, None] * d
     loss, dist, g_new = value_fn(x, c)
     st = _record(st, x, loss, dist, g_new, tol, running)
     still = tf.equal(st["status"], RUNNING)
-    hist.pop("a")
-    hist.pop("b")
     return dict(
       st,
       x=_keep_where(still, x, st["best_x"]),
@@ -307,7 +305,7 @@ def build_lbfgs(
 
 
 def _push_pair(st, s, y, g, ok, history):
-  """History with pair (s, y) written at the head, and a = S^T g, b = Y^T g after it.
+  """(history with pair (s, y) written at the head, S^T g, Y^T g after it).
 
   The pair is written first, so the buffer is updated in place, and one product of the
   new buffer with [g, s, y] then gives every new inner product.
@@ -323,22 +321,21 @@ def _push_pair(st, s, y, g, ok, history):
   def put_cross(mat, row, col):  # row h <- row, column h <- col
     return tf.where(at[:, :, None], row[:, None, :], tf.where(at[:, None, :], col[:, :, None], mat))
 
-  return {
+  hist = {
     "pairs": pairs,
     "sy": put_cross(st["sy"], prod[:, m:, 1], prod[:, :m, 2]),
     "yy": put_cross(st["yy"], prod[:, m:, 2], prod[:, m:, 2]),
     "valid": tf.where(at, ok[:, None], st["valid"]),
-    "a": prod[:, :m, 0],
-    "b": prod[:, m:, 0],
     "head": (h + 1) % m,
   }
+  return hist, prod[:, :m, 0], prod[:, m:, 0]
 
 
-def _two_loop(hist, g, hdiag, history):
+def _two_loop(hist, sg, yg, g, hdiag, history):
   """H g for L-BFGS's inverse Hessian H: PyTorch's two-loop recursion, run on Gram matrices.
 
   Every inner product the recursion takes with an n-vector is a combination of
-  a = S^T g, b = Y^T g and the maintained s_i . y_j, y_i . y_j, so both loops run over
+  `sg` = S^T g, `yg` = Y^T g (ring order) and the maintained s_i . y_j, y_i . y_j, so both loops run over
   m-vectors (m = `history`), and the pairs are read once more, to form
   H g = hdiag g + S (alpha - beta) - hdiag Y alpha. On a CPU a batch's pairs do not fit
   in the cache; reading them 2m times, as the textbook loops over n-vectors do, cost
@@ -356,7 +353,7 @@ def _two_loop(hist, g, hdiag, history):
   yy = aged(aged(hist["yy"]), 2)
   ys = tf.linalg.diag_part(sy)
   rho = tf.where(aged(hist["valid"]), 1.0 / tf.where(aged(hist["valid"]), ys, 1.0), 0.0)
-  a, b = aged(hist["a"]), aged(hist["b"])
+  a, b = aged(sg), aged(yg)
 
   def backward(i, alpha):  # newest first: alpha_i = rho_i s_i . (g - sum_{j>i} alpha_j y_j)
     ai = rho[:, i] * (a[:, i] - tf.reduce_sum(sy[:, i, :] * alpha, 1))
@@ -705,7 +702,7 @@ def run_queue(
   entering[0] = True
   x, c, tol = slots.tensors()
   st = compiled.init_fn(x, c, tol, tf.constant(entering))
-  limits = [tf.constant(int(v)) for v in (check_every, iterations)]
+  steps, max_iters, stall_after = (tf.constant(int(v)) for v in (check_every, iterations, patience))
   while True:
     st = _harvest(st, slots)
     free = [s for s, j in enumerate(slots.jobs) if j is None]
@@ -729,6 +726,6 @@ def run_queue(
     min_running = tf.constant(running if compiled.refill_fn is not None else 1)
     if upgrade is not None and int(tf.reduce_max(st["iters"])) >= upgrade[1]:
       compiled, upgrade = upgrade[0], None
-    st = compiled.chunk_fn(st, c, tol, *limits, min_running, tf.constant(int(patience)))
+    st = compiled.chunk_fn(st, c, tol, steps, max_iters, min_running, stall_after)
     if on_chunk is not None:
       on_chunk(list(slots.jobs), st)
