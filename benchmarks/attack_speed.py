@@ -7,15 +7,18 @@ For each dataset, `--num_images` fixed training images (lfw_subset: faces only, 
 LeNet (`models.attack_lenet`) three ways, in one process:
 
   one at a time   each attack alone on one slot (XLA compiled once, then reused);
-  batch           all attacks as one continuous batch on `--slots` slots;
+  batch           all attacks as one continuous batch on `--slots` slots, shared out
+                  among `--lanes` loops on threads (0: auto, one per usable core on a CPU);
   restarts        the same batch with `--restarts` seeded starts per image (the smallest
                   matching distance wins; siblings leave once one converges).
 
 Reported per way: total wall seconds (compilation excluded by a warm-up on the same
-shapes), attacks per minute, recovered (SSIM >= 0.9), median iterations, and for restarts
+shapes), the process's CPU seconds (user + system: what lanes buy is the idle core),
+attacks per minute, recovered (SSIM >= 0.9), median iterations, and for restarts
 which restart won how often; then the cold-start wall time of one command-line attack
 (`python -m experiments.attack --dataset=digits --index=1203`, a fresh process, set-up
-included). Beside them: the reference PyTorch iDLG figures of issue 10 (12 images per
+included; `--cold_starts` runs, their median reported, since one run on a shared CPU can
+take twice another). Beside them: the reference PyTorch iDLG figures of issue 10 (12 images per
 dataset, measured on this CPU class; PyTorch is not installed here, so they are
 constants). Timings on a shared CPU are noisy: the load average is printed with them.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -50,8 +54,14 @@ flags.DEFINE_integer("num_images", 32, "Images per dataset.", lower_bound=1)
 flags.DEFINE_integer("iterations", 4000, "Maximum iterations per attack.", lower_bound=1)
 flags.DEFINE_integer("slots", 8, "Slots of the continuous batch.", lower_bound=1)
 flags.DEFINE_integer("restarts", 4, "Restarts of the third way.", lower_bound=1)
+flags.DEFINE_integer(
+  "lanes", 0, "Lanes of the batch ways (0: auto, see runner.auto_lanes).", lower_bound=0
+)
 flags.DEFINE_list("ways", ["one", "batch", "restarts"], "Which ways to run.")
 flags.DEFINE_bool("cold_start", True, "Time one command-line attack in a fresh process.")
+flags.DEFINE_integer(
+  "cold_starts", 3, "Cold-start runs (median reported).", lower_bound=1, upper_bound=20
+)
 flags.DEFINE_string("output", "outputs/benchmarks/attack_speed.json", "JSON output path.")
 
 # Reference PyTorch iDLG (its own early-stop rule), 12 images per dataset, measured on a
@@ -72,14 +82,20 @@ def _images(name):
   return ds, np.arange(start, min(stop, len(ds.x_train)))
 
 
+def _cpu_seconds():
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
 def _way(model, obs, way):
-  """(results, wall seconds) of one way, compilation excluded by a warm-up."""
+  """(results, wall seconds, CPU seconds) of one way, compilation excluded by a warm-up."""
   if way == "one":
     config = runner.AttackConfig(iterations=FLAGS.iterations, slots=1, seed=0)
   else:
     config = runner.AttackConfig(
       iterations=FLAGS.iterations,
       slots=FLAGS.slots,
+      lanes=FLAGS.lanes or None,
       seed=0,
       restarts=FLAGS.restarts if way == "restarts" else 1,
     )
@@ -89,7 +105,7 @@ def _way(model, obs, way):
   for count in sorted({1, 2, 4, config.slots, config.slots + 1}):
     if count <= len(obs) and (count <= config.slots or way != "one"):
       run_attacks(model, obs[:count], config=warm)
-  t0 = time.perf_counter()
+  t0, cpu0 = time.perf_counter(), _cpu_seconds()
   if way == "one":
     results = [
       run_attacks(model, [o], config=dataclasses.replace(config, seed=i))[0]
@@ -97,10 +113,10 @@ def _way(model, obs, way):
     ]
   else:
     results = run_attacks(model, obs, config=config)
-  return results, time.perf_counter() - t0
+  return results, time.perf_counter() - t0, _cpu_seconds() - cpu0
 
 
-def _row(name, way, results, seconds):
+def _row(name, way, results, seconds, cpu):
   ssims = [r["ssim"] for r in metrics.score_results(results)]
   wins = np.bincount([r.restart for r in results], minlength=FLAGS.restarts)
   return {
@@ -108,6 +124,11 @@ def _row(name, way, results, seconds):
     "way": way,
     "attacks": len(results),
     "seconds": seconds,
+    "cpu_seconds": cpu,
+    "lanes_and_slots": runner.lane_layout(
+      runner.AttackConfig(slots=1 if way == "one" else FLAGS.slots, lanes=FLAGS.lanes or None),
+      len(results) * (FLAGS.restarts if way == "restarts" else 1),
+    ),
     "attacks_per_minute": 60.0 * len(results) / seconds,
     "recovered": int(np.sum(np.asarray(ssims) >= 0.9)),
     "median_iterations": float(np.median([r.iterations for r in results])),
@@ -119,6 +140,11 @@ def _row(name, way, results, seconds):
 
 
 def _cold_start():
+  """Wall seconds of each of `--cold_starts` fresh command-line attacks."""
+  return [_one_cold_start() for _ in range(FLAGS.cold_starts)]
+
+
+def _one_cold_start():
   out = os.path.join(os.path.dirname(os.path.abspath(FLAGS.output)), "cold_start")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   t0 = time.perf_counter()
@@ -148,13 +174,14 @@ def _counts(counter):
 
 def _print(rows, cold):
   print(
-    "\n| dataset | way | images | total s | s/image | attacks/min | recovered (SSIM>=0.9) "
-    "| median iterations | restart wins | statuses | load |"
+    "\n| dataset | way | lanes x slots | images | total s | CPU s | s/image | attacks/min "
+    "| recovered (SSIM>=0.9) | median iterations | restart wins | statuses | load |"
   )
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     print(
-      f"| {r['dataset']} | {r['way']} | {r['attacks']} | {r['seconds']:.1f} | "
+      f"| {r['dataset']} | {r['way']} | {r['lanes_and_slots'][0]} x {r['lanes_and_slots'][1]} "
+      f"| {r['attacks']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
       f"{r['seconds'] / r['attacks']:.2f} | {r['attacks_per_minute']:.1f} | "
       f"{r['recovered']}/{r['attacks']} | {r['median_iterations']:.0f} | "
       f"{r['restart_wins'] or ''} | {_counts(r['statuses'])} | {r['load_average']:.1f} |"
@@ -163,7 +190,11 @@ def _print(rows, cold):
   for name, (total, ok) in REFERENCE.items():
     print(f"  {name}: {total:.1f} s total, {total / 12:.2f} s/image, {ok}/12 recovered")
   if cold is not None:
-    print(f"\ncold start, one command-line attack (digits 1203, set-up included): {cold:.1f} s")
+    runs = ", ".join(f"{c:.1f}" for c in cold)
+    print(
+      "\ncold start, one command-line attack (digits 1203, set-up included): "
+      f"median {np.median(cold):.1f} s of {len(cold)} runs ({runs})"
+    )
 
 
 def main(argv):
@@ -183,8 +214,8 @@ def main(argv):
       for i in idx
     ]
     for way in ways:
-      results, seconds = _way(model, obs, way)
-      rows.append(_row(name, way, results, seconds))
+      results, seconds, cpu = _way(model, obs, way)
+      rows.append(_row(name, way, results, seconds, cpu))
       r = rows[-1]
       print(
         f"{name} {way}: {seconds:.1f} s, {r['recovered']}/{len(obs)} recovered, median "

@@ -110,8 +110,9 @@ def _textbook_direction(pairs, g, hdiag):
   return r
 
 
+@pytest.mark.parametrize("solve", [False, True])  # loops (XLA) or triangular solves (graph)
 @pytest.mark.parametrize("pushes", [3, 6, 9])  # before and after the ring (history 5) wraps
-def test_gram_two_loop_matches_textbook_recursion(pushes):
+def test_gram_two_loop_matches_textbook_recursion(pushes, solve):
   rng = np.random.default_rng(pushes)
   history, n = 5, 40
   skipped = {1}  # a pair with y.s <= 1e-10 is stored as zeros and skipped
@@ -130,7 +131,9 @@ def test_gram_two_loop_matches_textbook_recursion(pushes):
     st.update(hist)
     pushed.append((s, y, ok))
   hdiag = np.array([0.7, 1.3], np.float32)
-  got = optimize._two_loop(hist, sg, yg, tf.constant(g), tf.constant(hdiag), history).numpy()
+  got = optimize._two_loop(
+    hist, sg, yg, tf.constant(g), tf.constant(hdiag), history, solve=solve
+  ).numpy()
   for slot in range(2):
     # The ring holds the last `history` pushes; a skipped pair still takes its position.
     pairs = [(s[slot], y[slot]) for s, y, ok in pushed[-history:] if ok[slot]]
@@ -161,6 +164,48 @@ def test_refilled_slots_match_solo_runs(name, slots):
     alone = solo.result()
     assert alone.iterations[0] == together.iterations[i]
     np.testing.assert_array_equal(alone.position[0], together.position[i])
+
+
+def _six_problems():
+  rng = np.random.default_rng(1)
+  value_fn = _quadratic(
+    rng.uniform(0.5, 5.0, size=8).astype(np.float32), rng.normal(size=8).astype(np.float32)
+  )
+  x0 = rng.normal(size=(6, 8)).astype(np.float32)
+  scale = np.array([1.0, 30.0, 0.2, 3.0, 100.0, 0.5], np.float32)
+  return optimize.build("lbfgs", value_fn, 300, jit_compile=True), x0, {"scale": scale}
+
+
+@pytest.mark.parametrize("lanes", [2, 3])
+def test_lanes_share_one_queue_and_match_one_lane(lanes):
+  compiled, x0, consts = _six_problems()
+  one = optimize.ArrayQueue(x0, consts, 1e-7)
+  optimize.run_queue(compiled, one, 4, 300, check_every=7)
+  queue = optimize.ArrayQueue(x0, consts, 1e-7)
+  seen = []
+  optimize.run_lanes(
+    compiled, queue, 2 * lanes, 300, lanes, check_every=7, on_chunk=lambda j, st: seen.append(j)
+  )
+  # Every job ran exactly once, in some lane, with exactly its one-lane result.
+  assert [r is not None for r in queue.finished] == [True] * 6
+  np.testing.assert_array_equal(queue.result().position, one.result().position)
+  np.testing.assert_array_equal(queue.result().iterations, one.result().iterations)
+  assert {len(j) for j in seen} == {2}  # 2 slots per lane
+
+
+class _FailingQueue(optimize.ArrayQueue):
+  def rows(self, job):
+    if job == 4:
+      raise RuntimeError("job 4 cannot be read")
+    return super().rows(job)
+
+
+def test_error_in_one_lane_stops_all_and_is_raised():
+  compiled, x0, consts = _six_problems()
+  queue = _FailingQueue(x0, consts, 1e-7)
+  with pytest.raises(RuntimeError, match="job 4 cannot be read"):
+    optimize.run_lanes(compiled, queue, 4, 300, 2, check_every=7)
+  assert queue.finished[5] is None  # nothing was started after the failure
 
 
 def test_build_rejects_unknown_optimizer_and_option():
