@@ -17,6 +17,7 @@ from tf_dlg.attacks import (
   observe_gradient,
   optimize,
   run_attacks,
+  runner,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,11 +29,13 @@ def digits():
   return ds, models.lenet(ds.input_shape, ds.num_classes, seed=0)
 
 
+@pytest.mark.parametrize("xla", [True, False])  # im2col by slices / by extract_patches
 @pytest.mark.parametrize("name", ["lenet", "bn_cnn"])
-def test_batched_model_matches_keras(name):
+def test_batched_model_matches_keras(name, xla):
   ds = data.load_dataset("photos")
   model = models.build_model(name, ds.input_shape, ds.num_classes, seed=0)
   fm = functional.BatchedModel(model)
+  fm = fm if xla else fm.without_xla()
   x, y = ds.x_train[:4], ds.y_train[:4]
   # Two attacks with different weights: the second uses perturbed weights.
   w0 = fm.trainable_weights_from(model.get_weights())
@@ -141,7 +144,7 @@ def test_batched_equals_one_by_one(digits):
   obs = [observe_gradient(model, ds.x_train[i : i + 1], ds.y_train[i : i + 1]) for i in (2, 3, 4)]
   # XLA: every slot count >= 2 rounds alike and an attack alone still gets 2 slots, so
   # batched and single attacks are bit for bit the same.
-  batched = run_attacks(model, obs, "idlg", iterations=1500, seed=[5, 6, 7])
+  batched = run_attacks(model, obs, "idlg", iterations=1500, seed=[5, 6, 7], lanes=1)
   single = [
     run_attacks(model, [o], "idlg", iterations=1500, seed=s)[0] for o, s in zip(obs, (5, 6, 7))
   ]
@@ -154,6 +157,22 @@ def test_batched_equals_one_by_one(digits):
     assert list(b.labels) == list(s.labels)
   # Different seeds start elsewhere.
   assert not np.allclose(batched[0].raw_images, batched[1].raw_images)
+
+
+def test_auto_jit_switches_to_xla_mid_attack_and_recovers(digits, monkeypatch):
+  """One attack with jit_compile=None starts in graph mode (extract_patches, triangular
+  solves) and goes on under XLA with the same optimiser state."""
+  ds, model = digits
+  obs = observe_gradient(model, ds.x_train[6:7], ds.y_train[6:7])
+  monkeypatch.setattr(runner, "AUTO_JIT_AFTER", 40)
+  cache = runner.CompileCache()
+  config = runner.AttackConfig(iterations=1500, jit_compile=None, check_every=20)
+  res = run_attacks(model, [obs], config=config, cache=cache)[0]
+  compiled = {k[-2]: v for k, v in cache._entries.items() if k[0] == "compiled"}
+  for jit in (False, True):  # both ran
+    assert compiled[jit].chunk_fn.python_function.experimental_get_tracing_count() == 1
+  assert res.status == "converged" and res.iterations > 40
+  assert metrics.ssim(obs.true_images[0], res.images[0]) > 0.95
 
 
 def test_multi_step_fedavg_delta_attack_recovers_image(digits):

