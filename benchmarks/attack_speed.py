@@ -9,8 +9,9 @@ LeNet (`models.attack_lenet`) three ways, in one process:
   one at a time   each attack alone on one slot (XLA compiled once, then reused);
   batch           all attacks as one continuous batch on `--slots` slots, shared out
                   among `--lanes` loops on threads (0: auto, one per usable core on a CPU);
-  restarts        the same batch with `--restarts` seeded starts per image (the smallest
-                  matching distance wins; siblings leave once one converges).
+  restarts        the same batch with `--restarts` seeded starts per image (the
+                  lowest-numbered converged one wins and later siblings leave; if none
+                  converges, the smallest matching distance wins).
 
 Reported per way: total wall seconds (compilation excluded by a warm-up on the same
 shapes), the process's CPU seconds (user + system: what lanes buy is the idle core),

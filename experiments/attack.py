@@ -38,7 +38,8 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
   "restarts",
   1,
-  "Differently seeded starts; the smallest matching distance wins (never the ground truth).",
+  "Differently seeded starts: the lowest-numbered converged one wins, else the smallest "
+  "matching distance (never the ground truth).",
   lower_bound=1,
   upper_bound=64,
 )

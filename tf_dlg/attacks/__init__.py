@@ -7,7 +7,8 @@ Pieces (breaching style):
   `objectives`    interchangeable matching objectives (Euclidean, cosine + TV, masked);
   `labels`        iDLG label inference (and its batch extension);
   `optimize`      L-BFGS / tfp L-BFGS / Adam over a fixed number of slots, with
-                  continuous batching (`run_queue`: finished slots are refilled);
+                  continuous batching (`run_queue`: finished slots are refilled;
+                  `run_lanes`: several such loops on threads, one queue);
   `runner`        `AttackConfig` and `run_attacks`, which put them together
                   (restarts, `CompileCache`);
   `summaries`     `TensorBoardHook`: reconstruction progress for TensorBoard.
