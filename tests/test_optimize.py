@@ -184,7 +184,7 @@ def test_lanes_share_one_queue_and_match_one_lane(lanes):
   queue = optimize.ArrayQueue(x0, consts, 1e-7)
   seen = []
   optimize.run_lanes(
-    compiled, queue, 2 * lanes, 300, lanes, check_every=7, on_chunk=lambda j, st: seen.append(j)
+    compiled, queue, 2, 300, lanes, check_every=7, on_chunk=lambda j, st: seen.append(j)
   )
   # Every job ran exactly once, in some lane, with exactly its one-lane result.
   assert [r is not None for r in queue.finished] == [True] * 6
@@ -204,7 +204,7 @@ def test_error_in_one_lane_stops_all_and_is_raised():
   compiled, x0, consts = _six_problems()
   queue = _FailingQueue(x0, consts, 1e-7)
   with pytest.raises(RuntimeError, match="job 4 cannot be read"):
-    optimize.run_lanes(compiled, queue, 4, 300, 2, check_every=7)
+    optimize.run_lanes(compiled, queue, 2, 300, 2, check_every=7)
   assert queue.finished[5] is None  # nothing was started after the failure
 
 

@@ -810,16 +810,15 @@ def run_queue(
 
 
 def run_lanes(
-  compiled: Compiled, queue: JobQueue, num_slots: int, iterations: int, lanes: int, **options
+  compiled: Compiled, queue: JobQueue, slots_per_lane: int, iterations: int, lanes: int, **options
 ) -> None:
-  """`run_queue` on `lanes` threads sharing `queue`, `num_slots // lanes` slots each.
+  """`run_queue` on `lanes` threads sharing `queue`, `slots_per_lane` slots each.
 
-  Every lane has at least 2 slots (see `_compact`). `options` are `run_queue`'s; an
-  `on_chunk` is called under a lock (one lane at a time). The first error of any lane
+  `options` are `run_queue`'s; an `on_chunk` is called under a lock (one lane at a time). The first error of any lane
   stops the others after their current chunk and is raised here.
   """
   if lanes <= 1:
-    return run_queue(compiled, queue, num_slots, iterations, **options)
+    return run_queue(compiled, queue, slots_per_lane, iterations, **options)
   shared = _SharedQueue(queue)
   if options.get("on_chunk") is not None:
     on_chunk, lock = options["on_chunk"], threading.Lock()
@@ -833,7 +832,7 @@ def run_lanes(
 
   def lane():
     try:
-      run_queue(compiled, shared, max(2, num_slots // lanes), iterations, **options)
+      run_queue(compiled, shared, slots_per_lane, iterations, **options)
     except BaseException as e:  # noqa: BLE001 -- re-raised in the calling thread
       errors.append(e)
       shared.aborted.set()

@@ -594,15 +594,15 @@ class _GroupJob:
     queue = _RestartQueue(self, starts, bar)
     lanes, slots = lane_layout(self.config, len(queue.jobs))
     on_chunk = None if hook is None else (lambda jobs, st: hook(self.snapshots(queue, jobs, st)))
-    # Auto XLA for one or two jobs: its compilation (~4 s) costs more than an easy
-    # attack (~150 iterations at ~9 ms without it), so switch only if one runs long.
+    # Auto XLA for one or two jobs: its start-up (~5 s) costs more than an easy attack
+    # (~200 iterations at ~3.8 ms without it), so switch only if one runs long.
     upgrade = None
     if self.config.jit_compile is None and not self.jit():
       upgrade = (self.compiled(jit=True), AUTO_JIT_AFTER)
     optimize.run_lanes(
       self.compiled(),
       queue,
-      lanes * slots,
+      slots,
       self.config.iterations,
       lanes,
       check_every=self.config.check_every,
