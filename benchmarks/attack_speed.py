@@ -89,7 +89,8 @@ def _cpu_seconds():
 
 
 def _way(model, obs, way):
-  """(results, wall seconds, CPU seconds) of one way, compilation excluded by a warm-up."""
+  """(results, wall seconds, CPU seconds, (lanes, slots per lane)) of one way,
+  compilation excluded by a warm-up."""
   if way == "one":
     config = runner.AttackConfig(iterations=FLAGS.iterations, slots=1, seed=0)
   else:
@@ -100,12 +101,17 @@ def _way(model, obs, way):
       seed=0,
       restarts=FLAGS.restarts if way == "restarts" else 1,
     )
-  warm = dataclasses.replace(config, iterations=2)
-  # Compile every shape the timed run meets: the full batch, a refill (slots + 1 jobs),
-  # and the shrunken batches of its tail (4, then 2 slots).
-  for count in sorted({1, 2, 4, config.slots, config.slots + 1}):
-    if count <= len(obs) and (count <= config.slots or way != "one"):
-      run_attacks(model, obs[:count], config=warm)
+  layout = runner.lane_layout(config, len(obs) * config.restarts)
+  # Compile every batch shape the timed run meets: a lane's slots and the halves its tail
+  # shrinks to (never below 2, see optimize._compact), each with a refill (one job more
+  # than slots). Compiled code does not depend on the lane count.
+  shapes, size = {layout[1]}, layout[1]
+  while size > 2:
+    size = max(2, size // 2)
+    shapes.add(size)
+  for size in sorted(shapes):
+    warm = dataclasses.replace(config, iterations=2, slots=size, lanes=1)
+    run_attacks(model, obs[: size + 1], config=warm)
   t0, cpu0 = time.perf_counter(), _cpu_seconds()
   if way == "one":
     results = [
@@ -114,10 +120,10 @@ def _way(model, obs, way):
     ]
   else:
     results = run_attacks(model, obs, config=config)
-  return results, time.perf_counter() - t0, _cpu_seconds() - cpu0
+  return results, time.perf_counter() - t0, _cpu_seconds() - cpu0, layout
 
 
-def _row(name, way, results, seconds, cpu):
+def _row(name, way, results, seconds, cpu, layout):
   ssims = [r["ssim"] for r in metrics.score_results(results)]
   wins = np.bincount([r.restart for r in results], minlength=FLAGS.restarts)
   return {
@@ -126,10 +132,7 @@ def _row(name, way, results, seconds, cpu):
     "attacks": len(results),
     "seconds": seconds,
     "cpu_seconds": cpu,
-    "lanes_and_slots": runner.lane_layout(
-      runner.AttackConfig(slots=1 if way == "one" else FLAGS.slots, lanes=FLAGS.lanes or None),
-      len(results) * (FLAGS.restarts if way == "restarts" else 1),
-    ),
+    "lanes_and_slots": layout,
     "attacks_per_minute": 60.0 * len(results) / seconds,
     "recovered": int(np.sum(np.asarray(ssims) >= 0.9)),
     "median_iterations": float(np.median([r.iterations for r in results])),
@@ -215,8 +218,8 @@ def main(argv):
       for i in idx
     ]
     for way in ways:
-      results, seconds, cpu = _way(model, obs, way)
-      rows.append(_row(name, way, results, seconds, cpu))
+      results, seconds, cpu, layout = _way(model, obs, way)
+      rows.append(_row(name, way, results, seconds, cpu, layout))
       r = rows[-1]
       print(
         f"{name} {way}: {seconds:.1f} s, {r['recovered']}/{len(obs)} recovered, median "
