@@ -120,6 +120,15 @@ def input_spec(input_shape: Sequence[int]) -> collections.OrderedDict:
   )
 
 
+def variable_key(variable) -> int:
+  """A hashable identity of a model variable, for Keras 2 (`tf.Variable`) and Keras 3.
+
+  Keras 3 variables have no `ref()`; a model hands out the same variable objects on
+  every access, so their identity is the key.
+  """
+  return id(variable)
+
+
 def batchnorm_variables(model: tf.keras.Model):
   """The variables of every BatchNormalization layer in `model` (found by layer type).
 

@@ -27,6 +27,8 @@ from typing import List, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tf_dlg import models
+
 
 def _patches(h, kernel_shape, strides, padding):
   """im2col: [B, H, W, C] -> [B, Ho, Wo, kh*kw*C] in (row, col, channel) kernel order.
@@ -82,6 +84,14 @@ def _weightless_op(layer):
   return None
 
 
+def _inbound_layers(node) -> list:
+  """The layers feeding a functional model's node (Keras 2: inbound_layers; 3: parents)."""
+  if hasattr(node, "inbound_layers"):
+    inbound = node.inbound_layers
+    return list(inbound) if isinstance(inbound, (list, tuple)) else [inbound]
+  return [parent.operation for parent in node.parent_nodes]
+
+
 class BatchedModel:
   """Batched functional forward pass of a chain-structured Keras model.
 
@@ -97,17 +107,17 @@ class BatchedModel:
     self.model = model
     self.input_shape = tuple(int(d) for d in model.input_shape[1:])
     self.num_classes = int(model.output_shape[-1])
-    trainable = {v.ref(): i for i, v in enumerate(model.trainable_variables)}
-    self._all_index = {v.ref(): i for i, v in enumerate(model.weights)}
-    self.trainable_index_in_all = [self._all_index[v.ref()] for v in model.trainable_variables]
+    key = models.variable_key
+    trainable = {key(v): i for i, v in enumerate(model.trainable_variables)}
+    self._all_index = {key(v): i for i, v in enumerate(model.weights)}
+    self.trainable_index_in_all = [self._all_index[key(v)] for v in model.trainable_variables]
     self.trainable_shapes = [tuple(v.shape) for v in model.trainable_variables]
     self.im2col = _patches
     self._ops = []
     prev = None
     for layer in model.layers:
       if prev is not None and layer._inbound_nodes:
-        inbound = layer._inbound_nodes[0].inbound_layers
-        inbound = inbound if isinstance(inbound, (list, tuple)) else [inbound]
+        inbound = _inbound_layers(layer._inbound_nodes[0])
         if len(inbound) != 1 or inbound[0] is not prev:
           raise ValueError(
             f"Layer {layer.name!r} does not follow {prev.name!r}: only chain "
@@ -122,12 +132,12 @@ class BatchedModel:
     def idx(v):
       if v is None:
         return None
-      if v.ref() not in trainable:
+      if models.variable_key(v) not in trainable:
         raise ValueError(
           f"Variable {v.name} of layer {layer.name!r} is frozen; the batched "
           "attack needs every weight of a supported layer to be trainable."
         )
-      return trainable[v.ref()]
+      return trainable[models.variable_key(v)]
 
     if isinstance(layer, kl.InputLayer) or isinstance(layer, kl.Dropout):
       return None

@@ -25,12 +25,12 @@ def batchnorm_exclusion(
   """For each of `variables` (of `model`), True if a defence must pass it through."""
   bn = {}
   for _layer, v in models.batchnorm_variables(model):
-    bn[v.ref()] = v.trainable
+    bn[models.variable_key(v)] = v.trainable
   out = []
   for v in variables:
-    if v.ref() not in bn:
+    if models.variable_key(v) not in bn:
       out.append(False)
-    elif bn[v.ref()]:  # gamma / beta
+    elif bn[models.variable_key(v)]:  # gamma / beta
       out.append(not mask_gamma_beta)
     else:  # moving mean / variance
       out.append(True)
