@@ -11,26 +11,56 @@ import math
 import os
 from typing import Any, Iterable, Optional
 
+import numpy as np
+
 
 def check_number(
-  name: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False
+  name: str,
+  value,
+  low: float,
+  high: float,
+  low_open: bool = False,
+  high_open: bool = False,
+  dtype: Optional[str] = "float32",
 ) -> float:
-  """Returns float(value) or raises ValueError naming it and the allowed range."""
+  """Returns float(value) or raises ValueError naming it and the allowed range.
+
+  The range is checked on the value as `dtype` holds it (TensorFlow computes in float32 by
+  default): a value that is finite in Python but overflows to inf there, or a positive one
+  that rounds to 0, would otherwise pass here and silently change the computation.
+  `dtype=None` checks the Python float only.
+  """
   lo, hi = "(" if low_open else "[", ")" if high_open else "]"
   rng = f"{lo}{low}, {high}{hi}"
   if isinstance(value, bool) or (
     not isinstance(value, (int, float)) and not hasattr(value, "__float__")
   ):
     raise ValueError(f"{name}={value!r} must be a number in {rng}.")
-  v = float(value)
-  ok = (
+  try:
+    v = float(value)
+  except OverflowError:  # an int beyond every float
+    raise ValueError(f"{name}={value!r} must be a number in {rng}.") from None
+  if not _in_range(v, low, high, low_open, high_open):
+    raise ValueError(f"{name}={value!r} must be a number in {rng}.")
+  if dtype is not None:
+    with np.errstate(over="ignore", under="ignore"):
+      held = float(np.asarray(v, dtype=dtype))
+    if math.isinf(held) and not math.isinf(v):
+      raise ValueError(
+        f"{name}={value!r} overflows {dtype}, the precision it is computed in: it must be "
+        f"a number in {lo}{low}, {float(np.finfo(dtype).max):.8g}]."
+      )
+    if not _in_range(held, low, high, low_open, high_open):
+      raise ValueError(f"{name}={value!r} is {held!r} in {dtype}; it must be a number in {rng}.")
+  return v
+
+
+def _in_range(v: float, low, high, low_open: bool, high_open: bool) -> bool:
+  return (
     not math.isnan(v)
     and (v > low if low_open else v >= low)
     and (v < high if high_open else v <= high)
   )
-  if not ok:
-    raise ValueError(f"{name}={value!r} must be a number in {rng}.")
-  return v
 
 
 def check_int(name: str, value, low: int, high: Optional[int] = None) -> int:

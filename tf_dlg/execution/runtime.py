@@ -132,6 +132,15 @@ def import_tff():
   return tff
 
 
+def install_context():
+  """Installs the loopback-only local context (once) and returns `tensorflow_federated`.
+
+  Drivers call it when a run starts; importing a `tf_dlg` module never does, so a TFF
+  program that imports `tf_dlg` keeps the context it set until it calls this.
+  """
+  return import_tff()
+
+
 # --------------------------------------------------------------------------- execution targets
 
 _GRPC_OPTIONS = [
@@ -203,6 +212,11 @@ class _LocalWorker:
           f"start (exit code {self._process.poll()})."
         )
       time.sleep(0.1)
+    try:
+      worker.verify_confined(self._process, port)
+    except worker.WorkerSetupError:
+      self._process = self._stub = None
+      raise
     return self._stub
 
   def stop(self, timeout: float = 5.0) -> None:
@@ -354,15 +368,17 @@ class execution_target:  # lowercase: used like a function, `with execution_targ
 def start_local_worker(port: int = 0, expose: bool = False):
   """Starts a worker_binary on this machine; returns (Popen, "127.0.0.1:port").
 
-  For tests and single-machine demos of the remote path. Loopback only unless `expose`;
-  it dies with this process. The caller should stop it (`stop_worker`).
+  For tests and single-machine demos of the remote path. Loopback only unless `expose`
+  (checked once it listens); it dies with this process. The caller should stop it (`stop_worker`).
   """
   import portpicker
 
   from tf_dlg.execution import worker
 
   port = port or portpicker.pick_unused_port()
-  return worker.spawn_worker(port, expose=expose), f"127.0.0.1:{port}"
+  proc = worker.spawn_worker(port, expose=expose)
+  worker.verify_confined(proc, port)
+  return proc, f"127.0.0.1:{port}"
 
 
 def stop_worker(proc, timeout: float = 10.0) -> None:

@@ -6,7 +6,12 @@ tf-dlg starts is therefore launched with `loopback_shim.c` preloaded (LD_PRELOAD
 worker only): its `bind()` turns an any-address into loopback, and it kills the worker
 when the process that started it dies (also on SIGKILL, which no Python handler sees).
 The shim is compiled once with the system C compiler into
-`~/.cache/tf_dlg/loopback_shim-<source hash>.so` (`$XDG_CACHE_HOME` respected).
+`~/.cache/tf_dlg/loopback_shim-<source hash>.so` (`$XDG_CACHE_HOME` respected; a private
+`$TMPDIR/tf_dlg-UID` if the cache cannot be created). Confinement is checked, not assumed:
+the directory and file must be the user's own and writable by no one else, the file an
+ELF shared object exporting `bind` (so an empty or foreign build is never used), and
+each started worker must have the shim mapped and listen on loopback only
+(`verify_confined`); otherwise the run stops with one line saying why.
 
 No C compiler: a one-line error says to install one (e.g. `apt-get install gcc`); setting
 `TF_DLG_ALLOW_EXPOSED_WORKER=1` runs the worker unconfined instead, with a warning.
@@ -26,12 +31,16 @@ import argparse
 import ctypes
 import hashlib
 import importlib.util
+import ipaddress
 import os
 import signal
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 
 ALLOW_EXPOSED_ENV = "TF_DLG_ALLOW_EXPOSED_WORKER"
@@ -69,10 +78,11 @@ def filtered_stderr():
 _SHIM_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loopback_shim.c")
 _PR_SET_PDEATHSIG = 1
 _SHIM_LOCK = threading.Lock()
+_HOW_TO_FIX = "install a working C compiler (e.g. apt-get install gcc) and rerun"
 
 
 class WorkerSetupError(RuntimeError):
-  """The loopback shim cannot be built (no C compiler) and exposure was not allowed."""
+  """The worker cannot be confined to loopback (no usable shim) and exposure was not allowed."""
 
 
 def worker_binary_path() -> str:
@@ -88,6 +98,14 @@ def _cache_dir() -> str:
   return os.path.join(base, "tf_dlg")
 
 
+def _fallback_dir() -> str:
+  return os.path.join(tempfile.gettempdir(), f"tf_dlg-{_euid()}")
+
+
+def _euid() -> int:
+  return os.geteuid()
+
+
 def _compiler():
   for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
     if name:
@@ -98,9 +116,100 @@ def _compiler():
   return None
 
 
+def _check_private(path: str, what: str) -> os.stat_result:
+  """Raises WorkerSetupError unless `path` is no symlink, is ours, and no one else may write it.
+
+  Anyone who can write the shim, or the directory holding it, chooses the code the worker
+  runs and whether it is confined at all.
+  """
+  st = os.lstat(path)
+  problem = None
+  if stat.S_ISLNK(st.st_mode):
+    problem = "is a symbolic link"
+  elif st.st_uid != _euid():
+    problem = f"belongs to uid {st.st_uid}, not to you (uid {_euid()})"
+  elif st.st_mode & 0o022:
+    problem = f"is writable by other users (mode {stat.S_IMODE(st.st_mode):04o})"
+  if problem:
+    raise WorkerSetupError(
+      f"refusing the worker's loopback shim {what} {path}: it {problem}, so another user "
+      f"could plant the code the worker runs; remove it (rm -r '{path}') or set "
+      "XDG_CACHE_HOME to a directory only you can write."
+    )
+  return st
+
+
+def _private_dir(path: str) -> str:
+  """Creates `path` with mode 0700, or checks an existing one (`_check_private`) and tightens it.
+
+  Raises:
+    OSError: `path` cannot be created (the caller tries the next place).
+  """
+  os.makedirs(path, mode=0o700, exist_ok=True)
+  st = _check_private(path, "directory")
+  if not stat.S_ISDIR(st.st_mode):
+    raise NotADirectoryError(20, "not a directory", path)
+  if stat.S_IMODE(st.st_mode) != 0o700:
+    try:
+      os.chmod(path, 0o700)
+    except OSError:
+      pass  # read-only media: nobody else can write it either (checked above)
+  return path
+
+
+def _elf_exports(path: str, symbol: bytes):
+  """None if `path` is an ELF shared object of this machine that defines `symbol`, else why not.
+
+  Read from the file's dynamic symbol table, without loading it into this process.
+  """
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(sys.executable, "rb") as f:
+    own = f.read(20)
+  if len(data) < 64 or data[:4] != b"\x7fELF":
+    return "not an ELF file" if data else "an empty file"
+  if data[4:6] != own[4:6]:
+    return "an ELF file of another word size or byte order"
+  end = "<" if data[5] == 1 else ">"
+  is64 = data[4] == 2
+  e_type, e_machine = struct.unpack_from(end + "HH", data, 16)
+  if e_type != 3 or e_machine != struct.unpack_from(end + "H", own, 18)[0]:
+    return "not a shared object for this machine"
+  shoff, shentsize, shnum = (
+    struct.unpack_from(end + "Q10xHH", data, 40)
+    if is64
+    else struct.unpack_from(end + "I10xHH", data, 32)
+  )
+  header = end + ("IIQQQQIIQQ" if is64 else "IIIIIIIIII")
+  sections = [struct.unpack_from(header, data, shoff + i * shentsize) for i in range(shnum)]
+  sym = end + ("IBBHQQ" if is64 else "IIIBBH")
+  for s in sections:
+    if s[1] != 11:  # SHT_DYNSYM
+      continue
+    strtab = sections[s[6]]
+    names_at = strtab[4]
+    for off in range(s[4], s[4] + s[5], s[9]):
+      fields = struct.unpack_from(sym, data, off)
+      name_off, shndx = fields[0], fields[3] if is64 else fields[5]
+      name = data[names_at + name_off : data.index(b"\0", names_at + name_off)]
+      if name == symbol and shndx != 0:
+        return None
+  return f"it does not export {symbol.decode()}()"
+
+
+def _shim_problem(path: str):
+  """None if the file at `path` is a usable shim, else why not (a missing file says so)."""
+  if not os.path.lexists(path):
+    return "missing"
+  _check_private(path, "file")
+  try:
+    return _elf_exports(path, b"bind")
+  except (struct.error, IndexError, ValueError):
+    return "a damaged ELF file"
+
+
 def _compile(source: str, target: str, compiler: str) -> None:
-  """Compiles `source` to the shared object `target` (atomically: tmp + rename)."""
-  os.makedirs(os.path.dirname(target), exist_ok=True)
+  """Compiles `source` to the shared object `target`, checked before it is renamed into place."""
   fd, tmp = tempfile.mkstemp(prefix="loopback_shim.", suffix=".so", dir=os.path.dirname(target))
   os.close(fd)
   try:
@@ -111,10 +220,13 @@ def _compile(source: str, target: str, compiler: str) -> None:
       timeout=120,
       check=False,
     )
-    if proc.returncode != 0:
+    err = proc.stderr.strip().splitlines()
+    problem = (err[-1] if err else f"exit code {proc.returncode}") if proc.returncode else None
+    problem = problem or _shim_problem(tmp)
+    if problem:
       raise WorkerSetupError(
-        f"{compiler} could not build the worker's loopback shim ({_SHIM_SOURCE}): "
-        f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+        f"{compiler} built no usable loopback shim for TFF's worker_binary ({problem}), so "
+        f"the worker would listen on every interface; {_HOW_TO_FIX} (or set CC to one)."
       )
     os.replace(tmp, target)
   finally:
@@ -122,36 +234,53 @@ def _compile(source: str, target: str, compiler: str) -> None:
       os.remove(tmp)
 
 
+def _no_compiler():
+  if os.environ.get(ALLOW_EXPOSED_ENV) == "1":
+    return None
+  raise WorkerSetupError(
+    "tf-dlg needs a C compiler (cc) to confine TFF's worker_binary to loopback: "
+    f"install gcc (e.g. apt-get install gcc), or set {ALLOW_EXPOSED_ENV}=1 to run "
+    "it listening on every interface (unauthenticated; trusted networks only)."
+  )
+
+
+def shim_name() -> str:
+  """The shim's file name: its source hash, so an edited source is rebuilt."""
+  with open(_SHIM_SOURCE, "rb") as f:
+    return f"loopback_shim-{hashlib.sha256(f.read()).hexdigest()[:16]}.so"
+
+
 def shim_path():
-  """The compiled loopback shim (built on first use), or None if exposure is allowed.
+  """The verified loopback shim (built on first use), or None if exposure is allowed.
+
+  It lives in a private directory (yours, mode 0700): the cache, or `$TMPDIR/tf_dlg-UID`
+  when the cache cannot be created. A cached file is used only if it is yours, writable
+  by no one else, and an ELF shared object of this machine exporting `bind`; one that
+  fails the content check is rebuilt, one that fails the ownership check is refused.
 
   Raises:
-    WorkerSetupError: No C compiler and `TF_DLG_ALLOW_EXPOSED_WORKER` is not set.
+    WorkerSetupError: one line saying why the worker cannot be confined and how to fix it.
   """
-  with open(_SHIM_SOURCE, "rb") as f:
-    digest = hashlib.sha256(f.read()).hexdigest()[:16]
-  target = os.path.join(_cache_dir(), f"loopback_shim-{digest}.so")
+  name = shim_name()
+  tried = []
   with _SHIM_LOCK:
-    if os.path.isfile(target):
-      return target
-    compiler = _compiler()
-    if compiler is None:
-      if os.environ.get(ALLOW_EXPOSED_ENV) == "1":
-        return None
-      raise WorkerSetupError(
-        "tf-dlg needs a C compiler (cc) to confine TFF's worker_binary to loopback: "
-        f"install gcc (e.g. apt-get install gcc), or set {ALLOW_EXPOSED_ENV}=1 to run "
-        "it listening on every interface (unauthenticated; trusted networks only)."
-      )
-    try:
-      _compile(_SHIM_SOURCE, target, compiler)
-    except OSError:  # unwritable cache: a private temporary directory instead
-      target = os.path.join(
-        tempfile.gettempdir(), f"tf_dlg-{os.getuid()}", os.path.basename(target)
-      )
-      if not os.path.isfile(target):
+    for directory in (_cache_dir(), _fallback_dir()):
+      target = os.path.join(directory, name)
+      try:
+        _private_dir(directory)
+        if _shim_problem(target) is None:
+          return target
+        compiler = _compiler()
+        if compiler is None:
+          return _no_compiler()
         _compile(_SHIM_SOURCE, target, compiler)
-  return target
+        return target
+      except OSError as e:  # cannot create or write there: the next place
+        tried.append(f"{directory}: {e.strerror or e}")
+  raise WorkerSetupError(
+    f"no private directory to build the worker's loopback shim in ({'; '.join(tried)}); "
+    "set XDG_CACHE_HOME to a writable directory of yours."
+  )
 
 
 def _parent_death_signal():
@@ -169,8 +298,7 @@ def _parent_death_signal():
   return preexec
 
 
-def worker_env(expose: bool = False, parent: int = None) -> dict:
-  """The environment of a worker: the shim preloaded unless `expose`."""
+def _worker_env(expose: bool, parent=None):
   env = dict(os.environ)
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the worker's C++ start-up pages
   env[PARENT_ENV] = str(os.getpid() if parent is None else parent)
@@ -181,11 +309,16 @@ def worker_env(expose: bool = False, parent: int = None) -> dict:
         f"{ALLOW_EXPOSED_ENV}=1 and no C compiler: TFF's worker_binary "
         "listens on EVERY interface with no authentication.",
         RuntimeWarning,
-        stacklevel=2,
+        stacklevel=3,
       )
-    return env
+    return env, None
   env["LD_PRELOAD"] = " ".join(p for p in (shim, env.get("LD_PRELOAD", "")) if p)
-  return env
+  return env, shim
+
+
+def worker_env(expose: bool = False, parent: int = None) -> dict:
+  """The environment of a worker: the verified shim preloaded unless `expose`."""
+  return _worker_env(expose, parent)[0]
 
 
 def spawn_worker(
@@ -195,21 +328,82 @@ def spawn_worker(
 
   The worker gets a parent-death signal (from the shim, or a preexec prctl when
   exposed without it) and, through the shim, a watchdog on its parent's pid, so it
-  never outlives the process that started it.
+  never outlives the process that started it. Pass the result to `verify_confined`
+  once the worker answers.
   """
   args = [worker_binary_path(), f"--port={int(port)}", *extra_args]
-  env = worker_env(expose)
+  env, shim = _worker_env(expose)
   # With the shim its constructor sets the parent-death signal after exec, which is
   # safe in a threaded parent; a preexec_fn (Python in the forked child) only without.
-  preexec = None if "loopback_shim" in env.get("LD_PRELOAD", "") else _parent_death_signal()
-  return subprocess.Popen(
+  proc = subprocess.Popen(
     args,
     env=env,
-    preexec_fn=preexec,
+    preexec_fn=None if shim else _parent_death_signal(),
     stdin=subprocess.DEVNULL,
     stdout=subprocess.DEVNULL if stdout is None else stdout,
     stderr=subprocess.DEVNULL if stderr is None else stderr,
   )
+  proc.loopback_shim, proc.exposed = shim, expose or shim is None
+  return proc
+
+
+def _is_loopback(ip: str) -> bool:
+  address = ipaddress.ip_address(ip.split("%")[0])
+  return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+def _listening(pid: int) -> list:
+  import psutil
+
+  try:
+    conns = psutil.Process(pid).net_connections(kind="inet")
+  except psutil.Error:  # gone (the caller sees its exit code)
+    return []
+  return [c.laddr for c in conns if c.status == psutil.CONN_LISTEN]
+
+
+def _maps_hold(pid: int, path: str) -> bool:
+  try:
+    with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+      return any(line.rstrip("\n").endswith(path) for line in f)
+  except OSError:
+    return False
+
+
+def verify_confined(proc: subprocess.Popen, port: int, timeout: float = 120.0) -> list:
+  """Checks a worker of `spawn_worker`: loaded its shim and listens on loopback only.
+
+  Waits (up to `timeout` s) until it listens on `port` or exits. A worker that listens
+  anywhere else, or runs without the shim it was given, is killed at once.
+
+  Returns:
+    The (ip, port) addresses it listens on (not checked for an exposed worker).
+
+  Raises:
+    WorkerSetupError: one line saying what was found and how to fix it.
+  """
+  deadline = time.time() + timeout
+  listening = _listening(proc.pid)
+  while not any(a.port == port for a in listening) and proc.poll() is None:
+    if time.time() > deadline:
+      break
+    time.sleep(0.05)
+    listening = _listening(proc.pid)
+  if getattr(proc, "exposed", False) or proc.poll() is not None:
+    return listening
+  shim = proc.loopback_shim
+  wide = [f"{a.ip}:{a.port}" for a in listening if not _is_loopback(a.ip)]
+  problem = f"listens on {', '.join(wide)}" if wide else None
+  if problem is None and not _maps_hold(proc.pid, shim):
+    problem = "runs without its loopback shim"
+  if problem:
+    proc.kill()
+    proc.wait()
+    raise WorkerSetupError(
+      f"TFF's worker_binary (pid {proc.pid}) {problem}: not confined to loopback, so it "
+      f"was stopped; remove {shim} (it is rebuilt on the next run) and {_HOW_TO_FIX}."
+    )
+  return listening
 
 
 def main(argv=None) -> int:
@@ -227,12 +421,18 @@ def main(argv=None) -> int:
     parser.error(f"--port={args.port} must be an integer in [1, 65535].")
   try:
     proc = spawn_worker(args.port, expose=args.expose, stdout=sys.stdout, stderr=sys.stderr)
+    listening = verify_confined(proc, args.port)
   except WorkerSetupError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  where = "EVERY interface (unauthenticated!)" if args.expose else "loopback only"
+  where = ", ".join(f"{a.ip}:{a.port}" for a in listening) or f"port {args.port}"
+  where = (
+    f"EVERY interface (unauthenticated!): {where}"
+    if proc.exposed
+    else f"loopback only (checked: {where})"
+  )
   print(
-    f"TFF worker pid {proc.pid} on port {args.port}, {where}; Ctrl-C stops it.",
+    f"TFF worker pid {proc.pid} listening on {where}; Ctrl-C stops it.",
     file=sys.stderr,
     flush=True,
   )
