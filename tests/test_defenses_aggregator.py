@@ -22,7 +22,7 @@ from tf_dlg.defenses import aggregator
 from tf_dlg.execution import runtime
 from tf_dlg.federated import aggregators as aggregators_lib
 
-tff = runtime.import_tff()
+tff = runtime.install_context()
 
 
 SHAPES = [(5, 4), (3,)]
@@ -55,8 +55,15 @@ def _mean(defended, weights=None):
   ]
 
 
-def _zero_fraction(defended):
-  return np.mean([np.mean(np.concatenate([t.ravel() for t in d]) == 0) for d in defended])
+def _zero_fraction(defended, exclude=None):
+  """Mean over clients of the zero share of their non-excluded entries."""
+  exclude = exclude or [False] * len(defended[0])
+  return np.mean(
+    [
+      np.mean(np.concatenate([t.ravel() for t, e in zip(d, exclude) if not e]) == 0)
+      for d in defended
+    ]
+  )
 
 
 def _assert_close(got, want, **kw):
@@ -81,14 +88,19 @@ def test_weighted_factory_aggregate_is_the_pure_defence(name):
     out = process.next(state, values, WEIGHTS)
     defended = _defend_clients(defense, values, round_num, seed=3)
     _assert_close(out.result, _mean(defended, WEIGHTS))
-    assert out.measurements["defense_zero_fraction"] == pytest.approx(
+    # Measured once, by add_measurements on what the inner aggregation receives.
+    assert out.measurements["inner_agg"]["defense_zero_fraction"] == pytest.approx(
       _zero_fraction(defended), abs=1e-6
     )
+    assert "mean_value" in out.measurements["inner_agg"]  # MeanFactory's own, kept
     scales = [float(defense.clip_scale([tf.constant(a) for a in v])) for v in values]
-    assert out.measurements["defense_clip_scale"] == pytest.approx(np.mean(scales), rel=1e-5)
-    assert out.measurements["defense_clipped_fraction"] == pytest.approx(
-      np.mean(np.asarray(scales) < 1.0)
-    )
+    if defense.clips:
+      assert out.measurements["defense_clip_scale"] == pytest.approx(np.mean(scales), rel=1e-5)
+      assert out.measurements["defense_clipped_fraction"] == pytest.approx(
+        np.mean(np.asarray(scales) < 1.0)
+      )
+    else:  # nothing to report for a defence that cannot clip
+      assert "defense_clipped_fraction" not in out.measurements and set(scales) == {1.0}
     results.append(out.result)
     state = out.state
   assert state["round"] == 2
@@ -101,10 +113,9 @@ def test_weighted_factory_aggregate_is_the_pure_defence(name):
   if name == "none":
     _assert_close(results[0], _mean(values, WEIGHTS))
   if name in ("clipping", "clipping_ratio", "dp"):  # norms > 1: every client clipped
+    assert defense.clips
     assert out.measurements["defense_clipped_fraction"] == 1.0
     assert out.measurements["defense_clip_scale"] < 1.0
-  elif name != "none":
-    assert out.measurements["defense_clipped_fraction"] == 0.0
 
 
 def test_clients_and_seeds_get_different_masks():
@@ -142,7 +153,7 @@ def test_unweighted_inner_factories_are_inherited():
   process = factory.create(VALUE_TYPE)
   out = process.next(process.initialize(), values)
   _assert_close(out.result, _mean(defended))
-  assert out.measurements["defense_zero_fraction"] == pytest.approx(0.5, abs=0.05)
+  assert out.measurements["inner_agg"]["defense_zero_fraction"] == pytest.approx(0.5, abs=0.05)
   # The coordinate-wise median (unweighted, from the federated-training work).
   median = defenses.defense_factory(defense, aggregators_lib.median_factory())
   assert isinstance(median, tff.aggregators.UnweightedAggregationFactory)
@@ -167,7 +178,10 @@ def test_exclude_passes_tensors_through_and_overrides_the_defence():
     defenses.get_defense("masking", 0.9, exclude=[False, True]), values, 0, 0
   )
   _assert_close(out.result, _mean(expected, WEIGHTS))
-  assert out.measurements["defense_zero_fraction"] == pytest.approx(0.9 * 20 / 23, abs=0.1)
+  # Only the transformed (non-excluded) entries count: 0.9 of the 20, not of all 23.
+  zero = out.measurements["inner_agg"]["defense_zero_fraction"]
+  assert zero == pytest.approx(_zero_fraction(expected, [False, True]), abs=1e-6)
+  assert zero == pytest.approx(0.9, abs=0.1)
 
 
 def test_type_errors():
@@ -318,8 +332,8 @@ def test_one_round_weighted_fed_avg_aggregate_is_the_pure_defence(
   expected = _mean(defended, NUM_EXAMPLES)
   moved = [np.asarray(b) - np.asarray(a) for b, a in zip(before, after)]
   _assert_close(moved, expected)
-  zero = captured["inner"]["defense_zero_fraction"]
-  assert zero == pytest.approx(_zero_fraction(defended), abs=1e-6)
+  zero = captured["inner_agg"]["defense_zero_fraction"]
+  assert zero == pytest.approx(_zero_fraction(defended, exclude), abs=1e-6)
   for j, ex in enumerate(exclude):  # BN gamma/beta: the plain weighted mean
     if ex:
       np.testing.assert_allclose(moved[j], _mean(raw, NUM_EXAMPLES)[j], rtol=1e-5, atol=1e-7)

@@ -7,9 +7,10 @@ import pytest
 import scipy.stats
 import tensorflow as tf
 
+from tf_dlg.execution import runtime
 from tf_dlg.federated import aggregators
 
-tff = aggregators.tff
+tff = runtime.install_context()
 
 # A structured value: a vector, a matrix and a scalar, as a model update would be.
 _SPECS = collections.OrderedDict(
@@ -107,6 +108,9 @@ def test_capture_reports_values_in_client_order_and_keeps_inner_result():
   process = aggregators.capture_factory(aggregators.median_factory()).create(_TYPE)
   values = _client_values(5, seed=42)
   out = process.next(process.initialize(), values)
+  # add_measurements: the inner measurements stay, the stack is added beside them.
+  assert set(out.measurements) == {"num_clients", "client_values"}
+  assert out.measurements["num_clients"] == 5
   for key in _SPECS:
     np.testing.assert_array_equal(out.measurements["client_values"][key], _stack(values, key))
     np.testing.assert_allclose(out.result[key], np.median(_stack(values, key), axis=0), rtol=1e-6)
@@ -151,52 +155,3 @@ def test_integer_values_are_refused():
 def test_capture_refuses_non_factory():
   with pytest.raises(TypeError, match="list"):
     aggregators.capture_factory([])
-
-
-# --------------------------------------------------------------------------- stats
-
-
-def test_stats_reports_zero_and_clipped_fractions_and_keeps_result():
-  # Leaves in flattening order (b, k, w); include skips the scalar `b`.
-  include = [False, True, True]
-  factory = aggregators.stats_factory(tff.aggregators.MeanFactory(), include=include, clip_norm=2.0)
-  assert isinstance(factory, tff.aggregators.WeightedAggregationFactory)
-  process = factory.create(_TYPE, tff.TensorType(np.float32))
-  values = [
-    # 3 of 7 included entries zero; norm sqrt(1 + 1 + 4 + 1) > 2: counted as clipped
-    collections.OrderedDict(
-      w=np.array([0, 1, 0], np.float32), k=np.array([[1, 2], [0, 1]], np.float32), b=np.float32(0)
-    ),
-    # clipped to exactly the bound: counted; 0 zeros (the zero `b` is excluded)
-    collections.OrderedDict(
-      w=np.array([2, 0, 0], np.float32), k=np.zeros((2, 2), np.float32), b=np.float32(0)
-    ),
-    # far inside the bound: not clipped; all 7 included entries zero
-    collections.OrderedDict(
-      w=np.zeros(3, np.float32), k=np.zeros((2, 2), np.float32), b=np.float32(5)
-    ),
-  ]
-  weights = [1.0, 1.0, 2.0]
-  out = process.next(process.initialize(), values, weights)
-  zeros = 3 + 6 + 7
-  stats = out.measurements["defense_stats"]
-  assert float(stats["zero_fraction"]) == pytest.approx(zeros / 21)
-  assert float(stats["clipped_fraction"]) == pytest.approx(2 / 3)
-  np.testing.assert_allclose(
-    out.result["w"], np.average(_stack(values, "w"), axis=0, weights=weights), rtol=1e-6
-  )
-
-
-def test_stats_without_clip_norm_has_no_clipped_fraction():
-  process = aggregators.stats_factory(aggregators.median_factory()).create(_TYPE)
-  values = _client_values(3, seed=7)
-  values[0]["w"][:] = 0.0
-  out = process.next(process.initialize(), values)
-  assert set(out.measurements["defense_stats"]) == {"zero_fraction"}
-  assert float(out.measurements["defense_stats"]["zero_fraction"]) == pytest.approx(3 / 24)
-  assert "num_clients" in out.measurements["inner"]
-
-
-def test_stats_include_must_match_the_leaves():
-  with pytest.raises(ValueError, match="include has 2 entries, the value 3 leaves"):
-    aggregators.stats_factory(aggregators.median_factory(), include=[True, False]).create(_TYPE)

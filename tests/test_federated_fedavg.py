@@ -11,8 +11,13 @@ import tensorflow as tf
 
 from tf_dlg import data as data_lib
 from tf_dlg import defenses
+from tf_dlg.defenses import aggregator
+from tf_dlg.execution import runtime
 from tf_dlg.federated import fedavg as fedavg_lib
 from tf_dlg.federated import simulation as sim
+from tf_dlg.federated.config import FederatedConfig
+
+runtime.install_context()
 
 
 def test_batchnorm_statistics_are_averaged_and_used(sim_config, mean_fedavg, digits):
@@ -53,7 +58,8 @@ def test_update_layout_and_exclusion_line_up(mean_fedavg):
 def test_config_overrides_are_checked_by_name(digits):
   with pytest.raises(TypeError, match="modle"):
     fedavg_lib.build_fedavg(digits.x_train.shape[1:], digits.num_classes, modle="lenet")
-  base = fedavg_lib.FedAvgConfig(model="lenet", client_learning_rate=0.1)
+  base = FederatedConfig(model="lenet", client_lr=0.1)
+  assert sim.SimulationConfig is FederatedConfig  # one class, an older name
   with pytest.raises(dataclasses.FrozenInstanceError):
     base.model = "bn_cnn"
   fa = fedavg_lib.build_fedavg(
@@ -77,12 +83,24 @@ def _round_one(config, digits):
   return parts, ids, sim.client_data(config, digits, parts, ids, 1, set())
 
 
-def test_clipping_defense_is_applied_per_client_with_batchnorm_excluded(digits):
-  name = "clipping"
+@pytest.fixture(scope="module")
+def plain_build(digits):
+  plain = sim.SimulationConfig(num_clients=4, rounds=1, seed=0)
+  return plain, sim.build_for_config(plain, digits)
+
+
+@pytest.mark.parametrize("name", ["clipping_ratio", "masking"])
+def test_training_applies_the_searched_transform_per_client(digits, plain_build, name):
+  """One name, one transform: a TFF round sends get_defense(name)(raw update, seed).
+
+  The client update is captured after the defence inside a round and compared with
+  the very `Defense` the threshold search attacks, applied to the same client's raw
+  update with the client's seed (`aggregator.client_seed`, round 0, base seed 0).
+  """
   param = _middle(name)
+  plain, fa_plain = plain_build
   plain = sim.SimulationConfig(num_clients=4, rounds=1, seed=0)
   defended = dataclasses.replace(plain, defense=name, defense_param=param)
-  fa_plain = sim.build_for_config(plain, digits)
   fa_def = sim.build_for_config(defended, digits)
   _, _, client_data = _round_one(plain, digits)
   # Each process starts from its own state (the defended aggregator keeps a round
@@ -95,17 +113,21 @@ def test_clipping_defense_is_applied_per_client_with_batchnorm_excluded(digits):
   ):
     np.testing.assert_array_equal(a, b)
   raw = sim._find(fa_plain.capture_process.next(state, client_data).metrics, "client_values")
-  got = sim._find(fa_def.capture_process.next(state_def, client_data).metrics, "client_values")
+  out = fa_def.capture_process.next(state_def, client_data)
+  got = sim._find(out.metrics, "client_values")
 
   keras_model = fa_plain.keras_model_fn()
   exclude = fedavg_lib.update_exclusion(keras_model)
   n_bn_stats = len(keras_model.non_trainable_variables)
   assert exclude[-n_bn_stats:] == [True] * n_bn_stats  # moving statistics pass through
   defense = defenses.get_defense(name, param, exclude=exclude)
+  assert fa_def.defense.get_config() == defense.get_config()
+  zero_fractions = []
   for c in range(len(client_data)):
     update = [tf.constant(np.asarray(v[c])) for v in raw]
-    # Clipping draws no randomness, so the client's seed does not matter here.
-    expected = defense(update, 0)
+    expected = defense(update, aggregator.client_seed(update, 0, 0))
+    kept = [np.asarray(e).ravel() for e, ex in zip(expected, exclude) if not ex]
+    zero_fractions.append(np.mean(np.concatenate(kept) == 0))
     for j, (e, g) in enumerate(zip(expected, got)):
       np.testing.assert_allclose(
         np.asarray(g[c]),
@@ -116,3 +138,11 @@ def test_clipping_defense_is_applied_per_client_with_batchnorm_excluded(digits):
       )
     for j in range(len(raw) - n_bn_stats, len(raw)):  # BN statistics untouched
       np.testing.assert_allclose(np.asarray(got[j][c]), np.asarray(raw[j][c]), rtol=1e-6)
+
+  if name == "clipping_ratio":  # own-norm rescaling: every client, by exactly the ratio
+    assert sim._find(out.metrics, "defense_clipped_fraction") == 1.0
+    assert sim._find(out.metrics, "defense_clip_scale") == pytest.approx(param, rel=1e-6)
+  else:  # masking leaves no clipping statistic
+    assert sim._find(out.metrics, "defense_clipped_fraction") is None
+  zero = sim._find(out.metrics, "defense_zero_fraction")
+  assert zero == pytest.approx(np.mean(zero_fractions), abs=1e-6)

@@ -7,7 +7,15 @@ federated plumbing (seed broadcast, client-side map, inner aggregation, measurem
 
 `median_clipping_factory(clip_ratio, inner)` clips every client to clip_ratio x the
 median client update norm of the round (computed at the server from every client's
-norm, then broadcast), the round-relative variant of `RelativeClipping`.
+norm, then broadcast): the `clipping_median` defence.
+
+Each statistic is measured once: the zero fraction of what clients send by
+`tff.aggregators.add_measurements` around the inner aggregation, the clip scale by the
+transform that chose it (only it knows the bound it applied: fixed, own-norm or the
+round's median).
+
+Importing this module leaves TFF's execution context alone; running a process needs
+one (the drivers install `tf_dlg.execution.runtime`'s loopback-only context).
 """
 
 from __future__ import annotations
@@ -17,11 +25,10 @@ import copy
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_federated as tff
 
 from tf_dlg.defenses import base, clipping
-from tf_dlg.execution import runtime
 
-tff = runtime.import_tff()
 # Norms gathered per round for the median: every client's when there are at most this many.
 MAX_MEDIAN_CLIENTS = 1000
 
@@ -72,16 +79,29 @@ class _DefenseComputations:
     self.median_ratio = median_ratio
     int_type, float_type = tff.TensorType(np.int64), tff.TensorType(np.float32)
 
-    @tff.tensorflow.computation(value_type, int_type)
-    def defend_fn(value, round_num):
-      defended = defense(value, client_seed(value, round_num, seed))
-      return defended, base.zero_fraction(defended), defense.clip_scale(value)
+    @tff.tensorflow.computation(tff.TensorType(np.float32))
+    def clipped_fn(scale):
+      return tf.cast(scale < 1.0, tf.float32)
+
+    self.clipped_fn = clipped_fn
+    if median_ratio is None:  # the defence's own client transform
+
+      @tff.tensorflow.computation(value_type, int_type)
+      def defend_fn(value, round_num):
+        return defense(value, client_seed(value, round_num, seed)), defense.clip_scale(value)
+
+      self.defend_fn = defend_fn
+    else:
+      self._build_median(value_type, float_type)
+
+  def _build_median(self, value_type, float_type):
+    """Computations of clipping to ratio x the round's median client norm."""
+    defense, median_ratio = self.defense, self.median_ratio
 
     @tff.tensorflow.computation(value_type, float_type)
     def clip_to_bound_fn(value, bound):
       scale = clipping.clip_scale(defense.kept_tensors(value), bound)
-      defended = _scale_kept(defense, value, scale)
-      return defended, base.zero_fraction(defended), scale
+      return _scale_kept(defense, value, scale), scale
 
     @tff.tensorflow.computation(value_type)
     def norm_fn(value):
@@ -89,15 +109,10 @@ class _DefenseComputations:
 
     @tff.tensorflow.computation(tff.TensorType(np.float32, [None]))
     def bound_fn(norms):
-      return tf.constant(median_ratio or 1.0, tf.float32) * _median(norms)
+      return tf.constant(median_ratio, tf.float32) * _median(norms)
 
-    @tff.tensorflow.computation(tff.TensorType(np.float32))
-    def clipped_fn(scale):
-      return tf.cast(scale < 1.0, tf.float32)
-
-    self.defend_fn, self.norm_fn, self.bound_fn = defend_fn, norm_fn, bound_fn
+    self.norm_fn, self.bound_fn = norm_fn, bound_fn
     self.clip_to_bound_fn = clip_to_bound_fn
-    self.clipped_fn = clipped_fn
     self.sampler = tff.aggregators.UnweightedReservoirSamplingFactory(MAX_MEDIAN_CLIENTS).create(
       float_type
     )
@@ -114,7 +129,7 @@ class _DefenseComputations:
   def next(self, state, value, inner_process, weight=None):
     """Federated: one round (defend on clients, inner aggregation, measurements)."""
     round_num, inner_state = state
-    defended, zero_fraction, scale = self.defend(value, round_num)
+    defended, scale = self.defend(value, round_num)
     if weight is None:
       out = inner_process.next(inner_state, defended)
     else:
@@ -122,12 +137,12 @@ class _DefenseComputations:
     new_state = collections.OrderedDict(
       round=tff.federated_map(_next_round, round_num), inner_agg=out.state
     )
-    measurements = collections.OrderedDict(
-      defense_zero_fraction=tff.federated_mean(zero_fraction),
-      defense_clip_scale=tff.federated_mean(scale),
-      defense_clipped_fraction=tff.federated_mean(tff.federated_map(self.clipped_fn, scale)),
-      inner_agg=out.measurements,
-    )
+    measurements = collections.OrderedDict(inner_agg=out.measurements)
+    if self.defense.clips:
+      measurements.update(
+        defense_clip_scale=tff.federated_mean(scale),
+        defense_clipped_fraction=tff.federated_mean(tff.federated_map(self.clipped_fn, scale)),
+      )
     return tff.templates.MeasuredProcessOutput(
       state=tff.federated_zip(new_state),
       result=out.result,
@@ -211,7 +226,30 @@ class _UnweightedDefenseFactory(tff.aggregators.UnweightedAggregationFactory):
     return tff.templates.AggregationProcess(init_fn, next_fn)
 
 
+def _zero_fraction_measurement(defense: base.Defense, weighted: bool):
+  """`add_measurements`' client function: mean zero fraction of the kept tensors."""
+
+  def measure(value):
+    @tff.tensorflow.computation(value.type_signature.member)
+    def zero_fraction(v):
+      kept = defense.kept_tensors(v)
+      return base.zero_fraction(kept) if kept else tf.constant(0.0)
+
+    fractions = tff.federated_map(zero_fraction, value)
+    return collections.OrderedDict(defense_zero_fraction=tff.federated_mean(fractions))
+
+  if weighted:
+    return lambda value, weight: measure(value)
+  return measure
+
+
 def _make_factory(defense, inner_agg_factory, seed, median_ratio=None):
+  weighted = isinstance(inner_agg_factory, tff.aggregators.WeightedAggregationFactory)
+  if weighted or isinstance(inner_agg_factory, tff.aggregators.UnweightedAggregationFactory):
+    # What clients send after the defence, measured where the inner aggregation sees it.
+    inner_agg_factory = tff.aggregators.add_measurements(
+      inner_agg_factory, client_measurement_fn=_zero_fraction_measurement(defense, weighted)
+    )
   for kind, cls in (
     (tff.aggregators.WeightedAggregationFactory, _WeightedDefenseFactory),
     (tff.aggregators.UnweightedAggregationFactory, _UnweightedDefenseFactory),
@@ -245,12 +283,14 @@ def defense_factory(defense: base.Defense, inner_agg_factory, exclude=None, seed
   the defended values as specified by `inner_agg_factory`.
 
   The process keeps the round number in its state and reports measurements
-  * `defense_zero_fraction`: mean over clients of the fraction of exactly-zero entries
-    in the defended value (what masking and pruning change);
+  * `inner_agg`: the inner process's measurements, with `defense_zero_fraction` added
+    (`tff.aggregators.add_measurements`): the mean over clients of the fraction of
+    exactly-zero entries among the defended value's non-excluded tensors (what masking
+    and pruning change);
+  and, for a defence that clips (`Defense.clips`),
   * `defense_clip_scale`: mean over clients of the factor by which norm clipping scaled
-    the value (`Defense.clip_scale`; 1.0 = not clipped, also for non-clipping defences);
-  * `defense_clipped_fraction`: the fraction of clients whose value was clipped;
-  * `inner_agg`: the inner process's measurements.
+    the value (`Defense.clip_scale`; 1.0 = not clipped);
+  * `defense_clipped_fraction`: the fraction of clients whose value was clipped.
   (Log `defense.get_config()` beside them; it is static, so it is not a measurement.)
 
   The returned factory takes its weightedness (`UnweightedAggregationFactory` vs.
@@ -275,12 +315,13 @@ def median_clipping_factory(clip_ratio: float, inner_agg_factory, exclude=None):
   their median (`numpy.median`; over a uniform sample of `MAX_MEDIAN_CLIENTS` clients
   when a round has more) and broadcasts clip_ratio x median as the round's bound; each
   client then scales its value by min(1, bound / norm). With clip_ratio 1 the clients
-  above the median are clipped to it. Measurements as in `defense_factory`.
+  above the median are clipped to it. Measurements as in `defense_factory`. This is
+  the TFF form of the `clipping_median` defence (`tf_dlg.defenses.clipping`).
 
   Args:
     clip_ratio: In (0, 1].
     inner_agg_factory: The aggregation after clipping (weighted or unweighted).
     exclude: Optional flat list of bools over the value's tensors (BatchNorm entries).
   """
-  defense = clipping.RelativeClipping(clip_ratio, exclude=exclude)
+  defense = clipping.MedianClipping(clip_ratio, exclude=exclude)
   return _make_factory(defense, inner_agg_factory, 0, median_ratio=defense.param)

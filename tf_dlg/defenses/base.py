@@ -8,11 +8,16 @@ training all see exactly the same transform for the same seed.
 
 `exclude` (a structure of bools like the update) marks tensors passed through untouched,
 e.g. BatchNorm variables (`tf_dlg.defenses.batchnorm_exclusion`).
+
+`DefenseSpec` is what each defence module declares beside its transform: the
+parameter's search range and direction, its units, the attackers known to break it, and
+how it maps into TFF training. `tf_dlg.defenses` registers the specs, one line each.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -37,6 +42,92 @@ def tensor_seed(seed: tf.Tensor, index: int) -> tf.Tensor:
   return tf.random.experimental.stateless_fold_in(seed, index)
 
 
+@dataclasses.dataclass(frozen=True)
+class SearchRange:
+  """Where the threshold search bisects a parameter: [low, high] on a `scale`.
+
+  `stronger` says which end protects more: "higher" or "lower".
+  """
+
+  low: float
+  high: float
+  scale: str  # "log" | "linear"
+  stronger: str  # "higher" | "lower"
+
+  def __post_init__(self):
+    if self.scale not in ("log", "linear") or self.stronger not in ("higher", "lower"):
+      raise ValueError(f"{self}: scale must be log|linear and stronger higher|lower.")
+    if not self.low < self.high or (self.scale == "log" and self.low <= 0):
+      raise ValueError(f"{self}: needs 0 < low < high on a log scale, low < high otherwise.")
+
+  def as_tuple(self) -> Tuple[float, float, str, str]:
+    return (self.low, self.high, self.scale, self.stronger)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitLink:
+  """The same defence in the other unit: `other`'s parameter = this one's x or / `statistic`.
+
+  `statistic` names a statistic of the undefended update (`norm`: global L2 norm, `rms`:
+  root mean square of its entries). A relative defence's value times the statistic is
+  the absolute equivalent; an absolute value divided by it is the relative one.
+  """
+
+  other: str
+  statistic: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DefenseSpec:
+  """One defence, declared once in its own module and registered by `tf_dlg.defenses`.
+
+  Attributes:
+    name: Registry name (`get_defense(name, param)`).
+    cls: The `Defense` subclass: `cls(param, exclude=..., **options)`.
+    search: The threshold search's range, or None: not searched.
+    single_update: Whether one update can express it (the attack setting); False for a
+      defence that needs the round's other clients (TFF training only).
+    strongest_attackers: Attacks known to break it best; an image leaks if any does.
+    family: The paper's name of the defence in any unit (`clipping_ratio` -> clipping).
+    absolute: For a relative-unit defence, its absolute counterpart (`UnitLink`).
+    relative: For an absolute-unit defence, its relative counterpart.
+    tff: How it maps into TFF training: None = the client transform itself
+      (`tf_dlg.defenses.defense_factory`); else `tff(defense, inner_factory, seed)`
+      building the `tff.aggregators` factory (for defences that need the round's
+      clients, such as a bound relative to their median norm).
+  """
+
+  name: str
+  cls: type
+  search: Optional[SearchRange] = None
+  single_update: bool = True
+  strongest_attackers: Tuple[str, ...] = ()
+  family: str = ""
+  absolute: Optional[UnitLink] = None
+  relative: Optional[UnitLink] = None
+  tff: Optional[Callable[..., Any]] = None
+
+  @property
+  def param_name(self) -> str:
+    return self.cls.param_name
+
+  def __post_init__(self):
+    if not (isinstance(self.cls, type) and issubclass(self.cls, Defense)):
+      raise TypeError(f"DefenseSpec {self.name!r}: cls must be a Defense subclass.")
+    if self.cls.name != self.name:
+      raise ValueError(f"DefenseSpec {self.name!r}: its class is named {self.cls.name!r}.")
+    if self.search is not None and not self.single_update:
+      raise ValueError(f"DefenseSpec {self.name!r}: a search needs single_update=True.")
+
+  def tff_factory(self, defense: "Defense", inner_factory, seed: int = 0):
+    """The `tff.aggregators` factory that trains with `defense` before `inner_factory`."""
+    if self.tff is not None:
+      return self.tff(defense, inner_factory, seed)
+    from tf_dlg.defenses import aggregator
+
+    return aggregator.defense_factory(defense, inner_factory, seed=seed)
+
+
 class Defense:
   """Base class. Subclasses implement `_apply(tensors, seed) -> tensors`.
 
@@ -48,6 +139,8 @@ class Defense:
 
   name = "defense"
   param_name = "param"
+  # Whether `clip_scale` can be below 1 (training then reports the clipped fraction).
+  clips = False
 
   def __init__(self, param: Optional[float] = None, exclude=None):
     self.param = param

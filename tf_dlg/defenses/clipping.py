@@ -7,9 +7,13 @@
   own global norm, clip_ratio x ||update||_2, so that one setting means the same on
   any model's updates (an absolute norm found on one model's gradients is a no-op on
   another model's smaller updates). For one update this is a rescaling by clip_ratio;
-  see the class for what that does and does not protect. In TFF,
-  `tf_dlg.defenses.aggregator.median_clipping_factory` sets the bound relative to the
-  median client update norm of the round instead, which does bound outlying clients.
+  see the class for what that does and does not protect. It is the same transform in
+  the attack experiments, in TFF training and in Keras.
+* `MedianClipping(clip_ratio)` (`clipping_median`): clip every client of a round to
+  clip_ratio x the round's median client update norm, which does bound outlying
+  clients. It exists only across a round's clients (TFF training, through
+  `tf_dlg.defenses.aggregator.median_clipping_factory`): a single update, which is what
+  the attack experiments defend, cannot express it, so it is not searched.
 * `ValueClipping(c)`: clips every entry to [-c, c] independently; this changes the
   update's direction, unlike norm clipping.
 
@@ -46,6 +50,7 @@ class Clipping(base.Defense):
 
   name = "clipping"
   param_name = "norm"
+  clips = True
 
   def __init__(self, norm: float, exclude=None):
     super().__init__(
@@ -69,12 +74,12 @@ class RelativeClipping(base.Defense):
   a Euclidean gradient-matching attack (DLG / iDLG) must reproduce, and the server's
   step size. Its use is a clipping setting that transfers between models: the same
   ratio means the same relative change on any update. To bound clients against each
-  other, clip relative to the round's median client norm
-  (`tf_dlg.defenses.aggregator.median_clipping_factory`).
+  other, clip relative to the round's median client norm (`MedianClipping`).
   """
 
   name = "clipping_ratio"
   param_name = "clip_ratio"
+  clips = True
 
   def __init__(self, clip_ratio: float, exclude=None):
     super().__init__(base.check_number("clip_ratio", clip_ratio, 0.0, 1.0, low_open=True), exclude)
@@ -87,6 +92,35 @@ class RelativeClipping(base.Defense):
     # Exactly the ratio, except for an all-zero update, which no factor changes.
     nonzero = base.global_norm(self.kept_tensors(update)) > 0
     return tf.where(nonzero, tf.constant(self.param, tf.float32), 1.0)
+
+
+class MedianClipping(base.Defense):
+  """Clipping to clip_ratio x the round's median client norm, ratio in (0, 1].
+
+  The bound depends on the other clients of the round, so this object only carries the
+  setting; TFF training applies it (`SPEC.tff`). Called on one update it raises.
+  """
+
+  name = "clipping_median"
+  param_name = "clip_ratio"
+  clips = True
+
+  def __init__(self, clip_ratio: float, exclude=None):
+    super().__init__(base.check_number("clip_ratio", clip_ratio, 0.0, 1.0, low_open=True), exclude)
+
+  def _apply(self, tensors, seed):
+    raise ValueError(
+      "clipping_median clips against the median client norm of a round, which a single "
+      "update does not have: it runs only in federated training (use clipping_ratio to "
+      "rescale one update)."
+    )
+
+
+def _median_clipping_tff(defense: MedianClipping, inner_factory, seed: int):
+  del seed  # deterministic
+  from tf_dlg.defenses import aggregator
+
+  return aggregator.median_clipping_factory(defense.param, inner_factory, exclude=defense.exclude)
 
 
 class ValueClipping(base.Defense):
@@ -105,3 +139,38 @@ class ValueClipping(base.Defense):
 
   def _apply(self, tensors, seed):
     return clip_by_value(tensors, self.param)
+
+
+# Cosine matching ignores a rescaled update: the strongest answer to norm clipping.
+SPEC = base.DefenseSpec(
+  name="clipping",
+  cls=Clipping,
+  # The weak end must exceed single-image gradient norms (tens), where clipping is a no-op.
+  search=base.SearchRange(1e-3, 1e4, "log", "lower"),
+  strongest_attackers=("ig",),
+  family="clipping",
+  relative=base.UnitLink("clipping_ratio", "norm"),
+)
+RATIO_SPEC = base.DefenseSpec(
+  name="clipping_ratio",
+  cls=RelativeClipping,
+  # Fractions of the update's own norm: 1 is a no-op, 1e-4 shrinks it 10^4-fold.
+  search=base.SearchRange(1e-4, 1.0, "log", "lower"),
+  strongest_attackers=("ig",),
+  family="clipping",
+  absolute=base.UnitLink("clipping", "norm"),
+)
+MEDIAN_SPEC = base.DefenseSpec(
+  name="clipping_median",
+  cls=MedianClipping,
+  single_update=False,  # not measurable on one update, so not searched
+  family="clipping",
+  tff=_median_clipping_tff,
+)
+VALUE_SPEC = base.DefenseSpec(
+  name="value_clipping",
+  cls=ValueClipping,
+  search=base.SearchRange(1e-6, 1.0, "log", "lower"),
+  strongest_attackers=("ig", "idlg"),
+  family="value_clipping",
+)

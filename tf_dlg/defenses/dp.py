@@ -22,6 +22,7 @@ class DPGaussian(base.Defense):
 
   name = "dp"
   param_name = "noise_multiplier"
+  clips = True
 
   def __init__(self, noise_multiplier: float, exclude=None, l2_norm_clip: float = 1.0):
     super().__init__(
@@ -50,6 +51,16 @@ class DPGaussian(base.Defense):
 
   def get_config(self):
     return dict(super().get_config(), l2_norm_clip=self.l2_norm_clip)
+
+
+SPEC = base.DefenseSpec(
+  name="dp",
+  cls=DPGaussian,
+  search=base.SearchRange(1e-4, 10.0, "log", "higher"),
+  # Noise has no adaptive answer: the better of cosine and Euclidean matching.
+  strongest_attackers=("ig", "idlg"),
+  family="dp",
+)
 
 
 def dp_sgd_epsilon(
@@ -90,8 +101,7 @@ def dp_fedavg_epsilon(
 
 def dp_fedavg_aggregator(noise_multiplier: float, clients_per_round: int, zeroing: bool = True):
   """`tff.learning.dp_aggregator`: DP-FedAvg's unweighted aggregation factory."""
-  from tf_dlg.execution import runtime
+  import tensorflow_federated as tff
 
-  tff = runtime.import_tff()
   base.check_number("noise_multiplier", noise_multiplier, 0.0, float("inf"), high_open=True)
   return tff.learning.dp_aggregator(noise_multiplier, clients_per_round, zeroing=zeroing)

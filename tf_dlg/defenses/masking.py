@@ -47,3 +47,14 @@ class Masking(base.Defense):
 
   def get_config(self):
     return dict(super().get_config(), rescale=self.rescale)
+
+
+SPEC = base.DefenseSpec(
+  name="masking",
+  cls=Masking,
+  # Log scale: a few percent already stop the Euclidean iDLG attack.
+  search=base.SearchRange(1e-4, 0.99, "log", "higher"),
+  # Masked cosine matching ignores the zeroed coordinates.
+  strongest_attackers=("masked_ig",),
+  family="masking",
+)

@@ -81,3 +81,24 @@ class RelativeNoising(Noising):
 
   def _stddev(self, tensors):
     return self.param * base.root_mean_square(tensors)
+
+
+# Noise has no adaptive answer: the better of cosine and Euclidean matching.
+_NOISE_ATTACKERS = ("ig", "idlg")
+SPEC = base.DefenseSpec(
+  name="noising",
+  cls=Noising,
+  search=base.SearchRange(1e-6, 1.0, "log", "higher"),
+  strongest_attackers=_NOISE_ATTACKERS,
+  family="noising",
+  relative=base.UnitLink("noising_ratio", "rms"),
+)
+RATIO_SPEC = base.DefenseSpec(
+  name="noising_ratio",
+  cls=RelativeNoising,
+  # Noise-to-signal ratios: 1e-4 barely perturbs, 10 buries the update in noise.
+  search=base.SearchRange(1e-4, 10.0, "log", "higher"),
+  strongest_attackers=_NOISE_ATTACKERS,
+  family="noising",
+  absolute=base.UnitLink("noising", "rms"),
+)

@@ -54,3 +54,13 @@ class Pruning(base.Defense):
 
   def get_config(self):
     return dict(super().get_config(), scope=self.scope)
+
+
+SPEC = base.DefenseSpec(
+  name="pruning",
+  cls=Pruning,
+  search=base.SearchRange(0.01, 0.99, "linear", "higher"),
+  # Masked cosine matching ignores the zeroed coordinates.
+  strongest_attackers=("masked_ig",),
+  family="pruning",
+)

@@ -1,14 +1,16 @@
 """Federated training in TFF: FedAvg with mean / median / trimmed-mean aggregation.
 
 Modules (imported lazily, so `import tf_dlg.federated` does not pull in TFF):
-- `aggregators`: `median_factory()`, `trimmed_mean_factory(f)`, `capture_factory(inner)`,
-  `stats_factory(inner, include, clip_norm)`.
-- `fedavg`: `build_fedavg(input_shape, num_classes, FedAvgConfig(...))` -> `FedAvg`
+- `config`: `FederatedConfig`, the one configuration of a federated run (no TFF import).
+- `aggregators`: `median_factory()`, `trimmed_mean_factory(f)`, `capture_factory(inner)`.
+- `fedavg`: `build_fedavg(input_shape, num_classes, FederatedConfig(...))` -> `FedAvg`
   (learning process + Keras model fn); BatchNorm statistics travel with the update
   (see its docstring).
-- `simulation`: `SimulationConfig`, `run_simulation(config, output_dir, workers=...)`.
+- `simulation`: `run_simulation(config, output_dir, workers=...)` (`SimulationConfig` is
+  `FederatedConfig` under its older name).
 - `AGGREGATORS`, `OPTIMIZERS`, `MALICIOUS_MODES`: the choices, for drivers' flags.
-- TFF itself is imported through `tf_dlg.execution.runtime.import_tff()` (confined workers).
+- Importing any of them leaves TFF's execution context alone; `run_simulation` (and the
+  drivers) install the loopback-only one (`tf_dlg.execution.runtime.install_context()`).
 """
 
 import importlib
@@ -23,11 +25,10 @@ _LAZY = {
   "median_factory": "aggregators",
   "trimmed_mean_factory": "aggregators",
   "capture_factory": "aggregators",
-  "stats_factory": "aggregators",
   "build_fedavg": "fedavg",
   "FedAvg": "fedavg",
-  "FedAvgConfig": "fedavg",
-  "SimulationConfig": "simulation",
+  "FederatedConfig": "config",
+  "SimulationConfig": "config",
   "run_simulation": "simulation",
   "SimulationResult": "simulation",
   "CheckpointError": "simulation",
@@ -37,5 +38,5 @@ _LAZY = {
 def __getattr__(name):
   if name in _LAZY:
     module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
-    return getattr(module, name)
+    return getattr(module, "FederatedConfig" if name == "SimulationConfig" else name)
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

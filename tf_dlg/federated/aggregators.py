@@ -25,11 +25,11 @@ Semantics (unit-tested against NumPy / SciPy):
   values from each end of every coordinate, average the rest.
 * An empty round (no clients) reports zeros.
 
-`capture_factory(inner)` wraps any factory and additionally reports, as a
-measurement, every client's value in client order, so that a simulation can record the
-exact (defended) update one client sent. `stats_factory(inner, include, clip_norm)`
-reports the zero fraction of the client values (and the clipped share of clients), for
-a simulation's TensorBoard defence statistics.
+`capture_factory(inner)` wraps any factory (`tff.aggregators.add_measurements`) and
+additionally reports, as a measurement, every client's value in client order, so that a
+simulation can record the exact (defended) update one client sent.
+
+Importing this module leaves TFF's execution context alone.
 """
 
 from __future__ import annotations
@@ -40,11 +40,7 @@ from typing import Callable
 
 import numpy as np
 import tensorflow as tf
-
-from tf_dlg.execution.runtime import import_tff
-
-tff = import_tff()
-
+import tensorflow_federated as tff
 
 # --------------------------------------------------------------------------- stacking
 
@@ -238,157 +234,32 @@ def trimmed_mean_factory(trim_fraction: float = 0.1) -> TrimmedMeanFactory:
 # --------------------------------------------------------------------------- capture
 
 
-def _wrap_next(inner_process, value_type, weighted: bool, extra_fn: Callable):
-  """`next` of `inner_process` whose measurements also hold `extra_fn(value)`.
-
-  `extra_fn` maps the CLIENTS-placed value to an `OrderedDict` of SERVER-placed values;
-  the measurements become `OrderedDict(inner=<inner measurements>, **extra)`.
-  """
-  state_type = inner_process.initialize.type_signature.result
-
-  def body(state, value, weight=None):
-    args = (state, value) if weight is None else (state, value, weight)
-    out = inner_process.next(*args)
-    measurements = tff.federated_zip(
-      collections.OrderedDict(inner=out.measurements, **extra_fn(value))
-    )
-    return tff.templates.MeasuredProcessOutput(
-      state=out.state, result=out.result, measurements=measurements
-    )
-
-  value_param = tff.FederatedType(value_type, tff.CLIENTS)
-  if weighted:
-    weight_type = inner_process.next.type_signature.parameter[2]
-
-    @tff.federated_computation(state_type, value_param, weight_type)
-    def next_fn(state, value, weight):
-      return body(state, value, weight)
-  else:
-
-    @tff.federated_computation(state_type, value_param)
-    def next_fn(state, value):
-      return body(state, value)
-
-  return next_fn
-
-
-def _capture_next(inner_process, value_type, weighted: bool):
-  """`next` of a capture process: the inner aggregation plus every client's value."""
-  zero, accumulate, merge, report = _build_stack_computations(value_type, lambda s: s)
-
-  def extra(value):
-    return collections.OrderedDict(
-      client_values=tff.federated_aggregate(value, zero(), accumulate, merge, report)
-    )
-
-  return _wrap_next(inner_process, value_type, weighted, extra)
-
-
-def _stats_next(inner_process, value_type, weighted: bool, include, clip_norm):
-  """`next` of a stats process: the inner aggregation plus `zero_fraction` etc."""
-  leaves = tf.nest.flatten(tff.types.type_to_tf_tensor_specs(value_type))
-  include = [True] * len(leaves) if include is None else [bool(i) for i in include]
-  if len(include) != len(leaves):
-    raise ValueError(f"include has {len(include)} entries, the value {len(leaves)} leaves.")
-  size = float(sum(s.shape.num_elements() for s, i in zip(leaves, include) if i))
-  bound = -1.0 if clip_norm is None else float(clip_norm) * (1.0 - 1e-4)
-
-  @tff.tensorflow.computation(value_type)
-  def per_client(value):
-    kept = [v for v, i in zip(tf.nest.flatten(value), include) if i]
-    zeros = tf.add_n(
-      [tf.reduce_sum(tf.cast(tf.equal(v, 0), tf.float32)) for v in kept] + [tf.constant(0.0)]
-    )
-    if kept and clip_norm is not None:
-      clipped = tf.cast(tf.linalg.global_norm(kept) >= bound, tf.float32)
-    else:
-      clipped = tf.constant(0.0)
-    return collections.OrderedDict(zeros=zeros, clipped=clipped, clients=tf.constant(1.0))
-
-  @tff.tensorflow.computation
-  def finish(sums):
-    n = tf.maximum(sums["clients"], 1.0)
-    out = collections.OrderedDict(zero_fraction=sums["zeros"] / (n * max(size, 1.0)))
-    if clip_norm is not None:
-      out["clipped_fraction"] = sums["clipped"] / n
-    return out
-
-  def extra(value):
-    sums = tff.federated_sum(tff.federated_map(per_client, value))
-    return collections.OrderedDict(defense_stats=tff.federated_map(finish, sums))
-
-  return _wrap_next(inner_process, value_type, weighted, extra)
-
-
-class _UnweightedWrapFactory(tff.aggregators.UnweightedAggregationFactory):
-  """`inner` with extra measurements from `build_next(inner_process, type, weighted)`."""
-
-  def __init__(self, inner, build_next):
-    self._inner = inner
-    self._build_next = build_next
-
-  def create(self, value_type):
-    _check_float_structure(value_type)
-    inner = self._inner.create(value_type)
-    return tff.templates.AggregationProcess(
-      inner.initialize, self._build_next(inner, value_type, False)
-    )
-
-
-class _WeightedWrapFactory(tff.aggregators.WeightedAggregationFactory):
-  """Weighted version of `_UnweightedWrapFactory`."""
-
-  def __init__(self, inner, build_next):
-    self._inner = inner
-    self._build_next = build_next
-
-  def create(self, value_type, weight_type):
-    _check_float_structure(value_type)
-    inner = self._inner.create(value_type, weight_type)
-    return tff.templates.AggregationProcess(
-      inner.initialize, self._build_next(inner, value_type, True)
-    )
-
-
-def _wrap(inner, build_next):
-  """`inner` wrapped with its weightedness kept; TypeError if not a factory."""
-  if isinstance(inner, tff.aggregators.WeightedAggregationFactory):
-    return _WeightedWrapFactory(inner, build_next)
-  if isinstance(inner, tff.aggregators.UnweightedAggregationFactory):
-    return _UnweightedWrapFactory(inner, build_next)
-  raise TypeError(f"inner must be a tff.aggregators factory, found {type(inner).__name__}.")
-
-
 def capture_factory(inner):
   """Wraps `inner` so that its process also reports every client's value.
 
-  The created process returns `inner`'s state and result unchanged; its
-  `measurements` are `OrderedDict(inner=<inner measurements>, client_values=<stack>)`
-  where `client_values` holds each leaf of the client values stacked along a leading
-  axis in client order (the order of the `CLIENTS` data passed to the computation).
-  This costs one extra gather of every value at the server, so use it only in the
-  round being captured. The weightedness of `inner` is kept.
+  Built on `tff.aggregators.add_measurements`: the created process returns `inner`'s
+  state and result unchanged, and its measurements are `inner`'s with `client_values`
+  added, which holds each leaf of the client values stacked along a leading axis in
+  client order (the order of the `CLIENTS` data passed to the computation). This costs
+  one extra gather of every value at the server, so use it only in the round being
+  captured. The weightedness of `inner` is kept.
 
   Raises:
     TypeError: `inner` is not a `tff.aggregators` factory.
   """
-  return _wrap(inner, _capture_next)
+  weighted = isinstance(inner, tff.aggregators.WeightedAggregationFactory)
+  if not weighted and not isinstance(inner, tff.aggregators.UnweightedAggregationFactory):
+    raise TypeError(f"inner must be a tff.aggregators factory, found {type(inner).__name__}.")
 
+  def gather(value):
+    value_type = value.type_signature.member
+    _check_float_structure(value_type)
+    zero, accumulate, merge, report = _build_stack_computations(value_type, lambda s: s)
+    stacked = tff.federated_aggregate(value, zero(), accumulate, merge, report)
+    return collections.OrderedDict(client_values=stacked)
 
-def stats_factory(inner, include=None, clip_norm=None):
-  """Wraps `inner` so that its process also reports statistics of the client values.
-
-  Put it inside a defence (`defense_factory(defense, stats_factory(inner))`) to
-  measure what the defence outputs. The measurements become `OrderedDict(inner=...,
-  defense_stats=OrderedDict(zero_fraction=[, clipped_fraction]))`:
-
-  * `zero_fraction`: zero entries / entries, over all clients and the leaves marked
-    True in `include` (default: every leaf) -- the masked or pruned share.
-  * `clipped_fraction` (only with `clip_norm`): the share of clients whose included
-    leaves have a global L2 norm of at least `clip_norm` (1e-4 relative tolerance),
-    i.e. whose update norm clipping cut down to the bound.
-
-  Both cost one pass over each client's value and two scalars' sum; state and result
-  are `inner`'s, unchanged.
-  """
-  return _wrap(inner, lambda p, t, w: _stats_next(p, t, w, include, clip_norm))
+  if weighted:
+    return tff.aggregators.add_measurements(
+      inner, client_measurement_fn=lambda value, weight: gather(value)
+    )
+  return tff.aggregators.add_measurements(inner, client_measurement_fn=gather)

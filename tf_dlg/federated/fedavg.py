@@ -1,7 +1,7 @@
 """FedAvg learning processes in TFF with robust aggregators, defences and BatchNorm sync.
 
-`build_fedavg(input_shape, num_classes, FedAvgConfig(...))` returns a `FedAvg` bundle whose `process` is a
-`tff.learning.templates.LearningProcess`. It is composed (with
+`build_fedavg(input_shape, num_classes, FederatedConfig(...))` returns a `FedAvg` bundle
+whose `process` is a `tff.learning.templates.LearningProcess`. It is composed (with
 `tff.learning.templates.compose_learning_process`) from the same parts that
 `tff.learning.algorithms.build_weighted_fed_avg` / `build_unweighted_fed_avg` use --
 TFF's broadcast distributor, a model-delta client work, an aggregator, an
@@ -34,6 +34,13 @@ mode 0, scale 1.
 Weighting: `mean` is TFF's `MeanFactory` weighted by client example counts (as
 `build_weighted_fed_avg`); `median` and `trimmed_mean` are unweighted (uniform client
 weights, as `build_unweighted_fed_avg`) because an order statistic has no weights.
+
+**Defences.** The configured defence enters as its spec says
+(`tf_dlg.defenses.DefenseSpec.tff_factory`): the very transform the attack experiments
+apply (`tf_dlg.defenses.defense_factory`), or, for a defence that needs the round's
+clients (`clipping_median`), its own factory.
+
+Importing this module leaves TFF's execution context alone.
 """
 
 from __future__ import annotations
@@ -45,14 +52,12 @@ from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_federated as tff
 
 from tf_dlg import models as models_lib
-from tf_dlg.execution.runtime import import_tff
 from tf_dlg.federated import AGGREGATORS, OPTIMIZERS
 from tf_dlg.federated import aggregators as aggregators_lib
-
-tff = import_tff()
-
+from tf_dlg.federated.config import FederatedConfig
 
 # Per-client role, one element of the `role` sequence.
 ROLE_SPEC = collections.OrderedDict(
@@ -112,19 +117,6 @@ def _inner_factory(name: str, trim_fraction: float):
       tff.learning.ClientWeighting.UNIFORM,
     )
   raise ValueError(f"aggregator={name!r} must be one of {', '.join(AGGREGATORS)}.")
-
-
-def _is_defense(defense) -> bool:
-  return defense is not None and getattr(defense, "name", None) != "none"
-
-
-def _clip_norm(defense) -> Optional[float]:
-  """The L2 bound a norm-clipping defence enforces (None for other defences)."""
-  if defense.name == "clipping":
-    return float(defense.param)
-  if defense.name == "dp":
-    return float(defense.l2_norm_clip)
-  return None
 
 
 # --------------------------------------------------------------------------- client work
@@ -327,9 +319,11 @@ class FedAvg:
     keras_model_fn: No-arg function returning a fresh (uncompiled) Keras model.
     input_shape, num_classes: Model input and head.
     num_trainable: Number of leading update entries that are trainable weights.
-    config: The `FedAvgConfig` it was built from (also read through the properties
-      `model_name`, `aggregator`, `defense`, `client_optimizer`,
-      `client_learning_rate`, `batch_size`, `local_epochs`).
+    config: The `FederatedConfig` it was built from (also read through the properties
+      `model_name`, `aggregator`, `client_optimizer`, `client_learning_rate`,
+      `batch_size`, `local_epochs`).
+    defense: The `tf_dlg.defenses.Defense` every client applies (BatchNorm entries
+      excluded), or None.
     capture_process: Same algorithm, whose `aggregator` metrics also hold every
       client's (defended) update (`client_values`); built on first use.
   """
@@ -339,15 +333,15 @@ class FedAvg:
   input_shape: tuple
   num_classes: int
   num_trainable: int
-  config: FedAvgConfig
+  config: FederatedConfig
+  defense: Any = None
   _build_capture: Callable[[], Any] = dataclasses.field(repr=False, default=None)
   _capture_process: Any = dataclasses.field(repr=False, default=None)
 
   model_name = property(lambda self: self.config.model)
   aggregator = property(lambda self: self.config.aggregator)
-  defense = property(lambda self: self.config.defense)
   client_optimizer = property(lambda self: self.config.client_optimizer)
-  client_learning_rate = property(lambda self: float(self.config.client_learning_rate))
+  client_learning_rate = property(lambda self: float(self.config.client_lr))
   batch_size = property(lambda self: int(self.config.batch_size))
   local_epochs = property(lambda self: int(self.config.local_epochs))
 
@@ -364,49 +358,11 @@ class FedAvg:
     model_weights.assign_weights_to(keras_model)
 
 
-@dataclasses.dataclass(frozen=True)
-class FedAvgConfig:
-  """What defines a FedAvg process (besides the data shape); see `build_fedavg`.
-
-  Attributes:
-    model: `tf_dlg.models` registry name; `bn_cnn` (BatchNorm CNN) by default.
-    model_seed: Seed of the initial server model.
-    aggregator: `mean` (weighted by examples), `median` or `trimmed_mean`
-      (unweighted, coordinate-wise; see `tf_dlg.federated.aggregators`).
-    trim_fraction: Fraction trimmed from each side (`trimmed_mean` only).
-    defense: A `tf_dlg.defenses.Defense` applied on every client before aggregation
-      (via `tf_dlg.defenses.defense_factory`), or None.
-    client_optimizer, server_optimizer: `sgd`, `sgdm` or `adam`.
-    client_learning_rate, server_learning_rate: Their learning rates.
-    batch_size, local_epochs: Recorded for capture; the client data decides them.
-    bn_momentum: Momentum of the BatchNorm moving statistics (Keras default 0.99),
-      or None to keep the model's. A client takes only a few local steps per round,
-      so with 0.99 the statistics it sends barely move from the server's and the
-      global model's inference-mode accuracy lags its training accuracy by many
-      rounds; 0.9 lets them track the data within a round or two.
-  """
-
-  model: str = "bn_cnn"
-  model_seed: int = 0
-  aggregator: str = "mean"
-  trim_fraction: float = 0.1
-  defense: Any = None
-  client_optimizer: str = "sgd"
-  client_learning_rate: float = 0.05
-  server_optimizer: str = "sgd"
-  server_learning_rate: float = 1.0
-  batch_size: int = 20
-  local_epochs: int = 1
-  bn_momentum: Optional[float] = 0.9
-
-
-def _keras_model_fn(config: FedAvgConfig, input_shape: tuple, num_classes: int):
+def _keras_model_fn(config: FederatedConfig, input_shape: tuple, num_classes: int):
   """A no-arg function building the (uncompiled) Keras model of `config`."""
 
   def keras_model_fn():
-    keras_model = models_lib.build_model(
-      config.model, input_shape, num_classes, seed=config.model_seed
-    )
+    keras_model = models_lib.build_model(config.model, input_shape, num_classes, seed=config.seed)
     if config.bn_momentum is not None:
       for layer, _ in models_lib.batchnorm_variables(keras_model):
         layer.momentum = float(config.bn_momentum)  # read at call time, so this takes effect
@@ -434,8 +390,8 @@ def _tff_model_fn(keras_model_fn, input_shape: tuple):
   return model_fn
 
 
-def _probe(keras_model_fn, defense):
-  """(number of trainable variables, defence exclusion mask or None) of the model."""
+def _probe(keras_model_fn, config: FederatedConfig):
+  """(number of trainable variables, the clients' defence or None) of the model."""
   probe = keras_model_fn()
   for v in probe.non_trainable_variables:
     if not v.dtype.is_floating:
@@ -443,30 +399,20 @@ def _probe(keras_model_fn, defense):
         f"Non-trainable variable {v.name} has dtype {v.dtype.name}; "
         "FedAvg here averages non-trainable weights, which must be float."
       )
-  exclude = update_exclusion(probe) if _is_defense(defense) else None
-  return len(probe.trainable_variables), exclude
+  defense = None if config.defense == "none" else config.build_defense(update_exclusion(probe))
+  return len(probe.trainable_variables), defense
 
 
-def _aggregation_process(config: FedAvgConfig, weights_type, exclude, capture: bool):
+def _aggregation_process(config: FederatedConfig, weights_type, defense, capture: bool):
   """(aggregation process over the update list, client weighting) of `config`."""
   factory, weighting = _inner_factory(config.aggregator, config.trim_fraction)
   if capture:
     # Inside the defence, so it records exactly what the defence outputs.
     factory = aggregators_lib.capture_factory(factory)
-  if _is_defense(config.defense):
+  if defense is not None:
     from tf_dlg import defenses
 
-    factory = aggregators_lib.stats_factory(
-      factory, include=[not e for e in exclude], clip_norm=_clip_norm(config.defense)
-    )
-    if config.defense.name == "clipping_ratio":
-      # In training a relative bound means relative to the round's clients: clip each to
-      # ratio x the median client norm. Relative to a client's own norm it would only
-      # rescale every update by the ratio (a smaller server step), never clip one client
-      # against the others.
-      factory = defenses.median_clipping_factory(config.defense.param, factory, exclude=exclude)
-    else:
-      factory = defenses.defense_factory(config.defense, factory, exclude=exclude)
+    factory = defenses.spec(defense.name).tff_factory(defense, factory)
   if isinstance(factory, tff.aggregators.UnweightedAggregationFactory):
     factory = tff.aggregators.as_weighted_aggregator(factory)
   return factory.create(_update_type(weights_type), tff.TensorType(np.float32)), weighting
@@ -475,29 +421,29 @@ def _aggregation_process(config: FedAvgConfig, weights_type, exclude, capture: b
 def build_fedavg(
   input_shape: Sequence[int],
   num_classes: int,
-  config: Optional[FedAvgConfig] = None,
+  config: Optional[FederatedConfig] = None,
   **overrides,
 ) -> FedAvg:
   """Builds FedAvg over a `tf_dlg.models` Keras model.
 
   Args:
     input_shape, num_classes: Data shape (H, W, C) and class count.
-    config: A `FedAvgConfig` (default: `FedAvgConfig()`).
-    **overrides: `FedAvgConfig` fields replacing those of `config`
+    config: A `FederatedConfig` (default: `FederatedConfig()`); its model, seed,
+      aggregator, defence and optimisers define the process (the client data decides
+      batches and epochs).
+    **overrides: `FederatedConfig` fields replacing those of `config`
       (`dataclasses.replace`: a misspelt name raises TypeError naming it).
 
   Returns:
     A `FedAvg` bundle.
   """
-  config = dataclasses.replace(config or FedAvgConfig(), **overrides)
-  if config.aggregator not in AGGREGATORS:
-    raise ValueError(f"aggregator={config.aggregator!r} must be one of {', '.join(AGGREGATORS)}.")
+  config = dataclasses.replace(config or FederatedConfig(), **overrides)
   input_shape = tuple(int(d) for d in input_shape)
   keras_model_fn = _keras_model_fn(config, input_shape, num_classes)
   model_fn = _tff_model_fn(keras_model_fn, input_shape)
-  num_trainable, exclude = _probe(keras_model_fn, config.defense)
-  client_opt = build_optimizer(config.client_optimizer, config.client_learning_rate)
-  server_opt = build_optimizer(config.server_optimizer, config.server_learning_rate)
+  num_trainable, defense = _probe(keras_model_fn, config)
+  client_opt = build_optimizer(config.client_optimizer, config.client_lr)
+  server_opt = build_optimizer(config.server_optimizer, config.server_lr)
 
   @tff.tensorflow.computation
   def initial_weights_fn():
@@ -506,7 +452,7 @@ def build_fedavg(
   weights_type = initial_weights_fn.type_signature.result
 
   def compose(capture: bool):
-    agg_process, weighting = _aggregation_process(config, weights_type, exclude, capture)
+    agg_process, weighting = _aggregation_process(config, weights_type, defense, capture)
     return tff.learning.templates.compose_learning_process(
       initial_weights_fn,
       tff.learning.templates.build_broadcast_process(weights_type),
@@ -522,5 +468,6 @@ def build_fedavg(
     num_classes=num_classes,
     num_trainable=num_trainable,
     config=config,
+    defense=defense,
     _build_capture=lambda: compose(True),
   )

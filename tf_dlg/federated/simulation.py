@@ -10,23 +10,28 @@
    that also reports every client's defended update);
 4. evaluates the server model (trainable and BatchNorm weights) on the held-out test
    set with Keras in inference mode;
-5. appends `round, train_loss, train_accuracy, test_loss, test_accuracy, seconds` to
-   `history.csv` and writes a checkpoint (`checkpoint.npz`: the whole TFF server state
+5. appends `round, train_loss, train_accuracy, test_loss, test_accuracy, seconds,
+   zero_fraction, clipped_fraction` to `history.csv` (the last two: the defence's
+   statistics as TFF measured them in the round -- zero entries among the defended
+   client updates, and the fraction of clients it clipped, for a defence that clips;
+   empty where they do not apply) and writes a checkpoint (`checkpoint.npz`: the whole TFF server state
    -- model, optimizer and aggregator state -- flattened, the history so far, and a
    fingerprint of the configuration).
 
 6. writes that round's TensorBoard scalars to `tensorboard/` (`train/loss`,
    `train/accuracy`, `test/loss`, `test/accuracy`, `round/seconds`,
    `update/global_norm` -- the L2 norm of the aggregated update of the trainable
-   weights -- and, with a defence, `defense/zero_fraction` of the defended client
-   updates and, for clipping / dp, `defense/clipped_fraction` of clients), step = round.
+   weights -- and, with a defence, `defense/zero_fraction` and, for one that clips,
+   `defense/clipped_fraction`: the history's values), step = round.
 
-Every setting is checked before any work (`SimulationConfig.validate`: one line naming
-the value and the allowed range; a run where some round would sample only malicious
-clients is refused). Starting again with the same `output_dir` resumes after the last
-checkpointed round; a checkpoint written by a different configuration, a file that is
-not one of ours, or a history row that is not numbers raises `CheckpointError` naming
-the file (and line and column) instead of silently mixing runs or overwriting it.
+Every setting is checked before any work (`FederatedConfig` checks itself when built:
+one line naming the value and the allowed range; a run where a round could sample only
+malicious clients is refused). Starting again with the same `output_dir` resumes after
+the last checkpointed round; a checkpoint written by a different configuration, a file
+that is not one of ours, a history row that is not numbers, or a run that already went
+past `rounds` raises `CheckpointError` naming the file (and line and column) instead of
+silently mixing runs or overwriting it. The TFF execution context (loopback-only local
+worker, or the given workers) is installed when the run starts.
 History and checkpoint are written atomically (`tf_dlg.io`).
 """
 
@@ -35,9 +40,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
-import hashlib
 import io
-import json
 import math
 import os
 import shutil
@@ -48,8 +51,20 @@ import numpy as np
 
 from tf_dlg import io as io_lib
 from tf_dlg import validation
+from tf_dlg.federated.config import FederatedConfig
 
-HISTORY_FIELDS = ("round", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds")
+HISTORY_FIELDS = (
+  "round",
+  "train_loss",
+  "train_accuracy",
+  "test_loss",
+  "test_accuracy",
+  "seconds",
+  "zero_fraction",
+  "clipped_fraction",
+)
+# Defence statistics: empty where the run has no defence, or one that does not clip.
+_OPTIONAL_FIELDS = ("zero_fraction", "clipped_fraction")
 _CHECKPOINT_FORMAT = "tf_dlg.federated.checkpoint/v1"
 CHECKPOINT_NAME = "checkpoint.npz"
 HISTORY_NAME = "history.csv"
@@ -60,109 +75,8 @@ class CheckpointError(ValueError):
   """A checkpoint or history file in `output_dir` is corrupt or from another run."""
 
 
-@dataclasses.dataclass
-class SimulationConfig:
-  """Everything that defines a federated run (see `experiments/federated.py` flags)."""
-
-  dataset: str = "digits"
-  data_dir: Optional[str] = None
-  partition: str = "iid"
-  alpha: float = 0.5
-  classes_per_client: int = 2
-  num_clients: int = 10
-  clients_per_round: Optional[int] = None  # None: all clients every round
-  rounds: int = 20
-  model: str = "bn_cnn"
-  bn_momentum: Optional[float] = 0.5
-  aggregator: str = "mean"
-  trim_fraction: float = 0.1
-  defense: str = "none"
-  defense_param: Optional[float] = None
-  malicious_clients: int = 0
-  malicious_mode: str = "scale"
-  malicious_scale: float = 1000.0
-  local_epochs: int = 2
-  batch_size: int = 10
-  client_optimizer: str = "adam"
-  client_lr: float = 0.003
-  server_optimizer: str = "sgd"
-  server_lr: float = 1.0
-  seed: int = 0
-  capture_round: Optional[int] = None  # 1-based round to capture, or None
-  capture_client: Optional[int] = None  # client id; None: first sampled client
-
-  # Fields that do not change the trajectory (may differ on resume).
-  _NOT_FINGERPRINTED = ("rounds", "capture_round", "capture_client", "data_dir")
-
-  def validate(self, num_examples: Optional[int] = None) -> "SimulationConfig":
-    """Raises ValueError naming the bad value and the allowed range (before any work)."""
-    from tf_dlg import data as data_lib
-    from tf_dlg import defenses, federated
-    from tf_dlg import models as models_lib
-
-    for name, allowed in (
-      ("dataset", data_lib.DATASETS),
-      ("partition", data_lib.PARTITION_SCHEMES),
-      ("model", models_lib.MODELS),
-      ("aggregator", federated.AGGREGATORS),
-      ("malicious_mode", federated.MALICIOUS_MODES),
-      ("client_optimizer", federated.OPTIMIZERS),
-      ("server_optimizer", federated.OPTIMIZERS),
-    ):
-      validation.check_choice(name, getattr(self, name), allowed)
-    validation.check_int("num_clients", self.num_clients, 1, num_examples)
-    if self.clients_per_round is not None:
-      validation.check_int("clients_per_round", self.clients_per_round, 1, self.num_clients)
-    for name in ("rounds", "local_epochs", "batch_size", "classes_per_client"):
-      validation.check_int(name, getattr(self, name), 1)
-    validation.check_int("seed", self.seed, 0)
-    self._check_malicious()
-    inf = float("inf")
-    for name in ("alpha", "malicious_scale", "client_lr", "server_lr"):
-      validation.check_number(name, getattr(self, name), 0, inf, low_open=True, high_open=True)
-    validation.check_number("trim_fraction", self.trim_fraction, 0, 0.5, high_open=True)
-    if self.bn_momentum is not None:
-      validation.check_number("bn_momentum", self.bn_momentum, 0, 1, high_open=True)
-    if self.defense in (None, "none") and self.defense_param is not None:
-      raise ValueError(
-        f"defense_param={self.defense_param!r} is set but defense="
-        f"{self.defense!r}; set a defence or drop the parameter."
-      )
-    if self.defense not in (None, "none"):
-      defenses.get_defense(self.defense, self.defense_param)  # its own ValueError
-    if self.capture_round is not None:
-      validation.check_int("capture_round", self.capture_round, 1, self.rounds)
-    if self.capture_client is not None:
-      validation.check_int("capture_client", self.capture_client, 0, self.num_clients - 1)
-      if self.capture_round is None:
-        raise ValueError("capture_client is set but capture_round is not; set both.")
-    return self
-
-  def _check_malicious(self) -> None:
-    """Every round needs an honest client: an all-Byzantine round trains on garbage."""
-    m = validation.check_int("malicious_clients", self.malicious_clients, 0)
-    if m >= self.num_clients:
-      raise ValueError(
-        f"malicious_clients={m} must be an integer in "
-        f"[0, {self.num_clients - 1}] (num_clients - 1): every client "
-        "malicious leaves nothing to learn from."
-      )
-    k = self.clients_per_round or self.num_clients
-    if not self.malicious_clients or k > self.malicious_clients:
-      return
-    bad = set(malicious_ids(self))
-    for round_num in range(1, self.rounds + 1):
-      if set(sample_clients(self, round_num)) <= bad:
-        raise ValueError(
-          f"malicious_clients={self.malicious_clients} with clients_per_round={k}: "
-          f"round {round_num} samples only malicious clients; use malicious_clients in "
-          f"[0, {k - 1}] or clients_per_round in "
-          f"[{self.malicious_clients + 1}, {self.num_clients}]."
-        )
-
-  def fingerprint(self) -> str:
-    fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in self._NOT_FINGERPRINTED}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+# The one federated configuration (`tf_dlg.federated.config`), under its older name.
+SimulationConfig = FederatedConfig
 
 
 @dataclasses.dataclass
@@ -183,7 +97,7 @@ class SimulationResult:
 # --------------------------------------------------------------------------- helpers
 
 
-def sample_clients(config: SimulationConfig, round_num: int) -> List[int]:
+def sample_clients(config: FederatedConfig, round_num: int) -> List[int]:
   """The sorted client ids of a 1-based round (seeded by (seed, round))."""
   k = config.clients_per_round or config.num_clients
   if k >= config.num_clients:
@@ -192,13 +106,13 @@ def sample_clients(config: SimulationConfig, round_num: int) -> List[int]:
   return sorted(int(c) for c in rng.choice(config.num_clients, size=k, replace=False))
 
 
-def malicious_ids(config: SimulationConfig) -> List[int]:
+def malicious_ids(config: FederatedConfig) -> List[int]:
   """The fixed, seeded set of Byzantine client ids."""
   rng = np.random.default_rng([config.seed, 0xBAD])
   return sorted(int(c) for c in rng.permutation(config.num_clients)[: config.malicious_clients])
 
 
-def _round_seed(config: SimulationConfig, round_num: int) -> int:
+def _round_seed(config: FederatedConfig, round_num: int) -> int:
   return int(np.random.default_rng([config.seed, round_num, 0xDA7A]).integers(2**31 - 1))
 
 
@@ -206,7 +120,7 @@ def client_data(config, dataset, parts, ids, round_num, bad=()):
   """Per-client `OrderedDict(batches=, role=)` of round `round_num` for the TFF process.
 
   Args:
-    config: The run's `SimulationConfig`.
+    config: The run's `FederatedConfig`.
     dataset: Its `ImageDataset`.
     parts: Client partitions (indices into the training set), one per client id.
     ids: The round's client ids (`sample_clients`).
@@ -256,39 +170,11 @@ def _find(struct, key):
   return None
 
 
-def _defense(config):
-  if config.defense in (None, "none"):
-    return None
-  from tf_dlg import defenses
-
-  return defenses.get_defense(config.defense, config.defense_param)
-
-
-def build_for_config(config: SimulationConfig, dataset):
+def build_for_config(config: FederatedConfig, dataset):
   """The `FedAvg` bundle of a configuration."""
   from tf_dlg.federated import fedavg
 
-  return fedavg.build_fedavg(dataset.input_shape, dataset.num_classes, fedavg_config(config))
-
-
-def fedavg_config(config: SimulationConfig):
-  """The `fedavg.FedAvgConfig` of a simulation configuration."""
-  from tf_dlg.federated import fedavg
-
-  return fedavg.FedAvgConfig(
-    model=config.model,
-    model_seed=config.seed,
-    aggregator=config.aggregator,
-    trim_fraction=config.trim_fraction,
-    defense=_defense(config),
-    client_optimizer=config.client_optimizer,
-    client_learning_rate=config.client_lr,
-    server_optimizer=config.server_optimizer,
-    server_learning_rate=config.server_lr,
-    batch_size=config.batch_size,
-    local_epochs=config.local_epochs,
-    bn_momentum=config.bn_momentum,
-  )
+  return fedavg.build_fedavg(dataset.input_shape, dataset.num_classes, config)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -360,12 +246,15 @@ def _history_row(path: str, line: int, row) -> Dict[str, float]:
   out = {}
   for key in HISTORY_FIELDS:
     value = row.get(key) if isinstance(row, dict) else None
+    if key in _OPTIONAL_FIELDS and value in ("", None):
+      out[key] = None
+      continue
     out[key] = _as_number(key, value)
     if out[key] is None:
       kind = "round number" if key == "round" else "number"
       raise CheckpointError(
         f"{path!r} line {line}, column {key!r}: {value!r} is not a {kind}; the run's "
-        "files are damaged: use another --output_dir or --overwrite."
+        "files are damaged: move them away or use another --output_dir."
       )
   return out
 
@@ -424,7 +313,7 @@ def _capture(config, run: _Run, ids, round_num, start_weights, client_values):
   fa.assign_to_keras(start_weights, keras_model)
   idx = parts[cid]
   steps = int(math.ceil(len(idx) * config.local_epochs / config.batch_size))
-  defense = _defense(config)
+  defense = config.build_defense()
   obs = ObservedUpdate(
     kind="fedavg_delta",
     update=update,
@@ -462,11 +351,12 @@ def _capture(config, run: _Run, ids, round_num, start_weights, client_values):
 # --------------------------------------------------------------------------- the loop
 
 
-def _prepare(config: SimulationConfig, output_dir: str, dataset, overwrite: bool):
+def _prepare(config: FederatedConfig, output_dir: str, dataset, overwrite: bool):
   """Validates everything and checks `output_dir` before any training; (dataset, parts)."""
   from tf_dlg import data as data_lib
 
-  config.validate()  # cheap checks first, before the dataset loads
+  if not isinstance(config, FederatedConfig):
+    raise TypeError(f"config must be a FederatedConfig, got {type(config).__name__}.")
   validation.check_output_dir("output_dir", output_dir)
   if dataset is None:
     dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed)
@@ -501,14 +391,26 @@ def _prepare(config: SimulationConfig, output_dir: str, dataset, overwrite: bool
         os.remove(p)
     # Old event files would show two runs' curves on one chart.
     shutil.rmtree(os.path.join(output_dir, TENSORBOARD_DIR), ignore_errors=True)
+  _check_resume(config, hist_path, ckpt_path)
+  return dataset, parts
+
+
+def _check_resume(config: FederatedConfig, hist_path: str, ckpt_path: str) -> None:
+  """Refuses a run folder this config cannot resume (before any training)."""
   # Read the history whole before anything is rewritten: a damaged file is refused,
   # never overwritten.
-  if os.path.exists(hist_path) and read_history(hist_path) and not os.path.exists(ckpt_path):
+  done = len(read_history(hist_path)) if os.path.exists(hist_path) else 0
+  if done and not os.path.exists(ckpt_path):
     raise CheckpointError(
       f"{hist_path!r} has rounds but there is no {CHECKPOINT_NAME} "
-      "to resume from; use another --output_dir or overwrite."
+      "to resume from; move it away or use another --output_dir."
     )
-  return dataset, parts
+  # A resumed run never reports rounds past the ones asked for: it cannot undo them.
+  if done > config.rounds:
+    raise CheckpointError(
+      f"{hist_path!r} already holds {done} rounds, more than rounds={config.rounds}; "
+      f"use rounds in [{done}, inf] to resume it, or another --output_dir."
+    )
 
 
 def _evaluate(fa, state, keras_model, dataset):
@@ -518,7 +420,7 @@ def _evaluate(fa, state, keras_model, dataset):
   return float(loss), float(acc)
 
 
-def _write_summaries(writer, row, metrics, defense=None) -> None:
+def _write_summaries(writer, row, metrics) -> None:
   """One round's TensorBoard scalars (step = round), flushed so a watcher sees them."""
   import tensorflow as tf
 
@@ -532,16 +434,9 @@ def _write_summaries(writer, row, metrics, defense=None) -> None:
   norm = _find(metrics, "update_norm")
   if norm is not None:
     scalars["update/global_norm"] = norm
-  stats = _find(metrics, "defense_stats") or {}
-  for key in ("zero_fraction", "clipped_fraction"):
-    if key in stats:
-      scalars[f"defense/{key}"] = stats[key]
-  # A bound set by the round itself (median-relative clipping) is known only to the
-  # defence, which measures the clients it scaled.
-  if defense == "clipping_ratio":
-    clipped = _find(metrics, "defense_clipped_fraction")
-    if clipped is not None:
-      scalars["defense/clipped_fraction"] = clipped
+  for key in _OPTIONAL_FIELDS:
+    if row.get(key) is not None:
+      scalars[f"defense/{key}"] = row[key]
   with writer.as_default(step=row["round"]):
     for tag, value in scalars.items():
       tf.summary.scalar(tag, float(value))
@@ -582,11 +477,15 @@ def _round(config, run: _Run, state, round_num):
     test_accuracy=test_acc,
     seconds=round(time.perf_counter() - t0, 4),
   )
+  # Measured once, inside the round, by the defence's TFF factory.
+  for key in _OPTIONAL_FIELDS:
+    value = _find(out.metrics, f"defense_{key}")
+    row[key] = None if value is None else float(value)
   return out.state, row, out.metrics, path
 
 
 def run_simulation(
-  config: SimulationConfig,
+  config: FederatedConfig,
   output_dir: str,
   *,
   workers=None,
@@ -599,7 +498,7 @@ def run_simulation(
   """Runs (or resumes) a federated simulation; see the module docstring.
 
   Args:
-    config: The run's `SimulationConfig`.
+    config: The run's `FederatedConfig`.
     output_dir: Where `history.csv`, `checkpoint.npz`, captures and `tensorboard/`
       (per-round scalars: `tensorboard --logdir OUTPUT_DIR`) go.
     workers: None (local TFF runtime) or worker addresses `host:port`
@@ -617,6 +516,7 @@ def run_simulation(
   from tf_dlg.execution import runtime
 
   dataset, parts = _prepare(config, output_dir, dataset, overwrite)
+  runtime.install_context()
   ckpt_path = os.path.join(output_dir, CHECKPOINT_NAME)
   hist_path = os.path.join(output_dir, HISTORY_NAME)
   fa = fedavg if fedavg is not None else build_for_config(config, dataset)
@@ -645,7 +545,7 @@ def run_simulation(
       _write_history(hist_path, history)
       save_checkpoint(ckpt_path, state, round_num, history, config.fingerprint())
       # After the checkpoint: once per round.
-      _write_summaries(writer, row, metrics, config.defense)
+      _write_summaries(writer, row, metrics)
       bar.set_postfix(test_acc=f"{row['test_accuracy']:.3f}")
     bar.close()
   writer.close()

@@ -1,0 +1,170 @@
+"""The one federated configuration: `FederatedConfig`.
+
+A frozen dataclass with one set of defaults, checked once when it is built (every
+field, no data loaded: one line naming the value and its allowed range). The drivers
+build it from flags, the studies compose it from their presets (`dataclasses.replace`
+re-checks), and `tf_dlg.federated.fedavg.build_fedavg` / `simulation.run_simulation`
+consume it. The one check that needs the data, that there are enough training examples
+for the clients, is `validate(num_examples)`.
+
+Importing this module imports neither TensorFlow Federated nor any data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Optional
+
+from tf_dlg import validation
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedConfig:
+  """Everything that defines a federated run (see `experiments/federated.py` flags).
+
+  Attributes:
+    dataset, data_dir: `tf_dlg.data` dataset name and tfds directory.
+    partition, alpha, classes_per_client: How training examples go to clients.
+    num_clients, clients_per_round: Clients, and how many a round samples (None: all).
+    rounds: FedAvg rounds.
+    model: `tf_dlg.models` name; `bn_cnn` (BatchNorm CNN) by default.
+    bn_momentum: Momentum of the BatchNorm moving statistics, or None to keep the
+      model's. A client takes only a few local steps per round, so with Keras' 0.99 the
+      statistics it sends barely move from the server's.
+    aggregator, trim_fraction: `mean` (weighted by examples), `median` or
+      `trimmed_mean` (unweighted, coordinate-wise), and the fraction trimmed per side.
+    defense, defense_param: A `tf_dlg.defenses` name applied on every client before
+      aggregation (its spec says how it maps into TFF), and its parameter.
+    malicious_clients, malicious_mode, malicious_scale: Byzantine clients.
+    local_epochs, batch_size: Local training of a client per round.
+    client_optimizer, client_lr, server_optimizer, server_lr: `sgd`, `sgdm` or `adam`.
+    seed: Seeds the model, sampling, shuffling and Byzantine clients.
+    capture_round, capture_client: 1-based round whose client update is saved (and
+      which client: None = the first sampled).
+  """
+
+  dataset: str = "digits"
+  data_dir: Optional[str] = None
+  partition: str = "iid"
+  alpha: float = 0.5
+  classes_per_client: int = 2
+  num_clients: int = 10
+  clients_per_round: Optional[int] = None
+  rounds: int = 20
+  model: str = "bn_cnn"
+  bn_momentum: Optional[float] = 0.5
+  aggregator: str = "mean"
+  trim_fraction: float = 0.1
+  defense: str = "none"
+  defense_param: Optional[float] = None
+  malicious_clients: int = 0
+  malicious_mode: str = "scale"
+  malicious_scale: float = 1000.0
+  local_epochs: int = 2
+  batch_size: int = 10
+  client_optimizer: str = "adam"
+  client_lr: float = 0.003
+  server_optimizer: str = "sgd"
+  server_lr: float = 1.0
+  seed: int = 0
+  capture_round: Optional[int] = None
+  capture_client: Optional[int] = None
+
+  # Fields that do not change the trajectory (may differ on resume).
+  _NOT_FINGERPRINTED = ("rounds", "capture_round", "capture_client", "data_dir")
+
+  def __post_init__(self):
+    self._check_fields()
+
+  def validate(self, num_examples: Optional[int] = None) -> "FederatedConfig":
+    """Checks what needs the data (enough training examples for the clients)."""
+    if num_examples is not None:
+      validation.check_int("num_clients", self.num_clients, 1, num_examples)
+    return self
+
+  def _check_fields(self) -> None:
+    """ValueError naming the bad value and the allowed range."""
+    from tf_dlg import data as data_lib
+    from tf_dlg import federated
+    from tf_dlg import models as models_lib
+
+    for name, allowed in (
+      ("dataset", data_lib.DATASETS),
+      ("partition", data_lib.PARTITION_SCHEMES),
+      ("model", models_lib.MODELS),
+      ("aggregator", federated.AGGREGATORS),
+      ("malicious_mode", federated.MALICIOUS_MODES),
+      ("client_optimizer", federated.OPTIMIZERS),
+      ("server_optimizer", federated.OPTIMIZERS),
+    ):
+      validation.check_choice(name, getattr(self, name), allowed)
+    validation.check_int("num_clients", self.num_clients, 1)
+    if self.clients_per_round is not None:
+      validation.check_int("clients_per_round", self.clients_per_round, 1, self.num_clients)
+    for name in ("rounds", "local_epochs", "batch_size", "classes_per_client"):
+      validation.check_int(name, getattr(self, name), 1)
+    validation.check_int("seed", self.seed, 0)
+    self._check_malicious()
+    inf = float("inf")
+    for name in ("alpha", "malicious_scale", "client_lr", "server_lr"):
+      validation.check_number(name, getattr(self, name), 0, inf, low_open=True, high_open=True)
+    validation.check_number("trim_fraction", self.trim_fraction, 0, 0.5, high_open=True)
+    if self.bn_momentum is not None:
+      validation.check_number("bn_momentum", self.bn_momentum, 0, 1, high_open=True)
+    self._check_defense()
+    self._check_capture()
+
+  def _check_defense(self) -> None:
+    from tf_dlg import defenses
+
+    if self.defense == "none" and self.defense_param is not None:
+      raise ValueError(
+        f"defense_param={self.defense_param!r} is set but defense="
+        f"{self.defense!r}; set a defence or drop the parameter."
+      )
+    defenses.get_defense(self.defense, self.defense_param)  # its own ValueError
+
+  def _check_capture(self) -> None:
+    if self.capture_round is not None:
+      validation.check_int("capture_round", self.capture_round, 1, self.rounds)
+    if self.capture_client is not None:
+      validation.check_int("capture_client", self.capture_client, 0, self.num_clients - 1)
+      if self.capture_round is None:
+        raise ValueError("capture_client is set but capture_round is not; set both.")
+
+  def _check_malicious(self) -> None:
+    """Every round needs an honest client: an all-Byzantine round trains on garbage.
+
+    Whether a seeded sampling happens to draw an all-Byzantine round is luck of the
+    seed and the number of rounds; the rule here does not depend on either, and costs
+    nothing however many rounds a run has: a round samples more clients than there
+    are Byzantine ones.
+    """
+    m = validation.check_int("malicious_clients", self.malicious_clients, 0)
+    if m >= self.num_clients:
+      raise ValueError(
+        f"malicious_clients={m} must be an integer in "
+        f"[0, {self.num_clients - 1}] (num_clients - 1): every client "
+        "malicious leaves nothing to learn from."
+      )
+    k = self.clients_per_round or self.num_clients
+    if m and k <= m:
+      raise ValueError(
+        f"malicious_clients={m} with clients_per_round={k}: a round could sample only "
+        f"malicious clients; use malicious_clients in [0, {k - 1}] or clients_per_round "
+        f"in [{m + 1}, {self.num_clients}]."
+      )
+
+  def fingerprint(self) -> str:
+    fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in self._NOT_FINGERPRINTED}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+  def build_defense(self, exclude=None):
+    """The configured `tf_dlg.defenses.Defense` (None for `none`)."""
+    if self.defense == "none":
+      return None
+    from tf_dlg import defenses
+
+    return defenses.get_defense(self.defense, self.defense_param, exclude=exclude)
