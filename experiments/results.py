@@ -8,7 +8,9 @@ the cell it was in.
 
 Safety rules: a file written by another experiment or another configuration, or one
 with a damaged line in the middle, raises `ResultsFileError` naming the file and the
-problem -- it is never silently overwritten. The one tolerated damage is a partial
+problem -- it is never silently overwritten, and of two runs creating one file at once
+exactly one writes its header (the other reads it back, so a second configuration is
+refused). The one tolerated damage is a partial
 *last* line without its newline: that is what a kill during a write leaves behind, and
 it is dropped by an atomic rewrite (a kill during that rewrite leaves the old file), and
 the cell is redone. Records must be JSON (NumPy scalars and arrays are converted);
@@ -47,12 +49,17 @@ class ResultsLog:
     self.config = json.loads(io_lib.dumps(config, sort_keys=True))
     self._records: List[Dict[str, Any]] = []
     self._by_key: Dict[str, Dict[str, Any]] = {}
-    if os.path.exists(path) and os.path.getsize(path) > 0:
-      self._read()
+    header = {"format": FORMAT, "experiment": experiment, "config": self.config}
+    text = io_lib.dumps(header, sort_keys=True) + "\n"
+    # Exclusive: of two runs creating the file at once, one writes the header and the
+    # other reads it back (refused if its configuration differs). Atomic: a kill while
+    # creating it never leaves a headerless file.
+    if io_lib.create_exclusive_text(path, text):
+      return
+    if os.path.getsize(path) == 0:  # an empty file (touched by hand): nothing to keep
+      io_lib.atomic_write_text(path, text)
     else:
-      header = {"format": FORMAT, "experiment": experiment, "config": self.config}
-      # Atomic: a kill while creating the file never leaves a headerless one.
-      io_lib.atomic_write_text(path, io_lib.dumps(header, sort_keys=True) + "\n")
+      self._read()
 
   def _read(self):
     with open(self.path, "r", encoding="utf-8") as f:
@@ -69,8 +76,8 @@ class ResultsLog:
         "file. Move it away or choose another --output_dir."
       )
     try:
-      header = json.loads(lines[0])
-    except json.JSONDecodeError as e:
+      header = io_lib.loads(lines[0], f"{self.path}:1")
+    except ValueError as e:
       raise ResultsFileError(
         f"{self.path}: header is not JSON ({e}); not a tf-dlg results "
         "file. Move it away or choose another --output_dir."
@@ -98,9 +105,9 @@ class ResultsLog:
       if not line.strip():
         continue
       try:
-        rec = json.loads(line)
+        rec = io_lib.loads(line, f"{self.path}:{lineno}")
         key = rec["key"]
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
+      except (ValueError, KeyError, TypeError) as e:
         raise ResultsFileError(f"{self.path}:{lineno}: corrupt record ({e}): {line[:120]!r}") from e
       self._records.append(rec)
       self._by_key[key] = rec

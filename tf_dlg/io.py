@@ -29,11 +29,29 @@ def dumps(obj, **kwargs) -> str:
   return json.dumps(obj, default=jsonable, **kwargs)
 
 
+def _umask() -> int:
+  """The process umask, read without changing it where Linux shows it (thread-safe)."""
+  try:
+    with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 def _tmp_beside(path: str, suffix: str) -> str:
+  """A new empty file beside `path`, with the mode a plain `open(path, "w")` would give."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=suffix, dir=directory)
-  os.close(fd)
+  try:
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would survive the rename
+  finally:
+    os.close(fd)
   return tmp
 
 
@@ -50,6 +68,44 @@ def atomic_write_text(path: str, text: str) -> str:
     if os.path.exists(tmp):
       os.remove(tmp)
   return path
+
+
+def create_exclusive_text(path: str, text: str) -> bool:
+  """Creates `path` holding `text` unless it exists; True if this call created it.
+
+  Atomic and exclusive: the complete file is hard-linked into place, which fails if
+  `path` exists, so of two processes creating it at once exactly one wins, and a kill
+  never leaves a partial file.
+  """
+  tmp = _tmp_beside(path, ".tmp")
+  try:
+    with open(tmp, "w", newline="") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    try:
+      os.link(tmp, path)
+    except FileExistsError:
+      return False
+    except OSError:  # a file system without hard links: an exclusive open instead
+      try:
+        with open(path, "x", newline="") as f:
+          f.write(text)
+          f.flush()
+          os.fsync(f.fileno())
+      except FileExistsError:
+        return False
+    return True
+  finally:
+    os.remove(tmp)
+
+
+def loads(text: str, what: str):
+  """`json.loads`, with input nested too deeply for the parser refused as a ValueError."""
+  try:
+    return json.loads(text)
+  except RecursionError:
+    raise ValueError(f"{what}: JSON nested too deeply to read; not a tf-dlg file.") from None
 
 
 def write_json(path: str, obj, indent: int = 2) -> str:
@@ -84,7 +140,7 @@ def load_npz(
   """
   try:
     with np.load(path, allow_pickle=False) as z:
-      header = json.loads(str(z["header"]))
+      header = loads(str(z["header"]), repr(path))
       arrays = {k: z[k] for k in z.files if k != "header"}
   except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as e:
     raise ValueError(f"{path!r} is not a readable tf-dlg file ({type(e).__name__}: {e}).") from e
