@@ -214,3 +214,28 @@ def test_bad_gallery_and_hits_are_refused():
     idf.identification_rate([1, 0, 1])
   with pytest.raises(ValueError, match="level=1.5"):
     idf.identification_rate(np.ones(3, bool), level=1.5)
+
+
+def test_calibration_summary_on_digits():
+  from benchmarks import identification_calibration as calib
+
+  rows, seconds, _ = calib.calibrate("digits", n=150, ssim_n=0, seed=1)
+  top = {(r["case"], r["similarity"]): r["_result"].rates() for r in rows}
+  n = 1797
+
+  def rate(case, k=1, similarity="abs_pearson"):
+    return top[(case, similarity)][k]
+
+  for case in ("original", "brightness 0.4x+0.3", "inverted 1-x"):  # affine: exact
+    assert rate(case).estimate == 1.0, case
+  assert rate("contrast clip(2.5x-0.6)").estimate >= 0.95  # clipping loses a little
+  assert rate("inverted 1-x", 5, "pearson").estimate == 0.0
+  for case in ("uniform noise", "gaussian noise N(0.5, 0.25)", "unrelated (leave-one-out)"):
+    for k in (1, 5):
+      assert rate(case, k).low <= k / (n - 1) <= rate(case, k).high, (case, k)
+  curve = [rate(f"half-converged SNR {s:+d} dB", 5).estimate for s in calib.SNRS_DB]
+  assert curve[0] < 0.1 and curve[-1] == 1.0
+  assert all(b >= a - 0.1 for a, b in zip(curve, curve[1:])), curve  # rises with the SNR
+  blur = [rate(f"blur sigma {s:g} px").estimate for s in calib.BLURS]
+  assert blur[0] == 1.0 and blur[-1] < blur[0]
+  assert seconds < 5
