@@ -82,6 +82,8 @@ def _check_flags():
   if FLAGS.update == "gradient" and FLAGS.local_steps != 1:
     raise ValueError(f"--local_steps={FLAGS.local_steps} needs --update=fedavg_delta.")
   validation.check_number("--client_lr", FLAGS.client_lr, 0.0, float("inf"), low_open=True)
+  if FLAGS.leak_threshold is not None:  # an adjusted-SSIM bar: outside [0, 1] it decides nothing
+    validation.check_number("--leak_threshold", FLAGS.leak_threshold, 0.0, 1.0)
   if FLAGS.local_batch_size is not None:
     validation.check_int("--local_batch_size", FLAGS.local_batch_size, 1, FLAGS.batch)
   if FLAGS.defense in (None, "", "none"):
@@ -247,6 +249,11 @@ def main(argv):
   t = time.perf_counter()
   ds = data_lib.load_dataset(FLAGS.dataset, data_dir=FLAGS.data_dir)
   n = len(ds.x_train)
+  if FLAGS.batch > n:
+    raise ValueError(
+      f"--batch={FLAGS.batch} must be an integer in [1, {n}]: --dataset={FLAGS.dataset} "
+      f"has {n} training images."
+    )
   if FLAGS.index > n - FLAGS.batch:
     raise ValueError(
       f"--index={FLAGS.index} is out of range for --dataset={FLAGS.dataset} "
