@@ -18,10 +18,12 @@ naming the file and the differing keys: it is never reused, and never overwritte
 Units. Clipping norms and noise standard deviations (`clipping`, `noising`) are absolute
 and do not transfer from single-image gradients of the attack model to FedAvg deltas of
 the training model (clipping at the attack's threshold is a no-op in training). The
-relative units `clipping_ratio` (clip to ratio x the client update's own norm) and
-`noising_ratio` (noise std = ratio x the update's RMS) apply the same relative setting on
-the training model; the table reports the fraction of client updates that clipping
-changed (`clipped`). Labels `name@tag` (e.g. `masking@adaptive`) train a defence at a
+relative units `clipping_ratio` (clip to ratio x the client update's own norm, the very
+transform the threshold search measured) and `noising_ratio` (noise std = ratio x the
+update's RMS) apply the same relative setting on the training model. `clipping_median`
+(clip every client to ratio x the round's median client norm) exists only in training:
+give it with `--defense_params=clipping_median:RATIO`. The table reports the fraction of
+client updates that clipping changed (`clipped`, from each run's history). Labels `name@tag` (e.g. `masking@adaptive`) train a defence at a
 second setting, such as its adaptive threshold (`--thresholds_kind=adaptive`).
 
 Outputs: runs/*/seed*/history.csv, convergence.csv, convergence.md,
@@ -71,18 +73,6 @@ CONVERGENCE_FIELDS = (
 )
 CELL_NAME = "cell.json"
 CELL_FORMAT = "tf_dlg.convergence.cell/v2"
-# Simulation settings of every run (SimulationConfig fields); keyword arguments override.
-DEFAULTS = dict(
-  dataset="digits",
-  rounds=20,
-  num_clients=10,
-  alpha=0.5,
-  classes_per_client=2,
-  local_epochs=1,
-  batch_size=10,
-  seed=0,
-  data_dir=None,
-)
 # Set per run by the grid, or not part of a convergence run.
 _PER_RUN = (
   "partition",
@@ -159,7 +149,7 @@ def parse_defense_params(items: Sequence[str]) -> Dict[str, Tuple[float, str]]:
 
 
 def cell_fingerprint(config, dataset_source: str) -> Dict[str, Any]:
-  """Everything that fixes a run's numbers: its SimulationConfig and the data's source."""
+  """Everything that fixes a run's numbers: its FederatedConfig and the data's source."""
   fields = dataclasses.asdict(config)
   for k in ("data_dir", "capture_round", "capture_client"):  # do not change the numbers
     fields.pop(k, None)
@@ -219,29 +209,13 @@ def defense_of(label: str) -> str:
   return label.split("@", 1)[0]
 
 
-def clipped_fraction(defense: str, param, run_dir: str):
-  """Fraction of (round, client) updates that clipping changed in one run, or None.
+def clipped_fraction(history: List[Dict[str, Any]]) -> Optional[float]:
+  """Mean over a run's rounds of the fraction of clients clipping changed, or None.
 
-  Read back from the run's TensorBoard `defense/clipped_fraction` (the mean over rounds
-  of the fraction of clients whose update the defence scaled): absolute clipping and DP
-  against their fixed bound, `clipping_ratio` against ratio x the round's median client
-  norm (`tf_dlg.defenses.median_clipping_factory`). None where the run logged none.
+  The history holds what the defence's TFF factory measured in each round (empty for
+  a defence that does not clip).
   """
-  del param
-  if defense not in ("clipping", "clipping_ratio", "dp"):
-    return None
-  import glob
-
-  import tensorflow as tf
-
-  values = []
-  for path in sorted(glob.glob(os.path.join(run_dir, "tensorboard", "events.*"))):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for v in event.summary.value:
-        if v.tag == "defense/clipped_fraction":
-          values.append(
-            float(tf.make_ndarray(v.tensor)) if v.HasField("tensor") else float(v.simple_value)
-          )
+  values = [h["clipped_fraction"] for h in history if h.get("clipped_fraction") is not None]
   return float(np.mean(values)) if values else None
 
 
@@ -319,9 +293,9 @@ class Convergence:
     seeds: The seeds every cell runs with (paired across defences).
     subsets: (train images, test images) of a seeded subset of the dataset, or None.
     progress: Show a progress bar.
-    **config: `tf_dlg.federated.SimulationConfig` fields shared by every run (dataset,
-      rounds, num_clients, alpha, local_epochs, batch_size, data_dir, model, ...);
-      `DEFAULTS` fills the rest.
+    **config: `tf_dlg.federated.FederatedConfig` fields shared by every run (dataset,
+      rounds, num_clients, alpha, local_epochs, batch_size, data_dir, model, ...); its
+      defaults fill the rest.
   """
 
   def __init__(
@@ -336,10 +310,11 @@ class Convergence:
     **config,
   ):
     from tf_dlg import data, defenses
-    from tf_dlg.federated import fedavg, simulation
+    from tf_dlg.federated import AGGREGATORS
+    from tf_dlg.federated.config import FederatedConfig
 
     for name, values, allowed in (
-      ("aggregators", aggregators, fedavg.AGGREGATORS),
+      ("aggregators", aggregators, AGGREGATORS),
       ("partitions", partitions, data.PARTITION_SCHEMES),
     ):
       if not values:
@@ -349,9 +324,7 @@ class Convergence:
     if not self.seeds or len(set(self.seeds)) != len(self.seeds):
       raise ValueError(f"seeds={list(seeds)} must be distinct and at least one.")
     self.subsets = tuple(validation.check_int("subsets", n, 1) for n in subsets or ())
-    known = sorted(
-      {f.name for f in dataclasses.fields(simulation.SimulationConfig)} - set(_PER_RUN) - {"seed"}
-    )
+    known = sorted({f.name for f in dataclasses.fields(FederatedConfig)} - set(_PER_RUN) - {"seed"})
     unknown = sorted(set(config) - set(known))
     if unknown:
       raise ValueError(f"unknown simulation settings {unknown}; expected some of {known}.")
@@ -362,19 +335,20 @@ class Convergence:
     )
     self.defense_params = {"none": (None, "no defence"), **defense_params}
     self.aggregators, self.partitions = list(aggregators), list(partitions)
-    self.base = dict({k: v for k, v in DEFAULTS.items() if k != "seed"}, **config)
-    self.dataset, self.rounds = self.base["dataset"], self.base["rounds"]
+    # The settings every run shares: FederatedConfig's defaults, then `config`.
+    self.base = dataclasses.replace(FederatedConfig(), **config)
+    self.dataset, self.rounds = self.base.dataset, self.base.rounds
     self.progress, self.dataset_source = progress, None
     # Every run's settings are checked now (their own one-line ValueErrors), before work.
     self.configs = {
-      (a, p, label, s): simulation.SimulationConfig(
+      (a, p, label, s): dataclasses.replace(
+        self.base,
         partition=p,
         aggregator=a,
         defense=defense_of(label),
         defense_param=param,
         seed=s,
-        **self.base,
-      ).validate()
+      )
       for a in self.aggregators
       for label, (param, _) in self.defense_params.items()
       for p in self.partitions
@@ -391,7 +365,7 @@ class Convergence:
     if self._dataset is None:
       from tf_dlg import data
 
-      dataset = data.load_dataset(self.dataset, data_dir=self.base["data_dir"])
+      dataset = data.load_dataset(self.dataset, data_dir=self.base.data_dir)
       if self.subsets:
         dataset = subset(dataset, *self.subsets, seed=0)
       for key, config in self.configs.items():
@@ -424,18 +398,14 @@ class Convergence:
     bar = tqdm(total=len(self.configs), desc="convergence", unit="run", disable=not self.progress)
     done = {}
     for aggregator in self.aggregators:
-      for label, (param, _) in self.defense_params.items():
+      for label in self.defense_params:
         for seed in self.seeds:
           built = None  # the model seed is part of the build: one per (agg, label, seed)
           for partition in self.partitions:
             key = (aggregator, partition, label, seed)
             bar.set_postfix_str("/".join(map(str, key)))
             history, built = self._train(key, built)
-            done[key] = (
-              seed,
-              history,
-              clipped_fraction(defense_of(label), param, self.run_dir(*key)),
-            )
+            done[key] = (seed, history, clipped_fraction(history))
             bar.update(1)
     rows = [
       dict(
@@ -509,7 +479,7 @@ class Convergence:
     text = (
       f"# Convergence with defences at their thresholds\n\n"
       f"FedAvg on `{self.dataset}` ({self.dataset_source}), "
-      f"{self.base['num_clients']} clients, {self.rounds} rounds, seeds {seeds} "
+      f"{self.base.num_clients} clients, {self.rounds} rounds, seeds {seeds} "
       f"(n={len(self.seeds)}). Final accuracy: mean of the last {FINAL_ROUNDS} rounds, "
       "mean [95 % t interval] over seeds; cost: accuracy without defence minus with "
       "it, paired by seed, in points [95 % t interval]. Clipped: fraction of client "

@@ -95,17 +95,17 @@ def define_flags():
 
 
 def config_from_flags():
-  """The `SimulationConfig` of the parsed flags."""
-  from tf_dlg.federated.simulation import SimulationConfig
+  """The `FederatedConfig` of the parsed flags (checked as it is built)."""
+  from tf_dlg.federated.config import FederatedConfig
 
-  names = [f.name for f in SimulationConfig.__dataclass_fields__.values()]
+  names = [f.name for f in FederatedConfig.__dataclass_fields__.values()]
   values = {n: FLAGS[n].value for n in names if n in FLAGS}
   values.update(
     clients_per_round=FLAGS.clients_per_round or None,
     capture_round=FLAGS.capture_round or None,
     capture_client=None if FLAGS.capture_client < 0 else FLAGS.capture_client,
   )
-  return SimulationConfig(**values)
+  return FederatedConfig(**values)
 
 
 def plot_curve(history, path: str, title: str) -> str:
@@ -165,8 +165,7 @@ def main(argv):
   from tf_dlg.execution import runtime, worker
   from tf_dlg.federated import simulation
 
-  config = config_from_flags()
-  config.validate()  # every flag, before the dataset loads
+  config = config_from_flags()  # every flag, before the dataset loads
   workers = runtime.parse_workers(FLAGS.workers)
   validation.check_output_dir("output_dir", FLAGS.output_dir)
   dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed)

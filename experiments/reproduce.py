@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 # Imports TensorFlow quietly, before anything uses it or absl starts (experiments.cli).
 from experiments import cli
+from tf_dlg import defenses as defenses_registry
 from tf_dlg import io as io_lib
 from tf_dlg import validation
 
@@ -86,7 +87,7 @@ class Preset:
     return list(range(self.seed, self.seed + self.seeds))
 
 
-_FOUR = ("masking", "clipping_ratio", "pruning", "noising_ratio")
+_FOUR = defenses_registry.PAPER_DEFENSES
 PRESETS: Dict[str, Preset] = {
   # FedAvg budget, measured on this 2-core CPU (shared): 1,000 seeded MNIST training
   # images (500 test), 10 clients, 1 local epoch, 8 rounds take 10-15 s a run plus ~8 s
@@ -218,7 +219,7 @@ def cost_claim(
 
 def _base(defense: str) -> str:
   """The paper's name of a defence in any unit: clipping_ratio -> clipping."""
-  return defense.replace("_ratio", "")
+  return defenses_registry.spec(defense).family
 
 
 def _format_threshold(r: Dict[str, Any]) -> str:

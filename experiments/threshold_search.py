@@ -72,27 +72,17 @@ import numpy as np
 # Imports TensorFlow quietly, before anything uses it or absl starts (experiments.cli).
 from experiments import cli
 from experiments import results as results_lib
+from tf_dlg import defenses as defense_registry
 from tf_dlg import io as io_lib
 from tf_dlg import validation
 
 DEFAULT_DATASETS = ("mnist", "cifar10_sample", "lfw_faces")
-DEFAULT_DEFENSES = ("masking", "clipping_ratio", "pruning", "noising_ratio")
-# The strongest attacker of each defence in the project (issue 14.2): masking and
-# pruning zero coordinates, which masked cosine matching ignores; clipping only rescales,
-# which cosine matching ignores; noise has no adaptive answer, so the better of the two.
-STRONGEST_ATTACKER = {
-  "masking": ("masked_ig",),
-  "pruning": ("masked_ig",),
-  "clipping": ("ig",),
-  "clipping_ratio": ("ig",),
-  "value_clipping": ("ig", "idlg"),
-  "noising": ("ig", "idlg"),
-  "noising_ratio": ("ig", "idlg"),
-  "dp": ("ig", "idlg"),
-}
-# Defence -> (the other unit's name, statistic of the undefended update it scales by).
-RELATIVE_OF = {"clipping": ("clipping_ratio", "norm"), "noising": ("noising_ratio", "rms")}
-ABSOLUTE_OF = {"clipping_ratio": ("clipping", "norm"), "noising_ratio": ("noising", "rms")}
+DEFAULT_DEFENSES = defense_registry.PAPER_DEFENSES
+# Read from each defence's spec (`tf_dlg.defenses.DefenseSpec`): its strongest attackers,
+# and {defence: (the other unit's name, statistic of the undefended update it scales by)}.
+STRONGEST_ATTACKER = defense_registry.STRONGEST_ATTACKERS
+RELATIVE_OF = defense_registry.RELATIVE_OF
+ABSOLUTE_OF = defense_registry.ABSOLUTE_OF
 KINDS = ("plain", "adaptive")
 THRESHOLD_FIELDS = (
   "dataset",

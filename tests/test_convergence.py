@@ -56,6 +56,7 @@ def _grid(out, masking=0.1, seeds=(0,), **kwargs):
     partitions=("iid",),
     rounds=2,
     num_clients=3,
+    local_epochs=1,
     progress=False,
     dataset="digits",
   )
@@ -192,20 +193,12 @@ def test_adaptive_label_trains_the_named_defence_beside_the_plain_one(tmp_path, 
   assert adaptive["defense"] == "masking" and adaptive["cost"] == pytest.approx(0.3)
 
 
-def test_clipped_fraction_is_read_from_the_runs_tensorboard(tmp_path):
-  import tensorflow as tf
-
-  assert convergence.clipped_fraction("clipping_ratio", 0.5, str(tmp_path)) is None
-  assert convergence.clipped_fraction("masking", 0.5, str(tmp_path)) is None
-  assert convergence.clipped_fraction("clipping", 3.0, str(tmp_path)) is None  # not logged
-  writer = tf.summary.create_file_writer(str(tmp_path / "tensorboard"))
-  with writer.as_default():
-    for step, value in enumerate((0.0, 0.5, 1.0), start=1):
-      tf.summary.scalar("defense/clipped_fraction", value, step=step)
-      tf.summary.scalar("test/accuracy", 0.9, step=step)
-  writer.close()
-  assert convergence.clipped_fraction("clipping", 3.0, str(tmp_path)) == pytest.approx(0.5)
-  assert convergence.clipped_fraction("clipping_ratio", 0.5, str(tmp_path)) == pytest.approx(0.5)
+def test_clipped_fraction_is_the_mean_of_the_history_rounds_that_measured_it():
+  rows = [dict(round=r, clipped_fraction=c) for r, c in ((1, 0.0), (2, 0.5), (3, 1.0))]
+  assert convergence.clipped_fraction(rows) == pytest.approx(0.5)
+  # A defence that does not clip leaves the column empty: nothing to report.
+  assert convergence.clipped_fraction([dict(round=1, clipped_fraction=None)]) is None
+  assert convergence.clipped_fraction([]) is None
 
 
 def test_subset_is_seeded_and_named_in_the_source():
@@ -232,13 +225,22 @@ def test_tiny_real_convergence_end_to_end(tmp_path):
     dataset="mnist",
     rounds=1,
     num_clients=2,
+    local_epochs=1,
   )
   rows = conv.run()
   assert [r["label"] for r in rows] == ["none", "clipping_ratio"]
   for r in rows:
     assert 0.0 <= r["final_test_accuracy"] <= 1.0 and r["seeds"] == "0 1"
     assert r["final_low"] <= r["final_test_accuracy"] <= r["final_high"]
-  assert rows[1]["clipped_fraction"] == 1.0
+  # Own-norm rescaling by 0.5 changes every client's update, as the history recorded.
+  assert rows[1]["clipped_fraction"] == 1.0 and rows[0]["clipped_fraction"] is None
+  from tf_dlg.federated import simulation
+
+  history = simulation.read_history(
+    str(tmp_path / "runs" / "mean_iid_clipping_ratio" / "seed0" / simulation.HISTORY_NAME)
+  )
+  assert [h["clipped_fraction"] for h in history] == [1.0]
+  assert 0.0 <= history[0]["zero_fraction"] < 0.5
   assert "MNIST" in conv.dataset_source and "40 train / 20 test" in conv.dataset_source
   for s in (0, 1):
     assert (tmp_path / "runs" / "mean_iid_clipping_ratio" / f"seed{s}" / "cell.json").exists()
