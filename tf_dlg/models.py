@@ -72,14 +72,22 @@ def attack_lenet(input_shape: Sequence[int], num_classes: int, seed: int = 0) ->
 
 
 def bn_cnn(
-  input_shape: Sequence[int], num_classes: int, seed: int = 0, width: int = 16
+  input_shape: Sequence[int],
+  num_classes: int,
+  seed: int = 0,
+  width: int = 16,
+  head: str = "flatten",
 ) -> tf.keras.Model:
   """A small CNN with BatchNormalization, for federated training.
 
-  conv(w)-BN-ReLU-maxpool, conv(2w)-BN-ReLU-maxpool, global average pool, dense(4w)-ReLU,
+  conv(w)-BN-ReLU-maxpool, conv(2w)-BN-ReLU-maxpool, flatten, dense(4w)-ReLU,
   dense(classes). Small enough for many TFF rounds on 2 CPU cores; its BatchNorm layers
-  exercise the masking defence's BatchNorm handling.
+  exercise the masking defence's BatchNorm handling. `head="gap"` puts a global average
+  pool where the flatten is: far fewer weights, but it keeps no position, and on MNIST it
+  learns several times slower (`benchmarks.plain_fedavg --grid`).
   """
+  if head not in ("flatten", "gap"):
+    raise ValueError(f"head={head!r}; expected 'flatten' or 'gap'.")
   shape = _check_shape(input_shape, num_classes)
   # Seeded initialisers, not tf.keras.utils.set_random_seed: building a model must not
   # reseed Python's, NumPy's and TensorFlow's global generators.
@@ -97,7 +105,10 @@ def bn_cnn(
     h = tf.keras.layers.BatchNormalization(name=f"bn{i + 1}")(h)
     h = tf.keras.layers.ReLU(name=f"relu{i + 1}")(h)
     h = tf.keras.layers.MaxPool2D(name=f"pool{i + 1}")(h)
-  h = tf.keras.layers.GlobalAveragePooling2D(name="gap")(h)
+  if head == "gap":
+    h = tf.keras.layers.GlobalAveragePooling2D(name="gap")(h)
+  else:
+    h = tf.keras.layers.Flatten(name="flatten")(h)
   h = tf.keras.layers.Dense(4 * width, activation="relu", kernel_initializer=glorot(), name="fc")(h)
   logits = tf.keras.layers.Dense(num_classes, kernel_initializer=glorot(), name="logits")(h)
   return tf.keras.Model(inputs, logits, name="bn_cnn")
