@@ -431,9 +431,15 @@ def _versions() -> Dict[str, str]:
   return out
 
 
-def command_line() -> str:
-  """The command that made this run, as typed."""
-  return " ".join([os.path.basename(sys.executable), "-m", "experiments.reproduce"] + sys.argv[1:])
+def command_line(markdown: bool = False) -> str:
+  """The command that made this run, as typed (`markdown`: as a code span that shows any
+  backticks or markup in it literally)."""
+  text = " ".join([os.path.basename(sys.executable), "-m", "experiments.reproduce"] + sys.argv[1:])
+  if markdown:
+    from tf_dlg.analysis import figures
+
+    return figures.code_span(text)
+  return text
 
 
 def _section(output_dir: str, rel: str, provenance: str) -> str:
@@ -465,7 +471,10 @@ def write_report(
   """
   from tf_dlg.analysis import figures
 
-  parts = ["# tf-dlg report\n\n", f"Command: `{command_line()}` (preset `{settings.name}`)\n\n"]
+  parts = [
+    "# tf-dlg report\n\n",
+    f"Command: {command_line(markdown=True)} (preset `{settings.name}`)\n\n",
+  ]
   for rel in (
     "thresholds/thresholds.md",
     "claims.md",
@@ -473,7 +482,7 @@ def write_report(
     "thresholds/robustness.md",
   ):
     parts.append(_section(output_dir, rel, provenance.get(rel, "")))
-  pngs = sorted(glob.glob(os.path.join(output_dir, "*", "figures", "*.png")))
+  pngs = sorted(glob.glob(os.path.join(glob.escape(output_dir), "*", "figures", "*.png")))
   parts.append(
     "## Figures\n\n"
     + "".join(
@@ -634,12 +643,12 @@ def _provenance(settings: Preset, conv, search) -> Dict[str, str]:
   conv_text = (
     f"data: {conv.dataset_source}; seeds {seeds} (n={settings.seeds}); "
     f"{settings.num_clients} clients, {settings.rounds} rounds; "
-    f"command: `{command_line()}`"
+    f"command: {command_line(markdown=True)}"
   )
   thr_text = (
     f"data: {', '.join(settings.datasets)} (sources under Data); "
     f"{getattr(search, 'num_images', settings.num_images)} images per dataset; "
-    f"search seed {settings.seed}; command: `{command_line()}`"
+    f"search seed {settings.seed}; command: {command_line(markdown=True)}"
   )
   return {
     "thresholds/thresholds.md": thr_text,

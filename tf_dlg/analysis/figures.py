@@ -156,30 +156,82 @@ _HTML_STYLE = (
 )
 
 
-def markdown_to_html(text: str, base_dir: str, title: str = "tf-dlg report") -> str:
-  """A self-contained HTML page of a Markdown report: every image inlined as base64.
-
-  Image links are resolved against `base_dir`; one whose file is missing becomes its alt
-  text, so the page never points at a file.
-  """
-  import base64
-  import html
+def code_span(text: str) -> str:
+  """`text` as one Markdown code span, whatever backticks it holds (shown literally)."""
   import re
 
-  import markdown
+  text = str(text).replace("\n", " ")
+  fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+  return f"{fence} {text} {fence}"
 
-  body = markdown.markdown(text, extensions=["tables", "fenced_code"])
 
-  def inline(match):
-    src = html.unescape(match.group(2))
-    path = os.path.join(base_dir, src)
-    if re.match(r"^[a-z]+:", src) or not os.path.isfile(path):
-      return f"<em>[figure {html.escape(src)} missing]</em>"
+_IMAGE_TYPES = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg"}
+
+
+def _inline_image(src: str, base_dir: str) -> Optional[str]:
+  """A data: URI of `src` if it is a PNG/JPEG file inside `base_dir` (symlinks resolved)."""
+  import base64
+  import urllib.parse
+
+  parts = urllib.parse.urlsplit(src)
+  if parts.scheme or parts.netloc or os.path.isabs(parts.path):
+    return None
+  base = os.path.realpath(base_dir)
+  for rel in dict.fromkeys((src, urllib.parse.unquote(parts.path))):
+    path = os.path.realpath(os.path.join(base, rel))
+    if os.path.commonpath([path, base]) != base or not os.path.isfile(path):
+      continue
     with open(path, "rb") as f:
-      data = base64.b64encode(f.read()).decode("ascii")
-    return f'<img{match.group(1)}src="data:image/png;base64,{data}"{match.group(3)}>'
+      data = f.read()
+    for magic, mime in _IMAGE_TYPES.items():
+      if data.startswith(magic):
+        return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+  return None
 
-  body = re.sub(r'<img([^>]*?)src="([^"]*)"([^>]*)>', inline, body)
+
+def _safe_tree(root, base_dir: str) -> None:
+  """Images inlined from `base_dir` only (else their alt text); links to http(s) or relative."""
+  import urllib.parse
+
+  for el in list(root.iter()):
+    if el.tag == "img":
+      data = _inline_image(el.get("src", ""), base_dir)
+      if data is None:
+        label = el.get("alt") or el.get("src", "")
+        el.tag, el.text = "em", f"[figure {label} missing]"
+        el.attrib.clear()
+      else:
+        el.set("src", data)
+    elif el.tag == "a":
+      parts = urllib.parse.urlsplit(el.get("href", ""))
+      if parts.scheme not in ("", "http", "https") or (not parts.scheme and parts.netloc):
+        el.attrib.pop("href", None)
+
+
+def markdown_to_html(text: str, base_dir: str, title: str = "tf-dlg report") -> str:
+  """A self-contained HTML page of a Markdown report, escaped by construction.
+
+  Raw HTML in `text` is not interpreted: it is shown as text (Markdown's HTML block and
+  inline HTML rules are removed), so a user string in the report (an output directory,
+  a command line) can never become markup. An image is inlined as base64 only if it is a
+  PNG or JPEG file inside `base_dir` after resolving symlinks; any other image (absolute,
+  `..`, a URL, missing) becomes its alt text, so the page never reads nor points at a file
+  elsewhere. Links keep only http(s) or relative targets.
+  """
+  import html
+
+  import markdown
+  from markdown import treeprocessors
+
+  class _Safe(treeprocessors.Treeprocessor):
+    def run(self, root):
+      _safe_tree(root, base_dir)
+
+  md = markdown.Markdown(extensions=["tables", "fenced_code"])
+  md.preprocessors.deregister("html_block")
+  md.inlinePatterns.deregister("html")
+  md.treeprocessors.register(_Safe(md), "tf_dlg_safe", 5)  # after inline (20)
+  body = md.convert(text)
   return (
     f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
     f"<style>{_HTML_STYLE}</style></head><body>\n{body}\n</body></html>\n"
