@@ -264,7 +264,10 @@ def test_defended_run_trains_and_captures(digits, tmp_path, name):
   result = sim.run_simulation(config, str(tmp_path), dataset=digits, progress=False)
   assert all(np.isfinite(h["test_loss"]) for h in result.history)
   obs = ObservedUpdate.load(result.capture_path)
-  assert obs.defense is not None and obs.defense.get("name", name) == name
+  # The capture records the defence the clients applied, by name and parameter.
+  assert obs.defense["name"] == name
+  param_name = defenses.DEFENSES[name].param_name
+  assert obs.defense[param_name] == pytest.approx(_middle(name), rel=1e-6)
 
 
 # --------------------------------------------------------------------------- TensorBoard
