@@ -273,11 +273,6 @@ def defended_verdicts(
   return out
 
 
-def chance_rate(k: int, gallery_size: int) -> float:
-  """Top-k rate of a reconstruction unrelated to its target: k / N."""
-  return min(1.0, k / gallery_size)
-
-
 def describe(result: Identification, level: float = 0.95) -> Dict[str, Optional[str]]:
   """Printable rates, e.g. {"top1": "0.5 [0.16, 0.84] (n=8)"} (also median rank)."""
   out: Dict[str, Optional[str]] = {f"top{k}": iv.format() for k, iv in result.rates(level).items()}
