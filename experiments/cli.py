@@ -30,7 +30,9 @@ from typing import Callable, Iterable, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Known start-up noise of the TF 2.14 CPU wheel (a stdlib-only module: no TF import yet).
-from tf_dlg.execution.worker import TF_STARTUP_NOISE as _NOISE  # noqa: E402
+from tf_dlg.execution import worker as _worker  # noqa: E402
+
+_NOISE = _worker.TF_STARTUP_NOISE
 
 
 def _import_tensorflow_quietly():
@@ -109,6 +111,19 @@ def define_data_dir() -> None:
   flags.DEFINE_string("data_dir", None, "tfds data directory (tfds datasets only; must exist).")
 
 
+def require_confined_worker() -> None:
+  """For drivers that train: TFF's local worker can be confined to loopback, or exit 2 now.
+
+  Builds (once) and verifies the worker's loopback shim, so a missing or broken C compiler,
+  or an untrusted shim directory, is one line before any data is read, not an error at the
+  first training round minutes later. `TF_DLG_ALLOW_EXPOSED_WORKER=1` waives it.
+  """
+  try:
+    _worker.shim_path()
+  except _worker.WorkerSetupError as e:
+    raise UsageError(str(e)) from None
+
+
 def fail(message: str, code: int = 2) -> None:
   """Prints one line `error: message` to stderr and exits with `code`."""
   sys.stderr.write(f"error: {message}\n")
@@ -183,7 +198,7 @@ def run(main: Callable[[list], object]) -> None:
       # KeyboardInterrupt arrives: that error is the interruption, not a bug.
       if _TERMINATING.is_set():
         _interrupted()
-      if isinstance(e, ValueError):
+      if isinstance(e, (ValueError, _worker.WorkerSetupError)):  # bad input or set-up
         fail(str(e).strip().splitlines()[0])
       raise
 

@@ -529,6 +529,7 @@ def params_from_flags(f) -> Dict[str, Tuple[float, str]]:
 
 def main(argv):
   del argv
+  cli.require_confined_worker()  # trains in TFF: exit 2 now if it cannot be confined
   from absl import flags
 
   f = flags.FLAGS

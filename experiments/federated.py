@@ -161,6 +161,7 @@ def _report(config, dataset, result, workers) -> None:
 
 def main(argv):
   del argv
+  cli.require_confined_worker()  # trains in TFF: exit 2 now if it cannot be confined
   from tf_dlg import validation
   from tf_dlg.execution import runtime, worker
   from tf_dlg.federated import simulation

@@ -742,6 +742,7 @@ def settings_from_flags(flags_obj) -> Preset:
 
 def main(argv):
   del argv
+  cli.require_confined_worker()  # trains in TFF: exit 2 now if it cannot be confined
   from absl import flags
 
   # Every flag is checked before any stage starts (run -> check_settings); a ValueError
