@@ -14,6 +14,11 @@ Each statistic is measured once: the zero fraction of what clients send by
 transform that chose it (only it knows the bound it applied: fixed, own-norm or the
 round's median).
 
+TFF's own `tff.aggregators.clipping_factory` is not used: it clips every leaf of the
+value (the BatchNorm entries too, which the defences exclude) and takes its bound from
+an estimation process of earlier rounds, where `clipping_median` uses this round's
+median; wrapping it would train a different transform than the one the attacks measure.
+
 Importing this module leaves TFF's execution context alone; running a process needs
 one (the drivers install `tf_dlg.execution.runtime`'s loopback-only context).
 """
