@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv in the repository root and installs tf-dlg (editable) with the pinned
-# TF 2.14 / TFF 0.87 / tensorflow-privacy 0.9 stack. Idempotent: a second run on a
-# set-up tree only checks a stamp and returns in seconds.
+# TF 2.14 / TFF 0.87 / tensorflow-privacy 0.9 stack, where the full suite runs (the
+# current-Keras core environment is setup_core.sh's .venv-k3). Idempotent: a second run
+# on a set-up tree only checks a stamp and returns in seconds.
 set -euo pipefail
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,7 +38,8 @@ start=$(date +%s)
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q --upgrade "pip>=23" "setuptools>=61" wheel
-"${PIP[@]}" install -q -c "$ROOT/constraints.txt" -e "$ROOT[test]"
+# The `tff` extra: the pinned TF 2.14 / TFF stack (the core alone is setup_core.sh's .venv-k3).
+"${PIP[@]}" install -q -c "$ROOT/constraints.txt" -e "$ROOT[tff,test]"
 # TFF 0.87 pins jaxlib==0.4.14, which is not on the index; its other needs are met above.
 "${PIP[@]}" install -q --no-deps "tensorflow-federated==$TFF_VERSION"
 # Real MNIST / CIFAR-10 images for offline use; their declared dependencies (numpy<2,

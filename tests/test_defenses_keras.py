@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from tf_dlg import defenses, models
+from tf_dlg.defenses import keras as defenses_keras
 
 LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -48,8 +49,11 @@ def test_one_step_applies_exactly_the_defended_gradient(digit_arrays):
   model = _defended(defenses.get_defense("masking", rate), seed=5)
   model.build((None, 28, 28, 1))
   exclude = model.gradient_exclusion()
-  bn = {v.ref() for _, v in models.batchnorm_variables(model.model)}
-  assert exclude == [v.ref() in bn for v in model.trainable_variables] and sum(exclude) == 4
+  bn = {models.variable_key(v) for _, v in models.batchnorm_variables(model.model)}
+  assert (
+    exclude == [models.variable_key(v) in bn for v in model.trainable_variables]
+    and sum(exclude) == 4
+  )
   raw = [g.numpy() for g in _raw_gradient(model, x, y)]
   before = _weights(model)
   model.train_on_batch(x, y)
@@ -231,7 +235,7 @@ def test_mixin_on_a_subclassed_model_and_loss_scale_optimizer(digit_arrays):
   model.compile(
     optimizer=tf.keras.mixed_precision.LossScaleOptimizer(tf.keras.optimizers.SGD(1.0)), loss=LOSS
   )
-  model.build((None, 28, 28, 1))
+  model(tf.zeros([1, 28, 28, 1]))  # Keras 3 builds a subclassed model only by calling it
   assert model.gradient_exclusion() == [True, True, False, False]  # gamma, beta, W, b
   raw = [g.numpy() for g in _raw_gradient(model, x, y)]
   before = _weights(model)
@@ -244,3 +248,91 @@ def test_mixin_on_a_subclassed_model_and_loss_scale_optimizer(digit_arrays):
     np.testing.assert_allclose(a, np.asarray(e), rtol=1e-3, atol=1e-6)
   moved = raw[2] != 0
   assert abs(np.mean(step[2][moved] == 0) - 0.5) < 4 * math.sqrt(0.25 / moved.sum())
+
+
+def _tanh_mlp():
+  # tanh, not ReLU: every raw gradient entry is nonzero, so zeros in an update are the defence's.
+  tf.keras.utils.set_random_seed(1)
+  inputs = tf.keras.Input((28, 28, 1))
+  h = tf.keras.layers.Flatten()(inputs)
+  h = tf.keras.layers.Dense(32, activation="tanh")(h)
+  h = tf.keras.layers.BatchNormalization()(h)
+  return tf.keras.Model(inputs, tf.keras.layers.Dense(10)(h))
+
+
+def _delta(before, after, exclude):
+  return [a - b for a, b, e in zip(after, before, exclude) if not e]
+
+
+def _live(delta, x):
+  """The delta's entries that training can move: input pixels blank in every image of x
+  (the digits' 28x28 frame) give their first-layer kernel rows no gradient."""
+  live_rows = np.any(x.reshape(len(x), -1) != 0, axis=0)
+  return np.concatenate([delta[0][live_rows].ravel(), *[d.ravel() for d in delta[1:]]])
+
+
+def test_fit_one_step_update_carries_the_masking_rate(digit_arrays):
+  """`fit` of a wrapped model: one SGD step's weight change is masked at the set rate."""
+  x, y = digit_arrays[0][:64], digit_arrays[1][:64]
+  rate = 0.3
+  model = defenses.DefendedModel(_tanh_mlp(), defenses.get_defense("masking", rate), seed=3)
+  model.compile(optimizer=tf.keras.optimizers.SGD(0.1), loss=LOSS)
+  model(x[:1])
+  exclude = model.gradient_exclusion()
+  assert sum(exclude) == 2  # BN gamma, beta
+  before = _weights(model)
+  model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+  flat = _live(_delta(before, _weights(model), exclude), x)
+  n = flat.size
+  assert abs(np.mean(flat == 0) - rate) <= 4 * math.sqrt(rate * (1 - rate) / n), np.mean(flat == 0)
+  bn_moved = [a - b for a, b, e in zip(_weights(model), before, exclude) if e]
+  assert all(np.all(d != 0) for d in bn_moved)
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.9])
+def test_defend_update_callback_masks_the_fit_delta(digit_arrays, rate):
+  x, y = digit_arrays[0][:200], digit_arrays[1][:200]
+  model = _tanh_mlp()
+  model.compile(optimizer=tf.keras.optimizers.Adam(0.01), loss=LOSS)
+  before = model.get_weights()
+  callback = defenses_keras.DefendUpdate(defenses.get_defense("masking", rate), seed=7)
+  model.fit(x, y, batch_size=50, epochs=2, verbose=0, callbacks=[callback])
+  after = model.get_weights()
+  exclude = defenses.batchnorm_exclusion(model, model.weights)
+  assert sum(exclude) == 4  # gamma, beta, moving mean, moving variance
+  delta = _delta(before, after, exclude)
+  flat = _live(delta, x)
+  sigma = math.sqrt(rate * (1 - rate) / flat.size)
+  assert abs(np.mean(flat == 0) - rate) <= 4 * sigma
+  kept = [t for t, e in zip(_delta(before, after, [False] * len(after)), exclude) if not e]
+  all_kept = np.concatenate([d.ravel() for d in delta])
+  assert callback.statistics["zero_fraction"] == pytest.approx(np.mean(all_kept == 0), abs=1e-6)
+  assert callback.statistics["clip_scale"] == 1.0
+  assert callback.statistics["defended_norm"] == pytest.approx(
+    math.sqrt(sum(float(np.sum(t.astype(np.float64) ** 2)) for t in kept)), rel=1e-4
+  )
+  # BatchNorm statistics moved with training and were sent as trained.
+  moving_var = after[[i for i, e in enumerate(exclude) if e][3]]
+  assert np.all(moving_var != 1.0)
+
+
+def test_defend_weights_delta_clips_and_checks_shapes():
+  rng = np.random.default_rng(0)
+  before = [rng.normal(size=(5, 4)).astype(np.float32), np.zeros(4, np.float32)]
+  after = [b + rng.normal(size=b.shape).astype(np.float32) for b in before]
+  norm = math.sqrt(sum(float(np.sum((a - b) ** 2)) for a, b in zip(after, before)))
+  weights, stats = defenses_keras.defend_weights_delta(
+    before, after, defenses.get_defense("clipping", 0.5), seed=0
+  )
+  sent = math.sqrt(sum(float(np.sum((w - b) ** 2)) for w, b in zip(weights, before)))
+  assert sent == pytest.approx(0.5, rel=1e-5)
+  assert stats["clip_scale"] == pytest.approx(0.5 / norm, rel=1e-5)
+  assert stats["norm"] == pytest.approx(norm, rel=1e-5) and stats["zero_fraction"] == 0.0
+  weights, _ = defenses_keras.defend_weights_delta(
+    before, after, defenses.get_defense("clipping", 0.5), exclude=[False, True]
+  )
+  np.testing.assert_array_equal(weights[1], after[1])
+  with pytest.raises(ValueError, match=r"weight 1: shape \(4,\) before but \(3,\) after"):
+    defenses_keras.defend_weights_delta(
+      before, [after[0], after[1][:3]], defenses.get_defense("masking", 0.5)
+    )

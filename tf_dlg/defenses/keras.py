@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from tf_dlg.defenses import base, batchnorm
@@ -80,6 +81,43 @@ def defended_gradients(
   for i, g in zip(present, defended):
     out[i] = g
   return out
+
+
+# Keras 2 (TF <= 2.15) and Keras 3 (TF >= 2.16) spell loss scaling differently: Keras 2's
+# LossScaleOptimizer takes unscaled gradients, Keras 3's takes scaled ones and unscales
+# (and skips non-finite steps) itself.
+def _scaled_loss(optimizer, loss):
+  if hasattr(optimizer, "get_scaled_loss"):
+    return optimizer.get_scaled_loss(loss)
+  return optimizer.scale_loss(loss)
+
+
+def _unscaled(optimizer, grads):
+  if hasattr(optimizer, "get_unscaled_gradients"):
+    return optimizer.get_unscaled_gradients(grads)
+  return [None if g is None else tf.convert_to_tensor(g) / _loss_scale(optimizer) for g in grads]
+
+
+def _rescaled(optimizer, grads):
+  if hasattr(optimizer, "get_unscaled_gradients"):
+    return grads
+  return [None if g is None else g * _loss_scale(optimizer) for g in grads]
+
+
+def _loss_scale(optimizer):
+  # As Keras 3's `scale_loss`: the initial scale until the first step builds the optimizer.
+  scale = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
+  return tf.cast(scale, tf.float32)
+
+
+def _saving():
+  """`keras.saving` of the Keras that `tf.keras` is (TF 2.16+'s `tf.keras` lacks it)."""
+  saving = getattr(tf.keras, "saving", None)
+  if saving is None:
+    import keras
+
+    saving = keras.saving
+  return saving
 
 
 class DefenseTrainStepMixin:
@@ -139,11 +177,11 @@ class DefenseTrainStepMixin:
     with tf.GradientTape() as tape:
       y_pred = self(x, training=True)
       loss = self.compute_loss(x, y, y_pred, sample_weight)
-      scaled = self.optimizer.get_scaled_loss(loss) if loss_scale else loss
+      scaled = _scaled_loss(self.optimizer, loss) if loss_scale else loss
     variables = self.trainable_variables
     grads = tape.gradient(scaled, variables)
     if loss_scale:
-      grads = self.optimizer.get_unscaled_gradients(grads)
+      grads = _unscaled(self.optimizer, grads)
     seed = self.step_seed(self.optimizer.iterations)
     exclude = self.gradient_exclusion()
 
@@ -165,9 +203,10 @@ class DefenseTrainStepMixin:
       grads = list(grads)
       for i, g in zip(present, chosen):
         grads[i] = g
+      grads = _rescaled(self.optimizer, grads)
     else:
       grads = defend()
-    self.optimizer.apply_gradients((g, v) for g, v in zip(grads, variables) if g is not None)
+    self.optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
     return self.compute_metrics(x, y, y_pred, sample_weight)
 
   def defense_config(self) -> Dict[str, Any]:
@@ -227,7 +266,7 @@ class DefendedModel(DefenseTrainStepMixin, tf.keras.Model):
 
   def get_config(self):
     return dict(
-      model=tf.keras.saving.serialize_keras_object(self.model),
+      model=_saving().serialize_keras_object(self.model),
       **self.defense_config(),
       name=self.name,
     )
@@ -235,8 +274,99 @@ class DefendedModel(DefenseTrainStepMixin, tf.keras.Model):
   @classmethod
   def from_config(cls, config, custom_objects=None):
     config = dict(config)
-    model = tf.keras.saving.deserialize_keras_object(
-      config.pop("model"), custom_objects=custom_objects
-    )
+    model = _saving().deserialize_keras_object(config.pop("model"), custom_objects=custom_objects)
     defense = defense_from_config(config.pop("defense"))
     return cls(model, defense, **config)
+
+
+def update_statistics(
+  defense: base.Defense, update: Sequence[Any], defended: Sequence[Any]
+) -> Dict[str, float]:
+  """What a defence did to one update, over the tensors it transforms (not excluded).
+
+  `zero_fraction`: exact zeros in the defended update (masking / pruning); `clip_scale`:
+  the factor its norm was scaled by (1.0 = not clipped); `norm` / `defended_norm`: L2
+  norms before and after.
+  """
+  kept = defense.kept_indices(len(update))
+  before = [tf.convert_to_tensor(update[i]) for i in kept]
+  after = [tf.convert_to_tensor(defended[i]) for i in kept]
+  return {
+    "zero_fraction": float(base.zero_fraction(after)) if after else 0.0,
+    "clip_scale": float(defense.clip_scale(list(update))),
+    "norm": float(base.global_norm(before)),
+    "defended_norm": float(base.global_norm(after)),
+  }
+
+
+def defend_weights_delta(
+  before: Sequence[Any], after: Sequence[Any], defense: base.Defense, seed=0, exclude=None
+):
+  """Defends what a client sends after local training: `before + defense(after - before)`.
+
+  Args:
+    before: The weights the client received, e.g. `model.get_weights()` before `fit`.
+    after: Its weights after local training, in the same order and shapes.
+    defense: A `tf_dlg.defenses.Defense`.
+    seed: An int or shape-[2] integer seed (a fresh one per round and client).
+    exclude: Optional bools, one per weight, overriding `defense.exclude` (e.g.
+      `batchnorm_exclusion(model, model.weights)` passes BatchNorm variables through).
+
+  Returns:
+    `(weights, statistics)`: the defended weights as float arrays in `after`'s dtypes,
+    and `update_statistics` of the delta.
+  """
+  before, after = list(before), list(after)
+  if len(before) != len(after):
+    raise ValueError(f"before has {len(before)} weights but after has {len(after)}.")
+  for i, (b, a) in enumerate(zip(before, after)):
+    if np.shape(b) != np.shape(a):
+      raise ValueError(f"weight {i}: shape {np.shape(b)} before but {np.shape(a)} after.")
+  d = copy.copy(defense)
+  if exclude is not None:
+    d.exclude = [bool(e) for e in exclude]
+  delta = [np.asarray(a, np.float32) - np.asarray(b, np.float32) for b, a in zip(before, after)]
+  defended = [t.numpy() for t in d(delta, seed)]
+  weights = [
+    (np.asarray(b, np.float32) + t).astype(np.asarray(a).dtype)
+    for b, a, t in zip(before, after, defended)
+  ]
+  return weights, update_statistics(d, delta, defended)
+
+
+class DefendUpdate(tf.keras.callbacks.Callback):
+  """A `fit` callback: the model ends training at `before + defense(after - before)`.
+
+  What the client sends (its weights, or their delta) then carries the defence, as in
+  federated averaging, where the server sees one update per round rather than each
+  gradient (`DefendedModel` defends those). `exclude="batchnorm"` (default) passes the
+  BatchNorm variables through; None defends every weight; a list of bools over
+  `model.weights` is used as given. `statistics` holds the last `update_statistics`.
+
+      cb = DefendUpdate(get_defense("masking", 0.5), seed=round_seed)
+      model.fit(x, y, epochs=1, callbacks=[cb])
+  """
+
+  def __init__(self, defense: base.Defense, seed=0, exclude="batchnorm"):
+    super().__init__()
+    if not isinstance(defense, base.Defense):
+      raise TypeError(f"defense must be a tf_dlg.defenses.Defense, got {type(defense).__name__}.")
+    if isinstance(exclude, str) and exclude != "batchnorm":
+      raise ValueError(f"exclude={exclude!r} must be 'batchnorm', None or a list of bools.")
+    self.defense = defense
+    self.seed = seed
+    self.exclude = exclude
+    self.statistics: Dict[str, float] = {}
+    self._before = None
+
+  def on_train_begin(self, logs=None):
+    self._before = self.model.get_weights()
+
+  def on_train_end(self, logs=None):
+    exclude = self.exclude
+    if exclude == "batchnorm":
+      exclude = batchnorm.batchnorm_exclusion(self.model, self.model.weights)
+    weights, self.statistics = defend_weights_delta(
+      self._before, self.model.get_weights(), self.defense, self.seed, exclude
+    )
+    self.model.set_weights(weights)
