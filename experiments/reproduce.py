@@ -87,6 +87,8 @@ class Preset:
     return list(range(self.seed, self.seed + self.seeds))
 
 
+# The convergence stage trains what the search measured: `clipping_ratio` is own-norm
+# rescaling in both (`clipping_median`, clipping to the round's median, is training-only).
 _FOUR = defenses_registry.PAPER_DEFENSES
 PRESETS: Dict[str, Preset] = {
   # FedAvg budget, measured on this 2-core CPU (shared): 1,000 seeded MNIST training

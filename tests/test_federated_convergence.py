@@ -1,6 +1,6 @@
 """Accuracy of FedAvg on digits (10 clients, IID, no defence) and under a Byzantine client.
 
-Settings: `SimulationConfig` defaults (bn_cnn, client Adam 3e-3, 2 local epochs of batch
+Settings: `FederatedConfig` defaults (bn_cnn, client Adam 3e-3, 2 local epochs of batch
 10, server SGD 1.0, BN momentum 0.5), seed 0. Observed on the project machine: mean
 first reaches >= 90 % test accuracy at round 21 and ends at ~94 % after 30; median
 tracks it within about a point.

@@ -11,17 +11,17 @@ spec, and `DEFENSES`, `PARAMETER_SEARCH`, `STRONGEST_ATTACKERS`, `ABSOLUTE_OF` a
 `RELATIVE_OF` are read-only views of the registered specs. A new defence is a module
 with a transform and a spec, and one `register(SPEC)` line.
 
-| name            | module       | parameter                          | stronger when |
-|-----------------|--------------|------------------------------------|---------------|
-| masking         | masking.py   | rate in [0, 1)                     | higher        |
-| clipping        | clipping.py  | L2 norm > 0                        | lower         |
-| clipping_ratio  | clipping.py  | clip_ratio in (0, 1] x own L2 norm | lower         |
-| clipping_median | clipping.py  | clip_ratio in (0, 1] x round median| (training only) |
-| value_clipping  | clipping.py  | bound > 0                          | lower         |
-| pruning         | pruning.py   | rate in [0, 1)                     | higher        |
-| noising         | noising.py   | stddev >= 0                        | higher        |
-| noising_ratio   | noising.py   | noise_ratio >= 0 x update RMS      | higher        |
-| dp              | dp.py        | noise multiplier >= 0 (clip 1.0)   | higher        |
+| name            | module      | parameter                           | stronger when |
+|-----------------|-------------|-------------------------------------|---------------|
+| masking         | masking.py  | rate in [0, 1)                      | higher        |
+| clipping        | clipping.py | L2 norm > 0                         | lower         |
+| clipping_ratio  | clipping.py | clip_ratio in (0, 1] x own L2 norm  | lower         |
+| clipping_median | clipping.py | clip_ratio in (0, 1] x round median | training only |
+| value_clipping  | clipping.py | bound > 0                           | lower         |
+| pruning         | pruning.py  | rate in [0, 1)                      | higher        |
+| noising         | noising.py  | stddev >= 0                         | higher        |
+| noising_ratio   | noising.py  | noise_ratio >= 0 x update RMS       | higher        |
+| dp              | dp.py       | noise multiplier >= 0 (clip 1.0)    | higher        |
 
 `clipping_ratio` and `noising_ratio` are the relative units: one setting means the same
 on any model's updates, where an absolute norm or stddev does not transfer.
