@@ -215,3 +215,12 @@ def test_a_shim_that_does_not_confine_is_caught_after_start(places):
 def _zombie(pid):
   with open(f"/proc/{pid}/stat") as f:
     return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_a_shim_built_under_umask_0_is_private_and_used(places):
+  old = os.umask(0)
+  try:
+    path = worker.shim_path()
+  finally:
+    os.umask(old)
+  assert os.stat(path).st_mode & 0o077 == 0 and worker._shim_problem(path) is None

@@ -164,7 +164,8 @@ def _elf_exports(path: str, symbol: bytes):
   """
   with open(path, "rb") as f:
     data = f.read()
-  with open(sys.executable, "rb") as f:
+  # This process's own binary (not a launcher script) gives the machine's ELF header.
+  with open("/proc/self/exe" if os.path.exists("/proc/self/exe") else sys.executable, "rb") as f:
     own = f.read(20)
   if len(data) < 64 or data[:4] != b"\x7fELF":
     return "not an ELF file" if data else "an empty file"
@@ -222,7 +223,9 @@ def _compile(source: str, target: str, compiler: str) -> None:
     )
     err = proc.stderr.strip().splitlines()
     problem = (err[-1] if err else f"exit code {proc.returncode}") if proc.returncode else None
-    problem = problem or _shim_problem(tmp)
+    if problem is None:
+      os.chmod(tmp, 0o700)  # the linker's mode follows the umask (0777 under umask 0)
+      problem = _shim_problem(tmp)
     if problem:
       raise WorkerSetupError(
         f"{compiler} built no usable loopback shim for TFF's worker_binary ({problem}), so "
