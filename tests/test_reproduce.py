@@ -207,45 +207,7 @@ def test_drivers_give_one_line_errors_with_exit_code_2(tmp_path):
     assert len(lines) == 1 and needle in lines[0], proc.stderr
 
 
-def test_miniature_paper_run_end_to_end_on_offline_mnist(tmp_path):
-  """The `paper` preset at toy size: real attacks and real TFF training (about a minute)."""
-  settings = reproduce.PRESETS["paper"].override(
-    datasets=["mnist"],
-    defenses=["masking"],
-    convergence_defenses=["masking"],
-    convergence_dataset="mnist",
-    num_images=1,
-    iterations=60,
-    restarts=1,
-    log_resolution=1000.0,
-    linear_resolution=0.5,
-    adaptive=False,
-    adaptive_attacks=[],
-    rounds=1,
-    num_clients=2,
-    seeds=2,
-    train_examples=40,
-    test_examples=20,
-    partitions=["iid"],
-  )
-  paths = reproduce.run(str(tmp_path), settings, progress=False)
-  report = open(paths["report"]).read()
-  for needle in (
-    "Thresholds",
-    "claims",
-    "Convergence",
-    "Figures",
-    "MNIST",
-    "seeds 0, 1",
-    "tensorflow-federated",
-    "preset `paper`",
-  ):
-    assert needle in report, needle
-  claims = open(paths["claims"]).read()
-  assert "masking" in claims and "(n=2 seeds)" in claims
-  html = open(paths["html"]).read()
-  assert 'src="data:image/png;base64,' in html and "<table>" in html
-  assert os.path.exists(tmp_path / "figures" / "convergence.png")
+# The miniature end-to-end run and every number of its report: tests/test_report_numbers.py.
 
 
 def _threshold_row(dataset, status, works, threshold=0.3):
