@@ -42,11 +42,12 @@ PIP=("$PY_VENV" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q "$TF_SPEC"
 tf_before="$("${PIP[@]}" freeze | grep -iE '^(tensorflow|tensorflow-cpu|keras)==' | sort)"
 "${PIP[@]}" install -q -e "$ROOT[flower,test]"
-# The optional tfp L-BFGS optimizer: TFP on Keras 3 imports tf-keras, whose declared
-# dependency is the `tensorflow` distribution (not tensorflow-cpu), so it goes in
-# without dependencies, at TensorFlow's own version.
+# Optional pieces the suite exercises: TensorBoard (the attacks' TensorBoardHook; the
+# tensorflow-cpu 2.21 wheel does not depend on it) and the tfp L-BFGS optimizer. TFP on
+# Keras 3 imports tf-keras, whose declared dependency is the `tensorflow` distribution
+# (not tensorflow-cpu), so tf-keras goes in without dependencies, at TF's own version.
 tf_minor="$("$PY_VENV" -c 'import tensorflow as tf; print(".".join(tf.__version__.split(".")[:2]))')"
-"${PIP[@]}" install -q tensorflow-probability
+"${PIP[@]}" install -q tensorflow-probability "tensorboard==$tf_minor.*"
 "${PIP[@]}" install -q --no-deps "tf-keras==$tf_minor.*"
 tf_after="$("${PIP[@]}" freeze | grep -iE '^(tensorflow|tensorflow-cpu|keras)==' | sort)"
 if [ "$tf_before" != "$tf_after" ]; then

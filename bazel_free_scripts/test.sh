@@ -1,21 +1,55 @@
 #!/usr/bin/env bash
-# Sets up .venv (bazel_free_scripts/setup.sh), runs ruff (lint + format check), then the test suite.
-# Exit code is pytest's. Extra arguments go to pytest (e.g. `-m slow`, `-k masking`).
+# The CI test command. 1) Sets up .venv (setup.sh: the pinned TF 2.14 / TFF stack), runs
+# ruff (lint + format check), then the whole suite there. 2) Sets up .venv-k3
+# (setup_core.sh: TF 2.21 / Keras 3 + Flower, no TFF) and runs the suite there, where
+# tests/conftest.py leaves out the modules that need the TFF stack. Exit code: the
+# first nonzero of the two pytest runs. Extra arguments go to both (e.g. `-m slow`).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/bazel_free_scripts/setup.sh" || exit $?
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 export PYTHONUNBUFFERED=1
 cd "$ROOT"
+
+# pytest runs as the leader of its own process group, so that any TFF worker_binary
+# it might leave behind is stopped with the group and cannot hold CI's output open.
+run_pytest() {
+  local python="$1"
+  shift
+  setsid "$python" -m pytest "$@" </dev/null &
+  local pid=$!
+  trap 'kill -TERM -- -'"$pid"' 2>/dev/null' INT TERM
+  wait "$pid"
+  local rc=$?
+  kill -KILL -- -"$pid" 2>/dev/null || true
+  trap - INT TERM
+  return "$rc"
+}
+
+bash "$ROOT/bazel_free_scripts/setup.sh" || exit $?
 # Lint and format first: a style slip fails in seconds, before the long suite.
 "$ROOT/.venv/bin/ruff" check . || exit $?
 "$ROOT/.venv/bin/ruff" format --check . || exit $?
-# pytest runs as the leader of its own process group, so that any TFF worker_binary
-# it might leave behind is stopped with the group and cannot hold CI's output open.
-setsid "$ROOT/.venv/bin/python" -m pytest "$@" </dev/null &
-pid=$!
-trap 'kill -TERM -- -$pid 2>/dev/null' INT TERM
-wait "$pid"
-rc=$?
-kill -KILL -- -"$pid" 2>/dev/null || true
-exit "$rc"
+start=$(date +%s)
+run_pytest "$ROOT/.venv/bin/python" "$@"
+rc_full=$?
+echo "[test] full suite on .venv (TF 2.14, TFF): exit $rc_full, $(( $(date +%s) - start )) s"
+
+start=$(date +%s)
+if bash "$ROOT/bazel_free_scripts/setup_core.sh"; then
+  echo "[test] .venv-k3 ready in $(( $(date +%s) - start )) s"
+  start=$(date +%s)
+  # Exact equality of batched and solo optimizer runs holds on TF 2.14's XLA, not on
+  # TF 2.21's (1 ulp apart in some rows), so those three cases run on .venv only.
+  run_pytest "$ROOT/.venv-k3/bin/python" \
+    --deselect "tests/test_optimize.py::test_refilled_slots_match_solo_runs[lbfgs-4]" \
+    --deselect "tests/test_optimize.py::test_lanes_share_one_queue_and_match_one_lane[2]" \
+    --deselect "tests/test_optimize.py::test_lanes_share_one_queue_and_match_one_lane[3]" \
+    "$@"
+  rc_core=$?
+  echo "[test] core suite on .venv-k3 (TF 2.21, Keras 3): exit $rc_core, $(( $(date +%s) - start )) s"
+else
+  rc_core=$?
+  echo "[test] setup_core.sh failed (exit $rc_core)" >&2
+fi
+[ "$rc_full" -ne 0 ] && exit "$rc_full"
+exit "$rc_core"
