@@ -99,7 +99,7 @@ def defense_params_from_thresholds(
   reached takes the strongest value searched, marked as such in the provenance. Damaged
   cells raise ValueError naming file, line, column.
   """
-  from experiments import threshold_search
+  from tf_dlg.study import records as threshold_search
 
   validation.check_choice("kind", kind, ("plain", "adaptive"))
   out = {}
@@ -447,8 +447,8 @@ class Convergence:
 
   def write(self, rows: List[Dict[str, Any]]) -> None:
     """convergence.csv, convergence.md and figures/convergence.png."""
-    from experiments import threshold_search
     from tf_dlg.analysis import figures
+    from tf_dlg.study import records as threshold_search
 
     threshold_search.write_csv(
       os.path.join(self.output_dir, "convergence.csv"), CONVERGENCE_FIELDS, rows

@@ -204,8 +204,8 @@ def cost_claim(
   `margin` with `intervals.verdict(interval, margin, side)`; `combine(rule)` merges the
   settings. A threshold that is untested (the attack fails undefended) never agrees.
   """
-  from experiments.threshold_search import UNTESTED
   from tf_dlg.analysis import intervals
+  from tf_dlg.study.records import UNTESTED
 
   per = [intervals.verdict(_interval(r), margin, side) for r in rows]
   ours = "; ".join(
@@ -226,7 +226,7 @@ def _base(defense: str) -> str:
 
 def _format_threshold(r: Dict[str, Any]) -> str:
   """`0.012 [0.008, 0.02]`, or why there is no number."""
-  from experiments import threshold_search
+  from tf_dlg.study import records as threshold_search
 
   if threshold_search.attack_untested(r):
     return threshold_search.UNTESTED
@@ -239,7 +239,7 @@ def _format_threshold(r: Dict[str, Any]) -> str:
 
 def _threshold_claims(thresholds: List[Dict[str, Any]]) -> List[List[str]]:
   """ "A threshold of X stops the attack on every dataset", per defence (plain kind)."""
-  from experiments import threshold_search
+  from tf_dlg.study import records as threshold_search
 
   rows = []
   plain = [r for r in thresholds if (r.get("kind") or "plain") == "plain"]
@@ -346,7 +346,7 @@ def _cost_claims(conv: List[Dict[str, Any]], margin: float, evidence: str) -> Li
 
 def _robustness_claims(robustness: List[Dict[str, Any]]) -> List[List[str]]:
   """(ours) Each threshold against adaptive attackers and multi-step FedAvg deltas."""
-  from experiments.threshold_search import UNTESTED
+  from tf_dlg.study.records import UNTESTED
 
   rows = []
   for defense in sorted({r["defense"] for r in robustness}):
@@ -511,7 +511,7 @@ def write_report(
 
 def _search(output_dir: str, settings: Preset, progress: bool):
   """The ThresholdSearch of these settings (its own checks run in its constructor)."""
-  from experiments import threshold_search
+  from tf_dlg.study import threshold_search
 
   wanted = dict(
     num_images=settings.num_images,

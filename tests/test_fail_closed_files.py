@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from experiments import results
 from tf_dlg import io as io_lib
+from tf_dlg.study import results
 
 TRIALS = 20
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import results
+from tf_dlg.study import results
 
 
 def test_results_log_resumes_and_skips(tmp_path):

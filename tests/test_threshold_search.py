@@ -11,10 +11,11 @@ import json
 import numpy as np
 import pytest
 
-from experiments import results, threshold_search
+from experiments import threshold_search
 from tf_dlg import defenses
 from tf_dlg.analysis import threshold as threshold_lib
 from tf_dlg.attacks import runner
+from tf_dlg.study import results
 
 FAKE = dict(
   datasets=["digits"],

@@ -1,0 +1,655 @@
+"""The threshold search: each image's threshold, and each dataset's, with intervals.
+
+See `experiments/threshold_search.py` for the method, outputs and the thresholds.csv
+columns; this module is the library the command line calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from tf_dlg import defenses as defense_registry
+from tf_dlg import io as io_lib
+from tf_dlg import validation
+from tf_dlg.study import records, tables
+from tf_dlg.study import results as results_lib
+from tf_dlg.study.records import RECON_FORMAT, UNTESTED, UPDATE_KINDS, point_key
+
+DEFAULT_DATASETS = ("mnist", "cifar10_sample", "lfw_faces")
+DEFAULT_DEFENSES = defense_registry.PAPER_DEFENSES
+# Read from each defence's spec (`tf_dlg.defenses.DefenseSpec`): its strongest attackers,
+# and {defence: (the other unit's name, statistic of the undefended update it scales by)}.
+STRONGEST_ATTACKER = defense_registry.STRONGEST_ATTACKERS
+RELATIVE_OF = defense_registry.RELATIVE_OF
+ABSOLUTE_OF = defense_registry.ABSOLUTE_OF
+
+# `bisection_steps` (the older per-dataset search) is accepted and ignored: the
+# resolutions decide the steps now.
+SEARCH_DEFAULTS = dict(
+  num_images=8,
+  iterations=3000,
+  leak_ssim=None,
+  defended_fraction=1.0,
+  log_resolution=1.5,
+  linear_resolution=0.05,
+  restarts=2,
+  adaptive=False,
+  seed=0,
+  local_steps=3,
+  local_lr=0.1,
+  bisection_steps=None,
+)
+
+
+def _check_cover(datasets, attacks, defenses, adaptive) -> None:
+  """Every dataset / attack / defence name is known, and no needed list is empty."""
+  from tf_dlg import data
+  from tf_dlg import defenses as defenses_lib
+  from tf_dlg.attacks import runner
+
+  for name, values, allowed in (
+    ("datasets", datasets, data.DATASETS),
+    ("attacks", attacks, runner.ATTACKS),
+    ("defenses", defenses, defenses_lib.PARAMETER_SEARCH),
+  ):
+    if not values and not (name == "attacks" and adaptive):
+      raise ValueError(f"{name} is empty; expected some of {', '.join(allowed)}.")
+    validation.check_choices(name, values, allowed)
+
+
+def _iterations_per_dataset(iterations, datasets) -> Dict[str, int]:
+  """One number for every dataset, or {dataset: iterations}.
+
+  Colour photos need several times the L-BFGS iterations of grey images to converge
+  undefended, hence the per-dataset form.
+  """
+  if isinstance(iterations, dict):
+    missing = sorted(set(datasets) - set(iterations))
+    if missing:
+      raise ValueError(f"iterations has no entry for datasets {missing}.")
+    return {d: validation.check_int(f"iterations[{d}]", iterations[d], 1) for d in datasets}
+  return {d: validation.check_int("iterations", iterations, 1) for d in datasets}
+
+
+def _check_settings(settings: Dict[str, Any]) -> Dict[str, Any]:
+  """The settings, checked, with `SEARCH_DEFAULTS` filling the rest."""
+  from tf_dlg import metrics
+
+  unknown = sorted(set(settings) - set(SEARCH_DEFAULTS))
+  if unknown:
+    raise ValueError(f"unknown settings {unknown}; expected some of {list(SEARCH_DEFAULTS)}.")
+  st, v = dict(SEARCH_DEFAULTS, **settings), validation
+  inf = math.inf
+  out = dict(
+    num_images=v.check_int("num_images", st["num_images"], 1),
+    defended_fraction=v.check_number(
+      "defended_fraction", st["defended_fraction"], 0, 1, low_open=True
+    ),
+    leak_ssim=v.check_number(
+      "leak_ssim",
+      metrics.DEFAULT_LEAK_SSIM if st["leak_ssim"] is None else st["leak_ssim"],
+      0,
+      1,
+      low_open=True,
+    ),
+    log_resolution=v.check_number(
+      "log_resolution", st["log_resolution"], 1, inf, low_open=True, high_open=True
+    ),
+    linear_resolution=v.check_number(
+      "linear_resolution", st["linear_resolution"], 0, 1, low_open=True
+    ),
+    restarts=v.check_int("restarts", st["restarts"], 1, 64),
+    seed=v.check_int("seed", st["seed"], 0),
+    local_steps=v.check_int("local_steps", st["local_steps"], 1),
+    local_lr=v.check_number("local_lr", st["local_lr"], 0, inf, low_open=True),
+    adaptive=bool(st["adaptive"]),
+    iterations=st["iterations"],
+  )
+  if st["bisection_steps"] is not None:
+    v.check_int("bisection_steps", st["bisection_steps"], 0)
+  return out
+
+
+@dataclasses.dataclass
+class SearchedCell:
+  """One searched (dataset, kind, attackers, defence): its row and per-image thresholds."""
+
+  row: records.ThresholdRow
+  images: List[Any]  # tf_dlg.analysis.threshold.ImageThreshold, one per image
+
+
+class ThresholdSearch:
+  """Runs (and resumes) the threshold search; see the module docstring.
+
+  Args:
+    output_dir: Where results go; an existing run there is resumed.
+    datasets, attacks, defenses: What to cover (`attacks` may be empty with adaptive).
+    data_dir: tfds data directory for mnist / cifar10 / lfw.
+    progress: Show progress bars.
+    **settings: Any of `SEARCH_DEFAULTS` (which fills the rest); unknown names raise:
+      num_images: Images attacked per dataset (training images 0..num_images-1 of a
+        seeded permutation, so every defence sees the same images).
+      iterations: Attack optimiser iterations per restart, or {dataset: iterations}.
+      leak_ssim: Adjusted-SSIM bar at or above which an image counts as leaked.
+      defended_fraction: Fraction of the tested images the dataset threshold defends.
+      log_resolution, linear_resolution: Per-image bracket width at which bisection
+        stops: a factor (log scales), a difference (linear scales).
+      restarts: Seeded starts per attack (the best distance wins).
+      adaptive: Also search each defence against `STRONGEST_ATTACKER`.
+      seed: Seeds image choice, model weights, defence randomness and attack init.
+      local_steps, local_lr: The `fedavg_delta` threat model's local SGD steps and rate.
+  """
+
+  def __init__(
+    self,
+    output_dir: str,
+    datasets: Sequence[str],
+    attacks: Sequence[str],
+    defenses: Sequence[str],
+    data_dir: Optional[str] = None,
+    progress: bool = True,
+    **settings,
+  ):
+    st = _check_settings(settings)
+    _check_cover(datasets, attacks, defenses, st["adaptive"])
+    for name in (
+      "num_images",
+      "defended_fraction",
+      "leak_ssim",
+      "log_resolution",
+      "linear_resolution",
+      "restarts",
+      "seed",
+      "local_steps",
+      "local_lr",
+      "adaptive",
+    ):
+      setattr(self, name, st[name])
+    self.output_dir = validation.check_output_dir("output_dir", output_dir)
+    self.datasets, self.attacks, self.defenses = list(datasets), list(attacks), list(defenses)
+    self.iterations = _iterations_per_dataset(st["iterations"], self.datasets)
+    self.data_dir, self.progress = data_dir, progress
+    # What fixes a point's scores (resolutions and the fraction only decide which
+    # points are asked for, so changing them reuses the points).
+    self.config = dict(
+      num_images=self.num_images,
+      iterations=self.iterations,
+      leak_ssim=self.leak_ssim,
+      seed=self.seed,
+      restarts=self.restarts,
+      model="attack_lenet",
+      local_steps=self.local_steps,
+      local_lr=self.local_lr,
+      points="per_image/v2",
+    )
+    os.makedirs(os.path.join(output_dir, "recon"), exist_ok=True)
+    self.log = results_lib.ResultsLog(
+      os.path.join(output_dir, "points.jsonl"), "threshold_search", self.config
+    )
+    self._cases: Dict[str, Any] = {}
+    self._stats: Dict[str, Dict[str, np.ndarray]] = {}
+    self.attack_calls: List[Tuple[str, str, str, int]] = []  # (dataset, attack, defence, n)
+
+  def resolution(self, scale: str) -> float:
+    return self.log_resolution if scale == "log" else self.linear_resolution
+
+  # ------------------------------------------------------------------ the case
+  def case(self, dataset: str):
+    """(dataset object, model, images, labels, dataset indices) of one dataset, built once."""
+    if dataset not in self._cases:
+      from tf_dlg import data, models
+
+      ds = data.load_dataset(dataset, data_dir=self.data_dir, seed=self.seed)
+      if self.num_images > len(ds.x_train):
+        raise ValueError(
+          f"num_images={self.num_images} exceeds the {len(ds.x_train)} "
+          f"training images of {dataset!r}."
+        )
+      idx = np.random.default_rng(self.seed).permutation(len(ds.x_train))[: self.num_images]
+      model = models.attack_lenet(ds.input_shape, ds.num_classes, seed=self.seed)
+      self._cases[dataset] = (ds, model, ds.x_train[idx], ds.y_train[idx], idx)
+    return self._cases[dataset]
+
+  def update_stats(self, dataset: str) -> Dict[str, np.ndarray]:
+    """Per image: L2 norm and RMS of its undefended gradient (for unit conversions)."""
+    if dataset not in self._stats:
+      from tf_dlg.defenses import base
+
+      _, model, images, labels, idx = self.case(dataset)
+      norms, rms = [], []
+      for i in range(len(images)):
+        obs = self._observe(model, images[i : i + 1], labels[i : i + 1], None, "gradient", i, {})
+        norms.append(float(base.global_norm(obs.update)))
+        rms.append(float(base.root_mean_square(obs.update)))
+      self._stats[dataset] = {"norm": np.array(norms), "rms": np.array(rms)}
+    return self._stats[dataset]
+
+  # ------------------------------------------------------------------ points
+  def evaluate_images(
+    self,
+    dataset: str,
+    attack: str,
+    defense: str,
+    requests: Sequence[Tuple[int, Optional[float]]],
+    update: str = "gradient",
+  ) -> List[Dict[str, Any]]:
+    """Per-image records of (image, param) requests; the uncached ones in ONE attack call.
+
+    `update` is what the client sends: its single-image `gradient` (the paper's setting)
+    or a `fedavg_delta` of `local_steps` local SGD steps on that image (the multi-step
+    FedAvg threat model; the attacker knows steps and learning rate).
+    """
+    validation.check_choice("update", update, UPDATE_KINDS)
+    keys = [point_key(dataset, attack, defense, p, update, i) for i, p in requests]
+    todo = [(k, i, p) for k, (i, p) in zip(keys, requests) if k not in self.log]
+    todo = list({k: (k, i, p) for k, i, p in todo}.values())
+    if todo:
+      self._attack(dataset, attack, defense, todo, update)
+    return [self.log.get(k) for k in keys]
+
+  def _attack(self, dataset, attack, defense, todo, update):
+    from tf_dlg import defenses as defenses_lib
+    from tf_dlg.attacks import runner
+
+    ds, model, images, labels, idx = self.case(dataset)
+    start = time.perf_counter()
+    observed, configs = [], []
+    for _, i, p in todo:
+      defence = None if defense == "none" else defenses_lib.get_defense(defense, p)
+      configs.append(None if defence is None else defence.get_config())
+      meta = {"dataset": dataset, "index": int(idx[i])}
+      observed.append(
+        self._observe(model, images[i : i + 1], labels[i : i + 1], defence, update, i, meta)
+      )
+    # One seed per image, the same at every setting: common random starts make the
+    # outcome vary with the setting, not with the start.
+    attacked = runner.run_attacks(
+      model,
+      observed,
+      attack=attack,
+      iterations=self.iterations[dataset],
+      seed=[self.seed * 100_003 + i for _, i, _ in todo],
+      restarts=self.restarts,
+    )
+    self.attack_calls.append((dataset, attack, defense, len(todo)))
+    per_image, leaked, adjusted = self._score(attacked, [idx[i] for _, i, _ in todo])
+    seconds = (time.perf_counter() - start) / len(todo)
+    self._store(
+      ds.source,
+      (dataset, attack, defense, update),
+      todo,
+      per_image,
+      configs,
+      (leaked, adjusted, np.stack([images[i] for _, i, _ in todo])),
+      seconds,
+    )
+
+  def _store(self, source, cell, todo, per_image, configs, pictures, seconds):
+    """Saves one attack call's images (one npz) and its per-image records (points.jsonl)."""
+    dataset, attack, defense, update = cell
+    leaked, adjusted, originals = pictures
+    name = hashlib.sha1(todo[0][0].encode() + str(len(todo)).encode()).hexdigest()[:16]
+    recon = os.path.join("recon", name + ".npz")
+    io_lib.save_npz(
+      os.path.join(self.output_dir, recon),
+      {"format": RECON_FORMAT, "keys": [k for k, _, _ in todo]},
+      {"leaked": np.stack(leaked), "adjusted": np.stack(adjusted), "original": originals},
+    )
+    for row, ((key, i, p), score, config) in enumerate(zip(todo, per_image, configs)):
+      if not math.isfinite(score["adjusted_ssim"]):
+        warnings.warn(
+          f"{key}: non-finite reconstruction; it counts as leaked, never as defended.",
+          RuntimeWarning,
+          stacklevel=4,
+        )
+      point = records.Point(
+        **score,
+        dataset=dataset,
+        dataset_source=source,
+        attack=attack,
+        defense=defense,
+        param=p,
+        update=update,
+        image=int(i),
+        defense_config=config,
+        recon=recon,
+        recon_row=row,
+        seconds=seconds,
+      )
+      self.log.add(key, point.to_record())
+
+  def evaluate(
+    self, dataset: str, attack: str, defense: str, param: Optional[float], update: str = "gradient"
+  ) -> Dict[str, Any]:
+    """Every image under `defense(param)`, summarised (fraction defended, medians)."""
+    recs = self.evaluate_images(
+      dataset, attack, defense, [(i, param) for i in range(self.num_images)], update
+    )
+    frac = float(np.mean([r["defended"] for r in recs]))
+    adj = [r["adjusted_ssim"] for r in recs]
+    return {
+      "dataset": dataset,
+      "attack": attack,
+      "defense": defense,
+      "param": param,
+      "update": update,
+      "fraction_defended": frac,
+      "defended": frac >= self.defended_fraction - 1e-9,
+      "median_ssim": float(np.median([r["ssim"] for r in recs])),
+      "median_adjusted_ssim": float(np.median(adj)),
+      "max_adjusted_ssim": float(np.max(adj)),
+      "images": recs,
+    }
+
+  def _observe(self, model, image, label, defence, update, i, meta):
+    """What the attacker sees of image `i`: its defended gradient or FedAvg delta."""
+    from tf_dlg.attacks import threat_model
+
+    seed = self.seed * 100_003 + i
+    if update == "gradient":
+      return threat_model.observe_gradient(
+        model, image, label, defense=defence, seed=seed, metadata=meta
+      )
+    return threat_model.observe_fedavg_delta(
+      model,
+      image,
+      label,
+      local_steps=self.local_steps,
+      learning_rate=self.local_lr,
+      defense=defence,
+      seed=seed,
+      metadata=meta,
+    )
+
+  def _score(self, attacked, indices):
+    """(per-image score dicts, leaked images, adjusted images) of one attack call."""
+    from tf_dlg import metrics
+
+    per_image, leaked, adjusted = [], [], []
+    for index, res in zip(indices, attacked):
+      score = metrics.score(res, threshold=self.leak_ssim, keep_images=True)
+      leaked.append(score["leaked_image"])
+      adjusted.append(score["adjusted_image"])
+      adj = float(score["adjusted_ssim"])
+      per_image.append(
+        {
+          "index": int(index),
+          "status": res.status,
+          "iterations": int(res.iterations),
+          "restart": int(res.restart),
+          "ssim": float(score["ssim"]),
+          "adjusted_ssim": adj,
+          "psnr": float(score["psnr"]),
+          "mse": float(score["mse"]),
+          "label_correct": bool(score["label_correct"]),
+          # NaN never defends.
+          "leaked": bool(score["leaked"]) or not math.isfinite(adj),
+        }
+      )
+    return per_image, leaked, adjusted
+
+  # ------------------------------------------------------------------ the search
+  def cells(self) -> List[Tuple[str, str, Tuple[str, ...], str]]:
+    """(dataset, kind, attackers, defence) of every search, plain ones first."""
+    out = [
+      (d, "plain", (a,), f) for d in self.datasets for a in self.attacks for f in self.defenses
+    ]
+    if self.adaptive:
+      out += [
+        (d, "adaptive", STRONGEST_ATTACKER[f], f) for d in self.datasets for f in self.defenses
+      ]
+    return out
+
+  def search_cell(
+    self, dataset: str, kind: str, attackers: Sequence[str], defense: str
+  ) -> "SearchedCell":
+    """Per-image bisection of one cell: its thresholds.csv row and per-image thresholds."""
+    from tf_dlg import defenses as defenses_lib
+    from tf_dlg.analysis import threshold as threshold_lib
+
+    start = time.perf_counter()
+    space = threshold_lib.SearchSpace(*defenses_lib.PARAMETER_SEARCH[defense])
+    n = self.num_images
+    base = {a: self.evaluate(dataset, a, "none", None) for a in attackers}
+    # An image leaks at a setting if any of the attackers recovers it.
+    leaks = [any(base[a]["images"][i]["leaked"] for a in attackers) for i in range(n)]
+
+    def evaluate(requests):
+      recs = [self.evaluate_images(dataset, a, defense, requests) for a in attackers]
+      return [all(r[j]["defended"] for r in recs) for j in range(len(requests))]
+
+    images = threshold_lib.per_image_thresholds(
+      evaluate, space, leaks, self.resolution(space.scale)
+    )
+    agg = threshold_lib.dataset_threshold(images, space, self.defended_fraction, seed=self.seed)
+    row = self._row(dataset, kind, attackers, defense, space, images, agg)
+    undefended = [max(base[a]["images"][i]["adjusted_ssim"] for a in attackers) for i in range(n)]
+    row.undefended_adjusted_ssim = float(np.median(undefended))
+    row.points_evaluated = sum(len(im.points) for im in images)
+    row.seconds = time.perf_counter() - start
+    return SearchedCell(row, images)
+
+  def _row(self, dataset, kind, attackers, defense, space, images, agg) -> records.ThresholdRow:
+    from tf_dlg import defenses as defenses_lib
+
+    untested = agg.status == "untested"
+    value = space.weakest() if untested else agg.threshold
+    absolute, relative = self.equivalents(dataset, defense, value)
+    return records.ThresholdRow(
+      dataset=dataset,
+      dataset_source=self.case(dataset)[0].source,
+      kind=kind,
+      attack="+".join(attackers),
+      defense=defense,
+      unit=defenses_lib.DEFENSES[defense].param_name,
+      status="at_weakest" if untested else agg.status,
+      threshold=value,
+      low=agg.low,
+      high=agg.high,
+      interval_open=agg.open_strong_end,
+      num_images=len(images),
+      num_tested=agg.num_tested,
+      rank=agg.rank,
+      restarts=self.restarts,
+      seed=self.seed,
+      iterations=self.iterations[dataset],
+      defended_fraction=self.defended_fraction,
+      resolution=self.resolution(space.scale),
+      per_image=json.dumps(
+        [im.threshold if im.status in ("found", "at_weakest") else None for im in images]
+      ),
+      per_image_status=json.dumps([im.status for im in images]),
+      absolute_equivalent=absolute,
+      relative_equivalent=relative,
+      # Without a leak to stop, "the weakest setting defends" means nothing.
+      attack_works_undefended=not untested,
+      search_low=space.low,
+      search_high=space.high,
+      search_scale=space.scale,
+      stronger=space.stronger,
+    )
+
+  def equivalents(
+    self, dataset: str, defense: str, value: Optional[float]
+  ) -> Tuple[Optional[float], Optional[float]]:
+    """(absolute, relative) equivalents of `value`: medians over the images."""
+    if value is None or (defense not in ABSOLUTE_OF and defense not in RELATIVE_OF):
+      return None, None
+    if defense in ABSOLUTE_OF:
+      stat = self.update_stats(dataset)[ABSOLUTE_OF[defense][1]]
+      return float(np.median(value * stat)), None
+    stat = self.update_stats(dataset)[RELATIVE_OF[defense][1]]
+    return None, float(np.median(value / stat))
+
+  def run(self) -> List[Dict[str, Any]]:
+    """Searches every cell; writes thresholds.csv/md, strip plots and grids; returns rows."""
+    from tqdm import tqdm
+
+    cells = []
+    bar = tqdm(self.cells(), desc="threshold search", unit="cell", disable=not self.progress)
+    for dataset, kind, attackers, defense in bar:
+      bar.set_postfix_str(f"{dataset}/{'+'.join(attackers)}/{defense}")
+      cells.append(self.search_cell(dataset, kind, attackers, defense))
+    bar.close()
+    rows = [c.row.to_dict() for c in cells]
+    self.write_tables(rows)
+    self.write_strip_plots(rows)
+    self.write_grids(cells)
+    return rows
+
+  # ------------------------------------------------------------------ beyond the paper
+  def rescore(
+    self,
+    rows: List[Dict[str, Any]],
+    attacks: Sequence[str] = ("ig", "masked_ig"),
+    delta_attack: str = "idlg",
+  ) -> List[Dict[str, Any]]:
+    """Re-attacks every plain threshold with other attackers; writes robustness.csv/md.
+
+    Each found threshold is attacked again by `attacks` on the single-image gradient,
+    and by `delta_attack` on a multi-step FedAvg delta of the same image. The same
+    attacks without a defence are run too: a threshold that "holds" only counts if that
+    attacker recovers the undefended images.
+    """
+    from tqdm import tqdm
+
+    plan = [(a, "gradient") for a in attacks] + [(delta_attack, "fedavg_delta")]
+    todo = [
+      (r, a, u)
+      for r in rows
+      if r["threshold"] is not None and r.get("kind", "plain") == "plain"
+      for a, u in plan
+    ]
+    out = []
+    for r, attack, update in tqdm(
+      todo, desc="adaptive re-scoring", unit="cell", disable=not self.progress
+    ):
+      base = self.evaluate(r["dataset"], attack, "none", None, update)
+      at = self.evaluate(r["dataset"], attack, r["defense"], r["threshold"], update)
+      attack_works = base["fraction_defended"] < 1.0
+      out.append(
+        {
+          "dataset": r["dataset"],
+          "defense": r["defense"],
+          "threshold": r["threshold"],
+          "searched_with": r["attack"],
+          "attack": attack,
+          "update": update,
+          "undefended_adjusted_ssim": base["median_adjusted_ssim"],
+          "undefended_leak_fraction": 1.0 - base["fraction_defended"],
+          "fraction_defended": at["fraction_defended"],
+          "adjusted_ssim": at["median_adjusted_ssim"],
+          "max_adjusted_ssim": at["max_adjusted_ssim"],
+          "verdict": ("broken" if not at["defended"] else "holds" if attack_works else UNTESTED),
+        }
+      )
+    self.write_robustness(out)
+    return out
+
+  def write_robustness(self, out: List[Dict[str, Any]]) -> None:
+    fields = list(out[0]) if out else ["dataset"]
+    records.write_csv(os.path.join(self.output_dir, "robustness.csv"), fields, out)
+    text = tables.robustness_markdown(out, self)
+    io_lib.atomic_write_text(os.path.join(self.output_dir, "robustness.md"), text)
+
+  # ------------------------------------------------------------------ outputs
+  def write_tables(self, rows: List[Dict[str, Any]]) -> None:
+    """thresholds.csv and thresholds.md."""
+    records.write_csv(
+      os.path.join(self.output_dir, "thresholds.csv"), records.THRESHOLD_FIELDS, rows
+    )
+    sources = {d: self.case(d)[0].source for d in self.datasets}
+    text = tables.thresholds_markdown(rows, self, sources)
+    io_lib.atomic_write_text(os.path.join(self.output_dir, "thresholds.md"), text)
+
+  def write_strip_plots(self, rows: List[Dict[str, Any]]) -> List[str]:
+    """figures/thresholds_<defence>.png: per-image thresholds per dataset and search."""
+    from tf_dlg.analysis import threshold_figures
+
+    paths = []
+    for defense in self.defenses:
+      cells = [r for r in rows if r["defense"] == defense]
+      path = os.path.join(self.output_dir, "figures", f"thresholds_{defense}.png")
+      paths.append(
+        threshold_figures.threshold_strips(
+          cells,
+          path,
+          title=f"{defense}: per-image thresholds",
+          footer="data: " + "; ".join(sorted({r["dataset_source"] for r in cells})),
+        )
+      )
+    return paths
+
+  def write_grids(self, cells: Sequence["SearchedCell"]) -> List[str]:
+    """The paper's Figures 2-4 for the median-threshold image of each cell."""
+    from tf_dlg.analysis import figures
+
+    paths = []
+    for cell in cells:
+      r = cell.row.to_dict()
+      pick = _representative(cell.images, r["search_scale"], r["stronger"])
+      if pick is None:
+        continue
+      i, im = pick
+      settings = [("no defence", "none", None)]
+      if im.weaker is not None:
+        settings.append((f"{r['defense']} {im.weaker:g} (weaker)", r["defense"], im.weaker))
+      settings.append((f"{r['defense']} {im.threshold:g} (threshold)", r["defense"], im.threshold))
+      grid = [
+        self._grid_entry(r["dataset"], r["attack"].split("+"), f, p, i, label)
+        for label, f, p in settings
+      ]
+      name = f"grid_{r['dataset']}_{r['attack']}_{r['defense']}.png"
+      path = os.path.join(self.output_dir, "figures", name)
+      figures.leak_grid(
+        grid,
+        path,
+        title=f"{r['attack']} vs {r['defense']} on {r['dataset']}"
+        f" (image {grid[0]['index']}, median threshold)",
+        footer=f"data: {r['dataset_source']}",
+      )
+      paths.append(path)
+    return paths
+
+  def _grid_entry(self, dataset, attackers, defense, param, image, label):
+    """The best attacker's reconstruction of `image` at one setting."""
+    recs = [self.log.get(point_key(dataset, a, defense, param, image=image)) for a in attackers]
+    rec = max((x for x in recs if x is not None), key=lambda x: _finite(x["adjusted_ssim"]))
+    _, z = io_lib.load_npz(os.path.join(self.output_dir, rec["recon"]), RECON_FORMAT)
+    j = rec["recon_row"]
+    return {
+      "label": label,
+      "leaked": z["leaked"][j],
+      "adjusted": z["adjusted"][j],
+      "original": z["original"][j],
+      "ssim": rec["ssim"],
+      "index": rec["index"],
+      "adjusted_ssim": rec["adjusted_ssim"],
+    }
+
+
+def _finite(x: float) -> float:
+  return x if math.isfinite(x) else -math.inf
+
+
+def _representative(images, scale, stronger):
+  """(image, ImageThreshold) at the median threshold among those with one, or None."""
+  from tf_dlg.analysis import threshold as threshold_lib
+
+  found = [(i, im) for i, im in enumerate(images) if im.status in ("found", "at_weakest")]
+  if not found:
+    return None
+  space = threshold_lib.SearchSpace(1.0, 2.0, scale, stronger)  # direction only
+  order = sorted(
+    found, key=lambda x: -x[1].threshold if space.stronger == "lower" else x[1].threshold
+  )
+  return order[(len(order) - 1) // 2]
