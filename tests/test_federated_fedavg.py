@@ -84,9 +84,11 @@ def _round_one(config, digits):
 
 
 @pytest.fixture(scope="module")
-def plain_build(digits):
+def plain_build(mean_fedavg):
+  """4 clients, undefended; the build is the session's (it does not depend on clients)."""
   plain = sim.SimulationConfig(num_clients=4, rounds=1, seed=0)
-  return plain, sim.build_for_config(plain, digits)
+  assert dataclasses.replace(mean_fedavg.config, num_clients=4, rounds=1) == plain
+  return plain, mean_fedavg
 
 
 @pytest.mark.parametrize("name", ["clipping_ratio", "masking"])
