@@ -586,7 +586,7 @@ def define_flags():
   flags.DEFINE_integer("num_clients", 10, "Clients (all take part every round).")
   flags.DEFINE_float("alpha", 0.5, "Dirichlet concentration of the non-IID partition.")
   flags.DEFINE_integer("local_epochs", 1, "Local epochs per round.")
-  flags.DEFINE_integer("batch_size", 10, "Local batch size.")
+  flags.DEFINE_integer("batch_size", 32, "Local batch size.")
   flags.DEFINE_string("output_dir", "outputs/convergence", "Output directory.")
   flags.DEFINE_string("data_dir", None, "tfds data directory.")
 

@@ -51,7 +51,9 @@ def define_flags():
     "Fraction trimmed from each side (--aggregator=trimmed_mean).",
     lower_bound=0.0,
   )
-  flags.DEFINE_enum("defense", "none", ["none", *defenses.DEFENSES], "Client defence.")
+  flags.DEFINE_enum(
+    "defense", "none", list(dict.fromkeys(["none", *defenses.DEFENSES])), "Client defence."
+  )
   flags.DEFINE_float("defense_param", None, "Defence strength parameter.")
   flags.DEFINE_integer("malicious_clients", 0, "Number of Byzantine clients.", lower_bound=0)
   flags.DEFINE_enum(
@@ -61,18 +63,7 @@ def define_flags():
     "Byzantine update: scaled delta, or noise of the delta's RMS x scale.",
   )
   flags.DEFINE_float("malicious_scale", 1000.0, "Byzantine factor.")
-  flags.DEFINE_integer("local_epochs", 2, "Local epochs per round.", lower_bound=1)
-  flags.DEFINE_integer("batch_size", 10, "Local batch size.", lower_bound=1)
-  flags.DEFINE_enum("client_optimizer", "adam", list(federated.OPTIMIZERS), "Client optimiser.")
-  flags.DEFINE_float("client_lr", 0.003, "Client learning rate.")
-  flags.DEFINE_enum("server_optimizer", "sgd", list(federated.OPTIMIZERS), "Server optimiser.")
-  flags.DEFINE_float("server_lr", 1.0, "Server learning rate.")
-  flags.DEFINE_float(
-    "bn_momentum",
-    0.5,
-    "BatchNorm moving-statistics momentum (see tf_dlg.federated.fedavg).",
-    lower_bound=0.0,
-  )
+  _define_training_flags()
   flags.DEFINE_integer(
     "capture_round",
     0,
@@ -92,6 +83,25 @@ def define_flags():
   cli.define_seed()
   flags.DEFINE_bool("overwrite", False, "Start afresh even if --output_dir holds a run.")
   flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def _define_training_flags():
+  """Local and server training, with `FederatedConfig`'s defaults (the one set)."""
+  from tf_dlg.federated.config import FederatedConfig
+
+  d = FederatedConfig()
+  flags.DEFINE_integer("local_epochs", d.local_epochs, "Local epochs per round.", lower_bound=1)
+  flags.DEFINE_integer("batch_size", d.batch_size, "Local batch size.", lower_bound=1)
+  flags.DEFINE_enum("client_optimizer", "adam", list(federated.OPTIMIZERS), "Client optimiser.")
+  flags.DEFINE_float("client_lr", d.client_lr, "Client learning rate.")
+  flags.DEFINE_enum("server_optimizer", "sgd", list(federated.OPTIMIZERS), "Server optimiser.")
+  flags.DEFINE_float("server_lr", 1.0, "Server learning rate.")
+  flags.DEFINE_float(
+    "bn_momentum",
+    d.bn_momentum,
+    "BatchNorm moving-statistics momentum (see tf_dlg.federated.fedavg).",
+    lower_bound=0.0,
+  )
 
 
 def config_from_flags():

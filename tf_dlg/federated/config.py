@@ -40,6 +40,10 @@ class FederatedConfig:
     malicious_clients, malicious_mode, malicious_scale: Byzantine clients.
     local_epochs, batch_size: Local training of a client per round.
     client_optimizer, client_lr, server_optimizer, server_lr: `sgd`, `sgdm` or `adam`.
+
+  The training defaults (1 local epoch of batch 32, client Adam 1e-3, BN momentum 0.9,
+  server SGD 1.0) are the ones at which `bn_cnn` FedAvg learns MNIST to >= 0.97 in 20
+  rounds, found with `benchmarks.plain_fedavg --grid` (the README's table).
     seed: Seeds the model, sampling, shuffling and Byzantine clients.
     capture_round, capture_client: 1-based round whose client update is saved (and
       which client: None = the first sampled).
@@ -54,7 +58,7 @@ class FederatedConfig:
   clients_per_round: Optional[int] = None
   rounds: int = 20
   model: str = "bn_cnn"
-  bn_momentum: Optional[float] = 0.5
+  bn_momentum: Optional[float] = 0.9
   aggregator: str = "mean"
   trim_fraction: float = 0.1
   defense: str = "none"
@@ -62,10 +66,10 @@ class FederatedConfig:
   malicious_clients: int = 0
   malicious_mode: str = "scale"
   malicious_scale: float = 1000.0
-  local_epochs: int = 2
-  batch_size: int = 10
+  local_epochs: int = 1
+  batch_size: int = 32
   client_optimizer: str = "adam"
-  client_lr: float = 0.003
+  client_lr: float = 0.001
   server_optimizer: str = "sgd"
   server_lr: float = 1.0
   seed: int = 0
