@@ -109,6 +109,12 @@ def _table(path):
   return rows
 
 
+def _differences(got, want):
+  """(row, column, resumed value, uninterrupted value) of every differing cell."""
+  out = [(i, k, g.get(k), w.get(k)) for i, (g, w) in enumerate(zip(got, want)) for k in w]
+  return [d for d in out if d[2] != d[3]] + [("rows", len(got), len(want))]
+
+
 def _histories(out):
   found = {}
   for root, _, files in os.walk(os.path.join(out, "runs")):
@@ -126,9 +132,11 @@ def test_convergence_killed_mid_run_resumes_to_the_same_tables(tmp_path):
   _kill_when(CONVERGENCE, out, log, lambda: _lines(first) >= 2)
   assert not os.path.exists(os.path.join(out, "convergence.csv"))
   _run_to_end(CONVERGENCE, out, log)
-  assert _table(os.path.join(out, "convergence.csv")) == _table(
-    os.path.join(ref, "convergence.csv")
+  got, want = (
+    _table(os.path.join(out, "convergence.csv")),
+    _table(os.path.join(ref, "convergence.csv")),
   )
+  assert got == want, _differences(got, want)
   histories = _histories(out)
   assert len(histories) == 2  # none and masking, one seed
   assert histories == _histories(ref)
@@ -148,7 +156,8 @@ def test_reproduce_killed_in_each_stage_resumes_to_the_same_tables(tmp_path):
   _kill_when(REPRODUCE, out, log, lambda: _lines(history) >= 2)
   _run_to_end(REPRODUCE, out, log)
   for rel in ("thresholds/thresholds.csv", "convergence/convergence.csv"):
-    assert _table(os.path.join(out, rel)) == _table(os.path.join(ref, rel)), rel
+    got, want = _table(os.path.join(out, rel)), _table(os.path.join(ref, rel))
+    assert got == want, (rel, _differences(got, want))
   # claims.md differs only in the output folder of the command line it quotes.
   with open(os.path.join(ref, "claims.md")) as f:
     want = f.read().replace(ref, out)
