@@ -7,9 +7,15 @@ the ends of the defence's range (`tf_dlg.defenses.PARAMETER_SEARCH`), down to
 `--log_resolution` (a factor) on log scales and `--linear_resolution` on linear ones.
 At each bisection step the images still bisecting are attacked together in one
 `run_attacks` call, each with `--restarts` differently seeded starts, so "defended"
-means the defence held, not that one start got stuck. An image *leaks* at a setting
-when its brightness-adjusted SSIM reaches `--leak_ssim`; a reconstruction that cannot
-be scored (non-finite) counts as leaked, with a warning.
+means the defence held, not that one start got stuck. Two leak criteria, each with its
+own per-image and dataset thresholds from the same attacked points (the second bisection
+attacks only the settings the first did not): an image *leaks* when its brightness-adjusted
+SSIM reaches `--leak_ssim` (the paper's bar), or when it is *identified*: among all images
+of its dataset (x_train then x_test), ranked by brightness-tolerant correlation with the
+reconstruction (`tf_dlg.analysis.identification`), the attacker's first pick is its
+original. A reconstruction that cannot be scored (non-finite) counts as leaked under both,
+with a warning. At each dataset threshold (and undefended) every image is attacked once
+more to report the top-1 identification rate there, with an exact binomial interval.
 
 Per image: `found` (bracket: leaks one step weaker, defended at the threshold),
 `at_weakest`, `not_reached` (the strongest setting leaks) or `untested` (the attack does
@@ -25,16 +31,18 @@ Relative defences (`clipping_ratio`, `noising_ratio`) and absolute ones (`clippi
 the images of ratio x that image's undefended update L2 norm (clipping) or RMS (noise).
 
 Outputs in `--output_dir`:
-  points.jsonl     every evaluated (dataset, attack, defence, parameter, image): scores.
+  points.jsonl     every evaluated (dataset, attack, defence, parameter, image): scores,
+                   identification rank / top-1 / top-5 / pick (`tf_dlg.study.records.Point`).
                    Written as it goes; a rerun skips finished points (another
-                   configuration is refused).
+                   configuration, or points of an older format, are refused).
   recon/*.npz      leaked, brightness-adjusted and original images of every attack call.
   thresholds.csv   one row per (dataset, kind, attack, defence); schema below.
   thresholds.md    value [low, high] per defence x dataset, plain vs adaptive, spread.
   figures/thresholds_<defence>.png   per-image thresholds per dataset (strip plot).
   figures/grid_<dataset>_<attack>_<defence>.png   the median-threshold image: leaked |
-                   brightness-adjusted | original for no defence, one step weaker, and at
-                   its threshold (the paper's Figures 2-4).
+                   brightness-adjusted | original | the attacker's pick (the dataset image
+                   ranked first, with the original's rank) for no defence, one step
+                   weaker, and at its threshold (the paper's Figures 2-4).
 
 thresholds.csv columns (read back only through `read_thresholds`):
   dataset, dataset_source; kind (`plain` | `adaptive`); attack (the attacker, or
@@ -47,8 +55,14 @@ thresholds.csv columns (read back only through `read_thresholds`):
   thresholds, null for not_reached and untested) and per_image_status (JSON list);
   absolute_equivalent (relative defences) / relative_equivalent (absolute clipping and
   noising); attack_works_undefended, undefended_adjusted_ssim (median); search_low,
-  search_high, search_scale, stronger; points_evaluated, seconds. Files of the older
-  per-dataset search (without kind, low, high, ...) still read, as kind `plain`.
+  search_high, search_scale, stronger; points_evaluated, seconds. Identification:
+  id_status, id_threshold, id_low, id_high, id_interval_open, id_num_tested, id_rank,
+  id_per_image, id_per_image_status, id_attack_works_undefended (as above, leak =
+  identified top-1); undefended_top1, top1_at_threshold, top1_at_id_threshold (top-1
+  rate over the attacked images undefended, at the adjusted-SSIM threshold, at the
+  identification threshold; at the strongest setting when not reached), each with _low
+  and _high (exact 95 % interval); gallery_size. Files of the older per-dataset search
+  (without kind, low, high, ...) still read, as kind `plain`.
 
 Example:
   python -m experiments.threshold_search --datasets=mnist --num_images=8 \

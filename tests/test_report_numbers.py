@@ -314,8 +314,9 @@ def test_figures_draw_the_csvs_series(run):
     dots = np.concatenate([y for marker, y in ax["markers"] if marker == "o"])
     want = sorted(json.loads(row["per_image"]))
     np.testing.assert_allclose(sorted(dots), want, rtol=1e-6, err_msg=row["defense"])
-  # Image grids: 3 x 3 panels (no defence, one step weaker, threshold x leaked/adjusted/original).
-  assert len(saved["grid_mnist_idlg_masking.png"]) == 9
+  # Image grids: 3 x 4 panels (no defence, one step weaker, threshold x leaked/adjusted/
+  # original/the attacker's pick).
+  assert len(saved["grid_mnist_idlg_masking.png"]) == 12
 
 
 def test_html_embeds_figures_with_content(run):

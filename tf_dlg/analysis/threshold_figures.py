@@ -1,4 +1,6 @@
-"""Strip plots of per-image defence thresholds (one figure per defence).
+"""Figures of the threshold search: per-image threshold strips, leak grids with the pick.
+
+Strip plots of per-image defence thresholds (one figure per defence).
 
 Each dataset is a column; each search (plain attack or adaptive attacker) a coloured
 strip of its images' thresholds, jittered sideways. Images the strongest setting does
@@ -100,3 +102,61 @@ def _draw_cell(ax, r, x0, width, color, rng):
   if r.get("threshold") is not None and r.get("low") is not None:
     ax.plot([x0 - width * 0.4, x0 + width * 0.4], [r["threshold"]] * 2, "-", color="k", lw=2)
     ax.plot([x0, x0], [r["low"], r["high"]], "-", color="k", lw=1)
+
+
+_GRID_COLUMNS = (
+  ("leaked", "leaked"),
+  ("adjusted", "best brightness-adjusted"),
+  ("original", "original"),
+  ("pick", "attacker's pick"),
+)
+
+
+def leak_grid_with_pick(
+  rows: Sequence[Dict[str, Any]], path: str, title: str = "", footer: str = ""
+) -> str:
+  """Saves a grid: one row per setting, columns leaked | adjusted | original | pick.
+
+  Args:
+    rows: Dicts with `label`, `leaked`, `adjusted`, `original` (HxWxC in [0, 1]), `pick`
+      (the dataset image the attacker ranks first, None when the reconstruction is not
+      finite), `rank` (of the original) and `top1`, and optional `ssim`, `adjusted_ssim`.
+    path: PNG path.
+    title, footer: Figure title; small print (name the data source).
+  """
+  from tf_dlg.analysis import figures
+
+  plt = _pyplot()
+  n = len(rows)
+  fig, axes = plt.subplots(n, 4, figsize=(7.8, 2.1 * n + 0.6), squeeze=False)
+  for i, row in enumerate(rows):
+    for j, (col, name) in enumerate(_GRID_COLUMNS):
+      ax = axes[i, j]
+      image = row[col] if row[col] is not None else np.zeros_like(row["original"])
+      figures._show(ax, image)
+      if i == 0:
+        ax.set_title(name, fontsize=9)
+      if j == 0:
+        ax.set_ylabel(row["label"], fontsize=8)
+      ax.set_xlabel(_grid_caption(row, col), fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  if footer:
+    fig.text(0.01, 0.005, footer, fontsize=6, ha="left", va="bottom", wrap=True)
+  fig.tight_layout(rect=(0, 0.03 if footer else 0, 1, 0.97 if title else 1))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def _grid_caption(row: Dict[str, Any], col: str) -> str:
+  if col == "leaked" and "ssim" in row:
+    return f"SSIM {row['ssim']:.2f}"
+  if col == "adjusted" and "adjusted_ssim" in row:
+    return f"adj. SSIM {row['adjusted_ssim']:.2f}"
+  if col == "pick":
+    if row["pick"] is None:
+      return "none (not finite)"
+    return ("identified" if row["top1"] else "wrong") + f", original rank {row['rank']}"
+  return ""

@@ -49,7 +49,11 @@ class Point:
 
   `image` is its position in the search's sample, `index` its training-set index; `recon`
   / `recon_row` locate its leaked, adjusted and original images in an npz. `leaked` is the
-  adjusted-SSIM verdict (non-finite reconstructions leak).
+  adjusted-SSIM verdict (non-finite reconstructions leak). Identification among the
+  `gallery_size` images of the dataset (train then test, so `index` is the original's
+  gallery index): `rank` of the original, `top1` / `top5` hits, `pick` (the gallery image
+  the attacker would name, -1 when the reconstruction is not finite) and its similarity,
+  and `id_defended` (not identified top-1; a non-finite reconstruction is not defended).
   """
 
   dataset: str
@@ -73,6 +77,13 @@ class Point:
   recon: str
   recon_row: int
   seconds: float
+  rank: int
+  top1: bool
+  top5: bool
+  pick: int
+  pick_similarity: float
+  gallery_size: int
+  id_defended: bool
 
   def to_record(self) -> Dict[str, Any]:
     """The points.jsonl record (with `defended`, the verdict a bisection step reads)."""
@@ -122,11 +133,56 @@ class ThresholdRow:
   undefended_adjusted_ssim: Optional[float] = None
   points_evaluated: Optional[int] = None
   seconds: Optional[float] = None
+  # The same threshold under the identification criterion (leaks: identified top-1).
+  id_status: Optional[str] = None
+  id_threshold: Optional[float] = None
+  id_low: Optional[float] = None
+  id_high: Optional[float] = None
+  id_interval_open: Optional[bool] = None
+  id_num_tested: Optional[int] = None
+  id_rank: Optional[int] = None
+  id_per_image: Optional[str] = None
+  id_per_image_status: Optional[str] = None
+  id_attack_works_undefended: Optional[bool] = None
+  # Top-1 identification rates over the attacked images, exact 95 % interval.
+  undefended_top1: Optional[float] = None
+  undefended_top1_low: Optional[float] = None
+  undefended_top1_high: Optional[float] = None
+  top1_at_threshold: Optional[float] = None
+  top1_at_threshold_low: Optional[float] = None
+  top1_at_threshold_high: Optional[float] = None
+  top1_at_id_threshold: Optional[float] = None
+  top1_at_id_threshold_low: Optional[float] = None
+  top1_at_id_threshold_high: Optional[float] = None
+  gallery_size: Optional[int] = None
 
   def to_dict(self) -> Dict[str, Any]:
     return {k: getattr(self, k) for k in THRESHOLD_FIELDS}
 
 
+# The identification criterion's columns and the top-1 rates (after the paper's columns).
+ID_FIELDS = (
+  "id_status",
+  "id_threshold",
+  "id_low",
+  "id_high",
+  "id_interval_open",
+  "id_num_tested",
+  "id_rank",
+  "id_per_image",
+  "id_per_image_status",
+  "id_attack_works_undefended",
+  "undefended_top1",
+  "undefended_top1_low",
+  "undefended_top1_high",
+  "top1_at_threshold",
+  "top1_at_threshold_low",
+  "top1_at_threshold_high",
+  "top1_at_id_threshold",
+  "top1_at_id_threshold_low",
+  "top1_at_id_threshold_high",
+  "gallery_size",
+)
 THRESHOLD_FIELDS = (
   "dataset",
   "dataset_source",
@@ -159,6 +215,7 @@ THRESHOLD_FIELDS = (
   "stronger",
   "points_evaluated",
   "seconds",
+  *ID_FIELDS,
 )
 assert set(THRESHOLD_FIELDS) == {f.name for f in dataclasses.fields(ThresholdRow)}
 # What every thresholds.csv has, old (per-dataset search) or new; the rest is optional.
@@ -192,6 +249,21 @@ NUMERIC_FIELDS = (
   "search_high",
   "points_evaluated",
   "seconds",
+  "id_threshold",
+  "id_low",
+  "id_high",
+  "id_num_tested",
+  "id_rank",
+  "undefended_top1",
+  "undefended_top1_low",
+  "undefended_top1_high",
+  "top1_at_threshold",
+  "top1_at_threshold_low",
+  "top1_at_threshold_high",
+  "top1_at_id_threshold",
+  "top1_at_id_threshold_low",
+  "top1_at_id_threshold_high",
+  "gallery_size",
   # older files
   "fraction_defended",
   "ssim_at_threshold",
@@ -201,8 +273,23 @@ NUMERIC_FIELDS = (
   "ssim_weaker",
   "adjusted_ssim_weaker",
 )
-_FINITE_FIELDS = ("threshold", "low", "high", "weaker_param", "search_low", "search_high")
-_LIST_FIELDS = {"per_image": "numbers or null", "per_image_status": "statuses"}
+_FINITE_FIELDS = (
+  "threshold",
+  "low",
+  "high",
+  "weaker_param",
+  "search_low",
+  "search_high",
+  "id_threshold",
+  "id_low",
+  "id_high",
+)
+_LIST_FIELDS = {
+  "per_image": "numbers or null",
+  "per_image_status": "statuses",
+  "id_per_image": "numbers or null",
+  "id_per_image_status": "statuses",
+}
 
 
 def attack_untested(row: Dict[str, Any]) -> bool:
@@ -274,11 +361,15 @@ def _threshold_row(raw: Dict[str, str], where: str) -> Dict[str, Any]:
     v = None if v is None or v.strip() == "" else v.strip()
     row[k] = _parse_cell(k, v, where)
   row["kind"] = row["kind"] or "plain"
-  for k, allowed in (("status", STATUSES), ("kind", KINDS)):
-    if row.get(k) not in allowed:
+  for k, allowed in (("status", STATUSES), ("kind", KINDS), ("id_status", STATUSES)):
+    if row.get(k) not in allowed and not (k == "id_status" and row[k] is None):
       raise ValueError(f"{where}, column {k!r}: {raw.get(k)!r} is not one of {', '.join(allowed)}.")
   need = ("threshold",) if row["status"] != "not_reached" else ("search_low", "search_high")
   for k in need + ("dataset", "attack", "defense"):
     if row.get(k) is None:
       raise ValueError(f"{where}, column {k!r}: empty, but status {row['status']!r} needs it.")
+  if row["id_status"] not in (None, "not_reached") and row["id_threshold"] is None:
+    raise ValueError(
+      f"{where}, column 'id_threshold': empty, but id_status {row['id_status']!r} needs it."
+    )
   return row

@@ -56,6 +56,73 @@ def format_threshold(row: Dict[str, Any]) -> str:
   return f"{INCONCLUSIVE}: {text}" if inconclusive(row) else text
 
 
+_CRITERION_KEYS = (
+  "status",
+  "threshold",
+  "low",
+  "high",
+  "interval_open",
+  "num_tested",
+  "rank",
+  "per_image",
+  "per_image_status",
+  "attack_works_undefended",
+)
+
+
+def identification_view(row: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+  """The row with its identification threshold in the threshold's place (None: no such
+  columns, e.g. a file of an older search)."""
+  if row.get("id_status") is None:
+    return None
+  return dict(row, **{k: row.get(f"id_{k}") for k in _CRITERION_KEYS})
+
+
+def format_rate(row: Dict[str, Any], name: str) -> str:
+  """`0.25 [0.032, 0.65]` of the rate column `name` (and its _low / _high), or `-`."""
+  value = row.get(name)
+  if value is None:
+    return "-"
+  return f"{value:.2g} [{row[name + '_low']:.2g}, {row[name + '_high']:.2g}]"
+
+
+_BOTH_HEADER = [
+  "dataset",
+  "attacker",
+  "defence",
+  "adj.-SSIM threshold [95 %] (n)",
+  "top-1 at it",
+  "identification threshold [95 %] (n)",
+  "top-1 at that",
+  "top-1 undefended",
+]
+
+
+def both_criteria_rows(rows: Sequence[Dict[str, Any]]) -> List[List[str]]:
+  """Per row: both thresholds and the top-1 identification rates at each."""
+  out = []
+  for r in rows:
+    view = identification_view(r)
+    out.append(
+      [
+        r["dataset"],
+        r["attack"] if r["kind"] == "plain" else f"{r['attack']} (strongest)",
+        r["defense"],
+        format_threshold(r),
+        format_rate(r, "top1_at_threshold"),
+        "-" if view is None else format_threshold(view),
+        format_rate(r, "top1_at_id_threshold"),
+        format_rate(r, "undefended_top1"),
+      ]
+    )
+  return out
+
+
+def both_criteria_table(rows: Sequence[Dict[str, Any]]) -> str:
+  """Markdown: both criteria per (dataset, attacker, defence)."""
+  return _markdown_table(_BOTH_HEADER, both_criteria_rows(rows))
+
+
 def _cell(rows, kind, attack, dataset, defense) -> str:
   """A table cell: the threshold of one search (adaptive ones name their attacker)."""
   r = next(
@@ -125,6 +192,16 @@ def thresholds_markdown(rows: Sequence[Dict[str, Any]], search, sources: Dict[st
     f"smallest setting that defends {search.defended_fraction:.0%} of the images the "
     f"attack recovers undefended, value [95 % bootstrap interval over images] "
     f"(n = tested / attacked images).\n",
+    "\n## Both leak criteria\n\n",
+    "*Adjusted SSIM*: an image leaks when its brightness-adjusted SSIM reaches the bar "
+    "above. *Identification*: it leaks when the attacker, ranking all "
+    f"{_gallery(rows)} images of the dataset by brightness-tolerant correlation with the "
+    "reconstruction, picks its original first (top-1; `tf_dlg.analysis.identification`). "
+    "Each threshold is searched per image and aggregated as above; *top-1 at it / that*: "
+    "the fraction of the attacked images identified at that threshold (at the strongest setting "
+    "searched when not reached), exact 95 % binomial interval. n = tested / attacked "
+    "images; tested = leaking undefended under that criterion.\n\n",
+    both_criteria_table(rows),
   ]
   tables = [("plain", a, f"Plain threshold, attack `{a}`") for a in search.attacks]
   if search.adaptive:
@@ -142,12 +219,18 @@ def thresholds_markdown(rows: Sequence[Dict[str, Any]], search, sources: Dict[st
   lines.append(_markdown_table(_SPREAD_HEADER, [_spread_row(r) for r in rows]))
   lines.append(
     "\nFigures: `figures/thresholds_<defence>.png` (per-image thresholds), "
-    "`figures/grid_<dataset>_<attack>_<defence>.png` (median-threshold image).\n"
+    "`figures/grid_<dataset>_<attack>_<defence>.png` (median-threshold image, with the "
+    "dataset image the attacker would pick).\n"
     "\nData:\n\n"
   )
   for dataset in search.datasets:
     lines.append(f"- `{dataset}`: {sources[dataset]}\n")
   return "".join(lines)
+
+
+def _gallery(rows) -> str:
+  sizes = sorted({int(r["gallery_size"]) for r in rows if r.get("gallery_size")})
+  return "/".join(str(n) for n in sizes) or "the"
 
 
 def _plain_of(rows, attack: str, adaptive_row) -> Optional[Dict[str, Any]]:

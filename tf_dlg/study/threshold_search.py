@@ -31,6 +31,8 @@ DEFAULT_DEFENSES = defense_registry.PAPER_DEFENSES
 STRONGEST_ATTACKER = defense_registry.STRONGEST_ATTACKERS
 RELATIVE_OF = defense_registry.RELATIVE_OF
 ABSOLUTE_OF = defense_registry.ABSOLUTE_OF
+# How a reconstruction is matched to the dataset's images (identification.SIMILARITIES).
+IDENTIFY_SIMILARITY = "abs_pearson"
 
 # `bisection_steps` (the older per-dataset search) is accepted and ignored: the
 # resolutions decide the steps now.
@@ -124,7 +126,8 @@ class SearchedCell:
   """One searched (dataset, kind, attackers, defence): its row and per-image thresholds."""
 
   row: records.ThresholdRow
-  images: List[Any]  # tf_dlg.analysis.threshold.ImageThreshold, one per image
+  images: List[Any]  # tf_dlg.analysis.threshold.ImageThreshold per image (adjusted SSIM)
+  id_images: List[Any]  # the same under the identification criterion
 
 
 class ThresholdSearch:
@@ -189,7 +192,10 @@ class ThresholdSearch:
       model="attack_lenet",
       local_steps=self.local_steps,
       local_lr=self.local_lr,
-      points="per_image/v2",
+      # v3: every point also carries its identification (rank of the original among
+      # the dataset's images); points of v2 lack it, so their files are refused.
+      points="per_image/v3",
+      identification=dict(similarity=IDENTIFY_SIMILARITY, gallery="x_train+x_test"),
     )
     os.makedirs(os.path.join(output_dir, "recon"), exist_ok=True)
     self.log = results_lib.ResultsLog(
@@ -197,6 +203,7 @@ class ThresholdSearch:
     )
     self._cases: Dict[str, Any] = {}
     self._stats: Dict[str, Dict[str, np.ndarray]] = {}
+    self._galleries: Dict[str, Any] = {}
     self.attack_calls: List[Tuple[str, str, str, int]] = []  # (dataset, attack, defence, n)
 
   def resolution(self, scale: str) -> float:
@@ -218,6 +225,20 @@ class ThresholdSearch:
       model = models.attack_lenet(ds.input_shape, ds.num_classes, seed=self.seed)
       self._cases[dataset] = (ds, model, ds.x_train[idx], ds.y_train[idx], idx)
     return self._cases[dataset]
+
+  def gallery(self, dataset: str):
+    """Every image of `dataset` (train then test: training index i is gallery index i)."""
+    if dataset not in self._galleries:
+      from tf_dlg.analysis import identification
+
+      self._galleries[dataset] = identification.Gallery.from_dataset(self.case(dataset)[0])
+    return self._galleries[dataset]
+
+  def gallery_image(self, dataset: str, index: int) -> np.ndarray:
+    """The image at gallery `index` (the attacker's pick), as the dataset stores it."""
+    ds = self.case(dataset)[0]
+    n = len(ds.x_train)
+    return ds.x_train[index] if index < n else ds.x_test[index - n]
 
   def update_stats(self, dataset: str) -> Dict[str, np.ndarray]:
     """Per image: L2 norm and RMS of its undefended gradient (for unit conversions)."""
@@ -281,7 +302,7 @@ class ThresholdSearch:
       restarts=self.restarts,
     )
     self.attack_calls.append((dataset, attack, defense, len(todo)))
-    per_image, leaked, adjusted = self._score(attacked, [idx[i] for _, i, _ in todo])
+    per_image, leaked, adjusted = self._score(dataset, attacked, [idx[i] for _, i, _ in todo])
     seconds = (time.perf_counter() - start) / len(todo)
     self._store(
       ds.source,
@@ -370,9 +391,15 @@ class ThresholdSearch:
       metadata=meta,
     )
 
-  def _score(self, attacked, indices):
-    """(per-image score dicts, leaked images, adjusted images) of one attack call."""
+  def _score(self, dataset, attacked, indices):
+    """(per-image score dicts, leaked images, adjusted images) of one attack call.
+
+    Besides the adjusted-SSIM scores, each reconstruction is identified among all images
+    of its dataset (`tf_dlg.analysis.identification.defended_verdicts`): the rank of its
+    original, the attacker's pick, and `id_defended` (the original is not the pick).
+    """
     from tf_dlg import metrics
+    from tf_dlg.analysis import identification
 
     per_image, leaked, adjusted = [], [], []
     for index, res in zip(indices, attacked):
@@ -395,6 +422,22 @@ class ThresholdSearch:
           "leaked": bool(score["leaked"]) or not math.isfinite(adj),
         }
       )
+    gallery = self.gallery(dataset)
+    with warnings.catch_warnings():  # `_store` warns about non-finite reconstructions
+      warnings.simplefilter("ignore", RuntimeWarning)
+      verdicts = identification.defended_verdicts(
+        np.stack(leaked), gallery, np.asarray(indices, np.int64), IDENTIFY_SIMILARITY
+      )
+    for score, v in zip(per_image, verdicts):
+      score.update(
+        rank=v["rank"],
+        top1=v["rank"] == 1 and v["pick"] >= 0,
+        top5=v["rank"] <= 5 and v["pick"] >= 0,
+        pick=v["pick"],
+        pick_similarity=v["pick_similarity"],
+        gallery_size=len(gallery),
+        id_defended=v["defended"],
+      )
     return per_image, leaked, adjusted
 
   # ------------------------------------------------------------------ the search
@@ -412,38 +455,71 @@ class ThresholdSearch:
   def search_cell(
     self, dataset: str, kind: str, attackers: Sequence[str], defense: str
   ) -> "SearchedCell":
-    """Per-image bisection of one cell: its thresholds.csv row and per-image thresholds."""
+    """Per-image bisection of one cell under both leak criteria; its row and images.
+
+    An image leaks at a setting if any of the attackers recovers it: adjusted SSIM at
+    or above the bar (`defended` false), or identified top-1 among all the dataset's
+    images (`id_defended` false). Both bisections share the attacked points.
+    """
     from tf_dlg import defenses as defenses_lib
     from tf_dlg.analysis import threshold as threshold_lib
 
     start = time.perf_counter()
     space = threshold_lib.SearchSpace(*defenses_lib.PARAMETER_SEARCH[defense])
     n = self.num_images
-    base = {a: self.evaluate(dataset, a, "none", None) for a in attackers}
-    # An image leaks at a setting if any of the attackers recovers it.
-    leaks = [any(base[a]["images"][i]["leaked"] for a in attackers) for i in range(n)]
+    base = {a: self.evaluate(dataset, a, "none", None)["images"] for a in attackers}
+    found = {}
+    for verdict in ("defended", "id_defended"):
+      leaks = [not all(base[a][i][verdict] for a in attackers) for i in range(n)]
+      images = self._bisect(dataset, attackers, defense, space, verdict, leaks)
+      agg = threshold_lib.dataset_threshold(images, space, self.defended_fraction, seed=self.seed)
+      found[verdict] = (images, agg)
+    row = self._row(dataset, kind, attackers, defense, space, found)
+    undefended = [max(base[a][i]["adjusted_ssim"] for a in attackers) for i in range(n)]
+    row.undefended_adjusted_ssim = float(np.median(undefended))
+    row.points_evaluated = sum(len(im.points) for im in found["defended"][0])
+    rates = (
+      ("undefended_top1", "none", None),
+      ("top1_at_threshold", defense, _rated(row.threshold, space)),
+      ("top1_at_id_threshold", defense, _rated(row.id_threshold, space)),
+    )
+    for name, defence, value in rates:
+      iv = self.top1_rate(dataset, attackers, defence, value)
+      setattr(row, name, iv.estimate)
+      setattr(row, f"{name}_low", iv.low)
+      setattr(row, f"{name}_high", iv.high)
+    row.seconds = time.perf_counter() - start
+    return SearchedCell(row, found["defended"][0], found["id_defended"][0])
+
+  def _bisect(self, dataset, attackers, defense, space, verdict, leaks):
+    """Per-image thresholds where `verdict` (a point's boolean field) means defended."""
+    from tf_dlg.analysis import threshold as threshold_lib
 
     def evaluate(requests):
       recs = [self.evaluate_images(dataset, a, defense, requests) for a in attackers]
-      return [all(r[j]["defended"] for r in recs) for j in range(len(requests))]
+      return [all(r[j][verdict] for r in recs) for j in range(len(requests))]
 
-    images = threshold_lib.per_image_thresholds(
-      evaluate, space, leaks, self.resolution(space.scale)
-    )
-    agg = threshold_lib.dataset_threshold(images, space, self.defended_fraction, seed=self.seed)
-    row = self._row(dataset, kind, attackers, defense, space, images, agg)
-    undefended = [max(base[a]["images"][i]["adjusted_ssim"] for a in attackers) for i in range(n)]
-    row.undefended_adjusted_ssim = float(np.median(undefended))
-    row.points_evaluated = sum(len(im.points) for im in images)
-    row.seconds = time.perf_counter() - start
-    return SearchedCell(row, images)
+    return threshold_lib.per_image_thresholds(evaluate, space, leaks, self.resolution(space.scale))
 
-  def _row(self, dataset, kind, attackers, defense, space, images, agg) -> records.ThresholdRow:
+  def top1_rate(self, dataset: str, attackers: Sequence[str], defense: str, param):
+    """Fraction of the images some attacker identifies top-1 at `defense(param)`.
+
+    An `Interval` with the exact binomial interval over images; a reconstruction that
+    is not finite is not identified.
+    """
+    from tf_dlg.analysis import identification
+
+    requests = [(i, param) for i in range(self.num_images)]
+    recs = [self.evaluate_images(dataset, a, defense, requests) for a in attackers]
+    hits = [any(bool(r[i]["top1"]) for r in recs) for i in range(self.num_images)]
+    return identification.identification_rate(np.array(hits, dtype=bool))
+
+  def _row(self, dataset, kind, attackers, defense, space, found) -> records.ThresholdRow:
     from tf_dlg import defenses as defenses_lib
 
-    untested = agg.status == "untested"
-    value = space.weakest() if untested else agg.threshold
-    absolute, relative = self.equivalents(dataset, defense, value)
+    ssim = _criterion(*found["defended"], space)
+    absolute, relative = self.equivalents(dataset, defense, ssim["threshold"])
+    ident = _criterion(*found["id_defended"], space)
     return records.ThresholdRow(
       dataset=dataset,
       dataset_source=self.case(dataset)[0].source,
@@ -451,31 +527,21 @@ class ThresholdSearch:
       attack="+".join(attackers),
       defense=defense,
       unit=defenses_lib.DEFENSES[defense].param_name,
-      status="at_weakest" if untested else agg.status,
-      threshold=value,
-      low=agg.low,
-      high=agg.high,
-      interval_open=agg.open_strong_end,
-      num_images=len(images),
-      num_tested=agg.num_tested,
-      rank=agg.rank,
+      **ssim,
+      num_images=len(found["defended"][0]),
       restarts=self.restarts,
       seed=self.seed,
       iterations=self.iterations[dataset],
       defended_fraction=self.defended_fraction,
       resolution=self.resolution(space.scale),
-      per_image=json.dumps(
-        [im.threshold if im.status in ("found", "at_weakest") else None for im in images]
-      ),
-      per_image_status=json.dumps([im.status for im in images]),
       absolute_equivalent=absolute,
       relative_equivalent=relative,
-      # Without a leak to stop, "the weakest setting defends" means nothing.
-      attack_works_undefended=not untested,
       search_low=space.low,
       search_high=space.high,
       search_scale=space.scale,
       stronger=space.stronger,
+      gallery_size=len(self.gallery(dataset)),
+      **{f"id_{k}": v for k, v in ident.items()},
     )
 
   def equivalents(
@@ -590,8 +656,9 @@ class ThresholdSearch:
     return paths
 
   def write_grids(self, cells: Sequence["SearchedCell"]) -> List[str]:
-    """The paper's Figures 2-4 for the median-threshold image of each cell."""
-    from tf_dlg.analysis import figures
+    """The paper's Figures 2-4 for the median-threshold image of each cell, with the
+    dataset image the attacker would pick beside each reconstruction."""
+    from tf_dlg.analysis import threshold_figures
 
     paths = []
     for cell in cells:
@@ -610,7 +677,7 @@ class ThresholdSearch:
       ]
       name = f"grid_{r['dataset']}_{r['attack']}_{r['defense']}.png"
       path = os.path.join(self.output_dir, "figures", name)
-      figures.leak_grid(
+      threshold_figures.leak_grid_with_pick(
         grid,
         path,
         title=f"{r['attack']} vs {r['defense']} on {r['dataset']}"
@@ -634,7 +701,36 @@ class ThresholdSearch:
       "ssim": rec["ssim"],
       "index": rec["index"],
       "adjusted_ssim": rec["adjusted_ssim"],
+      "pick": None if rec["pick"] < 0 else self.gallery_image(dataset, rec["pick"]),
+      "rank": rec["rank"],
+      "top1": rec["top1"],
     }
+
+
+def _criterion(images, agg, space) -> Dict[str, Any]:
+  """The thresholds.csv fields of one criterion's per-image and dataset thresholds."""
+  untested = agg.status == "untested"
+  return dict(
+    status="at_weakest" if untested else agg.status,
+    threshold=space.weakest() if untested else agg.threshold,
+    low=agg.low,
+    high=agg.high,
+    interval_open=agg.open_strong_end,
+    num_tested=agg.num_tested,
+    rank=agg.rank,
+    per_image=json.dumps(
+      [im.threshold if im.status in ("found", "at_weakest") else None for im in images]
+    ),
+    per_image_status=json.dumps([im.status for im in images]),
+    # Without a leak to stop, "the weakest setting defends" means nothing.
+    attack_works_undefended=not untested,
+  )
+
+
+def _rated(threshold: Optional[float], space) -> float:
+  """Where a threshold's identification rate is measured: at it, or (not reached) at
+  the strongest setting searched."""
+  return space.strongest() if threshold is None else threshold
 
 
 def _finite(x: float) -> float:
