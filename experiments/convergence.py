@@ -375,20 +375,21 @@ class Convergence:
       self._dataset, self.dataset_source = dataset, dataset.source
     return self._dataset
 
-  def _train(self, key, built):
-    """Trains (or resumes) one (cell, seed) run; returns (history, the TFF build)."""
+  def _train(self, key):
+    """Trains (or resumes) one (cell, seed) run; returns its history."""
     from tf_dlg.federated import simulation
 
     out_dir, config = self.run_dir(*key), self.configs[key]
     history_path = os.path.join(out_dir, simulation.HISTORY_NAME)
     if not os.path.exists(history_path) or len(simulation.read_history(history_path)) < self.rounds:
       claim_cell(out_dir, self.fingerprints[key])
-      if built is None:
-        built = simulation.build_for_config(config, self._dataset)
+      # Seeds, defence parameters and partitions are runtime inputs: one TFF build per
+      # aggregator x defence, reused across its cells (`build_fedavg(reuse=True)`).
+      built = simulation.build_for_config(config, self._dataset)
       simulation.run_simulation(
         config, out_dir, dataset=self._dataset, fedavg=built, progress=False
       )
-    return simulation.read_history(history_path), built
+    return simulation.read_history(history_path)
 
   def run(self) -> List[Dict[str, Any]]:
     """Trains (or resumes) every run; writes the table and figure; returns the rows."""
@@ -400,11 +401,10 @@ class Convergence:
     for aggregator in self.aggregators:
       for label in self.defense_params:
         for seed in self.seeds:
-          built = None  # the model seed is part of the build: one per (agg, label, seed)
           for partition in self.partitions:
             key = (aggregator, partition, label, seed)
             bar.set_postfix_str("/".join(map(str, key)))
-            history, built = self._train(key, built)
+            history = self._train(key)
             done[key] = (seed, history, clipped_fraction(history))
             bar.update(1)
     rows = [
@@ -527,6 +527,12 @@ def params_from_flags(f) -> Dict[str, Tuple[float, str]]:
   return params
 
 
+def _build_count() -> int:
+  from tf_dlg.federated import fedavg
+
+  return fedavg.build_count()
+
+
 def main(argv):
   del argv
   cli.require_confined_worker()  # trains in TFF: exit 2 now if it cannot be confined
@@ -552,7 +558,12 @@ def main(argv):
     data_dir=f.data_dir,
   )
   conv.prepare()
+  builds = _build_count()
   conv.run()
+  print(
+    f"[convergence] TFF builds: {_build_count() - builds} for {len(conv.configs)} runs "
+    "(one per aggregator x defence and model shape)"
+  )
   with open(os.path.join(f.output_dir, "convergence.md"), encoding="utf-8") as md:
     print(md.read())
   print(f"[convergence] outputs in {f.output_dir}")

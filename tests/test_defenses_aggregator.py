@@ -342,3 +342,58 @@ def test_one_round_weighted_fed_avg_aggregate_is_the_pure_defence(
   elif name == "clipping":
     norms = [np.sqrt(sum(np.sum(t**2) for t, e in zip(d, exclude) if not e)) for d in defended]
     assert max(norms) <= PARAMS[name] * (1 + 1e-5)
+
+
+# ------------------------------------------------------------------ the runtime parameter
+
+OTHER_PARAMS = {
+  "masking": 0.2,
+  "clipping": 0.7,
+  "clipping_ratio": 0.3,
+  "value_clipping": 0.02,
+  "pruning": 0.29,
+  "noising": 0.3,
+  "noising_ratio": 0.3,
+  "dp": 1.5,
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_PARAMS))
+def test_parameter_set_in_the_state_is_the_pure_defence_of_that_parameter(name):
+  """One built process serves another parameter: exactly its Python-float transform."""
+  built_with = defenses.get_defense(name, PARAMS[name])
+  process = defenses.defense_factory(built_with, tff.aggregators.MeanFactory(), seed=3).create(
+    VALUE_TYPE, WEIGHT_TYPE
+  )
+  state = process.initialize()
+  assert state["param"] == PARAMS[name]
+  state = aggregator.set_param(state, OTHER_PARAMS[name])
+  values = _client_values(scale=3.0)
+  out = process.next(state, values, WEIGHTS)
+  assert out.state["param"] == OTHER_PARAMS[name]  # kept for the next round
+  other = defenses.get_defense(name, OTHER_PARAMS[name])
+  want = _mean(_defend_clients(other, values, 0, seed=3), WEIGHTS)
+  _assert_close(out.result, want)
+  # The parameter matters here: the built one gives another aggregate.
+  before = _mean(_defend_clients(built_with, values, 0, seed=3), WEIGHTS)
+  assert max(float(np.max(np.abs(a - b))) for a, b in zip(want, before)) > 1e-4
+
+
+def test_median_clipping_ratio_set_in_the_state():
+  values = _client_values(num_clients=5, scale=3.0)
+  outs = []
+  for built, run in ((0.5, 0.5), (1.0, 0.5)):
+    process = aggregator.median_clipping_factory(built, tff.aggregators.MeanFactory()).create(
+      VALUE_TYPE, WEIGHT_TYPE
+    )
+    state = aggregator.set_param(process.initialize(), run)
+    outs.append(process.next(state, values, [1.0] * 5))
+  _assert_close(outs[1].result, outs[0].result)
+  assert outs[1].measurements["defense_clip_scale"] == pytest.approx(
+    outs[0].measurements["defense_clip_scale"], rel=1e-6
+  )
+
+
+def test_set_param_refuses_a_state_without_one():
+  with pytest.raises(TypeError, match="not the state of a defence aggregation process"):
+    aggregator.set_param({"round": 0}, 0.5)

@@ -34,6 +34,8 @@ import tensorflow_federated as tff
 
 from tf_dlg.defenses import base, clipping
 
+# The defence parameter in the process state: float64 keeps the Python value exactly.
+_PARAM_TYPE = tff.TensorType(np.float64)
 # Norms gathered per round for the median: every client's when there are at most this many.
 MAX_MEDIAN_CLIENTS = 1000
 
@@ -91,9 +93,10 @@ class _DefenseComputations:
     self.clipped_fn = clipped_fn
     if median_ratio is None:  # the defence's own client transform
 
-      @tff.tensorflow.computation(value_type, int_type)
-      def defend_fn(value, round_num):
-        return defense(value, client_seed(value, round_num, seed)), defense.clip_scale(value)
+      @tff.tensorflow.computation(value_type, int_type, _PARAM_TYPE)
+      def defend_fn(value, round_num, param):
+        runtime = with_param(defense, param)
+        return runtime(value, client_seed(value, round_num, seed)), runtime.clip_scale(value)
 
       self.defend_fn = defend_fn
     else:
@@ -101,7 +104,7 @@ class _DefenseComputations:
 
   def _build_median(self, value_type, float_type):
     """Computations of clipping to ratio x the round's median client norm."""
-    defense, median_ratio = self.defense, self.median_ratio
+    defense = self.defense
 
     @tff.tensorflow.computation(value_type, float_type)
     def clip_to_bound_fn(value, bound):
@@ -112,9 +115,9 @@ class _DefenseComputations:
     def norm_fn(value):
       return base.global_norm(defense.kept_tensors(value))
 
-    @tff.tensorflow.computation(tff.TensorType(np.float32, [None]))
-    def bound_fn(norms):
-      return tf.constant(median_ratio, tf.float32) * _median(norms)
+    @tff.tensorflow.computation(tff.TensorType(np.float32, [None]), _PARAM_TYPE)
+    def bound_fn(norms, ratio):
+      return tf.cast(ratio, tf.float32) * _median(norms)
 
     self.norm_fn, self.bound_fn = norm_fn, bound_fn
     self.clip_to_bound_fn = clip_to_bound_fn
@@ -122,25 +125,27 @@ class _DefenseComputations:
       float_type
     )
 
-  def defend(self, value, round_num):
+  def defend(self, value, round_num, param):
     """Federated: the defended client values and the clients' statistics."""
     if self.median_ratio is None:
-      return tff.federated_map(self.defend_fn, (value, tff.federated_broadcast(round_num)))
+      setting = tff.federated_broadcast(tff.federated_zip((round_num, param)))
+      return tff.federated_map(self.defend_fn, (value, setting[0], setting[1]))
     norms = tff.federated_map(self.norm_fn, value)
     sampled = self.sampler.next(self.sampler.initialize(), norms).result
-    bound = tff.federated_broadcast(tff.federated_map(self.bound_fn, sampled))
+    bound = tff.federated_map(self.bound_fn, (sampled, param))
+    bound = tff.federated_broadcast(bound)
     return tff.federated_map(self.clip_to_bound_fn, (value, bound))
 
   def next(self, state, value, inner_process, weight=None):
     """Federated: one round (defend on clients, inner aggregation, measurements)."""
-    round_num, inner_state = state
-    defended, scale = self.defend(value, round_num)
+    round_num, inner_state, param = state
+    defended, scale = self.defend(value, round_num, param)
     if weight is None:
       out = inner_process.next(inner_state, defended)
     else:
       out = inner_process.next(inner_state, defended, weight)
     new_state = collections.OrderedDict(
-      round=tff.federated_map(_next_round, round_num), inner_agg=out.state
+      round=tff.federated_map(_next_round, round_num), inner_agg=out.state, param=param
     )
     measurements = collections.OrderedDict(inner_agg=out.measurements)
     if self.defense.clips:
@@ -173,16 +178,42 @@ def _next_round(r):
   return r + 1
 
 
-def _init_fn(inner_process):
+def _init_fn(inner_process, param: float):
+  @tff.tensorflow.computation
+  def initial_param():
+    return tf.constant(0.0 if param is None else param, tf.float64)
+
   @tff.federated_computation()
   def init_fn():
     return tff.federated_zip(
       collections.OrderedDict(
-        round=tff.federated_eval(_initial_round, tff.SERVER), inner_agg=inner_process.initialize()
+        round=tff.federated_eval(_initial_round, tff.SERVER),
+        inner_agg=inner_process.initialize(),
+        param=tff.federated_eval(initial_param, tff.SERVER),
       )
     )
 
   return init_fn
+
+
+def with_param(defense: base.Defense, param) -> base.Defense:
+  """A shallow copy of `defense` whose parameter is `param` (e.g. a float64 tensor).
+
+  The setting checked at construction travels in the process state (`param`), so one
+  built process serves every value of it: `set_param` changes it between runs.
+  """
+  runtime = copy.copy(defense)
+  runtime.param = param
+  return runtime
+
+
+def set_param(state, value: float):
+  """The defence aggregator's `state` with its parameter set to `value` (a new state)."""
+  if not (isinstance(state, collections.abc.Mapping) and "param" in state):
+    raise TypeError(f"state {state!r} is not the state of a defence aggregation process.")
+  new_state = copy.copy(state)
+  new_state["param"] = np.float64(value)
+  return new_state
 
 
 class _WeightedDefenseFactory(tff.aggregators.WeightedAggregationFactory):
@@ -196,7 +227,7 @@ class _WeightedDefenseFactory(tff.aggregators.WeightedAggregationFactory):
     _check_value_type(value_type)
     inner_process = self._inner.create(value_type, weight_type)
     comps = _DefenseComputations(self._args[0], value_type, *self._args[1:])
-    init_fn = _init_fn(inner_process)
+    init_fn = _init_fn(inner_process, self._args[0].param)
 
     @tff.federated_computation(
       init_fn.type_signature.result,
@@ -220,7 +251,7 @@ class _UnweightedDefenseFactory(tff.aggregators.UnweightedAggregationFactory):
     _check_value_type(value_type)
     inner_process = self._inner.create(value_type)
     comps = _DefenseComputations(self._args[0], value_type, *self._args[1:])
-    init_fn = _init_fn(inner_process)
+    init_fn = _init_fn(inner_process, self._args[0].param)
 
     @tff.federated_computation(
       init_fn.type_signature.result, tff.FederatedType(value_type, tff.CLIENTS)

@@ -45,6 +45,11 @@ def clip_by_value(tensors, bound: float):
   return [tf.clip_by_value(t, -bound, bound) for t in tensors]
 
 
+def _setting(param, dtype):
+  """A parameter in the tensors' dtype when it is a runtime (float64 tensor) setting."""
+  return tf.cast(param, dtype) if isinstance(param, tf.Tensor) else param
+
+
 class Clipping(base.Defense):
   """Global L2-norm clipping to `norm` > 0."""
 
@@ -59,7 +64,7 @@ class Clipping(base.Defense):
     )
 
   def _apply(self, tensors, seed):
-    return clip_by_global_norm(tensors, self.param)
+    return clip_by_global_norm(tensors, _setting(self.param, tensors[0].dtype))
 
   def clip_scale(self, update):
     return clip_scale(self.kept_tensors(update), self.param)
@@ -91,7 +96,7 @@ class RelativeClipping(base.Defense):
   def clip_scale(self, update):
     # Exactly the ratio, except for an all-zero update, which no factor changes.
     nonzero = base.global_norm(self.kept_tensors(update)) > 0
-    return tf.where(nonzero, tf.constant(self.param, tf.float32), 1.0)
+    return tf.where(nonzero, tf.cast(self.param, tf.float32), 1.0)
 
 
 class MedianClipping(base.Defense):
@@ -138,7 +143,7 @@ class ValueClipping(base.Defense):
     )
 
   def _apply(self, tensors, seed):
-    return clip_by_value(tensors, self.param)
+    return clip_by_value(tensors, _setting(self.param, tensors[0].dtype))
 
 
 # Cosine matching ignores a rescaled update: the strongest answer to norm clipping.

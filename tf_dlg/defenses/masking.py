@@ -24,9 +24,10 @@ def mask_update(tensors, rate: float, seed, rescale: bool = False):
   out = []
   for i, t in enumerate(tensors):
     u = tf.random.stateless_uniform(tf.shape(t), base.tensor_seed(seed, i), dtype=tf.float32)
-    keep = tf.cast(u >= rate, t.dtype)
+    # `rate` may be a tensor (a trained process's runtime setting); x / 1 is exact.
+    keep = tf.cast(u >= tf.cast(rate, tf.float32), t.dtype)
     masked = t * keep
-    if rescale and rate > 0:
+    if rescale:
       masked = masked / tf.cast(1.0 - rate, t.dtype)
     out.append(masked)
   return out

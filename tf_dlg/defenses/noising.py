@@ -80,7 +80,10 @@ class RelativeNoising(Noising):
     )
 
   def _stddev(self, tensors):
-    return self.param * base.root_mean_square(tensors)
+    rms = base.root_mean_square(tensors)
+    return (
+      tf.cast(self.param, rms.dtype) if isinstance(self.param, tf.Tensor) else self.param
+    ) * rms
 
 
 # Noise has no adaptive answer: the better of cosine and Euclidean matching.

@@ -17,8 +17,12 @@ from tf_dlg.defenses import base
 SCOPES = ("per_tensor", "global")
 
 
-def _prune_flat(flat: tf.Tensor, rate: float) -> tf.Tensor:
+def _prune_flat(flat: tf.Tensor, rate) -> tf.Tensor:
   n = flat.shape.num_elements()
+  if isinstance(rate, tf.Tensor):  # a runtime setting: the same count, computed in float64
+    k = tf.cast(tf.floor(tf.round(tf.cast(rate, tf.float64) * n * 1e6) / 1e6), tf.int32)
+    smallest = tf.argsort(tf.abs(flat), stable=True)[:k]
+    return tf.tensor_scatter_nd_update(flat, smallest[:, None], tf.zeros([k], flat.dtype))
   # floor(rate * n), static (shapes are known in every caller). Rounded first so that
   # float error does not lose an entry: 0.29 * 100 is 28.999999999999996 in binary.
   k = int(math.floor(round(rate * n, 6)))

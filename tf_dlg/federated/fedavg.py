@@ -38,7 +38,15 @@ weights, as `build_unweighted_fed_avg`) because an order statistic has no weight
 **Defences.** The configured defence enters as its spec says
 (`tf_dlg.defenses.DefenseSpec.tff_factory`): the very transform the attack experiments
 apply (`tf_dlg.defenses.defense_factory`), or, for a defence that needs the round's
-clients (`clipping_median`), its own factory.
+clients (`clipping_median`), its own factory. Its parameter is part of the aggregator's
+state, not of the computation.
+
+**One build, many runs.** A build fixes the model architecture, aggregator, defence
+name and optimisers; the model seed (initial weights) and the defence parameter are
+runtime inputs that `FedAvg.initialize()` writes into the state. `build_fedavg(...,
+reuse=True)` therefore returns a view of an earlier build when only such settings (or
+the data, partition, rounds, ...) differ; `build_count()` says how many TFF builds this
+process made.
 
 Importing this module leaves TFF's execution context alone.
 """
@@ -310,6 +318,45 @@ def _update_type(weights_type):
 # --------------------------------------------------------------------------- builder
 
 
+# Settings a build does not bake in: the data and schedule (clients' datasets and roles
+# are inputs), and the runtime inputs `FedAvg.initialize` sets. Every other field keys
+# a build, so a field added to FederatedConfig is safe (never wrongly shared) by default.
+_RUNTIME_FIELDS = (
+  "dataset",
+  "data_dir",
+  "partition",
+  "alpha",
+  "classes_per_client",
+  "num_clients",
+  "clients_per_round",
+  "rounds",
+  "defense_param",
+  "malicious_clients",
+  "malicious_mode",
+  "malicious_scale",
+  "local_epochs",
+  "batch_size",
+  "seed",
+  "capture_round",
+  "capture_client",
+)
+_CACHE_SIZE = 8  # builds kept for reuse (least recently used dropped)
+_builds: "collections.OrderedDict[tuple, FedAvg]" = collections.OrderedDict()
+_build_count = 0
+
+
+def build_count() -> int:
+  """TFF processes built in this Python process (capture variants not counted)."""
+  return _build_count
+
+
+def build_key(input_shape: Sequence[int], num_classes: int, config: FederatedConfig) -> tuple:
+  """What identifies a build: model shape and the config fields baked into it."""
+  fields = dataclasses.asdict(config)
+  baked = tuple(sorted((k, v) for k, v in fields.items() if k not in _RUNTIME_FIELDS))
+  return (tuple(int(d) for d in input_shape), int(num_classes), baked)
+
+
 @dataclasses.dataclass
 class FedAvg:
   """A built FedAvg process and what a simulation needs to drive and read it.
@@ -350,6 +397,41 @@ class FedAvg:
     if self._capture_process is None:
       self._capture_process = self._build_capture()
     return self._capture_process
+
+  def initialize(self):
+    """The process's initial state for this bundle's `config`.
+
+    The model's initial weights are those of `config.seed` and the defence parameter
+    is `config.defense_param`, whichever configuration the process was built for.
+    """
+    state = self.process.initialize()
+    keras_model = self.keras_model_fn()
+    state = self.process.set_model_weights(
+      state, tff.learning.models.ModelWeights.from_model(keras_model)
+    )
+    if self.defense is not None:
+      from tf_dlg.defenses import aggregator
+
+      state = state._replace(aggregator=aggregator.set_param(state.aggregator, self.defense.param))
+    return state
+
+  def for_config(self, config: FederatedConfig) -> "FedAvg":
+    """This build as the bundle of `config`, which may differ in runtime settings only."""
+    if build_key(self.input_shape, self.num_classes, config) != build_key(
+      self.input_shape, self.num_classes, self.config
+    ):
+      raise ValueError(
+        "for_config: the configuration differs from the build's in a setting baked into "
+        "the TFF computation; build it with build_fedavg."
+      )
+    keras_model_fn = _keras_model_fn(config, self.input_shape, self.num_classes)
+    _, defense = _probe(keras_model_fn, config)
+    view = dataclasses.replace(
+      self, keras_model_fn=keras_model_fn, config=config, defense=defense, _capture_process=None
+    )
+    # The capture variant is built once, on first use by any view.
+    view._build_capture = lambda: self.capture_process
+    return view
 
   def assign_to_keras(self, model_weights, keras_model: tf.keras.Model) -> None:
     """Copies TFF `ModelWeights` (both parts) into `keras_model`."""
@@ -422,6 +504,7 @@ def build_fedavg(
   input_shape: Sequence[int],
   num_classes: int,
   config: Optional[FederatedConfig] = None,
+  reuse: bool = False,
   **overrides,
 ) -> FedAvg:
   """Builds FedAvg over a `tf_dlg.models` Keras model.
@@ -431,14 +514,21 @@ def build_fedavg(
     config: A `FederatedConfig` (default: `FederatedConfig()`); its model, seed,
       aggregator, defence and optimisers define the process (the client data decides
       batches and epochs).
+    reuse: Return a view (`FedAvg.for_config`) of an earlier build of this process
+      with the same `build_key` instead of building anew.
     **overrides: `FederatedConfig` fields replacing those of `config`
       (`dataclasses.replace`: a misspelt name raises TypeError naming it).
 
   Returns:
     A `FedAvg` bundle.
   """
+  global _build_count
   config = dataclasses.replace(config or FederatedConfig(), **overrides)
   input_shape = tuple(int(d) for d in input_shape)
+  key = build_key(input_shape, num_classes, config)
+  if reuse and key in _builds:
+    _builds.move_to_end(key)
+    return _builds[key].for_config(config)
   keras_model_fn = _keras_model_fn(config, input_shape, num_classes)
   model_fn = _tff_model_fn(keras_model_fn, input_shape)
   num_trainable, defense = _probe(keras_model_fn, config)
@@ -461,7 +551,7 @@ def build_fedavg(
       _build_finalizer(server_opt, weights_type, num_trainable),
     )
 
-  return FedAvg(
+  fa = FedAvg(
     process=compose(False),
     keras_model_fn=keras_model_fn,
     input_shape=input_shape,
@@ -471,3 +561,8 @@ def build_fedavg(
     defense=defense,
     _build_capture=lambda: compose(True),
   )
+  _build_count += 1
+  _builds[key] = fa
+  while len(_builds) > _CACHE_SIZE:
+    _builds.popitem(last=False)
+  return fa

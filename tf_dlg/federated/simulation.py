@@ -171,10 +171,24 @@ def _find(struct, key):
 
 
 def build_for_config(config: FederatedConfig, dataset):
-  """The `FedAvg` bundle of a configuration."""
+  """The `FedAvg` bundle of a configuration, reusing this process's build where one fits.
+
+  Runs that differ only in runtime settings (seed, defence parameter, data, rounds)
+  share one TFF build (`fedavg.build_fedavg(reuse=True)`).
+  """
   from tf_dlg.federated import fedavg
 
-  return fedavg.build_fedavg(dataset.input_shape, dataset.num_classes, config)
+  return fedavg.build_fedavg(dataset.input_shape, dataset.num_classes, config, reuse=True)
+
+
+def _bundle_for(config: FederatedConfig, fa):
+  """`fa` carrying `config`'s runtime settings when it is a build of `config`'s key."""
+  from tf_dlg.federated import fedavg
+
+  same = fedavg.build_key(fa.input_shape, fa.num_classes, config) == fedavg.build_key(
+    fa.input_shape, fa.num_classes, fa.config
+  )
+  return fa.for_config(config) if same and fa.config != config else fa
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -504,7 +518,8 @@ def run_simulation(
     workers: None (local TFF runtime) or worker addresses `host:port`
       (`tf_dlg.execution.runtime.create_execution_context`).
     dataset: A preloaded `ImageDataset` (else `load_dataset(config.dataset)`).
-    fedavg: A prebuilt `FedAvg` for this config (lets tests share one build).
+    fedavg: A prebuilt `FedAvg` (lets runs share one build); a build of the same
+      `fedavg.build_key` runs with `config`'s seed and defence parameter.
     progress: Show a tqdm bar.
     stop_after: Stop after this round (simulates an interruption; the checkpoint is
       written as usual).
@@ -519,12 +534,12 @@ def run_simulation(
   runtime.install_context()
   ckpt_path = os.path.join(output_dir, CHECKPOINT_NAME)
   hist_path = os.path.join(output_dir, HISTORY_NAME)
-  fa = fedavg if fedavg is not None else build_for_config(config, dataset)
+  fa = _bundle_for(config, fedavg) if fedavg is not None else build_for_config(config, dataset)
   bad = frozenset(malicious_ids(config))
   run = _Run(fa, dataset, parts, bad, output_dir, _evaluation_model(fa))
   writer = tf.summary.create_file_writer(os.path.join(output_dir, TENSORBOARD_DIR))
   with runtime.execution_target(workers):
-    state = fa.process.initialize()
+    state = fa.initialize()
     start, history, capture_path = 0, [], None
     if os.path.exists(ckpt_path):
       state, start, history = load_checkpoint(ckpt_path, state, config.fingerprint())
