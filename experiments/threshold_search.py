@@ -37,7 +37,10 @@ Outputs in `--output_dir`:
                    configuration, or points of an older format, are refused).
   recon/*.npz      leaked, brightness-adjusted and original images of every attack call.
   thresholds.csv   one row per (dataset, kind, attack, defence); schema below.
-  thresholds.md    value [low, high] per defence x dataset, plain vs adaptive, spread.
+  thresholds.md    first both criteria and their top-1 rates against each defence's
+                   strongest attackers (`--adaptive`), then against the plain attack (the
+                   paper's reproduction); value [low, high] per defence x dataset, plain
+                   vs adaptive, spread.
   figures/thresholds_<defence>.png   per-image thresholds per dataset (strip plot).
   figures/grid_<dataset>_<attack>_<defence>.png   the median-threshold image: leaked |
                    brightness-adjusted | original | the attacker's pick (the dataset image

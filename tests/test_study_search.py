@@ -111,7 +111,12 @@ def test_identification_threshold_sees_through_an_inverted_leak(tmp_path, fake_a
     assert p["top1"] == shown == (p["pick"] == p["index"]) == (not p["id_defended"]), p
     assert p["rank"] >= 1 and p["top5"] >= p["top1"] and p["gallery_size"] == 1797
   md = (tmp_path / "thresholds.md").read_text()
-  assert "## Both leak criteria" in md and "0.33 [0.0084, 0.91]" in md
+  assert "0.33 [0.0084, 0.91]" in md
+  # No adaptive search here: the strongest-attacker section says so, before the plain one.
+  assert md.index("## Against each defence's strongest attacker") < md.index(
+    "## The paper's reproduction: plain `idlg`"
+  )
+  assert "Not searched in this run" in md
 
 
 def test_points_of_the_older_format_are_refused(tmp_path, fake_attack):
@@ -164,3 +169,34 @@ def _weaker(search, threshold):
     if p["image"] == 0 and p["defense"] == "masking" and p["param"] < threshold
   ]
   return max(params)
+
+
+def test_strongest_attacker_table_comes_first(tmp_path, fake_attack):
+  search = search_lib.ThresholdSearch(str(tmp_path), **dict(SETTINGS, num_images=2, adaptive=True))
+  rows = search.run()
+  md = (tmp_path / "thresholds.md").read_text()
+  lines = md.splitlines()
+  first = next(i for i, line in enumerate(lines) if line.startswith("| "))
+  heading = next(line for line in reversed(lines[:first]) if line.startswith("#"))
+  assert heading == "## Against each defence's strongest attacker"
+  cells = [c.strip() for c in lines[first + 2].strip("|").split("|")]
+  adaptive = next(r for r in rows if r["kind"] == "adaptive")
+  assert cells[:3] == ["digits", "masked_ig (strongest)", "masking"]
+  assert cells[3].startswith(f"{adaptive['threshold']:.3g} [")
+  assert md.index(heading) < md.index("## The paper's reproduction: plain `idlg`")
+
+
+def test_report_opens_with_the_strongest_attacker_table(tmp_path, fake_attack):
+  from experiments import reproduce
+
+  search = search_lib.ThresholdSearch(
+    str(tmp_path / "thresholds"), **dict(SETTINGS, num_images=2, adaptive=True)
+  )
+  search.run()
+  settings = reproduce.PRESETS["quick"].override(datasets=["digits"], defenses=["masking"])
+  path = reproduce.write_report(str(tmp_path), settings, {"digits": "x"}, {"search": 1.0}, {})
+  lines = open(path).read().splitlines()
+  first = next(i for i, line in enumerate(lines) if line.startswith("| "))
+  heading = next(line for line in reversed(lines[:first]) if line.startswith("#"))
+  assert heading.lstrip("#").strip() == "Against each defence's strongest attacker"
+  assert "masked_ig (strongest)" in lines[first + 2]

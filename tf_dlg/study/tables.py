@@ -192,16 +192,7 @@ def thresholds_markdown(rows: Sequence[Dict[str, Any]], search, sources: Dict[st
     f"smallest setting that defends {search.defended_fraction:.0%} of the images the "
     f"attack recovers undefended, value [95 % bootstrap interval over images] "
     f"(n = tested / attacked images).\n",
-    "\n## Both leak criteria\n\n",
-    "*Adjusted SSIM*: an image leaks when its brightness-adjusted SSIM reaches the bar "
-    "above. *Identification*: it leaks when the attacker, ranking all "
-    f"{_gallery(rows)} images of the dataset by brightness-tolerant correlation with the "
-    "reconstruction, picks its original first (top-1; `tf_dlg.analysis.identification`). "
-    "Each threshold is searched per image and aggregated as above; *top-1 at it / that*: "
-    "the fraction of the attacked images identified at that threshold (at the strongest setting "
-    "searched when not reached), exact 95 % binomial interval. n = tested / attacked "
-    "images; tested = leaking undefended under that criterion.\n\n",
-    both_criteria_table(rows),
+    _lead_tables(rows, search),
   ]
   tables = [("plain", a, f"Plain threshold, attack `{a}`") for a in search.attacks]
   if search.adaptive:
@@ -226,6 +217,41 @@ def thresholds_markdown(rows: Sequence[Dict[str, Any]], search, sources: Dict[st
   for dataset in search.datasets:
     lines.append(f"- `{dataset}`: {sources[dataset]}\n")
   return "".join(lines)
+
+
+STRONGEST_HEADING = "Against each defence's strongest attacker"
+
+
+def _lead_tables(rows: Sequence[Dict[str, Any]], search) -> str:
+  """Both criteria against the strongest attackers first, then the paper's plain attack."""
+  adaptive = [r for r in rows if r["kind"] == "adaptive"]
+  plain = [r for r in rows if r["kind"] == "plain"]
+  text = (
+    "\nTwo leak criteria. *Adjusted SSIM*: an image leaks when its brightness-adjusted SSIM "
+    "reaches the bar above. *Identification*: it leaks when the attacker, ranking all "
+    f"{_gallery(rows)} images of the dataset by brightness-tolerant correlation with the "
+    "reconstruction, picks its original first (top-1; `tf_dlg.analysis.identification`). "
+    "Each threshold is searched per image and aggregated as above; *top-1 at it / that*: "
+    "the fraction of the attacked images identified at that threshold (at the strongest setting "
+    "searched when not reached), exact 95 % binomial interval. n = tested / attacked "
+    "images; tested = leaking undefended under that criterion.\n"
+    f"\n## {STRONGEST_HEADING}\n\n"
+  )
+  if adaptive:
+    text += (
+      "Each defence against the attackers known to break it (its spec's "
+      "`strongest_attackers`; with two, an image leaks if either recovers it).\n\n"
+      + both_criteria_table(adaptive)
+    )
+  else:
+    text += (
+      "Not searched in this run (`--adaptive` off): the thresholds below hold against "
+      "the paper's attack only, a weaker attacker than those known to break each defence.\n"
+    )
+  if plain:
+    attacks = ", ".join(f"`{a}`" for a in search.attacks)
+    text += f"\n## The paper's reproduction: plain {attacks}\n\n" + both_criteria_table(plain)
+  return text
 
 
 def _gallery(rows) -> str:
