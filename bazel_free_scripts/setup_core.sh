@@ -40,7 +40,7 @@ PY_VENV="$VENV/bin/python"
 PIP=("$PY_VENV" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q --upgrade "pip>=23" "setuptools>=61" wheel
 "${PIP[@]}" install -q "$TF_SPEC"
-tf_before="$("${PIP[@]}" freeze | grep -iE '^(tensorflow|tensorflow-cpu|keras)==' | sort)"
+tf_before="$("${PIP[@]}" freeze | grep -iE '^(tensorflow|tensorflow[-_]cpu|keras)==' | sort)"
 "${PIP[@]}" install -q -e "$ROOT[flower,test]"
 # Optional pieces the suite exercises: TensorBoard (the attacks' TensorBoardHook; the
 # tensorflow-cpu 2.21 wheel does not depend on it) and the tfp L-BFGS optimizer. TFP on
@@ -49,7 +49,7 @@ tf_before="$("${PIP[@]}" freeze | grep -iE '^(tensorflow|tensorflow-cpu|keras)==
 tf_minor="$("$PY_VENV" -c 'import tensorflow as tf; print(".".join(tf.__version__.split(".")[:2]))')"
 "${PIP[@]}" install -q tensorflow-probability "tensorboard==$tf_minor.*"
 "${PIP[@]}" install -q --no-deps "tf-keras==$tf_minor.*"
-tf_after="$("${PIP[@]}" freeze | grep -iE '^(tensorflow|tensorflow-cpu|keras)==' | sort)"
+tf_after="$("${PIP[@]}" freeze | grep -iE '^(tensorflow|tensorflow[-_]cpu|keras)==' | sort)"
 if [ "$tf_before" != "$tf_after" ]; then
   echo "[setup_core] ERROR: installing tf-dlg changed TensorFlow/Keras:" >&2
   echo "before: $tf_before" >&2
