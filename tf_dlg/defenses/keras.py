@@ -32,6 +32,11 @@ Otherwise a non-finite gradient raises (as every defence does).
 `DefenseTrainStepMixin` gives the same `train_step` to your own `tf.keras.Model`
 subclass (call `set_defense(...)` in its `__init__`); `defended_gradients(...)` is the
 function behind both, for custom training loops.
+
+What a FedAvg client sends is its weights after `fit`, not each gradient:
+`defend_weights_delta(before, after, defense, seed)` defends that delta (and reports
+`update_statistics`), and the `DefendUpdate` callback applies it at the end of `fit`.
+All of it runs on Keras 2 (TF 2.14) and Keras 3 (TF 2.16+, `tf.keras` is Keras 3).
 """
 
 from __future__ import annotations
