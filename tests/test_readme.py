@@ -25,6 +25,7 @@ DRIVERS = (
   "tf_dlg.execution.worker",
   "benchmarks.attack_speed",
   "benchmarks.round_speed",
+  "benchmarks.plain_fedavg",
 )
 # Options of other tools the README shows (pytest -m, pip --no-deps, ruff format --check,
 # tensorboard --logdir), not of a Python driver.
