@@ -140,11 +140,20 @@ def test_worker_launcher_defaults_to_loopback_and_stops_on_sigterm():
     while not _worker_children(launcher.pid) and time.time() < deadline:
       time.sleep(0.1)
     (pid,) = _worker_children(launcher.pid)
+    # The banner comes after the launcher has verified the worker's sockets: wait for it
+    # (a SIGTERM before it would race the check), then stop the launcher.
+    seen = ""
+    while "loopback only" not in seen:
+      line = launcher.stderr.readline()
+      assert line, f"launcher closed stderr without the banner: {seen!r}"
+      seen += line
     found = _wait_listening(pid)
     assert found and all(_is_loopback(a) for a, _ in found), found
     launcher.send_signal(signal.SIGTERM)
-    launcher.wait(15)
-    assert "loopback only" in launcher.stderr.read()
+    launcher.wait(60)  # generous: a loaded 2-core machine
+    deadline = time.time() + 60  # the worker dies on its parent-death signal, a moment later
+    while _alive(pid) and time.time() < deadline:
+      time.sleep(0.1)
     assert not _alive(pid)
   finally:
     if launcher.poll() is None:
