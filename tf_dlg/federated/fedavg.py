@@ -153,7 +153,13 @@ def _client_update_fn(model_fn, weighting):
 
     specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
     opt_state = optimizer.set_hparams(optimizer.initialize(specs), hparams)
-    num_examples, _ = batches.reduce((tf.zeros([], tf.int64), opt_state), reduce_fn)
+    # A loop over the dataset's iterator, not `batches.reduce`: ops inside a tf.data
+    # reduce function run without the graph runtime's scheduling, which makes local
+    # training about twice as slow (TFF's `use_experimental_simulation_loop` does the same).
+    state = (tf.zeros([], tf.int64), opt_state)
+    for batch in iter(batches):
+      state = reduce_fn(state, batch)
+    num_examples, _ = state
 
     initial = list(tf.nest.flatten(initial_weights.trainable)) + list(
       tf.nest.flatten(initial_weights.non_trainable)
