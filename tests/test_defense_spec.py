@@ -36,7 +36,7 @@ class ToyScale(base.Defense):
     return [t * tf.cast(self.param, t.dtype) for t in tensors]
 
   def clip_scale(self, update):
-    return tf.constant(self.param, tf.float32)
+    return tf.cast(self.param, tf.float32)  # a float64 tensor in TFF training
 
 
 TOY_SPEC = base.DefenseSpec(

@@ -131,6 +131,11 @@ class DefenseSpec:
 class Defense:
   """Base class. Subclasses implement `_apply(tensors, seed) -> tensors`.
 
+  `_apply` and `clip_scale` must accept `self.param` as a Python number *or* a float64
+  scalar tensor (cast it, e.g. `tf.cast(self.param, t.dtype)`; never `tf.constant` or
+  `float()` it): TFF training keeps the parameter in the process state, so one built
+  computation serves every setting (`tf_dlg.defenses.aggregator.with_param`).
+
   Args:
     param: The defence's strength parameter (validated by the subclass).
     exclude: Optional structure of bools like the update, or a flat list in
