@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -257,9 +256,9 @@ def test_one_federated_configuration_checked_once_without_data(monkeypatch):
 def test_malicious_check_does_not_depend_on_the_number_of_rounds():
   from tf_dlg.federated.config import FederatedConfig
 
-  start = time.perf_counter()
-  ok = FederatedConfig(rounds=10**8, malicious_clients=3, clients_per_round=4)
-  assert ok.rounds == 10**8 and time.perf_counter() - start < 1.0
+  # A check that looped over the rounds would not return before pytest-timeout at 10**15.
+  ok = FederatedConfig(rounds=10**15, malicious_clients=3, clients_per_round=4)
+  assert ok.rounds == 10**15
   with pytest.raises(ValueError, match=r"a round could sample only malicious clients; use "):
     FederatedConfig(rounds=10**8, malicious_clients=4, clients_per_round=4)
 
