@@ -106,9 +106,11 @@ def test_training_applies_the_searched_transform_per_client(digits, plain_build,
   fa_def = sim.build_for_config(defended, digits)
   _, _, client_data = _round_one(plain, digits)
   # Each process starts from its own state (the defended aggregator keeps a round
-  # counter); both start from the same seeded model weights.
-  state = fa_plain.process.initialize()
-  state_def = fa_def.process.initialize()
+  # counter); both start from the same seeded model weights. `initialize()`, not
+  # `process.initialize()`: the build may be shared with an earlier run of this defence at
+  # another parameter (build reuse), and only the bundle sets this config's parameter.
+  state = fa_plain.initialize()
+  state_def = fa_def.initialize()
   for a, b in zip(
     fa_plain.process.get_model_weights(state).trainable,
     fa_def.process.get_model_weights(state_def).trainable,
