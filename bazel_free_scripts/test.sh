@@ -30,7 +30,8 @@ bash "$ROOT/bazel_free_scripts/setup.sh" || exit $?
 "$ROOT/.venv/bin/ruff" check . || exit $?
 "$ROOT/.venv/bin/ruff" format --check . || exit $?
 start=$(date +%s)
-run_pytest "$ROOT/.venv/bin/python" "$@"
+# --durations: the slowest tests, so the 10-minute budget of the suite stays visible.
+run_pytest "$ROOT/.venv/bin/python" --durations=12 "$@"
 rc_full=$?
 echo "[test] full suite on .venv (TF 2.14, TFF): exit $rc_full, $(( $(date +%s) - start )) s"
 
