@@ -94,7 +94,8 @@ PRESETS: Dict[str, Preset] = {
   # FedAvg near convergence: 6,000 seeded MNIST training images (2,000 test), 10 clients,
   # FederatedConfig's training defaults. Without TFF the undefended model reaches 0.97-0.98
   # at 15-20 rounds (benchmarks.plain_fedavg --grid); a TFF round of these clients takes
-  # about 1.1 s on 2 idle cores, so 60 runs x 15 rounds is what the 30 minutes allow.
+  # about 1.1 s on 2 idle cores. 60 runs x 15 rounds took ~31 min in a demo run that
+  # shared the cores with a CI run: over the 30-minute budget, kept for converged costs.
   # 1,000 images x 8 rounds, the old setting, ended near 0.4 (a model that had not learned).
   "quick": Preset(
     name="quick",
