@@ -539,7 +539,7 @@ def _search(output_dir: str, settings: Preset, progress: bool):
 
 
 def _convergence(output_dir: str, settings: Preset, params, progress: bool):
-  from experiments import convergence as convergence_lib
+  from tf_dlg.study import convergence as convergence_lib
 
   subsets = (
     (settings.train_examples, settings.test_examples or settings.train_examples)
@@ -622,7 +622,7 @@ def check_settings(output_dir: str, settings: Preset, progress: bool = True):
 
 def _convergence_params(search, settings: Preset) -> Dict[str, Tuple[float, str]]:
   """{label: (parameter, provenance)}: plain thresholds, and adaptive ones if any."""
-  from experiments import convergence as convergence_lib
+  from tf_dlg.study import convergence as convergence_lib
 
   path = os.path.join(search.output_dir, "thresholds.csv")
   params = convergence_lib.defense_params_from_thresholds(

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from threshold_rows import write_thresholds_csv
 
-from experiments import convergence
 from tf_dlg.analysis import intervals
+from tf_dlg.study import convergence
 
 
 @pytest.fixture

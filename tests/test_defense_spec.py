@@ -234,10 +234,10 @@ def test_clipping_median_trains_through_its_own_factory():
 
 
 def test_one_federated_configuration_checked_once_without_data(monkeypatch):
-  from experiments import convergence
   from tf_dlg import data
   from tf_dlg.federated import config as config_lib
   from tf_dlg.federated import fedavg, simulation
+  from tf_dlg.study import convergence
 
   assert simulation.SimulationConfig is config_lib.FederatedConfig
   assert not hasattr(fedavg, "FedAvgConfig") and not hasattr(convergence, "DEFAULTS")

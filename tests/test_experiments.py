@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from threshold_rows import write_thresholds_csv
 
-from experiments import convergence, threshold_search
-from tf_dlg.study import results
+from experiments import threshold_search
+from tf_dlg.study import convergence, results
 
 TINY = dict(
   datasets=["digits"],

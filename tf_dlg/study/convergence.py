@@ -1,0 +1,500 @@
+r"""Experiment 2: what each defence at its threshold costs FedAvg in accuracy.
+
+FedAvg in TFF (`tf_dlg.federated`) with no defence and with each defence at the
+threshold found by the threshold search (`tf_dlg.study.threshold_search`) (read from its `thresholds.csv`, or
+given with `--defense_params`), for `mean` and coordinate-wise `median` aggregation, on
+IID and non-IID clients, each cell with several seeds (`--seeds`): the paper's Figure 5
+as a 2x2 panel of mean test-accuracy curves with a 95 % band over seeds, and a table of
+final accuracy (mean of the last 3 rounds; mean [95 % t interval] over seeds) and the
+cost versus no defence (the paired difference over seeds, with its t interval).
+
+Each (cell, seed) lives in `runs/<aggregator>_<partition>_<label>/seed<k>/` with its own
+`history.csv`, checkpoint and `cell.json` (its full configuration: dataset and data
+source, defence and parameter, seed, rounds, clients, ...), so an interrupted experiment
+resumes run by run and round by round. A folder whose `cell.json` differs (another seed
+included), or a run folder without one, is refused before any training with an error
+naming the file and the differing keys: it is never reused, and never overwritten.
+
+Units. Clipping norms and noise standard deviations (`clipping`, `noising`) are absolute
+and do not transfer from single-image gradients of the attack model to FedAvg deltas of
+the training model (clipping at the attack's threshold is a no-op in training). The
+relative units `clipping_ratio` (clip to ratio x the client update's own norm, the very
+transform the threshold search measured) and `noising_ratio` (noise std = ratio x the
+update's RMS) apply the same relative setting on the training model. `clipping_median`
+(clip every client to ratio x the round's median client norm) exists only in training:
+give it with `--defense_params=clipping_median:RATIO`. The table reports the fraction of
+client updates that clipping changed (`clipped`, from each run's history). Labels `name@tag` (e.g. `masking@adaptive`) train a defence at a
+second setting, such as its adaptive threshold (`--thresholds_kind=adaptive`).
+
+Outputs: runs/*/seed*/history.csv, convergence.csv, convergence.md,
+figures/convergence.png.
+
+Example:
+  python -m experiments.convergence --thresholds=/tmp/thr/thresholds.csv \
+      --dataset=mnist --train_examples=2000 --seeds=0,1,2 --rounds=10 \
+      --output_dir=/tmp/conv
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from tf_dlg import io as io_lib
+from tf_dlg import validation
+
+FINAL_ROUNDS = 3  # "final accuracy" averages this many last rounds
+
+CONVERGENCE_FIELDS = (
+  "aggregator",
+  "partition",
+  "defense",
+  "label",
+  "param",
+  "param_source",
+  "seeds",
+  "rounds",
+  "final_test_accuracy",
+  "final_low",
+  "final_high",
+  "cost",
+  "cost_low",
+  "cost_high",
+  "best_test_accuracy",
+  "clipped_fraction",
+  "seconds",
+  "per_seed",
+)
+CELL_NAME = "cell.json"
+CELL_FORMAT = "tf_dlg.convergence.cell/v2"
+# Set per run by the grid, or not part of a convergence run.
+_PER_RUN = (
+  "partition",
+  "aggregator",
+  "defense",
+  "defense_param",
+  "capture_round",
+  "capture_client",
+)
+
+
+class CellError(ValueError):
+  """A run folder holds a run of another configuration (or of an unknown one)."""
+
+
+def defense_params_from_thresholds(
+  path: str, dataset: str, attack: str = "idlg", kind: str = "plain"
+) -> Dict[str, Tuple[float, str]]:
+  """{label: (parameter, provenance)} from a thresholds.csv for one dataset.
+
+  `kind="plain"`: the thresholds against `attack`, labelled by defence name.
+  `kind="adaptive"`: each defence's threshold against its strongest attacker (rows of
+  kind `adaptive`), labelled `<defence>@adaptive`. A defence whose threshold was not
+  reached takes the strongest value searched, marked as such in the provenance. Damaged
+  cells raise ValueError naming file, line, column.
+  """
+  from tf_dlg.study import records as threshold_search
+
+  validation.check_choice("kind", kind, ("plain", "adaptive"))
+  out = {}
+  rows = threshold_search.read_thresholds(path)
+  for r in rows:
+    if r["dataset"] != dataset or (r.get("kind") or "plain") != kind:
+      continue
+    if kind == "plain" and r["attack"] != attack:
+      continue
+    label = r["defense"] + ("@adaptive" if kind == "adaptive" else "")
+    against = f" vs {r['attack']}" if kind == "adaptive" else ""
+    if r["status"] == "not_reached":
+      strongest = r["search_high"] if r["stronger"] == "higher" else r["search_low"]
+      setting = (strongest, f"strongest searched{against} (threshold not reached)")
+    elif threshold_search.attack_untested(r):
+      setting = (r["threshold"], f"weakest searched{against} ({threshold_search.UNTESTED})")
+    else:
+      setting = (r["threshold"], f"{kind} threshold{against} ({r['status']})")
+    # Several attackers of one defence (adaptive): the setting that stops them all.
+    if label in out and (setting[0] > out[label][0]) != (r["stronger"] == "higher"):
+      continue
+    out[label] = setting
+  if not out:
+    available = sorted({(r["dataset"], r.get("kind") or "plain", r["attack"]) for r in rows})
+    raise ValueError(
+      f"{path} has no {kind} thresholds for dataset={dataset!r}"
+      + (f", attack={attack!r}" if kind == "plain" else "")
+      + f"; it has (dataset, kind, attack) {available}."
+    )
+  return out
+
+
+def parse_defense_params(items: Sequence[str]) -> Dict[str, Tuple[float, str]]:
+  """`["masking:0.6", "clipping:1.0"]` -> {defence: (value, "given")}."""
+  out = {}
+  for item in items:
+    name, sep, value = item.partition(":")
+    try:
+      if not sep:
+        raise ValueError
+      out[name.strip()] = (float(value), "given")
+    except ValueError:
+      raise ValueError(
+        f"--defense_params entry {item!r} must look like NAME:VALUE, e.g. masking:0.6"
+      ) from None
+  return out
+
+
+def cell_fingerprint(config, dataset_source: str) -> Dict[str, Any]:
+  """Everything that fixes a run's numbers: its FederatedConfig and the data's source."""
+  fields = dataclasses.asdict(config)
+  for k in ("data_dir", "capture_round", "capture_client"):  # do not change the numbers
+    fields.pop(k, None)
+  fields["dataset_source"] = dataset_source
+  return json.loads(io_lib.dumps(fields, sort_keys=True))
+
+
+def check_cell(run_dir: str, fingerprint: Dict[str, Any]) -> bool:
+  """Whether `run_dir` holds (part of) this run; CellError if it holds another one."""
+  from tf_dlg.federated import simulation
+
+  path = os.path.join(run_dir, CELL_NAME)
+  if not os.path.exists(path):
+    found = [
+      n
+      for n in (simulation.HISTORY_NAME, simulation.CHECKPOINT_NAME)
+      if os.path.exists(os.path.join(run_dir, n))
+    ]
+    if found:
+      raise CellError(
+        f"{os.path.join(run_dir, found[0])}: a run without {CELL_NAME}, so "
+        "its configuration is unknown; it is not reused. Move it away or "
+        "use another --output_dir."
+      )
+    return False
+  try:
+    with open(path, encoding="utf-8") as f:
+      stored = json.load(f)
+    if stored.get("format") != CELL_FORMAT:
+      raise ValueError(f"format={stored.get('format')!r}, expected {CELL_FORMAT!r}")
+    config = dict(stored["config"])
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise CellError(
+      f"{path}: not a readable convergence cell file ({e}); move it away or "
+      "use another --output_dir."
+    ) from e
+  diff = sorted(k for k in set(config) | set(fingerprint) if config.get(k) != fingerprint.get(k))
+  if diff:
+    raise CellError(
+      f"{path}: this run folder holds another configuration (differs in: "
+      + ", ".join(f"{k} {config.get(k)!r} there, {fingerprint.get(k)!r} now" for k in diff)
+      + "); use another --output_dir, or the flags of that run."
+    )
+  return True
+
+
+def claim_cell(run_dir: str, fingerprint: Dict[str, Any]) -> None:
+  """Marks `run_dir` as this configuration's (after `check_cell` passed)."""
+  path = os.path.join(run_dir, CELL_NAME)
+  if not os.path.exists(path):
+    text = io_lib.dumps({"format": CELL_FORMAT, "config": fingerprint}, indent=1, sort_keys=True)
+    io_lib.atomic_write_text(path, text + "\n")
+
+
+def defense_of(label: str) -> str:
+  """The registry defence of a grid label: `masking` or `masking@adaptive` -> masking."""
+  return label.split("@", 1)[0]
+
+
+def clipped_fraction(history: List[Dict[str, Any]]) -> Optional[float]:
+  """Mean over a run's rounds of the fraction of clients clipping changed, or None.
+
+  The history holds what the defence's TFF factory measured in each round (empty for
+  a defence that does not clip).
+  """
+  values = [h["clipped_fraction"] for h in history if h.get("clipped_fraction") is not None]
+  return float(np.mean(values)) if values else None
+
+
+def subset(dataset, train_examples, test_examples, seed: int):
+  """A seeded subset of the training and test images (None keeps a split whole)."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for split, n in (("train", train_examples), ("test", test_examples)):
+    x, y = getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}")
+    if n and x is not None and n < len(x):
+      idx = np.sort(rng.choice(len(x), int(n), replace=False))
+      out.update({f"x_{split}": x[idx], f"y_{split}": y[idx]})
+  if not out:
+    return dataset
+  source = (
+    f"{dataset.source}; seeded subset (seed {seed}) of "
+    f"{len(out.get('x_train', dataset.x_train))} train / "
+    f"{len(out.get('x_test', dataset.x_test))} test images"
+  )
+  return dataclasses.replace(dataset, source=source, **out)
+
+
+def seed_rows(label: str, param, provenance: str, runs) -> Dict[str, Any]:
+  """One table row from the per-seed runs [(seed, history, clipped fraction)] of a cell."""
+  from tf_dlg.analysis import intervals
+
+  finals = [
+    float(np.mean([h["test_accuracy"] for h in hist[-FINAL_ROUNDS:]])) for _, hist, _ in runs
+  ]
+  iv = intervals.mean_interval(finals)
+  clipped = [c for _, _, c in runs if c is not None]
+  return {
+    "defense": defense_of(label),
+    "label": label,
+    "param": param,
+    "param_source": provenance,
+    "seeds": " ".join(str(s) for s, _, _ in runs),
+    "rounds": min(len(h) for _, h, _ in runs),
+    "final_test_accuracy": iv.estimate,
+    "final_low": iv.low,
+    "final_high": iv.high,
+    "best_test_accuracy": float(np.mean([max(x["test_accuracy"] for x in h) for _, h, _ in runs])),
+    "clipped_fraction": float(np.mean(clipped)) if clipped else None,
+    "seconds": float(sum(x["seconds"] for _, h, _ in runs for x in h)),
+    "per_seed": " ".join(f"{v:.4f}" for v in finals),
+  }
+
+
+def add_costs(rows: List[Dict[str, Any]]) -> None:
+  """Cost vs no defence: the paired difference (none - defended) over seeds, in place."""
+  from tf_dlg.analysis import intervals
+
+  for r in rows:
+    none = next(
+      x
+      for x in rows
+      if (x["aggregator"], x["partition"], x["label"]) == (r["aggregator"], r["partition"], "none")
+    )
+    iv = intervals.paired_difference(
+      [float(v) for v in none["per_seed"].split()], [float(v) for v in r["per_seed"].split()]
+    )
+    r.update(cost=iv.estimate, cost_low=iv.low, cost_high=iv.high)
+
+
+class Convergence:
+  """Runs (and resumes) the convergence grid; see the module docstring.
+
+  Args:
+    output_dir: Results directory (resumed if it holds runs of this configuration).
+    defense_params: {label: (parameter, provenance)}; a label is a defence name or
+      `name@tag` (e.g. `masking@adaptive`) to train one defence at several settings;
+      "none" is always added.
+    aggregators: Subset of mean, median, trimmed_mean.
+    partitions: e.g. ("iid", "dirichlet").
+    seeds: The seeds every cell runs with (paired across defences).
+    subsets: (train images, test images) of a seeded subset of the dataset, or None.
+    progress: Show a progress bar.
+    **config: `tf_dlg.federated.FederatedConfig` fields shared by every run (dataset,
+      rounds, num_clients, alpha, local_epochs, batch_size, data_dir, model, ...); its
+      defaults fill the rest.
+  """
+
+  def __init__(
+    self,
+    output_dir: str,
+    defense_params: Dict[str, Tuple[float, str]],
+    aggregators: Sequence[str] = ("mean", "median"),
+    partitions: Sequence[str] = ("iid", "dirichlet"),
+    seeds: Sequence[int] = (0,),
+    subsets: Optional[Tuple[int, int]] = None,
+    progress: bool = True,
+    **config,
+  ):
+    from tf_dlg import data, defenses
+    from tf_dlg.federated import AGGREGATORS
+    from tf_dlg.federated.config import FederatedConfig
+
+    for name, values, allowed in (
+      ("aggregators", aggregators, AGGREGATORS),
+      ("partitions", partitions, data.PARTITION_SCHEMES),
+    ):
+      if not values:
+        raise ValueError(f"{name} is empty; expected some of {', '.join(allowed)}.")
+      validation.check_choices(name, values, allowed)
+    self.seeds = [validation.check_int("seeds", s, 0) for s in seeds]
+    if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+      raise ValueError(f"seeds={list(seeds)} must be distinct and at least one.")
+    self.subsets = tuple(validation.check_int("subsets", n, 1) for n in subsets or ())
+    known = sorted({f.name for f in dataclasses.fields(FederatedConfig)} - set(_PER_RUN) - {"seed"})
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+      raise ValueError(f"unknown simulation settings {unknown}; expected some of {known}.")
+    validation.check_choices(
+      "defense_params",
+      [defense_of(k) for k in defense_params],
+      [d for d in defenses.DEFENSES if d != "none"],
+    )
+    self.defense_params = {"none": (None, "no defence"), **defense_params}
+    self.aggregators, self.partitions = list(aggregators), list(partitions)
+    # The settings every run shares: FederatedConfig's defaults, then `config`.
+    self.base = dataclasses.replace(FederatedConfig(), **config)
+    self.dataset, self.rounds = self.base.dataset, self.base.rounds
+    self.progress, self.dataset_source = progress, None
+    # Every run's settings are checked now (their own one-line ValueErrors), before work.
+    self.configs = {
+      (a, p, label, s): dataclasses.replace(
+        self.base,
+        partition=p,
+        aggregator=a,
+        defense=defense_of(label),
+        defense_param=param,
+        seed=s,
+      )
+      for a in self.aggregators
+      for label, (param, _) in self.defense_params.items()
+      for p in self.partitions
+      for s in self.seeds
+    }
+    self.output_dir = validation.check_output_dir("output_dir", output_dir)
+    self._dataset, self.fingerprints = None, {}
+
+  def run_dir(self, aggregator, partition, label, seed):
+    return os.path.join(self.output_dir, "runs", f"{aggregator}_{partition}_{label}", f"seed{seed}")
+
+  def prepare(self):
+    """Loads the data and checks every run folder (CellError) before any training."""
+    if self._dataset is None:
+      from tf_dlg import data
+
+      dataset = data.load_dataset(self.dataset, data_dir=self.base.data_dir)
+      if self.subsets:
+        dataset = subset(dataset, *self.subsets, seed=0)
+      for key, config in self.configs.items():
+        config.validate(len(dataset.x_train))
+        self.fingerprints[key] = cell_fingerprint(config, dataset.source)
+        check_cell(self.run_dir(*key), self.fingerprints[key])
+      self._dataset, self.dataset_source = dataset, dataset.source
+    return self._dataset
+
+  def _train(self, key):
+    """Trains (or resumes) one (cell, seed) run; returns its history."""
+    from tf_dlg.federated import simulation
+
+    out_dir, config = self.run_dir(*key), self.configs[key]
+    history_path = os.path.join(out_dir, simulation.HISTORY_NAME)
+    if not os.path.exists(history_path) or len(simulation.read_history(history_path)) < self.rounds:
+      claim_cell(out_dir, self.fingerprints[key])
+      # Seeds, defence parameters and partitions are runtime inputs: one TFF build per
+      # aggregator x defence, reused across its cells (`build_fedavg(reuse=True)`).
+      built = simulation.build_for_config(config, self._dataset)
+      simulation.run_simulation(
+        config, out_dir, dataset=self._dataset, fedavg=built, progress=False
+      )
+    return simulation.read_history(history_path)
+
+  def run(self) -> List[Dict[str, Any]]:
+    """Trains (or resumes) every run; writes the table and figure; returns the rows."""
+    from tqdm import tqdm
+
+    self.prepare()
+    bar = tqdm(total=len(self.configs), desc="convergence", unit="run", disable=not self.progress)
+    done = {}
+    for aggregator in self.aggregators:
+      for label in self.defense_params:
+        for seed in self.seeds:
+          for partition in self.partitions:
+            key = (aggregator, partition, label, seed)
+            bar.set_postfix_str("/".join(map(str, key)))
+            history = self._train(key)
+            done[key] = (seed, history, clipped_fraction(history))
+            bar.update(1)
+    rows = [
+      dict(
+        aggregator=a,
+        partition=p,
+        **seed_rows(label, param, provenance, [done[(a, p, label, s)] for s in self.seeds]),
+      )
+      for a in self.aggregators
+      for label, (param, provenance) in self.defense_params.items()
+      for p in self.partitions
+    ]
+    bar.close()
+    add_costs(rows)
+    self.write(rows)
+    return rows
+
+  def _curves(self, rows):
+    """{(aggregator, partition): {label: [(round, mean, low, high)]}} over seeds."""
+    from tf_dlg.analysis import intervals
+    from tf_dlg.federated import simulation
+
+    curves = {}
+    for r in rows:
+      hists = [
+        simulation.read_history(
+          os.path.join(
+            self.run_dir(r["aggregator"], r["partition"], r["label"], s), simulation.HISTORY_NAME
+          )
+        )
+        for s in self.seeds
+      ]
+      points = []
+      for i in range(min(len(h) for h in hists)):
+        iv = intervals.mean_interval([h[i]["test_accuracy"] for h in hists])
+        points.append((i + 1, iv.estimate, iv.low, iv.high))
+      name = r["label"] if r["param"] is None else f"{r['label']} {r['param']:.3g}"
+      curves.setdefault((r["aggregator"], r["partition"]), {})[name] = points
+    return curves
+
+  def write(self, rows: List[Dict[str, Any]]) -> None:
+    """convergence.csv, convergence.md and figures/convergence.png."""
+    from tf_dlg.analysis import figures
+    from tf_dlg.study import records as threshold_search
+
+    threshold_search.write_csv(
+      os.path.join(self.output_dir, "convergence.csv"), CONVERGENCE_FIELDS, rows
+    )
+    seeds = ", ".join(map(str, self.seeds))
+    figures.accuracy_panel(
+      self._curves(rows),
+      os.path.join(self.output_dir, "figures", "convergence.png"),
+      title=f"FedAvg test accuracy, mean and 95 % band over seeds {seeds} ({self.dataset})",
+      footer=f"data: {self.dataset_source}",
+      panel_order=[(a, p) for a in self.aggregators for p in self.partitions],
+    )
+    table = [
+      [
+        r["aggregator"],
+        r["partition"],
+        r["label"],
+        r["param"],
+        r["param_source"],
+        f"{r['final_test_accuracy']:.3f} [{r['final_low']:.3f}, {r['final_high']:.3f}]",
+        ""
+        if r["label"] == "none"
+        else f"{100 * r['cost']:+.1f} [{100 * r['cost_low']:+.1f}, {100 * r['cost_high']:+.1f}]",
+        "" if r["clipped_fraction"] is None else f"{r['clipped_fraction']:.2f}",
+      ]
+      for r in rows
+    ]
+    text = (
+      f"# Convergence with defences at their thresholds\n\n"
+      f"FedAvg on `{self.dataset}` ({self.dataset_source}), "
+      f"{self.base.num_clients} clients, {self.rounds} rounds, seeds {seeds} "
+      f"(n={len(self.seeds)}). Final accuracy: mean of the last {FINAL_ROUNDS} rounds, "
+      "mean [95 % t interval] over seeds; cost: accuracy without defence minus with "
+      "it, paired by seed, in points [95 % t interval]. Clipped: fraction of client "
+      "updates that clipping changed.\n\n"
+      + figures.markdown_table(
+        [
+          "aggregator",
+          "clients",
+          "defence",
+          "parameter",
+          "from",
+          "final acc. [95 %]",
+          "cost pp [95 %]",
+          "clipped",
+        ],
+        table,
+      )
+      + "\n![convergence](figures/convergence.png)\n"
+    )
+    io_lib.atomic_write_text(os.path.join(self.output_dir, "convergence.md"), text)
