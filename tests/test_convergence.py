@@ -257,3 +257,36 @@ def test_adaptive_threshold_of_several_attackers_is_the_strongest_setting(tmp_pa
   )
   adaptive = convergence.defense_params_from_thresholds(path, "mnist", kind="adaptive")
   assert adaptive == {"noising_ratio@adaptive": (2.0, "adaptive threshold vs idlg (found)")}
+
+
+def _history(accuracies):
+  return [{"test_accuracy": a} for a in accuracies]
+
+
+def test_rounds_to_target_pairs_seeds_and_censors_a_run_that_never_reaches_it():
+  rows = [
+    dict(aggregator="mean", partition="iid", label="none", final_test_accuracy=0.8),
+    dict(aggregator="mean", partition="iid", label="masking", final_test_accuracy=0.8),
+    dict(aggregator="mean", partition="iid", label="pruning", final_test_accuracy=0.5),
+  ]
+  histories = {
+    ("mean", "iid", "none"): [_history([0.5, 0.76, 0.8]), _history([0.7, 0.8, 0.8])],
+    ("mean", "iid", "masking"): [_history([0.5, 0.6, 0.77]), _history([0.6, 0.79, 0.8])],
+    ("mean", "iid", "pruning"): [_history([0.5, 0.5, 0.5]), _history([0.7, 0.76, 0.8])],
+  }
+  convergence.add_rounds_to_target(rows, histories, 0.95)
+  none, masking, pruning = rows
+  # Target 0.95 x 0.8 = 0.76: reached at rounds 2 and 2 undefended, 3 and 2 masked.
+  assert none["target_accuracy"] == pytest.approx(0.76) and none["per_seed_rounds"] == "2 2"
+  assert masking["per_seed_rounds"] == "3 2" and masking["rounds_to_target"] == 2.5
+  iv = intervals.paired_difference([3, 2], [2, 2])
+  assert (masking["round_cost"], masking["round_cost_low"]) == pytest.approx((0.5, iv.low))
+  assert none["round_cost"] == 0.0
+  # Seed 0 of pruning never reaches 0.76: no mean, no interval, the table says so.
+  assert pruning["per_seed_rounds"] == "- 2" and "rounds_to_target" not in pruning
+  assert "round_cost" not in pruning
+  assert convergence.format_rounds(pruning) == "not reached in 1/2 seeds"
+  assert convergence.format_rounds(masking).startswith("2.5 [")
+  assert convergence.rounds_to(_history([0.1, 0.2]), 0.2) == 2
+  with pytest.raises(ValueError, match="target fraction"):
+    convergence.add_rounds_to_target(rows, histories, 1.5)

@@ -48,6 +48,10 @@ from tf_dlg import io as io_lib
 from tf_dlg import validation
 
 FINAL_ROUNDS = 3  # "final accuracy" averages this many last rounds
+# Rounds to target (communication cost): the first round whose test accuracy reaches this
+# fraction of the undefended cell's final accuracy (mean over seeds). Relative, so one
+# rule serves every dataset and aggregator; the table states the target it used.
+TARGET_FRACTION = 0.95
 
 CONVERGENCE_FIELDS = (
   "aggregator",
@@ -64,6 +68,14 @@ CONVERGENCE_FIELDS = (
   "cost",
   "cost_low",
   "cost_high",
+  "target_accuracy",
+  "rounds_to_target",
+  "rounds_low",
+  "rounds_high",
+  "round_cost",
+  "round_cost_low",
+  "round_cost_high",
+  "per_seed_rounds",
   "best_test_accuracy",
   "clipped_fraction",
   "seconds",
@@ -278,6 +290,61 @@ def add_costs(rows: List[Dict[str, Any]]) -> None:
     r.update(cost=iv.estimate, cost_low=iv.low, cost_high=iv.high)
 
 
+def rounds_to(history: List[Dict[str, Any]], target: float) -> Optional[int]:
+  """The first round (1-based) whose test accuracy reaches `target`, or None."""
+  for i, h in enumerate(history):
+    if h["test_accuracy"] >= target:
+      return i + 1
+  return None
+
+
+def add_rounds_to_target(rows: List[Dict[str, Any]], histories, fraction: float) -> None:
+  """Rounds to target per row (in place), paired by seed with the undefended row.
+
+  `histories[(aggregator, partition, label)]` is the list of per-seed histories in seed
+  order. A seed that never reaches the target is censored: the row then carries no
+  mean or interval (a censored run has no number of rounds), only `per_seed_rounds`
+  with "-" for it, which the table prints as "not reached in k/n seeds".
+  """
+  from tf_dlg.analysis import intervals
+
+  validation.check_number("target fraction", fraction, low=0.0, high=1.0, low_open=True)
+  per_row = {}
+  for r in rows:
+    cell = (r["aggregator"], r["partition"])
+    none = next(x for x in rows if (x["aggregator"], x["partition"], x["label"]) == (*cell, "none"))
+    target = round(fraction * none["final_test_accuracy"], 4)
+    rounds = [rounds_to(h, target) for h in histories[(*cell, r["label"])]]
+    per_row[id(r)] = rounds
+    r.update(target_accuracy=target, per_seed_rounds=" ".join(str(x or "-") for x in rounds))
+    if None not in rounds:
+      iv = intervals.mean_interval(rounds)
+      r.update(rounds_to_target=iv.estimate, rounds_low=iv.low, rounds_high=iv.high)
+  for r in rows:
+    none = next(
+      x
+      for x in rows
+      if (x["aggregator"], x["partition"], x["label"]) == (r["aggregator"], r["partition"], "none")
+    )
+    mine, base = per_row[id(r)], per_row[id(none)]
+    if None not in mine and None not in base:
+      iv = intervals.paired_difference(mine, base)  # extra rounds the defence costs
+      r.update(round_cost=iv.estimate, round_cost_low=iv.low, round_cost_high=iv.high)
+
+
+def format_rounds(r: Dict[str, Any]) -> str:
+  """Rounds to target [95 %], or how many seeds never reached it."""
+  per_seed = str(r.get("per_seed_rounds") or "").split()
+  if not per_seed:
+    return ""
+  missed = per_seed.count("-")
+  if missed:
+    return f"not reached in {missed}/{len(per_seed)} seeds"
+  if r.get("rounds_low") is None:
+    return ""
+  return f"{float(r['rounds_to_target']):.1f} [{float(r['rounds_low']):.1f}, {float(r['rounds_high']):.1f}]"
+
+
 class Convergence:
   """Runs (and resumes) the convergence grid; see the module docstring.
 
@@ -417,6 +484,13 @@ class Convergence:
     ]
     bar.close()
     add_costs(rows)
+    histories = {
+      (a, p, label): [done[(a, p, label, s)][1] for s in self.seeds]
+      for a in self.aggregators
+      for label in self.defense_params
+      for p in self.partitions
+    }
+    add_rounds_to_target(rows, histories, TARGET_FRACTION)
     self.write(rows)
     return rows
 
@@ -470,6 +544,11 @@ class Convergence:
         ""
         if r["label"] == "none"
         else f"{100 * r['cost']:+.1f} [{100 * r['cost_low']:+.1f}, {100 * r['cost_high']:+.1f}]",
+        f"{r['target_accuracy']:.3f}",
+        format_rounds(r),
+        ""
+        if r["label"] == "none" or r.get("round_cost") is None
+        else f"{r['round_cost']:+.1f} [{r['round_cost_low']:+.1f}, {r['round_cost_high']:+.1f}]",
         "" if r["clipped_fraction"] is None else f"{r['clipped_fraction']:.2f}",
       ]
       for r in rows
@@ -480,7 +559,10 @@ class Convergence:
       f"{self.base.num_clients} clients, {self.rounds} rounds, seeds {seeds} "
       f"(n={len(self.seeds)}). Final accuracy: mean of the last {FINAL_ROUNDS} rounds, "
       "mean [95 % t interval] over seeds; cost: accuracy without defence minus with "
-      "it, paired by seed, in points [95 % t interval]. Clipped: fraction of client "
+      "it, paired by seed, in points [95 % t interval]. Rounds to target: the first "
+      f"round reaching {TARGET_FRACTION:g} x the undefended cell's final accuracy "
+      "(mean [95 % t interval] over seeds); extra rounds: defended minus undefended, "
+      "paired by seed. Clipped: fraction of client "
       "updates that clipping changed.\n\n"
       + figures.markdown_table(
         [
@@ -491,6 +573,9 @@ class Convergence:
           "from",
           "final acc. [95 %]",
           "cost pp [95 %]",
+          "target",
+          "rounds to target [95 %]",
+          "extra rounds [95 %]",
           "clipped",
         ],
         table,
