@@ -95,6 +95,8 @@ class DefenseSpec:
       (`tf_dlg.defenses.defense_factory`); else `tff(defense, inner_factory, seed)`
       building the `tff.aggregators` factory (for defences that need the round's
       clients, such as a bound relative to their median norm).
+    frontier: The privacy-utility frontier's default settings, weakest (leaks) to
+      strongest (meant to protect against `strongest_attackers`); () = not on it.
   """
 
   name: str
@@ -106,6 +108,7 @@ class DefenseSpec:
   absolute: Optional[UnitLink] = None
   relative: Optional[UnitLink] = None
   tff: Optional[Callable[..., Any]] = None
+  frontier: Tuple[float, ...] = ()
 
   @property
   def param_name(self) -> str:
@@ -118,6 +121,14 @@ class DefenseSpec:
       raise ValueError(f"DefenseSpec {self.name!r}: its class is named {self.cls.name!r}.")
     if self.search is not None and not self.single_update:
       raise ValueError(f"DefenseSpec {self.name!r}: a search needs single_update=True.")
+    outside = [
+      v for v in self.frontier if self.search and not self.search.low <= v <= self.search.high
+    ]
+    if outside:
+      raise ValueError(
+        f"DefenseSpec {self.name!r}: frontier settings {outside} lie outside the searched "
+        f"range [{self.search.low:g}, {self.search.high:g}]."
+      )
 
   def tff_factory(self, defense: "Defense", inner_factory, seed: int = 0):
     """The `tff.aggregators` factory that trains with `defense` before `inner_factory`."""

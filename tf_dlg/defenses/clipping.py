@@ -164,6 +164,9 @@ RATIO_SPEC = base.DefenseSpec(
   strongest_attackers=("ig",),
   family="clipping",
   absolute=base.UnitLink("clipping", "norm"),
+  # Scale-free cosine matching ignores any rescaling: the strongest setting searched is
+  # on the frontier to show that it does not protect.
+  frontier=(0.5, 0.1, 0.01, 1e-3, 1e-4),
 )
 MEDIAN_SPEC = base.DefenseSpec(
   name="clipping_median",

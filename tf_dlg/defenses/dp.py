@@ -60,6 +60,8 @@ SPEC = base.DefenseSpec(
   # Noise has no adaptive answer: the better of cosine and Euclidean matching.
   strongest_attackers=("ig", "idlg"),
   family="dp",
+  # Noise multipliers (clip 1.0): over 15 full-participation rounds, epsilon ~1e5, ~940, ~25.
+  frontier=(0.01, 0.1, 1.0),
 )
 
 

@@ -58,4 +58,6 @@ SPEC = base.DefenseSpec(
   # Masked cosine matching ignores the zeroed coordinates.
   strongest_attackers=("masked_ig",),
   family="masking",
+  # From a rate that stops iDLG only to the one masked cosine matching needs.
+  frontier=(0.01, 0.1, 0.5, 0.9, 0.99),
 )

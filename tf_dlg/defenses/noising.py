@@ -104,4 +104,5 @@ RATIO_SPEC = base.DefenseSpec(
   strongest_attackers=_NOISE_ATTACKERS,
   family="noising",
   absolute=base.UnitLink("noising", "rms"),
+  frontier=(0.1, 0.3, 1.0, 3.0, 10.0),
 )
