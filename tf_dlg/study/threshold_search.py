@@ -45,6 +45,7 @@ SEARCH_DEFAULTS = dict(
   linear_resolution=0.05,
   restarts=2,
   adaptive=False,
+  adaptive_datasets=None,
   seed=0,
   local_steps=3,
   local_lr=0.1,
@@ -114,6 +115,7 @@ def _check_settings(settings: Dict[str, Any]) -> Dict[str, Any]:
     local_steps=v.check_int("local_steps", st["local_steps"], 1),
     local_lr=v.check_number("local_lr", st["local_lr"], 0, inf, low_open=True),
     adaptive=bool(st["adaptive"]),
+    adaptive_datasets=st["adaptive_datasets"],
     iterations=st["iterations"],
   )
   if st["bisection_steps"] is not None:
@@ -148,6 +150,8 @@ class ThresholdSearch:
         stops: a factor (log scales), a difference (linear scales).
       restarts: Seeded starts per attack (the best distance wins).
       adaptive: Also search each defence against `STRONGEST_ATTACKER`.
+      adaptive_datasets: The datasets of that search (None: every dataset); the
+        strongest attackers cost several times iDLG, so a budget may confine them.
       seed: Seeds image choice, model weights, defence randomness and attack init.
       local_steps, local_lr: The `fedavg_delta` threat model's local SGD steps and rate.
   """
@@ -180,6 +184,11 @@ class ThresholdSearch:
     self.output_dir = validation.check_output_dir("output_dir", output_dir)
     self.datasets, self.attacks, self.defenses = list(datasets), list(attacks), list(defenses)
     self.iterations = _iterations_per_dataset(st["iterations"], self.datasets)
+    adaptive_datasets = st["adaptive_datasets"]
+    if adaptive_datasets is None:
+      adaptive_datasets = self.datasets
+    validation.check_choices("adaptive_datasets", adaptive_datasets, self.datasets)
+    self.adaptive_datasets = [d for d in self.datasets if d in adaptive_datasets]
     self.data_dir, self.progress = data_dir, progress
     # What fixes a point's scores (resolutions and the fraction only decide which
     # points are asked for, so changing them reuses the points).
@@ -448,7 +457,9 @@ class ThresholdSearch:
     ]
     if self.adaptive:
       out += [
-        (d, "adaptive", STRONGEST_ATTACKER[f], f) for d in self.datasets for f in self.defenses
+        (d, "adaptive", STRONGEST_ATTACKER[f], f)
+        for d in self.adaptive_datasets
+        for f in self.defenses
       ]
     return out
 
