@@ -1,0 +1,461 @@
+"""The privacy-utility frontier: per defence and setting, who is identified and what it costs.
+
+For each defence (by default `tf_dlg.defenses.PAPER_DEFENSES`) at the settings of its
+spec's `frontier` grid (weakest to strongest), and for DP points (the `dp` defence at
+several noise multipliers), two measurements on the same dataset:
+
+* **privacy**: the top-1 identification rate against the defence's strongest attackers
+  (`DefenseSpec.strongest_attackers`; an image counts as identified if any of them picks
+  its original among all the dataset's images), over `num_images` images, with the exact
+  Clopper-Pearson interval. The attacks run through `ThresholdSearch` (its per-image run
+  log in `<output_dir>/identification/`), so a rerun reuses every attacked point.
+* **utility**: the accuracy cost at convergence, FedAvg in TFF with mean aggregation on
+  IID clients (`Convergence`, run store in `<output_dir>/convergence/`): final accuracy
+  (mean of the last rounds) paired by seed with the undefended baseline, t intervals.
+  Labels are `<defence>@<setting>`, so a changed grid reuses the settings it keeps.
+
+DP points: the `dp` defence is tensorflow-privacy's Gaussian query on each client's
+update (clip to norm 1, Gaussian noise of multiplier x 1). Its epsilon is the worst case
+for the attacked client: the attacker sees that client's clipped, noised update alone (not
+the sum over the round's clients, which would carry sqrt(clients) times more noise), once
+per round it takes part; `dp_fedavg_epsilon` accounts those rounds at the training's
+sampling rate (clients per round / clients) with dp-accounting's RDP accountant.
+
+Outputs in `output_dir`: `frontier.csv` (one `FrontierPoint` per row; `write_frontier` /
+`read_frontier`), `frontier.md` (the table) and `figures/frontier.png`;
+`claims_row` answers "at equal protection, which defence costs least, and does any beat
+DP?" from the points.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import typing
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from tf_dlg import defenses as defense_registry
+from tf_dlg import io as io_lib
+from tf_dlg import validation
+
+DP = "dp"
+DEFAULT_LEVEL = 0.5
+_WHOLE = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontierPoint:
+  """One defence setting on the frontier: its identification rate and accuracy cost.
+
+  Rates are fractions of `num_images` (`identified` of them, exact interval); accuracies
+  and costs are fractions (cost = baseline - defended accuracy, paired by seed).
+  `epsilon` / `delta` are set for DP points only.
+  """
+
+  defense: str
+  label: str
+  param: float
+  unit: str
+  attackers: str  # "+"-joined
+  dataset: str
+  num_images: int
+  identified: int
+  top1: float
+  top1_low: float
+  top1_high: float
+  undefended_identified: int
+  seeds: str  # space-separated
+  rounds: int
+  final_accuracy: float
+  final_low: float
+  final_high: float
+  cost: float
+  cost_low: float
+  cost_high: float
+  baseline_accuracy: float
+  baseline_low: float
+  baseline_high: float
+  epsilon: Optional[float] = None
+  delta: Optional[float] = None
+
+
+FRONTIER_FIELDS = tuple(f.name for f in dataclasses.fields(FrontierPoint))
+_TYPES = typing.get_type_hints(FrontierPoint)
+
+
+def write_frontier(path: str, points: Sequence[FrontierPoint]) -> str:
+  """frontier.csv: one row per point (None as an empty cell), written atomically."""
+  from tf_dlg.study import records
+
+  return records.write_csv(path, FRONTIER_FIELDS, [dataclasses.asdict(p) for p in points])
+
+
+def _parse(name: str, text: str, where: str):
+  kind = _TYPES[name]
+  if kind is Optional[float]:
+    if text == "":
+      return None
+    kind = float
+  try:
+    return kind(text) if kind is not float else float(text)
+  except ValueError:
+    raise ValueError(f"{where}, column {name!r}: {text!r} is not a {kind.__name__}.") from None
+
+
+def read_frontier(path: str) -> List[FrontierPoint]:
+  """frontier.csv back as `FrontierPoint`s; ValueError naming file, line and column."""
+  with open(path, newline="", encoding="utf-8") as f:
+    reader = csv.DictReader(f)
+    missing = sorted(set(FRONTIER_FIELDS) - set(reader.fieldnames or []))
+    if missing:
+      raise ValueError(f"{path} is not a frontier.csv (missing columns: {missing}).")
+    return [
+      FrontierPoint(
+        **{k: _parse(k, row[k], f"{path}, line {reader.line_num}") for k in FRONTIER_FIELDS}
+      )
+      for row in reader
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontierSettings:
+  """What a frontier run measures; every field is checked when it is built.
+
+  Attributes:
+    dataset: Attacked and trained on (`tf_dlg.data.DATASETS`).
+    defenses: Defences with a search range; each at `grids[name]` or its spec's frontier.
+    grids: {defence: settings} overriding the spec's frontier grid.
+    dp_multipliers: Noise multipliers of the DP points (> 0); () = no DP points.
+    num_images: Images attacked per setting.
+    iterations, restarts: The attack optimiser's iterations and seeded starts.
+    seeds: Training seeds (at least 2: the cost intervals are t intervals over them).
+    rounds, num_clients, local_epochs: FedAvg training.
+    train_examples, test_examples: A seeded subset of the dataset, or None (all).
+    delta: The DP points' delta.
+    seed: Seeds image choice, attack model, defence randomness and attack starts.
+    data_dir: tfds data directory.
+  """
+
+  dataset: str = "mnist"
+  defenses: Tuple[str, ...] = defense_registry.PAPER_DEFENSES
+  grids: Optional[Dict[str, Tuple[float, ...]]] = None
+  dp_multipliers: Tuple[float, ...] = defense_registry.spec(DP).frontier
+  num_images: int = 8
+  iterations: int = 500
+  restarts: int = 1
+  seeds: Tuple[int, ...] = (0, 1, 2)
+  rounds: int = 15
+  num_clients: int = 10
+  local_epochs: int = 1
+  train_examples: Optional[int] = 6000
+  test_examples: Optional[int] = 2000
+  delta: float = 1e-5
+  seed: int = 0
+  data_dir: Optional[str] = None
+
+  def __post_init__(self):
+    from tf_dlg import data
+
+    validation.check_choice("dataset", self.dataset, data.DATASETS)
+    if not self.defenses and not self.dp_multipliers:
+      raise ValueError("defenses and dp_multipliers are both empty: nothing to measure.")
+    validation.check_choices("defenses", self.defenses, defense_registry.PARAMETER_SEARCH)
+    unknown = sorted(set(self.grids or {}) - set(self.defenses))
+    if unknown:
+      raise ValueError(f"grids names {unknown}, which are not in defenses {self.defenses}.")
+    for name in self.defenses:
+      self.grid(name)
+    for z in self.dp_multipliers:
+      validation.check_number("dp_multipliers", z, 0, math.inf, low_open=True, high_open=True)
+    seeds = [validation.check_int("seeds", s, 0) for s in self.seeds]
+    if len(set(seeds)) < 2 or len(set(seeds)) != len(seeds):
+      raise ValueError(f"seeds={list(self.seeds)} must be at least 2 distinct seeds.")
+    for name in ("num_images", "iterations", "restarts", "rounds", "num_clients"):
+      validation.check_int(name, getattr(self, name), 1)
+    validation.check_number("delta", self.delta, 0, 1, low_open=True, high_open=True)
+
+  def grid(self, name: str) -> Tuple[float, ...]:
+    """The settings of `name`, weakest first; ValueError if it has none or a bad one."""
+    values = tuple((self.grids or {}).get(name) or defense_registry.spec(name).frontier)
+    if not values:
+      raise ValueError(f"defence {name!r} has no frontier grid; give grids={{{name!r}: (...)}}.")
+    for v in values:
+      defense_registry.get_defense(name, v)  # the defence's own range check
+    return values
+
+  def settings(self) -> List[Tuple[str, float]]:
+    """Every (defence, setting) on the frontier, DP points last."""
+    out = [(d, float(v)) for d in self.defenses for v in self.grid(d)]
+    return out + [(DP, float(z)) for z in self.dp_multipliers]
+
+
+def label(defense: str, param: float) -> str:
+  """The convergence label of a frontier setting, e.g. `masking@0.99`."""
+  return f"{defense}@{param:g}"
+
+
+class Frontier:
+  """Runs (and resumes) a frontier: identification, then training; see the module doc."""
+
+  def __init__(self, output_dir: str, settings: FrontierSettings, progress: bool = True):
+    from tf_dlg.study import convergence, threshold_search
+
+    self.output_dir = validation.check_output_dir("output_dir", output_dir)
+    self.settings, self.progress = settings, progress
+    st = settings
+    names = sorted({d for d, _ in st.settings()})
+    self.search = threshold_search.ThresholdSearch(
+      os.path.join(output_dir, "identification"),
+      datasets=[st.dataset],
+      attacks=(),
+      defenses=names,
+      data_dir=st.data_dir,
+      progress=False,
+      num_images=st.num_images,
+      iterations=st.iterations,
+      restarts=st.restarts,
+      seed=st.seed,
+      adaptive=True,  # attacks come from each defence's strongest attackers
+    )
+    self.convergence = convergence.Convergence(
+      os.path.join(output_dir, "convergence"),
+      {label(d, p): (p, "frontier grid") for d, p in st.settings()},
+      aggregators=("mean",),
+      partitions=("iid",),
+      seeds=st.seeds,
+      subsets=_subsets(st),
+      progress=progress,
+      dataset=st.dataset,
+      rounds=st.rounds,
+      num_clients=st.num_clients,
+      local_epochs=st.local_epochs,
+      data_dir=st.data_dir,
+    )
+
+  def identification(self) -> Dict[Tuple[str, Optional[float]], Any]:
+    """{(defence, setting): top-1 Interval} against its strongest attackers (and undefended)."""
+    from tqdm import tqdm
+
+    st, out = self.settings, {}
+    todo = st.settings()
+    bar = tqdm(todo, desc="frontier attacks", unit="setting", disable=not self.progress)
+    for defense, param in bar:
+      bar.set_postfix_str(f"{defense} {param:g}")
+      attackers = defense_registry.spec(defense).strongest_attackers
+      out[(defense, param)] = self.search.top1_rate(st.dataset, attackers, defense, param)
+      out[(defense, None)] = self.search.top1_rate(st.dataset, attackers, "none", None)
+    bar.close()
+    return out
+
+  def run(self) -> List[FrontierPoint]:
+    """Attacks, trains, writes frontier.csv / .md and the figure; returns the points."""
+    self.convergence.prepare()  # refuses foreign run folders before any work
+    rates = self.identification()
+    rows = {r["label"]: r for r in self.convergence.run()}
+    points = [self._point(d, p, rates, rows) for d, p in self.settings.settings()]
+    self.write(points)
+    return points
+
+  def _point(self, defense, param, rates, rows) -> FrontierPoint:
+    st, iv, r = self.settings, rates[(defense, param)], rows[label(defense, param)]
+    base, dp_point = rows["none"], defense == DP
+    epsilon = None
+    if dp_point:
+      epsilon = defense_registry.dp_fedavg_epsilon(
+        param, st.num_clients, st.num_clients, st.rounds, st.delta
+      )
+    return FrontierPoint(
+      defense=defense,
+      label=label(defense, param),
+      param=param,
+      unit=defense_registry.DEFENSES[defense].param_name,
+      attackers="+".join(defense_registry.spec(defense).strongest_attackers),
+      dataset=st.dataset,
+      num_images=iv.n,
+      identified=_count(iv),
+      top1=iv.estimate,
+      top1_low=iv.low,
+      top1_high=iv.high,
+      undefended_identified=_count(rates[(defense, None)]),
+      seeds=r["seeds"],
+      rounds=int(r["rounds"]),
+      final_accuracy=r["final_test_accuracy"],
+      final_low=r["final_low"],
+      final_high=r["final_high"],
+      cost=r["cost"],
+      cost_low=r["cost_low"],
+      cost_high=r["cost_high"],
+      baseline_accuracy=base["final_test_accuracy"],
+      baseline_low=base["final_low"],
+      baseline_high=base["final_high"],
+      epsilon=epsilon,
+      delta=st.delta if dp_point else None,
+    )
+
+  def write(self, points: Sequence[FrontierPoint]) -> None:
+    """frontier.csv, frontier.md and figures/frontier.png."""
+    from tf_dlg.analysis import frontier_figure
+
+    write_frontier(os.path.join(self.output_dir, "frontier.csv"), points)
+    source = self.convergence.dataset_source or self.settings.dataset
+    io_lib.atomic_write_text(
+      os.path.join(self.output_dir, "frontier.md"), frontier_markdown(points, source)
+    )
+    frontier_figure.plot_frontier(
+      points,
+      os.path.join(self.output_dir, "figures", "frontier.png"),
+      title=f"Privacy-utility frontier ({self.settings.dataset}, FedAvg mean, IID)",
+      footer=f"data: {source}",
+    )
+
+
+def _subsets(st: FrontierSettings) -> Optional[Tuple[int, int]]:
+  """Convergence's (train, test) subset; a split given as None stays whole (a subset
+  larger than the split is the split)."""
+  if not (st.train_examples or st.test_examples):
+    return None
+  return (st.train_examples or _WHOLE, st.test_examples or _WHOLE)
+
+
+def _count(iv) -> int:
+  return int(round(iv.estimate * iv.n))
+
+
+def run_frontier(
+  output_dir: str, settings: Optional[FrontierSettings] = None, progress: bool = True, **parts
+) -> List[FrontierPoint]:
+  """Runs (or resumes) the frontier in `output_dir`; returns its points.
+
+  `parts` are `FrontierSettings` fields (dataset, defenses, grids, dp_multipliers,
+  num_images, iterations, seeds, rounds, train_examples, test_examples, ...) replacing
+  those of `settings` (default: `FrontierSettings()`); all are checked before any work.
+  """
+  base = settings or FrontierSettings()
+  unknown = sorted(set(parts) - set(FRONTIER_SETTING_NAMES))
+  if unknown:
+    raise ValueError(
+      f"unknown frontier settings {unknown}; expected some of {FRONTIER_SETTING_NAMES}."
+    )
+  return Frontier(output_dir, dataclasses.replace(base, **parts), progress).run()
+
+
+FRONTIER_SETTING_NAMES = tuple(f.name for f in dataclasses.fields(FrontierSettings))
+
+
+# ---------------------------------------------------------------------- table and claim
+def _pp(value: float, low: float, high: float) -> str:
+  return f"{100 * value:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
+def _rate(p: FrontierPoint) -> str:
+  return f"{p.top1:.2f} [{p.top1_low:.2f}, {p.top1_high:.2f}] ({p.identified}/{p.num_images})"
+
+
+def frontier_markdown(points: Sequence[FrontierPoint], source: str = "") -> str:
+  """The frontier table: one row per point, DP points with their (epsilon, delta)."""
+  from tf_dlg.analysis import figures
+
+  rows = [
+    [
+      "DP (local view)" if p.defense == DP else p.defense,
+      f"{p.unit} {p.param:g}",
+      p.attackers,
+      _rate(p),
+      f"{p.undefended_identified}/{p.num_images}",
+      f"{_pp(p.cost, p.cost_low, p.cost_high)} ({len(p.seeds.split())})",
+      f"{p.baseline_accuracy:.3f} [{p.baseline_low:.3f}, {p.baseline_high:.3f}]",
+      "" if p.epsilon is None else f"{p.epsilon:.3g} ({p.delta:g})",
+    ]
+    for p in points
+  ]
+  head = points[0] if points else None
+  intro = "# Privacy-utility frontier\n\n" + (
+    f"`{head.dataset}` ({source}). Identification: fraction of {head.num_images} attacked "
+    "images whose original some attacker picks top-1 among all the dataset's images, "
+    "with the exact (Clopper-Pearson) 95 % interval. Cost: undefended minus defended "
+    f"final accuracy of FedAvg (mean aggregation, IID clients, {head.rounds} rounds), "
+    "paired by seed, in points with the 95 % t interval (seeds). DP: epsilon for the "
+    "attacked client's own clipped, noised update seen every round.\n\n"
+    if head
+    else "No points.\n"
+  )
+  header = [
+    "defence",
+    "setting",
+    "attacker(s)",
+    "top-1 identified [95 %] (k/n)",
+    "undefended",
+    "cost pp [95 %] (seeds)",
+    "baseline acc. [95 %]",
+    "epsilon (delta)",
+  ]
+  return intro + figures.markdown_table(header, rows) + "\n![frontier](figures/frontier.png)\n"
+
+
+def _cheapest_protecting(points: Sequence[FrontierPoint], level: float) -> Dict[str, FrontierPoint]:
+  """{defence: its cheapest setting whose identification upper bound is <= level}."""
+  out: Dict[str, FrontierPoint] = {}
+  for p in points:
+    if p.top1_high <= level and math.isfinite(p.cost):
+      if p.defense not in out or p.cost < out[p.defense].cost:
+        out[p.defense] = p
+  return out
+
+
+def _describe(p: FrontierPoint) -> str:
+  eps = "" if p.epsilon is None else f", epsilon {p.epsilon:.3g}"
+  return (
+    f"{p.defense} {p.param:g}{eps}: identified {p.identified}/{p.num_images} "
+    f"(<= {p.top1_high:.2f}), cost {_pp(p.cost, p.cost_low, p.cost_high)} pp"
+  )
+
+
+def equal_protection(points: Sequence[FrontierPoint], level: float = DEFAULT_LEVEL):
+  """(cheapest defence or "inconclusive" / "none protects", DP verdict, evidence list).
+
+  A setting protects at `level` when the upper bound of its identification interval is
+  <= level. Among the defences (DP apart), each one's cheapest protecting setting
+  competes: a defence costs least only if its cost interval lies wholly below every
+  other's. A defence beats DP if its cost interval lies wholly below the cheapest
+  protecting DP point's; DP wins the other way round; otherwise "inconclusive".
+  """
+  validation.check_number("level", level, 0, 1)
+  best = _cheapest_protecting(points, level)
+  dp_point = best.pop(DP, None)
+  evidence = [_describe(p) for p in best.values()]
+  evidence += [] if dp_point is None else [_describe(dp_point)]
+  if not best:
+    return "none protects", "no defence protects", evidence
+  ranked = sorted(best.values(), key=lambda p: p.cost)
+  lead = ranked[0]
+  clear = all(lead.cost_high < p.cost_low for p in ranked[1:])
+  cheapest = lead.defense if clear else "inconclusive"
+  if dp_point is None:
+    return cheapest, "no DP point protects", evidence
+  winners = [p.defense for p in ranked if p.cost_high < dp_point.cost_low]
+  if winners:
+    dp_verdict = f"{', '.join(winners)} beat{'s' if len(winners) == 1 else ''} DP"
+  elif all(dp_point.cost_high < p.cost_low for p in ranked):
+    dp_verdict = "DP costs less"
+  else:
+    dp_verdict = "inconclusive"
+  return cheapest, dp_verdict, evidence
+
+
+def claims_row(points: Sequence[FrontierPoint], level: float = DEFAULT_LEVEL) -> List[str]:
+  """[claim, our measurement, data, verdict]: the "at equal protection" claims row."""
+  cheapest, dp_verdict, evidence = equal_protection(points, level)
+  claim = (
+    f"At equal protection (top-1 identification upper bound <= {level:g}), which defence "
+    "costs least, and does any beat DP?"
+  )
+  head = points[0] if points else None
+  data = (
+    f"{head.dataset}, {head.num_images} images, seeds {head.seeds}, {head.rounds} rounds"
+    if head
+    else ""
+  )
+  verdict = f"cheapest: {cheapest}; vs DP: {dp_verdict}"
+  return [claim, "; ".join(evidence) or "no setting protects", data, verdict]
