@@ -411,13 +411,11 @@ def plot(lines: Sequence[Line], path: str, title: str, reference=None, margin=MA
   ax.set_ylabel("identified, top-1 rate\n(95 % exact interval)", fontsize=8)
   ax.set_title(title, fontsize=8.5)
   ax.grid(alpha=0.3)
-  ax.legend(
-    fontsize=7,
-    loc="center left",
-    bbox_to_anchor=(1.01, 0.5),
-    title="filled: protects",
-    title_fontsize=7,
-  )
+  if any(x.points for x in lines):
+    legend = dict(loc="center left", bbox_to_anchor=(1.01, 0.5), title_fontsize=7)
+    ax.legend(fontsize=7, title="filled: protects", **legend)
+  else:
+    ax.text(0.5, 0.5, "no cost measured: see the table", transform=ax.transAxes, ha="center")
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=100)
