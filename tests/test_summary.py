@@ -215,7 +215,7 @@ def test_strongest_attacker_rows_lead_and_missing_costs_are_named(run):
   assert table["masking"][3] == "0.5 [0.16, 0.84]"
   assert table["masking"][5].startswith("does not protect")
   # Trained only at the plain threshold: its identification by masked_ig is unknown.
-  assert "identification not measured" in table["masking"][4]
+  assert "identification by masked_ig not measured" in table["masking"][4]
   assert (
     table["pruning"][2].startswith("0.99 [") and table["pruning"][4] == "+30.0 pp [+25.0, +35.0]"
   )

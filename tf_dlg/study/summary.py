@@ -277,7 +277,8 @@ def _cost(p: Protection, thr, trained, baseline, margin) -> Tuple[str, str]:
   adaptive = thr is not None and thr.get("kind") == "adaptive"
   row = next((r for r in trained if ("@" in r["label"]) == adaptive), trained[0])
   rate = top1_at(thr, row["param"])
-  seen = f"{format_top1(rate)} identified" if rate else "identification not measured"
+  attack = thr["attack"] if thr is not None else "the attacker"
+  seen = f"{format_top1(rate)} identified" if rate else f"identification by {attack} not measured"
   cell = f"not measured there; at {row['param']:.3g} ({seen}): {_pp(row)}"
   clause = (
     f"cost not measured there; trained at {row['param']:.3g} ({seen}), "
@@ -354,8 +355,16 @@ def frontier_line(defense: str, rows, baseline, margin=MARGIN) -> Line:
       f"**{defense}** does not protect within its range: {best['attack']} still identifies "
       f"{format_top1(rate(best))} at its best setting, {p.text}; {clause}."
     )
+  # Labelled: the setting the verdict names, and every DP point (its epsilon).
   points = [
-    _point(f"{r['setting']:.3g}", r, rate(r), r["top1"] <= 0.0, r.get("epsilon")) for r in rows
+    _point(
+      f"{r['setting']:.3g}" if r is best or r.get("epsilon") is not None else "",
+      r,
+      rate(r),
+      r["top1"] <= 0.0,
+      r.get("epsilon"),
+    )
+    for r in rows
   ]
   return Line(defense, p, _pp(best), _short(p, clause), verdict, points)
 
@@ -392,7 +401,7 @@ def plot(lines: Sequence[Line], path: str, title: str, reference=None, margin=MA
         capsize=3,
         label=line.defense if j == 0 else None,
       )
-      eps = "" if q["epsilon"] is None else f" ε={q['epsilon']:.3g}"
+      eps = "" if q["epsilon"] is None else f" (ε={q['epsilon']:.3g})"
       # Staggered by defence so that labels of points at one place stay readable.
       offset = (6, 6 - 11 * (i % 3))
       ax.annotate(q["label"] + eps, (x, y), xytext=offset, textcoords="offset points", fontsize=7)
@@ -402,11 +411,17 @@ def plot(lines: Sequence[Line], path: str, title: str, reference=None, margin=MA
     ax.annotate(
       reference[0], (0, y), xytext=(-6, 0), textcoords="offset points", fontsize=7, ha="right"
     )
-  ax.axvline(100 * margin, color="grey", ls="--", lw=0.8)
-  ax.text(100 * margin, 0.45, f" {100 * margin:.0f} pp\n margin", fontsize=7, color="grey")
-  ax.set_ylim(-0.08, 1.08)
+  ax.axvline(100 * margin, color="grey", ls="--", lw=0.8, label=f"{100 * margin:.0f} pp margin")
+  ax.set_ylim(-0.08, 1.17)
+  ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
   right = max([100 * margin] + [q["cost"][2] for x in lines for q in x.points])
   ax.set_xlim(right=right * 1.15 + 0.1)
+  if right > 10:  # costs from tenths of a point to tens: keep the small ones apart
+    from matplotlib import ticker
+
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xticks([t for t in (0, 1, 2, 5, 10, 20, 50, 100) if t <= right * 1.15 + 0.1])
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
   ax.set_xlabel("accuracy cost at convergence, pp (95 % t interval over seeds)", fontsize=8)
   ax.set_ylabel("identified, top-1 rate\n(95 % exact interval)", fontsize=8)
   ax.set_title(title, fontsize=8.5)
@@ -457,7 +472,7 @@ def provenance(threshold_rows, dataset, cell_rows, training_data, frontier: bool
   )
 
 
-def _table(lines: Sequence[Line], baseline) -> str:
+def _table(lines: Sequence[Line], baseline, frontier: bool) -> str:
   from tf_dlg.analysis import figures
 
   base = "baseline not measured"
@@ -467,7 +482,7 @@ def _table(lines: Sequence[Line], baseline) -> str:
   header = [
     "defence",
     "attacker",
-    "protects from [95 %] (n)",
+    "protects from (frontier setting)" if frontier else "protects from [95 %] (n)",
     "identified there, top-1 [95 %]",
     f"accuracy cost at convergence [95 %] ({base})",
     "verdict",
@@ -511,7 +526,7 @@ def _markdown(lines: Sequence[Line], prov: str, baseline, link: str, frontier: b
     + no_dp
     + f"\n![identification vs accuracy cost]({link})\n\n"
     + note
-    + _table(lines, baseline)
+    + _table(lines, baseline, frontier)
     + "\n"
   )
 
