@@ -290,3 +290,36 @@ def test_rounds_to_target_pairs_seeds_and_censors_a_run_that_never_reaches_it():
   assert convergence.rounds_to(_history([0.1, 0.2]), 0.2) == 2
   with pytest.raises(ValueError, match="target fraction"):
     convergence.add_rounds_to_target(rows, histories, 1.5)
+
+
+def test_a_label_confined_to_some_cells_trains_only_there(tmp_path, fake_simulation):
+  conv = convergence.Convergence(
+    str(tmp_path),
+    {"masking": (0.1, "plain"), "masking@adaptive": (0.2, "strongest")},
+    aggregators=("mean", "median"),
+    partitions=("iid",),
+    seeds=(0, 1),
+    rounds=2,
+    num_clients=3,
+    progress=False,
+    dataset="digits",
+  ).confine({"masking@adaptive": [("mean", "iid")]})
+  rows = conv.run()
+  # none and masking in both cells, the adaptive setting only in (mean, iid): 2 x 2 x 2 + 2.
+  assert len(fake_simulation) == 10
+  assert sorted((r["aggregator"], r["label"]) for r in rows) == [
+    ("mean", "masking"),
+    ("mean", "masking@adaptive"),
+    ("mean", "none"),
+    ("median", "masking"),
+    ("median", "none"),
+  ]
+  adaptive = next(r for r in rows if r["label"] == "masking@adaptive")
+  assert adaptive["cost"] == pytest.approx(0.2)  # paired with (mean, iid)'s own baseline
+  with pytest.raises(ValueError, match=r"cells_of\[masking\]: \('mean', 'dirichlet'\) not one of"):
+    convergence.Convergence(
+      str(tmp_path / "x"),
+      {"masking": (0.1, "plain")},
+      partitions=("iid",),
+      dataset="digits",
+    ).confine({"masking": [("mean", "dirichlet")]})

@@ -345,6 +345,40 @@ def format_rounds(r: Dict[str, Any]) -> str:
   return f"{float(r['rounds_to_target']):.1f} [{float(r['rounds_low']):.1f}, {float(r['rounds_high']):.1f}]"
 
 
+def _check_lists(aggregators, partitions) -> None:
+  from tf_dlg import data
+  from tf_dlg.federated import AGGREGATORS
+
+  for name, values, allowed in (
+    ("aggregators", aggregators, AGGREGATORS),
+    ("partitions", partitions, data.PARTITION_SCHEMES),
+  ):
+    if not values:
+      raise ValueError(f"{name} is empty; expected some of {', '.join(allowed)}.")
+    validation.check_choices(name, values, allowed)
+
+
+def _table_row(r: Dict[str, Any]) -> List[Any]:
+  """One row of convergence.md."""
+  return [
+    r["aggregator"],
+    r["partition"],
+    r["label"],
+    r["param"],
+    r["param_source"],
+    f"{r['final_test_accuracy']:.3f} [{r['final_low']:.3f}, {r['final_high']:.3f}]",
+    ""
+    if r["label"] == "none"
+    else f"{100 * r['cost']:+.1f} [{100 * r['cost_low']:+.1f}, {100 * r['cost_high']:+.1f}]",
+    f"{r['target_accuracy']:.3f}",
+    format_rounds(r),
+    ""
+    if r["label"] == "none" or r.get("round_cost") is None
+    else f"{r['round_cost']:+.1f} [{r['round_cost_low']:+.1f}, {r['round_cost_high']:+.1f}]",
+    "" if r["clipped_fraction"] is None else f"{r['clipped_fraction']:.2f}",
+  ]
+
+
 class Convergence:
   """Runs (and resumes) the convergence grid; see the module docstring.
 
@@ -374,17 +408,10 @@ class Convergence:
     progress: bool = True,
     **config,
   ):
-    from tf_dlg import data, defenses
-    from tf_dlg.federated import AGGREGATORS
+    from tf_dlg import defenses
     from tf_dlg.federated.config import FederatedConfig
 
-    for name, values, allowed in (
-      ("aggregators", aggregators, AGGREGATORS),
-      ("partitions", partitions, data.PARTITION_SCHEMES),
-    ):
-      if not values:
-        raise ValueError(f"{name} is empty; expected some of {', '.join(allowed)}.")
-      validation.check_choices(name, values, allowed)
+    _check_lists(aggregators, partitions)
     self.seeds = [validation.check_int("seeds", s, 0) for s in seeds]
     if not self.seeds or len(set(self.seeds)) != len(self.seeds):
       raise ValueError(f"seeds={list(seeds)} must be distinct and at least one.")
@@ -400,6 +427,8 @@ class Convergence:
     )
     self.defense_params = {"none": (None, "no defence"), **defense_params}
     self.aggregators, self.partitions = list(aggregators), list(partitions)
+    every = [(a, p) for a in self.aggregators for p in self.partitions]
+    self.cells_of = {label: every for label in self.defense_params}
     # The settings every run shares: FederatedConfig's defaults, then `config`.
     self.base = dataclasses.replace(FederatedConfig(), **config)
     self.dataset, self.rounds = self.base.dataset, self.base.rounds
@@ -424,6 +453,20 @@ class Convergence:
 
   def run_dir(self, aggregator, partition, label, seed):
     return os.path.join(self.output_dir, "runs", f"{aggregator}_{partition}_{label}", f"seed{seed}")
+
+  def confine(self, cells_of: Dict[str, Sequence[Tuple[str, str]]]) -> "Convergence":
+    """Trains each label of `cells_of` only in its (aggregator, partition) cells.
+
+    The rest train in every cell; "none", every cost's baseline, always does.
+    """
+    every = [(a, p) for a in self.aggregators for p in self.partitions]
+    labels = [k for k in self.defense_params if k != "none"]
+    for label, cells in cells_of.items():
+      validation.check_choices("cells_of", [label], labels)
+      validation.check_choices(f"cells_of[{label}]", [tuple(c) for c in cells], every)
+      self.cells_of[label] = [tuple(c) for c in cells]
+    self.configs = {k: v for k, v in self.configs.items() if k[:2] in self.cells_of[k[2]]}
+    return self
 
   def prepare(self):
     """Loads the data and checks every run folder (CellError) before any training."""
@@ -468,6 +511,8 @@ class Convergence:
         for seed in self.seeds:
           for partition in self.partitions:
             key = (aggregator, partition, label, seed)
+            if key not in self.configs:
+              continue
             bar.set_postfix_str("/".join(map(str, key)))
             history = self._train(key)
             done[key] = (seed, history, clipped_fraction(history))
@@ -481,6 +526,7 @@ class Convergence:
       for a in self.aggregators
       for label, (param, provenance) in self.defense_params.items()
       for p in self.partitions
+      if (a, p) in self.cells_of[label]
     ]
     bar.close()
     add_costs(rows)
@@ -489,6 +535,7 @@ class Convergence:
       for a in self.aggregators
       for label in self.defense_params
       for p in self.partitions
+      if (a, p) in self.cells_of[label]
     }
     add_rounds_to_target(rows, histories, TARGET_FRACTION)
     self.write(rows)
@@ -533,26 +580,7 @@ class Convergence:
       footer=f"data: {self.dataset_source}",
       panel_order=[(a, p) for a in self.aggregators for p in self.partitions],
     )
-    table = [
-      [
-        r["aggregator"],
-        r["partition"],
-        r["label"],
-        r["param"],
-        r["param_source"],
-        f"{r['final_test_accuracy']:.3f} [{r['final_low']:.3f}, {r['final_high']:.3f}]",
-        ""
-        if r["label"] == "none"
-        else f"{100 * r['cost']:+.1f} [{100 * r['cost_low']:+.1f}, {100 * r['cost_high']:+.1f}]",
-        f"{r['target_accuracy']:.3f}",
-        format_rounds(r),
-        ""
-        if r["label"] == "none" or r.get("round_cost") is None
-        else f"{r['round_cost']:+.1f} [{r['round_cost_low']:+.1f}, {r['round_cost_high']:+.1f}]",
-        "" if r["clipped_fraction"] is None else f"{r['clipped_fraction']:.2f}",
-      ]
-      for r in rows
-    ]
+    table = [_table_row(r) for r in rows]
     text = (
       f"# Convergence with defences at their thresholds\n\n"
       f"FedAvg on `{self.dataset}` ({self.dataset_source}), "
