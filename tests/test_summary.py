@@ -286,3 +286,17 @@ def test_bad_inputs_are_refused_with_the_value_named(run, tmp_path):
     summary.read_convergence(str(bad))
   with pytest.raises(ValueError, match="not a convergence.csv"):
     summary.read_convergence(f"{DATA}/summary_quick_thresholds.csv")
+
+
+def test_rows_as_the_stages_return_them_give_the_same_screen(run):
+  """The search returns typed rows (bools, ints) where the CSV reader gives strings."""
+  tmp_path, thresholds, convergence = run
+  typed = []
+  for r in thresholds:
+    r = dict(r)
+    for k in ("interval_open", "attack_works_undefended", "id_interval_open"):
+      r[k] = r[k] == "True"
+    r.update({k: int(r[k]) for k in ("num_images", "num_tested", "gallery_size")})
+    typed.append(r)
+  conv = [dict(r, rounds=int(r["rounds"])) for r in convergence]
+  assert _screen(tmp_path, typed, conv)[0] == _screen(tmp_path, thresholds, convergence)[0]
