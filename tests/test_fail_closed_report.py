@@ -9,6 +9,7 @@ import sys
 
 from experiments import reproduce
 from tf_dlg.analysis import figures
+from tf_dlg.study import presets, report
 
 TAG = "<img src=x onerror=alert(1)>"
 HOSTILE = f"`{TAG}` `![k](/etc/hostname)` <script>alert(2)</script>"
@@ -47,12 +48,14 @@ def test_reproduce_report_into_a_hostile_output_dir(tmp_path, monkeypatch):
     "[x](javascript:alert(3))\n\n<div onclick=alert(4)>block</div>\n"
   )
   monkeypatch.setattr(sys, "argv", ["reproduce", f"--output_dir={out}"])
-  reproduce.write_report(
+  command = reproduce.command_line()  # the driver's, with the hostile directory in it
+  report.write_report(
     str(out),
-    reproduce.PRESETS["quick"],
+    presets.PRESETS["quick"],
     {"mnist": HOSTILE},
     {"threshold search": 1.0},
-    {"thresholds/thresholds.md": f"command: {reproduce.command_line(markdown=True)}"},
+    {"thresholds/thresholds.md": f"command: {figures.code_span(command)}"},
+    command,
   )
   html = (out / "report.html").read_text()
   tags = re.findall(r"<\s*([a-zA-Z][a-zA-Z0-9]*)", html)

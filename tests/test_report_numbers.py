@@ -19,7 +19,7 @@ import matplotlib
 import numpy as np
 import pytest
 
-from experiments import reproduce
+from tf_dlg.study import claims, pipeline, presets
 
 matplotlib.use("Agg")
 
@@ -29,7 +29,8 @@ REL_3G = 5e-3
 PP_TOL = 0.05 + 1e-9
 ACC_TOL = 5e-4 + 1e-9
 NUM = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
-MARGIN_PP = 100 * reproduce.ALMOST_NO_COST
+MARGIN_PP = 100 * claims.ALMOST_NO_COST
+COMMAND = "python -m experiments.reproduce --preset=paper"
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def run(tmp_path_factory):
   from matplotlib import figure
 
   out = tmp_path_factory.mktemp("mini")
-  settings = reproduce.PRESETS["paper"].override(
+  settings = presets.PRESETS["paper"].override(
     datasets=["mnist"],
     defenses=["masking", "clipping_ratio"],
     convergence_defenses=["masking", "clipping_ratio"],
@@ -73,7 +74,7 @@ def run(tmp_path_factory):
 
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(figure.Figure, "savefig", spy)
-    paths = reproduce.run(str(out), settings, progress=False)
+    paths = pipeline.run(str(out), settings, progress=False, command=COMMAND)
   return dict(out=out, paths=paths, saved=saved, settings=settings)
 
 
@@ -335,3 +336,7 @@ def test_report_names_its_provenance(run):
   report = open(run["paths"]["report"]).read()
   for needle in ("MNIST", "seeds 0, 1", "tensorflow-federated", "preset `paper`"):
     assert needle in report, needle
+  # The command heads the report and every stage's provenance line.
+  assert f"Command: ` {COMMAND} ` (preset `paper`)" in report
+  sources = [line for line in report.splitlines() if line.startswith("*Source: `")]
+  assert len(sources) == 3 and all(f"command: ` {COMMAND} `" in line for line in sources)

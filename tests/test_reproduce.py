@@ -1,4 +1,4 @@
-"""reproduce: presets, claims by interval, the self-contained report, checks before work."""
+"""The reproduce pipeline: presets, claims by interval, the report, checks before work."""
 
 import dataclasses
 import os
@@ -6,11 +6,12 @@ import re
 
 import pytest
 
-from experiments import reproduce, threshold_search
+from tf_dlg.study import claims, pipeline, presets, report, threshold_search
+from tf_dlg.study.records import UNTESTED
 
 
 def test_presets_are_frozen_and_unknown_overrides_fail():
-  quick = reproduce.PRESETS["quick"]
+  quick = presets.PRESETS["quick"]
   with pytest.raises(dataclasses.FrozenInstanceError):
     quick.num_images = 1
   with pytest.raises(ValueError, match=r"unknown preset settings \['num_imagse'\]"):
@@ -21,7 +22,7 @@ def test_presets_are_frozen_and_unknown_overrides_fail():
 
 
 def test_presets_meet_the_issue_requirements():
-  quick, paper = reproduce.PRESETS["quick"], reproduce.PRESETS["paper"]
+  quick, paper = presets.PRESETS["quick"], presets.PRESETS["paper"]
   four = {"masking", "clipping_ratio", "pruning", "noising_ratio"}
   assert quick.datasets == ("mnist", "cifar10_sample", "lfw_faces")
   assert four <= set(quick.defenses) and four <= set(quick.convergence_defenses)
@@ -30,11 +31,31 @@ def test_presets_meet_the_issue_requirements():
   assert paper.datasets == ("mnist", "cifar10", "lfw") and paper.num_images >= 32
   assert paper.convergence_dataset == "cifar10" and paper.seeds == 5
   assert (paper.log_resolution, paper.linear_resolution) == (1.25, 0.02)
-  assert reproduce.PRESETS["adaptive"] == quick.override(
+  assert presets.PRESETS["adaptive"] == quick.override(
     name="adaptive", adaptive=True, adaptive_attacks=("ig", "masked_ig")
   )
   assert quick.adaptive_attacks == () and not quick.adaptive  # adaptive has its own preset
   assert quick.override(seed=4).seed_list() == [4, 5, 6]
+
+
+def test_overrides_from_the_command_line():
+  quick = presets.PRESETS["quick"]
+  # The preset's convergence defences follow --defenses, in the preset's order.
+  some = presets.with_overrides("quick", {"defenses": ["pruning", "masking"], "rounds": 2})
+  assert some.convergence_defenses == ("masking", "pruning") and some.rounds == 2
+  assert some == quick.override(
+    defenses=["pruning", "masking"], convergence_defenses=["masking", "pruning"], rounds=2
+  )
+  # An explicit list is kept as given (check_settings refuses one that is not searched).
+  mixed = presets.with_overrides(
+    "quick", {"defenses": ["masking"], "convergence_defenses": ["pruning"]}
+  )
+  assert mixed.convergence_defenses == ("pruning",)
+  assert presets.with_overrides("paper", {}) == presets.PRESETS["paper"]
+  with pytest.raises(ValueError, match="preset='fast' is not one of quick, paper, adaptive"):
+    presets.with_overrides("fast", {})
+  with pytest.raises(ValueError, match=r"unknown preset settings \['round'\]"):
+    presets.with_overrides("quick", {"round": 2})
 
 
 def _row(cost, low, high, partition="iid", defense="masking", label=None, **extra):
@@ -65,15 +86,15 @@ def _row(cost, low, high, partition="iid", defense="masking", label=None, **extr
   ],
 )
 def test_cost_verdicts_follow_the_interval(low, high, side, verdict):
-  row = reproduce.cost_claim("c", [_row((low + high) / 2, low, high)], 0.02, side)
+  row = claims.cost_claim("c", [_row((low + high) / 2, low, high)], 0.02, side)
   assert row[3].startswith(verdict)
   assert re.search(r"\[[+-]\d+\.\d, [+-]\d+\.\d\] \(n=3 seeds\)", row[1])
 
 
 def test_an_untested_threshold_never_agrees():
   row = _row(0.0, -0.01, 0.01)
-  row["param_source"] = f"weakest searched ({threshold_search.UNTESTED})"
-  assert reproduce.cost_claim("c", [row], 0.02, "at_most")[3].startswith(
+  row["param_source"] = f"weakest searched ({UNTESTED})"
+  assert claims.cost_claim("c", [row], 0.02, "at_most")[3].startswith(
     "inconclusive (threshold untested"
   )
 
@@ -90,7 +111,7 @@ def test_an_untested_threshold_never_agrees():
   ],
 )
 def test_combining_settings(verdicts, rule, out):
-  assert reproduce.combine(verdicts, rule) == out
+  assert claims.combine(verdicts, rule) == out
 
 
 def test_claims_rows_for_clipping_that_acts_and_adaptive_costs(tmp_path):
@@ -100,7 +121,7 @@ def test_claims_rows_for_clipping_that_acts_and_adaptive_costs(tmp_path):
     for p in ("iid", "dirichlet")
   ]
   conv += [_row(0.10, 0.06, 0.14, p, "masking", "masking@adaptive") for p in ("iid",)]
-  reproduce.write_claims(str(tmp_path), [], [], conv, evidence="MNIST, seeds 0 1 2")
+  claims.write_claims(str(tmp_path), [], [], conv, evidence="MNIST, seeds 0 1 2")
   text = (tmp_path / "claims.md").read_text()
   acts = next(line for line in text.splitlines() if "acts in training" in line)
   assert acts.endswith("| agrees |") and "clipped fraction of client updates: 1.00" in acts
@@ -109,7 +130,7 @@ def test_claims_rows_for_clipping_that_acts_and_adaptive_costs(tmp_path):
   assert "MNIST, seeds 0 1 2" in adaptive
   # Clipping that never acted (absolute norm above every update) decides nothing.
   idle = [conv[0], _row(0.0, 0.0, 0.0, defense="clipping", clipped_fraction=0.0)]
-  reproduce.write_claims(str(tmp_path), [], [], idle)
+  claims.write_claims(str(tmp_path), [], [], idle)
   line = next(
     x for x in (tmp_path / "claims.md").read_text().splitlines() if "acts in training" in x
   )
@@ -132,15 +153,16 @@ def test_report_html_is_self_contained_and_leads_with_thresholds(tmp_path):
   plt.plot([0, 1])
   plt.savefig(tmp_path / "thresholds" / "figures" / "strip.png")
   plt.close()
-  md_path = reproduce.write_report(
+  md_path = report.write_report(
     str(tmp_path),
-    reproduce.PRESETS["quick"],
+    presets.PRESETS["quick"],
     {"mnist": "MNIST"},
     {"threshold search": 1.0},
     {"claims.md": "seeds 0, 1, 2"},
   )
   md = open(md_path).read()
   assert md.index("Thresholds") < md.index("Claims") < md.index("## Figures")
+  assert "Run from Python (preset `quick`)" in md and "Command:" not in md
   assert "*Source: `claims.md`; seeds 0, 1, 2*" in md
   html = (tmp_path / "report.html").read_text()
   assert "<table>" in html and "0.3 [0.1, 0.5]" in html and "masking is cheap" in html
@@ -157,7 +179,7 @@ def _checked_preset(**overrides):
     convergence_dataset="mnist",
     iterations=100,
   )
-  return reproduce.PRESETS["quick"].override(**dict(base, **overrides))
+  return presets.PRESETS["quick"].override(**dict(base, **overrides))
 
 
 @pytest.mark.parametrize(
@@ -179,7 +201,7 @@ def test_every_setting_is_checked_before_any_work(tmp_path, monkeypatch, overrid
 
   monkeypatch.setattr(threshold_search.ThresholdSearch, "run", no_work)
   with pytest.raises(ValueError, match=match):
-    reproduce.run(str(tmp_path), _checked_preset(**overrides), progress=False)
+    pipeline.run(str(tmp_path), _checked_preset(**overrides), progress=False)
   assert not os.path.exists(tmp_path / "thresholds" / "points.jsonl")
 
 
@@ -240,7 +262,7 @@ def _threshold_row(dataset, status, works, threshold=0.3):
 )
 def test_threshold_claims_never_agree_when_the_attack_fails_undefended(tmp_path, cells, verdict):
   rows = [_threshold_row(*c) for c in cells]
-  reproduce.write_claims(str(tmp_path), rows, [], [])
+  claims.write_claims(str(tmp_path), rows, [], [])
   line = next(
     x for x in (tmp_path / "claims.md").read_text().splitlines() if "stops the attack" in x
   )
@@ -262,9 +284,9 @@ def test_missing_preset_data_is_named_before_any_work(tmp_path, monkeypatch):
   monkeypatch.setattr(threshold_search.ThresholdSearch, "run", no_work)
   empty = tmp_path / "tfds"
   empty.mkdir()
-  paper = reproduce.PRESETS["paper"].override(data_dir=str(empty))
+  paper = presets.PRESETS["paper"].override(data_dir=str(empty))
   with pytest.raises(ValueError) as info:
-    reproduce.run(str(tmp_path / "out"), paper, progress=False)
+    pipeline.run(str(tmp_path / "out"), paper, progress=False)
   message = str(info.value)
   # With --data_dir even mnist comes from tfds: all three are named, one probe each.
   for name in ("mnist", "cifar10", "lfw"):
@@ -273,13 +295,13 @@ def test_missing_preset_data_is_named_before_any_work(tmp_path, monkeypatch):
   assert not (tmp_path / "out").exists()
   # A data_dir that does not exist is named as such, with no probe.
   with pytest.raises(ValueError, match=r"cifar10 \(data_dir='/nonexistent/tfds' does not exist"):
-    reproduce.check_data(paper.override(data_dir="/nonexistent/tfds"))
+    pipeline.check_data(paper.override(data_dir="/nonexistent/tfds"))
   assert len(probes) == 3
   # Without --data_dir the offline mnist wheel serves mnist; cifar10 and lfw are missing.
   with pytest.raises(ValueError) as info:
-    reproduce.check_data(paper.override(data_dir=None))
+    pipeline.check_data(paper.override(data_dir=None))
   assert "mnist (not prepared" not in str(info.value) and "cifar10 (" in str(info.value)
-  reproduce.check_data(reproduce.PRESETS["quick"])  # offline data only: nothing to probe
+  pipeline.check_data(presets.PRESETS["quick"])  # offline data only: nothing to probe
 
 
 def test_paper_preset_without_data_or_network_exits_2_within_a_minute(tmp_path):

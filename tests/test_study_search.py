@@ -187,14 +187,14 @@ def test_strongest_attacker_table_comes_first(tmp_path, fake_attack):
 
 
 def test_report_opens_with_the_strongest_attacker_table(tmp_path, fake_attack):
-  from experiments import reproduce
+  from tf_dlg.study import presets, report
 
   search = search_lib.ThresholdSearch(
     str(tmp_path / "thresholds"), **dict(SETTINGS, num_images=2, adaptive=True)
   )
   search.run()
-  settings = reproduce.PRESETS["quick"].override(datasets=["digits"], defenses=["masking"])
-  path = reproduce.write_report(str(tmp_path), settings, {"digits": "x"}, {"search": 1.0}, {})
+  settings = presets.PRESETS["quick"].override(datasets=["digits"], defenses=["masking"])
+  path = report.write_report(str(tmp_path), settings, {"digits": "x"}, {"search": 1.0}, {})
   lines = open(path).read().splitlines()
   first = next(i for i, line in enumerate(lines) if line.startswith("| "))
   heading = next(line for line in reversed(lines[:first]) if line.startswith("#"))

