@@ -28,6 +28,7 @@ TFF_STACK_TESTS = [
   "test_dp_accounting.py",
   "test_fail_closed_worker.py",
   "test_federated*.py",
+  "test_frontier.py",  # TFF training, tensorflow-privacy (the dp defence)
   "test_kill_resume.py",  # drivers, federated ones included
   "test_readme.py",  # the README's driver commands, federated ones included
   "test_report_numbers.py",  # experiments.reproduce: tfds MNIST
