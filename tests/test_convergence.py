@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from threshold_rows import write_thresholds_csv
+from threshold_rows import BASE_ROW, write_thresholds_csv
 
 from tf_dlg.analysis import intervals
 from tf_dlg.study import convergence
@@ -173,6 +173,39 @@ def test_plain_and_adaptive_thresholds_become_labelled_settings(tmp_path):
   assert adaptive == {"masking@adaptive": (0.9, "adaptive threshold vs masked_ig (found)")}
   with pytest.raises(ValueError, match="no plain thresholds for dataset='lfw_faces'"):
     convergence.defense_params_from_thresholds(path, "lfw_faces")
+
+
+def test_adaptive_setting_is_the_stronger_of_the_two_leak_criteria(tmp_path):
+  """An image is protected only when neither criterion calls it leaked."""
+  both = dict(kind="adaptive", attack="masked_ig", threshold="0.5", id_status="found")
+  path = write_thresholds_csv(
+    tmp_path / "t.csv",
+    [
+      dict(both, id_threshold="0.9"),
+      dict(both, defense="pruning", id_threshold="0.2"),
+      dict(both, defense="noising_ratio", id_status="not_reached", id_threshold=""),
+      dict(
+        both,
+        defense="clipping_ratio",
+        attack="ig",
+        stronger="lower",
+        id_threshold="0.01",
+        search_low="0.0001",
+        search_high="1.0",
+      ),
+    ],
+  )
+  got = convergence.defense_params_from_thresholds(path, "mnist", kind="adaptive")
+  under_both = "adaptive threshold vs {} under both leak criteria (found)"
+  assert got["masking@adaptive"] == (0.9, under_both.format("masked_ig"))
+  assert got["pruning@adaptive"] == (0.5, under_both.format("masked_ig"))
+  assert got["clipping_ratio@adaptive"] == (0.01, under_both.format("ig"))
+  # Identification never stopped: the strongest setting searched, said so.
+  high = float(BASE_ROW["search_high"])
+  assert got["noising_ratio@adaptive"] == (
+    high,
+    "strongest searched vs masked_ig (threshold not reached)",
+  )
 
 
 def test_adaptive_label_trains_the_named_defence_beside_the_plain_one(tmp_path, fake_simulation):

@@ -104,8 +104,9 @@ def defense_params_from_thresholds(
   """{label: (parameter, provenance)} from a thresholds.csv for one dataset.
 
   `kind="plain"`: the thresholds against `attack`, labelled by defence name.
-  `kind="adaptive"`: each defence's threshold against its strongest attacker (rows of
-  kind `adaptive`), labelled `<defence>@adaptive`. A defence whose threshold was not
+  `kind="adaptive"`: each defence's protecting setting against its strongest attacker
+  (rows of kind `adaptive`): the stronger of its adjusted-SSIM and identification
+  thresholds, where an image must pass both; labelled `<defence>@adaptive`. A defence whose threshold was not
   reached takes the strongest value searched, marked as such in the provenance. Damaged
   cells raise ValueError naming file, line, column.
   """
@@ -120,14 +121,7 @@ def defense_params_from_thresholds(
     if kind == "plain" and r["attack"] != attack:
       continue
     label = r["defense"] + ("@adaptive" if kind == "adaptive" else "")
-    against = f" vs {r['attack']}" if kind == "adaptive" else ""
-    if r["status"] == "not_reached":
-      strongest = r["search_high"] if r["stronger"] == "higher" else r["search_low"]
-      setting = (strongest, f"strongest searched{against} (threshold not reached)")
-    elif threshold_search.attack_untested(r):
-      setting = (r["threshold"], f"weakest searched{against} ({threshold_search.UNTESTED})")
-    else:
-      setting = (r["threshold"], f"{kind} threshold{against} ({r['status']})")
+    setting = _setting(r, kind)
     # Several attackers of one defence (adaptive): the setting that stops them all.
     if label in out and (setting[0] > out[label][0]) != (r["stronger"] == "higher"):
       continue
@@ -140,6 +134,26 @@ def defense_params_from_thresholds(
       + f"; it has (dataset, kind, attack) {available}."
     )
   return out
+
+
+def _setting(r: Dict[str, Any], kind: str) -> Tuple[float, str]:
+  """(parameter, provenance) a thresholds row asks training to use."""
+  from tf_dlg.study import records
+
+  higher = r["stronger"] == "higher"
+  strongest = r["search_high"] if higher else r["search_low"]
+  against = f" vs {r['attack']}" if kind == "adaptive" else ""
+  criteria = [("threshold", r["status"])]
+  if kind == "adaptive" and r.get("id_status") not in (None, ""):
+    criteria.append(("id_threshold", r["id_status"]))
+  if any(status == "not_reached" for _, status in criteria):
+    return strongest, f"strongest searched{against} (threshold not reached)"
+  if records.attack_untested(r):
+    return r["threshold"], f"weakest searched{against} ({records.UNTESTED})"
+  values = [r[k] for k, _ in criteria if r[k] is not None]
+  value = (max if higher else min)(values)
+  both = " under both leak criteria" if len(values) > 1 else ""
+  return value, f"{kind} threshold{against}{both} ({r['status']})"
 
 
 def parse_defense_params(items: Sequence[str]) -> Dict[str, Tuple[float, str]]:
