@@ -19,6 +19,15 @@ from tf_dlg.study.records import UNTESTED
 
 # "Almost no accuracy cost": a drop of at most this much final test accuracy (absolute).
 ALMOST_NO_COST = 0.02
+# The paper's Figure 5 claims, by defence family: (side of the margin, how the settings
+# combine, the claim's wording with the margin in pp). Masking and clipping cost almost
+# nothing at their thresholds; noising and pruning degrade accuracy.
+PAPER_COST_CLAIMS = {
+  "masking": ("at_most", "all", "costs almost no accuracy (cost <= {:.0f} pp in every setting)"),
+  "clipping": ("at_most", "all", "costs almost no accuracy (cost <= {:.0f} pp in every setting)"),
+  "noising": ("more_than", "most", "degrades accuracy (cost > {:.0f} pp in most settings)"),
+  "pruning": ("more_than", "most", "degrades accuracy (cost > {:.0f} pp in most settings)"),
+}
 
 
 def _interval(row: Dict[str, Any], prefix: str = "cost"):
@@ -160,35 +169,11 @@ def _cost_claims(conv: List[Dict[str, Any]], margin: float, evidence: str) -> Li
   """The paper's Figure 5 claims, and (ours) clipping that acts and adaptive costs."""
   rows = []
   plain = [r for r in conv if "@" not in r["label"] and r["label"] != "none"]
-  for paper in ("masking", "clipping", "noising", "pruning"):
-    d = [r for r in plain if _base(r["defense"]) == paper]
-    if not d:
-      continue
-    unit = d[0]["defense"]
-    if paper in ("masking", "clipping"):
-      rows.append(
-        cost_claim(
-          f"{paper} ({unit}) at its threshold costs almost no accuracy "
-          f"(cost <= {100 * margin:.0f} pp in every setting)",
-          d,
-          margin,
-          "at_most",
-          "all",
-          evidence,
-        )
-      )
-    else:
-      rows.append(
-        cost_claim(
-          f"{paper} ({unit}) at its threshold degrades accuracy (cost > "
-          f"{100 * margin:.0f} pp in most settings)",
-          d,
-          margin,
-          "more_than",
-          "most",
-          evidence,
-        )
-      )
+  for family, (side, rule, says) in PAPER_COST_CLAIMS.items():
+    d = [r for r in plain if _base(r["defense"]) == family]
+    if d:
+      claim = f"{family} ({d[0]['defense']}) at its threshold {says.format(100 * margin)}"
+      rows.append(cost_claim(claim, d, margin, side, rule, evidence))
   acting = [r for r in plain if _base(r["defense"]) == "clipping"]
   if acting:
     rows.append(_clipping_acts_claim(acting, margin, evidence))

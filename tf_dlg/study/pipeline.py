@@ -35,7 +35,11 @@ def _search(output_dir: str, settings: Preset, progress: bool):
   """The ThresholdSearch of these settings (its own checks run in its constructor)."""
   from tf_dlg.study import threshold_search
 
-  wanted = dict(
+  return threshold_search.ThresholdSearch(
+    os.path.join(output_dir, "thresholds"),
+    list(settings.datasets),
+    [settings.attack],
+    list(settings.defenses),
     num_images=settings.num_images,
     iterations=settings.iterations,
     leak_ssim=settings.leak_ssim,
@@ -44,18 +48,8 @@ def _search(output_dir: str, settings: Preset, progress: bool):
     linear_resolution=settings.linear_resolution,
     restarts=settings.restarts,
     adaptive=settings.adaptive,
-  )
-  known = threshold_search.SEARCH_DEFAULTS
-  if settings.adaptive and "adaptive" not in known:
-    raise ValueError("adaptive: this experiments.threshold_search has no adaptive mode.")
-  return threshold_search.ThresholdSearch(
-    os.path.join(output_dir, "thresholds"),
-    list(settings.datasets),
-    [settings.attack],
-    list(settings.defenses),
     data_dir=settings.data_dir,
     progress=progress,
-    **{k: v for k, v in wanted.items() if k in known},
   )
 
 
