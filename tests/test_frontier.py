@@ -195,7 +195,11 @@ def test_equal_protection_verdicts():
   assert frontier.equal_protection([masking], 0.5)[1] == "no DP point protects"
   assert frontier.equal_protection([masking, pruning, dp], 0.3)[:2] == (
     "none protects",
-    "no defence protects",
+    "nothing protects",
+  )
+  assert frontier.equal_protection([cheap_leaky, dp], 0.5)[:2] == (
+    "none protects",
+    "only DP protects",
   )
   row = frontier.claims_row([masking, pruning, dp], 0.5)
   assert len(row) == 4 and "<= 0.5" in row[0] and row[3].startswith("cheapest: masking; vs DP:")

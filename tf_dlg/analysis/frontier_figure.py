@@ -56,9 +56,11 @@ def plot_frontier(
       capsize=3,
       label=name,
     )
-    for p, xi, yi in zip(pts, x, y):
+    for i, (p, xi, yi) in enumerate(zip(pts, x, y)):
       text = f"z={p.param:g}, ε={p.epsilon:.3g}" if defense == DP else f"{p.param:g}"
-      ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+      # Alternate above / below: neighbouring settings often sit at nearly the same point.
+      offset = (4, 5 if i % 2 == 0 else -11)
+      ax.annotate(text, (xi, yi), textcoords="offset points", xytext=offset, fontsize=7)
     drawn[name] = list(zip(x.tolist(), y.tolist()))
   ax.set_xlabel("accuracy cost at convergence (pp, paired by seed, 95 % t interval)")
   ax.set_ylabel("top-1 identification rate (95 % exact interval)")

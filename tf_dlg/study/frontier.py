@@ -427,7 +427,7 @@ def equal_protection(points: Sequence[FrontierPoint], level: float = DEFAULT_LEV
   evidence = [_describe(p) for p in best.values()]
   evidence += [] if dp_point is None else [_describe(dp_point)]
   if not best:
-    return "none protects", "no defence protects", evidence
+    return "none protects", "only DP protects" if dp_point else "nothing protects", evidence
   ranked = sorted(best.values(), key=lambda p: p.cost)
   lead = ranked[0]
   clear = all(lead.cost_high < p.cost_low for p in ranked[1:])
