@@ -32,9 +32,15 @@ def test_presets_meet_the_issue_requirements():
   assert paper.convergence_dataset == "cifar10" and paper.seeds == 5
   assert (paper.log_resolution, paper.linear_resolution) == (1.25, 0.02)
   assert presets.PRESETS["adaptive"] == quick.override(
-    name="adaptive", adaptive=True, adaptive_attacks=("ig", "masked_ig")
+    name="adaptive",
+    adaptive_datasets=None,
+    adaptive_everywhere=True,
+    adaptive_attacks=("ig", "masked_ig"),
   )
-  assert quick.adaptive_attacks == () and not quick.adaptive  # adaptive has its own preset
+  # The strongest attackers lead the quick report too: searched on the training data,
+  # their protecting settings trained in one cell.
+  assert quick.adaptive and quick.adaptive_datasets == (quick.convergence_dataset,)
+  assert not quick.adaptive_everywhere and quick.adaptive_attacks == ()
   assert quick.override(seed=4).seed_list() == [4, 5, 6]
 
 

@@ -28,6 +28,7 @@ from tf_dlg import validation
 from tf_dlg.analysis import figures
 from tf_dlg.study import claims as claims_lib
 from tf_dlg.study import report as report_lib
+from tf_dlg.study import summary
 from tf_dlg.study.presets import Preset
 
 
@@ -48,6 +49,7 @@ def _search(output_dir: str, settings: Preset, progress: bool):
     linear_resolution=settings.linear_resolution,
     restarts=settings.restarts,
     adaptive=settings.adaptive,
+    adaptive_datasets=settings.adaptive_datasets,
     data_dir=settings.data_dir,
     progress=progress,
   )
@@ -61,7 +63,7 @@ def _convergence(output_dir: str, settings: Preset, params, progress: bool):
     if settings.train_examples
     else None
   )
-  return convergence_lib.Convergence(
+  conv = convergence_lib.Convergence(
     os.path.join(output_dir, "convergence"),
     params,
     aggregators=("mean", "median"),
@@ -74,8 +76,14 @@ def _convergence(output_dir: str, settings: Preset, params, progress: bool):
     num_clients=settings.num_clients,
     alpha=settings.alpha,
     local_epochs=settings.local_epochs,
+    batch_size=settings.batch_size,
+    client_lr=settings.client_lr,
     data_dir=settings.data_dir,
   )
+  if settings.adaptive_everywhere:
+    return conv
+  first = [(conv.aggregators[0], conv.partitions[0])]
+  return conv.confine({k: first for k in params if k.endswith("@adaptive")})
 
 
 def check_data(settings: Preset) -> None:
@@ -210,8 +218,16 @@ def run(
   claims = claims_lib.write_claims(output_dir, rows, robustness, conv_rows, evidence=evidence)
   sources = {d: search.case(d)[0].source for d in settings.datasets}
   sources[f"{settings.convergence_dataset} (training)"] = conv.dataset_source
+  first = summary.first_screen(
+    rows,
+    conv_rows,
+    os.path.join(output_dir, "figures", "first_screen.png"),
+    report_dir=output_dir,
+    dataset=settings.convergence_dataset,
+    training_data=conv.dataset_source,
+  )
   report = report_lib.write_report(
-    output_dir, settings, sources, stage_seconds, provenance, command
+    output_dir, settings, sources, stage_seconds, provenance, command, first
   )
   report_lib.write_figure_index(output_dir)
   return {"report": report, "html": os.path.join(output_dir, "report.html"), "claims": claims}

@@ -88,15 +88,18 @@ def sections(
   stage_seconds: Mapping[str, float],
   provenance: Mapping[str, str],
   command: Optional[str] = None,
+  first_screen: str = "",
 ) -> List[str]:
   """The report's Markdown sections, in the order they appear (header first).
 
   `provenance`: {stage file: what its numbers rest on (data, images, seeds, command)};
-  `command`: the command line that made the run (None: a call from Python).
+  `command`: the command line that made the run (None: a call from Python);
+  `first_screen`: the answer that opens the report (`tf_dlg.study.summary`).
   """
   settings_json = io_lib.dumps(dataclasses.asdict(settings), indent=2, sort_keys=True)
   return [
     _header(settings, command),
+    first_screen,
     *(stage_section(output_dir, rel, provenance.get(rel, "")) for rel in STAGE_SECTIONS),
     _figures(output_dir),
     "## Settings\n\n```json\n" + settings_json + "\n```\n\n",
@@ -115,9 +118,12 @@ def write_report(
   stage_seconds: Mapping[str, float],
   provenance: Mapping[str, str],
   command: Optional[str] = None,
+  first_screen: str = "",
 ) -> str:
   """report.md and report.html (figures inline) of `sections`; returns report.md's path."""
-  text = "".join(sections(output_dir, settings, sources, stage_seconds, provenance, command))
+  text = "".join(
+    sections(output_dir, settings, sources, stage_seconds, provenance, command, first_screen)
+  )
   io_lib.atomic_write_text(
     os.path.join(output_dir, "report.html"), figures.markdown_to_html(text, output_dir)
   )
