@@ -162,11 +162,14 @@ class FrontierSettings:
     if not self.defenses and not self.dp_multipliers:
       raise ValueError("defenses and dp_multipliers are both empty: nothing to measure.")
     validation.check_choices("defenses", self.defenses, defense_registry.PARAMETER_SEARCH)
+    if DP in self.defenses:
+      raise ValueError(f"defenses lists {DP!r}; give its noise multipliers as dp_multipliers.")
     unknown = sorted(set(self.grids or {}) - set(self.defenses))
     if unknown:
       raise ValueError(f"grids names {unknown}, which are not in defenses {self.defenses}.")
-    for name in self.defenses:
-      self.grid(name)
+    labels = [label(d, p) for d, p in self.settings()]  # checks every grid
+    if len(set(labels)) != len(labels):
+      raise ValueError(f"settings repeat on the frontier: {labels}; give distinct values.")
     for z in self.dp_multipliers:
       validation.check_number("dp_multipliers", z, 0, math.inf, low_open=True, high_open=True)
     seeds = [validation.check_int("seeds", s, 0) for s in self.seeds]
