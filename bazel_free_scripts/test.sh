@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The CI test command. 1) Sets up .venv (setup.sh: the pinned TF 2.14 / TFF stack), runs
 # ruff (lint + format check), then the whole suite there. 2) Sets up .venv-k3
-# (setup_core.sh: TF 2.21 / Keras 3 + Flower, no TFF) and runs the suite there, where
-# tests/conftest.py leaves out the modules that need the TFF stack. Exit code: the
-# first nonzero of the two pytest runs. Extra arguments go to both (e.g. `-m slow`).
+# (setup_core.sh: TF 2.21 / Keras 3 + Flower, no TFF) and runs the library's tests there
+# (CORE_TESTS below; tests/conftest.py leaves out the modules that need the TFF stack).
+# Exit code: the first nonzero of the two pytest runs. Extra arguments go to both (e.g. `-m slow`).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
@@ -35,6 +35,11 @@ run_pytest "$ROOT/.venv/bin/python" --durations=12 "$@"
 rc_full=$?
 echo "[test] full suite on .venv (TF 2.14, TFF): exit $rc_full, $(( $(date +%s) - start )) s"
 
+# On current Keras: the library's own tests (attacks, defences and their Keras / Flower
+# glue, metrics, studies, the cross-version record). The command-line drivers and the
+# static code-shape checks run once, on the pinned stack above.
+CORE_TESTS=(tests/core tests/attacks tests/defenses tests/integrations tests/analysis
+  tests/study tests/test_models.py tests/test_io.py tests/test_validation.py)
 start=$(date +%s)
 if bash "$ROOT/bazel_free_scripts/setup_core.sh"; then
   echo "[test] .venv-k3 ready in $(( $(date +%s) - start )) s"
@@ -44,10 +49,10 @@ if bash "$ROOT/bazel_free_scripts/setup_core.sh"; then
   # TF 2.21 announces oneDNN on stderr through absl before TF_CPP_MIN_LOG_LEVEL applies,
   # which would break the drivers' one-line error checks; without oneDNN it is silent.
   TF_ENABLE_ONEDNN_OPTS=0 run_pytest "$ROOT/.venv-k3/bin/python" \
-    --deselect "tests/test_optimize.py::test_refilled_slots_match_solo_runs[lbfgs-4]" \
-    --deselect "tests/test_optimize.py::test_lanes_share_one_queue_and_match_one_lane[2]" \
-    --deselect "tests/test_optimize.py::test_lanes_share_one_queue_and_match_one_lane[3]" \
-    "$@"
+    --deselect "tests/attacks/test_optimize.py::test_refilled_slots_match_solo_runs[lbfgs-4]" \
+    --deselect "tests/attacks/test_optimize.py::test_lanes_share_one_queue_and_match_one_lane[2]" \
+    --deselect "tests/attacks/test_optimize.py::test_lanes_share_one_queue_and_match_one_lane[3]" \
+    "$@" "${CORE_TESTS[@]}"
   rc_core=$?
   echo "[test] core suite on .venv-k3 (TF 2.21, Keras 3): exit $rc_core, $(( $(date +%s) - start )) s"
 else

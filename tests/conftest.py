@@ -38,9 +38,14 @@ TFF_STACK_TESTS = [
 ]
 # The Flower client mod's tests need the `flower` extra (installed in the core environment).
 FLOWER_TESTS = ["test_flower.py"]
-collect_ignore_glob = (
-  TFF_STACK_TESTS if importlib.util.find_spec("tensorflow_federated") is None else []
-) + (FLOWER_TESTS if importlib.util.find_spec("flwr") is None else [])
+# Patterns are matched (fnmatch) against full paths below this folder: "*/" finds the
+# file in any of the package folders (tests/defenses/, tests/study/, ...).
+collect_ignore_glob = [
+  pattern
+  for name in (TFF_STACK_TESTS if importlib.util.find_spec("tensorflow_federated") is None else [])
+  + (FLOWER_TESTS if importlib.util.find_spec("flwr") is None else [])
+  for pattern in (name, "*/" + name)
+]
 
 
 def pytest_report_header(config):

@@ -420,7 +420,7 @@ def test_dp_clips_then_adds_noise_of_multiplier_times_clip(noise_multiplier, cli
 
 
 def test_dp_epsilon_accounting_is_monotone():
-  # Directions and argument checks; the values themselves: tests/test_dp_accounting.py.
+  # Directions and argument checks; the values themselves: tests/defenses/test_dp_accounting.py.
   eps = [dp_lib.dp_sgd_epsilon(z, 100, 0.01) for z in (0.7, 1.0, 2.0, 4.0)]
   assert all(np.isfinite(eps)) and eps == sorted(eps, reverse=True) and eps[-1] < eps[0] / 4
   steps = [dp_lib.dp_sgd_epsilon(1.0, s, 0.01) for s in (10, 100, 1000)]

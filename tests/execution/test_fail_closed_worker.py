@@ -16,7 +16,7 @@ import pytest
 
 from tf_dlg.execution import runtime, worker
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Exports bind() like the real shim, but binds where it is told: confines nothing.
 _PASSTHROUGH = r"""

@@ -16,7 +16,7 @@ import pytest
 
 from tf_dlg.execution import runtime, worker
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _LISTEN = "0A"
 
 

@@ -1,5 +1,5 @@
 """Threshold search end to end: structure, consistency, resume (convergence and reproduce:
-tests/test_convergence.py, tests/test_reproduce.py)."""
+tests/study/test_convergence.py, tests/experiments/test_reproduce.py)."""
 
 import csv
 import os

@@ -14,7 +14,7 @@ import pytest
 
 from tf_dlg import data, validation
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Defences whose parameter has no finite upper bound of its own: float32 is the bound.
 UNBOUNDED = ("clipping", "noising", "noising_ratio", "dp")
 PAST_FLOAT32 = ("1e39", "1e308")

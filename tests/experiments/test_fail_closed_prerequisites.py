@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAINING_DRIVERS = {
   "federated": ["--dataset=digits", "--rounds=1"],
   "convergence": ["--dataset=digits", "--defense_params=masking:0.5", "--rounds=1"],

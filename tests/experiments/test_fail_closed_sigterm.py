@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STOP_WITHIN_S = 5.0  # the promise: a stopped run is gone within seconds, at any stage
 
 

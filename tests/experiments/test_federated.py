@@ -11,7 +11,7 @@ import pytest
 from tf_dlg.attacks.threat_model import ObservedUpdate
 from tf_dlg.federated import simulation as sim
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _worker_pids():

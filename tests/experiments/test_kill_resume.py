@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMING = {"seconds"}  # the only timing column of thresholds.csv, convergence.csv, history.csv
 # Generous: a poll only ends early on success; a stuck run fails after this long instead of
 # hanging the suite (a whole miniature run takes 1-4 min on the shared 2-core machine).

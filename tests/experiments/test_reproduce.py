@@ -215,7 +215,7 @@ def test_drivers_give_one_line_errors_with_exit_code_2(tmp_path):
   import subprocess
   import sys
 
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   for module, args, needle in [
     ("reproduce", ["--partitions=bogus"], "partitions: 'bogus' not one of"),
     ("reproduce", ["--preset=fast"], "preset='fast' is not one of"),
@@ -235,7 +235,7 @@ def test_drivers_give_one_line_errors_with_exit_code_2(tmp_path):
     assert len(lines) == 1 and needle in lines[0], proc.stderr
 
 
-# The miniature end-to-end run and every number of its report: tests/test_report_numbers.py.
+# The miniature end-to-end run and every number of its report: tests/study/test_report_numbers.py.
 
 
 def _threshold_row(dataset, status, works, threshold=0.3):
@@ -316,7 +316,7 @@ def test_paper_preset_without_data_or_network_exits_2_within_a_minute(tmp_path):
   import sys
   import time
 
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   code = (
     "import sys; from tf_dlg import data; data.host_reachable = lambda *a, **k: False; "
     "from experiments import cli, reproduce; reproduce.define_flags(); "

@@ -2,7 +2,7 @@
 sampling, resume, checkpoints and history, capture, remote workers, TensorBoard scalars.
 
 Short runs here (default suite); the long convergence and Byzantine runs are in
-tests/test_federated_convergence.py (short versions default, full versions `-m slow`).
+tests/federated/test_federated_convergence.py (short versions default, full versions `-m slow`).
 """
 
 import dataclasses

@@ -6,6 +6,7 @@ here with the csv module, independently of the code under test.
 """
 
 import csv
+import os
 import re
 import shutil
 
@@ -15,7 +16,7 @@ import pytest
 from tf_dlg.analysis import figures
 from tf_dlg.study import records, summary
 
-DATA = "tests/data"
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 NUM = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 PP_TOL = 0.05 + 1e-9  # "%+.1f" points
 DEFENCES = ("masking", "clipping_ratio", "pruning", "noising_ratio")
