@@ -230,6 +230,7 @@ def test_csv_round_trip_and_damaged_cells(tmp_path):
     (dict(dp_multipliers=(0.0,)), "dp_multipliers"),
     (dict(defenses=(), dp_multipliers=()), "nothing to measure"),
     (dict(rounds=0), "rounds"),
+    (dict(batch_size=0), "batch_size"),
     (dict(grids={"masking": (0.5, 0.5)}, defenses=("masking",)), "settings repeat"),
     (dict(defenses=("masking", "dp")), "dp_multipliers"),
     (dict(image_count=3), "unknown frontier settings"),

@@ -131,7 +131,8 @@ class FrontierSettings:
     num_images: Images attacked per setting.
     iterations, restarts: The attack optimiser's iterations and seeded starts.
     seeds: Training seeds (at least 2: the cost intervals are t intervals over them).
-    rounds, num_clients, local_epochs: FedAvg training.
+    rounds, num_clients, local_epochs, batch_size, client_lr: FedAvg training
+      (`FederatedConfig`'s defaults unless given).
     train_examples, test_examples: A seeded subset of the dataset, or None (all).
     delta: The DP points' delta.
     seed: Seeds image choice, attack model, defence randomness and attack starts.
@@ -150,6 +151,8 @@ class FrontierSettings:
   rounds: int = 15
   num_clients: int = 10
   local_epochs: int = 1
+  batch_size: int = 32
+  client_lr: float = 0.001
   train_examples: Optional[int] = 6000
   test_examples: Optional[int] = 2000
   delta: float = 1e-5
@@ -176,8 +179,9 @@ class FrontierSettings:
     seeds = [validation.check_int("seeds", s, 0) for s in self.seeds]
     if len(set(seeds)) < 2 or len(set(seeds)) != len(seeds):
       raise ValueError(f"seeds={list(self.seeds)} must be at least 2 distinct seeds.")
-    for name in ("num_images", "iterations", "restarts", "rounds", "num_clients"):
+    for name in ("num_images", "iterations", "restarts", "rounds", "num_clients", "batch_size"):
       validation.check_int(name, getattr(self, name), 1)
+    validation.check_number("client_lr", self.client_lr, 0, math.inf, low_open=True)
     validation.check_number("delta", self.delta, 0, 1, low_open=True, high_open=True)
 
   def grid(self, name: str) -> Tuple[float, ...]:
@@ -235,6 +239,8 @@ class Frontier:
       rounds=st.rounds,
       num_clients=st.num_clients,
       local_epochs=st.local_epochs,
+      batch_size=st.batch_size,
+      client_lr=st.client_lr,
       data_dir=st.data_dir,
     )
 
