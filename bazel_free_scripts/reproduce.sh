@@ -6,7 +6,7 @@
 # Rerunning into the same OUTPUT_DIR resumes and skips finished cells.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PRESET="${1:?usage: reproduce.sh PRESET [OUTPUT_DIR] [flags], PRESET one of quick, paper, adaptive}"
+PRESET="${1:?usage: reproduce.sh PRESET [OUTPUT_DIR] [flags], PRESET one of quick, paper, adaptive, frontier}"
 shift
 OUT="${1:-$ROOT/outputs/$PRESET}"
 shift || true

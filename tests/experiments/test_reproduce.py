@@ -338,3 +338,26 @@ def test_paper_preset_without_data_or_network_exits_2_within_a_minute(tmp_path):
   # The bound; measured 10 s (idle) to 20 s (loaded) on the 2-core machine.
   assert seconds <= 60
   assert not (tmp_path / "paper").exists()
+
+
+def test_frontier_preset_measures_four_defences_and_dp_on_the_training_data():
+  from tf_dlg.study import pipeline
+
+  fr = presets.PRESETS["frontier"]
+  st = pipeline._frontier_settings(fr)
+  four = {"masking", "clipping_ratio", "pruning", "noising_ratio"}
+  assert fr.frontier and fr.datasets == ("mnist",) and st.dataset == fr.convergence_dataset
+  assert set(st.defenses) == four and len(st.dp_multipliers) >= 3
+  assert all(len(st.grid(d)) >= 4 for d in four)
+  # Trained exactly as the preset's own convergence runs, attacked as its search.
+  assert (st.batch_size, st.client_lr, st.rounds) == (fr.batch_size, fr.client_lr, fr.rounds)
+  assert st.seeds == tuple(fr.seed_list()) and st.iterations == fr.iterations["mnist"]
+  assert (fr.aggregators, fr.partitions) == (("mean",), ("iid",))
+  # The strongest attackers follow the training data when the datasets change.
+  with pytest.raises(ValueError, match="iterations has no entry for convergence_dataset 'digits'"):
+    pipeline._frontier_settings(fr.override(convergence_dataset="digits"))
+  moved = presets.with_overrides(
+    "frontier", {"datasets": ["digits"], "convergence_dataset": "digits", "iterations": 30}
+  )
+  assert moved.adaptive_datasets == ("digits",)
+  assert pipeline._frontier_settings(moved).dataset == "digits"

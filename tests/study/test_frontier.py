@@ -173,36 +173,42 @@ def _point(defense, param, top1, cost, high=None, width=0.01, epsilon=None, n=8)
 
 
 def test_equal_protection_verdicts():
-  # 0/8 identified: upper bound 0.37 <= 0.5 protects; 2/8 (upper bound 0.65) does not.
+  # 0/8 identified protects (upper bound 0.37); 2/8 does not.
   cheap_leaky = _point("masking", 0.1, 0.25, 0.0)
   masking = _point("masking", 0.99, 0.0, 0.05)
   pruning = _point("pruning", 0.99, 0.0, 0.20)
   dp = _point("dp", 1.0, 0.0, 0.40, epsilon=25.0)
-  assert cheap_leaky.top1_high > 0.5 >= masking.top1_high
-  cheapest, vs_dp, evidence = frontier.equal_protection([cheap_leaky, masking, pruning, dp], 0.5)
+  assert cheap_leaky.top1 > 0.0 == masking.top1
+  cheapest, vs_dp, evidence = frontier.equal_protection([cheap_leaky, masking, pruning, dp])
   assert (cheapest, vs_dp) == ("masking", "masking, pruning beat DP")
   assert len(evidence) == 3 and "epsilon 25" in evidence[-1]
   # Overlapping cost intervals: neither a cheapest defence nor a DP verdict.
   close = _point("pruning", 0.99, 0.0, 0.06, width=0.02)
   near_dp = _point("dp", 1.0, 0.0, 0.07, width=0.03, epsilon=25.0)
-  assert frontier.equal_protection([masking, close, near_dp], 0.5)[:2] == (
+  assert frontier.equal_protection([masking, close, near_dp])[:2] == (
     "inconclusive",
     "inconclusive",
   )
   # DP wholly cheaper; no DP point protecting; nothing protecting at a stricter level.
   cheap_dp = _point("dp", 3.0, 0.0, 0.0, width=0.005, epsilon=6.0)
-  assert frontier.equal_protection([masking, cheap_dp], 0.5)[1] == "DP costs less"
-  assert frontier.equal_protection([masking], 0.5)[1] == "no DP point protects"
-  assert frontier.equal_protection([masking, pruning, dp], 0.3)[:2] == (
+  assert frontier.equal_protection([masking, cheap_dp])[1] == "DP costs less"
+  assert frontier.equal_protection([masking])[1] == "no DP point protects"
+  assert frontier.equal_protection([cheap_leaky], 0.0)[:2] == (
     "none protects",
     "nothing protects",
   )
-  assert frontier.equal_protection([cheap_leaky, dp], 0.5)[:2] == (
+  # A looser level lets 2/8 identified count as protected.
+  assert frontier.equal_protection([cheap_leaky], 0.25)[0] == "masking"
+  assert frontier.equal_protection([cheap_leaky, dp])[:2] == (
     "none protects",
     "only DP protects",
   )
-  row = frontier.claims_row([masking, pruning, dp], 0.5)
-  assert len(row) == 4 and "<= 0.5" in row[0] and row[3].startswith("cheapest: masking; vs DP:")
+  row = frontier.claims_row([masking, pruning, dp])
+  assert (
+    len(row) == 4
+    and "<= 0 of the attacked" in row[0]
+    and row[3].startswith("cheapest: masking; vs DP:")
+  )
 
 
 def test_csv_round_trip_and_damaged_cells(tmp_path):

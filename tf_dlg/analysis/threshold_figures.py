@@ -69,6 +69,9 @@ def threshold_strips(
   ax.set_xticks(range(len(datasets)))
   ax.set_xticklabels(datasets, fontsize=8)
   if rows and rows[0].get("search_scale") == "log":
+    # The search range fixes the axis: a cell of untested images draws no point.
+    low, high = float(rows[0]["search_low"]), float(rows[0]["search_high"])
+    ax.set_ylim(low / 1.5, high * 1.5)
     ax.set_yscale("log")
   if rows:
     ax.set_ylabel(

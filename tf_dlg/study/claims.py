@@ -228,6 +228,16 @@ def _robustness_claims(robustness: List[Dict[str, Any]]) -> List[List[str]]:
   return rows
 
 
+def append_claims(output_dir: str, rows: List[List[str]]) -> str:
+  """Adds rows (claim, measurement, data, verdict) to the end of claims.md's table."""
+  path = os.path.join(output_dir, "claims.md")
+  with open(path, encoding="utf-8") as f:
+    text = f.read().rstrip("\n") + "\n"
+  cells = [[c.replace("|", "\\|").replace("\n", " ") for c in r] for r in rows]
+  text += "".join("| " + " | ".join(r) + " |\n" for r in cells)
+  return io_lib.atomic_write_text(path, text)
+
+
 def write_claims(
   output_dir: str,
   thresholds: List[Dict[str, Any]],

@@ -41,7 +41,9 @@ from tf_dlg import io as io_lib
 from tf_dlg import validation
 
 DP = "dp"
-DEFAULT_LEVEL = 0.5
+# A setting protects when no attacked image is identified (the threshold search's
+# "defends every image"); a looser level trades that for fewer settings.
+DEFAULT_LEVEL = 0.0
 _WHOLE = 2**31 - 1
 
 
@@ -405,10 +407,10 @@ def frontier_markdown(points: Sequence[FrontierPoint], source: str = "") -> str:
 
 
 def _cheapest_protecting(points: Sequence[FrontierPoint], level: float) -> Dict[str, FrontierPoint]:
-  """{defence: its cheapest setting whose identification upper bound is <= level}."""
+  """{defence: its cheapest setting whose top-1 identification rate is <= level}."""
   out: Dict[str, FrontierPoint] = {}
   for p in points:
-    if p.top1_high <= level and math.isfinite(p.cost):
+    if p.top1 <= level and math.isfinite(p.cost):
       if p.defense not in out or p.cost < out[p.defense].cost:
         out[p.defense] = p
   return out
@@ -425,8 +427,8 @@ def _describe(p: FrontierPoint) -> str:
 def equal_protection(points: Sequence[FrontierPoint], level: float = DEFAULT_LEVEL):
   """(cheapest defence or "inconclusive" / "none protects", DP verdict, evidence list).
 
-  A setting protects at `level` when the upper bound of its identification interval is
-  <= level. Among the defences (DP apart), each one's cheapest protecting setting
+  A setting protects at `level` when its top-1 identification rate is <= level (the
+  default 0: no attacked image identified; the evidence quotes the interval). Among the defences (DP apart), each one's cheapest protecting setting
   competes: a defence costs least only if its cost interval lies wholly below every
   other's. A defence beats DP if its cost interval lies wholly below the cheapest
   protecting DP point's; DP wins the other way round; otherwise "inconclusive".
@@ -458,7 +460,8 @@ def claims_row(points: Sequence[FrontierPoint], level: float = DEFAULT_LEVEL) ->
   """[claim, our measurement, data, verdict]: the "at equal protection" claims row."""
   cheapest, dp_verdict, evidence = equal_protection(points, level)
   claim = (
-    f"At equal protection (top-1 identification upper bound <= {level:g}), which defence "
+    f"At equal protection (top-1 identification rate <= {level:g} of the attacked images), "
+    "which defence "
     "costs least, and does any beat DP?"
   )
   head = points[0] if points else None

@@ -20,13 +20,16 @@ stage starts (`check_settings`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from collections.abc import Mapping
 from typing import Dict, Optional, Tuple
 
 from tf_dlg import validation
 from tf_dlg.analysis import figures
 from tf_dlg.study import claims as claims_lib
+from tf_dlg.study import frontier as frontier_lib
 from tf_dlg.study import report as report_lib
 from tf_dlg.study import summary
 from tf_dlg.study.presets import Preset
@@ -66,7 +69,7 @@ def _convergence(output_dir: str, settings: Preset, params, progress: bool):
   conv = convergence_lib.Convergence(
     os.path.join(output_dir, "convergence"),
     params,
-    aggregators=("mean", "median"),
+    aggregators=settings.aggregators,
     partitions=settings.partitions,
     seeds=settings.seed_list(),
     subsets=subsets,
@@ -84,6 +87,45 @@ def _convergence(output_dir: str, settings: Preset, params, progress: bool):
     return conv
   first = [(conv.aggregators[0], conv.partitions[0])]
   return conv.confine({k: first for k in params if k.endswith("@adaptive")})
+
+
+def _frontier_settings(settings: Preset):
+  """The frontier of a preset: its training, its convergence dataset and attack budget."""
+  from tf_dlg.study import frontier as frontier_lib
+
+  iterations = settings.iterations
+  if isinstance(iterations, Mapping):
+    if settings.convergence_dataset not in iterations:
+      raise ValueError(
+        f"iterations has no entry for convergence_dataset {settings.convergence_dataset!r} "
+        f"(it has {sorted(iterations)}); pass --iterations."
+      )
+    iterations = iterations[settings.convergence_dataset]
+  return frontier_lib.FrontierSettings(
+    dataset=settings.convergence_dataset,
+    defenses=tuple(d for d in settings.convergence_defenses if d != frontier_lib.DP),
+    iterations=iterations,
+    restarts=settings.restarts,
+    num_images=settings.frontier_images,
+    seeds=tuple(settings.seed_list()),
+    rounds=settings.rounds,
+    num_clients=settings.num_clients,
+    local_epochs=settings.local_epochs,
+    batch_size=settings.batch_size,
+    client_lr=settings.client_lr,
+    train_examples=settings.train_examples,
+    test_examples=settings.test_examples,
+    seed=settings.seed,
+    data_dir=settings.data_dir,
+  )
+
+
+def _frontier(output_dir: str, settings: Preset, progress: bool):
+  from tf_dlg.study import frontier as frontier_lib
+
+  return frontier_lib.run_frontier(
+    os.path.join(output_dir, "frontier"), _frontier_settings(settings), progress=progress
+  )
 
 
 def check_data(settings: Preset) -> None:
@@ -141,6 +183,8 @@ def check_settings(output_dir: str, settings: Preset, progress: bool = True):
   if settings.adaptive:
     stand_in.update({f"{d}@adaptive": v for d, v in stand_in.items()})
   _convergence(output_dir, settings, stand_in, progress)
+  if settings.frontier:
+    _frontier_settings(settings)  # its own checks, before any work
   # Last: it opens (creates) the search's results file, which fixes its configuration.
   return _search(output_dir, settings, progress)
 
@@ -186,6 +230,7 @@ def _provenance(
     "thresholds/thresholds.md": thr_text,
     "thresholds/robustness.md": thr_text,
     "convergence/convergence.md": conv_text,
+    "frontier/frontier.md": f"seeds {seeds}; {settings.rounds} rounds" + suffix,
     "claims.md": f"thresholds: {thr_text}; costs: {conv_text}",
   }
   return provenance, evidence
@@ -218,10 +263,17 @@ def run(
   claims = claims_lib.write_claims(output_dir, rows, robustness, conv_rows, evidence=evidence)
   sources = {d: search.case(d)[0].source for d in settings.datasets}
   sources[f"{settings.convergence_dataset} (training)"] = conv.dataset_source
+  points = []
+  if settings.frontier:
+    t = time.perf_counter()
+    points = _frontier(output_dir, settings, progress)
+    stage_seconds["frontier"] = time.perf_counter() - t
+    claims_lib.append_claims(output_dir, [frontier_lib.claims_row(points)])
   first = summary.first_screen(
     rows,
     conv_rows,
     os.path.join(output_dir, "figures", "first_screen.png"),
+    [dict(dataclasses.asdict(p), setting=p.param, attack=p.attackers) for p in points],
     report_dir=output_dir,
     dataset=settings.convergence_dataset,
     training_data=conv.dataset_source,

@@ -23,6 +23,7 @@ from tf_dlg.study.presets import Preset
 STAGE_SECTIONS = (
   "thresholds/thresholds.md",
   "claims.md",
+  "frontier/frontier.md",
   "convergence/convergence.md",
   "thresholds/robustness.md",
 )
@@ -134,7 +135,7 @@ def write_figure_index(output_dir: str) -> None:
   """figures/ at the top level holds every figure, so users find them in one place."""
   top = os.path.join(output_dir, "figures")
   os.makedirs(top, exist_ok=True)
-  for sub in ("thresholds", "convergence"):
+  for sub in ("thresholds", "convergence", "frontier"):
     src = os.path.join(output_dir, sub, "figures")
     if os.path.isdir(src):
       for name in sorted(os.listdir(src)):
