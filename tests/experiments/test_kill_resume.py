@@ -123,6 +123,7 @@ def _histories(out):
   return found
 
 
+@pytest.mark.slow  # resume and workers: shorter default tests cover them
 def test_convergence_killed_mid_run_resumes_to_the_same_tables(tmp_path):
   ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
   log = str(tmp_path / "log.txt")

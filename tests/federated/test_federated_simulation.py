@@ -230,6 +230,7 @@ def test_remote_worker_on_loopback_gives_the_local_result(simulate, sim_config, 
   assert _strip(remote.history) == _strip(local.history)
 
 
+@pytest.mark.slow  # resume and workers: shorter default tests cover them
 def test_two_loopback_workers_split_the_clients(simulate, sim_config, tmp_path):
   """Mergeable-computation context: each worker trains half the clients of a round."""
   c = dataclasses.replace(sim_config, rounds=1)

@@ -1,6 +1,6 @@
 """tf_dlg.study.single_attack: one attack from Python, checked before work, written to a folder.
 
-The command line around it (flags, exit codes, messages with `--`) is tests/experiments/test_attack.py.
+The command line around it (flags, exit codes, messages with `--`) is tests/experiments/test_attack_cli.py.
 """
 
 import json
