@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -81,6 +82,10 @@ CONVERGENCE_FIELDS = (
   "seconds",
   "per_seed",
 )
+_TEXT_FIELDS = ("aggregator", "partition", "defense", "label", "param_source", "seeds")
+_TEXT_FIELDS += ("per_seed", "per_seed_rounds")
+_REQUIRED = ("aggregator", "partition", "defense", "label", "param", "seeds", "per_seed")
+_REQUIRED += ("final_test_accuracy", "final_low", "final_high", "cost", "cost_low", "cost_high")
 CELL_NAME = "cell.json"
 CELL_FORMAT = "tf_dlg.convergence.cell/v2"
 # Set per run by the grid, or not part of a convergence run.
@@ -92,6 +97,39 @@ _PER_RUN = (
   "capture_round",
   "capture_client",
 )
+
+
+def read_convergence(path: str) -> List[Dict[str, Any]]:
+  """convergence.csv as the rows `Convergence.run` returns (numbers as floats, empty None).
+
+  Raises:
+    ValueError: naming the file (and line and column) of a column that convergence.csv
+      does not have, a missing one, or a cell that is not a number where one belongs.
+  """
+  with open(path, newline="", encoding="utf-8") as f:
+    reader = csv.DictReader(f)
+    names = reader.fieldnames or []
+    unknown = [n for n in names if n not in CONVERGENCE_FIELDS]
+    missing = [n for n in _REQUIRED if n not in names]
+    if unknown or missing:
+      raise ValueError(
+        f"{path} is not a convergence.csv (unknown columns {unknown}, missing {missing})."
+      )
+    rows = []
+    for raw in reader:
+      row = {}
+      for k in names:
+        v = (raw[k] or "").strip()
+        if k in _TEXT_FIELDS or not v:
+          row[k] = v or None
+          continue
+        try:
+          row[k] = float(v)
+        except ValueError:
+          where = f"{path}, line {reader.line_num}, column {k!r}"
+          raise ValueError(f"{where}: {v!r} is not a number.") from None
+      rows.append(row)
+  return rows
 
 
 class CellError(ValueError):

@@ -24,7 +24,6 @@ setting at which no attacked image is identified, and DP-FedAvg beside the other
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
@@ -40,47 +39,8 @@ PAPER_ATTACK = "idlg"
 # The training cell the first screen quotes (FedAvg's default: mean aggregation, IID).
 CELL = ("mean", "iid")
 PROTECTS, NOT_REACHED, NOT_SEARCHED = "protects", "does not protect", "not searched"
-_TEXT_FIELDS = ("aggregator", "partition", "defense", "label", "param_source", "seeds")
-_TEXT_FIELDS += ("per_seed", "per_seed_rounds")
-_REQUIRED = ("aggregator", "partition", "defense", "label", "param", "seeds", "per_seed")
-_REQUIRED += ("final_test_accuracy", "final_low", "final_high", "cost", "cost_low", "cost_high")
 FRONTIER_KEYS = ("defense", "setting", "attack", "top1", "top1_low", "top1_high")
 FRONTIER_KEYS += ("cost", "cost_low", "cost_high")
-
-
-def read_convergence(path: str) -> List[Dict[str, Any]]:
-  """convergence.csv as the rows `Convergence.run` returns (numbers as floats, empty None).
-
-  Raises:
-    ValueError: naming the file (and line and column) of a column that convergence.csv
-      does not have, a missing one, or a cell that is not a number where one belongs.
-  """
-  from tf_dlg.study.convergence import CONVERGENCE_FIELDS
-
-  with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
-    names = reader.fieldnames or []
-    unknown = [n for n in names if n not in CONVERGENCE_FIELDS]
-    missing = [n for n in _REQUIRED if n not in names]
-    if unknown or missing:
-      raise ValueError(
-        f"{path} is not a convergence.csv (unknown columns {unknown}, missing {missing})."
-      )
-    rows = []
-    for raw in reader:
-      row = {}
-      for k in names:
-        v = (raw[k] or "").strip()
-        if k in _TEXT_FIELDS or not v:
-          row[k] = v or None
-          continue
-        try:
-          row[k] = float(v)
-        except ValueError:
-          where = f"{path}, line {reader.line_num}, column {k!r}"
-          raise ValueError(f"{where}: {v!r} is not a number.") from None
-      rows.append(row)
-  return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -546,7 +506,7 @@ def first_screen(
 
   Args:
     threshold_rows: thresholds.csv rows (`records.read_thresholds`, or the search's rows).
-    convergence_rows: convergence.csv rows (`read_convergence`, or `Convergence.run`'s);
+    convergence_rows: convergence.csv rows (`convergence.read_convergence`, or `Convergence.run`'s);
       empty when there was no convergence run.
     figure_path: Where the PNG goes.
     frontier_rows: The privacy-utility frontier's points (see the module docstring), or
