@@ -249,6 +249,17 @@ def test_convergence_table_numbers_are_the_csvs(run):
     acc = [float(x) for x in re.findall(NUM, r["final acc. [95 %]"])]
     want = [float(c[k]) for k in ("final_test_accuracy", "final_low", "final_high")]
     assert acc == pytest.approx(want, abs=ACC_TOL)
+    # Rounds to target: the per-seed first rounds reaching the stated target.
+    per_seed = c["per_seed_rounds"].split()
+    assert float(r["target"]) == pytest.approx(float(c["target_accuracy"]), abs=5e-4)
+    if "-" in per_seed:
+      assert r["rounds to target [95 %]"].startswith("not reached in")
+    else:
+      got = [float(x) for x in re.findall(NUM, r["rounds to target [95 %]"])]
+      assert got[0] == pytest.approx(np.mean([int(x) for x in per_seed]), abs=0.05)
+      assert got == pytest.approx(
+        [float(c[k]) for k in ("rounds_to_target", "rounds_low", "rounds_high")], abs=0.05
+      )
     # Final accuracy after one round is the mean over seeds of each seed's value.
     seeds = [float(x) for x in c["per_seed"].split()]
     assert float(c["final_test_accuracy"]) == pytest.approx(np.mean(seeds), abs=1e-4)

@@ -86,7 +86,8 @@ def cost_claim(
   """
   per = [intervals.verdict(_interval(r), margin, side) for r in rows]
   ours = "; ".join(
-    f"{r['aggregator']}/{r['partition']}: {_pp(_interval(r))} {v}" for r, v in zip(rows, per)
+    f"{r['aggregator']}/{r['partition']}: {_pp(_interval(r))} {v}{_rounds(r)}"
+    for r, v in zip(rows, per)
   )
   verdict = combine(per, rule)
   if any(UNTESTED in str(r.get("param_source")) for r in rows) and verdict == "agrees":
@@ -94,6 +95,20 @@ def cost_claim(
   elif verdict == intervals.INCONCLUSIVE:
     verdict = f"inconclusive (an interval contains the {100 * margin:.0f} pp margin)"
   return [claim, ours, evidence, verdict]
+
+
+def _rounds(row: Dict[str, Any]) -> str:
+  """The communication cost beside the accuracy cost: extra rounds to the target."""
+  seeds = str(row.get("per_seed_rounds") or "").split()
+  if not seeds:
+    return ""
+  target = f"rounds to {float(row['target_accuracy']):.3f}"
+  if "-" in seeds:
+    return f" ({target} not reached in {seeds.count('-')}/{len(seeds)} seeds)"
+  if row.get("round_cost") in (None, ""):
+    return ""
+  cost = [float(row[k]) for k in ("round_cost", "round_cost_low", "round_cost_high")]
+  return f" ({cost[0]:+.1f} [{cost[1]:+.1f}, {cost[2]:+.1f}] {target})"
 
 
 def _base(defense: str) -> str:
