@@ -387,6 +387,9 @@ def plot(lines: Sequence[Line], path: str, title: str, reference=None, margin=MA
   ax.set_title(title, fontsize=8.5)
   ax.grid(alpha=0.3)
   if any(x.points for x in lines):
+    # Room right of the costliest point for its label, which would run into the legend.
+    left, right_edge = ax.get_xlim()
+    ax.set_xlim(left, right_edge * 2.2 if right_edge > 10 else right_edge + 0.3)
     legend = dict(loc="center left", bbox_to_anchor=(1.01, 0.5), title_fontsize=7)
     ax.legend(fontsize=7, title="filled: protects", **legend)
   else:
