@@ -246,6 +246,7 @@ def test_frontier_rows_pick_the_cheapest_protecting_setting_and_show_dp(run):
       cost_high=cost + 0.003,
       epsilon=eps,
       seeds="0 1 2",
+      num_images=16,
     )
 
   frontier = [
@@ -258,6 +259,8 @@ def test_frontier_rows_pick_the_cheapest_protecting_setting_and_show_dp(run):
   md, png = _screen(tmp_path, thresholds, convergence, frontier)
   _, table = _table(md)
   assert list(table) == ["masking", "dp"]
+  # The frontier's own images are named, not the threshold search's.
+  assert "16 attacked images per frontier setting" in md
   assert table["masking"][2] == "0.5" and table["masking"][4] == "+1.0 pp [+0.7, +1.3]"
   assert table["dp"][2] == "1 (ε=25)" and table["dp"][4] == "+5.0 pp [+4.7, +5.3]"
   verdicts = _verdicts(md)

@@ -401,8 +401,11 @@ def plot(lines: Sequence[Line], path: str, title: str, reference=None, margin=MA
   return path
 
 
-def provenance(threshold_rows, dataset, cell_rows, training_data, frontier: bool) -> str:
-  """The one paragraph that says what every number of the first screen rests on."""
+def provenance(threshold_rows, dataset, cell_rows, training_data, frontier=None) -> str:
+  """The one paragraph that says what every number of the first screen rests on.
+
+  `frontier`: the frontier rows the first screen reads, if any (they name their images).
+  """
   from tf_dlg.study.convergence import FINAL_ROUNDS
 
   mine = [r for r in threshold_rows if r["dataset"] == dataset]
@@ -416,10 +419,15 @@ def provenance(threshold_rows, dataset, cell_rows, training_data, frontier: bool
   images = "/".join(sorted({f"{r['num_images']:.0f}" for r in mine if r.get("num_images")}))
   gallery = "/".join(sorted({f"{r['gallery_size']:.0f}" for r in mine if r.get("gallery_size")}))
   source = mine[0].get("dataset_source") if mine else None
+  if frontier:  # the frontier attacks images of its own
+    per_setting = sorted({int(r["num_images"]) for r in frontier if r.get("num_images")})
+    images = f"{'/'.join(map(str, per_setting)) or '?'} attacked images per frontier setting"
+  else:
+    images = f"{images or '?'} attacked images"
   text = (
-    f"Leakage: `{dataset}` ({source or 'source not recorded'}), {images or '?'} attacked "
-    f"images; *identified*: the attacker ranks the original first among the dataset's "
-    f"{gallery or '?'} images. {attackers}"
+    f"Leakage: `{dataset}` ({source or 'source not recorded'}), {images}; *identified*: the "
+    f"attacker ranks the original first among the dataset's {gallery or '?'} images. "
+    f"{attackers}"
   )
   if frontier:
     text += " Settings and DP-FedAvg points: the privacy-utility frontier."
@@ -550,7 +558,7 @@ def first_screen(
   mine = [r for r in threshold_rows if r["dataset"] == dataset]
   first = threshold_row(mine, dataset, mine[0]["defense"]) if mine else None
   reference = _rate(first, "undefended_top1") if first else None
-  prov = provenance(threshold_rows, dataset, cell_rows, training_data, bool(frontier_rows))
+  prov = provenance(threshold_rows, dataset, cell_rows, training_data, frontier_rows or [])
   link = os.path.relpath(os.path.abspath(figure_path), os.path.abspath(report_dir))
   attackers = ", ".join(dict.fromkeys(x.protection.attacker.split(" ")[0] for x in lines))
   title = _title(baseline, attackers)
