@@ -326,16 +326,18 @@ def seed_rows(label: str, param, provenance: str, runs) -> Dict[str, Any]:
   }
 
 
+def _baseline(rows: List[Dict[str, Any]], row: Dict[str, Any]) -> Dict[str, Any]:
+  """The undefended ("none") row of `row`'s (aggregator, partition) cell."""
+  cell = (row["aggregator"], row["partition"], "none")
+  return next(x for x in rows if (x["aggregator"], x["partition"], x["label"]) == cell)
+
+
 def add_costs(rows: List[Dict[str, Any]]) -> None:
   """Cost vs no defence: the paired difference (none - defended) over seeds, in place."""
   from tf_dlg.analysis import intervals
 
   for r in rows:
-    none = next(
-      x
-      for x in rows
-      if (x["aggregator"], x["partition"], x["label"]) == (r["aggregator"], r["partition"], "none")
-    )
+    none = _baseline(rows, r)
     iv = intervals.paired_difference(
       [float(v) for v in none["per_seed"].split()], [float(v) for v in r["per_seed"].split()]
     )
@@ -364,7 +366,7 @@ def add_rounds_to_target(rows: List[Dict[str, Any]], histories, fraction: float)
   per_row = {}
   for r in rows:
     cell = (r["aggregator"], r["partition"])
-    none = next(x for x in rows if (x["aggregator"], x["partition"], x["label"]) == (*cell, "none"))
+    none = _baseline(rows, r)
     target = round(fraction * none["final_test_accuracy"], 4)
     rounds = [rounds_to(h, target) for h in histories[(*cell, r["label"])]]
     per_row[id(r)] = rounds
@@ -373,11 +375,7 @@ def add_rounds_to_target(rows: List[Dict[str, Any]], histories, fraction: float)
       iv = intervals.mean_interval(rounds)
       r.update(rounds_to_target=iv.estimate, rounds_low=iv.low, rounds_high=iv.high)
   for r in rows:
-    none = next(
-      x
-      for x in rows
-      if (x["aggregator"], x["partition"], x["label"]) == (r["aggregator"], r["partition"], "none")
-    )
+    none = _baseline(rows, r)
     mine, base = per_row[id(r)], per_row[id(none)]
     if None not in mine and None not in base:
       iv = intervals.paired_difference(mine, base)  # extra rounds the defence costs
