@@ -141,14 +141,15 @@ def _chance_rows(images, held_out, n, rng, ssim_n):
 def _attack_row(images, n, rng, iterations):
   """A real undefended iDLG attack on `n` images of the gallery."""
   from tf_dlg import models
-  from tf_dlg.attacks import observe_gradient, run_attacks
+  from tf_dlg.attacks import AttackConfig, observe_gradient, run_attacks
 
   ds = data.load_dataset("mnist")
   idx = rng.choice(len(images), n, replace=False)
   model = models.attack_lenet(ds.input_shape, ds.num_classes, seed=0)
   obs = [observe_gradient(model, images[i : i + 1], ds.y_test[i : i + 1], seed=int(i)) for i in idx]
   start = time.perf_counter()
-  results = run_attacks(model, obs, "idlg", iterations=iterations, seed=[int(i) for i in idx])
+  config = AttackConfig(attack="idlg", iterations=iterations, seed=tuple(int(i) for i in idx))
+  results = run_attacks(model, obs, config)
   seconds = time.perf_counter() - start
   recs = np.stack([r.images[0] for r in results])
   res = idf.identify(recs, images, idx)

@@ -6,6 +6,8 @@ Fixtures for every test module:
 - `mean_fedavg`: the `FedAvg` of `sim_config`, built once for every federated test.
 - `tiny_bn_model`: a function `(input_shape, num_classes, seed=0) -> tf.keras.Model`, a
   one-conv BatchNorm model small enough for TFF rounds in a second or two.
+- `install_fake_attack`: replaces `runner.run_attacks` by an attacker whose outcome the
+  test decides (threshold-search tests check bookkeeping in seconds).
 """
 
 import importlib.util
@@ -103,3 +105,49 @@ def _tiny_bn_model(input_shape, num_classes, seed=0):
 @pytest.fixture(scope="session")
 def tiny_bn_model():
   return _tiny_bn_model
+
+
+@pytest.fixture
+def install_fake_attack(monkeypatch):
+  """A function `install(images_of)` that replaces `runner.run_attacks` by a fake.
+
+  `images_of(observed, k, attack)` gives the reconstruction of one `ObservedUpdate`, image
+  k of the sample (its seed modulo 100_003: the threshold searches seed image k so); the
+  fake converges where that is the true image. `install` returns the list of the
+  `AttackConfig`s the fake is called with, one per call.
+  """
+  import numpy as np
+
+  from tf_dlg.attacks import runner
+
+  def install(images_of):
+    calls = []
+
+    def run_attacks(model, observed, config=None, **kwargs):
+      config = runner.AttackConfig() if config is None else config
+      calls.append(config)
+      out = []
+      for o, seed in zip(observed, config.seeds(len(observed))):
+        img = np.asarray(images_of(o, seed % 100_003, config.attack))
+        leak = np.array_equal(img, o.true_images)
+        out.append(
+          runner.AttackResult(
+            attack=config.attack,
+            images=img.astype(np.float32),
+            raw_images=img,
+            labels=o.true_labels,
+            status="converged" if leak else "max_iterations",
+            distance=0.0,
+            iterations=5,
+            seconds=0.0,
+            batch_size=len(observed),
+            seed=seed,
+            observed=o,
+          )
+        )
+      return out
+
+    monkeypatch.setattr(runner, "run_attacks", run_attacks)
+    return calls
+
+  return install

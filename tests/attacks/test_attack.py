@@ -124,7 +124,9 @@ def test_idlg_recovers_real_digit_and_nan_start_fails_alone(digits):
     np.full((1, 28, 28, 1), np.nan, np.float32),
     np.random.default_rng(0).normal(size=(1, 28, 28, 1)).astype(np.float32),
   ]
-  bad, good = run_attacks(model, obs, "idlg", iterations=1500, initial_images=start)
+  bad, good = run_attacks(
+    model, obs, runner.AttackConfig(attack="idlg", iterations=1500), initial_images=start
+  )
   assert bad.status == "failed"
   assert good.status == "converged"
   row = metrics.score(good)
@@ -137,9 +139,11 @@ def test_batched_equals_one_by_one(digits):
   obs = [observe_gradient(model, ds.x_train[i : i + 1], ds.y_train[i : i + 1]) for i in (2, 3, 4)]
   # XLA: every slot count >= 2 rounds alike and an attack alone still gets 2 slots, so
   # batched and single attacks are bit for bit the same.
-  batched = run_attacks(model, obs, "idlg", iterations=1500, seed=[5, 6, 7], lanes=1)
+  config = runner.AttackConfig(attack="idlg", iterations=1500, seed=(5, 6, 7), lanes=1)
+  batched = run_attacks(model, obs, config)
   single = [
-    run_attacks(model, [o], "idlg", iterations=1500, seed=s)[0] for o, s in zip(obs, (5, 6, 7))
+    run_attacks(model, [o], runner.AttackConfig(attack="idlg", iterations=1500, seed=s))[0]
+    for o, s in zip(obs, (5, 6, 7))
   ]
   for b, s in zip(batched, single):
     assert b.batch_size == 3 and s.batch_size == 2
@@ -160,7 +164,7 @@ def test_auto_jit_switches_to_xla_mid_attack_and_recovers(digits, monkeypatch):
   monkeypatch.setattr(runner, "AUTO_JIT_AFTER", 40)
   cache = runner.CompileCache()
   config = runner.AttackConfig(iterations=1500, jit_compile=None, check_every=20)
-  res = run_attacks(model, [obs], config=config, cache=cache)[0]
+  res = run_attacks(model, [obs], config, cache=cache)[0]
   compiled = {k[-2]: v for k, v in cache._entries.items() if k[0] == "compiled"}
   for jit in (False, True):  # both ran
     assert compiled[jit].chunk_fn.python_function.experimental_get_tracing_count() == 1
@@ -173,7 +177,7 @@ def test_multi_step_fedavg_delta_attack_recovers_image(digits):
   obs = observe_fedavg_delta(
     model, ds.x_train[5:6], ds.y_train[5:6], local_steps=3, learning_rate=0.1
   )
-  res = run_attacks(model, [obs], "idlg", iterations=3000)[0]
+  res = run_attacks(model, [obs], runner.AttackConfig(attack="idlg", iterations=3000))[0]
   row = metrics.score(res)
   assert row["ssim"] > 0.9, row
   assert row["label_correct"]
@@ -182,7 +186,7 @@ def test_multi_step_fedavg_delta_attack_recovers_image(digits):
 def test_dlg_recovers_image_and_label_jointly(digits):
   ds, model = digits
   obs = observe_gradient(model, ds.x_train[6:7], ds.y_train[6:7])
-  res = run_attacks(model, [obs], "dlg", iterations=3000, seed=1)[0]
+  res = run_attacks(model, [obs], runner.AttackConfig(attack="dlg", iterations=3000, seed=1))[0]
   row = metrics.score(res)
   assert row["ssim"] > 0.9 and row["label_correct"], row
 
@@ -195,7 +199,8 @@ def test_idlg_median_ssim_over_eight_images(name):
   ds = data.load_dataset(name)
   model = models.attack_lenet(ds.input_shape, ds.num_classes, seed=0)
   obs = [observe_gradient(model, ds.x_train[i : i + 1], ds.y_train[i : i + 1]) for i in range(8)]
-  rows = metrics.score_results(run_attacks(model, obs, "idlg", iterations=8000))
+  config = runner.AttackConfig(attack="idlg", iterations=8000)
+  rows = metrics.score_results(run_attacks(model, obs, config))
   ssims = [r["ssim"] for r in rows]
   print(name, np.round(ssims, 3).tolist())
   assert np.median(ssims) >= 0.9, ssims
@@ -207,7 +212,8 @@ def test_ig_recovers_saturated_lfw_images():
   ds = data.load_dataset("lfw_subset")
   model = models.lenet(ds.input_shape, ds.num_classes, seed=0)
   obs = [observe_gradient(model, ds.x_train[i : i + 1], ds.y_train[i : i + 1]) for i in range(8)]
-  rows = metrics.score_results(run_attacks(model, obs, "ig", iterations=2000, tv_weight=0.0))
+  config = runner.AttackConfig(attack="ig", iterations=2000, tv_weight=0.0)
+  rows = metrics.score_results(run_attacks(model, obs, config))
   ssims = [r["ssim"] for r in rows]
   print("lfw_subset ig", np.round(ssims, 3).tolist())
   assert np.median(ssims) >= 0.9, ssims

@@ -38,27 +38,19 @@ def test_config_is_validated(field, value, message):
     runner.AttackConfig(**{field: value})
 
 
-def test_old_keyword_arguments_build_a_config():
-  c = runner.config_from_kwargs(
-    "ig", iterations=9, seed=[1, 2], optimizer="adam", learning_rate=0.3, max_batch=4, tv_weight=0.0
-  )
-  assert c == runner.AttackConfig(
-    attack="ig",
-    iterations=9,
-    seed=(1, 2),
-    optimizer="adam",
-    optimizer_options={"learning_rate": 0.3},
-    slots=4,
-    tv_weight=0.0,
-  )
-  with pytest.raises(ValueError, match="either config"):
-    run_attacks(None, [], config=c, iterations=3)
+def test_config_must_be_an_attack_config():
+  # The attack name in the config's place (the older signature) is refused, not ignored.
+  with pytest.raises(TypeError, match="config must be an AttackConfig, got str"):
+    run_attacks(None, [], "ig")
+  with pytest.raises(TypeError, match="cache must be a CompileCache, got dict"):
+    run_attacks(None, [], cache={})
 
 
 def test_cache_is_keyed_by_architecture_and_clearable(digits):
   model, obs = digits
   cache = runner.CompileCache(max_entries=3)
-  run_attacks(model, obs[:1], "idlg", iterations=2, cache=cache, jit_compile=False)
+  config = runner.AttackConfig(attack="idlg", iterations=2, jit_compile=False)
+  run_attacks(model, obs[:1], config, cache=cache)
   same_arch = models.attack_lenet((28, 28, 1), 10, seed=7)  # other weights, same graph
   assert cache.batched_model(same_arch) is cache.batched_model(model)
   assert 0 < len(cache) <= 3

@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 from tf_dlg import defenses, metrics, models
-from tf_dlg.attacks import observe_gradient, run_attacks
+from tf_dlg.attacks import AttackConfig, observe_gradient, run_attacks
 
 RECORD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "defense_stats_tf2_14.json")
 SHAPES = [(5, 5, 1, 12), (12,), (588, 10), (10,)]
@@ -93,7 +93,7 @@ def test_pruning_and_clipping_by_their_definitions():
 def test_idlg_recovers_a_real_digit(digits):
   model = models.lenet(digits.input_shape, digits.num_classes, seed=0)
   obs = [observe_gradient(model, digits.x_train[3:4], digits.y_train[3:4])]
-  result = run_attacks(model, obs, "idlg", iterations=1500, seed=0)[0]
+  result = run_attacks(model, obs, AttackConfig(attack="idlg", iterations=1500, seed=0))[0]
   row = metrics.score(result)
   print("keras", tf.keras.__version__ if hasattr(tf.keras, "__version__") else "?", row["ssim"])
   assert row["ssim"] >= 0.9 and row["label_correct"], row

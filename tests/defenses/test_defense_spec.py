@@ -85,45 +85,27 @@ def test_unregistered_names_and_inconsistent_specs_are_refused():
 # --------------------------------------------------------------------------- search
 
 
-def _fake_attack(monkeypatch, truth):
+def _fake_attack(install_fake_attack, truth):
   """Image k leaks while the defence's strength (0 weakest, 1 strongest) is below truth[k]."""
-  from tf_dlg.attacks import runner
 
-  def run_attacks(model, observed, attack="idlg", **kwargs):
-    out = []
-    for o, seed in zip(observed, kwargs["seed"]):
-      k = seed % 100_003
-      strength = -1.0
-      if o.defense is not None:
-        space = threshold_lib.SearchSpace(*defenses.PARAMETER_SEARCH[o.defense["name"]])
-        strength = threshold_lib.strength_of(space, o.defense["factor"])
-      leak = strength < truth[k]
-      img = o.true_images if leak else np.random.default_rng(k).random(o.true_images.shape)
-      out.append(
-        runner.AttackResult(
-          attack=attack,
-          images=img.astype(np.float32),
-          raw_images=img,
-          labels=o.true_labels,
-          status="converged" if leak else "max_iterations",
-          distance=0.0,
-          iterations=5,
-          seconds=0.0,
-          batch_size=len(observed),
-          seed=seed,
-          observed=o,
-        )
-      )
-    return out
+  def reconstruction(o, k, attack):
+    del attack
+    strength = -1.0
+    if o.defense is not None:
+      space = threshold_lib.SearchSpace(*defenses.PARAMETER_SEARCH[o.defense["name"]])
+      strength = threshold_lib.strength_of(space, o.defense["factor"])
+    if strength < truth[k]:
+      return o.true_images
+    return np.random.default_rng(k).random(o.true_images.shape)
 
-  monkeypatch.setattr(runner, "run_attacks", run_attacks)
+  install_fake_attack(reconstruction)
 
 
-def test_toy_defence_is_searched_plain_and_adaptive(toy, tmp_path, monkeypatch):
+def test_toy_defence_is_searched_plain_and_adaptive(toy, tmp_path, install_fake_attack):
   from experiments import threshold_search
 
   truth = [0.3, 0.6]
-  _fake_attack(monkeypatch, truth)
+  _fake_attack(install_fake_attack, truth)
   search = threshold_search.ThresholdSearch(
     str(tmp_path),
     datasets=["digits"],

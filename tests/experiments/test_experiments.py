@@ -229,8 +229,8 @@ def test_unmeasurable_reconstruction_never_counts_as_defended(tmp_path, monkeypa
     str(tmp_path), **dict(TINY, defenses=["masking"], num_images=1)
   )
 
-  def nan_attack(model, observed, **kwargs):
-    del model, kwargs
+  def nan_attack(model, observed, config=None, **kwargs):
+    del model, config, kwargs
     return [
       types.SimpleNamespace(
         observed=o,

@@ -14,7 +14,6 @@ import pytest
 from experiments import threshold_search
 from tf_dlg import defenses
 from tf_dlg.analysis import threshold as threshold_lib
-from tf_dlg.attacks import runner
 from tf_dlg.study import results
 
 FAKE = dict(
@@ -47,36 +46,16 @@ def _strength(defense_config):
   return threshold_lib.strength_of(space, param)
 
 
+def _reconstruction(o, k, attack):
+  truth = TRUE[attack][k]
+  if truth is not None and _strength(o.defense) < truth:
+    return o.true_images
+  return np.random.default_rng(k).random(o.true_images.shape)
+
+
 @pytest.fixture
-def fake_attack(monkeypatch):
-  calls = []
-
-  def run_attacks(model, observed, attack="idlg", **kwargs):
-    calls.append({"attack": attack, "n": len(observed), **kwargs})
-    out = []
-    for o, seed in zip(observed, kwargs["seed"]):
-      k, truth = seed % 100_003, TRUE[attack][seed % 100_003]
-      leak = truth is not None and _strength(o.defense) < truth
-      img = o.true_images if leak else np.random.default_rng(k).random(o.true_images.shape)
-      out.append(
-        runner.AttackResult(
-          attack=attack,
-          images=img.astype(np.float32),
-          raw_images=img,
-          labels=o.true_labels,
-          status="converged" if leak else "max_iterations",
-          distance=0.0,
-          iterations=5,
-          seconds=0.0,
-          batch_size=len(observed),
-          seed=seed,
-          observed=o,
-        )
-      )
-    return out
-
-  monkeypatch.setattr(runner, "run_attacks", run_attacks)
-  return calls
+def fake_attack(install_fake_attack):
+  return install_fake_attack(_reconstruction)
 
 
 def _search(tmp_path, **kw):
@@ -102,8 +81,7 @@ def test_per_image_thresholds_bracket_the_fake_truth(tmp_path, fake_attack):
   assert space.low == plain["search_low"]
   # Every attack call holds each image at most once, restarts passed through.
   for c in fake_attack:
-    seeds = c["seed"]
-    assert len(set(seeds)) == len(seeds) and c["restarts"] == 3
+    assert len(set(c.seed)) == len(c.seed) and c.restarts == 3
 
 
 def test_adaptive_search_runs_the_named_attacker(tmp_path, fake_attack):

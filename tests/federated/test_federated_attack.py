@@ -27,16 +27,10 @@ def test_multistep_attack_runs_on_a_captured_tff_update(digits, tmp_path):
   assert obs.kind == "fedavg_delta" and obs.local_steps == 2 and obs.batch_size == 2
   assert obs.metadata["client_optimizer"] == "sgd"
 
-  attack = runner.run_attacks(
-    None,
-    [obs],
-    attack="ig",
-    iterations=4,
-    seed=0,
-    optimizer="adam",
-    check_every=2,
-    jit_compile=False,
-  )[0]
+  attack_config = runner.AttackConfig(
+    attack="ig", iterations=4, seed=0, optimizer="adam", check_every=2, jit_compile=False
+  )
+  attack = runner.run_attacks(None, [obs], attack_config)[0]
   assert attack.images.shape == obs.true_images.shape
   assert attack.labels.shape == obs.true_labels.shape
   assert np.isfinite(attack.distance) and attack.iterations >= 1

@@ -15,7 +15,6 @@ from scipy import stats
 
 from tf_dlg import defenses
 from tf_dlg.analysis import threshold as threshold_lib
-from tf_dlg.attacks import runner
 from tf_dlg.study import records, results
 from tf_dlg.study import threshold_search as search_lib
 
@@ -41,41 +40,19 @@ def _strength(config):
   return threshold_lib.strength_of(space, config[defenses.DEFENSES[name].param_name])
 
 
+def _reconstruction(o, k, attack):
+  del attack
+  s, true = _strength(o.defense), o.true_images.astype(np.float32)
+  if SSIM[k] is not None and s < SSIM[k]:
+    return true
+  if ID[k] is not None and s < ID[k]:
+    return 1.0 - true
+  return np.random.default_rng(k).random(true.shape).astype(np.float32)
+
+
 @pytest.fixture
-def fake_attack(monkeypatch):
-  calls = []
-
-  def run_attacks(model, observed, attack="idlg", **kwargs):
-    calls.append(len(observed))
-    out = []
-    for o, seed in zip(observed, kwargs["seed"]):
-      k, s = seed % 100_003, _strength(o.defense)
-      true = o.true_images.astype(np.float32)
-      if SSIM[k] is not None and s < SSIM[k]:
-        img = true
-      elif ID[k] is not None and s < ID[k]:
-        img = 1.0 - true
-      else:
-        img = np.random.default_rng(k).random(true.shape).astype(np.float32)
-      out.append(
-        runner.AttackResult(
-          attack=attack,
-          images=img,
-          raw_images=img,
-          labels=o.true_labels,
-          status="converged",
-          distance=0.0,
-          iterations=5,
-          seconds=0.0,
-          batch_size=len(observed),
-          seed=seed,
-          observed=o,
-        )
-      )
-    return out
-
-  monkeypatch.setattr(runner, "run_attacks", run_attacks)
-  return calls
+def fake_attack(install_fake_attack):
+  return install_fake_attack(_reconstruction)
 
 
 def _exact(count, n):

@@ -120,16 +120,23 @@ def accuracy_panel(
   return path
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-  """A GitHub-flavoured Markdown table."""
+def markdown_row(cells: Sequence) -> str:
+  """One row of a GitHub-flavoured Markdown table (no newline). Floats get 3 significant
+  digits, None is empty; `|` is escaped and a newline becomes a space, so a cell never
+  splits into columns or ends the row."""
 
   def fmt(v):
     if isinstance(v, float):
       return f"{v:.3g}"
-    return "" if v is None else str(v)
+    return "" if v is None else str(v).replace("|", "\\|").replace("\n", " ")
 
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+  return "| " + " | ".join(fmt(v) for v in cells) + " |"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+  """A GitHub-flavoured Markdown table (cells as `markdown_row` writes them)."""
+  lines = [markdown_row(header), "|" + "---|" * len(header)]
+  lines += [markdown_row(row) for row in rows]
   return "\n".join(lines) + "\n"
 
 

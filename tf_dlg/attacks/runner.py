@@ -1,6 +1,6 @@
 """Gradient-inversion attacks on `ObservedUpdate`s, continuously batched.
 
-`run_attacks(model, observed_updates, config=AttackConfig(...))` reconstructs the images
+`run_attacks(model, observed_updates, AttackConfig(...))` reconstructs the images
 (and labels) behind every observed update. Updates that share the model architecture and
 the shape of the observation (kind, number of examples, local steps, learning rate, batch
 size) form a group whose attacks run on `config.slots` slots of one compiled loop: each
@@ -303,46 +303,15 @@ def _initial_images(seed: int, shape, init: str) -> np.ndarray:
   return tf.random.stateless_uniform(shape, s).numpy()
 
 
-def config_from_kwargs(
-  attack: str = "idlg",
-  iterations: int = DEFAULT_ITERATIONS,
-  seed: Union[int, Sequence[int]] = 0,
-  optimizer: str = "lbfgs",
-  learning_rate: Optional[float] = None,
-  max_batch: Optional[int] = None,
-  jit_compile: Optional[bool] = True,
-  **fields,
-) -> AttackConfig:
-  """The `AttackConfig` of `run_attacks`' keyword arguments (the older signature)."""
-  options = dict(fields.pop("optimizer_options", {}))
-  for name in ("history", "lr"):
-    if name in fields:
-      options[name] = fields.pop(name)
-  if learning_rate is not None and optimizer == "adam":
-    options["learning_rate"] = learning_rate
-  if max_batch is not None:
-    fields["slots"] = max_batch
-  return AttackConfig(
-    attack=attack,
-    iterations=iterations,
-    seed=seed,
-    optimizer=optimizer,
-    optimizer_options=options,
-    jit_compile=jit_compile,
-    **fields,
-  )
-
-
 def run_attacks(
   model: Optional[tf.keras.Model],
   observed_updates: Sequence[ObservedUpdate],
-  attack: str = "idlg",
-  *,
   config: Optional[AttackConfig] = None,
+  *,
   initial_images: Optional[Sequence[np.ndarray]] = None,
   progress: bool = False,
   hook: Optional[Callable] = None,
-  **kwargs,
+  cache: Optional[CompileCache] = None,
 ) -> List[AttackResult]:
   """Runs one attack per observed update; returns results in input order.
 
@@ -350,27 +319,19 @@ def run_attacks(
     model: A Keras model of the observed architecture (its weights are ignored: each
       update's `model_weights` are used), or None to build `observed.model_name`.
     observed_updates: `ObservedUpdate`s (kinds `gradient` and `fedavg_delta`).
-    attack: One of `ATTACKS` (ignored when `config` is given).
-    config: The `AttackConfig`. Without it, `attack` and `kwargs` (the older keyword
-      arguments: iterations, seed, optimizer, tolerance, tv_weight, check_every,
-      jit_compile, init, learning_rate, max_batch (= slots), restarts, slots, history,
-      lr) build one.
+    config: The `AttackConfig` (None: `AttackConfig()`, iDLG with the defaults).
     initial_images: Optional explicit starts of restart 0, one [N, H, W, C] per update.
     progress: Show a tqdm bar of finished attacks.
     hook: Optional `hook(snapshots)` after every compiled chunk, given a list of
       `Snapshot`s of the running attacks (e.g. `summaries.TensorBoardHook`).
-    **kwargs: The older keyword arguments (see `config`), and `cache`: a
-      `CompileCache` to use instead of the module's `CACHE`.
+    cache: A `CompileCache` to use instead of the module's `CACHE`.
   """
-  cache = kwargs.pop("cache", None)
+  if config is None:
+    config = AttackConfig()
+  if not isinstance(config, AttackConfig):
+    raise TypeError(f"config must be an AttackConfig, got {type(config).__name__}.")
   if cache is not None and not isinstance(cache, CompileCache):
     raise TypeError(f"cache must be a CompileCache, got {type(cache).__name__}.")
-  if config is None:
-    config = config_from_kwargs(attack, **kwargs)
-  elif kwargs:
-    raise ValueError(
-      f"run_attacks: pass either config or keyword arguments, not both ({sorted(kwargs)})."
-    )
   observed_updates = list(observed_updates)
   if not observed_updates:
     return []

@@ -248,8 +248,7 @@ def append_claims(output_dir: str, rows: List[List[str]]) -> str:
   path = os.path.join(output_dir, "claims.md")
   with open(path, encoding="utf-8") as f:
     text = f.read().rstrip("\n") + "\n"
-  cells = [[c.replace("|", "\\|").replace("\n", " ") for c in r] for r in rows]
-  text += "".join("| " + " | ".join(r) + " |\n" for r in cells)
+  text += "".join(figures.markdown_row(r) + "\n" for r in rows)
   return io_lib.atomic_write_text(path, text)
 
 

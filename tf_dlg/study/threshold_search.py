@@ -302,14 +302,13 @@ class ThresholdSearch:
       )
     # One seed per image, the same at every setting: common random starts make the
     # outcome vary with the setting, not with the start.
-    attacked = runner.run_attacks(
-      model,
-      observed,
+    config = runner.AttackConfig(
       attack=attack,
       iterations=self.iterations[dataset],
-      seed=[self.seed * 100_003 + i for _, i, _ in todo],
+      seed=tuple(self.seed * 100_003 + i for _, i, _ in todo),
       restarts=self.restarts,
     )
+    attacked = runner.run_attacks(model, observed, config)
     self.attack_calls.append((dataset, attack, defense, len(todo)))
     per_image, leaked, adjusted = self._score(dataset, attacked, [idx[i] for _, i, _ in todo])
     seconds = (time.perf_counter() - start) / len(todo)
