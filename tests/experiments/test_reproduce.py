@@ -3,8 +3,10 @@
 import dataclasses
 import os
 import re
+import types
 
 import pytest
+from threshold_rows import write_thresholds_csv
 
 from tf_dlg.study import claims, pipeline, presets, report, threshold_search
 from tf_dlg.study.records import UNTESTED
@@ -35,6 +37,7 @@ def test_presets_meet_the_issue_requirements():
     name="adaptive",
     adaptive_datasets=None,
     adaptive_everywhere=True,
+    adaptive_unprotected=True,
     adaptive_attacks=("ig", "masked_ig"),
   )
   # The strongest attackers lead the quick report too: searched on the training data,
@@ -42,6 +45,23 @@ def test_presets_meet_the_issue_requirements():
   assert quick.adaptive and quick.adaptive_datasets == (quick.convergence_dataset,)
   assert not quick.adaptive_everywhere and quick.adaptive_attacks == ()
   assert quick.override(seed=4).seed_list() == [4, 5, 6]
+
+
+def test_quick_trains_strongest_attacker_settings_only_where_they_protect(tmp_path):
+  adaptive = dict(kind="adaptive", attack="masked_ig", id_status="found", id_threshold="0.5")
+  write_thresholds_csv(
+    tmp_path / "thresholds.csv",
+    [{}, adaptive, dict(adaptive, defense="pruning", status="not_reached")],
+  )
+  search = types.SimpleNamespace(output_dir=str(tmp_path))  # what the stage reads of it
+  quick = presets.PRESETS["quick"].override(convergence_defenses=["masking", "pruning"])
+  assert sorted(pipeline._convergence_params(search, quick)) == ["masking", "masking@adaptive"]
+  every = quick.override(adaptive_unprotected=True)
+  assert sorted(pipeline._convergence_params(search, every)) == [
+    "masking",
+    "masking@adaptive",
+    "pruning@adaptive",
+  ]
 
 
 def test_overrides_from_the_command_line():

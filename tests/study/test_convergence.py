@@ -208,6 +208,36 @@ def test_adaptive_setting_is_the_stronger_of_the_two_leak_criteria(tmp_path):
   )
 
 
+def test_reached_only_leaves_out_a_defence_one_of_its_attackers_still_breaks(tmp_path):
+  """No searched setting protects: nothing to cost, so nothing to train (quick preset)."""
+  both = dict(kind="adaptive", attack="ig", threshold="0.5", id_status="found", id_threshold="2")
+  path = write_thresholds_csv(
+    tmp_path / "t.csv",
+    [
+      dict(both, defense="noising_ratio"),
+      dict(both, defense="noising_ratio", attack="idlg", threshold="3", id_threshold="1"),
+      dict(both, defense="masking", attack="masked_ig", id_status="not_reached"),
+      # Stopped by ig, not by idlg: one attacker that still leaks is enough.
+      dict(both, defense="pruning"),
+      dict(both, defense="pruning", attack="idlg", status="not_reached"),
+    ],
+  )
+  every = convergence.defense_params_from_thresholds(path, "mnist", kind="adaptive")
+  assert sorted(every) == ["masking@adaptive", "noising_ratio@adaptive", "pruning@adaptive"]
+  got = convergence.defense_params_from_thresholds(
+    path, "mnist", kind="adaptive", reached_only=True
+  )
+  assert list(got) == ["noising_ratio@adaptive"]
+  assert got["noising_ratio@adaptive"][0] == 3.0  # the stronger setting of both attackers
+  only_masking = write_thresholds_csv(tmp_path / "m.csv", [dict(both, id_status="not_reached")])
+  assert (
+    convergence.defense_params_from_thresholds(
+      only_masking, "mnist", kind="adaptive", reached_only=True
+    )
+    == {}
+  )
+
+
 def test_adaptive_label_trains_the_named_defence_beside_the_plain_one(tmp_path, fake_simulation):
   conv = convergence.Convergence(
     str(tmp_path),

@@ -9,7 +9,7 @@
 3. runs one `LearningProcess.next` in TFF (the capture round runs the process variant
    that also reports every client's defended update);
 4. evaluates the server model (trainable and BatchNorm weights) on the held-out test
-   set with Keras in inference mode;
+   set in inference mode (`Evaluator`);
 5. appends `round, train_loss, train_accuracy, test_loss, test_accuracy, seconds,
    zero_fraction, clipped_fraction` to `history.csv` (the last two: the defence's
    statistics as TFF measured them in the round -- zero entries among the defended
@@ -312,7 +312,7 @@ class _Run:
   parts: List[np.ndarray]
   bad: frozenset  # Byzantine client ids
   output_dir: str
-  keras_model: Any  # compiled, evaluates the server model (`_evaluate`)
+  evaluator: Evaluator  # the server model's test loss and accuracy
 
 
 def _capture(config, run: _Run, ids, round_num, start_weights, client_values):
@@ -427,11 +427,57 @@ def _check_resume(config: FederatedConfig, hist_path: str, ckpt_path: str) -> No
     )
 
 
-def _evaluate(fa, state, keras_model, dataset):
-  """(test_loss, test_accuracy) of the server model, Keras in inference mode."""
-  fa.assign_to_keras(fa.process.get_model_weights(state), keras_model)
-  loss, acc = keras_model.evaluate(dataset.x_test, dataset.y_test, batch_size=256, verbose=0)
-  return float(loss), float(acc)
+class Evaluator:
+  """Test loss and accuracy of server weights, in inference mode.
+
+  One Keras model and one traced function per architecture, reused by every run of a
+  process: Keras' `evaluate` re-traces for each new model and re-wraps the data on every
+  call, which cost about as much as the evaluation itself. The loss is the mean
+  sparse cross-entropy over all test examples, as `evaluate` reports it.
+  """
+
+  CHUNK = 1000  # examples per call: bounded memory on a full test split
+
+  def __init__(self, keras_model):
+    import tensorflow as tf
+
+    self.model = keras_model
+
+    def sums(x, y):
+      logits = keras_model(x, training=False)
+      loss = tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+      hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y), tf.float64)
+      return tf.reduce_sum(tf.cast(loss, tf.float64)), tf.reduce_sum(hits)
+
+    self._sums = tf.function(sums)
+
+  def __call__(self, x, y):
+    """(loss, accuracy) of the model's current weights on (x, y)."""
+    loss = hits = 0.0
+    y = np.asarray(y, np.int64)
+    for i in range(0, len(x), self.CHUNK):
+      a, b = self._sums(x[i : i + self.CHUNK], y[i : i + self.CHUNK])
+      loss, hits = loss + float(a), hits + float(b)
+    return loss / len(x), hits / len(x)
+
+
+_EVALUATORS: "collections.OrderedDict[tuple, Evaluator]" = collections.OrderedDict()
+
+
+def evaluator_for(fa) -> Evaluator:
+  """The process's `Evaluator` of `fa`'s architecture (built on first use)."""
+  key = (fa.model_name, tuple(fa.input_shape), fa.num_classes)
+  if key not in _EVALUATORS:
+    _EVALUATORS[key] = Evaluator(fa.keras_model_fn())
+    while len(_EVALUATORS) > 4:
+      _EVALUATORS.popitem(last=False)
+  return _EVALUATORS[key]
+
+
+def _evaluate(fa, state, evaluator: Evaluator, dataset):
+  """(test_loss, test_accuracy) of the server model (trainable and BatchNorm weights)."""
+  fa.assign_to_keras(fa.process.get_model_weights(state), evaluator.model)
+  return evaluator(dataset.x_test, dataset.y_test)
 
 
 def _write_summaries(writer, row, metrics) -> None:
@@ -457,18 +503,6 @@ def _write_summaries(writer, row, metrics) -> None:
   writer.flush()
 
 
-def _evaluation_model(fa):
-  """A compiled Keras model of `fa`'s architecture that evaluates server weights."""
-  import tensorflow as tf
-
-  keras_model = fa.keras_model_fn()
-  keras_model.compile(
-    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    metrics=[tf.keras.metrics.SparseCategoricalAccuracy()],
-  )
-  return keras_model
-
-
 def _round(config, run: _Run, state, round_num):
   """One FedAvg round, evaluated: (new state, history row, TFF metrics, capture path)."""
   t0 = time.perf_counter()
@@ -482,7 +516,7 @@ def _round(config, run: _Run, state, round_num):
     out = run.fa.capture_process.next(state, data)
     path = _capture(config, run, ids, round_num, start_weights, _find(out.metrics, "client_values"))
   train = out.metrics["client_work"]["train"]
-  test_loss, test_acc = _evaluate(run.fa, out.state, run.keras_model, run.dataset)
+  test_loss, test_acc = _evaluate(run.fa, out.state, run.evaluator, run.dataset)
   row = dict(
     round=round_num,
     train_loss=float(train["loss"]),
@@ -536,7 +570,7 @@ def run_simulation(
   hist_path = os.path.join(output_dir, HISTORY_NAME)
   fa = _bundle_for(config, fedavg) if fedavg is not None else build_for_config(config, dataset)
   bad = frozenset(malicious_ids(config))
-  run = _Run(fa, dataset, parts, bad, output_dir, _evaluation_model(fa))
+  run = _Run(fa, dataset, parts, bad, output_dir, evaluator_for(fa))
   writer = tf.summary.create_file_writer(os.path.join(output_dir, TENSORBOARD_DIR))
   with runtime.execution_target(workers):
     state = fa.initialize()

@@ -137,7 +137,7 @@ class CellError(ValueError):
 
 
 def defense_params_from_thresholds(
-  path: str, dataset: str, attack: str = "idlg", kind: str = "plain"
+  path: str, dataset: str, attack: str = "idlg", kind: str = "plain", reached_only: bool = False
 ) -> Dict[str, Tuple[float, str]]:
   """{label: (parameter, provenance)} from a thresholds.csv for one dataset.
 
@@ -145,13 +145,14 @@ def defense_params_from_thresholds(
   `kind="adaptive"`: each defence's protecting setting against its strongest attacker
   (rows of kind `adaptive`): the stronger of its adjusted-SSIM and identification
   thresholds, where an image must pass both; labelled `<defence>@adaptive`. A defence whose threshold was not
-  reached takes the strongest value searched, marked as such in the provenance. Damaged
-  cells raise ValueError naming file, line, column.
+  reached takes the strongest value searched, marked as such in the provenance, unless
+  `reached_only`: then it is left out (no setting in its range protects, so there is no
+  protecting setting to cost). Damaged cells raise ValueError naming file, line, column.
   """
   from tf_dlg.study import records as threshold_search
 
   validation.check_choice("kind", kind, ("plain", "adaptive"))
-  out = {}
+  out, unprotected = {}, set()
   rows = threshold_search.read_thresholds(path)
   for r in rows:
     if r["dataset"] != dataset or (r.get("kind") or "plain") != kind:
@@ -159,12 +160,16 @@ def defense_params_from_thresholds(
     if kind == "plain" and r["attack"] != attack:
       continue
     label = r["defense"] + ("@adaptive" if kind == "adaptive" else "")
+    if reached_only and _not_reached(r, kind):
+      unprotected.add(label)  # one attacker it does not stop is enough
+      continue
     setting = _setting(r, kind)
     # Several attackers of one defence (adaptive): the setting that stops them all.
     if label in out and (setting[0] > out[label][0]) != (r["stronger"] == "higher"):
       continue
     out[label] = setting
-  if not out:
+  out = {k: v for k, v in out.items() if k not in unprotected}
+  if not out and not unprotected:
     available = sorted({(r["dataset"], r.get("kind") or "plain", r["attack"]) for r in rows})
     raise ValueError(
       f"{path} has no {kind} thresholds for dataset={dataset!r}"
@@ -174,6 +179,18 @@ def defense_params_from_thresholds(
   return out
 
 
+def _criteria(r: Dict[str, Any], kind: str) -> List[Tuple[str, str]]:
+  """[(threshold column, status)] of the leak criteria a row's setting must meet."""
+  criteria = [("threshold", r["status"])]
+  if kind == "adaptive" and r.get("id_status") not in (None, ""):
+    criteria.append(("id_threshold", r["id_status"]))
+  return criteria
+
+
+def _not_reached(r: Dict[str, Any], kind: str) -> bool:
+  return any(status == "not_reached" for _, status in _criteria(r, kind))
+
+
 def _setting(r: Dict[str, Any], kind: str) -> Tuple[float, str]:
   """(parameter, provenance) a thresholds row asks training to use."""
   from tf_dlg.study import records
@@ -181,10 +198,8 @@ def _setting(r: Dict[str, Any], kind: str) -> Tuple[float, str]:
   higher = r["stronger"] == "higher"
   strongest = r["search_high"] if higher else r["search_low"]
   against = f" vs {r['attack']}" if kind == "adaptive" else ""
-  criteria = [("threshold", r["status"])]
-  if kind == "adaptive" and r.get("id_status") not in (None, ""):
-    criteria.append(("id_threshold", r["id_status"]))
-  if any(status == "not_reached" for _, status in criteria):
+  criteria = _criteria(r, kind)
+  if _not_reached(r, kind):
     return strongest, f"strongest searched{against} (threshold not reached)"
   if records.attack_untested(r):
     return r["threshold"], f"weakest searched{against} ({records.UNTESTED})"

@@ -201,7 +201,10 @@ def _convergence_params(search, settings: Preset) -> Dict[str, Tuple[float, str]
     try:
       params.update(
         convergence_lib.defense_params_from_thresholds(
-          path, settings.convergence_dataset, kind="adaptive"
+          path,
+          settings.convergence_dataset,
+          kind="adaptive",
+          reached_only=not settings.adaptive_unprotected,
         )
       )
     except ValueError:  # no adaptive rows: the report says so (no @adaptive rows)

@@ -48,6 +48,9 @@ class Preset:
   # (mean, IID) unless `adaptive_everywhere`.
   adaptive_datasets: Optional[Tuple[str, ...]] = None
   adaptive_everywhere: bool = False
+  # Train a defence against its strongest attackers only where some searched setting
+  # protects (False: also at the strongest setting searched, which still leaks).
+  adaptive_unprotected: bool = True
   log_resolution: float = 1.5
   linear_resolution: float = 0.05
   restarts: int = 2
@@ -111,6 +114,9 @@ PRESETS: Dict[str, Preset] = {
     adaptive_datasets=("mnist",),
     # Re-scoring every plain threshold with the adaptive attackers (8 min) does not fit.
     adaptive_attacks=(),
+    # A defence no searched setting protects has no protecting setting to cost: its
+    # strongest setting is not trained here (the frontier preset trains its whole range).
+    adaptive_unprotected=False,
     convergence_dataset="mnist",
     convergence_defenses=_FOUR,
     rounds=15,
@@ -145,6 +151,7 @@ PRESETS["adaptive"] = dataclasses.replace(
   name="adaptive",
   adaptive_datasets=None,
   adaptive_everywhere=True,
+  adaptive_unprotected=True,
   adaptive_attacks=("ig", "masked_ig"),
 )
 
