@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 import time
+from typing import Optional
 
 _HOOKED = False
 
@@ -241,8 +242,26 @@ class _LocalWorker:
       pass
 
 
-def create_local_context(max_concurrent_computation_calls: int = -1):
-  """TFF's sync local C++ context with a loopback-only, parent-bound worker."""
+def default_concurrency() -> int:
+  """Client computations the local worker runs at once: twice the usable CPU cores.
+
+  TFF's default runs every client of a round at once; on a small CPU their threads
+  only contend. Two per core keeps the cores busy while one client waits on another.
+  """
+  usable = (
+    os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+  )
+  return 2 * len(usable)
+
+
+def create_local_context(max_concurrent_computation_calls: Optional[int] = None):
+  """TFF's sync local C++ context with a loopback-only, parent-bound worker.
+
+  `max_concurrent_computation_calls`: None for `default_concurrency()`; non-positive
+  for no limit (TFF's default). Results do not depend on it.
+  """
+  if max_concurrent_computation_calls is None:
+    max_concurrent_computation_calls = default_concurrency()
   tff = import_tff()
   from tensorflow_federated.python.core.backends.native import compiler
   from tensorflow_federated.python.core.environments.tensorflow_frontend import (
