@@ -255,17 +255,23 @@ def test_frontier_rows_pick_the_cheapest_protecting_setting_and_show_dp(run):
     point("masking", 0.5, 0.0, 0.01),
     point("dp", 0.1, 0.5, 0.01, eps=940.0, attack="ig+idlg"),
     point("dp", 1.0, 0.0, 0.05, eps=25.0, attack="ig+idlg"),
+    point("pruning", 0.5, 0.75, 0.02),
+    point("pruning", 0.99, 0.25, 0.4),
   ]
   md, png = _screen(tmp_path, thresholds, convergence, frontier)
   _, table = _table(md)
-  assert list(table) == ["masking", "dp"]
+  assert list(table) == ["masking", "dp", "pruning"]
+  # No setting protects: the column says so, naming the one that identifies fewest.
+  assert table["pruning"][2] == "none (fewest identified at 0.99)"
   # The frontier's own images are named, not the threshold search's.
   assert "16 attacked images per frontier setting" in md
   assert table["masking"][2] == "0.5" and table["masking"][4] == "+1.0 pp [+0.7, +1.3]"
   assert table["dp"][2] == "1 (ε=25)" and table["dp"][4] == "+5.0 pp [+4.7, +5.3]"
   verdicts = _verdicts(md)
-  assert len(verdicts) == 2 and not any("not compared" in x for x in verdicts)
+  assert len(verdicts) == 3 and not any("not compared" in x for x in verdicts)
   assert "protects against ig+idlg from 1 (ε=25); costs +5.0 pp" in verdicts[1]
+  assert "does not protect within its range: masked_ig still identifies" in verdicts[2]
+  assert "at its best setting, 0.99; costs +40.0 pp" in verdicts[2]
   assert png.exists()
   with pytest.raises(ValueError, match="lacks \\['top1'\\]"):
     bad = [{k: v for k, v in frontier[0].items() if k != "top1"}]

@@ -1,9 +1,9 @@
 """report.md and a self-contained report.html: every stage's tables, figures and provenance.
 
-The report is a list of Markdown sections built in order (`sections`): the header with
-the command, each stage's own Markdown (thresholds, claims, convergence, robustness) with
-the provenance of its numbers, then the figures, settings, data sources, package versions
-and wall time. `write_report` joins them and writes both files.
+`write_report` joins Markdown sections in order: the header with the command, the first
+screen, each stage's own Markdown (thresholds, claims, frontier, convergence, robustness)
+with the provenance of its numbers, then the figures, settings, data sources, package
+versions and wall time, and writes both files.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import glob
 import os
 import platform
 import shutil
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, Mapping, Optional
 
 from tf_dlg import io as io_lib
 from tf_dlg.analysis import figures
@@ -82,36 +82,6 @@ def _figures(output_dir: str) -> str:
   )
 
 
-def sections(
-  output_dir: str,
-  settings: Preset,
-  sources: Mapping[str, str],
-  stage_seconds: Mapping[str, float],
-  provenance: Mapping[str, str],
-  command: Optional[str] = None,
-  first_screen: str = "",
-) -> List[str]:
-  """The report's Markdown sections, in the order they appear (header first).
-
-  `provenance`: {stage file: what its numbers rest on (data, images, seeds, command)};
-  `command`: the command line that made the run (None: a call from Python);
-  `first_screen`: the answer that opens the report (`tf_dlg.study.summary`).
-  """
-  settings_json = io_lib.dumps(dataclasses.asdict(settings), indent=2, sort_keys=True)
-  return [
-    _header(settings, command),
-    first_screen,
-    *(stage_section(output_dir, rel, provenance.get(rel, "")) for rel in STAGE_SECTIONS),
-    _figures(output_dir),
-    "## Settings\n\n```json\n" + settings_json + "\n```\n\n",
-    "## Data\n\n" + "".join(f"- `{k}`: {v}\n" for k, v in sources.items()) + "\n",
-    "## Versions\n\n" + "".join(f"- {k} {v}\n" for k, v in versions().items()) + "\n",
-    "## Wall time\n\n"
-    + "".join(f"- {k}: {v:.0f} s\n" for k, v in stage_seconds.items())
-    + f"- total: {sum(stage_seconds.values()):.0f} s\n",
-  ]
-
-
 def write_report(
   output_dir: str,
   settings: Preset,
@@ -121,9 +91,28 @@ def write_report(
   command: Optional[str] = None,
   first_screen: str = "",
 ) -> str:
-  """report.md and report.html (figures inline) of `sections`; returns report.md's path."""
+  """Writes report.md and report.html (figures inline); returns report.md's path.
+
+  The sections, in order: header, `first_screen` (the answer, `tf_dlg.study.summary`),
+  each stage's Markdown under `provenance` ({stage file: what its numbers rest on}),
+  figures, settings, data `sources`, versions and `stage_seconds`. `command`: the
+  command line that made the run (None: a call from Python).
+  """
+  settings_json = io_lib.dumps(dataclasses.asdict(settings), indent=2, sort_keys=True)
   text = "".join(
-    sections(output_dir, settings, sources, stage_seconds, provenance, command, first_screen)
+    [
+      _header(settings, command),
+      first_screen,
+      *(stage_section(output_dir, rel, provenance.get(rel, "")) for rel in STAGE_SECTIONS),
+      _figures(output_dir),
+      "## Settings\n\n```json\n" + settings_json + "\n```\n\n",
+      "## Data\n\n" + "".join(f"- `{k}`: {v}\n" for k, v in sources.items()) + "\n",
+      "## Versions\n\n" + "".join(f"- {k} {v}\n" for k, v in versions().items()) + "\n",
+      # A resumed run redoes nothing it finished: its stages count only the work left.
+      "## Wall time (this invocation)\n\n"
+      + "".join(f"- {k}: {v:.0f} s\n" for k, v in stage_seconds.items())
+      + f"- total: {sum(stage_seconds.values()):.0f} s\n",
+    ]
   )
   io_lib.atomic_write_text(
     os.path.join(output_dir, "report.html"), figures.markdown_to_html(text, output_dir)

@@ -304,16 +304,18 @@ def frontier_line(defense: str, rows, baseline, margin=MARGIN) -> Line:
   safe = [r for r in rows if r["top1"] <= 0.0]
   best = min(safe, key=lambda r: r["cost"]) if safe else min(rows, key=lambda r: r["top1"])
   state = PROTECTS if safe else NOT_REACHED
-  p = Protection(
-    state, best["attack"], best["setting"], f"{best['setting']:.3g}{eps(best)}", rate(best)
-  )
+  text = f"{best['setting']:.3g}{eps(best)}"
+  if not safe:  # the column names protecting settings: say there is none
+    text = f"none (fewest identified at {text})"
+  p = Protection(state, best["attack"], best["setting"], text, rate(best))
   clause = cost_phrase(best, baseline, margin) if baseline else f"cost {_pp(best)}"
   if state == PROTECTS:
     verdict = f"**{defense}** protects against {best['attack']} from {p.text}; {clause}."
   else:
     verdict = (
       f"**{defense}** does not protect within its range: {best['attack']} still identifies "
-      f"{format_top1(rate(best))} at its best setting, {p.text}; {clause}."
+      f"{format_top1(rate(best))} at its best setting, {best['setting']:.3g}{eps(best)}; "
+      f"{clause}."
     )
   # Labelled: the setting the verdict names, and every DP point (its epsilon).
   points = [
