@@ -38,6 +38,7 @@ from tf_dlg import models
 from tf_dlg.execution import runtime
 from tf_dlg.federated import fedavg as fedavg_lib
 from tf_dlg.federated import simulation as sim
+from tf_dlg.federated.config import FederatedConfig
 
 FLAGS = flags.FLAGS
 AGGREGATORS = ("mean", "median", "trimmed_mean")
@@ -46,7 +47,7 @@ DATASETS = ("digits", "mnist")
 
 def define_flags():
   """The benchmark's flags (defined on demand, so drivers can share one process)."""
-  defaults = sim.SimulationConfig()
+  defaults = FederatedConfig()
   flags.DEFINE_integer("rounds", 5, "Timed repetitions per configuration.", lower_bound=1)
   flags.DEFINE_enum("dataset", "digits", list(DATASETS), "Training data.")
   flags.DEFINE_integer(
@@ -156,7 +157,7 @@ def main(argv):
   del argv
   dataset = load(FLAGS.dataset, FLAGS.train_examples)
   workers = runtime.parse_workers(FLAGS.workers)
-  base = sim.SimulationConfig(
+  base = FederatedConfig(
     dataset=FLAGS.dataset,
     num_clients=FLAGS.num_clients,
     local_epochs=FLAGS.local_epochs,

@@ -2,7 +2,7 @@
 
 Fixtures for every test module:
 - `digits`: the offline `digits` `ImageDataset` (real 8x8 digits at 28x28), loaded once.
-- `sim_config`: a 10-client, 3-round IID `SimulationConfig` on `digits` (mean FedAvg).
+- `sim_config`: a 10-client, 3-round IID `FederatedConfig` on `digits` (mean FedAvg).
 - `mean_fedavg`: the `FedAvg` of `sim_config`, built once for every federated test.
 - `tiny_bn_model`: a function `(input_shape, num_classes, seed=0) -> tf.keras.Model`, a
   one-conv BatchNorm model small enough for TFF rounds in a second or two.
@@ -73,11 +73,9 @@ def digits():
 
 @pytest.fixture(scope="session")
 def sim_config():
-  from tf_dlg.federated import simulation
+  from tf_dlg.federated.config import FederatedConfig
 
-  return simulation.SimulationConfig(
-    dataset="digits", num_clients=10, rounds=3, aggregator="mean", seed=0
-  )
+  return FederatedConfig(dataset="digits", num_clients=10, rounds=3, aggregator="mean", seed=0)
 
 
 @pytest.fixture(scope="session")

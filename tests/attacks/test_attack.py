@@ -172,6 +172,9 @@ def test_auto_jit_switches_to_xla_mid_attack_and_recovers(digits, monkeypatch):
   assert metrics.ssim(obs.true_images[0], res.images[0]) > 0.95
 
 
+# 3,000 second-order iterations through 3 local steps; the fast default check that the
+# multi-step path runs on a real TFF capture: tests/federated/test_federated_attack.py.
+@pytest.mark.slow
 def test_multi_step_fedavg_delta_attack_recovers_image(digits):
   ds, model = digits
   obs = observe_fedavg_delta(

@@ -45,6 +45,7 @@ TOY_SPEC = base.DefenseSpec(
   strongest_attackers=("ig",),
   family="toy",
   absolute=base.UnitLink("clipping", "norm"),
+  paper_cost="degrades",
 )
 
 
@@ -70,12 +71,30 @@ def test_registering_adds_the_defence_to_every_view(toy):
     defenses.register(dataclasses.replace(TOY_SPEC, family="other"))
 
 
+def test_the_papers_cost_claim_about_a_defence_is_tested_in_claims(toy, tmp_path):
+  from tf_dlg.study import claims
+
+  assert defenses.paper_cost_claims()["toy"] == "degrades"
+  row = dict(aggregator="mean", partition="iid", param=0.1, param_source="plain threshold")
+  row.update(seeds="0 1 2", cost_low=0.05, cost_high=0.09)
+  conv = [
+    dict(row, defense="none", label="none", cost=0.0, cost_low=0.0, cost_high=0.0),
+    dict(row, defense="toy_scale", label="toy_scale", cost=0.07),
+  ]
+  claims.write_claims(str(tmp_path), [], [], conv)
+  line = next(x for x in (tmp_path / "claims.md").read_text().splitlines() if "toy (" in x)
+  assert "toy (toy_scale) at its threshold degrades accuracy" in line
+  assert "+7.0 pp [+5.0, +9.0]" in line and line.endswith("| agrees |")
+
+
 def test_unregistered_names_and_inconsistent_specs_are_refused():
   assert "toy_scale" not in defenses.DEFENSES and "toy_scale" not in defenses.PARAMETER_SEARCH
   with pytest.raises(ValueError, match="Unknown defence 'toy_scale'; expected one of none"):
     defenses.get_defense("toy_scale", 0.5)
   with pytest.raises(ValueError, match="its class is named 'toy_scale'"):
     dataclasses.replace(TOY_SPEC, name="other")
+  with pytest.raises(ValueError, match="paper_cost='cheap' is not one of"):
+    dataclasses.replace(TOY_SPEC, paper_cost="cheap")
   with pytest.raises(ValueError, match="low < high"):
     base.SearchRange(1.0, 1e-3, "log", "lower")
   with pytest.raises(TypeError, match="DefenseSpec"):
@@ -221,8 +240,12 @@ def test_one_federated_configuration_checked_once_without_data(monkeypatch):
   from tf_dlg.federated import fedavg, simulation
   from tf_dlg.study import convergence
 
-  assert simulation.SimulationConfig is config_lib.FederatedConfig
-  assert not hasattr(fedavg, "FedAvgConfig") and not hasattr(convergence, "DEFAULTS")
+  for gone in (
+    (simulation, "SimulationConfig"),
+    (fedavg, "FedAvgConfig"),
+    (convergence, "DEFAULTS"),
+  ):
+    assert not hasattr(*gone)
   monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
   c = config_lib.FederatedConfig()
   with pytest.raises(dataclasses.FrozenInstanceError):

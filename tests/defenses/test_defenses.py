@@ -592,7 +592,7 @@ def bn_round(digits):
   """One FedAvg round of the BatchNorm CNN with one client, in `fedavg.py`'s layout.
 
   The client starts from the server model, trains on 256 `digits` images (BN momentum
-  0.5 as `SimulationConfig`, so its moving statistics track its data), and its update is
+  0.5 as `FederatedConfig`, so its moving statistics track its data), and its update is
   `initial - final` for the trainable variables followed by the non-trainable ones (the
   BN moving mean/variance) -- `tf_dlg.federated.fedavg.update_variables` order.
   """

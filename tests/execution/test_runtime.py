@@ -229,7 +229,10 @@ def test_worker_dies_with_a_sigkilled_parent(mode):
       parent.kill()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+# SIGTERM's clean-up is also covered by the fast tests/experiments/test_fail_closed_sigterm.py.
+@pytest.mark.parametrize(
+  "sig", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGKILL]
+)
 def test_killed_federated_run_leaves_no_worker(tmp_path, sig):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   run = subprocess.Popen(

@@ -98,6 +98,8 @@ def test_masking_at_strong_rate_defends_and_leaks_at_weak(clean_run):
   assert search.evaluate("digits", "idlg", "masking", 1e-4)["fraction_defended"] < 1.0
 
 
+# Real attacks; the resume logic itself: test_threshold_search.py (fast, fake attacks).
+@pytest.mark.slow
 def test_resume_after_kill_redoes_nothing_and_matches(clean_run, tmp_path, monkeypatch):
   from tf_dlg.attacks import runner
 

@@ -5,12 +5,13 @@ import numpy as np
 from tf_dlg.attacks import runner
 from tf_dlg.attacks.threat_model import ObservedUpdate
 from tf_dlg.federated import simulation as sim
+from tf_dlg.federated.config import FederatedConfig
 
 
 def test_multistep_attack_runs_on_a_captured_tff_update(digits, tmp_path):
   # Tiny clients (~4 examples), plain SGD as the attack's threat model assumes,
   # two local steps of batch 2: a multi-step fedavg_delta observation.
-  config = sim.SimulationConfig(
+  config = FederatedConfig(
     dataset="digits",
     num_clients=360,
     clients_per_round=2,

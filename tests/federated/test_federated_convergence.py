@@ -11,6 +11,7 @@ Default suite: 6-round runs (the trends). `-m slow`: the issue's 30-round criter
 import pytest
 
 from tf_dlg.federated import simulation as sim
+from tf_dlg.federated.config import FederatedConfig
 
 ROUNDS_TO_90 = 30  # the stated bound: mean FedAvg reaches >= 90 % within 30 rounds
 
@@ -24,7 +25,7 @@ def runner(digits, tmp_path_factory):
   def run(aggregator, malicious=0, rounds=6):
     key = (aggregator, malicious, rounds)
     if key not in done:
-      config = sim.SimulationConfig(
+      config = FederatedConfig(
         dataset="digits",
         num_clients=10,
         rounds=rounds,

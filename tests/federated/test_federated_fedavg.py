@@ -59,7 +59,6 @@ def test_config_overrides_are_checked_by_name(digits):
   with pytest.raises(TypeError, match="modle"):
     fedavg_lib.build_fedavg(digits.x_train.shape[1:], digits.num_classes, modle="lenet")
   base = FederatedConfig(model="lenet", client_lr=0.1)
-  assert sim.SimulationConfig is FederatedConfig  # one class, an older name
   with pytest.raises(dataclasses.FrozenInstanceError):
     base.model = "bn_cnn"
   fa = fedavg_lib.build_fedavg(
@@ -86,7 +85,7 @@ def _round_one(config, digits):
 @pytest.fixture(scope="module")
 def plain_build(mean_fedavg):
   """4 clients, undefended; the build is the session's (it does not depend on clients)."""
-  plain = sim.SimulationConfig(num_clients=4, rounds=1, seed=0)
+  plain = FederatedConfig(num_clients=4, rounds=1, seed=0)
   assert dataclasses.replace(mean_fedavg.config, num_clients=4, rounds=1) == plain
   return plain, mean_fedavg
 
@@ -101,7 +100,7 @@ def test_training_applies_the_searched_transform_per_client(digits, plain_build,
   """
   param = _middle(name)
   plain, fa_plain = plain_build
-  plain = sim.SimulationConfig(num_clients=4, rounds=1, seed=0)
+  plain = FederatedConfig(num_clients=4, rounds=1, seed=0)
   defended = dataclasses.replace(plain, defense=name, defense_param=param)
   fa_def = sim.build_for_config(defended, digits)
   _, _, client_data = _round_one(plain, digits)

@@ -13,11 +13,12 @@ import pytest
 from tf_dlg.execution import runtime
 from tf_dlg.federated import fedavg as fedavg_lib
 from tf_dlg.federated import simulation as sim
+from tf_dlg.federated.config import FederatedConfig
 
 tff = runtime.install_context()
 
 # Two runs that differ in the model seed and the defence parameter only.
-RUN_A = sim.SimulationConfig(
+RUN_A = FederatedConfig(
   dataset="digits", num_clients=4, rounds=2, defense="masking", defense_param=0.2, seed=0
 )
 RUN_B = dataclasses.replace(RUN_A, defense_param=0.7, seed=1)

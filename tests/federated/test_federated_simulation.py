@@ -20,6 +20,7 @@ from tf_dlg import io as io_lib
 from tf_dlg.attacks.threat_model import ObservedUpdate
 from tf_dlg.execution import runtime
 from tf_dlg.federated import simulation as sim
+from tf_dlg.federated.config import FederatedConfig
 
 
 @pytest.fixture
@@ -258,9 +259,9 @@ def _middle(name):
   return math.sqrt(low * high) if scale == "log" else 0.5 * (low + high)
 
 
-@pytest.mark.parametrize("name", ["masking", "noising"])
+@pytest.mark.parametrize("name", ["masking", pytest.param("noising", marks=pytest.mark.slow)])
 def test_defended_run_trains_and_captures(digits, tmp_path, name):
-  config = sim.SimulationConfig(
+  config = FederatedConfig(
     num_clients=4, rounds=2, defense=name, defense_param=_middle(name), capture_round=2, seed=0
   )
   result = sim.run_simulation(config, str(tmp_path), dataset=digits, progress=False)
@@ -298,7 +299,7 @@ def read_scalars(directory):
 
 
 def _run(digits, tmp_path, **kwargs):
-  config = sim.SimulationConfig(num_clients=3, rounds=2, local_epochs=1, model="lenet", **kwargs)
+  config = FederatedConfig(num_clients=3, rounds=2, local_epochs=1, model="lenet", **kwargs)
   result = sim.run_simulation(config, str(tmp_path), dataset=digits, progress=False)
   return result, read_scalars(str(tmp_path / sim.TENSORBOARD_DIR))
 

@@ -169,6 +169,13 @@ STRONGEST_ATTACKERS = _SpecView(lambda s: s.strongest_attackers if s.search else
 # Defence -> (the other unit's name, statistic of the undefended update it scales by).
 ABSOLUTE_OF = _SpecView(lambda s: _link(s.absolute))
 RELATIVE_OF = _SpecView(lambda s: _link(s.relative))
+
+
+def paper_cost_claims() -> Dict[str, str]:
+  """{family: the paper's accuracy-cost claim (`DefenseSpec.paper_cost`)}, registry order."""
+  return {s.family: s.paper_cost for s in _SPECS.values() if s.paper_cost}
+
+
 # The four defences of the paper, in the units that transfer between models.
 PAPER_DEFENSES = ("masking", "clipping_ratio", "pruning", "noising_ratio")
 

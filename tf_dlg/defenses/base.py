@@ -77,6 +77,10 @@ class UnitLink:
   statistic: str
 
 
+# The paper's claims about a defence's accuracy cost at its threshold ("" = none).
+PAPER_COSTS = ("", "almost_none", "degrades")
+
+
 @dataclasses.dataclass(frozen=True)
 class DefenseSpec:
   """One defence, declared once in its own module and registered by `tf_dlg.defenses`.
@@ -97,6 +101,8 @@ class DefenseSpec:
       clients, such as a bound relative to their median norm).
     frontier: The privacy-utility frontier's default settings, weakest (leaks) to
       strongest (meant to protect against `strongest_attackers`); () = not on it.
+    paper_cost: What the paper claims its threshold costs in accuracy, one of
+      `PAPER_COSTS` (`almost_none`, `degrades`), or "" (no claim); claims.md tests it.
   """
 
   name: str
@@ -109,6 +115,7 @@ class DefenseSpec:
   relative: Optional[UnitLink] = None
   tff: Optional[Callable[..., Any]] = None
   frontier: Tuple[float, ...] = ()
+  paper_cost: str = ""
 
   @property
   def param_name(self) -> str:
@@ -119,6 +126,10 @@ class DefenseSpec:
       raise TypeError(f"DefenseSpec {self.name!r}: cls must be a Defense subclass.")
     if self.cls.name != self.name:
       raise ValueError(f"DefenseSpec {self.name!r}: its class is named {self.cls.name!r}.")
+    if self.paper_cost not in PAPER_COSTS:
+      raise ValueError(
+        f"DefenseSpec {self.name!r}: paper_cost={self.paper_cost!r} is not one of {PAPER_COSTS}."
+      )
     if self.search is not None and not self.single_update:
       raise ValueError(f"DefenseSpec {self.name!r}: a search needs single_update=True.")
     outside = [

@@ -154,6 +154,7 @@ SPEC = base.DefenseSpec(
   search=base.SearchRange(1e-3, 1e4, "log", "lower"),
   strongest_attackers=("ig",),
   family="clipping",
+  paper_cost="almost_none",
   relative=base.UnitLink("clipping_ratio", "norm"),
 )
 RATIO_SPEC = base.DefenseSpec(
@@ -163,6 +164,7 @@ RATIO_SPEC = base.DefenseSpec(
   search=base.SearchRange(1e-4, 1.0, "log", "lower"),
   strongest_attackers=("ig",),
   family="clipping",
+  paper_cost="almost_none",
   absolute=base.UnitLink("clipping", "norm"),
   # Scale-free cosine matching ignores any rescaling: the strongest setting searched is
   # on the frontier to show that it does not protect.
@@ -173,6 +175,7 @@ MEDIAN_SPEC = base.DefenseSpec(
   cls=MedianClipping,
   single_update=False,  # not measurable on one update, so not searched
   family="clipping",
+  paper_cost="almost_none",
   tff=_median_clipping_tff,
 )
 VALUE_SPEC = base.DefenseSpec(

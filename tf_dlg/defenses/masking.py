@@ -58,6 +58,7 @@ SPEC = base.DefenseSpec(
   # Masked cosine matching ignores the zeroed coordinates.
   strongest_attackers=("masked_ig",),
   family="masking",
+  paper_cost="almost_none",
   # From a rate that stops iDLG only to the one masked cosine matching needs.
   frontier=(0.01, 0.1, 0.5, 0.9, 0.99),
 )

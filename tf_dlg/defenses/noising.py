@@ -94,6 +94,7 @@ SPEC = base.DefenseSpec(
   search=base.SearchRange(1e-6, 1.0, "log", "higher"),
   strongest_attackers=_NOISE_ATTACKERS,
   family="noising",
+  paper_cost="degrades",
   relative=base.UnitLink("noising_ratio", "rms"),
 )
 RATIO_SPEC = base.DefenseSpec(
@@ -103,6 +104,7 @@ RATIO_SPEC = base.DefenseSpec(
   search=base.SearchRange(1e-4, 10.0, "log", "higher"),
   strongest_attackers=_NOISE_ATTACKERS,
   family="noising",
+  paper_cost="degrades",
   absolute=base.UnitLink("noising", "rms"),
   frontier=(0.1, 0.3, 1.0, 3.0, 10.0),
 )

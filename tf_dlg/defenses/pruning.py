@@ -67,6 +67,7 @@ SPEC = base.DefenseSpec(
   # Masked cosine matching ignores the zeroed coordinates.
   strongest_attackers=("masked_ig",),
   family="pruning",
+  paper_cost="degrades",
   # Masked cosine matching is stopped only in the last few percent of kept entries.
   frontier=(0.3, 0.6, 0.9, 0.95, 0.99),
 )

@@ -6,8 +6,7 @@ Modules (imported lazily, so `import tf_dlg.federated` does not pull in TFF):
 - `fedavg`: `build_fedavg(input_shape, num_classes, FederatedConfig(...))` -> `FedAvg`
   (learning process + Keras model fn); BatchNorm statistics travel with the update
   (see its docstring).
-- `simulation`: `run_simulation(config, output_dir, workers=...)` (`SimulationConfig` is
-  `FederatedConfig` under its older name).
+- `simulation`: `run_simulation(config, output_dir, workers=...)`.
 - `AGGREGATORS`, `OPTIMIZERS`, `MALICIOUS_MODES`: the choices, for drivers' flags.
 - Importing any of them leaves TFF's execution context alone; `run_simulation` (and the
   drivers) install the loopback-only one (`tf_dlg.execution.runtime.install_context()`).
@@ -28,7 +27,6 @@ _LAZY = {
   "build_fedavg": "fedavg",
   "FedAvg": "fedavg",
   "FederatedConfig": "config",
-  "SimulationConfig": "config",
   "run_simulation": "simulation",
   "SimulationResult": "simulation",
   "CheckpointError": "simulation",
@@ -38,5 +36,5 @@ _LAZY = {
 def __getattr__(name):
   if name in _LAZY:
     module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
-    return getattr(module, "FederatedConfig" if name == "SimulationConfig" else name)
+    return getattr(module, name)
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -75,10 +75,6 @@ class CheckpointError(ValueError):
   """A checkpoint or history file in `output_dir` is corrupt or from another run."""
 
 
-# The one federated configuration (`tf_dlg.federated.config`), under its older name.
-SimulationConfig = FederatedConfig
-
-
 @dataclasses.dataclass
 class SimulationResult:
   history: List[Dict[str, float]]

@@ -19,14 +19,15 @@ from tf_dlg.study.records import UNTESTED
 
 # "Almost no accuracy cost": a drop of at most this much final test accuracy (absolute).
 ALMOST_NO_COST = 0.02
-# The paper's Figure 5 claims, by defence family: (side of the margin, how the settings
-# combine, the claim's wording with the margin in pp). Masking and clipping cost almost
-# nothing at their thresholds; noising and pruning degrade accuracy.
-PAPER_COST_CLAIMS = {
-  "masking": ("at_most", "all", "costs almost no accuracy (cost <= {:.0f} pp in every setting)"),
-  "clipping": ("at_most", "all", "costs almost no accuracy (cost <= {:.0f} pp in every setting)"),
-  "noising": ("more_than", "most", "degrades accuracy (cost > {:.0f} pp in most settings)"),
-  "pruning": ("more_than", "most", "degrades accuracy (cost > {:.0f} pp in most settings)"),
+# The paper's Figure 5 claims (each defence's spec says which it makes, `paper_cost`):
+# (side of the margin, how the settings combine, the claim's wording with the margin in pp).
+COST_CLAIMS = {
+  "almost_none": (
+    "at_most",
+    "all",
+    "costs almost no accuracy (cost <= {:.0f} pp in every setting)",
+  ),
+  "degrades": ("more_than", "most", "degrades accuracy (cost > {:.0f} pp in most settings)"),
 }
 
 
@@ -184,7 +185,8 @@ def _cost_claims(conv: List[Dict[str, Any]], margin: float, evidence: str) -> Li
   """The paper's Figure 5 claims, and (ours) clipping that acts and adaptive costs."""
   rows = []
   plain = [r for r in conv if "@" not in r["label"] and r["label"] != "none"]
-  for family, (side, rule, says) in PAPER_COST_CLAIMS.items():
+  for family, claim in defenses_registry.paper_cost_claims().items():
+    side, rule, says = COST_CLAIMS[claim]
     d = [r for r in plain if _base(r["defense"]) == family]
     if d:
       claim = f"{family} ({d[0]['defense']}) at its threshold {says.format(100 * margin)}"
