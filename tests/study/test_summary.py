@@ -6,6 +6,7 @@ here with the csv module, independently of the code under test.
 """
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -199,6 +200,9 @@ def test_strongest_attacker_rows_lead_and_missing_costs_are_named(run):
     top1_at_id_threshold=0.5,
     top1_at_id_threshold_low=0.16,
     top1_at_id_threshold_high=0.84,
+    # Six images stopped only at 0.99, one never, one the attack misses undefended.
+    id_per_image=json.dumps([0.99] * 6 + [None, None]),
+    id_per_image_status=json.dumps(["found"] * 6 + ["not_reached", "untested"]),
   )
   pruning = _adaptive(thresholds, "pruning", attack="masked_ig", threshold=0.93, id_threshold=0.99)
   pruning.update(top1_at_id_threshold=0.0, top1_at_id_threshold_low=0.0)
@@ -216,8 +220,18 @@ def test_strongest_attacker_rows_lead_and_missing_costs_are_named(run):
   assert table["masking"][2] == "not reached (identification: leaks at 0.99)"
   assert table["masking"][3] == "0.5 [0.16, 0.84]"
   assert table["masking"][5].startswith("does not protect")
-  # Trained only at the plain threshold: its identification by masked_ig is unknown.
-  assert "identification by masked_ig not measured" in table["masking"][4]
+  # Trained only at the plain threshold (0.0177), which masked_ig was not run at: read off
+  # the per-image thresholds, the six stopped at 0.99 and the one never stopped are
+  # identified there (7 of 8, exact interval), and the point is in the figure.
+  assert table["masking"][4].startswith(
+    "not measured there; at 0.0177 (0.88 [0.47, 1] identified by the per-image thresholds)"
+  )
+  assert not re.search(r"Not in the figure[^\n]*masking", md)
+  # Without per-image thresholds nothing is read off: unknown, and said so.
+  bare = dict(masking, id_per_image=None, id_per_image_status=None)
+  md, _ = _screen(tmp_path, thresholds + [bare, pruning], convergence + [extra])
+  assert "identification by masked_ig not measured" in _table(md)[1]["masking"][4]
+  assert re.search(r"Not in the figure[^\n]*masking", md)
   assert (
     table["pruning"][2].startswith("0.99 [") and table["pruning"][4] == "+30.0 pp [+25.0, +35.0]"
   )

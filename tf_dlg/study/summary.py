@@ -25,9 +25,12 @@ setting at which no attacked image is identified, and DP-FedAvg beside the other
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from tf_dlg.study import tables
 from tf_dlg.study.records import UNTESTED, attack_untested
@@ -117,6 +120,51 @@ def top1_at(row: Optional[Dict[str, Any]], param: Optional[float]):
   if row["status"] == "not_reached" and _same(_strongest_end(row), param):
     return _rate(row, "top1_at_threshold")
   return None
+
+
+def _json_list(value) -> Optional[list]:
+  if value is None or value == "":
+    return None
+  return json.loads(value) if isinstance(value, str) else list(value)
+
+
+def top1_inferred(row: Optional[Dict[str, Any]], param: Optional[float]):
+  """(rate, low, high) of top-1 identification at `param` read off the per-image thresholds.
+
+  For a setting the search did not attack at. Its bisection assumes that an image
+  defended at a setting stays defended at every stronger one; under that rule an image
+  whose identification threshold is t is identified at every setting weaker than t
+  (within the search's resolution), one never stopped is identified everywhere, and one
+  the attack misses undefended nowhere. None where a status allows no reading.
+  """
+  from tf_dlg.analysis import identification
+
+  if row is None or param is None:
+    return None
+  thresholds = _json_list(row.get("id_per_image"))
+  statuses = _json_list(row.get("id_per_image_status"))
+  if not statuses or thresholds is None or len(thresholds) != len(statuses):
+    return None
+  higher = row["stronger"] == "higher"
+  hits = []
+  for t, status in zip(thresholds, statuses):
+    if status == "found" and t is not None:
+      hits.append(param < t if higher else param > t)
+    elif status in ("not_reached", "untested"):
+      hits.append(status == "not_reached")
+    else:
+      return None
+  iv = identification.identification_rate(np.array(hits, dtype=bool))
+  return (iv.estimate, iv.low, iv.high)
+
+
+def top1_near(row: Optional[Dict[str, Any]], param: Optional[float]):
+  """(rate, inferred): `top1_at` where the search attacked at `param`, else `top1_inferred`."""
+  rate = top1_at(row, param)
+  if rate is not None:
+    return rate, False
+  rate = top1_inferred(row, param)
+  return rate, rate is not None
 
 
 def threshold_row(rows, dataset: str, defense: str) -> Optional[Dict[str, Any]]:
@@ -236,9 +284,12 @@ def _cost(p: Protection, thr, trained, baseline, margin) -> Tuple[str, str]:
   # The run trained at the threshold of the kind shown (plain or adaptive) if it could.
   adaptive = thr is not None and thr.get("kind") == "adaptive"
   row = next((r for r in trained if ("@" in r["label"]) == adaptive), trained[0])
-  rate = top1_at(thr, row["param"])
+  rate, inferred = top1_near(thr, row["param"])
   attack = thr["attack"] if thr is not None else "the attacker"
-  seen = f"{format_top1(rate)} identified" if rate else f"identification by {attack} not measured"
+  seen = f"identification by {attack} not measured"
+  if rate:
+    how = " by the per-image thresholds" if inferred else ""
+    seen = f"{format_top1(rate)} identified{how}"
   cell = f"not measured there; at {row['param']:.3g} ({seen}): {_pp(row)}"
   clause = (
     f"cost not measured there; trained at {row['param']:.3g} ({seen}), "
@@ -285,7 +336,7 @@ def defence_line(defense, threshold_rows, dataset, trained, baseline, margin=MAR
   cell, clause = _cost(p, thr, trained, baseline, margin)
   points = []
   for r in trained:
-    rate = top1_at(thr, r["param"])
+    rate, _ = top1_near(thr, r["param"])
     if rate is not None and baseline is not None:
       safe = p.state == PROTECTS and _same(r["param"], p.setting)
       points.append(_point(f"{defense} {r['param']:.3g}", r, rate, safe))
