@@ -236,23 +236,29 @@ def test_drivers_give_one_line_errors_with_exit_code_2(tmp_path):
   import sys
 
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  for module, args, needle in [
+  cases = [
     ("reproduce", ["--partitions=bogus"], "partitions: 'bogus' not one of"),
     ("reproduce", ["--preset=fast"], "preset='fast' is not one of"),
     ("convergence", ["--seeds=0,0"], "must be distinct"),
     ("threshold_search", ["--defenses=maskng"], "maskng not one of masking"),
     ("threshold_search", ["--num_images=0"], "--num_images=0"),
-  ]:
-    proc = subprocess.run(
+  ]
+  # Side by side: each process mostly waits on its TensorFlow import.
+  procs = [
+    subprocess.Popen(
       [sys.executable, "-m", f"experiments.{module}", *args, f"--output_dir={tmp_path / module}"],
-      capture_output=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
       text=True,
-      timeout=120,
       cwd=root,
     )
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    for module, args, _ in cases
+  ]
+  for (module, args, needle), proc in zip(cases, procs):
+    _, stderr = proc.communicate(timeout=120)
+    lines = stderr.strip().splitlines()
+    assert proc.returncode == 2, (module, args, stderr)
+    assert len(lines) == 1 and needle in lines[0], (module, args, stderr)
 
 
 # The miniature end-to-end run and every number of its report: tests/study/test_report_numbers.py.
