@@ -304,6 +304,24 @@ def _run(digits, tmp_path, **kwargs):
   return result, read_scalars(str(tmp_path / sim.TENSORBOARD_DIR))
 
 
+def test_evaluator_matches_keras_evaluate_across_chunks(digits, monkeypatch):
+  """The round's evaluation gives what Keras `evaluate` gives, over several chunks."""
+  from tf_dlg import models
+
+  model = models.bn_cnn(digits.input_shape, digits.num_classes, seed=3)
+  model.compile(
+    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    metrics=[tf.keras.metrics.SparseCategoricalAccuracy()],
+  )
+  model.fit(digits.x_train[:200], digits.y_train[:200], epochs=2, verbose=0)  # not chance
+  x, y = digits.x_test[:250], digits.y_test[:250]
+  monkeypatch.setattr(sim.Evaluator, "CHUNK", 64)  # 250 = 3 full chunks and a partial one
+  loss, acc = sim.Evaluator(model)(x, y)
+  want_loss, want_acc = model.evaluate(x, y, batch_size=256, verbose=0)
+  assert 0.2 < acc < 1.0
+  assert acc == pytest.approx(want_acc, abs=1e-6) and loss == pytest.approx(want_loss, rel=1e-5)
+
+
 def test_undefended_run_writes_round_scalars(digits, tmp_path):
   result, scalars = _run(digits, tmp_path)
   assert set(scalars) == _BASE
