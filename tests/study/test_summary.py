@@ -231,6 +231,13 @@ def test_strongest_attacker_rows_lead_and_missing_costs_are_named(run):
   bare = dict(masking, id_per_image=None, id_per_image_status=None)
   md, _ = _screen(tmp_path, thresholds + [bare, pruning], convergence + [extra])
   assert "identification by masked_ig not measured" in _table(md)[1]["masking"][4]
+  # An image the weakest setting already stops is identified nowhere in the range.
+  weakest = dict(
+    masking,
+    id_per_image=json.dumps([1e-4, 0.99]),
+    id_per_image_status=json.dumps(["at_weakest", "found"]),
+  )
+  assert summary.top1_inferred(weakest, 0.0177)[0] == 0.5
   assert re.search(r"Not in the figure[^\n]*masking", md)
   assert (
     table["pruning"][2].startswith("0.99 [") and table["pruning"][4] == "+30.0 pp [+25.0, +35.0]"

@@ -133,9 +133,10 @@ def top1_inferred(row: Optional[Dict[str, Any]], param: Optional[float]):
 
   For a setting the search did not attack at. Its bisection assumes that an image
   defended at a setting stays defended at every stronger one; under that rule an image
-  whose identification threshold is t is identified at every setting weaker than t
-  (within the search's resolution), one never stopped is identified everywhere, and one
-  the attack misses undefended nowhere. None where a status allows no reading.
+  whose identification threshold is t (`found`, or `at_weakest`: stopped by the weakest
+  setting) is identified at every setting weaker than t (within the search's
+  resolution), one never stopped is identified everywhere, and one the attack misses
+  undefended nowhere. None where a status allows no reading.
   """
   from tf_dlg.analysis import identification
 
@@ -148,7 +149,7 @@ def top1_inferred(row: Optional[Dict[str, Any]], param: Optional[float]):
   higher = row["stronger"] == "higher"
   hits = []
   for t, status in zip(thresholds, statuses):
-    if status == "found" and t is not None:
+    if status in ("found", "at_weakest") and t is not None:
       hits.append(param < t if higher else param > t)
     elif status in ("not_reached", "untested"):
       hits.append(status == "not_reached")
