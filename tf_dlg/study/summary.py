@@ -356,9 +356,9 @@ def frontier_line(defense: str, rows, baseline, margin=MARGIN) -> Line:
   safe = [r for r in rows if r["top1"] <= 0.0]
   best = min(safe, key=lambda r: r["cost"]) if safe else min(rows, key=lambda r: r["top1"])
   state = PROTECTS if safe else NOT_REACHED
-  text = f"{best['setting']:.3g}{eps(best)}"
-  if not safe:  # the column names protecting settings: say there is none
-    text = f"none (fewest identified at {text})"
+  shown = f"{best['setting']:.3g}{eps(best)}"
+  # The column names protecting settings: where there is none, it says so.
+  text = shown if safe else f"none (fewest identified at {shown})"
   p = Protection(state, best["attack"], best["setting"], text, rate(best))
   clause = cost_phrase(best, baseline, margin) if baseline else f"cost {_pp(best)}"
   if state == PROTECTS:
@@ -366,8 +366,7 @@ def frontier_line(defense: str, rows, baseline, margin=MARGIN) -> Line:
   else:
     verdict = (
       f"**{defense}** does not protect within its range: {best['attack']} still identifies "
-      f"{format_top1(rate(best))} at its best setting, {best['setting']:.3g}{eps(best)}; "
-      f"{clause}."
+      f"{format_top1(rate(best))} at its best setting, {shown}; {clause}."
     )
   # Labelled: the setting the verdict names, and every DP point (its epsilon).
   points = [
