@@ -301,6 +301,14 @@ def _parent_death_signal():
   return preexec
 
 
+def die_with_parent() -> None:
+  """Asks Linux to SIGKILL this process when its parent dies (a helper process's first call)."""
+  try:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+  except AttributeError:  # no prctl (not Linux): the parent's clean-up must do
+    pass
+
+
 def _worker_env(expose: bool, parent=None):
   env = dict(os.environ)
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the worker's C++ start-up pages

@@ -41,7 +41,7 @@ import csv
 import dataclasses
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -548,13 +548,19 @@ class Convergence:
       self._dataset, self.dataset_source = dataset, dataset.source
     return self._dataset
 
+  def _finished(self, key) -> bool:
+    from tf_dlg.federated import simulation
+
+    path = os.path.join(self.run_dir(*key), simulation.HISTORY_NAME)
+    return os.path.exists(path) and len(simulation.read_history(path)) >= self.rounds
+
   def _train(self, key):
     """Trains (or resumes) one (cell, seed) run; returns its history."""
     from tf_dlg.federated import simulation
 
     out_dir, config = self.run_dir(*key), self.configs[key]
     history_path = os.path.join(out_dir, simulation.HISTORY_NAME)
-    if not os.path.exists(history_path) or len(simulation.read_history(history_path)) < self.rounds:
+    if not self._finished(key):
       claim_cell(out_dir, self.fingerprints[key])
       # Seeds, defence parameters and partitions are runtime inputs: one TFF build per
       # aggregator x defence, reused across its cells (`build_fedavg(reuse=True)`).
@@ -564,6 +570,33 @@ class Convergence:
       )
     return simulation.read_history(history_path)
 
+  def keys(self) -> List[Tuple[str, str, str, int]]:
+    """Every run's (aggregator, partition, label, seed), in training order."""
+    return [
+      (aggregator, partition, label, seed)
+      for aggregator in self.aggregators
+      for label in self.defense_params
+      for seed in self.seeds
+      for partition in self.partitions
+      if (aggregator, partition, label, seed) in self.configs
+    ]
+
+  def train(self, stop: Optional[Callable[[], bool]] = None) -> int:
+    """Trains (or resumes) the runs not finished yet, without writing tables.
+
+    `stop()` is asked before each run; True ends the loop there (a run in flight
+    finishes). Returns how many runs it trained.
+    """
+    self.prepare()
+    trained = 0
+    for key in self.keys():
+      if stop is not None and stop():
+        break
+      if not self._finished(key):
+        self._train(key)
+        trained += 1
+    return trained
+
   def run(self) -> List[Dict[str, Any]]:
     """Trains (or resumes) every run; writes the table and figure; returns the rows."""
     from tqdm import tqdm
@@ -571,17 +604,11 @@ class Convergence:
     self.prepare()
     bar = tqdm(total=len(self.configs), desc="convergence", unit="run", disable=not self.progress)
     done = {}
-    for aggregator in self.aggregators:
-      for label in self.defense_params:
-        for seed in self.seeds:
-          for partition in self.partitions:
-            key = (aggregator, partition, label, seed)
-            if key not in self.configs:
-              continue
-            bar.set_postfix_str("/".join(map(str, key)))
-            history = self._train(key)
-            done[key] = (seed, history, clipped_fraction(history))
-            bar.update(1)
+    for key in self.keys():
+      bar.set_postfix_str("/".join(map(str, key)))
+      history = self._train(key)
+      done[key] = (key[3], history, clipped_fraction(history))
+      bar.update(1)
     rows = [
       dict(
         aggregator=a,

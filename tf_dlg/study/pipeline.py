@@ -21,6 +21,7 @@ stage starts (`check_settings`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ from typing import Dict, Optional, Tuple
 
 from tf_dlg import validation
 from tf_dlg.analysis import figures
+from tf_dlg.study import beside as beside_lib
 from tf_dlg.study import claims as claims_lib
 from tf_dlg.study import frontier as frontier_lib
 from tf_dlg.study import report as report_lib
@@ -213,6 +215,14 @@ def _convergence_params(search, settings: Preset) -> Dict[str, Tuple[float, str]
   return {k: v for k, v in params.items() if convergence_lib.defense_of(k) in wanted}
 
 
+def _fixed_params(search, settings: Preset) -> Dict[str, Tuple[float, str]]:
+  """The convergence parameters the cells searched so far fix ({} before any)."""
+  try:
+    return _convergence_params(search, settings)
+  except (FileNotFoundError, ValueError):  # no row for the training dataset yet
+    return {}
+
+
 def _provenance(
   settings: Preset, conv, search, command: Optional[str]
 ) -> Tuple[Dict[str, str], str]:
@@ -249,8 +259,19 @@ def run(
   search = check_settings(output_dir, settings, progress)
   stage_seconds = {}
   t = time.perf_counter()
-  rows = search.run()
-  stage_seconds["threshold search"] = time.perf_counter() - t
+  beside = beside_lib.TrainBesideSearch(
+    functools.partial(_convergence, output_dir, settings, progress=False)
+  )
+  try:
+    rows = search.run(on_cell=lambda: beside.offer(_fixed_params(search, settings)))
+  except BaseException as e:
+    # Ctrl-C / SIGTERM: exit at once (a resume redoes the rounds in flight); any other
+    # error: let the run in flight end, so that no TFF call outlives the pipeline.
+    beside.stop(wait=not isinstance(e, KeyboardInterrupt))
+    raise
+  beside.finish()
+  runs = f"{beside.trained} training run{'' if beside.trained == 1 else 's'}"
+  stage_seconds[f"threshold search (and {runs} beside it)"] = time.perf_counter() - t
   t = time.perf_counter()
   robustness = (
     search.rescore(rows, attacks=list(settings.adaptive_attacks), delta_attack=settings.attack)

@@ -13,7 +13,7 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -566,8 +566,13 @@ class ThresholdSearch:
     stat = self.update_stats(dataset)[RELATIVE_OF[defense][1]]
     return None, float(np.median(value / stat))
 
-  def run(self) -> List[Dict[str, Any]]:
-    """Searches every cell; writes thresholds.csv/md, strip plots and grids; returns rows."""
+  def run(self, on_cell: Optional[Callable[[], None]] = None) -> List[Dict[str, Any]]:
+    """Searches every cell; writes thresholds.csv/md, strip plots and grids; returns rows.
+
+    thresholds.csv grows a row as each cell finishes, and then `on_cell()` is called: a
+    caller can start work that needs a threshold (training at it) while the rest of the
+    search runs. A cell's row does not change once written.
+    """
     from tqdm import tqdm
 
     cells = []
@@ -575,6 +580,9 @@ class ThresholdSearch:
     for dataset, kind, attackers, defense in bar:
       bar.set_postfix_str(f"{dataset}/{'+'.join(attackers)}/{defense}")
       cells.append(self.search_cell(dataset, kind, attackers, defense))
+      if on_cell is not None:
+        self.write_csv([c.row.to_dict() for c in cells])
+        on_cell()
     bar.close()
     rows = [c.row.to_dict() for c in cells]
     self.write_tables(rows)
@@ -638,11 +646,15 @@ class ThresholdSearch:
     io_lib.atomic_write_text(os.path.join(self.output_dir, "robustness.md"), text)
 
   # ------------------------------------------------------------------ outputs
-  def write_tables(self, rows: List[Dict[str, Any]]) -> None:
-    """thresholds.csv and thresholds.md."""
+  def write_csv(self, rows: List[Dict[str, Any]]) -> None:
+    """thresholds.csv."""
     records.write_csv(
       os.path.join(self.output_dir, "thresholds.csv"), records.THRESHOLD_FIELDS, rows
     )
+
+  def write_tables(self, rows: List[Dict[str, Any]]) -> None:
+    """thresholds.csv and thresholds.md."""
+    self.write_csv(rows)
     sources = {d: self.case(d)[0].source for d in self.datasets}
     text = tables.thresholds_markdown(rows, self, sources)
     io_lib.atomic_write_text(os.path.join(self.output_dir, "thresholds.md"), text)
