@@ -117,3 +117,30 @@ def test_score_images_matches_batch_order(faces):
   rows = metrics.score_images(originals, leaked, [0, 1, 1], [1, 0, 1])
   assert [r["ssim"] for r in rows] == pytest.approx([1.0, 1.0, 1.0])
   assert all(r["label_correct"] for r in rows)
+
+
+def test_ssim_many_equals_skimage_pair_by_pair(faces, photos):
+  """The batched SSIM of the brightness family is skimage's, bit for bit."""
+  from skimage.metrics import structural_similarity
+
+  digits = data.load_dataset("digits").x_train[:2]
+  rng = np.random.default_rng(7)
+  for original, other in ((digits[0], digits[1]), (faces[0], faces[1]), (photos[0], photos[1])):
+    # Outside [0, 1] and noisy, so that the family's clipping is exercised.
+    leaked = other * 1.7 - 0.4 + rng.normal(0.0, 0.2, other.shape)
+    images = np.stack([im for _, im in metrics.brightness_adjustments(original, leaked)])
+    plain = [
+      structural_similarity(np.float64(original), im, data_range=1.0, channel_axis=-1)
+      for im in images
+    ]
+    np.testing.assert_array_equal(metrics.ssim_many(original, images), plain)
+    score, adjusted = metrics.adjusted_ssim(original, leaked)
+    assert score == max(plain)
+    np.testing.assert_array_equal(adjusted, images[int(np.argmax(plain))].astype(np.float32))
+
+
+def test_ssim_many_refuses_bad_shapes(faces):
+  with pytest.raises(ValueError, match=r"candidates have shape \(5, 5, 1\)"):
+    metrics.ssim_many(faces[0], np.zeros((3, 5, 5, 1)))
+  with pytest.raises(ValueError, match="smaller than the 7x7 SSIM window"):
+    metrics.ssim_many(np.zeros((5, 5, 1)), np.zeros((3, 5, 5, 1)))

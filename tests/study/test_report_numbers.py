@@ -14,6 +14,7 @@ import html
 import io
 import json
 import re
+import time
 
 import matplotlib
 import numpy as np
@@ -72,10 +73,37 @@ def run(tmp_path_factory):
     ]
     return real(fig, fname, *args, **kwargs)
 
+  from tf_dlg.study import threshold_search
+
+  real_cell, beside_runs = threshold_search.ThresholdSearch.search_cell, {}
+
+  def first_cell_waits(self, *args, **kwargs):
+    # The miniature search is shorter than the child's start (TensorFlow, a TFF build):
+    # wait after the first cell until a run trained beside it has finished.
+    cell = real_cell(self, *args, **kwargs)
+    deadline = time.time() + 240
+    while not beside_runs and time.time() < deadline:
+      for path in out.glob("convergence/runs/*/seed*/history.csv"):
+        if len(path.read_text().splitlines()) > settings.rounds:
+          beside_runs[path] = path.stat().st_mtime_ns
+      time.sleep(0.2)
+    return cell
+
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(figure.Figure, "savefig", spy)
+    mp.setattr(threshold_search.ThresholdSearch, "search_cell", first_cell_waits)
     paths = pipeline.run(str(out), settings, progress=False, command=COMMAND)
-  return dict(out=out, paths=paths, saved=saved, settings=settings)
+  return dict(out=out, paths=paths, saved=saved, settings=settings, beside_runs=beside_runs)
+
+
+def test_runs_trained_beside_the_search_are_kept_and_counted(run):
+  """A run the child trained during the search is not trained again, and the report says so."""
+  assert run["beside_runs"], "no training run finished beside the search within 240 s"
+  for path, mtime in run["beside_runs"].items():
+    assert path.stat().st_mtime_ns == mtime, f"{path} was trained again after the search"
+  md = (run["out"] / "report.md").read_text()
+  m = re.search(r"threshold search \(and (\d+) training runs? beside it\)", md)
+  assert m and int(m.group(1)) >= len(run["beside_runs"]), md
 
 
 def _csv(path):

@@ -17,6 +17,7 @@ parameter sets in, one pickled result out.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import subprocess
@@ -40,11 +41,18 @@ class TrainBesideSearch:
     self._sent: Params = {}
     self._result: Optional[Tuple[str, Any]] = None
     self.trained = 0
-    self._process = subprocess.Popen(
-      [sys.executable, "-m", "tf_dlg.study.beside"],
-      stdin=subprocess.PIPE,
-      stdout=subprocess.PIPE,
-    )
+    from tf_dlg.execution import worker
+
+    stderr = worker.filtered_stderr()  # without TensorFlow's known start-up noise
+    try:
+      self._process = subprocess.Popen(
+        [sys.executable, "-m", "tf_dlg.study.beside"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+      )
+    finally:
+      os.close(stderr)
     self._send(make)
     self._send({})
 
@@ -108,6 +116,9 @@ def main() -> None:
   from tf_dlg.execution import worker
 
   worker.die_with_parent()
+  # Quiet as the drivers: the run's own messages only (no deprecation pages).
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  logging.getLogger("tensorflow").setLevel(logging.ERROR)
   inbox, result_out = sys.stdin.buffer, sys.stdout.buffer
   sys.stdout = sys.stderr  # the pipe carries only the result
   latest, changed, stopping = [None], threading.Condition(), threading.Event()

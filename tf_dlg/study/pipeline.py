@@ -15,7 +15,9 @@ Stages, each resumable (a rerun into the same folder skips finished work):
 5. `report.md` and the same as a self-contained `report.html` (`tf_dlg.study.report`).
 
 Every setting (a `tf_dlg.study.presets.Preset`) and every dataset is checked before any
-stage starts (`check_settings`).
+stage starts (`check_settings`). While stage 1 runs, a child process already trains the
+stage-3 runs whose settings are known (the baseline at once, a defence once its cell is
+searched; `tf_dlg.study.beside`); stage 3 then resumes them as finished runs.
 """
 
 from __future__ import annotations
