@@ -129,11 +129,11 @@ def ssim_many(original, candidates) -> np.ndarray:
 
   skimage's `structural_similarity` scores one pair per call (a Python loop of five
   `uniform_filter`s per channel); the brightness family of `adjusted_ssim` needs ~200
-  per reconstruction, which made scoring ~15 % of a threshold search. This is the same
+  per reconstruction, which made scoring ~13 % of a threshold search cell. This is the same
   computation (7x7 uniform window, sample covariance, K1 0.01, K2 0.03, data range 1,
   3-pixel border cropped, channels averaged) with the filters run over all candidates
   at once: `uniform_filter` of size 1 along the candidate axis filters each image alone,
-  with the same operations in the same order. `tests/test_metrics.py` checks it against
+  with the same operations in the same order. `tests/analysis/test_metrics.py` checks it against
   skimage pair by pair; `python -m benchmarks.metrics_speed` times both.
   """
   original = _as_hwc(original)

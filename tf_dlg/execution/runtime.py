@@ -32,7 +32,6 @@ import time
 from typing import Optional
 
 _HOOKED = False
-_CONTEXT = None  # the context import_tff installed
 
 
 def _worker_children():
@@ -86,8 +85,6 @@ def _release_default_context():
     context_stack_impl.context_stack.set_default_context(
       runtime_error_context.RuntimeErrorContext()
     )
-    global _CONTEXT
-    _CONTEXT = None
     gc.collect()
   finally:
     sys.unraisablehook = previous_hook
@@ -124,31 +121,16 @@ def import_tff():
   On first use it replaces TFF's default context (whose worker would listen on every
   interface) by `create_local_context()`, and installs the worker clean-up hooks.
   """
-  global _HOOKED, _CONTEXT
+  global _HOOKED
   import tensorflow_federated as tff
 
   if not _HOOKED:
     _HOOKED = True
-    _CONTEXT = create_local_context()
-    tff.framework.set_default_context(_CONTEXT)
+    tff.framework.set_default_context(create_local_context())
     atexit.register(stop_tff_workers)
     # atexit runs hooks last-in first-out: release the context first, then sweep.
     atexit.register(_release_default_context)
-  elif _CONTEXT is not None and _thread_has_no_context():
-    # TFF's context stack is thread-local: a thread that never had a context (e.g. one
-    # that trains beside the threshold search) gets the same one, the same worker.
-    tff.framework.set_default_context(_CONTEXT)
   return tff
-
-
-def _thread_has_no_context() -> bool:
-  from tensorflow_federated.python.core.impl.context_stack import (
-    context_stack_impl,
-    runtime_error_context,
-  )
-
-  current = context_stack_impl.context_stack.current
-  return isinstance(current, runtime_error_context.RuntimeErrorContext)
 
 
 def install_context():

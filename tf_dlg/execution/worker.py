@@ -302,9 +302,9 @@ def _parent_death_signal():
 
 
 def die_with_parent() -> None:
-  """Asks Linux to SIGKILL this process when its parent dies (a helper process's first call)."""
+  """What `_parent_death_signal` does for a worker, done now for this (helper) process."""
   try:
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    _parent_death_signal()()
   except AttributeError:  # no prctl (not Linux): the parent's clean-up must do
     pass
 
