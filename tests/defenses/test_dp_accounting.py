@@ -90,12 +90,52 @@ def test_dp_sgd_epsilon_within_abadi_et_al_mnist_bound():
   assert classic == pytest.approx(1.26, rel=0.01)
 
 
-def test_dp_fedavg_epsilon_is_client_level_sampling():
-  # Sampling 10 of 1000 clients for 50 rounds is the q = 0.01 Poisson-sampled mechanism.
-  want = _reference_epsilon(0.01, 1.1, 50, 1e-5)
-  assert dp_lib.dp_fedavg_epsilon(1.1, 10, 1000, 50, 1e-5) == pytest.approx(want, rel=0.01)
-  full = _reference_epsilon(1.0, 1.1, 50, 1e-5)
-  assert dp_lib.dp_fedavg_epsilon(1.1, 1000, 1000, 50, 1e-5) == pytest.approx(full, rel=0.01)
+def _without_replacement_epsilon(z, k, n, rounds, delta):
+  """dp-accounting fed directly: k of n clients drawn without replacement each round,
+  replace-one neighbours (the only relation its RDP accountant takes for this event), so a
+  client's clipped update C swapped for another moves the sum by 2 C: multiplier z / 2."""
+  accountant = dp_accounting.rdp.RdpAccountant(
+    neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
+  )
+  event = dp_accounting.SampledWithoutReplacementDpEvent(n, k, dp_accounting.GaussianDpEvent(z / 2))
+  accountant.compose(event, rounds)
+  return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("z,k,n,rounds,delta", [(1.1, 10, 1000, 50, 1e-5), (1.0, 3, 10, 15, 1e-5)])
+def test_dp_fedavg_epsilon_is_sampling_without_replacement(z, k, n, rounds, delta):
+  # simulation.sample_clients draws a fixed-size set without replacement, not Poisson.
+  want = _without_replacement_epsilon(z, k, n, rounds, delta)
+  assert dp_lib.dp_fedavg_epsilon(z, k, n, rounds, delta) == pytest.approx(want, rel=1e-6)
+  # Amplification by sampling: fewer clients per round, smaller epsilon.
+  assert dp_lib.dp_fedavg_epsilon(z, k, n, rounds, delta) < dp_lib.dp_fedavg_epsilon(
+    z, n, n, rounds, delta
+  )
+  # Not the Poisson accounting the function used before (smaller: add/remove sensitivity C).
+  assert want > _reference_epsilon(k / n, z, rounds, delta) * 1.5
+
+
+@pytest.mark.parametrize("z", [0.1, 1.0, 4.0])
+def test_dp_fedavg_epsilon_full_participation_by_hand(z):
+  """Every client every round: no sampling, T Gaussian steps of multiplier z / 2 (replace-one).
+  RDP(a) = T a / (2 (z/2)^2) = 2 T a / z^2 (Mironov 2017, Prop. 7); (eps, delta) by Canonne,
+  Kamath & Steinke 2020 (Prop. 12): eps = min_a RDP(a) + log((a-1)/a) - (log delta + log a) /
+  (a - 1). On a dense grid of orders this is at most dp-accounting's (discrete orders) value."""
+  rounds, delta = 15, 1e-5
+  a = np.linspace(1.001, 2000.0, 400_000)
+  by_hand = np.min(
+    2 * rounds * a / z**2 + np.log((a - 1) / a) - (math.log(delta) + np.log(a)) / (a - 1)
+  )
+  got = dp_lib.dp_fedavg_epsilon(z, 10, 10, rounds, delta)
+  assert by_hand * (1 - 1e-9) <= got <= by_hand * 1.02, (got, by_hand)
+
+
+def test_dp_fedavg_epsilon_refuses_bad_values():
+  for bad in (dict(rounds=0), dict(delta=0.0), dict(noise_multiplier=0.0)):
+    args = dict(noise_multiplier=1.0, clients_per_round=2, total_clients=4, rounds=3, delta=1e-5)
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+      dp_lib.dp_fedavg_epsilon(**dict(args, **bad))
 
 
 # ----------------------------------------------------------------------------- TFF rounds
