@@ -219,7 +219,7 @@ def test_bad_gallery_and_hits_are_refused():
 def test_calibration_summary_on_digits():
   from benchmarks import identification_calibration as calib
 
-  rows, seconds, _ = calib.calibrate("digits", n=150, ssim_n=0, seed=1)
+  rows, _, _ = calib.calibrate("digits", n=150, ssim_n=0, seed=1)
   top = {(r["case"], r["similarity"]): r["_result"].rates() for r in rows}
   n = 1797
 
@@ -238,4 +238,3 @@ def test_calibration_summary_on_digits():
   assert all(b >= a - 0.1 for a, b in zip(curve, curve[1:])), curve  # rises with the SNR
   blur = [rate(f"blur sigma {s:g} px").estimate for s in calib.BLURS]
   assert blur[0] == 1.0 and blur[-1] < blur[0]
-  assert seconds < 5

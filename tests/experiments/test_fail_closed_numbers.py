@@ -142,5 +142,5 @@ def test_dirichlet_alpha_bound_is_where_numpy_is_fast():
     data.partition(labels, 5, "dirichlet", alpha=0.0009)
   t = time.perf_counter()
   parts = data.partition(labels, 5, "dirichlet", alpha=1e-3, seed=0)
-  assert time.perf_counter() - t < 30  # generous: a hang is what this guards against
+  assert time.perf_counter() - t < 300  # generous: a hang is what this guards against
   assert sorted(np.concatenate(parts).tolist()) == list(range(500))

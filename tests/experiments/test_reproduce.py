@@ -361,8 +361,9 @@ def test_paper_preset_without_data_or_network_exits_2_within_a_minute(tmp_path):
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert len(lines) == 1 and "cifar10 (" in lines[0] and "lfw (" in lines[0], proc.stderr
-  # The bound; measured 10 s (idle) to 20 s (loaded) on the 2-core machine.
-  assert seconds <= 60
+  # Fails fast: measured 10 s (idle) to 20 s (loaded) on the 2-core machine; the bound
+  # only catches a run that started the preset (hours), not a slow machine.
+  assert seconds <= 300
   assert not (tmp_path / "paper").exists()
 
 

@@ -85,13 +85,50 @@ def test_all_malicious_runs_are_refused(sim_config, digits):
   dataclasses.replace(sim_config, malicious_clients=9).validate()
 
 
-def test_sampling_and_malicious_sets_are_seeded(sim_config):
-  c = dataclasses.replace(sim_config, clients_per_round=4, malicious_clients=2)
-  assert sim.sample_clients(c, 3) == sim.sample_clients(c, 3)
-  assert len(sim.sample_clients(c, 3)) == 4
-  assert {tuple(sim.sample_clients(c, r)) for r in range(1, 6)} != {tuple(sim.sample_clients(c, 1))}
-  assert sim.malicious_ids(c) == sim.malicious_ids(c) and len(sim.malicious_ids(c)) == 2
-  assert sim.sample_clients(sim_config, 1) == list(range(10))
+def test_client_sampling_is_uniform_fixed_size_without_replacement(sim_config):
+  """Against what sampling k of n without replacement must give (not against a second
+  call): k distinct sorted ids a round; each client in a round with probability k/n and each
+  pair with k(k-1)/(n(n-1)) (a Poisson draw would vary in size); the same ids from a config
+  built anew after the global RNG moved; another seed, other rounds."""
+  from scipy import stats
+
+  n, k, rounds = 10, 4, 2000
+  c = dataclasses.replace(sim_config, clients_per_round=k, rounds=rounds)
+  draws = [sim.sample_clients(c, r) for r in range(1, rounds + 1)]
+  assert all(d == sorted(set(d)) and len(d) == k and 0 <= d[0] and d[-1] < n for d in draws)
+  hits = np.zeros((n, n), int)
+  for d in draws:
+    hits[np.ix_(d, d)] += 1
+  for count, p in [(hits[i, i], k / n) for i in range(n)] + [
+    (hits[i, j], k * (k - 1) / (n * (n - 1))) for i in range(n) for j in range(i + 1, n)
+  ]:
+    assert stats.binomtest(int(count), rounds, p).pvalue > 1e-4, (count, p)
+  np.random.seed(12345)
+  np.random.rand(7)  # the global RNG state must not matter
+  again = FederatedConfig(**dataclasses.asdict(c))
+  assert [sim.sample_clients(again, r) for r in range(1, 21)] == draws[:20]
+  other = dataclasses.replace(c, seed=1)
+  assert [sim.sample_clients(other, r) for r in range(1, 21)] != draws[:20]
+  assert sim.sample_clients(sim_config, 1) == list(range(n))  # everyone, no draw
+
+
+def test_malicious_set_is_fixed_seeded_and_uniform(sim_config):
+  """m distinct ids, the same every round (rounds do not enter); over many seeds each
+  client is malicious with probability m/n."""
+  from scipy import stats
+
+  n, m, seeds = 10, 2, 2000
+  sets = [
+    sim.malicious_ids(dataclasses.replace(sim_config, seed=s, malicious_clients=m))
+    for s in range(seeds)
+  ]
+  assert all(x == sorted(set(x)) and len(x) == m for x in sets)
+  counts = np.bincount(np.concatenate(sets), minlength=n)
+  for count in counts:
+    assert stats.binomtest(int(count), seeds, m / n).pvalue > 1e-4, counts
+  longer = dataclasses.replace(sim_config, seed=3, malicious_clients=m, rounds=50)
+  assert sim.malicious_ids(longer) == sets[3]
+  assert len({tuple(x) for x in sets}) > 40  # C(10, 2) = 45 possible sets, all reached
 
 
 # --------------------------------------------------------------------------- resume
