@@ -3,31 +3,40 @@ CSV round-trips, the figure has one line per defence, the equal-protection verdi
 
 import csv
 import dataclasses
+import math
 import os
 
+import dp_accounting
 import numpy as np
 import pytest
+from scipy import stats
 
 from tf_dlg import defenses
-from tf_dlg.analysis import identification, intervals
+from tf_dlg.analysis import identification
 from tf_dlg.study import convergence, frontier
 
 SEEDS = (0, 1)
 ROUNDS = 3
 
 
-# Made-up costs per setting (in 64ths: exact in the float32 of a history file).
-_STEPS = {None: 0, 0.01: 1, 0.9: 3, 0.3: 2, 0.99: 5, 1.0: 7}
+# Made-up training: every round of seed s reaches 0.75 + s/16 undefended, minus the
+# setting's cost STEPS[param] x (1 + s) / 16 (sixteenths: exact in float32 and in the
+# 4 decimals of convergence.csv), so final accuracies do not depend on the rounds averaged.
+_STEPS = {None: 0, 0.01: 1, 0.9: 3, 0.3: 2, 0.99: 0, 2.0: 2}
 
 
 def _cost_of(param, seed):
   """The made-up training's cost of a setting for a seed (0 undefended)."""
-  return _STEPS[param] * (1 + seed) / 64
+  return _STEPS[param] * (1 + seed) / 16
+
+
+def _accuracy(param, seed):
+  return 0.75 + seed / 16 - _cost_of(param, seed)
 
 
 @pytest.fixture
 def fake_training(monkeypatch):
-  """TFF training replaced by made-up rounds whose cost is `_cost_of(param, seed)`."""
+  """TFF training replaced by made-up rounds of accuracy `_accuracy(param, seed)`."""
   from tf_dlg.federated import simulation
 
   runs = []
@@ -40,7 +49,7 @@ def fake_training(monkeypatch):
       w = csv.DictWriter(f, fieldnames=simulation.HISTORY_FIELDS)
       w.writeheader()
       for r in range(1, config.rounds + 1):
-        acc = 0.5 + r / 8 + config.seed / 16 - _cost_of(config.defense_param, config.seed)
+        acc = _accuracy(config.defense_param, config.seed)
         w.writerow(
           dict(
             round=r, train_loss=1, train_accuracy=0.5, seconds=0.1, test_loss=1, test_accuracy=acc
@@ -54,11 +63,10 @@ def fake_training(monkeypatch):
 
 TINY = dict(
   dataset="digits",
-  # Both attacked by masked_ig: one attack to trace keeps the test short.
   defenses=("masking", "pruning"),
   grids={"masking": (0.01, 0.9), "pruning": (0.3, 0.99)},
-  dp_multipliers=(),
-  num_images=2,
+  dp_multipliers=(2.0,),
+  num_images=3,
   iterations=40,
   seeds=SEEDS,
   rounds=ROUNDS,
@@ -66,59 +74,111 @@ TINY = dict(
   train_examples=40,
   test_examples=20,
 )
+# The fake attacker's top-1 hits: {(attack, defence, setting): images it recovers exactly};
+# every other image gets back another attacked image, identified as that one.
+HITS = {
+  ("masked_ig", "none", None): {0, 1},
+  ("masked_ig", "masking", 0.01): {0, 1},
+  ("masked_ig", "masking", 0.9): set(),
+  ("masked_ig", "pruning", 0.3): {1},
+  ("masked_ig", "pruning", 0.99): set(),
+  ("ig", "none", None): {0, 1, 2},
+  ("idlg", "none", None): set(),
+  ("ig", "dp", 2.0): {0},  # the two DP attackers find different images: 2 of 3 identified
+  ("idlg", "dp", 2.0): {2},
+}
 
 
-def _hits(search, point):
-  """Per image: whether any of the point's attackers identified it (from the run log)."""
-  recs = [
-    search.evaluate_images(point.dataset, a, point.defense, [(i, point.param) for i in range(2)])
-    for a in point.attackers.split("+")
-  ]
-  return [any(r[i]["top1"] for r in recs) for i in range(2)]
+def _known_hits_attacker(install_fake_attack, images):
+  def reconstruction(o, k, attack):
+    name, param = "none", None
+    if o.defense is not None:
+      name = o.defense["name"]
+      param = round(float(o.defense[defenses.DEFENSES[name].param_name]), 6)
+    if k in HITS[(attack, name, param)]:
+      return o.true_images
+    return images[(k + 1) % len(images)][None]
+
+  return install_fake_attack(reconstruction)
 
 
-def test_tiny_frontier_end_to_end(tmp_path, fake_training):
+def _clopper_pearson(k, n):
+  """The exact 95 % interval from the beta quantiles (Clopper & Pearson 1934)."""
+  low = 0.0 if k == 0 else stats.beta.ppf(0.025, k, n - k + 1)
+  high = 1.0 if k == n else stats.beta.ppf(0.975, k + 1, n - k)
+  return k / n, low, high
+
+
+def _t_interval(values):
+  """Mean and 95 % Student t interval of `values`, by hand."""
+  x = np.asarray(values, np.float64)
+  half = stats.t.ppf(0.975, len(x) - 1) * np.std(x, ddof=1) / math.sqrt(len(x))
+  return x.mean(), x.mean() - half, x.mean() + half
+
+
+def _dp_epsilon(z, clients, rounds, delta):
+  """dp-accounting fed directly: every client every round (the attacker's local view),
+  replace-one neighbours, sensitivity 2 x clip, so the Gaussian multiplier is z / 2."""
+  accountant = dp_accounting.rdp.RdpAccountant(
+    neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
+  )
+  event = dp_accounting.GaussianDpEvent(z / 2)
+  accountant.compose(
+    dp_accounting.SampledWithoutReplacementDpEvent(clients, clients, event), rounds
+  )
+  return accountant.get_epsilon(delta)
+
+
+def test_tiny_frontier_end_to_end(tmp_path, fake_training, install_fake_attack):
+  fr = frontier.Frontier(str(tmp_path), frontier.FrontierSettings(**TINY), progress=False)
+  images = fr.search.case("digits")[2]
+  assert all(not np.array_equal(images[i], images[(i + 1) % 3]) for i in range(3))
+  calls = _known_hits_attacker(install_fake_attack, images)
   points = frontier.run_frontier(str(tmp_path), progress=False, **TINY)
   assert [p.label for p in points] == [
     "masking@0.01",
     "masking@0.9",
     "pruning@0.3",
     "pruning@0.99",
+    "dp@2",
   ]
-  # Identification: any strongest attacker's top-1 hit counts; k/n with its exact interval.
-  fr = frontier.Frontier(str(tmp_path), frontier.FrontierSettings(**TINY), progress=False)
+  # Identification: any strongest attacker's top-1 hit counts; k/n with the exact interval.
+  want_hits = {"masking@0.01": 2, "masking@0.9": 0, "pruning@0.3": 1, "pruning@0.99": 0}
+  want_hits["dp@2"] = 2
   for p in points:
-    assert p.attackers == "+".join(defenses.spec(p.defense).strongest_attackers)
-    hits = _hits(fr.search, p)
-    iv = identification.identification_rate(np.array(hits))
-    assert p.identified == sum(hits) and p.num_images == 2
-    assert p.top1 == p.identified / p.num_images
-    assert (p.top1_low, p.top1_high) == pytest.approx((iv.low, iv.high))
-  assert fr.search.attack_calls == []  # every point came from the run log
-  # Costs: the made-up training's, paired by seed, beside the undefended baseline.
-  base = [0.5 + (ROUNDS - 1) / 8 + s / 16 for s in SEEDS]
+    k = want_hits[p.label]
+    assert (p.identified, p.num_images) == (k, 3), p.label
+    assert (p.top1, p.top1_low, p.top1_high) == pytest.approx(_clopper_pearson(k, 3))
+    # masked_ig finds 2 of 3 undefended; ig finds all 3 (idlg none).
+    assert p.undefended_identified == (3 if p.defense == "dp" else 2), p.label
+    assert p.attackers == ("ig+idlg" if p.defense == "dp" else "masked_ig")
+  # Costs: per seed the made-up cost, paired by seed, beside the undefended baseline.
+  base = [_accuracy(None, s) for s in SEEDS]
   for p in points:
-    # convergence.csv keeps each seed's final accuracy to 4 decimals.
-    defended = [round(b - _cost_of(p.param, s), 4) for b, s in zip(base, SEEDS)]
-    expected = intervals.paired_difference([round(b, 4) for b in base], defended)
-    assert (p.cost, p.cost_low, p.cost_high) == pytest.approx(
-      (expected.estimate, expected.low, expected.high)
+    costs = [_cost_of(p.param, s) for s in SEEDS]
+    assert (p.cost, p.cost_low, p.cost_high) == pytest.approx(_t_interval(costs), abs=1e-9)
+    assert (p.baseline_accuracy, p.baseline_low, p.baseline_high) == pytest.approx(
+      _t_interval(base), abs=1e-9
     )
-    assert p.baseline_accuracy == pytest.approx(sum(base) / 2)
-    assert p.final_accuracy == pytest.approx(p.baseline_accuracy - p.cost, abs=1e-4)
+    defended = [_accuracy(p.param, s) for s in SEEDS]
+    assert (p.final_accuracy, p.final_low, p.final_high) == pytest.approx(
+      _t_interval(defended), abs=1e-9
+    )
     assert p.seeds == "0 1" and p.rounds == ROUNDS
-    assert p.epsilon is None and p.delta is None
+  # Only the DP point carries an (epsilon, delta): 2 clients, both every round.
+  assert [p.epsilon is None and p.delta is None for p in points] == [True] * 4 + [False]
+  assert points[-1].epsilon == pytest.approx(_dp_epsilon(2.0, 2, ROUNDS, 1e-5), rel=1e-9)
+  assert points[-1].delta == 1e-5
   # Outputs: the CSV reads back to the same records; the table and the figure exist.
   assert frontier.read_frontier(str(tmp_path / "frontier.csv")) == points
   table = (tmp_path / "frontier.md").read_text()
-  assert f"| masking | rate 0.01 | masked_ig | {points[0].top1:.2f} " in table
-  assert f"({points[3].identified}/2)" in table
+  assert "| masking | rate 0.01 | masked_ig | 0.67 " in table and "(2/3)" in table
   assert (tmp_path / "figures" / "frontier.png").stat().st_size > 5000
   # A rerun trains and attacks nothing new.
-  trained = len(fake_training)
-  assert trained == 5 * len(SEEDS)  # none + 4 settings
+  trained, attacked = len(fake_training), len(calls)
+  assert trained == 6 * len(SEEDS)  # none + 5 settings
   assert frontier.run_frontier(str(tmp_path), progress=False, **TINY) == points
-  assert len(fake_training) == trained
+  assert (len(fake_training), len(calls)) == (trained, attacked)
 
 
 def test_figure_draws_one_line_per_defence(tmp_path):
@@ -278,7 +338,7 @@ def test_dp_point_carries_its_epsilon(tmp_path):
     "none": dict(row, final_test_accuracy=0.8),
   }
   p = fr._point("dp", 2.0, {("dp", 2.0): iv, ("dp", None): iv}, rows)
-  assert p.epsilon == pytest.approx(defenses.dp_fedavg_epsilon(2.0, 5, 5, 7, 1e-6))
+  assert p.epsilon == pytest.approx(_dp_epsilon(2.0, 5, 7, 1e-6), rel=1e-9)
   assert (p.delta, p.identified, p.num_images, p.attackers) == (1e-6, 1, 3, "ig+idlg")
   assert (p.cost, p.baseline_accuracy, p.unit) == (0.3, 0.8, "noise_multiplier")
 
@@ -298,5 +358,55 @@ def test_tiny_frontier_with_real_training(tmp_path):
   assert [p.label for p in points] == ["masking@0.01", "masking@0.9", "dp@1"]
   for p in points:
     assert 0 <= p.final_accuracy <= 1 and p.final_low <= p.final_accuracy <= p.final_high
-  assert points[-1].epsilon == pytest.approx(defenses.dp_fedavg_epsilon(1.0, 2, 2, 1, 1e-5))
+  assert points[-1].epsilon == pytest.approx(_dp_epsilon(1.0, 2, 1, 1e-5), rel=1e-9)
   assert frontier.read_frontier(str(tmp_path / "frontier.csv")) == points
+
+
+def test_equal_protection_skips_non_finite_costs():
+  """A protecting setting whose cost is NaN or infinite (a training that diverged) is no
+  evidence: it never competes, and alone it leaves "none protects"."""
+  masking = _point("masking", 0.99, 0.0, 0.05)
+  for bad in (math.nan, math.inf, -math.inf):
+    broken = dataclasses.replace(_point("pruning", 0.99, 0.0, 0.0), cost=bad)
+    assert frontier.equal_protection([masking, broken])[:2] == ("masking", "no DP point protects")
+    assert frontier.equal_protection([broken])[:2] == ("none protects", "nothing protects")
+    broken_dp = dataclasses.replace(_point("dp", 1.0, 0.0, 0.0, epsilon=25.0), cost=bad)
+    assert frontier.equal_protection([masking, broken_dp])[1] == "no DP point protects"
+  # The cheaper setting of one defence is kept when the other's cost is not finite.
+  cheap = _point("masking", 0.5, 0.0, 0.01)
+  nan_cheaper = dataclasses.replace(_point("masking", 0.9, 0.0, 0.0), cost=math.nan)
+  _, _, evidence = frontier.equal_protection([nan_cheaper, cheap, masking])
+  assert evidence == ["masking 0.5: identified 0/8 (<= 0.37), cost +1.0 [+0.0, +2.0] pp"]
+  # One seed: a finite cost with an infinite interval protects but wins no comparison.
+  one_seed = dataclasses.replace(cheap, cost_low=-math.inf, cost_high=math.inf)
+  dp = _point("dp", 1.0, 0.0, 0.40, epsilon=25.0)
+  assert frontier.equal_protection([one_seed, _point("pruning", 0.99, 0.0, 0.2), dp])[:2] == (
+    "inconclusive",
+    "pruning beats DP",
+  )
+
+
+def test_equal_protection_ties_are_inconclusive():
+  """Equal cost intervals, or intervals that only touch, put no defence below another."""
+  masking = _point("masking", 0.99, 0.0, 0.05)
+  twin = _point("pruning", 0.99, 0.0, 0.05)
+  dp_twin = _point("dp", 1.0, 0.0, 0.05, epsilon=25.0)
+  assert frontier.equal_protection([masking, twin, dp_twin])[:2] == (
+    "inconclusive",
+    "inconclusive",
+  )
+  # Touching: masking's interval ends exactly where the other's begins.
+  edge = masking.cost_high
+  touching = dataclasses.replace(_point("pruning", 0.99, 0.0, 0.07), cost_low=edge)
+  assert frontier.equal_protection([masking, touching])[0] == "inconclusive"
+  dp_touching = dataclasses.replace(_point("dp", 1.0, 0.0, 0.07, epsilon=25.0), cost_low=edge)
+  assert frontier.equal_protection([masking, dp_touching])[1] == "inconclusive"
+  # Just apart: then the order is clear both ways.
+  apart = _point("pruning", 0.99, 0.0, 0.0701)
+  assert frontier.equal_protection([masking, apart])[0] == "masking"
+  dp_apart = _point("dp", 1.0, 0.0, 0.0299, epsilon=25.0)
+  assert frontier.equal_protection([masking, dp_apart])[1] == "DP costs less"
+  # Two settings of one defence at the same cost: the defence is counted once.
+  same_cost = _point("masking", 0.5, 0.0, 0.05)
+  _, _, evidence = frontier.equal_protection([masking, same_cost])
+  assert len(evidence) == 1 and evidence[0].startswith("masking ")
