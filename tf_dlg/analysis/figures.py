@@ -7,6 +7,25 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+# Where a t interval over seeds would stand but one seed cannot give one (its bounds are
+# infinite): the point estimate is shown with this note instead.
+NO_INTERVAL = "n=1: no interval"
+
+
+def has_interval(low, high) -> bool:
+  """Whether [low, high] is an interval to print or draw (both bounds finite numbers)."""
+  try:
+    return bool(np.isfinite(float(low)) and np.isfinite(float(high)))
+  except (TypeError, ValueError):
+    return False
+
+
+def with_interval(estimate, low, high, fmt: str = "{:.3f}", unit: str = "") -> str:
+  """`0.912 [0.90, 0.93]`, or `0.912 (n=1: no interval)` where the interval is infinite."""
+  if not has_interval(low, high):
+    return f"{fmt.format(estimate)}{unit} ({NO_INTERVAL})"
+  return f"{fmt.format(estimate)}{unit} [{fmt.format(low)}, {fmt.format(high)}]"
+
 
 def _pyplot():
   import matplotlib
@@ -95,12 +114,19 @@ def accuracy_panel(
       line = ax.plot(
         pts[0], pts[1], marker=".", label=label, linewidth=2.2 if label == "none" else 1.4
       )[0]
-      if len(pts) == 4:  # (round, mean, low, high): a band, where it is finite
-        low, high = (
-          np.clip(np.nan_to_num(np.asarray(c, float), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
-          for c in pts[2:]
-        )
-        ax.fill_between(pts[0], low, high, color=line.get_color(), alpha=0.18, linewidth=0)
+      if len(pts) == 4:  # (round, mean, low, high): a band, only where it is finite
+        low, high = (np.asarray(c, float) for c in pts[2:])
+        finite = np.isfinite(low) & np.isfinite(high)
+        if finite.any():
+          ax.fill_between(
+            pts[0],
+            np.clip(np.where(finite, low, 0.0), 0.0, 1.0),
+            np.clip(np.where(finite, high, 0.0), 0.0, 1.0),
+            where=finite,
+            color=line.get_color(),
+            alpha=0.18,
+            linewidth=0,
+          )
     ax.set_title(f"{key[0]} aggregation, {key[1]} clients", fontsize=10)
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")

@@ -39,7 +39,9 @@ def _interval(row: Dict[str, Any], prefix: str = "cost"):
 
 
 def _pp(iv) -> str:
-  """`+0.3 pp [-1.2, +1.8] (n=3 seeds)`."""
+  """`+0.3 pp [-1.2, +1.8] (n=3 seeds)`; one seed: `+0.3 pp (n=1: no interval)`."""
+  if not figures.has_interval(iv.low, iv.high):
+    return figures.with_interval(100 * iv.estimate, iv.low, iv.high, "{:+.1f}", " pp")
   return f"{100 * iv.estimate:+.1f} pp [{100 * iv.low:+.1f}, {100 * iv.high:+.1f}] (n={iv.n} seeds)"
 
 
@@ -93,6 +95,10 @@ def cost_claim(
   verdict = combine(per, rule)
   if any(UNTESTED in str(r.get("param_source")) for r in rows) and verdict == "agrees":
     verdict = "inconclusive (threshold untested: the attack fails undefended)"
+  elif verdict == intervals.INCONCLUSIVE and not all(
+    figures.has_interval(r["cost_low"], r["cost_high"]) for r in rows
+  ):
+    verdict = f"inconclusive (point estimates only: {figures.NO_INTERVAL})"
   elif verdict == intervals.INCONCLUSIVE:
     verdict = f"inconclusive (an interval contains the {100 * margin:.0f} pp margin)"
   return [claim, ours, evidence, verdict]
@@ -109,7 +115,7 @@ def _rounds(row: Dict[str, Any]) -> str:
   if row.get("round_cost") in (None, ""):
     return ""
   cost = [float(row[k]) for k in ("round_cost", "round_cost_low", "round_cost_high")]
-  return f" ({cost[0]:+.1f} [{cost[1]:+.1f}, {cost[2]:+.1f}] {target})"
+  return f" ({figures.with_interval(*cost, '{:+.1f}')} {target})"
 
 
 def _base(defense: str) -> str:

@@ -47,6 +47,7 @@ import numpy as np
 
 from tf_dlg import io as io_lib
 from tf_dlg import validation
+from tf_dlg.analysis import figures
 
 FINAL_ROUNDS = 3  # "final accuracy" averages this many last rounds
 # Rounds to target (communication cost): the first round whose test accuracy reaches this
@@ -407,7 +408,9 @@ def format_rounds(r: Dict[str, Any]) -> str:
     return f"not reached in {missed}/{len(per_seed)} seeds"
   if r.get("rounds_low") is None:
     return ""
-  return f"{float(r['rounds_to_target']):.1f} [{float(r['rounds_low']):.1f}, {float(r['rounds_high']):.1f}]"
+  return figures.with_interval(
+    float(r["rounds_to_target"]), float(r["rounds_low"]), float(r["rounds_high"]), "{:.1f}"
+  )
 
 
 def _check_lists(aggregators, partitions) -> None:
@@ -431,15 +434,19 @@ def _table_row(r: Dict[str, Any]) -> List[Any]:
     r["label"],
     r["param"],
     r["param_source"],
-    f"{r['final_test_accuracy']:.3f} [{r['final_low']:.3f}, {r['final_high']:.3f}]",
+    figures.with_interval(r["final_test_accuracy"], r["final_low"], r["final_high"]),
     ""
     if r["label"] == "none"
-    else f"{100 * r['cost']:+.1f} [{100 * r['cost_low']:+.1f}, {100 * r['cost_high']:+.1f}]",
+    else figures.with_interval(
+      100 * r["cost"], 100 * r["cost_low"], 100 * r["cost_high"], "{:+.1f}"
+    ),
     f"{r['target_accuracy']:.3f}",
     format_rounds(r),
     ""
     if r["label"] == "none" or r.get("round_cost") is None
-    else f"{r['round_cost']:+.1f} [{r['round_cost_low']:+.1f}, {r['round_cost_high']:+.1f}]",
+    else figures.with_interval(
+      r["round_cost"], r["round_cost_low"], r["round_cost_high"], "{:+.1f}"
+    ),
     "" if r["clipped_fraction"] is None else f"{r['clipped_fraction']:.2f}",
   ]
 
@@ -668,7 +675,8 @@ class Convergence:
     figures.accuracy_panel(
       self._curves(rows),
       os.path.join(self.output_dir, "figures", "convergence.png"),
-      title=f"FedAvg test accuracy, mean and 95 % band over seeds {seeds} ({self.dataset})",
+      title=f"FedAvg test accuracy, mean and 95 % band over seeds {seeds} ({self.dataset})"
+      + (f"; {figures.NO_INTERVAL}" if len(self.seeds) == 1 else ""),
       footer=f"data: {self.dataset_source}",
       panel_order=[(a, p) for a in self.aggregators for p in self.partitions],
     )
@@ -683,7 +691,9 @@ class Convergence:
       f"round reaching {TARGET_FRACTION:g} x the undefended cell's final accuracy "
       "(mean [95 % t interval] over seeds); extra rounds: defended minus undefended, "
       "paired by seed. Clipped: fraction of client "
-      "updates that clipping changed.\n\n"
+      "updates that clipping changed."
+      + (f" One seed: point estimates ({figures.NO_INTERVAL})." if len(self.seeds) == 1 else "")
+      + "\n\n"
       + figures.markdown_table(
         [
           "aggregator",

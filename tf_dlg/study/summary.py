@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from tf_dlg.analysis import figures
 from tf_dlg.study import tables
 from tf_dlg.study.records import UNTESTED, attack_untested
 
@@ -210,11 +211,19 @@ def infer_dataset(threshold_rows, convergence_rows) -> str:
 def _pp(row: Dict[str, Any]) -> str:
   """`+0.1 pp [-0.3, +0.4]`: a row's accuracy cost with its interval, in points."""
   c, lo, hi = (100 * row[k] for k in ("cost", "cost_low", "cost_high"))
-  return f"{c:+.1f} pp [{lo:+.1f}, {hi:+.1f}]"
+  return figures.with_interval(c, lo, hi, "{:+.1f}", " pp")
 
 
 def _acc(row: Dict[str, Any]) -> str:
   return f"{100 * row['final_test_accuracy']:.1f} %"
+
+
+def _baseline(row: Dict[str, Any]) -> str:
+  """`97.6 % [97.1, 98.0]`: the baseline accuracy with its interval over seeds."""
+  lo, hi = (100 * row[k] for k in ("final_low", "final_high"))
+  if not figures.has_interval(lo, hi):
+    return f"{_acc(row)} ({figures.NO_INTERVAL})"
+  return f"{_acc(row)} [{lo:.1f}, {hi:.1f}]"
 
 
 def _seeds(row: Dict[str, Any]) -> str:
@@ -226,6 +235,8 @@ def cost_phrase(row: Dict[str, Any], baseline: Dict[str, Any], margin: float = M
   """`costs +1.1 pp [+0.4, +1.8] of 97.6 %`, or why the cost is inconclusive."""
   lo, hi = row["cost_low"], row["cost_high"]
   text = f"{_pp(row)} of {_acc(baseline)}"
+  if not figures.has_interval(lo, hi):  # one seed: a point estimate, judged by nothing
+    return f"cost inconclusive: point estimate {text}"
   if lo <= 0.0 <= hi:
     below = f"; below the {100 * margin:.0f} pp margin" if hi < margin else ""
     return f"cost inconclusive: interval wider than the effect ({text}{below})"
@@ -382,6 +393,23 @@ def frontier_line(defense: str, rows, baseline, margin=MARGIN) -> Line:
   return Line(defense, p, _pp(best), _short(p, clause), verdict, points)
 
 
+def _cost_axis(ax, lines: Sequence[Line], margin: float) -> None:
+  """The first screen's x axis: accuracy cost, to the costliest point's interval."""
+  # One seed gives no cost interval: its point estimate bounds the axis instead.
+  costs = [q["cost"] for x in lines for q in x.points]
+  right = max([100 * margin] + [c[2] if figures.has_interval(c[1], c[2]) else c[0] for c in costs])
+  bare = not all(figures.has_interval(c[1], c[2]) for c in costs)
+  ax.set_xlim(right=right * 1.15 + 0.1)
+  if right > 10:  # costs from tenths of a point to tens: keep the small ones apart
+    from matplotlib import ticker
+
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xticks([t for t in (0, 1, 2, 5, 10, 20, 50, 100) if t <= right * 1.15 + 0.1])
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+  bars = "95 % t interval over seeds" + (f"; {figures.NO_INTERVAL}" if bare else "")
+  ax.set_xlabel(f"accuracy cost at convergence, pp ({bars})", fontsize=8)
+
+
 def plot(lines: Sequence[Line], path: str, title: str, reference=None, margin=MARGIN) -> str:
   """The first screen's figure: top-1 identification against accuracy cost, with intervals.
 
@@ -405,7 +433,7 @@ def plot(lines: Sequence[Line], path: str, title: str, reference=None, margin=MA
       ax.errorbar(
         x,
         y,
-        xerr=[[x - xlo], [xhi - x]],
+        xerr=[[x - xlo], [xhi - x]] if figures.has_interval(xlo, xhi) else None,
         yerr=[[y - ylo], [yhi - y]],
         fmt="*" if q["epsilon"] is not None else "o",
         ms=8,
@@ -427,15 +455,7 @@ def plot(lines: Sequence[Line], path: str, title: str, reference=None, margin=MA
   ax.axvline(100 * margin, color="grey", ls="--", lw=0.8, label=f"{100 * margin:.0f} pp margin")
   ax.set_ylim(-0.08, 1.17)
   ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-  right = max([100 * margin] + [q["cost"][2] for x in lines for q in x.points])
-  ax.set_xlim(right=right * 1.15 + 0.1)
-  if right > 10:  # costs from tenths of a point to tens: keep the small ones apart
-    from matplotlib import ticker
-
-    ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_xticks([t for t in (0, 1, 2, 5, 10, 20, 50, 100) if t <= right * 1.15 + 0.1])
-    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-  ax.set_xlabel("accuracy cost at convergence, pp (95 % t interval over seeds)", fontsize=8)
+  _cost_axis(ax, lines, margin)
   ax.set_ylabel("identified, top-1 rate\n(95 % exact interval)", fontsize=8)
   ax.set_title(title, fontsize=8.5)
   ax.grid(alpha=0.3)
@@ -497,12 +517,10 @@ def provenance(threshold_rows, dataset, cell_rows, training_data, frontier=None)
 
 
 def _table(lines: Sequence[Line], baseline, frontier: bool) -> str:
-  from tf_dlg.analysis import figures
 
   base = "baseline not measured"
   if baseline is not None:
-    lo, hi = (100 * baseline[k] for k in ("final_low", "final_high"))
-    base = f"{_seeds(baseline)}; baseline {_acc(baseline)} [{lo:.1f}, {hi:.1f}]"
+    base = f"{_seeds(baseline)}; baseline {_baseline(baseline)}"
   header = [
     "defence",
     "attacker",
@@ -522,10 +540,9 @@ def _table(lines: Sequence[Line], baseline, frontier: bool) -> str:
 def _title(baseline, attackers: str) -> str:
   if baseline is None:
     return f"Identified by {attackers} vs accuracy cost (no convergence run: no costs)"
-  lo, hi = (100 * baseline[k] for k in ("final_low", "final_high"))
   return (
-    f"Identified by {attackers} vs accuracy cost; baseline accuracy {_acc(baseline)} "
-    f"[{lo:.1f}, {hi:.1f}] ({baseline['aggregator']}, {baseline['partition']}, "
+    f"Identified by {attackers} vs accuracy cost; baseline accuracy {_baseline(baseline)} "
+    f"({baseline['aggregator']}, {baseline['partition']}, "
     f"{_seeds(baseline)})"
   )
 
