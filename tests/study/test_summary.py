@@ -332,3 +332,73 @@ def test_rows_as_the_stages_return_them_give_the_same_screen(run):
     typed.append(r)
   conv = [dict(r, rounds=int(r["rounds"])) for r in convergence]
   assert _screen(tmp_path, typed, conv)[0] == _screen(tmp_path, thresholds, convergence)[0]
+
+
+def test_untested_and_not_searched_defences_get_their_own_verdicts(run):
+  """An attack that fails undefended (both criteria) makes the defence untested; a trained
+  defence with no threshold row on the dataset is not searched; neither claims a setting."""
+  tmp_path, thresholds, convergence = run
+  rows = []
+  for r in thresholds:
+    if (r["dataset"], r["defense"]) == ("mnist", "pruning"):
+      r = dict(r, attack_works_undefended="False", id_attack_works_undefended="False")
+    if (r["dataset"], r["defense"]) != ("mnist", "noising_ratio"):
+      rows.append(r)
+  assert any(r["defense"] == "noising_ratio" for r in convergence)
+  md, _ = _screen(tmp_path, rows, convergence, dataset="mnist")
+  _, table = _table(md)
+  assert table["pruning"][2] == records.UNTESTED == "untested (attack fails undefended)"
+  assert table["pruning"][5].startswith("untested (attack fails undefended)")
+  assert table["noising_ratio"][1:3] == ["-", "not searched"]
+  assert table["noising_ratio"][5].startswith("not searched")
+  verdicts = {x.split("**")[1]: x for x in _verdicts(md)}
+  assert verdicts["pruning"].startswith(
+    "- **pruning** untested: idlg recovers no image even undefended; "
+  )
+  assert verdicts["noising_ratio"].startswith("- **noising_ratio** not searched on this dataset; ")
+  # Neither names a protecting setting; the other datasets' searches are still quoted.
+  assert "protects against" not in verdicts["pruning"] + verdicts["noising_ratio"]
+  others = sorted({r["dataset"] for r in thresholds} - {"mnist"})
+  assert all(d in verdicts["noising_ratio"] for d in others)
+  # Untested on one criterion only: the other still decides.
+  half = [
+    dict(r, id_attack_works_undefended="False")
+    if (r["dataset"], r["defense"]) == ("mnist", "pruning")
+    else r
+    for r in thresholds
+  ]
+  assert summary.protection(summary.threshold_row(half, "mnist", "pruning")).state == "protects"
+
+
+def test_frontier_verdicts_quote_the_frontiers_own_baseline(run):
+  """Frontier costs are paired against the frontier's own undefended training; the
+  accuracy they are quoted "of" must be that baseline, not the pipeline's cell."""
+  tmp_path, thresholds, convergence = run
+  pipeline_base = next(
+    r
+    for r in convergence
+    if r["label"] == "none" and (r["aggregator"], r["partition"]) == ("mean", "iid")
+  )
+  row = dict(
+    defense="masking",
+    setting=0.9,
+    attack="masked_ig",
+    top1=0.0,
+    top1_low=0.0,
+    top1_high=0.37,
+    cost=0.05,
+    cost_low=0.04,
+    cost_high=0.06,
+    epsilon=None,
+    seeds="0 1 2",
+    num_images=8,
+    baseline_accuracy=0.625,
+    baseline_low=0.5,
+    baseline_high=0.75,
+  )
+  assert abs(float(pipeline_base["final_test_accuracy"]) - 0.625) > 0.1
+  md, _ = _screen(tmp_path, thresholds, convergence, [row])
+  verdict = _verdicts(md)[0]
+  assert "costs +5.0 pp [+4.0, +6.0] of 62.5 %" in verdict, verdict
+  header, _ = _table(md)
+  assert _numbers(header[4].split("baseline")[1]) == [62.5, 50.0, 75.0]

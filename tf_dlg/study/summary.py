@@ -572,6 +572,21 @@ def _markdown(lines: Sequence[Line], prov: str, baseline, link: str, frontier: b
   )
 
 
+def _frontier_baseline(frontier_rows, baseline):
+  """The frontier's own undefended training as a convergence row (its costs are paired
+  against it, not against the pipeline's cell); `baseline` where the rows carry none."""
+  row = next((r for r in frontier_rows if r.get("baseline_accuracy") is not None), None)
+  if row is None:
+    return baseline
+  return dict(
+    {"aggregator": "mean", "partition": "iid", **(baseline or {})},
+    final_test_accuracy=row["baseline_accuracy"],
+    final_low=row["baseline_low"],
+    final_high=row["baseline_high"],
+    seeds=row.get("seeds"),
+  )
+
+
 def first_screen(
   threshold_rows,
   convergence_rows,
@@ -603,6 +618,8 @@ def first_screen(
   cell = pick_cell(convergence_rows)
   cell_rows = [r for r in convergence_rows if (r["aggregator"], r["partition"]) == cell]
   baseline = next((r for r in cell_rows if r["label"] == "none"), None)
+  if frontier_rows:
+    baseline = _frontier_baseline(frontier_rows, baseline)
   if threshold_rows:
     known = sorted({r["dataset"] for r in threshold_rows})
     dataset = dataset or infer_dataset(threshold_rows, cell_rows)
