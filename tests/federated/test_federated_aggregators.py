@@ -80,6 +80,55 @@ def test_median_ignores_one_huge_outlier(median_process):
     assert np.all(out.result[key] >= lo - 1e-6) and np.all(out.result[key] <= hi + 1e-6)
 
 
+def test_median_of_nan_coordinates_is_numpys(median_process):
+  """NaN sent by some clients in some coordinates: those coordinates are NaN (as
+  np.median), the others the median of their values; +-inf are ordinary extremes."""
+  values = _client_values(5, seed=11)
+  values[1]["w"][0] = np.nan
+  values[3]["w"][0] = np.nan
+  values[4]["k"][1, 1] = np.nan
+  values[0]["k"][0, 0] = np.inf
+  values[2]["b"] = np.float32(-np.inf)
+  out = median_process.next(median_process.initialize(), values)
+  for key in _SPECS:
+    want = np.median(_stack(values, key), axis=0)
+    np.testing.assert_array_equal(np.isnan(out.result[key]), np.isnan(want))
+    np.testing.assert_allclose(out.result[key], want, rtol=1e-6, atol=1e-7)
+  assert np.isnan(out.result["w"][0]) and np.isfinite(out.result["w"][1:]).all()
+
+
+def test_empty_round_reports_zeros_and_no_clients(median_process, trimmed_process):
+  for process in (median_process, trimmed_process):
+    out = process.next(process.initialize(), [])
+    assert out.measurements["num_clients"] == 0
+    for key, spec in _SPECS.items():
+      np.testing.assert_array_equal(out.result[key], np.zeros(spec.shape, np.float32))
+
+
+@pytest.mark.parametrize("split", [0, 2, 3, 7])
+def test_merge_of_partial_stacks_gives_the_median_of_all(split):
+  """Clients spread over workers: each worker stacks its share, `merge` joins the stacks
+  (an empty share included), `report` reads the median of every client."""
+  zero, accumulate, merge, report = aggregators._build_stack_computations(
+    _TYPE, lambda stack: tf.nest.map_structure(aggregators.coordinate_median, stack)
+  )
+  values = _client_values(7, seed=split)
+  parts = []
+  for share in (values[:split], values[split:]):
+    stack = zero()
+    for v in share:
+      stack = accumulate(stack, v)
+    parts.append(stack)
+  merged = merge(parts[0], parts[1])
+  for key in _SPECS:
+    np.testing.assert_array_equal(merged[key], _stack(values, key))  # client order kept
+  out = report(merged)
+  for key in _SPECS:
+    np.testing.assert_allclose(
+      out[key], np.median(_stack(values, key), axis=0), rtol=1e-6, atol=1e-7
+    )
+
+
 @pytest.mark.parametrize("n", [3, 5, 10, 11])
 def test_trimmed_mean_equals_scipy(trimmed_process, n):
   values = _client_values(n, seed=100 + n)

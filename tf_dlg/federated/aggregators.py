@@ -20,7 +20,7 @@ models a streaming (e.g. quantile-sketch) estimator would be the better choice.
 
 Semantics (unit-tested against NumPy / SciPy):
 * median: `numpy.median(values, axis=0)` -- the mean of the two middle values for an
-  even client count.
+  even client count; a coordinate where some client sent NaN is NaN (as NumPy's).
 * trimmed mean: `scipy.stats.trim_mean(values, f, axis=0)` -- drop `floor(f * n)`
   values from each end of every coordinate, average the rest.
 * An empty round (no clients) reports zeros.
@@ -114,7 +114,10 @@ def coordinate_median(stacked: tf.Tensor) -> tf.Tensor:
   def median(x):
     n = tf.shape(x)[0]
     s = tf.sort(x, axis=0)
-    return 0.5 * (tf.gather(s, (n - 1) // 2) + tf.gather(s, n // 2))
+    middle = 0.5 * (tf.gather(s, (n - 1) // 2) + tf.gather(s, n // 2))
+    # tf.sort places NaN anywhere; as numpy.median, a coordinate with a NaN is NaN.
+    has_nan = tf.reduce_any(tf.math.is_nan(x), axis=0)
+    return tf.where(has_nan, tf.constant(np.nan, x.dtype), middle)
 
   return _empty_guard(stacked, median)
 
