@@ -149,3 +149,37 @@ def test_training_applies_the_searched_transform_per_client(digits, plain_build,
     assert sim._find(out.metrics, "defense_clipped_fraction") is None
   zero = sim._find(out.metrics, "defense_zero_fraction")
   assert zero == pytest.approx(np.mean(zero_fractions), abs=1e-6)
+
+
+# --------------------------------------------------------------------------- median
+
+
+def test_median_round_moves_the_server_by_numpys_median_of_client_deltas(digits):
+  """One median round: every server weight -- trainable (server SGD, lr 1) and BatchNorm
+  statistic -- becomes before - np.median(client deltas), uniformly weighted although the
+  clients hold very different numbers of examples."""
+  config = FederatedConfig(
+    num_clients=5, rounds=1, aggregator="median", partition="dirichlet", alpha=0.3, seed=0
+  )
+  assert (config.server_optimizer, config.server_lr) == ("sgd", 1.0)
+  parts = data_lib.partition(digits.y_train, 5, "dirichlet", alpha=0.3, seed=0)
+  sizes = sorted(len(p) for p in parts)
+  assert sizes[-1] > 2 * sizes[0], sizes  # weighting by examples would differ
+  fa = sim.build_for_config(config, digits)
+  ids = sim.sample_clients(config, 1)
+  state0 = fa.initialize()
+  out = fa.capture_process.next(state0, sim.client_data(config, digits, parts, ids, 1, set()))
+  deltas = [np.asarray(d) for d in sim._find(out.metrics, "client_values")]
+  assert all(d.shape[0] == 5 for d in deltas)
+  w0 = fa.process.get_model_weights(state0)
+  w1 = fa.process.get_model_weights(out.state)
+  before = list(w0.trainable) + list(w0.non_trainable)
+  after = list(w1.trainable) + list(w1.non_trainable)
+  assert len(after) == len(deltas)
+  for j, (b, a, d) in enumerate(zip(before, after, deltas)):
+    want = np.asarray(b) - np.median(d, axis=0)
+    np.testing.assert_allclose(a, want, rtol=1e-5, atol=1e-6, err_msg=f"weight {j}")
+  # The BN statistics moved off their initial 0 / 1.
+  assert any(
+    not np.allclose(a, b) for a, b in zip(after[fa.num_trainable :], before[fa.num_trainable :])
+  )
