@@ -107,7 +107,8 @@ def tiny_bn_model():
 
 @pytest.fixture
 def install_fake_attack(monkeypatch):
-  """A function `install(images_of)` that replaces `runner.run_attacks` by a fake.
+  """A function `install(images_of)` that replaces `runner.run_attacks` (and the gallery
+  matcher, `_fake_matcher`) by a fake.
 
   `images_of(observed, k, attack)` gives the reconstruction of one `ObservedUpdate`, image
   k of the sample (its seed modulo 100_003: the threshold searches seed image k so); the
@@ -116,7 +117,7 @@ def install_fake_attack(monkeypatch):
   """
   import numpy as np
 
-  from tf_dlg.attacks import runner
+  from tf_dlg.attacks import gallery, runner
 
   def install(images_of):
     calls = []
@@ -146,6 +147,37 @@ def install_fake_attack(monkeypatch):
       return out
 
     monkeypatch.setattr(runner, "run_attacks", run_attacks)
+    monkeypatch.setattr(gallery, "match_gallery", _fake_matcher(images_of))
     return calls
 
   return install
+
+
+def _fake_matcher(images_of):
+  """The gallery matcher's fake: names the original (rank 1) where `images_of` gives the
+  true image for attack `gallery_match`, else the next gallery image (rank N)."""
+  import numpy as np
+
+  from tf_dlg.attacks import gallery
+
+  def match_gallery(model, observed, images, labels, members, **kwargs):
+    out = []
+    for o, m in zip(observed, members):
+      img = np.asarray(images_of(o, int(o.metadata["image"]), "gallery_match"))
+      hit = np.array_equal(img, o.true_images)
+      index = int(m[0])
+      pick = index if hit else (index + 1) % len(images)
+      out.append(
+        gallery.MatchResult(
+          members=np.asarray(m),
+          ranks=np.array([1 if hit else len(images)]),
+          member_scores=np.array([1.0 if hit else 0.0]),
+          pick=pick,
+          pick_score=1.0,
+          pick_label=int(labels[pick]),
+          non_members=len(images) - 1,
+        )
+      )
+    return out
+
+  return match_gallery

@@ -34,6 +34,8 @@ TRUE = {
   "masked_ig": [0.8, 0.95, None],
   "ig": [0.4, 0.6, None],
   "dlg": [None] * 3,
+  # The fake gallery matcher never names an original: thresholds stay the reconstructions'.
+  "gallery_match": [None] * 3,
 }
 
 
@@ -90,8 +92,8 @@ def test_adaptive_search_runs_the_named_attacker(tmp_path, fake_attack):
   )
   rows = search.run()
   assert {(r["defense"], r["attack"], r["kind"]) for r in rows} == {
-    ("masking", "masked_ig", "adaptive"),
-    ("noising_ratio", "ig+idlg", "adaptive"),
+    ("masking", "masked_ig+gallery_match", "adaptive"),
+    ("noising_ratio", "ig+idlg+gallery_match", "adaptive"),
   }
   ran = {(d, a) for _, a, d, _ in search.attack_calls}
   assert ran == {
@@ -101,10 +103,15 @@ def test_adaptive_search_runs_the_named_attacker(tmp_path, fake_attack):
     ("none", "idlg"),
     ("noising_ratio", "ig"),
     ("noising_ratio", "idlg"),
+    ("none", "gallery_match"),
+    ("masking", "gallery_match"),
+    ("noising_ratio", "gallery_match"),
   }
-  # The points say which attacker ran.
+  # The points say which attacker ran; a gallery match's point is a pick, not a
+  # reconstruction.
   recs = [r for r in search.log if r["defense"] == "masking"]
-  assert recs and {r["attack"] for r in recs} == {"masked_ig"}
+  assert recs and {r["attack"] for r in recs} == {"masked_ig", "gallery_match"}
+  assert {r["status"] for r in recs if r["attack"] == "gallery_match"} == {"matched"}
   masking = next(r for r in rows if r["defense"] == "masking")
   space = threshold_lib.SearchSpace(*defenses.PARAMETER_SEARCH["masking"])
   first = json.loads(masking["per_image"])[0]
@@ -202,9 +209,12 @@ def test_equivalents_and_unknown_settings(tmp_path, fake_attack):
 
 def test_strongest_attacker_table_covers_every_searchable_defence():
   assert set(threshold_search.STRONGEST_ATTACKER) == set(defenses.PARAMETER_SEARCH)
-  assert threshold_search.STRONGEST_ATTACKER["masking"] == ("masked_ig",)
-  assert threshold_search.STRONGEST_ATTACKER["clipping_ratio"] == ("ig",)
-  assert threshold_search.STRONGEST_ATTACKER["noising"] == ("ig", "idlg")
+  assert threshold_search.STRONGEST_ATTACKER["masking"] == ("masked_ig", "gallery_match")
+  assert threshold_search.STRONGEST_ATTACKER["clipping_ratio"] == ("ig", "gallery_match")
+  assert threshold_search.STRONGEST_ATTACKER["noising"] == ("ig", "idlg", "gallery_match")
+  # The attacker the identification criterion assumes holds the gallery: every defence
+  # that can be searched is judged against it too.
+  assert all("gallery_match" in a for a in threshold_search.STRONGEST_ATTACKER.values())
 
 
 def test_tiny_real_search_on_mnist(tmp_path):

@@ -158,7 +158,7 @@ def test_strongest_attacker_table_comes_first(tmp_path, fake_attack):
   assert heading == "## Against each defence's strongest attacker"
   cells = [c.strip() for c in lines[first + 2].strip("|").split("|")]
   adaptive = next(r for r in rows if r["kind"] == "adaptive")
-  assert cells[:3] == ["digits", "masked_ig (strongest)", "masking"]
+  assert cells[:3] == ["digits", "masked_ig+gallery_match (strongest)", "masking"]
   assert cells[3].startswith(f"{adaptive['threshold']:.3g} [")
   assert md.index(heading) < md.index("## The paper's reproduction: plain `idlg`")
 
@@ -176,4 +176,4 @@ def test_report_opens_with_the_strongest_attacker_table(tmp_path, fake_attack):
   first = next(i for i, line in enumerate(lines) if line.startswith("| "))
   heading = next(line for line in reversed(lines[:first]) if line.startswith("#"))
   assert heading.lstrip("#").strip() == "Against each defence's strongest attacker"
-  assert "masked_ig (strongest)" in lines[first + 2]
+  assert "masked_ig+gallery_match (strongest)" in lines[first + 2]

@@ -11,7 +11,10 @@ Pieces (breaching style):
                   `run_lanes`: several such loops on threads, one queue);
   `runner`        `AttackConfig` and `run_attacks`, which put them together
                   (restarts, `CompileCache`);
-  `summaries`     `TensorBoardHook`: reconstruction progress for TensorBoard.
+  `summaries`     `TensorBoardHook`: reconstruction progress for TensorBoard;
+  `gallery`       `match_gallery`: no reconstruction; ranks a gallery of candidates by
+                  how alike their own updates are to the observed one (the attacker the
+                  identification criterion assumes).
 Scoring lives in `tf_dlg.metrics` (`score`, `score_results`).
 
 Usage:
@@ -26,6 +29,7 @@ Usage:
   rows = metrics.score_results(results)       # dicts: ssim, adjusted_ssim, psnr, ...
 """
 
+from tf_dlg.attacks.gallery import match_gallery
 from tf_dlg.attacks.runner import (
   ATTACKS,
   AttackConfig,
@@ -43,6 +47,7 @@ __all__ = [
   "CompileCache",
   "ObservedUpdate",
   "make_objective",
+  "match_gallery",
   "observe_fedavg_delta",
   "observe_gradient",
   "run_attacks",

@@ -152,7 +152,7 @@ SPEC = base.DefenseSpec(
   cls=Clipping,
   # The weak end must exceed single-image gradient norms (tens), where clipping is a no-op.
   search=base.SearchRange(1e-3, 1e4, "log", "lower"),
-  strongest_attackers=("ig",),
+  strongest_attackers=("ig", "gallery_match"),
   family="clipping",
   paper_cost="almost_none",
   relative=base.UnitLink("clipping_ratio", "norm"),
@@ -162,7 +162,7 @@ RATIO_SPEC = base.DefenseSpec(
   cls=RelativeClipping,
   # Fractions of the update's own norm: 1 is a no-op, 1e-4 shrinks it 10^4-fold.
   search=base.SearchRange(1e-4, 1.0, "log", "lower"),
-  strongest_attackers=("ig",),
+  strongest_attackers=("ig", "gallery_match"),
   family="clipping",
   paper_cost="almost_none",
   absolute=base.UnitLink("clipping", "norm"),
@@ -182,6 +182,6 @@ VALUE_SPEC = base.DefenseSpec(
   name="value_clipping",
   cls=ValueClipping,
   search=base.SearchRange(1e-6, 1.0, "log", "lower"),
-  strongest_attackers=("ig", "idlg"),
+  strongest_attackers=("ig", "idlg", "gallery_match"),
   family="value_clipping",
 )

@@ -61,7 +61,7 @@ SPEC = base.DefenseSpec(
   cls=DPGaussian,
   search=base.SearchRange(1e-4, 10.0, "log", "higher"),
   # Noise has no adaptive answer: the better of cosine and Euclidean matching.
-  strongest_attackers=("ig", "idlg"),
+  strongest_attackers=("ig", "idlg", "gallery_match"),
   family="dp",
   # Noise multipliers (clip 1.0): over 15 full-participation rounds, epsilon ~3.3e5, ~3.4e3, ~65
   # (replace-one neighbours: see dp_fedavg_epsilon).

@@ -56,7 +56,7 @@ SPEC = base.DefenseSpec(
   # Log scale: a few percent already stop the Euclidean iDLG attack.
   search=base.SearchRange(1e-4, 0.99, "log", "higher"),
   # Masked cosine matching ignores the zeroed coordinates.
-  strongest_attackers=("masked_ig",),
+  strongest_attackers=("masked_ig", "gallery_match"),
   family="masking",
   paper_cost="almost_none",
   # From a rate that stops iDLG only to the one masked cosine matching needs.

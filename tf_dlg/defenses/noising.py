@@ -87,7 +87,7 @@ class RelativeNoising(Noising):
 
 
 # Noise has no adaptive answer: the better of cosine and Euclidean matching.
-_NOISE_ATTACKERS = ("ig", "idlg")
+_NOISE_ATTACKERS = ("ig", "idlg", "gallery_match")
 SPEC = base.DefenseSpec(
   name="noising",
   cls=Noising,

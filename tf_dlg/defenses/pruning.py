@@ -65,7 +65,7 @@ SPEC = base.DefenseSpec(
   cls=Pruning,
   search=base.SearchRange(0.01, 0.99, "linear", "higher"),
   # Masked cosine matching ignores the zeroed coordinates.
-  strongest_attackers=("masked_ig",),
+  strongest_attackers=("masked_ig", "gallery_match"),
   family="pruning",
   paper_cost="degrades",
   # Masked cosine matching is stopped only in the last few percent of kept entries.

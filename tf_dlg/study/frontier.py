@@ -81,6 +81,17 @@ class FrontierPoint:
   baseline_high: float
   epsilon: Optional[float] = None
   delta: Optional[float] = None
+  # Who identifies (fractions of num_images; None where no attacker of that kind ran),
+  # the originals' median best rank and the membership measures (`matching.MEASURES`).
+  top1_reconstruction: Optional[float] = None
+  top1_gallery: Optional[float] = None
+  median_rank: Optional[float] = None
+  auc: Optional[float] = None
+  auc_low: Optional[float] = None
+  auc_high: Optional[float] = None
+  tpr1fpr: Optional[float] = None
+  tpr1fpr_low: Optional[float] = None
+  tpr1fpr_high: Optional[float] = None
 
 
 FRONTIER_FIELDS = tuple(f.name for f in dataclasses.fields(FrontierPoint))
@@ -246,8 +257,9 @@ class Frontier:
       data_dir=st.data_dir,
     )
 
-  def identification(self) -> Dict[Tuple[str, Optional[float]], Any]:
-    """{(defence, setting): top-1 Interval} against its strongest attackers (and undefended)."""
+  def identification(self) -> Dict[Tuple[str, Optional[float]], Dict[str, Any]]:
+    """{(defence, setting): `matching.MEASURES`} against its strongest attackers (and
+    undefended)."""
     from tqdm import tqdm
 
     st, out = self.settings, {}
@@ -256,9 +268,10 @@ class Frontier:
     for defense, param in bar:
       bar.set_postfix_str(f"{defense} {param:g}")
       attackers = defense_registry.spec(defense).strongest_attackers
-      out[(defense, param)] = self.search.top1_rate(st.dataset, attackers, defense, param)
-      out[(defense, None)] = self.search.top1_rate(st.dataset, attackers, "none", None)
+      out[(defense, param)] = self.search.measures(st.dataset, attackers, defense, param)
+      out[(defense, None)] = self.search.measures(st.dataset, attackers, "none", None)
     bar.close()
+    self.search.release()
     return out
 
   def run(self) -> List[FrontierPoint]:
@@ -271,7 +284,7 @@ class Frontier:
     return points
 
   def _point(self, defense, param, rates, rows) -> FrontierPoint:
-    st, iv, r = self.settings, rates[(defense, param)], rows[label(defense, param)]
+    st, m, r = self.settings, rates[(defense, param)], rows[label(defense, param)]
     base, dp_point = rows["none"], defense == DP
     epsilon = None
     if dp_point:
@@ -285,12 +298,12 @@ class Frontier:
       unit=defense_registry.DEFENSES[defense].param_name,
       attackers="+".join(defense_registry.spec(defense).strongest_attackers),
       dataset=st.dataset,
-      num_images=iv.n,
-      identified=_count(iv),
-      top1=iv.estimate,
-      top1_low=iv.low,
-      top1_high=iv.high,
-      undefended_identified=_count(rates[(defense, None)]),
+      num_images=st.num_images,
+      identified=_count(m["top1"], st.num_images),
+      top1=m["top1"],
+      top1_low=m["top1_low"],
+      top1_high=m["top1_high"],
+      undefended_identified=_count(rates[(defense, None)]["top1"], st.num_images),
       seeds=r["seeds"],
       rounds=int(r["rounds"]),
       final_accuracy=r["final_test_accuracy"],
@@ -304,6 +317,7 @@ class Frontier:
       baseline_high=base["final_high"],
       epsilon=epsilon,
       delta=st.delta if dp_point else None,
+      **{k: m[k] for k in _MEASURED},
     )
 
   def write(self, points: Sequence[FrontierPoint]) -> None:
@@ -331,8 +345,21 @@ def _subsets(st: FrontierSettings) -> Optional[Tuple[int, int]]:
   return (st.train_examples or _WHOLE, st.test_examples or _WHOLE)
 
 
-def _count(iv) -> int:
-  return int(round(iv.estimate * iv.n))
+def _count(rate: float, n: int) -> int:
+  return int(round(rate * n))
+
+
+_MEASURED = (
+  "top1_reconstruction",
+  "top1_gallery",
+  "median_rank",
+  "auc",
+  "auc_low",
+  "auc_high",
+  "tpr1fpr",
+  "tpr1fpr_low",
+  "tpr1fpr_high",
+)
 
 
 def run_frontier(

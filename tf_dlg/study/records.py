@@ -155,6 +155,23 @@ class ThresholdRow:
   top1_at_id_threshold_low: Optional[float] = None
   top1_at_id_threshold_high: Optional[float] = None
   gallery_size: Optional[int] = None
+  # At the protective setting (the stronger of the two thresholds; the strongest searched
+  # where either is not reached): who identifies, and how far the originals stand out
+  # (`tf_dlg.study.matching.MEASURES`; rank and membership measures over the best
+  # attacker per image).
+  protective_setting: Optional[float] = None
+  top1_at_protective: Optional[float] = None
+  top1_at_protective_low: Optional[float] = None
+  top1_at_protective_high: Optional[float] = None
+  top1_reconstruction_at_protective: Optional[float] = None
+  top1_gallery_at_protective: Optional[float] = None
+  median_rank_at_protective: Optional[float] = None
+  auc_at_protective: Optional[float] = None
+  auc_at_protective_low: Optional[float] = None
+  auc_at_protective_high: Optional[float] = None
+  tpr1fpr_at_protective: Optional[float] = None
+  tpr1fpr_at_protective_low: Optional[float] = None
+  tpr1fpr_at_protective_high: Optional[float] = None
 
   def to_dict(self) -> Dict[str, Any]:
     return {k: getattr(self, k) for k in THRESHOLD_FIELDS}
@@ -182,6 +199,21 @@ ID_FIELDS = (
   "top1_at_id_threshold_low",
   "top1_at_id_threshold_high",
   "gallery_size",
+)
+PROTECTIVE_FIELDS = (
+  "protective_setting",
+  "top1_at_protective",
+  "top1_at_protective_low",
+  "top1_at_protective_high",
+  "top1_reconstruction_at_protective",
+  "top1_gallery_at_protective",
+  "median_rank_at_protective",
+  "auc_at_protective",
+  "auc_at_protective_low",
+  "auc_at_protective_high",
+  "tpr1fpr_at_protective",
+  "tpr1fpr_at_protective_low",
+  "tpr1fpr_at_protective_high",
 )
 THRESHOLD_FIELDS = (
   "dataset",
@@ -216,6 +248,7 @@ THRESHOLD_FIELDS = (
   "points_evaluated",
   "seconds",
   *ID_FIELDS,
+  *PROTECTIVE_FIELDS,
 )
 assert set(THRESHOLD_FIELDS) == {f.name for f in dataclasses.fields(ThresholdRow)}
 # What every thresholds.csv has, old (per-dataset search) or new; the rest is optional.
@@ -264,6 +297,7 @@ NUMERIC_FIELDS = (
   "top1_at_id_threshold_low",
   "top1_at_id_threshold_high",
   "gallery_size",
+  *PROTECTIVE_FIELDS,
   # older files
   "fraction_defended",
   "ssim_at_threshold",

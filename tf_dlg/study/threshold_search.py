@@ -20,7 +20,7 @@ import numpy as np
 from tf_dlg import defenses as defense_registry
 from tf_dlg import io as io_lib
 from tf_dlg import validation
-from tf_dlg.study import records, tables
+from tf_dlg.study import matching, records, tables
 from tf_dlg.study import results as results_lib
 from tf_dlg.study.records import RECON_FORMAT, UNTESTED, UPDATE_KINDS, point_key
 
@@ -61,7 +61,7 @@ def _check_cover(datasets, attacks, defenses, adaptive) -> None:
 
   for name, values, allowed in (
     ("datasets", datasets, data.DATASETS),
-    ("attacks", attacks, runner.ATTACKS),
+    ("attacks", attacks, (*runner.ATTACKS, matching.NAME)),
     ("defenses", defenses, defenses_lib.PARAMETER_SEARCH),
   ):
     if not values and not (name == "attacks" and adaptive):
@@ -212,7 +212,10 @@ class ThresholdSearch:
     )
     self._cases: Dict[str, Any] = {}
     self._stats: Dict[str, Dict[str, np.ndarray]] = {}
-    self._galleries: Dict[str, Any] = {}
+    self._galleries: Dict[Any, Any] = {}
+    # The gallery matcher's candidate updates, kept between its calls (large: gallery x
+    # parameters x 4 bytes; removed when the search finishes).
+    self._cache_dir = os.path.join(output_dir, "gallery_cache")
     self.attack_calls: List[Tuple[str, str, str, int]] = []  # (dataset, attack, defence, n)
 
   def resolution(self, scale: str) -> float:
@@ -242,6 +245,13 @@ class ThresholdSearch:
 
       self._galleries[dataset] = identification.Gallery.from_dataset(self.case(dataset)[0])
     return self._galleries[dataset]
+
+  def gallery_arrays(self, dataset: str):
+    """(images, labels) of the gallery, for the gallery matcher (same order as `gallery`)."""
+    key = ("arrays", dataset)
+    if key not in self._galleries:
+      self._galleries[key] = matching.gallery_arrays(self.case(dataset)[0])
+    return self._galleries[key]
 
   def gallery_image(self, dataset: str, index: int) -> np.ndarray:
     """The image at gallery `index` (the attacker's pick), as the dataset stores it."""
@@ -296,21 +306,27 @@ class ThresholdSearch:
     for _, i, p in todo:
       defence = None if defense == "none" else defenses_lib.get_defense(defense, p)
       configs.append(None if defence is None else defence.get_config())
-      meta = {"dataset": dataset, "index": int(idx[i])}
+      meta = {"dataset": dataset, "index": int(idx[i]), "image": int(i)}
       observed.append(
         self._observe(model, images[i : i + 1], labels[i : i + 1], defence, update, i, meta)
       )
-    # One seed per image, the same at every setting: common random starts make the
-    # outcome vary with the setting, not with the start.
-    config = runner.AttackConfig(
-      attack=attack,
-      iterations=self.iterations[dataset],
-      seed=tuple(self.seed * 100_003 + i for _, i, _ in todo),
-      restarts=self.restarts,
-    )
-    attacked = runner.run_attacks(model, observed, config)
+    indices = [idx[i] for _, i, _ in todo]
+    if attack == matching.NAME:
+      per_image, leaked, adjusted = matching.score_matches(
+        model, observed, self.gallery_arrays(dataset), indices, self.leak_ssim, self._cache_dir
+      )
+    else:
+      # One seed per image, the same at every setting: common random starts make the
+      # outcome vary with the setting, not with the start.
+      config = runner.AttackConfig(
+        attack=attack,
+        iterations=self.iterations[dataset],
+        seed=tuple(self.seed * 100_003 + i for _, i, _ in todo),
+        restarts=self.restarts,
+      )
+      attacked = runner.run_attacks(model, observed, config)
+      per_image, leaked, adjusted = self._score(dataset, attacked, indices)
     self.attack_calls.append((dataset, attack, defense, len(todo)))
-    per_image, leaked, adjusted = self._score(dataset, attacked, [idx[i] for _, i, _ in todo])
     seconds = (time.perf_counter() - start) / len(todo)
     self._store(
       ds.source,
@@ -498,6 +514,10 @@ class ThresholdSearch:
       setattr(row, name, iv.estimate)
       setattr(row, f"{name}_low", iv.low)
       setattr(row, f"{name}_high", iv.high)
+    setting = _protective(row, space)
+    row.protective_setting = setting
+    for name, value in self.measures(dataset, attackers, defense, setting).items():
+      setattr(row, f"{name}_at_protective", value)
     row.seconds = time.perf_counter() - start
     return SearchedCell(row, found["defended"][0], found["id_defended"][0])
 
@@ -523,6 +543,13 @@ class ThresholdSearch:
     recs = [self.evaluate_images(dataset, a, defense, requests) for a in attackers]
     hits = [any(bool(r[i]["top1"]) for r in recs) for i in range(self.num_images)]
     return identification.identification_rate(np.array(hits, dtype=bool))
+
+  def measures(self, dataset: str, attackers: Sequence[str], defense: str, param):
+    """`matching.MEASURES` at `defense(param)`: top-1 by any attacker and by each kind,
+    the originals' median best rank and the membership measures."""
+    requests = [(i, param) for i in range(self.num_images)]
+    recs = {a: self.evaluate_images(dataset, a, defense, requests) for a in attackers}
+    return matching.leak_measures(recs)
 
   def _row(self, dataset, kind, attackers, defense, space, found) -> records.ThresholdRow:
     from tf_dlg import defenses as defenses_lib
@@ -588,7 +615,14 @@ class ThresholdSearch:
     self.write_tables(rows)
     self.write_strip_plots(rows)
     self.write_grids(cells)
+    self.release()
     return rows
+
+  def release(self) -> None:
+    """Removes the gallery matcher's candidate cache (a rerun rebuilds it once)."""
+    import shutil
+
+    shutil.rmtree(self._cache_dir, ignore_errors=True)
 
   # ------------------------------------------------------------------ beyond the paper
   def rescore(
@@ -711,7 +745,9 @@ class ThresholdSearch:
 
   def _grid_entry(self, dataset, attackers, defense, param, image, label):
     """The best attacker's reconstruction of `image` at one setting."""
-    recs = [self.log.get(point_key(dataset, a, defense, param, image=image)) for a in attackers]
+    # The grid shows reconstructions; a gallery pick only where no reconstruction ran.
+    drawn = [a for a in attackers if a != matching.NAME] or list(attackers)
+    recs = [self.log.get(point_key(dataset, a, defense, param, image=image)) for a in drawn]
     rec = max((x for x in recs if x is not None), key=lambda x: _finite(x["adjusted_ssim"]))
     _, z = io_lib.load_npz(os.path.join(self.output_dir, rec["recon"]), RECON_FORMAT)
     j = rec["recon_row"]
@@ -753,6 +789,15 @@ def _rated(threshold: Optional[float], space) -> float:
   """Where a threshold's identification rate is measured: at it, or (not reached) at
   the strongest setting searched."""
   return space.strongest() if threshold is None else threshold
+
+
+def _protective(row: records.ThresholdRow, space) -> float:
+  """The setting that protects under both criteria: the stronger of the two thresholds,
+  or the strongest searched where either criterion is not reached."""
+  if "not_reached" in (row.status, row.id_status):
+    return space.strongest()
+  values = [v for v in (row.threshold, row.id_threshold) if v is not None]
+  return max(values) if space.stronger == "higher" else min(values)
 
 
 def _finite(x: float) -> float:
