@@ -77,6 +77,15 @@ def _check_pair(original, leaked):
       f"original image has {bad} non-finite pixels; the ground truth must be "
       "finite to score a reconstruction against it."
     )
+  # Scored with data range 1: an original in [0, 255] would make a perfect copy "not
+  # leaked" (the unsafe side), so it is refused, never rescaled by guess.
+  if original.size and (original.min() < 0.0 or original.max() > 1.0):
+    raise ValueError(
+      f"original image has values in [{original.min():g}, {original.max():g}]; the metrics "
+      "take images in [0, 1] (divide 8-bit images by 255)."
+    )
+  if min(original.shape[:2]) < 7:
+    raise ValueError(f"images of shape {original.shape} are smaller than the 7x7 SSIM window.")
   return original, leaked
 
 

@@ -3,7 +3,7 @@
 With plain SGD at learning rate 1 the weight change of one step *is* the applied
 (defended) gradient, so the tests read the defence off the weights: masking zeroes the
 requested fraction, clipping bounds the norm, BatchNorm gamma/beta pass through, and the
-step is exactly the pure defence of the gradient with `step_seed(step)`.
+step is exactly the pure defence of the gradient with `batch_seed(step, x)`.
 """
 
 import math
@@ -56,11 +56,12 @@ def test_one_step_applies_exactly_the_defended_gradient(digit_arrays):
   )
   raw = [g.numpy() for g in _raw_gradient(model, x, y)]
   before = _weights(model)
+  seed = model.batch_seed(0, x)  # of the weights before the step
   model.train_on_batch(x, y)
   applied = [b - a for b, a in zip(before, _weights(model))]  # SGD, lr 1: = gradient
 
   expected = defenses.get_defense("masking", rate, exclude=exclude)(
-    [tf.constant(g) for g in raw], model.step_seed(0)
+    [tf.constant(g) for g in raw], seed
   )
   for j, (a, e) in enumerate(zip(applied, expected)):
     np.testing.assert_allclose(a, np.asarray(e), rtol=1e-4, atol=1e-6, err_msg=f"var {j}")
@@ -239,10 +240,11 @@ def test_mixin_on_a_subclassed_model_and_loss_scale_optimizer(digit_arrays):
   assert model.gradient_exclusion() == [True, True, False, False]  # gamma, beta, W, b
   raw = [g.numpy() for g in _raw_gradient(model, x, y)]
   before = _weights(model)
+  seed = model.batch_seed(0, x)
   model.train_on_batch(x, y)
   step = [b - a for b, a in zip(before, _weights(model))]
   expected = defenses.get_defense("masking", 0.5, exclude=[True, True, False, False])(
-    [tf.constant(g) for g in raw], model.step_seed(0)
+    [tf.constant(g) for g in raw], seed
   )
   for a, e in zip(step, expected):
     np.testing.assert_allclose(a, np.asarray(e), rtol=1e-3, atol=1e-6)

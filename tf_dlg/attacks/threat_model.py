@@ -26,6 +26,53 @@ from tf_dlg import io as tf_io
 
 UPDATE_KINDS = ("gradient", "fedavg_delta")
 _FORMAT = "tf_dlg.ObservedUpdate/v1"
+# Scoring compares images with SSIM's 7x7 window; smaller ones cannot be scored.
+MIN_IMAGE_SIDE = 7
+
+
+def check_images(images, name: str = "images") -> np.ndarray:
+  """`images` as float32 [N, H, W, C], or one ValueError: finite, in [0, 1], H, W >= 7.
+
+  Images in [0, 255] would be scored against a data range of 1 and a perfect copy would
+  score "not leaked" (the unsafe side); images smaller than SSIM's window could be
+  attacked but never scored. Both are refused here, before any attack.
+  """
+  x = np.asarray(images)
+  if x.dtype == object or not (np.issubdtype(x.dtype, np.floating) or x.dtype == np.uint8):
+    raise ValueError(f"{name} must be a float array in [0, 1], got dtype {x.dtype}.")
+  if x.dtype == np.uint8:
+    raise ValueError(f"{name} are 8-bit (uint8); pass them as float32 in [0, 1] (x / 255).")
+  if x.ndim != 4 or min(x.shape[1:3], default=0) < MIN_IMAGE_SIDE:
+    raise ValueError(
+      f"{name} must have shape [N, H, W, C] with H, W >= {MIN_IMAGE_SIDE} (SSIM's window), "
+      f"got {x.shape}."
+    )
+  if x.size and not np.all(np.isfinite(x)):
+    raise ValueError(f"{name} have NaN or inf pixels; expected finite values in [0, 1].")
+  if x.size and (x.min() < 0.0 or x.max() > 1.0):
+    raise ValueError(
+      f"{name} have values in [{float(x.min()):g}, {float(x.max()):g}]; expected [0, 1] "
+      "(divide 8-bit images by 255)."
+    )
+  return x.astype(np.float32)
+
+
+def check_labels(labels, num_classes: Optional[int] = None, name: str = "labels") -> np.ndarray:
+  """`labels` as int64, or one ValueError: whole numbers in [0, num_classes)."""
+  y = np.asarray(labels)
+  if y.dtype == bool or not np.issubdtype(y.dtype, np.number):
+    raise ValueError(f"{name} must be integer class ids, got dtype {y.dtype}.")
+  if not np.issubdtype(y.dtype, np.integer):
+    whole = np.isfinite(y) & (y == np.round(y)) if y.size else np.ones(0, bool)
+    if not np.all(whole):
+      bad = y[~whole].ravel()[0].item()
+      raise ValueError(f"{name} must be whole class ids; got {bad!r} (it would be truncated).")
+  y = y.astype(np.int64)
+  if num_classes is not None and y.size and (y.min() < 0 or y.max() >= num_classes):
+    raise ValueError(
+      f"{name} must lie in [0, {num_classes - 1}], got [{int(y.min())}, {int(y.max())}]."
+    )
+  return y
 
 
 @dataclasses.dataclass
@@ -77,6 +124,11 @@ class ObservedUpdate:
     bad = [i for i, u in enumerate(self.update) if not np.all(np.isfinite(u))]
     if bad:
       raise ValueError(f"Observed update has non-finite values in tensors {bad}.")
+    # The ground truth is only scored, but checked now: never after an attack's work.
+    if self.true_images is not None:
+      self.true_images = check_images(self.true_images, "true_images")
+    if self.true_labels is not None:
+      self.true_labels = check_labels(self.true_labels, self.num_classes, "true_labels")
 
   def save(self, path: str) -> str:
     """Writes `path` (.npz) holding arrays and a JSON header, atomically; returns it."""
@@ -152,8 +204,8 @@ def observe_gradient(
   """
   import tensorflow as tf
 
-  images = np.asarray(images, np.float32)
-  labels = np.asarray(labels, np.int64)
+  images = check_images(images)
+  labels = check_labels(labels, int(model.output_shape[-1]))
   with tf.GradientTape() as tape:
     loss = tf.reduce_mean(
       tf.keras.losses.sparse_categorical_crossentropy(
@@ -205,8 +257,8 @@ def observe_fedavg_delta(
   model_name = description.get("model_name", "lenet")
   metadata = description.get("metadata")
 
-  images = np.asarray(images, np.float32)
-  labels = np.asarray(labels, np.int64)
+  images = check_images(images)
+  labels = check_labels(labels, int(model.output_shape[-1]))
   n = len(images)
   batch_size = n if batch_size is None else int(batch_size)
   if local_steps < 1 or not 1 <= batch_size <= n:

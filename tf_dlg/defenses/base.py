@@ -37,6 +37,26 @@ def as_seed(seed) -> tf.Tensor:
   return seed
 
 
+def value_fingerprint(value) -> tf.Tensor:
+  """An int64 that differs between clients' values: wrapped integer sum of their bits.
+
+  Integer addition is exact and order-free, so eager code and a graph compute the same
+  number. The TFF aggregator folds it into each client's seed (`aggregator.client_seed`);
+  the Keras glue does the same, so that clients (and rounds) given one base seed draw
+  different noise and masks.
+  """
+  parts = [
+    tf.reduce_sum(tf.cast(tf.bitcast(tf.cast(tf.reshape(t, [-1]), tf.float32), tf.int32), tf.int64))
+    for t in tf.nest.flatten(value)
+  ]
+  return tf.add_n(parts) if parts else tf.constant(0, tf.int64)
+
+
+def folded_seed(seed, value) -> tf.Tensor:
+  """`seed` folded with `value_fingerprint(value)`: a client's own seed for its update."""
+  return tf.random.experimental.stateless_fold_in(as_seed(seed), value_fingerprint(value))
+
+
 def tensor_seed(seed: tf.Tensor, index: int) -> tf.Tensor:
   """A distinct stateless seed for the index-th tensor of an update."""
   return tf.random.experimental.stateless_fold_in(seed, index)

@@ -9,9 +9,16 @@
 Every training step computes the gradient of the batch loss, applies the defence to it
 -- the same `tf_dlg.defenses.Defense` object the attack experiments and the TFF
 aggregators use -- and hands the *defended* gradient to the optimizer. The defence's
-seed is `step_seed(step) = fold_in([seed, 0x5EED], optimizer.iterations)`: a fresh
-mask / noise draw every step, reproducible from `seed` (a restarted run with the same
-seed and step count draws the same masks).
+seed is `batch_seed(step, x)`: `step_seed(step) = fold_in([seed, 0x5EED],
+optimizer.iterations)` folded with a fingerprint of the step's inputs and the model's
+weights before it (`base.value_fingerprint`; the TFF aggregator folds in each client's
+value the same way). So every step draws fresh masks / noise, and clients that share the
+default seed (other data) -- or a client whose optimizer restarts each round (other
+weights) -- still draw different ones: with one seed for all, two clients' defended
+updates would differ exactly as their clean ones do, and the noise would cancel.
+Reproducible: the same seed, step, batch and weights give the same draw. (Inputs and
+weights, not the gradient: a gradient can differ in its last bit between eager and graph
+execution, and its fingerprint with it.)
 
 BatchNorm: with `exclude="auto"` (default) the defence's own `exclude` is used if it has
 one, else the model's BatchNorm gamma/beta gradients are passed through untouched
@@ -35,7 +42,9 @@ function behind both, for custom training loops.
 
 What a FedAvg client sends is its weights after `fit`, not each gradient:
 `defend_weights_delta(before, after, defense, seed)` defends that delta (and reports
-`update_statistics`), and the `DefendUpdate` callback applies it at the end of `fit`.
+`update_statistics`), and the `DefendUpdate` callback applies it at the end of `fit`;
+its seed is `seed` folded with the delta's fingerprint, so clients and rounds differ
+under one seed here too.
 All of it runs on Keras 2 (TF 2.14) and Keras 3 (TF 2.16+, `tf.keras` is Keras 3).
 """
 
@@ -115,6 +124,21 @@ def _loss_scale(optimizer):
   return tf.cast(scale, tf.float32)
 
 
+def _track_loss(model, loss, x) -> None:
+  """Keras 3: feed the step's loss to `fit`'s loss tracker, as its own `train_step` does.
+
+  Keras 2's `compute_loss` updates its compiled loss metric itself; Keras 3's does not,
+  and without this `fit` reports loss 0.0 (so `EarlyStopping(monitor="loss")` stops at
+  once). The loss is unscaled by the replica count as Keras 3 does under `tf.distribute`.
+  """
+  tracker = getattr(model, "_loss_tracker", None)
+  if tracker is None:
+    return
+  replicas = tf.distribute.get_strategy().num_replicas_in_sync
+  batch = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+  tracker.update_state(loss * tf.cast(replicas, loss.dtype), sample_weight=batch)
+
+
 def _saving():
   """`keras.saving` of the Keras that `tf.keras` is (TF 2.16+'s `tf.keras` lacks it)."""
   saving = getattr(tf.keras, "saving", None)
@@ -176,18 +200,25 @@ class DefenseTrainStepMixin:
       base.as_seed(self._defense_seed), tf.cast(step, tf.int64)
     )
 
+  def batch_seed(self, step, x) -> tf.Tensor:
+    """The defence's seed at `step` on inputs `x`: `step_seed(step)` folded with the
+    fingerprint of `x`'s numeric tensors and the current trainable weights."""
+    inputs = [t for t in tf.nest.flatten(x) if t is not None and tf.as_dtype(t.dtype).is_numeric]
+    return base.folded_seed(self.step_seed(step), inputs + list(self.trainable_variables))
+
   def train_step(self, data):
     x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
+    seed = self.batch_seed(self.optimizer.iterations, x)
     loss_scale = isinstance(self.optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
     with tf.GradientTape() as tape:
       y_pred = self(x, training=True)
       loss = self.compute_loss(x, y, y_pred, sample_weight)
       scaled = _scaled_loss(self.optimizer, loss) if loss_scale else loss
+    _track_loss(self, loss, x)
     variables = self.trainable_variables
     grads = tape.gradient(scaled, variables)
     if loss_scale:
       grads = _unscaled(self.optimizer, grads)
-    seed = self.step_seed(self.optimizer.iterations)
     exclude = self.gradient_exclusion()
 
     def defend():
@@ -313,7 +344,8 @@ def defend_weights_delta(
     before: The weights the client received, e.g. `model.get_weights()` before `fit`.
     after: Its weights after local training, in the same order and shapes.
     defense: A `tf_dlg.defenses.Defense`.
-    seed: An int or shape-[2] integer seed (a fresh one per round and client).
+    seed: An int or shape-[2] integer seed; it is folded with the delta's fingerprint
+      (`base.folded_seed`), so clients and rounds sharing a seed still draw differently.
     exclude: Optional bools, one per weight, overriding `defense.exclude` (e.g.
       `batchnorm_exclusion(model, model.weights)` passes BatchNorm variables through).
 
@@ -331,7 +363,7 @@ def defend_weights_delta(
   if exclude is not None:
     d.exclude = [bool(e) for e in exclude]
   delta = [np.asarray(a, np.float32) - np.asarray(b, np.float32) for b, a in zip(before, after)]
-  defended = [t.numpy() for t in d(delta, seed)]
+  defended = [t.numpy() for t in d(delta, base.folded_seed(seed, delta))]
   weights = [
     (np.asarray(b, np.float32) + t).astype(np.asarray(a).dtype)
     for b, a, t in zip(before, after, defended)
