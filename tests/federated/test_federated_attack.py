@@ -1,4 +1,5 @@
-"""The multi-step FedAvg attack runs on an update captured inside a TFF round."""
+"""Attacks on updates captured inside TFF rounds: a defence applied in the round weakens the
+attack (default suite); the multi-step FedAvg attack runs on a capture (`-m slow`)."""
 
 import dataclasses
 
@@ -11,6 +12,10 @@ from tf_dlg.federated import simulation as sim
 from tf_dlg.federated.config import FederatedConfig
 
 
+# Slow: it checks only shapes. In the default suite the test below attacks a capture with a
+# real check, test_capture_round_trips_and_is_the_clients_real_update checks a multi-step
+# capture exactly, and tests/attacks/test_attack.py the multi-step delta the attack simulates.
+@pytest.mark.slow
 def test_multistep_attack_runs_on_a_captured_tff_update(digits, tmp_path):
   # Tiny clients (~4 examples), plain SGD as the attack's threat model assumes,
   # two local steps of batch 2: a multi-step fedavg_delta observation.
