@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv-k3: tf-dlg's core (no TFF) on current TensorFlow / Keras 3, beside the
 # pinned TFF stack of setup.sh's .venv. TensorFlow goes in first (TF_DLG_CORE_TF,
-# default tensorflow-cpu 2.21), then `pip install -e .[flower,test]`, which must leave
+# default tensorflow-cpu 2.21), then `pip install -e .[flower,simulation,test]`, which must leave
 # TensorFlow's version alone (checked). Python: TF_DLG_CORE_PYTHON, else python3.12,
 # else python3.11. Idempotent through a stamp, like setup.sh.
 set -euo pipefail
@@ -15,7 +15,8 @@ find_python() {
   for cand in "${TF_DLG_CORE_PYTHON:-}" python3.12 python3.11; do
     [ -n "$cand" ] || continue
     # A pyenv shim exists for versions that are not active: run it, not just find it.
-    if "$cand" -c 'import sys; sys.exit(0 if (3, 10) <= sys.version_info[:2] < (3, 13) else 1)' \
+    # 3.11+: Flower's simulation engine needs Ray, whose wheels start at Python 3.11.
+    if "$cand" -c 'import sys; sys.exit(0 if (3, 11) <= sys.version_info[:2] < (3, 13) else 1)' \
       >/dev/null 2>&1; then
       echo "$cand"; return 0
     fi
@@ -29,7 +30,7 @@ if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want"
   exit 0
 fi
 if ! PY="$(find_python)"; then
-  echo "[setup_core] ERROR: needs Python 3.10, 3.11 or 3.12 (python3.12 or python3.11 on PATH," >&2
+  echo "[setup_core] ERROR: needs Python 3.11 or 3.12 (python3.12 or python3.11 on PATH," >&2
   echo "[setup_core] or TF_DLG_CORE_PYTHON=/path/to/python)." >&2
   exit 1
 fi
@@ -41,7 +42,7 @@ PIP=("$PY_VENV" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q --upgrade "pip>=23" "setuptools>=61" wheel
 "${PIP[@]}" install -q "$TF_SPEC"
 tf_before="$("${PIP[@]}" freeze | grep -iE '^(tensorflow|tensorflow[-_]cpu|keras)==' | sort)"
-"${PIP[@]}" install -q -e "$ROOT[flower,test]"
+"${PIP[@]}" install -q -e "$ROOT[flower,simulation,test]"
 # Optional pieces the suite exercises: TensorBoard (the attacks' TensorBoardHook; the
 # tensorflow-cpu 2.21 wheel does not depend on it) and the tfp L-BFGS optimizer. TFP on
 # Keras 3 imports tf-keras, whose declared dependency is the `tensorflow` distribution
@@ -56,6 +57,6 @@ if [ "$tf_before" != "$tf_after" ]; then
   echo "after:  $tf_after" >&2
   exit 1
 fi
-"$PY_VENV" -c 'import keras, tensorflow as tf, flwr, tf_dlg.attacks, tf_dlg.defenses.keras, tf_dlg.integrations.flower; print("[setup_core] TF", tf.__version__, "Keras", keras.__version__, "flwr", flwr.__version__)'
+"$PY_VENV" -c 'import keras, ray, tensorflow as tf, flwr, tf_dlg.attacks, tf_dlg.defenses.keras, tf_dlg.integrations.flower; print("[setup_core] TF", tf.__version__, "Keras", keras.__version__, "flwr", flwr.__version__, "ray", ray.__version__)'
 echo "$want" > "$STAMP"
 echo "[setup_core] installed in $(( $(date +%s) - start )) s"

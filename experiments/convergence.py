@@ -7,6 +7,9 @@ Example:
   python -m experiments.convergence --thresholds=/tmp/thr/thresholds.csv \
       --dataset=mnist --train_examples=2000 --seeds=0,1,2 --rounds=10 \
       --output_dir=/tmp/conv
+
+  # The same study on Flower's simulation engine (Ray; .venv-k3, no TFF):
+  .venv-k3/bin/python -m experiments.convergence --engine=flower --dataset=mnist ...
 """
 
 from __future__ import annotations
@@ -58,10 +61,11 @@ def _build_count() -> int:
 
 def main(argv):
   del argv
-  cli.require_confined_worker()  # trains in TFF: exit 2 now if it cannot be confined
   from absl import flags
 
   f = flags.FLAGS
+  if f.engine == "tff":
+    cli.require_confined_worker()  # trains in TFF: exit 2 now if it cannot be confined
   # Flags, the thresholds file and every run folder are checked before any training;
   # a ValueError becomes one line and exit status 2 (experiments.cli).
   subsets = (f.train_examples, f.test_examples) if f.train_examples else None
@@ -79,14 +83,26 @@ def main(argv):
     local_epochs=f.local_epochs,
     batch_size=f.batch_size,
     data_dir=f.data_dir,
+    engine=f.engine,
+    **({} if f.client_lr is None else {"client_lr": f.client_lr}),
   )
+  if f.engine == "flower":
+    from tf_dlg.integrations import flower_engine
+
+    for config in conv.configs.values():
+      flower_engine.check_config(config)  # before any data is read
   conv.prepare()
-  builds = _build_count()
-  conv.run()
-  print(
-    f"[convergence] TFF builds: {_build_count() - builds} for {len(conv.configs)} runs "
-    "(one per aggregator x defence and model shape)"
-  )
+  if f.engine == "flower":
+    conv.run()
+    flower_engine.shutdown()
+    print(f"[convergence] engine: flower ({len(conv.configs)} runs, one Flower simulation on Ray)")
+  else:
+    builds = _build_count()
+    conv.run()
+    print(
+      f"[convergence] TFF builds: {_build_count() - builds} for {len(conv.configs)} runs "
+      "(one per aggregator x defence and model shape)"
+    )
   with open(os.path.join(f.output_dir, "convergence.md"), encoding="utf-8") as md:
     print(md.read())
   print(f"[convergence] outputs in {f.output_dir}")
@@ -121,6 +137,16 @@ def define_flags():
   flags.DEFINE_float("alpha", 0.5, "Dirichlet concentration of the non-IID partition.")
   flags.DEFINE_integer("local_epochs", 1, "Local epochs per round.")
   flags.DEFINE_integer("batch_size", 32, "Local batch size.")
+  flags.DEFINE_float(
+    "client_lr", None, "Client learning rate (default FederatedConfig's; the quick preset: 0.002)."
+  )
+  flags.DEFINE_enum(
+    "engine",
+    "tff",
+    ["tff", "flower"],
+    "Federated engine: TFF, or Flower's simulation engine on Ray (no TFF; set RAY_ADDRESS "
+    "to use a Ray cluster). Recorded in convergence.csv and convergence.md.",
+  )
   flags.DEFINE_string("output_dir", "outputs/convergence", "Output directory.")
   flags.DEFINE_string("data_dir", None, "tfds data directory.")
 

@@ -82,9 +82,13 @@ CONVERGENCE_FIELDS = (
   "clipped_fraction",
   "seconds",
   "per_seed",
+  "engine",
 )
 _TEXT_FIELDS = ("aggregator", "partition", "defense", "label", "param_source", "seeds")
-_TEXT_FIELDS += ("per_seed", "per_seed_rounds")
+_TEXT_FIELDS += ("per_seed", "per_seed_rounds", "engine")
+# The federated engines: TFF (tf_dlg.federated) or Flower's simulation engine on Ray
+# (tf_dlg.integrations.flower_engine, no TFF).
+ENGINES = ("tff", "flower")
 _REQUIRED = ("aggregator", "partition", "defense", "label", "param", "seeds", "per_seed")
 _REQUIRED += ("final_test_accuracy", "final_low", "final_high", "cost", "cost_low", "cost_high")
 CELL_NAME = "cell.json"
@@ -466,7 +470,9 @@ class Convergence:
     progress: Show a progress bar.
     **config: `tf_dlg.federated.FederatedConfig` fields shared by every run (dataset,
       rounds, num_clients, alpha, local_epochs, batch_size, data_dir, model, ...); its
-      defaults fill the rest.
+      defaults fill the rest. `engine="flower"` trains with Flower's simulation engine
+      on Ray instead of TFF (`tf_dlg.integrations.flower_engine`); the engine is
+      recorded in every row and in each Flower run's cell.json (runs never mix).
   """
 
   def __init__(
@@ -484,6 +490,7 @@ class Convergence:
     from tf_dlg.federated.config import FederatedConfig
 
     _check_lists(aggregators, partitions)
+    self.engine = validation.check_choice("engine", config.pop("engine", "tff"), ENGINES)
     self.seeds = [validation.check_int("seeds", s, 0) for s in seeds]
     if not self.seeds or len(set(self.seeds)) != len(self.seeds):
       raise ValueError(f"seeds={list(seeds)} must be distinct and at least one.")
@@ -551,6 +558,8 @@ class Convergence:
       for key, config in self.configs.items():
         config.validate(len(dataset.x_train))
         self.fingerprints[key] = cell_fingerprint(config, dataset.source)
+        if self.engine != "tff":  # TFF runs' cell.json stay as they were
+          self.fingerprints[key]["engine"] = self.engine
         check_cell(self.run_dir(*key), self.fingerprints[key])
       self._dataset, self.dataset_source = dataset, dataset.source
     return self._dataset
@@ -569,6 +578,11 @@ class Convergence:
     history_path = os.path.join(out_dir, simulation.HISTORY_NAME)
     if not self._finished(key):
       claim_cell(out_dir, self.fingerprints[key])
+      if self.engine == "flower":
+        from tf_dlg.integrations import flower_engine
+
+        flower_engine.run_simulation(config, out_dir, dataset=self._dataset, progress=False)
+        return simulation.read_history(history_path)
       # Seeds, defence parameters and partitions are runtime inputs: one TFF build per
       # aggregator x defence, reused across its cells (`build_fedavg(reuse=True)`).
       built = simulation.build_for_config(config, self._dataset)
@@ -620,6 +634,7 @@ class Convergence:
       dict(
         aggregator=a,
         partition=p,
+        engine=self.engine,
         **seed_rows(label, param, provenance, [done[(a, p, label, s)] for s in self.seeds]),
       )
       for a in self.aggregators
@@ -683,7 +698,7 @@ class Convergence:
     table = [_table_row(r) for r in rows]
     text = (
       f"# Convergence with defences at their thresholds\n\n"
-      f"FedAvg on `{self.dataset}` ({self.dataset_source}), "
+      f"FedAvg on `{self.dataset}` ({self.dataset_source}), engine `{self.engine}`, "
       f"{self.base.num_clients} clients, {self.rounds} rounds, seeds {seeds} "
       f"(n={len(self.seeds)}). Final accuracy: mean of the last {FINAL_ROUNDS} rounds, "
       "mean [95 % t interval] over seeds; cost: accuracy without defence minus with "
