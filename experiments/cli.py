@@ -13,8 +13,10 @@ A driver does:
 
 and gets, for free: flags whose bounds and allowed values are declared on the flag,
 one-line errors with exit code 2 for a bad flag (at parse time) or a `ValueError` raised
-by `main` before its work starts, SIGTERM handled like Ctrl-C (clean-up code runs), and
-no TensorFlow start-up noise.
+by `main` before it calls `cli.work_begins()` (after its checks; a `UsageError` is one
+line at any time), SIGTERM handled like Ctrl-C (clean-up code runs), and no TensorFlow
+start-up noise. A `ValueError` raised once the work has begun is a bug, not bad input:
+it keeps its traceback. A worker that stops answering is one line, exit code 1.
 """
 
 from __future__ import annotations
@@ -76,6 +78,15 @@ FLAGS = flags.FLAGS
 
 class UsageError(ValueError):
   """A bad argument found by a driver before it starts work."""
+
+
+# Whether the running driver has finished its checks (`work_begins`).
+_WORK_BEGUN = threading.Event()
+
+
+def work_begins() -> None:
+  """Every flag is checked: from here a `ValueError` is a bug and keeps its traceback."""
+  _WORK_BEGUN.set()
 
 
 def define_enum_list(
@@ -187,6 +198,16 @@ def _interrupted() -> None:
   os._exit(130)
 
 
+def _one_line(e: BaseException) -> None:
+  """Exits with one line for bad input, set-up problems and lost workers; else returns."""
+  message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  if isinstance(e, _worker.WorkerUnavailable):
+    fail(message, code=1 if _WORK_BEGUN.is_set() else 2)
+  usage = isinstance(e, ValueError) and not _WORK_BEGUN.is_set()
+  if usage or isinstance(e, (UsageError, _worker.WorkerSetupError)):
+    fail(message)
+
+
 def run(main: Callable[[list], object]) -> None:
   """`app.run(main)` with one-line errors (exit 2) and SIGTERM handled like SIGINT."""
 
@@ -199,6 +220,7 @@ def run(main: Callable[[list], object]) -> None:
     _deprecation.silence().__enter__()
     signal.signal(signal.SIGTERM, _terminate)
     _stop_workers_on_sigterm()
+    _WORK_BEGUN.clear()
     try:
       return main(argv)
     except KeyboardInterrupt:
@@ -208,8 +230,7 @@ def run(main: Callable[[list], object]) -> None:
       # KeyboardInterrupt arrives: that error is the interruption, not a bug.
       if _TERMINATING.is_set():
         _interrupted()
-      if isinstance(e, (ValueError, _worker.WorkerSetupError)):  # bad input or set-up
-        fail(str(e).strip().splitlines()[0])
+      _one_line(e)
       raise
 
   app.run(guarded, flags_parser=_parse)

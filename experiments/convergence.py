@@ -92,6 +92,7 @@ def main(argv):
     for config in conv.configs.values():
       flower_engine.check_config(config)  # before any data is read
   conv.prepare()
+  cli.work_begins()  # checked: a ValueError from here keeps its traceback
   if f.engine == "flower":
     conv.run()
     flower_engine.shutdown()

@@ -79,6 +79,13 @@ def define_flags():
     "TFF worker addresses host:port[,host:port] (empty: local); start "
     "each with `python -m tf_dlg.execution.worker --port=PORT`.",
   )
+  flags.DEFINE_float(
+    "worker_timeout",
+    600.0,
+    "Seconds one call to a --workers worker (a round) may take before the run stops with "
+    "one line (a stopped or dead worker).",
+    lower_bound=1.0,
+  )
   cli.define_output_dir("/tmp/tf_dlg_federated")
   cli.define_seed()
   flags.DEFINE_bool("overwrite", False, "Start afresh even if --output_dir holds a run.")
@@ -173,26 +180,25 @@ def main(argv):
   del argv
   cli.require_confined_worker()  # trains in TFF: exit 2 now if it cannot be confined
   from tf_dlg import validation
-  from tf_dlg.execution import runtime, worker
+  from tf_dlg.execution import runtime
   from tf_dlg.federated import simulation
 
   config = config_from_flags()  # every flag, before the dataset loads
-  workers = runtime.parse_workers(FLAGS.workers)
+  workers = runtime.check_workers(FLAGS.workers)  # each answers, or one line now
+  runtime.CALL_TIMEOUT = FLAGS.worker_timeout
   validation.check_output_dir("output_dir", FLAGS.output_dir)
   dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed)
   config.validate(len(dataset.x_train))
+  cli.work_begins()  # from here a ValueError is a bug: its traceback is kept
   print(f"dataset: {dataset.name} -- source: {dataset.source}", flush=True)
-  try:
-    result = simulation.run_simulation(
-      config,
-      FLAGS.output_dir,
-      workers=workers,
-      dataset=dataset,
-      progress=FLAGS.progress,
-      overwrite=FLAGS.overwrite,
-    )
-  except worker.WorkerSetupError as e:  # no compiler for the loopback shim: a set-up error
-    raise ValueError(str(e)) from e
+  result = simulation.run_simulation(
+    config,
+    FLAGS.output_dir,
+    workers=workers,
+    dataset=dataset,
+    progress=FLAGS.progress,
+    overwrite=FLAGS.overwrite,
+  )
   _report(config, dataset, result, workers)
 
 

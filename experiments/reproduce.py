@@ -66,9 +66,11 @@ def main(argv):
   cli.require_confined_worker()  # trains in TFF: exit 2 now if it cannot be confined
   from absl import flags
 
-  # Every flag is checked before any stage starts (run -> check_settings); a ValueError
-  # becomes one line and exit status 2 (experiments.cli).
+  # Every flag is checked before any stage starts (check_settings, again in run: cheap);
+  # a ValueError until then is one line and exit status 2, after it a traceback.
   settings = settings_from_flags(flags.FLAGS)
+  pipeline.check_settings(flags.FLAGS.output_dir, settings)
+  cli.work_begins()
   start = time.time()
   paths = pipeline.run(flags.FLAGS.output_dir, settings, command=command_line())
   with open(paths["claims"], encoding="utf-8") as f:

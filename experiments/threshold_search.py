@@ -155,6 +155,7 @@ def main(argv):
     seed=f.seed,
     data_dir=f.data_dir,
   )
+  cli.work_begins()  # checked: a ValueError from here keeps its traceback
   start = time.perf_counter()
   search.run()
   print(open(os.path.join(f.output_dir, "thresholds.md")).read())

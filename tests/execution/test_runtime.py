@@ -289,7 +289,7 @@ def test_killed_federated_run_leaves_no_worker(tmp_path, sig):
 
 def test_unreachable_worker_is_a_clear_error():
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-  with pytest.raises(ConnectionError, match="No TFF worker answers"):
+  with pytest.raises(worker.WorkerUnavailable, match="no TFF worker answers"):
     with runtime.execution_target([address], timeout=1.0):
       pass
 

@@ -285,20 +285,84 @@ def create_local_context(max_concurrent_computation_calls: Optional[int] = None)
   )
 
 
-def _remote_executor_factory(address: str, timeout: float):
+def _unreachable(address: str, why: str) -> str:
+  port = address.rpartition(":")[2]
+  from tf_dlg.execution import worker
+
+  return (
+    f"no TFF worker answers at {address} ({why}); start one on that machine with "
+    f"`{worker.WORKER_COMMAND.format(port=port)}` (loopback only: reach it through an SSH "
+    "tunnel, or add --expose on a trusted network; the protocol has no authentication)."
+  )
+
+
+def check_workers(workers, timeout: float = 5.0) -> list:
+  """The worker addresses, each checked to accept a TCP connection within `timeout` s.
+
+  A driver calls it with the flags, before any data loads: an address nobody listens on
+  is one line at once, not a gRPC wait and a traceback after the work began.
+  """
+  import socket
+
+  from tf_dlg.execution import worker
+
+  addresses = parse_workers(workers)
+  for address in addresses:
+    host, _, port = address.rpartition(":")
+    try:
+      socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+      raise worker.WorkerUnavailable(_unreachable(address, e.strerror or str(e))) from None
+  return addresses
+
+
+# Seconds one call to a remote worker may take (a round's computation is one call) before
+# the run fails with one line; drivers set it from --worker_timeout.
+CALL_TIMEOUT = 600.0
+
+
+def _deadline(address: str, seconds: float):
+  """A gRPC client interceptor: every call to a worker gets a deadline of `seconds`, and
+  one that outlives it is `WorkerUnavailable` (a stopped or dead worker never answers)."""
+  import grpc
+
+  from tf_dlg.execution import worker
+
+  class Deadline(grpc.UnaryUnaryClientInterceptor):
+    def intercept_unary_unary(self, continuation, details, request):
+      # wait_for_ready: a worker that is gone waits out the deadline (then one line)
+      # instead of failing UNAVAILABLE, which TFF retries forever.
+      if details.timeout is None:
+        details = details._replace(timeout=seconds, wait_for_ready=True)
+      outcome = continuation(details, request)
+      try:
+        outcome.result()
+      except grpc.RpcError as e:
+        if isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+          raise worker.WorkerUnavailable(
+            f"the TFF worker at {address} did not answer within {seconds:g} s "
+            "(stopped, hung or dead); restart it and rerun the command to resume."
+          ) from None
+      return outcome
+
+  return Deadline()
+
+
+def _remote_executor_factory(address: str, timeout: float, call_timeout: Optional[float] = None):
   """A TFF executor factory whose executors run on the worker at `address`."""
   import grpc
 
+  from tf_dlg.execution import worker
+
   tff = import_tff()
   channel = grpc.insecure_channel(address, _GRPC_OPTIONS)
+  call_timeout = CALL_TIMEOUT if call_timeout is None else call_timeout
+  channel = grpc.intercept_channel(channel, _deadline(address, call_timeout))
   stub = tff.framework.RemoteExecutorGrpcStub(channel)
   deadline = time.time() + timeout
   while not stub.is_ready:
     if time.time() > deadline:
-      raise ConnectionError(
-        f"No TFF worker answers at {address} after {timeout:.0f} s. Start one there "
-        f"with `{worker_binary_path()} --port=PORT` (see tf_dlg.execution.runtime)."
-      )
+      raise worker.WorkerUnavailable(_unreachable(address, f"not ready after {timeout:.0f} s"))
     time.sleep(0.1)
 
   def stack_fn(cardinalities):

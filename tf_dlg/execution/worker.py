@@ -85,6 +85,16 @@ class WorkerSetupError(RuntimeError):
   """The worker cannot be confined to loopback (no usable shim) and exposure was not allowed."""
 
 
+class WorkerUnavailable(RuntimeError):
+  """A TFF worker does not answer: unreachable when the run starts, or a call to it (a
+  round) outlived its deadline (the worker stopped, hung or died). One line for the user."""
+
+
+# What to run on a worker's machine: the project's loopback-only worker (never the raw
+# worker_binary, which listens on every interface without authentication).
+WORKER_COMMAND = "python -m tf_dlg.execution.worker --port={port}"
+
+
 def worker_binary_path() -> str:
   """Path of TFF's `worker_binary`, found without importing TFF (fast)."""
   spec = importlib.util.find_spec("tensorflow_federated")
@@ -400,7 +410,18 @@ def verify_confined(proc: subprocess.Popen, port: int, timeout: float = 120.0) -
       break
     time.sleep(0.05)
     listening = _listening(proc.pid)
-  if getattr(proc, "exposed", False) or proc.poll() is not None:
+  if not any(a.port == port for a in listening):
+    # worker_binary logs a failed bind (port in use) and exits 0: never report it started.
+    code = proc.poll()
+    if code is None:
+      proc.kill()
+      proc.wait()
+    how = f"exited (code {code})" if code is not None else f"did not listen within {timeout:g} s"
+    raise WorkerSetupError(
+      f"TFF's worker_binary (pid {proc.pid}) {how} without listening on port {port}: is the "
+      "port in use? Stop what holds it or pick another --port."
+    )
+  if getattr(proc, "exposed", False):
     return listening
   shim = proc.loopback_shim
   wide = [f"{a.ip}:{a.port}" for a in listening if not _is_loopback(a.ip)]
