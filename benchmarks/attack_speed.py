@@ -13,9 +13,12 @@ LeNet (`models.attack_lenet`) three ways, in one process:
                   lowest-numbered converged one wins and later siblings leave; if none
                   converges, the smallest matching distance wins).
 
-Reported per way: total wall seconds (compilation excluded by a warm-up on the same
+Each way runs once per `--stop_rules` entry (default: the relative stop rule, then the
+capped rule it replaced, issue 35) on the same images, and the ratios of each rule to the
+first are printed last. Reported per way and rule: total wall seconds (compilation excluded by a warm-up on the same
 shapes), the process's CPU seconds (user + system: what lanes buy is the idle core),
-attacks per minute, recovered (SSIM >= 0.9), median iterations, and for restarts
+attacks per minute, recovered (SSIM >= 0.9), median iterations and objective evaluations
+per image (all restarts), and for restarts
 which restart won how often; then the cold-start wall time of one command-line attack
 (`python -m experiments.attack --dataset=digits --index=1203`, a fresh process, set-up
 included; `--cold_starts` runs, their median reported, since one run on a shared CPU can
@@ -59,6 +62,12 @@ flags.DEFINE_integer(
   "lanes", 0, "Lanes of the batch ways (0: auto, see runner.auto_lanes).", lower_bound=0
 )
 flags.DEFINE_list("ways", ["one", "batch", "restarts"], "Which ways to run.")
+flags.DEFINE_list(
+  "stop_rules",
+  ["relative", "capped"],
+  "Euclidean stop rules to run side by side on the same images (objectives.STOP_RULES): "
+  "relative (the default), capped (the rule before issue 35).",
+)
 flags.DEFINE_bool("cold_start", True, "Time one command-line attack in a fresh process.")
 flags.DEFINE_integer(
   "cold_starts", 3, "Cold-start runs (median reported).", lower_bound=1, upper_bound=20
@@ -88,11 +97,11 @@ def _cpu_seconds():
   return usage.ru_utime + usage.ru_stime
 
 
-def _way(model, obs, way):
+def _way(model, obs, way, stop_rule):
   """(results, wall seconds, CPU seconds, (lanes, slots per lane)) of one way,
   compilation excluded by a warm-up."""
   if way == "one":
-    config = runner.AttackConfig(iterations=FLAGS.iterations, slots=1, seed=0)
+    config = runner.AttackConfig(iterations=FLAGS.iterations, slots=1, seed=0, stop_rule=stop_rule)
   else:
     config = runner.AttackConfig(
       iterations=FLAGS.iterations,
@@ -100,6 +109,7 @@ def _way(model, obs, way):
       lanes=FLAGS.lanes or None,
       seed=0,
       restarts=FLAGS.restarts if way == "restarts" else 1,
+      stop_rule=stop_rule,
     )
   layout = runner.lane_layout(config, len(obs) * config.restarts)
   # Compile every batch shape the timed run meets: a lane's slots and the halves its tail
@@ -123,12 +133,20 @@ def _way(model, obs, way):
   return results, time.perf_counter() - t0, _cpu_seconds() - cpu0, layout
 
 
-def _row(name, way, results, seconds, cpu, layout):
+def _evaluations(r):
+  """Objective evaluations of an attack, all its restarts (L-BFGS: one per iteration,
+  plus the start)."""
+  return sum(k + 1 for k in r.restart_iterations if k is not None)
+
+
+def _row(name, way, results, seconds, cpu, layout, stop_rule):
   ssims = [r["ssim"] for r in metrics.score_results(results)]
   wins = np.bincount([r.restart for r in results], minlength=FLAGS.restarts)
   return {
     "dataset": name,
     "way": way,
+    "stop_rule": stop_rule,
+    "median_evaluations": float(np.median([_evaluations(r) for r in results])),
     "attacks": len(results),
     "seconds": seconds,
     "cpu_seconds": cpu,
@@ -179,15 +197,18 @@ def _counts(counter):
 def _print(rows, cold):
   print(
     "\n| dataset | way | lanes x slots | images | total s | CPU s | s/image | attacks/min "
-    "| recovered (SSIM>=0.9) | median iterations | restart wins | statuses | load |"
+    "| recovered (SSIM>=0.9) | median iterations | median evaluations | restart wins "
+    "| statuses | load |"
   )
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     print(
-      f"| {r['dataset']} | {r['way']} | {r['lanes_and_slots'][0]} x {r['lanes_and_slots'][1]} "
+      f"| {r['dataset']} | {r['way']}, {r['stop_rule']} "
+      f"| {r['lanes_and_slots'][0]} x {r['lanes_and_slots'][1]} "
       f"| {r['attacks']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
       f"{r['seconds'] / r['attacks']:.2f} | {r['attacks_per_minute']:.1f} | "
       f"{r['recovered']}/{r['attacks']} | {r['median_iterations']:.0f} | "
+      f"{r['median_evaluations']:.0f} | "
       f"{r['restart_wins'] or ''} | {_counts(r['statuses'])} | {r['load_average']:.1f} |"
     )
   print("\nreference PyTorch iDLG, measured on this CPU class (issue 10, 12 images each):")
@@ -201,33 +222,60 @@ def _print(rows, cold):
     )
 
 
+def _dataset_rows(name, ways):
+  """Rows of every way x stop rule on one dataset's images (same inputs for all)."""
+  ds, idx = _images(name)
+  model = models.attack_lenet(ds.input_shape, ds.num_classes, seed=0)
+  obs = [
+    observe_gradient(
+      model,
+      ds.x_train[i : i + 1],
+      ds.y_train[i : i + 1],
+      metadata={"dataset": name, "index": int(i)},
+    )
+    for i in idx
+  ]
+  rows = []
+  for way in ways:
+    for rule in FLAGS.stop_rules:
+      results, seconds, cpu, layout = _way(model, obs, way, rule)
+      rows.append(_row(name, way, results, seconds, cpu, layout, rule))
+      r = rows[-1]
+      print(
+        f"{name} {way} {rule}: {seconds:.1f} s, {r['recovered']}/{len(obs)} recovered, "
+        f"median {r['median_iterations']:.0f} iterations, {r['median_evaluations']:.0f} "
+        f"evaluations, wins {r['restart_wins']}",
+        flush=True,
+      )
+  return rows
+
+
+def _print_ratios(rows):
+  """Each stop rule against the first, same dataset and way, same run."""
+  base = {(r["dataset"], r["way"]): r for r in rows if r["stop_rule"] == FLAGS.stop_rules[0]}
+  for r in rows:
+    b = base[(r["dataset"], r["way"])]
+    if r is b:
+      continue
+    print(
+      f"{r['dataset']} {r['way']}: {r['stop_rule']} / {b['stop_rule']}: wall "
+      f"{r['seconds'] / b['seconds']:.2f}x, CPU {r['cpu_seconds'] / b['cpu_seconds']:.2f}x, "
+      f"median evaluations {r['median_evaluations']:.0f} vs {b['median_evaluations']:.0f}, "
+      f"recovered {r['recovered']} vs {b['recovered']} of {r['attacks']}"
+    )
+
+
 def main(argv):
   del argv
   ways = cli_check_ways(FLAGS.ways)
-  rows = []
-  for name in FLAGS.datasets:
-    ds, idx = _images(name)
-    model = models.attack_lenet(ds.input_shape, ds.num_classes, seed=0)
-    obs = [
-      observe_gradient(
-        model,
-        ds.x_train[i : i + 1],
-        ds.y_train[i : i + 1],
-        metadata={"dataset": name, "index": int(i)},
-      )
-      for i in idx
-    ]
-    for way in ways:
-      results, seconds, cpu, layout = _way(model, obs, way)
-      rows.append(_row(name, way, results, seconds, cpu, layout))
-      r = rows[-1]
-      print(
-        f"{name} {way}: {seconds:.1f} s, {r['recovered']}/{len(obs)} recovered, median "
-        f"{r['median_iterations']:.0f} iterations, wins {r['restart_wins']}",
-        flush=True,
-      )
+  from tf_dlg import validation
+  from tf_dlg.attacks import objectives
+
+  validation.check_choices("--stop_rules", FLAGS.stop_rules, tuple(objectives.STOP_RULES))
+  rows = [row for name in FLAGS.datasets for row in _dataset_rows(name, ways)]
   cold = _cold_start() if FLAGS.cold_start else None
   _print(rows, cold)
+  _print_ratios(rows)
   io_lib.atomic_write_text(
     FLAGS.output,
     io_lib.dumps(
@@ -238,6 +286,7 @@ def main(argv):
         "iterations": FLAGS.iterations,
         "slots": FLAGS.slots,
         "restarts": FLAGS.restarts,
+        "stop_rules": FLAGS.stop_rules,
         "note": "shared CPU: timings noisy; reference figures are constants",
       },
       indent=2,

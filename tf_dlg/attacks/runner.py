@@ -72,6 +72,10 @@ class AttackConfig:
     optimizer_options: Options of the optimiser (e.g. `history`; Adam's
       `learning_rate`).
     tolerance: Stop distance (None: the objective's default).
+    stop_rule: Stop rule of the Euclidean objectives (`objectives.STOP_RULES`):
+      `relative` (distance < 5e-9 x ||observed||^2) or `capped`, the rule before it
+      (distance < min(1e-8 x ||observed||^2, 1e-6)), kept for side-by-side comparisons.
+      The cosine objectives are scale-invariant and keep their own tolerance.
     tv_weight: Total-variation weight of the cosine objectives (None: default).
     restarts: Differently seeded starts per observation.
     patience: An attack whose best loss has not fallen by 1 % in this many
@@ -94,6 +98,7 @@ class AttackConfig:
   optimizer: str = "lbfgs"
   optimizer_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   tolerance: Optional[float] = None
+  stop_rule: str = "relative"
   tv_weight: Optional[float] = None
   restarts: int = 1
   patience: int = DEFAULT_PATIENCE
@@ -107,6 +112,7 @@ class AttackConfig:
     validation.check_choice("attack", self.attack, ATTACKS)
     validation.check_choice("optimizer", self.optimizer, optimize.OPTIMIZERS)
     validation.check_choice("init", self.init, ("rand", "randn"))
+    validation.check_choice("stop_rule", self.stop_rule, objectives.STOP_RULES)
     validation.check_int("iterations", self.iterations, 1)
     validation.check_int("restarts", self.restarts, 1, 64)
     validation.check_int("patience", self.patience, 0)
@@ -124,7 +130,7 @@ class AttackConfig:
       object.__setattr__(self, "seed", tuple(int(s) for s in self.seed))
 
   def objective(self) -> objectives.Objective:
-    return make_objective(self.attack, self.tv_weight, self.tolerance)
+    return make_objective(self.attack, self.tv_weight, self.tolerance, self.stop_rule)
 
   def seeds(self, count: int) -> List[int]:
     """Restart-0 seed of each of `count` observations."""
@@ -218,13 +224,19 @@ class Snapshot:
 
 
 def make_objective(
-  attack: str, tv_weight: Optional[float] = None, tolerance: Optional[float] = None
+  attack: str,
+  tv_weight: Optional[float] = None,
+  tolerance: Optional[float] = None,
+  stop_rule: str = "relative",
 ) -> objectives.Objective:
-  """The objective of a named attack (tv_weight / tolerance override its defaults)."""
+  """The objective of a named attack (tv_weight / tolerance / stop_rule override its
+  defaults; stop_rule applies to the Euclidean objective only)."""
   if attack not in ATTACKS:
     raise ValueError(f"Unknown attack {attack!r}; expected one of {', '.join(ATTACKS)}.")
   cls = objectives.OBJECTIVES[ATTACKS[attack][0]]
   kwargs = {}
+  if issubclass(cls, objectives.EuclideanMatching):
+    kwargs.update(objectives.STOP_RULES[stop_rule])
   if tolerance is not None:
     kwargs["tolerance"] = tolerance
   if tv_weight is not None and issubclass(cls, objectives.CosineMatching):
