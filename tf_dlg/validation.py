@@ -32,7 +32,7 @@ def check_number(
   """
   lo, hi = "(" if low_open else "[", ")" if high_open else "]"
   rng = f"{lo}{low}, {high}{hi}"
-  if isinstance(value, bool) or (
+  if isinstance(value, (bool, np.bool_)) or (  # np.True_ is no number either
     not isinstance(value, (int, float)) and not hasattr(value, "__float__")
   ):
     raise ValueError(f"{name}={value!r} must be a number in {rng}.")
@@ -66,7 +66,7 @@ def _in_range(v: float, low, high, low_open: bool, high_open: bool) -> bool:
 def check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
   """Returns int(value) or raises ValueError; `high=None` means unbounded."""
   rng = f"[{low}, {'inf' if high is None else high}]"
-  if isinstance(value, bool) or not hasattr(value, "__index__"):
+  if isinstance(value, (bool, np.bool_)) or not hasattr(value, "__index__"):
     raise ValueError(f"{name}={value!r} must be an integer in {rng}.")
   v = int(value)
   if v < low or (high is not None and v > high):

@@ -223,7 +223,12 @@ class Defense:
     if keep:
       defended = self._apply([flat[i] for i in keep], as_seed(seed))
       for i, t in zip(keep, defended):
-        out[i] = t
+        # A finite update defended into inf (a rescale past float16's 65504) is refused.
+        out[i] = tf.debugging.assert_all_finite(
+          t,
+          f"{self.name}: defended tensor {i} overflows its dtype {t.dtype.name}; "
+          "defend a float32 copy of the update",
+        )
     return tf.nest.pack_sequence_as(update, out)
 
   def kept_indices(self, n: int) -> List[int]:
@@ -268,16 +273,27 @@ class NoDefense(Defense):
 
 
 def zero_fraction(update) -> tf.Tensor:
-  """Fraction of exactly-zero entries in an update (what masking/pruning measure)."""
+  """Fraction of exactly-zero entries in an update (what masking/pruning measure); 0 for
+  an update without entries (nothing was zeroed), never NaN."""
   flat = [tf.reshape(tf.cast(tf.equal(t, 0), tf.float32), [-1]) for t in tf.nest.flatten(update)]
-  return tf.reduce_mean(tf.concat(flat, 0))
+  if not flat:
+    return tf.constant(0.0, tf.float32)
+  flat = tf.concat(flat, 0)
+  return tf.math.divide_no_nan(tf.reduce_sum(flat), tf.cast(tf.size(flat), tf.float32))
+
+
+def _wide(t: tf.Tensor) -> tf.Tensor:
+  """float16 / bfloat16 as float32: a sum of squares overflows half precision (max 65504)."""
+  return tf.cast(t, tf.float32) if t.dtype in (tf.float16, tf.bfloat16) else t
 
 
 def global_norm(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
   """Joint L2 norm of tensors, as a float32 scalar (0 for an empty list)."""
   if not tensors:
     return tf.constant(0.0, tf.float32)
-  return tf.cast(tf.linalg.global_norm(list(tensors)), tf.float32)
+  return tf.cast(
+    tf.linalg.global_norm([_wide(tf.convert_to_tensor(t)) for t in tensors]), tf.float32
+  )
 
 
 def root_mean_square(tensors: Sequence[tf.Tensor]) -> tf.Tensor:

@@ -28,7 +28,9 @@ def mask_update(tensors, rate: float, seed, rescale: bool = False):
     keep = tf.cast(u >= tf.cast(rate, tf.float32), t.dtype)
     masked = t * keep
     if rescale:
-      masked = masked / tf.cast(1.0 - rate, t.dtype)
+      # In float32 at least: 1 - rate near 1 rounds to 0 in float16 (x / 0 = inf).
+      wide = tf.float32 if t.dtype in (tf.float16, tf.bfloat16) else t.dtype
+      masked = tf.cast(tf.cast(masked, wide) / tf.cast(1.0 - rate, wide), t.dtype)
     out.append(masked)
   return out
 
