@@ -59,6 +59,16 @@ def _build_count() -> int:
   return fedavg.build_count()
 
 
+def subsets_from_flags(f):
+  """(train, test) subset sizes, or None for whole splits.
+
+  --test_examples alone subsets the test split only; its default applies with
+  --train_examples (the subset runs' setting), never on its own.
+  """
+  test = f.test_examples if f.train_examples or f["test_examples"].present else None
+  return (f.train_examples, test) if f.train_examples or test else None
+
+
 def main(argv):
   del argv
   from absl import flags
@@ -68,7 +78,7 @@ def main(argv):
     cli.require_confined_worker()  # trains in TFF: exit 2 now if it cannot be confined
   # Flags, the thresholds file and every run folder are checked before any training;
   # a ValueError becomes one line and exit status 2 (experiments.cli).
-  subsets = (f.train_examples, f.test_examples) if f.train_examples else None
+  subsets = subsets_from_flags(f)
   conv = Convergence(
     f.output_dir,
     params_from_flags(f),
@@ -128,7 +138,11 @@ def define_flags():
   flags.DEFINE_string("dataset", "mnist", "Federated dataset.")
   flags.DEFINE_integer("train_examples", None, "Seeded subset of training images.", lower_bound=1)
   flags.DEFINE_integer(
-    "test_examples", 1000, "Seeded subset of test images (with --train_examples).", lower_bound=1
+    "test_examples",
+    1000,
+    "Seeded subset of test images (default 1000 with --train_examples; given alone, the "
+    "training set stays whole).",
+    lower_bound=1,
   )
   flags.DEFINE_list("aggregators", ["mean", "median"], "Aggregators.")
   flags.DEFINE_list("partitions", ["iid", "dirichlet"], "Client partitions.")

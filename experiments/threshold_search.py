@@ -200,9 +200,11 @@ def define_flags():
   flags.DEFINE_float(
     "defended_fraction",
     1.0,
-    "Fraction of the tested images the dataset threshold must defend.",
-    lower_bound=0.0,
-    upper_bound=1.0,
+    "Fraction of the tested images the dataset threshold must defend, in (0, 1].",
+  )
+  # (0, 1]: absl's bounds are closed, and 0 (defend no image) is no threshold.
+  flags.register_validator(
+    "defended_fraction", lambda v: 0.0 < v <= 1.0, message="must be a number in (0, 1]"
   )
   flags.DEFINE_integer(
     "iterations", 3000, "Attack optimiser iterations per restart.", lower_bound=1

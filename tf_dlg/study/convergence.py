@@ -215,18 +215,25 @@ def _setting(r: Dict[str, Any], kind: str) -> Tuple[float, str]:
 
 
 def parse_defense_params(items: Sequence[str]) -> Dict[str, Tuple[float, str]]:
-  """`["masking:0.6", "clipping:1.0"]` -> {defence: (value, "given")}."""
+  """`["masking:0.6", "clipping:1.0"]` -> {defence: (value, "given")}; a defence named
+  twice is refused (which value was meant cannot be guessed)."""
   out = {}
   for item in items:
     name, sep, value = item.partition(":")
     try:
       if not sep:
         raise ValueError
-      out[name.strip()] = (float(value), "given")
+      number = float(value)
     except ValueError:
       raise ValueError(
         f"--defense_params entry {item!r} must look like NAME:VALUE, e.g. masking:0.6"
       ) from None
+    if name.strip() in out:
+      raise ValueError(
+        f"--defense_params names {name.strip()!r} twice ({out[name.strip()][0]:g} and "
+        f"{number:g}); give each defence one value."
+      )
+    out[name.strip()] = (number, "given")
   return out
 
 
