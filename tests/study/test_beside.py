@@ -96,3 +96,20 @@ def test_stop_without_waiting_ends_the_child_at_once(log):
   trainer.stop(wait=False)
   assert time.time() - start < 120  # far below the 300 s the slow training sleeps
   assert trainer._process.returncode != 0
+
+
+def test_a_killed_child_is_named_killed_not_pointed_at_an_error_above(log):
+  """Killing the child (OOM killer, a user) says so; it printed no error to point at."""
+  import signal
+
+  trainer = beside.TrainBesideSearch(functools.partial(fake_make, str(log)))
+  trainer.offer({"slow": (1.0, "")})
+  deadline = time.time() + 120
+  while "slow" not in (log.read_text() if log.exists() else ""):
+    assert time.time() < deadline, "the slow training never started"
+    time.sleep(0.1)
+  os.kill(trainer._process.pid, signal.SIGKILL)
+  with pytest.raises(RuntimeError) as e:
+    trainer.finish()
+  assert "killed by SIGKILL" in str(e.value) and "above" not in str(e.value)
+  assert beside._no_result(3).endswith("(whatever it printed is above).")

@@ -96,17 +96,30 @@ class TrainBesideSearch:
       try:
         self._result = pickle.loads(out)
       except Exception:
-        self._result = (
-          "error",
-          RuntimeError(
-            f"the training beside the search ended with exit code {self._process.returncode} "
-            "and no result (its error is above)."
-          ),
-        )
+        self._result = ("error", RuntimeError(_no_result(self._process.returncode)))
     kind, value = self._result
     if kind == "error":
       raise value
     self.trained = value
+
+
+def _no_result(code: int) -> str:
+  """Why the child left no result: killed by a signal (it printed nothing), or its exit code."""
+  if code < 0:
+    import signal
+
+    try:
+      name = signal.Signals(-code).name
+    except ValueError:
+      name = f"signal {-code}"
+    return (
+      f"the training beside the search was killed by {name} before it finished (no error "
+      "of its own); rerun the same command to resume."
+    )
+  return (
+    f"the training beside the search ended with exit code {code} and no result "
+    "(whatever it printed is above)."
+  )
 
 
 def main() -> None:
