@@ -13,7 +13,7 @@ from scipy import stats
 
 from tf_dlg import defenses
 from tf_dlg.analysis import identification
-from tf_dlg.study import convergence, frontier
+from tf_dlg.study import convergence, frontier, matching
 
 SEEDS = (0, 1)
 ROUNDS = 3
@@ -173,7 +173,11 @@ def test_tiny_frontier_end_to_end(tmp_path, fake_training, install_fake_attack):
   # Outputs: the CSV reads back to the same records; the table and the figure exist.
   assert frontier.read_frontier(str(tmp_path / "frontier.csv")) == points
   table = (tmp_path / "frontier.md").read_text()
-  assert "| masking | rate 0.01 | masked_ig | 0.67 " in table and "(2/3)" in table
+  assert "| masking | rate 0.01 | masked_ig+gallery_match | 0.67 " in table and "(2/3)" in table
+  # Who identifies: the fake gallery matcher finds nothing, so every hit is a reconstruction's.
+  for p in points:
+    assert p.top1_gallery == 0.0 and p.top1_reconstruction == pytest.approx(p.top1), p.label
+  assert "identified by reconstruction 2/3, gallery matching 0/3" in table
   assert (tmp_path / "figures" / "frontier.png").stat().st_size > 5000
   # A rerun trains and attacks nothing new.
   trained, attacked = len(fake_training), len(calls)
@@ -333,6 +337,8 @@ def test_dp_point_carries_its_epsilon(tmp_path):
   )
   fr = frontier.Frontier(str(tmp_path), st, progress=False)
   iv = identification.identification_rate(np.array([True, False, False]))
+  iv = dict(num_images=3, top1=iv.estimate, top1_low=iv.low, top1_high=iv.high)
+  iv.update(dict.fromkeys(matching.MEASURES[3:], 0.5))
   row = dict(seeds="0 1", rounds=7, final_test_accuracy=0.5, final_low=0.4, final_high=0.6)
   rows = {
     "dp@2": dict(row, cost=0.3, cost_low=0.2, cost_high=0.4),
@@ -340,7 +346,8 @@ def test_dp_point_carries_its_epsilon(tmp_path):
   }
   p = fr._point("dp", 2.0, {("dp", 2.0): iv, ("dp", None): iv}, rows)
   assert p.epsilon == pytest.approx(_dp_epsilon(2.0, 5, 7, 1e-6), rel=1e-9)
-  assert (p.delta, p.identified, p.num_images, p.attackers) == (1e-6, 1, 3, "ig+idlg")
+  assert (p.delta, p.identified, p.num_images) == (1e-6, 1, 3)
+  assert p.attackers == "ig+idlg+gallery_match" and p.median_rank == 0.5
   assert (p.cost, p.baseline_accuracy, p.unit) == (0.3, 0.8, "noise_multiplier")
 
 

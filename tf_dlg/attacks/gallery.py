@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import weakref
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -116,6 +117,35 @@ def _chunk_scores(candidates, observed, carried):
   return tf.math.divide_no_nan(dots, denom)
 
 
+# One compiled candidate-update function per model and threat model, reused by every call
+# (weights are arguments): an XLA compilation costs seconds, a search calls hundreds of times.
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled(model, obs: ObservedUpdate, labels: str):
+  """(BatchedModel, fn(weights, images, labels) -> (updates, labels used)) for `model`."""
+  per_model = _COMPILED.setdefault(model, {})
+  threat = dataclasses.replace(
+    obs, update=[], model_weights=[], true_images=None, true_labels=None, metadata={}
+  )
+  key = (obs.kind, obs.local_steps, obs.learning_rate, labels)
+  if key not in per_model:
+    fmodel = functional.BatchedModel(model)
+
+    def compute(weights, images, labels_in):
+      if labels == "gallery":
+        g = candidate_updates(fmodel, weights, images, labels_in, threat)
+        return g, labels_in[:, None]
+      k = fmodel.num_classes
+      every = tf.repeat(images, k, axis=0)
+      label = tf.tile(tf.range(k, dtype=labels_in.dtype), [tf.shape(images)[0]])
+      g = candidate_updates(fmodel, weights, every, label, threat)
+      return tf.reshape(g, [tf.shape(images)[0], k, -1]), tf.reshape(label, [-1, k])
+
+    per_model[key] = (fmodel, tf.function(compute, jit_compile=True))
+  return per_model[key]
+
+
 class _Updates:
   """Candidate updates of one model and threat model, chunk by chunk, compiled once.
 
@@ -126,21 +156,11 @@ class _Updates:
   """
 
   def __init__(self, model, obs: ObservedUpdate, labels: str, chunk: int):
-    self.fmodel = functional.BatchedModel(model)
+    self.fmodel, self._fn = _compiled(model, obs, labels)
     weights = self.fmodel.trainable_weights_from(obs.model_weights)
     self.weights = [tf.constant(w, tf.float32) for w in weights]
-    self.obs, self.labels, self.chunk = obs, labels, chunk
+    self.labels, self.chunk = labels, chunk
     self.size = int(sum(np.prod(w.shape) for w in weights))
-    self._fn = tf.function(self._compute, jit_compile=True)
-
-  def _compute(self, images, labels):
-    if self.labels == "gallery":
-      return candidate_updates(self.fmodel, self.weights, images, labels, self.obs), labels[:, None]
-    k = self.fmodel.num_classes
-    every = tf.repeat(images, k, axis=0)
-    label = tf.tile(tf.range(k, dtype=labels.dtype), [tf.shape(images)[0]])
-    g = candidate_updates(self.fmodel, self.weights, every, label, self.obs)
-    return tf.reshape(g, [-1, k, self.size]), tf.reshape(label, [-1, k])
 
   def chunks(self, images, labels, cache_path: Optional[str] = None):
     """Yields (start, stop, updates [c, P] or [c, K, P], labels [c, 1 or K])."""
@@ -154,7 +174,9 @@ class _Updates:
         continue
       # Pad the last chunk: one compiled shape for the whole gallery.
       idx = np.minimum(np.arange(start, start + self.chunk), n - 1)
-      g, lab = self._fn(tf.constant(images[idx], tf.float32), tf.constant(labels[idx], tf.int64))
+      g, lab = self._fn(
+        self.weights, tf.constant(images[idx], tf.float32), tf.constant(labels[idx], tf.int64)
+      )
       g, lab = g.numpy()[: stop - start], lab.numpy()[: stop - start]
       if stored is not None:
         stored[0][start:stop] = g

@@ -298,12 +298,12 @@ class Frontier:
       unit=defense_registry.DEFENSES[defense].param_name,
       attackers="+".join(defense_registry.spec(defense).strongest_attackers),
       dataset=st.dataset,
-      num_images=st.num_images,
-      identified=_count(m["top1"], st.num_images),
+      num_images=m["num_images"],
+      identified=_count(m["top1"], m["num_images"]),
       top1=m["top1"],
       top1_low=m["top1_low"],
       top1_high=m["top1_high"],
-      undefended_identified=_count(rates[(defense, None)]["top1"], st.num_images),
+      undefended_identified=_count(rates[(defense, None)]["top1"], m["num_images"]),
       seeds=r["seeds"],
       rounds=int(r["rounds"]),
       final_accuracy=r["final_test_accuracy"],
@@ -392,6 +392,12 @@ def _rate(p: FrontierPoint) -> str:
   return f"{p.top1:.2f} [{p.top1_low:.2f}, {p.top1_high:.2f}] ({p.identified}/{p.num_images})"
 
 
+def _who(p: FrontierPoint) -> str:
+  from tf_dlg.study import matching
+
+  return matching.who_identifies(dataclasses.asdict(p), p.num_images) or "not measured"
+
+
 def frontier_markdown(points: Sequence[FrontierPoint], source: str = "") -> str:
   """The frontier table: one row per point, DP points with their (epsilon, delta)."""
   from tf_dlg.analysis import figures
@@ -406,6 +412,7 @@ def frontier_markdown(points: Sequence[FrontierPoint], source: str = "") -> str:
       f"{_pp(p.cost, p.cost_low, p.cost_high)} ({len(p.seeds.split())})",
       f"{p.baseline_accuracy:.3f} [{p.baseline_low:.3f}, {p.baseline_high:.3f}]",
       "" if p.epsilon is None else f"{p.epsilon:.3g} ({p.delta:g})",
+      _who(p),
     ]
     for p in points
   ]
@@ -413,7 +420,11 @@ def frontier_markdown(points: Sequence[FrontierPoint], source: str = "") -> str:
   intro = "# Privacy-utility frontier\n\n" + (
     f"`{head.dataset}` ({source}). Identification: fraction of {head.num_images} attacked "
     "images whose original some attacker picks top-1 among all the dataset's images, "
-    "with the exact (Clopper-Pearson) 95 % interval. Cost: undefended minus defended "
+    "with the exact (Clopper-Pearson) 95 % interval; who: the reconstruction attackers "
+    "(their reconstruction identified by correlation) and gallery matching (candidates "
+    "ranked by their own update's cosine with the observed one) apart, the originals' "
+    "median best rank, and membership measures read off those ranks (AUC, bootstrap "
+    "interval; TPR at 1 % FPR, exact interval). Cost: undefended minus defended "
     f"final accuracy of FedAvg (mean aggregation, IID clients, {head.rounds} rounds), "
     "paired by seed, in points with the 95 % t interval (seeds). DP: epsilon for the "
     "attacked client's own clipped, noised update seen every round.\n\n"
@@ -429,6 +440,7 @@ def frontier_markdown(points: Sequence[FrontierPoint], source: str = "") -> str:
     "cost pp [95 %] (seeds)",
     "baseline acc. [95 %]",
     "epsilon (delta)",
+    "who identifies; rank; membership",
   ]
   return intro + figures.markdown_table(header, rows) + "\n![frontier](figures/frontier.png)\n"
 

@@ -101,7 +101,7 @@ def _hits(records_by_attacker, attackers) -> Any:
 
 
 def leak_measures(records_by_attacker: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
-  """{MEASURES: value} of one setting from each attacker's per-image points.
+  """{MEASURES: value} (and `num_images`) of one setting from each attacker's points.
 
   An image is identified when some attacker ranks its original first; its rank is the
   best (lowest) over the attackers, and the membership measures
@@ -123,6 +123,7 @@ def leak_measures(records_by_attacker: Dict[str, List[Dict[str, Any]]]) -> Dict[
   tpr = membership.tpr_at_fpr(ranks, sizes)
   part = lambda kind: None if not kind else float(np.mean(_hits(records_by_attacker, kind)))
   return dict(
+    num_images=n,
     top1=top1.estimate,
     top1_low=top1.low,
     top1_high=top1.high,
@@ -136,3 +137,21 @@ def leak_measures(records_by_attacker: Dict[str, List[Dict[str, Any]]]) -> Dict[
     tpr1fpr_low=tpr.low,
     tpr1fpr_high=tpr.high,
   )
+
+
+def who_identifies(row: Dict[str, Any], num_images: int, suffix: str = "") -> str:
+  """One clause of `MEASURES` read from `row` (columns `<measure><suffix>`), e.g.
+  `reconstruction 1/8, gallery matching 8/8; median rank 1; membership AUC 1.00
+  [1.00, 1.00], TPR at 1 % FPR 1.00 [0.63, 1.00]`; "" where the row has none of them."""
+  get = lambda name: row.get(f"{name}{suffix}")
+  if any(get(k) is None for k in MEASURES if k not in ("top1_reconstruction", "top1_gallery")):
+    return ""
+  parts = []
+  for kind, label in (("reconstruction", "reconstruction"), ("gallery", "gallery matching")):
+    rate = get(f"top1_{kind}")
+    if rate is not None:
+      parts.append(f"{label} {int(round(rate * num_images))}/{num_images}")
+  ranked = f"median rank {get('median_rank'):.3g}"
+  auc = f"membership AUC {get('auc'):.2f} [{get('auc_low'):.2f}, {get('auc_high'):.2f}]"
+  tpr = f"TPR at 1 % FPR {get('tpr1fpr'):.2f} [{get('tpr1fpr_low'):.2f}, {get('tpr1fpr_high'):.2f}]"
+  return f"identified by {', '.join(parts)}; {ranked}; {auc}, {tpr}"

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from tf_dlg.analysis import figures
-from tf_dlg.study import tables
+from tf_dlg.study import matching, tables
 from tf_dlg.study.records import UNTESTED, attack_untested
 
 # The claims' "almost no cost" (two points of accuracy), the margin a cost is judged by.
@@ -353,7 +353,18 @@ def defence_line(defense, threshold_rows, dataset, trained, baseline, margin=MAR
       safe = p.state == PROTECTS and _same(r["param"], p.setting)
       points.append(_point(f"{defense} {r['param']:.3g}", r, rate, safe))
   verdict = _verdict(defense, p, clause, _elsewhere(threshold_rows, dataset, defense))
+  verdict += _measured_at(thr, p.setting)
   return Line(defense, p, cell, _short(p, clause), verdict, points)
+
+
+def _measured_at(row: Optional[Dict[str, Any]], setting: Optional[float]) -> str:
+  """` At 0.99: identified by reconstruction 1/8, gallery matching 8/8; median rank ...`
+  where the search measured its protective setting (the one the verdict names)."""
+  if row is None or not _same(row.get("protective_setting"), setting):
+    return ""
+  n = int(row.get("num_images") or 0)
+  clause = matching.who_identifies(row, n, "_at_protective") if n else ""
+  return f" At {setting:.3g}: {clause}." if clause else ""
 
 
 def frontier_line(defense: str, rows, baseline, margin=MARGIN) -> Line:
@@ -379,6 +390,12 @@ def frontier_line(defense: str, rows, baseline, margin=MARGIN) -> Line:
       f"**{defense}** does not protect within its range: {best['attack']} still identifies "
       f"{format_top1(rate(best))} at its best setting, {shown}; {clause}."
     )
+  who = (
+    matching.who_identifies(best, int(best.get("num_images") or 0))
+    if best.get("num_images")
+    else ""
+  )
+  verdict += f" At {best['setting']:.3g}: {who}." if who else ""
   # Labelled: the setting the verdict names, and every DP point (its epsilon).
   points = [
     _point(

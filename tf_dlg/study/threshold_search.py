@@ -516,8 +516,9 @@ class ThresholdSearch:
       setattr(row, f"{name}_high", iv.high)
     setting = _protective(row, space)
     row.protective_setting = setting
-    for name, value in self.measures(dataset, attackers, defense, setting).items():
-      setattr(row, f"{name}_at_protective", value)
+    measured = self.measures(dataset, attackers, defense, setting)
+    for name in matching.MEASURES:
+      setattr(row, f"{name}_at_protective", measured[name])
     row.seconds = time.perf_counter() - start
     return SearchedCell(row, found["defended"][0], found["id_defended"][0])
 
