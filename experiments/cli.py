@@ -22,6 +22,7 @@ it keeps its traceback. A worker that stops answering is one line, exit code 1.
 from __future__ import annotations
 
 import atexit
+import errno
 import os
 import signal
 import sys
@@ -85,7 +86,18 @@ _WORK_BEGUN = threading.Event()
 
 
 def work_begins() -> None:
-  """Every flag is checked: from here a `ValueError` is a bug and keeps its traceback."""
+  """Every flag is checked: from here a `ValueError` is a bug and keeps its traceback.
+
+  Also takes the run lock of `--output_dir` (`tf_dlg.io.lock_directory`): a folder that
+  another live run writes is one line, exit 2; a lock left by a dead run is taken over.
+  """
+  if "output_dir" in FLAGS and FLAGS.output_dir:
+    from tf_dlg import io as io_lib
+
+    try:
+      io_lib.lock_directory(FLAGS.output_dir)
+    except io_lib.DirectoryInUse as e:
+      fail(str(e))
   _WORK_BEGUN.set()
 
 
@@ -201,6 +213,13 @@ def _interrupted() -> None:
 def _one_line(e: BaseException) -> None:
   """Exits with one line for bad input, set-up problems and lost workers; else returns."""
   message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    where = f" writing {e.filename}" if e.filename else ""
+    fail(
+      f"no space left on the device{where} ({e.strerror}); free some and rerun the same "
+      "command: finished work is kept and resumed.",
+      code=1,
+    )
   if isinstance(e, _worker.WorkerUnavailable):
     fail(message, code=1 if _WORK_BEGUN.is_set() else 2)
   usage = isinstance(e, ValueError) and not _WORK_BEGUN.is_set()

@@ -147,3 +147,43 @@ def load_npz(
   if expected_format is not None and header.get("format") != expected_format:
     raise ValueError(f"{path!r} has format={header.get('format')!r}, expected {expected_format!r}.")
   return header, arrays
+
+
+LOCK_NAME = ".tf_dlg.lock"
+_HELD: Dict[str, int] = {}  # directory -> open descriptor holding its lock
+
+
+class DirectoryInUse(ValueError):
+  """Another live process runs in this output directory."""
+
+
+def lock_directory(path: str) -> str:
+  """Takes `path`'s run lock for the life of this process, or raises `DirectoryInUse`.
+
+  Two runs writing one output folder would append duplicate points and doubled curves.
+  The lock is an `flock` on `path/.tf_dlg.lock` holding the owner's pid: the kernel drops
+  it when its process ends however it ends, so a lock left by a dead run is taken over,
+  never refused. Child processes started by `subprocess` do not inherit it. Returns the
+  lock file's path; locking a directory this process holds already is a no-op.
+  """
+  import fcntl
+
+  path = os.path.abspath(path)
+  if path in _HELD:
+    return os.path.join(path, LOCK_NAME)
+  os.makedirs(path, exist_ok=True)
+  lock = os.path.join(path, LOCK_NAME)
+  fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+    os.close(fd)
+    raise DirectoryInUse(
+      f"output_dir {path!r} is in use by another run (pid {owner}); wait for it to end "
+      "or choose another --output_dir."
+    ) from None
+  os.ftruncate(fd, 0)
+  os.write(fd, f"{os.getpid()}\n".encode())
+  _HELD[path] = fd
+  return lock
