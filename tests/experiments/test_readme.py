@@ -24,12 +24,13 @@ DRIVERS = (
   "experiments.reproduce",
   "tf_dlg.execution.worker",
   "benchmarks.attack_speed",
+  "benchmarks.gallery_speed",
   "benchmarks.round_speed",
   "benchmarks.plain_fedavg",
 )
 # Options of other tools the README shows (pytest -m, pip --no-deps, ruff format --check,
-# tensorboard --logdir), not of a Python driver.
-SCRIPT_OPTIONS = {"m", "no-deps", "check", "logdir"}
+# tensorboard --logdir, test.sh --slow), not of a Python driver.
+SCRIPT_OPTIONS = {"m", "no-deps", "check", "logdir", "slow"}
 
 _LIST_FLAGS = """
 import contextlib, importlib, io, json, re, sys
