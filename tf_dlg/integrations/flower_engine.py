@@ -473,6 +473,17 @@ def _run_job(grid, job: _Job) -> None:
   job.arrays = arrays
 
 
+# Passed to every client actor, on every node: the same TensorFlow set-up everywhere
+# (thread count and oneDNN change the float rounding, and Adam's first steps amplify it).
+_ACTOR_ENV = ("TF_DLG_FLOWER_THREADS", "TF_ENABLE_ONEDNN_OPTS", "TF_CPP_MIN_LOG_LEVEL")
+
+
+def _actor_env() -> Dict[str, str]:
+  env = {k: os.environ[k] for k in _ACTOR_ENV if k in os.environ}
+  env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p)
+  return env
+
+
 def _ray_loopback() -> None:
   """A local Ray on 127.0.0.1 only.
 
@@ -548,8 +559,7 @@ class Session:
         _ray_loopback()
         init["address"] = "local"
         init["num_cpus"] = self.num_cpus
-      pythonpath = os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p)
-      ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init)
+      ray.init(runtime_env={"env_vars": _actor_env()}, **init)
       self._owns_ray = True
     ready = threading.Event()
     server = ServerApp()
