@@ -159,7 +159,9 @@ class _Updates:
     self.fmodel, self._fn = _compiled(model, obs, labels)
     weights = self.fmodel.trainable_weights_from(obs.model_weights)
     self.weights = [tf.constant(w, tf.float32) for w in weights]
-    self.labels, self.chunk = labels, chunk
+    # Every label of every candidate at once: keep the chunk's memory that of `chunk`.
+    self.labels = labels
+    self.chunk = chunk if labels == "gallery" else max(1, chunk // self.fmodel.num_classes)
     self.size = int(sum(np.prod(w.shape) for w in weights))
 
   def chunks(self, images, labels, cache_path: Optional[str] = None):
@@ -192,6 +194,8 @@ def _open_cache(path: Optional[str], shape):
     return None
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   complete = os.path.exists(path + ".complete") and os.path.exists(path)
+  if not complete and os.path.exists(path + ".complete"):
+    os.remove(path + ".complete")  # a marker without its map: never trust a rewrite
   mode = "r" if complete else "w+"
   return np.lib.format.open_memmap(
     path, mode=mode, dtype=np.float32, shape=None if complete else shape
