@@ -238,3 +238,15 @@ def test_calibration_summary_on_digits():
   assert all(b >= a - 0.1 for a, b in zip(curve, curve[1:])), curve  # rises with the SNR
   blur = [rate(f"blur sigma {s:g} px").estimate for s in calib.BLURS]
   assert blur[0] == 1.0 and blur[-1] < blur[0]
+
+
+def test_a_huge_valued_copy_is_still_identified():
+  """1e200 x the original overflows a plain mean and norm; identification must not call
+  it unidentified (that would make a defence look stronger than it is)."""
+  rng = np.random.default_rng(0)
+  gallery = rng.random((50, 6, 6, 1))
+  for scale in (1e-200, 1e200, 1e300):
+    result = idf.identify(gallery[[7]] * scale, gallery, [7])
+    assert result.rank[0] == 1 and result.pick[0] == 7, scale
+  tiny = idf.standardise(np.array([[0.0, 1e-300, 0.0, 0.0]]))
+  assert np.isfinite(tiny).all()

@@ -67,6 +67,10 @@ def standardise(images) -> np.ndarray:
   out = np.empty(x.shape, np.float32)
   for start in range(0, len(x), 4 * _CHUNK):  # float64 per chunk: precise, bounded memory
     part = x[start : start + 4 * _CHUNK].astype(np.float64)
+    # Scale each row to max |x| = 1 first: the mean and norm of a huge-valued image
+    # (1e200 x an original) would overflow to inf and standardise it to zeros.
+    peak = np.max(np.abs(part), axis=1, keepdims=True) if part.size else part
+    part = np.divide(part, peak, out=np.zeros_like(part), where=np.isfinite(peak) & (peak > 0))
     part -= part.mean(axis=1, keepdims=True)
     norm = np.linalg.norm(part, axis=1, keepdims=True)
     flat = norm <= math.sqrt(_FLAT * max(x.shape[1], 1))
