@@ -82,7 +82,7 @@ def test_objectives():
   masked = objectives.MaskedCosineMatching(tv_weight=0.0)
   np.testing.assert_allclose(masked.distance(garbage, masked_obs).numpy(), 0.0, atol=1e-6)
   assert np.all(cos.distance(garbage, masked_obs).numpy() > 0.05)
-  assert euclid.stop_threshold([np.full(4, 2.0)]) == pytest.approx(5e-9 * 16)  # relative
+  assert euclid.stop_threshold([np.full(4, 2.0)]) == pytest.approx(1e-8 * 16)  # relative
 
 
 def test_optimizer_isolates_non_finite_attack():

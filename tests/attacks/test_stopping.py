@@ -19,13 +19,14 @@ def test_relative_rule_scales_with_the_observed_update(scale):
   update = _update(scale)
   norm2 = sum(float(np.sum(np.square(u))) for u in update)
   relative = runner.make_objective("idlg").stop_threshold(update)
-  assert relative == pytest.approx(5e-9 * norm2, rel=1e-12)
+  assert relative == pytest.approx(1e-8 * norm2, rel=1e-12)
   capped = runner.make_objective("idlg", stop_rule="capped").stop_threshold(update)
   assert capped == pytest.approx(min(1e-8 * norm2, 1e-6), rel=1e-12)
   # An explicit tolerance is relative under the relative rule, absolute when asked.
   assert runner.make_objective("dlg", tolerance=1e-7).stop_threshold(update) == pytest.approx(
     1e-7 * norm2, rel=1e-12
   )
+  assert relative >= capped  # never stricter than the rule it replaced
   absolute = objectives.EuclideanMatching(tolerance=1e-7, relative=False)
   assert absolute.stop_threshold(update) == 1e-7
 

@@ -73,7 +73,7 @@ class AttackConfig:
       `learning_rate`).
     tolerance: Stop distance (None: the objective's default).
     stop_rule: Stop rule of the Euclidean objectives (`objectives.STOP_RULES`):
-      `relative` (distance < 5e-9 x ||observed||^2) or `capped`, the rule before it
+      `relative` (distance < 1e-8 x ||observed||^2) or `capped`, the rule before it
       (distance < min(1e-8 x ||observed||^2, 1e-6)), kept for side-by-side comparisons.
       The cosine objectives are scale-invariant and keep their own tolerance.
     tv_weight: Total-variation weight of the cosine objectives (None: default).
