@@ -3,8 +3,8 @@ r"""FedAvg without TFF: the compute floor of a round, and the search for setting
   .venv/bin/python -m benchmarks.plain_fedavg --grid          # the settings table
   .venv/bin/python -m benchmarks.plain_fedavg --rounds=20 --train_examples=10000 --seed=1
 
-The same clients, the same local steps (a `tf.function` step per batch, a fresh client
-optimizer each round) and weighted averaging of every model weight -- trainable ones and
+The same clients, the same local steps (a `tf.function` step per batch, or one over a
+client's whole epoch, `whole_epoch`; a fresh client optimizer each round) and weighted averaging of every model weight -- trainable ones and
 BatchNorm's moving statistics, as `tf_dlg.federated` does -- in one process with NumPy
 averaging and no federation. `tf_dlg.federated` in TFF must reach the same accuracy; this
 loop is how settings are searched quickly and what `benchmarks.round_speed` divides by.
@@ -58,8 +58,13 @@ def subset(dataset, setting: Setting):
   return dataset.x_train[tr], dataset.y_train[tr], dataset.x_test[te], dataset.y_test[te]
 
 
-def build(setting: Setting, input_shape, num_classes):
-  """(model, optimizer, one compiled local step) for `setting`."""
+def build(setting: Setting, input_shape, num_classes, whole_epoch: bool = False):
+  """(model, optimizer, compiled local training) for `setting`.
+
+  The training function is one `tf.function` step per batch (`step(x, y)`), or with
+  `whole_epoch` one `tf.function` call over a client's whole dataset (`step(dataset)`:
+  every batch of its local epochs in one graph, no Python between batches).
+  """
   if setting.model in ("bn_cnn", "bn_cnn_gap"):
     head = "gap" if setting.model == "bn_cnn_gap" else "flatten"
     model = models.bn_cnn(
@@ -84,7 +89,29 @@ def build(setting: Setting, input_shape, num_classes):
     opt.apply_gradients(zip(grads, model.trainable_variables))
     return loss
 
-  return model, opt, step
+  if not whole_epoch:
+    return model, opt, step
+
+  @tf.function(reduce_retracing=True)
+  def epoch(batches):
+    # `iter`: a while loop in the graph (`for ... in batches` becomes a slower reduce).
+    for x, y in iter(batches):
+      with tf.GradientTape() as tape:
+        loss = loss_fn(y, model(x, training=True))
+      grads = tape.gradient(loss, model.trainable_variables)
+      opt.apply_gradients(zip(grads, model.trainable_variables))
+
+  return model, opt, epoch
+
+
+def reset_optimizer(opt) -> None:
+  """A fresh client optimizer, as tff.learning builds per round: steps and moments to 0.
+
+  Keras 3 keeps the learning rate among `opt.variables`; it stays.
+  """
+  for v in opt.variables:
+    if "learning_rate" not in (getattr(v, "path", None) or v.name):
+      v.assign(tf.zeros_like(v))
 
 
 def local_batches(x, y, setting: Setting, round_num: int, client: int):
@@ -102,16 +129,23 @@ def aggregate(client_weights: List[List[np.ndarray]], sizes: Sequence[int], aggr
   return [np.tensordot(p, w, axes=1).astype(w.dtype) for w in by_variable]
 
 
-def fedavg_round(model, opt, step: Callable, clients, setting: Setting, round_num: int):
-  """One round: every client trains from the global weights; the server aggregates."""
+def fedavg_round(
+  model, opt, step: Callable, clients, setting: Setting, round_num: int, whole_epoch=False
+):
+  """One round: every client trains from the global weights; the server aggregates.
+
+  `whole_epoch`: `step` is `build(..., whole_epoch=True)`'s, one call per client.
+  """
   start = model.get_weights()
   weights, sizes = [], []
   for c, (x, y) in enumerate(clients):
     model.set_weights(start)
-    for v in opt.variables:  # a fresh client optimizer, as tff.learning builds per round
-      v.assign(tf.zeros_like(v))
-    for bx, by in local_batches(x, y, setting, round_num, c):
-      step(bx, by)
+    reset_optimizer(opt)
+    if whole_epoch:
+      step(local_batches(x, y, setting, round_num, c))
+    else:
+      for bx, by in local_batches(x, y, setting, round_num, c):
+        step(bx, by)
     weights.append(model.get_weights())
     sizes.append(len(x))
   model.set_weights(aggregate(weights, sizes, setting.aggregator))

@@ -2,8 +2,8 @@
 
 A real Flower simulation -- `ServerApp` and `ClientApp` on Ray actors, 2 clients, 1
 round, 60 digits -- with the defence mod, checked against the same round computed by
-hand: each client's local training alone, its update defended by `DefenseMod.defend`
-with the seed the engine promises, then NumPy's example-weighted mean (FedAvg) or
+hand: each client's local training alone, its update defended as the mod must
+(clipping to half its norm; masking's outcomes), then NumPy's mean (FedAvg) or
 `np.median` (FedMedian). Ray runs on 2 CPUs with one client per CPU; every test here
 shares one Flower simulation (one Ray start).
 """
@@ -15,10 +15,9 @@ import os
 import numpy as np
 import pytest
 
-from tf_dlg import data
 from tf_dlg.federated import simulation as sim
 from tf_dlg.federated.config import FederatedConfig
-from tf_dlg.integrations import flower, flower_engine
+from tf_dlg.integrations import flower_engine
 from tf_dlg.study import convergence
 
 CLIENTS = 2
@@ -38,34 +37,19 @@ def _config(**kw):
 
 
 def _by_hand(config, dataset):
-  """(server arrays after round 1, per-client (n, loss)) computed without Flower or Ray."""
+  """(start arrays, each client's trained arrays, examples) without Flower.
+
+  Each client's local training runs alone (`flower_engine.local_update`, in a Ray
+  worker: one TensorFlow thread, as in the client actors).
+  """
+  import ray
+
   model = flower_engine._keras_model(config, dataset.input_shape, dataset.num_classes)
   start = [np.asarray(w) for w in model.get_weights()]
-  parts = data.partition(dataset.y_train, config.num_clients, config.partition, seed=config.seed)
-  trainer = flower_engine.ClientTrainer(config, dataset.input_shape, dataset.num_classes)
-  sent, sizes = [], []
-  for cid in range(config.num_clients):
-    (batches,) = data.client_datasets(
-      dataset.x_train,
-      dataset.y_train,
-      [parts[cid]],
-      batch_size=config.batch_size,
-      shuffle=True,
-      seed=sim._round_seed(config, 1) + cid,
-    )
-    weights, n, _, _ = trainer.train(start, batches)
-    if config.defense != "none":
-      mod = flower.DefenseMod(
-        config.build_defense(trainer.exclude), seed=config.seed, exclude=trainer.exclude
-      )
-      seed = flower.message_seed(config.seed, 0, None, f"client{cid}/round1")
-      weights, _ = mod.defend(start, weights, seed)
-    sent.append(weights)
-    sizes.append(n)
-  if config.aggregator == "median":
-    return start, [np.median(np.stack(ws), axis=0) for ws in zip(*sent)], sizes
-  p = np.asarray(sizes, np.float64) / np.sum(sizes)
-  return start, [sum(pi * w for pi, w in zip(p, ws)) for ws in zip(*sent)], sizes
+  data = ("by-hand", dataset.x_train, dataset.y_train, dataset.num_classes)
+  train = ray.remote(num_cpus=0)(flower_engine.local_update)
+  trained = ray.get([train.remote(config, data, start, 1, c) for c in range(config.num_clients)])
+  return start, [t[0] for t in trained], [t[1] for t in trained]
 
 
 def _checkpoint_arrays(run_dir):
@@ -77,22 +61,41 @@ def _checkpoint_arrays(run_dir):
   return [arrays[f"a{i}"] for i in range(int(header["num_arrays"]))], header
 
 
-def test_a_defended_fedavg_round_equals_the_round_by_hand(tiny, tmp_path):
+def test_a_masked_fedavg_round_is_the_mean_of_independently_masked_clients(tiny, tmp_path):
+  """Server = start + mean over the 2 clients of (own mask x own update), BN excluded.
+
+  The masks' seeds fold in each update's exact bits (`defenses.base.folded_seed`), so
+  they are not recomputed here: every entry must be one of the four mask outcomes, each
+  about a quarter of the time (independent masks of rate 0.5), and excluded (BatchNorm)
+  arrays the plain mean.
+  """
   config = _config(defense="masking", defense_param=0.5)
   result = flower_engine.run_simulation(
     config, str(tmp_path), dataset=tiny, progress=False, num_cpus=CLIENTS
   )
   (row,) = result.history
-  start, expected, sizes = _by_hand(config, tiny)
+  start, trained, sizes = _by_hand(config, tiny)
+  assert sizes == [30, 30]  # equal weights: the mean is the half sum
   got, header = _checkpoint_arrays(str(tmp_path))
   assert header["engine"] == "flower" and header["round"] == 1
-  for g, e in zip(got, expected):
-    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
-  # The mod acted: about half the defended entries of each client are unchanged.
-  moved = np.mean(np.concatenate([(g != s).ravel() for g, s in zip(got, start)]))
-  assert 0.4 < moved < 0.95
+  exclude = flower_engine.ClientTrainer(config, tiny.input_shape, tiny.num_classes).exclude
+  counts = np.zeros(4)
+  for i, (g, s) in enumerate(zip(got, start)):
+    d0, d1 = (trained[0][i] - s).astype(np.float64), (trained[1][i] - s).astype(np.float64)
+    u = (g - s).astype(np.float64)
+    if exclude[i]:
+      np.testing.assert_allclose(u, (d0 + d1) / 2, rtol=1e-4, atol=1e-6)
+      continue
+    outcomes = np.stack([0 * d0, d0 / 2, d1 / 2, (d0 + d1) / 2])
+    err = np.abs(outcomes - u)
+    assert np.all(err.min(axis=0) <= 1e-6 + 1e-3 * np.abs(u)), f"array {i}"
+    # Where the four outcomes are far apart, which one it is counts.
+    spread = np.min([np.abs(outcomes[a] - outcomes[b]) for a in range(4) for b in range(a)], axis=0)
+    clear = spread > 1e-5
+    counts += np.bincount(err.argmin(axis=0)[clear], minlength=4)
+  assert counts.sum() > 5000
+  np.testing.assert_allclose(counts / counts.sum(), 0.25, atol=0.03)
   assert 0.4 < row["zero_fraction"] < 0.8 and row["clipped_fraction"] is None
-  assert sizes == [30, 30]
   # The server evaluated what it holds.
   model = flower_engine._keras_model(config, tiny.input_shape, tiny.num_classes)
   model.set_weights(got)
@@ -106,10 +109,17 @@ def test_fedmedian_round_equals_numpy_median_and_resumes(tiny, tmp_path):
   flower_engine.run_simulation(
     config, str(tmp_path), dataset=tiny, progress=False, num_cpus=CLIENTS
   )
-  _, expected, _ = _by_hand(config, tiny)
+  start, trained, _ = _by_hand(config, tiny)
+  exclude = flower_engine.ClientTrainer(config, tiny.input_shape, tiny.num_classes).exclude
+  # clipping_ratio 0.5: each client sends start + half its update (no randomness);
+  # BatchNorm arrays are excluded, sent as trained.
+  sent = [
+    [s + (t - s) * (1.0 if e else 0.5) for s, t, e in zip(start, client, exclude)]
+    for client in trained
+  ]
   got, _ = _checkpoint_arrays(str(tmp_path))
-  for g, e in zip(got, expected):
-    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+  for g, *ws in zip(got, *sent):
+    np.testing.assert_allclose(g, np.median(np.stack(ws), axis=0), rtol=1e-5, atol=1e-6)
   history = sim.read_history(os.path.join(tmp_path, sim.HISTORY_NAME))
   assert history[0]["clipped_fraction"] == 1.0  # every client clipped to half its norm
   # Resumed for a second round from the checkpoint; round 1 is kept as it was.

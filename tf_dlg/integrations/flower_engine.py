@@ -239,11 +239,37 @@ def _client_parts(key: str, y, config: FederatedConfig):
   return _PROCESS_CACHE[cache_key]
 
 
+def local_update(config: FederatedConfig, data, arrays, round_num: int, cid: int):
+  """Client `cid`'s local training in round `round_num`, from the server's `arrays`.
+
+  `data` is `(key, x_train, y_train, num_classes)` (the key names the partition cache).
+  Returns `(weights, examples, loss sum, correct predictions)`, undefended: what the
+  `ClientApp` replies before `DefenseMod`.
+  """
+  from tf_dlg import data as data_lib
+
+  key, x, y, num_classes = data
+  parts = _client_parts(key, y, config)
+  (batches,) = data_lib.client_datasets(
+    x,
+    y,
+    [parts[cid]],
+    batch_size=config.batch_size,
+    epochs=config.local_epochs,
+    shuffle=True,
+    # The TFF engine's shuffling seed of client `cid` (`simulation.client_data`).
+    seed=sim._round_seed(config, round_num) + cid,
+  )
+  return _trainer(config, x.shape[1:], num_classes).train(arrays, batches)
+
+
 def _message_config(msg):
   """(FederatedConfig, round, data key) a train message carries."""
   record = msg.content["config"]
-  config = FederatedConfig(**json.loads(str(record[_CONFIG_KEY])))
-  return config, int(record[_ROUND_KEY]), str(record[_DATA_KEY])
+  text = str(record[_CONFIG_KEY])
+  if ("config", text) not in _PROCESS_CACHE:  # checked once a run, not once a message
+    _PROCESS_CACHE["config", text] = FederatedConfig(**json.loads(text))
+  return _PROCESS_CACHE["config", text], int(record[_ROUND_KEY]), str(record[_DATA_KEY])
 
 
 def _client_id(context) -> int:
@@ -283,25 +309,13 @@ def client_app(refs: Dict[str, Any]):
 
   @app.train()
   def train(msg, context):
-    from tf_dlg import data as data_lib
-
     config, round_num, key = _message_config(msg)
-    cid = _client_id(context)
     x, y, num_classes = _client_data(key, refs)
-    parts = _client_parts(key, y, config)
-    (batches,) = data_lib.client_datasets(
-      x,
-      y,
-      [parts[cid]],
-      batch_size=config.batch_size,
-      epochs=config.local_epochs,
-      shuffle=True,
-      # The TFF engine's shuffling seed of client `cid` (`simulation.client_data`).
-      seed=sim._round_seed(config, round_num) + cid,
-    )
-    trainer = _trainer(config, x.shape[1:], num_classes)
     arrays = flower.record_arrays(msg.content["arrays"])
-    weights, n, loss_sum, hits = trainer.train(arrays, batches)
+    cid = _client_id(context)
+    weights, n, loss_sum, hits = local_update(
+      config, (key, x, y, num_classes), arrays, round_num, cid
+    )
     metrics = {
       _WEIGHT_KEY: n,
       "train_loss": loss_sum / max(n, 1),
@@ -356,6 +370,16 @@ def _client_of(msg) -> int:
 
 
 @dataclasses.dataclass
+class _Call:
+  """A function for the session's ServerApp thread, and what it gave back."""
+
+  fn: Any
+  done: threading.Event = dataclasses.field(default_factory=threading.Event)
+  result: Any = None
+  error: Optional[BaseException] = None
+
+
+@dataclasses.dataclass
 class _Job:
   """One run for the session's ServerApp thread."""
 
@@ -368,8 +392,6 @@ class _Job:
   history: List[Dict[str, Any]]
   last: int
   progress: bool
-  done: threading.Event = dataclasses.field(default_factory=threading.Event)
-  error: Optional[BaseException] = None
 
 
 def _save_checkpoint(path: str, arrays, round_num: int, history, fingerprint: str) -> None:
@@ -412,10 +434,34 @@ def fingerprint(config: FederatedConfig) -> str:
   return f"{ENGINE}-{config.fingerprint()}"
 
 
+def train_round(grid, strategy, config: FederatedConfig, arrays, round_num: int, data_key: str):
+  """One training round through Flower: (the server's new arrays, the round's metrics).
+
+  Sends every client the arrays and the run (`config`, round, data key), waits for all
+  replies (a client that fails fails the round), and aggregates them with `strategy`
+  in client order (the weighted sum is then the same every run).
+  """
+  from flwr.app import ArrayRecord, ConfigRecord
+
+  run_config = json.dumps(dataclasses.asdict(config), sort_keys=True)
+  record = ConfigRecord({_CONFIG_KEY: run_config, _ROUND_KEY: round_num, _DATA_KEY: data_key})
+  messages = strategy.configure_train(round_num, ArrayRecord(list(arrays)), record, grid)
+  replies = list(grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S))
+  failed = [m for m in replies if m.has_error()]
+  if failed or len(replies) != config.num_clients:
+    reason = failed[0].error.reason if failed else "no reply"
+    raise RuntimeError(
+      f"round {round_num}: {len(failed) or config.num_clients - len(replies)} of "
+      f"{config.num_clients} clients failed ({reason.strip().splitlines()[-1]})"
+    )
+  replies.sort(key=_client_of)
+  aggregated, metrics = strategy.aggregate_train(round_num, replies)
+  return [np.asarray(a) for a in aggregated.to_numpy_ndarrays()], metrics
+
+
 def _run_job(grid, job: _Job) -> None:
   """Trains `job`'s rounds in the ServerApp thread, writing history and checkpoint each round."""
   import tqdm
-  from flwr.app import ArrayRecord, ConfigRecord
 
   config, dataset = job.config, job.dataset
   strategy = strategy_for(config)
@@ -424,7 +470,6 @@ def _run_job(grid, job: _Job) -> None:
   hist_path = os.path.join(job.output_dir, sim.HISTORY_NAME)
   ckpt_path = os.path.join(job.output_dir, sim.CHECKPOINT_NAME)
   arrays, history = job.arrays, job.history
-  run_config = json.dumps(dataclasses.asdict(config), sort_keys=True)
   bar = tqdm.tqdm(
     range(job.start + 1, job.last + 1),
     initial=job.start,
@@ -435,20 +480,7 @@ def _run_job(grid, job: _Job) -> None:
   )
   for round_num in bar:
     t0 = time.perf_counter()
-    record = ConfigRecord({_CONFIG_KEY: run_config, _ROUND_KEY: round_num, _DATA_KEY: job.data_key})
-    messages = strategy.configure_train(round_num, ArrayRecord(arrays), record, grid)
-    replies = list(grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S))
-    failed = [m for m in replies if m.has_error()]
-    if failed or len(replies) != config.num_clients:
-      reason = failed[0].error.reason if failed else "no reply"
-      raise RuntimeError(
-        f"round {round_num}: {len(failed) or config.num_clients - len(replies)} of "
-        f"{config.num_clients} clients failed ({reason.strip().splitlines()[-1]})"
-      )
-    # Client order, not arrival order: the weighted sum is then the same every run.
-    replies.sort(key=_client_of)
-    aggregated, metrics = strategy.aggregate_train(round_num, replies)
-    arrays = [np.asarray(a) for a in aggregated.to_numpy_ndarrays()]
+    arrays, metrics = train_round(grid, strategy, config, arrays, round_num, job.data_key)
     model.set_weights(arrays)
     test_loss, test_acc = evaluator(dataset.x_test, dataset.y_test)
     row = dict(
@@ -522,7 +554,7 @@ class Session:
     self.num_cpus = None if self.address else int(num_cpus or os.cpu_count() or 1)
     self.client_cpus = int(client_cpus)
     self.verbose = verbose
-    self._jobs: "queue.Queue[Optional[_Job]]" = queue.Queue()
+    self._jobs: "queue.Queue[Optional[_Call]]" = queue.Queue()
     self._refs: Dict[str, Any] = {}
     self._data_keys: Dict[int, str] = {}
     self._thread: Optional[threading.Thread] = None
@@ -568,15 +600,15 @@ class Session:
     def main(grid, context):
       ready.set()
       while True:
-        job = self._jobs.get()
-        if job is None:
+        call = self._jobs.get()
+        if call is None:
           return
         try:
-          _run_job(grid, job)
+          call.result = call.fn(grid)
         except BaseException as e:  # handed to the caller's thread
-          job.error = e
+          call.error = e
         finally:
-          job.done.set()
+          call.done.set()
 
     backend = {"client_resources": {"num_cpus": self.client_cpus, "num_gpus": 0.0}}
 
@@ -618,14 +650,22 @@ class Session:
       self._keep = getattr(self, "_keep", []) + [dataset.x_train]  # ids stay unique
     return key
 
+  def call(self, fn):
+    """`fn(grid)` run in the simulation's ServerApp thread; returns its result."""
+    self.start()
+    call = _Call(fn)
+    self._jobs.put(call)
+    while not call.done.wait(1.0):
+      self._check_alive()
+    if call.error is not None:
+      raise call.error
+    return call.result
+
   def run(self, job: _Job) -> _Job:
+    """Trains `job`'s rounds (history and checkpoint written each round)."""
     self.start()
     job.data_key = self.data_key(job.dataset)
-    self._jobs.put(job)
-    while not job.done.wait(1.0):
-      self._check_alive()
-    if job.error is not None:
-      raise job.error
+    self.call(lambda grid: _run_job(grid, job))
     return job
 
   def close(self) -> None:
