@@ -175,3 +175,14 @@ def test_settings_the_engine_does_not_have_are_refused(change, says, tmp_path):
   with pytest.raises(ValueError, match=f"the flower engine does not run {says}.*--engine=tff"):
     flower_engine.run_simulation(_config(**change), str(tmp_path), progress=False)
   assert not os.listdir(tmp_path)
+
+
+def test_without_ray_the_engine_says_how_to_install_it(monkeypatch, tmp_path):
+  import importlib.util
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a)
+  )
+  with pytest.raises(ValueError, match=r"needs ray: pip install 'tf-dlg\[flower,simulation\]'"):
+    flower_engine.run_simulation(_config(), str(tmp_path), progress=False)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -75,6 +76,12 @@ def check_config(config: FederatedConfig) -> FederatedConfig:
   """`config` if the Flower engine runs it as the TFF engine would; else one-line ValueError."""
   if not isinstance(config, FederatedConfig):
     raise TypeError(f"config must be a FederatedConfig, got {type(config).__name__}.")
+  missing = [m for m in ("flwr", "ray") if importlib.util.find_spec(m) is None]
+  if missing:
+    raise ValueError(
+      f"the flower engine needs {' and '.join(missing)}: pip install 'tf-dlg[flower,simulation]' "
+      "(bash bazel_free_scripts/setup_core.sh builds .venv-k3 with them)."
+    )
   refused = []
   if config.clients_per_round not in (None, config.num_clients):
     refused.append(f"clients_per_round={config.clients_per_round} (every client trains)")
