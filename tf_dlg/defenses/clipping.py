@@ -146,7 +146,8 @@ class ValueClipping(base.Defense):
     return clip_by_value(tensors, _setting(self.param, tensors[0].dtype))
 
 
-# Cosine matching ignores a rescaled update: the strongest answer to norm clipping.
+# Cosine matching ignores a rescaled update: the strongest answer to norm clipping, by
+# reconstruction (ig) or by matching a gallery of candidates (gallery_match).
 SPEC = base.DefenseSpec(
   name="clipping",
   cls=Clipping,

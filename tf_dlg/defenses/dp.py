@@ -60,7 +60,8 @@ SPEC = base.DefenseSpec(
   name="dp",
   cls=DPGaussian,
   search=base.SearchRange(1e-4, 10.0, "log", "higher"),
-  # Noise has no adaptive answer: the better of cosine and Euclidean matching.
+  # Noise has no adaptive answer: the better of cosine and Euclidean matching, and
+  # gallery matching (the attacker the identification criterion assumes).
   strongest_attackers=("ig", "idlg", "gallery_match"),
   family="dp",
   # Noise multipliers (clip 1.0): over 15 full-participation rounds, epsilon ~3.3e5, ~3.4e3, ~65

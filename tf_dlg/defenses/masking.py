@@ -57,7 +57,8 @@ SPEC = base.DefenseSpec(
   cls=Masking,
   # Log scale: a few percent already stop the Euclidean iDLG attack.
   search=base.SearchRange(1e-4, 0.99, "log", "higher"),
-  # Masked cosine matching ignores the zeroed coordinates.
+  # Masked cosine matching ignores the zeroed coordinates; so does gallery matching
+  # (tf_dlg.attacks.gallery), which scores candidates on the coordinates carried.
   strongest_attackers=("masked_ig", "gallery_match"),
   family="masking",
   paper_cost="almost_none",

@@ -86,7 +86,8 @@ class RelativeNoising(Noising):
     ) * rms
 
 
-# Noise has no adaptive answer: the better of cosine and Euclidean matching.
+# Noise has no adaptive answer: the better of cosine and Euclidean matching, and
+# gallery matching (the attacker the identification criterion assumes).
 _NOISE_ATTACKERS = ("ig", "idlg", "gallery_match")
 SPEC = base.DefenseSpec(
   name="noising",

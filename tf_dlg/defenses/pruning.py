@@ -64,7 +64,8 @@ SPEC = base.DefenseSpec(
   name="pruning",
   cls=Pruning,
   search=base.SearchRange(0.01, 0.99, "linear", "higher"),
-  # Masked cosine matching ignores the zeroed coordinates.
+  # Masked cosine matching ignores the zeroed coordinates; so does gallery matching
+  # (tf_dlg.attacks.gallery), which scores candidates on the coordinates carried.
   strongest_attackers=("masked_ig", "gallery_match"),
   family="pruning",
   paper_cost="degrades",

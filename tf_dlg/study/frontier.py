@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from tf_dlg import defenses as defense_registry
 from tf_dlg import io as io_lib
 from tf_dlg import validation
+from tf_dlg.study import matching
 
 DP = "dp"
 # A setting protects when no attacked image is identified (the threshold search's
@@ -349,17 +350,8 @@ def _count(rate: float, n: int) -> int:
   return int(round(rate * n))
 
 
-_MEASURED = (
-  "top1_reconstruction",
-  "top1_gallery",
-  "median_rank",
-  "auc",
-  "auc_low",
-  "auc_high",
-  "tpr1fpr",
-  "tpr1fpr_low",
-  "tpr1fpr_high",
-)
+# The measures beside the top-1 rate (`matching.MEASURES` after top1 / low / high).
+_MEASURED = matching.MEASURES[3:]
 
 
 def run_frontier(
@@ -393,8 +385,6 @@ def _rate(p: FrontierPoint) -> str:
 
 
 def _who(p: FrontierPoint) -> str:
-  from tf_dlg.study import matching
-
   return matching.who_identifies(dataclasses.asdict(p), p.num_images) or "not measured"
 
 
