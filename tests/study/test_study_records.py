@@ -45,8 +45,10 @@ def _row(**kw):
 def test_threshold_row_is_the_csv_schema():
   assert set(records.THRESHOLD_FIELDS) == {f.name for f in dataclasses.fields(records.ThresholdRow)}
   assert len(set(records.THRESHOLD_FIELDS)) == len(records.THRESHOLD_FIELDS)
-  # The identification columns follow the paper's, so older readers see the same prefix.
-  assert records.THRESHOLD_FIELDS[-len(records.ID_FIELDS) :] == records.ID_FIELDS
+  # The identification columns follow the paper's, and the protective setting's measures
+  # come last, so older readers see the same prefix.
+  tail = records.ID_FIELDS + records.PROTECTIVE_FIELDS
+  assert records.THRESHOLD_FIELDS[-len(tail) :] == tail
 
 
 def test_both_criteria_round_trip_and_format(tmp_path):
