@@ -5,8 +5,9 @@ Settings: `FederatedConfig` defaults (bn_cnn, client Adam 3e-3, 2 local epochs o
 first reaches >= 90 % test accuracy at round 21 and ends at ~94 % after 30; median
 tracks it within about a point.
 
-Default suite: 5-round runs (the trends; seed 0 gives mean 0.70, median and trimmed mean with a
-malicious client 0.77 and 0.70, mean with one 0.10). `-m slow`: the issue's 30-round criteria.
+Default suite: 6-round runs (the trends). Five rounds gave mean 0.70 in one run and 0.55 in
+another (a CI run at load ~15: the TFF worker's client order is not fixed), below the 0.6
+bar; six keep the margin. `-m slow`: the issue's 30-round criteria.
 """
 
 import pytest
@@ -23,7 +24,7 @@ def runner(digits, tmp_path_factory):
   built, done = {}, {}
   root = tmp_path_factory.mktemp("convergence")
 
-  def run(aggregator, malicious=0, rounds=5):
+  def run(aggregator, malicious=0, rounds=6):
     key = (aggregator, malicious, rounds)
     if key not in done:
       config = FederatedConfig(
