@@ -14,7 +14,7 @@ import pytest
 from experiments import threshold_search
 from tf_dlg import defenses
 from tf_dlg.analysis import threshold as threshold_lib
-from tf_dlg.study import results
+from tf_dlg.study import records, results
 
 FAKE = dict(
   datasets=["digits"],
@@ -112,6 +112,11 @@ def test_adaptive_search_runs_the_named_attacker(tmp_path, fake_attack):
   recs = [r for r in search.log if r["defense"] == "masking"]
   assert recs and {r["attack"] for r in recs} == {"masked_ig", "gallery_match"}
   assert {r["status"] for r in recs if r["attack"] == "gallery_match"} == {"matched"}
+  # Every row carries the leak measures at its protective setting (written to the CSV).
+  for r in rows:
+    assert all(r[k] is not None for k in records.PROTECTIVE_FIELDS), r
+    assert r["top1_gallery_at_protective"] == 0.0  # the fake matcher never names one
+    assert r["auc_at_protective_low"] <= r["auc_at_protective"] <= r["auc_at_protective_high"]
   masking = next(r for r in rows if r["defense"] == "masking")
   space = threshold_lib.SearchSpace(*defenses.PARAMETER_SEARCH["masking"])
   first = json.loads(masking["per_image"])[0]

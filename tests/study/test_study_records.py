@@ -127,3 +127,11 @@ def test_point_record_round_trip_and_missing_fields():
   del rec["rank"]
   with pytest.raises(ValueError, match=r"lacks fields \['rank'\]"):
     records.Point.from_record(rec)
+
+
+def test_every_leak_measure_has_its_protective_column():
+  from tf_dlg.study import matching
+
+  cols = {matching.column(n, "_at_protective") for n in matching.MEASURES}
+  assert cols | {"protective_setting"} == set(records.PROTECTIVE_FIELDS)
+  assert matching.column("auc_low", "") == "auc_low"

@@ -91,6 +91,15 @@ MEASURES = (
 )
 
 
+def column(name: str, suffix: str) -> str:
+  """The CSV column of measure `name` at `suffix`: `auc` -> `auc_at_protective`, and an
+  interval bound keeps its ending last (`auc_low` -> `auc_at_protective_low`)."""
+  for end in ("_low", "_high"):
+    if name.endswith(end):
+      return f"{name[: -len(end)]}{suffix}{end}"
+  return f"{name}{suffix}"
+
+
 def _hits(records_by_attacker, attackers) -> Any:
   if not attackers:
     return None
@@ -143,7 +152,7 @@ def who_identifies(row: Dict[str, Any], num_images: int, suffix: str = "") -> st
   """One clause of `MEASURES` read from `row` (columns `<measure><suffix>`), e.g.
   `reconstruction 1/8, gallery matching 8/8; median rank 1; membership AUC 1.00
   [1.00, 1.00], TPR at 1 % FPR 1.00 [0.63, 1.00]`; "" where the row has none of them."""
-  get = lambda name: row.get(f"{name}{suffix}")
+  get = lambda name: row.get(column(name, suffix))
   if any(get(k) is None for k in MEASURES if k not in ("top1_reconstruction", "top1_gallery")):
     return ""
   parts = []

@@ -518,7 +518,7 @@ class ThresholdSearch:
     row.protective_setting = setting
     measured = self.measures(dataset, attackers, defense, setting)
     for name in matching.MEASURES:
-      setattr(row, f"{name}_at_protective", measured[name])
+      setattr(row, matching.column(name, "_at_protective"), measured[name])
     row.seconds = time.perf_counter() - start
     return SearchedCell(row, found["defended"][0], found["id_defended"][0])
 
