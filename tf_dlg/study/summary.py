@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import textwrap
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -474,7 +475,8 @@ def plot(lines: Sequence[Line], path: str, title: str, reference=None, margin=MA
   ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
   _cost_axis(ax, lines, margin)
   ax.set_ylabel("identified, top-1 rate\n(95 % exact interval)", fontsize=8)
-  ax.set_title(title, fontsize=8.5)
+  # Wrapped: with several strongest attackers per defence the title outgrew the axes.
+  ax.set_title(textwrap.fill(title, 90), fontsize=8.5)
   ax.grid(alpha=0.3)
   if any(x.points for x in lines):
     # Room right of the costliest point for its label, which would run into the legend.
