@@ -100,7 +100,8 @@ def column(name: str, suffix: str) -> str:
   return f"{name}{suffix}"
 
 
-def _hits(records_by_attacker, attackers) -> Any:
+def identified_by(records_by_attacker, attackers) -> Any:
+  """Per image: some attacker of `attackers` ranks its original first (None: no attackers)."""
   if not attackers:
     return None
   n = len(next(iter(records_by_attacker.values())))
@@ -123,14 +124,14 @@ def leak_measures(records_by_attacker: Dict[str, List[Dict[str, Any]]]) -> Dict[
   names = list(records_by_attacker)
   recon = [a for a in names if a != NAME]
   gallery = [a for a in names if a == NAME]
-  every = _hits(records_by_attacker, names)
+  every = identified_by(records_by_attacker, names)
   top1 = identification.identification_rate(every)
   n = len(every)
   ranks = [min(records_by_attacker[a][i]["rank"] for a in names) for i in range(n)]
   sizes = [records_by_attacker[names[0]][i]["gallery_size"] for i in range(n)]
   auc = membership.auc(ranks, sizes)
   tpr = membership.tpr_at_fpr(ranks, sizes)
-  part = lambda kind: None if not kind else float(np.mean(_hits(records_by_attacker, kind)))
+  part = lambda kind: None if not kind else float(np.mean(identified_by(records_by_attacker, kind)))
   return dict(
     num_images=n,
     top1=top1.estimate,

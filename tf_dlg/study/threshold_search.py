@@ -541,9 +541,8 @@ class ThresholdSearch:
     from tf_dlg.analysis import identification
 
     requests = [(i, param) for i in range(self.num_images)]
-    recs = [self.evaluate_images(dataset, a, defense, requests) for a in attackers]
-    hits = [any(bool(r[i]["top1"]) for r in recs) for i in range(self.num_images)]
-    return identification.identification_rate(np.array(hits, dtype=bool))
+    recs = {a: self.evaluate_images(dataset, a, defense, requests) for a in attackers}
+    return identification.identification_rate(matching.identified_by(recs, list(attackers)))
 
   def measures(self, dataset: str, attackers: Sequence[str], defense: str, param):
     """`matching.MEASURES` at `defense(param)`: top-1 by any attacker and by each kind,
