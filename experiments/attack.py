@@ -87,7 +87,9 @@ def main(argv):
   del argv
   started = _process_start()
   # Every flag is checked before any work (a ValueError: one line, exit 2).
-  record = single_attack.run(FLAGS.output_dir, settings_from_flags(), started, flag_prefix="--")
+  record = single_attack.run(
+    FLAGS.output_dir, settings_from_flags(), started, flag_prefix="--", checked=cli.work_begins
+  )
   name, timing = f"{record['dataset']}[{record['index']}]", record["timing"]
   print(f"[attack] {record['attack']} on {name} ({record['dataset_source']})")
   print(

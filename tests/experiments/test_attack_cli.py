@@ -93,3 +93,25 @@ def test_entry_point_checks_output_location_before_attacking(tmp_path):
   proc = _run_cli(tmp_path, "--dataset=digits", "--output_dir=/proc/tf_dlg_attack_out")
   assert proc.returncode == 2 and "cannot be created" in proc.stderr, proc.stderr
   assert "[attack]" not in proc.stdout
+
+
+def test_entry_point_refuses_a_folder_another_live_run_writes(tmp_path):
+  out = tmp_path / "run"
+  code = (
+    f"from tf_dlg import io; io.lock_directory({str(out)!r}); print('locked', flush=True); "
+    "import time; time.sleep(300)"
+  )
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", code], env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE
+  )
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    proc = _run_cli(tmp_path, "--dataset=digits", "--iterations=50", f"--output_dir={out}")
+  finally:
+    holder.kill()
+    holder.wait()
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert f"in use by another run (pid {holder.pid})" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert "[attack]" not in proc.stdout and not (out / "attack.json").exists()

@@ -97,6 +97,24 @@ def test_median_of_nan_coordinates_is_numpys(median_process):
   assert np.isnan(out.result["w"][0]) and np.isfinite(out.result["w"][1:]).all()
 
 
+def test_trimmed_mean_of_nan_coordinates_is_nan_and_others_scipys(trimmed_process):
+  """A NaN in a coordinate makes that coordinate NaN whatever trimming would drop; the
+  other coordinates are scipy's trimmed mean of their values (+-inf trimmed as extremes)."""
+  values = _client_values(5, seed=12)
+  values[1]["w"][0] = np.nan
+  values[4]["k"][1, 1] = np.nan
+  values[0]["k"][0, 0] = np.inf
+  out = trimmed_process.next(trimmed_process.initialize(), values)
+  for key in _SPECS:
+    stacked = _stack(values, key)
+    nan = np.isnan(stacked).any(axis=0)
+    want = scipy.stats.trim_mean(np.where(np.isnan(stacked), 0.0, stacked), 0.2, axis=0)
+    np.testing.assert_array_equal(np.isnan(out.result[key]), nan)
+    np.testing.assert_allclose(np.where(nan, 0.0, out.result[key]), np.where(nan, 0.0, want), 1e-6)
+  assert np.isnan(out.result["w"][0]) and np.isfinite(out.result["w"][1:]).all()
+  assert np.isnan(out.result["k"][1, 1]) and np.isfinite(out.result["k"][0, 0])
+
+
 def test_empty_round_reports_zeros_and_no_clients(median_process, trimmed_process):
   for process in (median_process, trimmed_process):
     out = process.next(process.initialize(), [])

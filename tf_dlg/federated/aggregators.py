@@ -130,7 +130,10 @@ def coordinate_trimmed_mean(stacked: tf.Tensor, trim_fraction: float) -> tf.Tens
     # floor(f * n) per side, as scipy; f < 0.5 keeps at least one value.
     k = tf.cast(tf.math.floor(trim_fraction * tf.cast(n, tf.float64)), tf.int32)
     s = tf.sort(x, axis=0)
-    return tf.reduce_mean(s[k : n - k], axis=0)
+    # tf.sort places NaN anywhere, so which values are trimmed would be arbitrary; a NaN
+    # coordinate stays NaN (as the median's), visible rather than silently trimmed away.
+    has_nan = tf.reduce_any(tf.math.is_nan(x), axis=0)
+    return tf.where(has_nan, tf.constant(np.nan, x.dtype), tf.reduce_mean(s[k : n - k], axis=0))
 
   return _empty_guard(stacked, trimmed)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from tf_dlg import data as data_lib
 from tf_dlg import io as io_lib
@@ -272,11 +272,14 @@ def run(
   settings: AttackSettings,
   started: Optional[float] = None,
   flag_prefix: str = "",
+  checked: Optional[Callable[[], None]] = None,
 ) -> Dict[str, Any]:
   """Checks, attacks, scores and writes; returns the record written to attack.json.
 
   `started`: when the work began (`time.time()`; default now): the record's timing counts
-  "startup" and "total" from it. `flag_prefix`: as in `check`.
+  "startup" and "total" from it. `flag_prefix`: as in `check`. `checked`: called once every
+  setting is checked and the image loaded, before the attack (a driver takes its run lock
+  there, so a bad value never locks a folder).
   """
   started = time.time() if started is None else started
   timing = {"startup": time.time() - started}
@@ -284,6 +287,8 @@ def run(
   t = time.perf_counter()
   ds = _load(settings, flag_prefix)
   timing["data"] = time.perf_counter() - t
+  if checked is not None:
+    checked()
   t = time.perf_counter()
   model, observed = _observe(settings, ds, defense)
   timing["observe"] = time.perf_counter() - t
