@@ -397,3 +397,54 @@ def test_median_clipping_ratio_set_in_the_state():
 def test_initial_state_refuses_a_state_without_a_parameter():
   with pytest.raises(TypeError, match="not the state of a defence aggregation process"):
     aggregator.initial_state({"round": 0}, 0.5)
+
+
+# ----------------------------------------------------------------------------- one entry
+
+
+def test_factory_is_the_one_entry_and_refuses_what_it_cannot_train():
+  median = defenses.get_defense("clipping_median", 1.0)
+  with pytest.raises(ValueError, match="clipping_median needs the round's other clients"):
+    aggregator.defense_factory(median, tff.aggregators.MeanFactory())
+  process = aggregator.factory(median, tff.aggregators.MeanFactory()).create(
+    VALUE_TYPE, WEIGHT_TYPE
+  )
+  values = [[np.full(s, c, np.float32) for s in SHAPES] for c in (1.0, 2.0, 4.0)]
+  out = process.next(process.initialize(), values, [1.0, 1.0, 1.0])
+  # Median client norm 2 x sqrt(23): the third client is clipped to it, the others pass.
+  _assert_close(out.result, [np.full(s, (1.0 + 2.0 + 2.0) / 3) for s in SHAPES])
+  masking = defenses.get_defense("masking", 0.5)
+  direct = aggregator.factory(masking, tff.aggregators.MeanFactory(), seed=3).create(
+    VALUE_TYPE, WEIGHT_TYPE
+  )
+  out = direct.next(direct.initialize(), _client_values(), WEIGHTS)
+  _assert_close(out.result, _mean(_defend_clients(masking, _client_values(), 0, 3), WEIGHTS))
+
+
+def test_a_run_builds_its_defence_once(digits, tmp_path, monkeypatch):
+  from tf_dlg.attacks.threat_model import ObservedUpdate
+  from tf_dlg.defenses import base
+  from tf_dlg.federated import simulation
+  from tf_dlg.federated.config import FederatedConfig
+
+  config = FederatedConfig(
+    defense="masking",
+    defense_param=0.5,
+    model="lenet",
+    num_clients=2,
+    rounds=1,
+    capture_round=1,
+  )
+  built = []
+  init = base.Defense.__init__
+
+  def counting(self, *args, **kwargs):
+    built.append(type(self).__name__)
+    init(self, *args, **kwargs)
+
+  monkeypatch.setattr(base.Defense, "__init__", counting)
+  result = simulation.run_simulation(config, str(tmp_path), dataset=digits, progress=False)
+  assert built == ["Masking"]  # not for the check, the factory or the capture
+  (capture,) = tmp_path.glob("capture_round1_*.npz")
+  assert ObservedUpdate.load(str(capture)).defense == result.fedavg.defense.get_config()
+  assert result.fedavg.defense.get_config() == {"name": "masking", "rate": 0.5, "rescale": False}
