@@ -10,6 +10,7 @@ seeds are fixed, so the tests are deterministic anyway.
 
 import math
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -434,6 +435,8 @@ def test_dp_is_a_chain_of_the_privacy_query_clip_then_the_noising_transform():
   at_tensor = d.apply(update, tf.constant(0.7, tf.float64), 9)
   np.testing.assert_allclose(_flat(at_tensor), _flat(noised), rtol=1e-5, atol=1e-6)
   assert float(d.clip_scale(update)) == pytest.approx(0.5 / np.linalg.norm(raw), rel=1e-5)
+  again = pickle.loads(pickle.dumps(d))  # the chain's steps pickle (no lambdas)
+  np.testing.assert_array_equal(_flat(again(update, 9)), _flat(d(update, 9)))
 
 
 def test_dp_epsilon_accounting_is_monotone():

@@ -5,6 +5,8 @@ Expected values are hand computations or NumPy; no TFF, no tensorflow-privacy (t
 chain's check is in `test_defenses.py`), so this runs in the core environment too.
 """
 
+import pickle
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -128,3 +130,15 @@ def test_chain_takes_at_most_one_clipping_step():
   clip = defenses.Clipping(1.0)
   with pytest.raises(ValueError, match="at most one norm-clipping step"):
     base.Chain(1.0, steps=((clip, lambda p: p), (clip, lambda p: p)))
+
+
+def test_every_defence_pickles_into_the_same_transform():
+  update = _update()
+  for name in defenses.DEFENSES:
+    param = {"none": None, "dp": 0.5}.get(name, 0.25)
+    d = defenses.get_defense(name, param, exclude=[False, True])
+    again = pickle.loads(pickle.dumps(d))
+    assert again.get_config() == d.get_config() and again.exclude == [False, True]
+    if d.single_update and name != "dp":  # dp's clip needs tensorflow-privacy: test_defenses.py
+      for a, b in zip(again(update, 4), d(update, 4)):
+        np.testing.assert_array_equal(a, b)

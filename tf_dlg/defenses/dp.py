@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from tf_dlg import validation
 from tf_dlg.defenses import base, clipping, noising
 
@@ -50,6 +52,15 @@ class QueryClipping(base.Defense):
     return clipping.clip_scale(tensors, param)
 
 
+def _constant(value, param):
+  del param
+  return value
+
+
+def _times(factor, param):
+  return param * factor
+
+
 class DPGaussian(base.Chain):
   """DP-SGD's clip-and-noise on one update; param = noise multiplier >= 0."""
 
@@ -62,8 +73,12 @@ class DPGaussian(base.Chain):
   def __init__(self, noise_multiplier: float, exclude=None, l2_norm_clip: float = 1.0):
     type(self).check(noise_multiplier)  # the parameter's error before the option's
     clip = QueryClipping.check(l2_norm_clip)
-    # The noise step's stddev z x C, a Python float or (TFF) a float64 tensor.
-    steps = ((QueryClipping(clip), lambda z: clip), (noising.Noising(0.0), lambda z: z * clip))
+    # The clip step's bound is C whatever z; the noise step's stddev is z x C, a Python
+    # float or (TFF) a float64 tensor. Partials, not lambdas, so that the defence pickles.
+    steps = (
+      (QueryClipping(clip), functools.partial(_constant, clip)),
+      (noising.Noising(0.0), functools.partial(_times, clip)),
+    )
     super().__init__(noise_multiplier, exclude, steps)
     self.l2_norm_clip = clip
 
