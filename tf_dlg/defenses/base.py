@@ -13,7 +13,8 @@ keeps the parameter elsewhere (TFF keeps it in the process state, so that one bu
 computation serves every setting) passes it in: `apply` takes `param` as a Python number
 or a float64 scalar tensor. Nothing is copied and changed.
 
-`chain(first, then, ...)` composes transforms (`dp` is clip then noise).
+`Chain(param, exclude, steps=((defense, param_of), ...))` composes transforms, as
+optax's `chain` does (`dp` is clip then noise).
 
 `exclude` (a structure of bools like the update) marks tensors passed through untouched,
 e.g. BatchNorm variables (`tf_dlg.defenses.batchnorm_exclusion`).
