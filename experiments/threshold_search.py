@@ -3,7 +3,7 @@ r"""Experiment 1: each image's threshold, and each dataset's, with intervals.
 For each dataset, `--num_images` training images are attacked one at a time (batch size 1,
 the DLG/iDLG setting) through the reference LeNet. For each (dataset, attack, defence)
 every image gets its own threshold by bisection (`tf_dlg.analysis.threshold`) between
-the ends of the defence's range (`tf_dlg.defenses.PARAMETER_SEARCH`), down to
+the ends of the defence's range (`tf_dlg.study.defense_table.PARAMETER_SEARCH`), down to
 `--log_resolution` (a factor) on log scales and `--linear_resolution` on linear ones.
 At each bisection step the images still bisecting are attacked together in one
 `run_attacks` call, each with `--restarts` differently seeded starts, so "defended"
@@ -165,12 +165,13 @@ def main(argv):
 def define_flags():
   from absl import flags
 
-  from tf_dlg import data, defenses
+  from tf_dlg import data
   from tf_dlg.attacks import runner
+  from tf_dlg.study import defense_table
 
   cli.define_enum_list("datasets", DEFAULT_DATASETS, data.DATASETS, "Datasets to search.")
   cli.define_enum_list(
-    "defenses", DEFAULT_DEFENSES, defenses.PARAMETER_SEARCH, "Defences to search."
+    "defenses", DEFAULT_DEFENSES, defense_table.PARAMETER_SEARCH, "Defences to search."
   )
   cli.define_enum_list("attacks", ["idlg"], runner.ATTACKS, "Attacks of the plain search.")
   flags.DEFINE_boolean(

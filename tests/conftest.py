@@ -26,7 +26,6 @@ TFF_STACK_TESTS = [
   "test_data.py",  # tensorflow-datasets
   "test_defense_spec.py",  # TFF rounds
   "test_defenses.py",  # the dp defence's cases: tensorflow-privacy, dp-accounting
-  "test_defenses_aggregator.py",
   "test_dp_accounting.py",
   "test_fail_closed_worker.py",
   "test_federated*.py",

@@ -3,7 +3,8 @@
 Data flow: `tf_dlg.data` (dataset) -> `tf_dlg.attacks.threat_model` (the client update an
 attacker observes) -> `tf_dlg.defenses` (what the client does to it first) ->
 `tf_dlg.attacks` (reconstruction) -> `tf_dlg.metrics` (leakage score).
-Federated training with the same defences lives in `tf_dlg.federated`.
+Federated training with the same defences lives in `tf_dlg.federated`, Keras and Flower
+glue in `tf_dlg.integrations`, the studies in `tf_dlg.study` (layers: docs/ARCHITECTURE.md).
 """
 
 __version__ = "0.1.0"

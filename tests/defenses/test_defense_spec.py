@@ -1,9 +1,11 @@
-"""A defence is one module: its spec, its registration line, and every path that reads it.
+"""A defence is a transform (one registration line) and a study row (one more), and every
+path that reads them.
 
-A toy defence declared here (a transform and a module-level `DefenseSpec`, registered in
-one line) is searched by the threshold search, trained with in TFF and used by Keras,
-with no other file edited. Also: `clipping_median` says it is training-only, the one
-federated configuration, and importing tf_dlg leaves TFF's execution context alone.
+A toy defence declared here (a `Defense` subclass registered in `tf_dlg.defenses`, and its
+`DefenseRow` in `tf_dlg.study.defense_table`) is searched by the threshold search,
+trained with in TFF and used by Keras, with no other file edited. Also: `clipping_median`
+says it is training-only, the one federated configuration, and importing tf_dlg leaves
+TFF's execution context alone.
 """
 
 import dataclasses
@@ -19,6 +21,8 @@ import tensorflow as tf
 from tf_dlg import defenses
 from tf_dlg.analysis import threshold as threshold_lib
 from tf_dlg.defenses import base
+from tf_dlg.integrations import keras as defenses_keras
+from tf_dlg.study import defense_table
 
 
 class ToyScale(base.Defense):
@@ -28,53 +32,62 @@ class ToyScale(base.Defense):
   param_name = "factor"
   clips = True
 
-  def __init__(self, factor, exclude=None):
-    super().__init__(base.check_number("factor", factor, 0.0, 1.0, low_open=True), exclude)
+  @staticmethod
+  def check(factor):
+    return base.check_number("factor", factor, 0.0, 1.0, low_open=True)
 
-  def _apply(self, tensors, seed):
-    return [t * tf.cast(self.param, t.dtype) for t in tensors]
+  def _apply(self, tensors, param, seed):
+    return [t * tf.cast(param, t.dtype) for t in tensors]
 
-  def clip_scale(self, update):
-    return tf.cast(self.param, tf.float32)  # a float64 tensor in TFF training
+  def _clip_scale(self, tensors, param):
+    return tf.cast(param, tf.float32)  # a float64 tensor in TFF training
 
 
-TOY_SPEC = base.DefenseSpec(
-  name="toy_scale",
-  cls=ToyScale,
-  search=base.SearchRange(1e-3, 1.0, "log", "lower"),
-  strongest_attackers=("ig",),
-  family="toy",
-  absolute=base.UnitLink("clipping", "norm"),
-  paper_cost="degrades",
-)
+def _toy_row():
+  return defense_table.DefenseRow(
+    name="toy_scale",
+    search=defense_table.SearchRange(1e-3, 1.0, "log", "lower"),
+    strongest_attackers=("ig",),
+    family="toy",
+    absolute=defense_table.UnitLink("clipping", "norm"),
+    paper_cost="degrades",
+  )
 
 
 @pytest.fixture
 def toy():
-  """The one registration line, undone afterwards so other tests see the real registry."""
-  defenses.register(TOY_SPEC)
-  yield TOY_SPEC
-  defenses.unregister(TOY_SPEC.name)
+  """The two registration lines, undone afterwards so other tests see the real tables."""
+  defenses.register(ToyScale)
+  row = defense_table.register(_toy_row())
+  yield row
+  defense_table.unregister(row.name)
+  defenses.unregister(row.name)
 
 
 def test_registering_adds_the_defence_to_every_view(toy):
   from experiments import threshold_search
 
   assert defenses.DEFENSES["toy_scale"] is ToyScale
-  assert defenses.PARAMETER_SEARCH["toy_scale"] == (1e-3, 1.0, "log", "lower")
+  assert defense_table.PARAMETER_SEARCH["toy_scale"] == (1e-3, 1.0, "log", "lower")
   assert threshold_search.STRONGEST_ATTACKER["toy_scale"] == ("ig",)
   assert threshold_search.ABSOLUTE_OF["toy_scale"] == ("clipping", "norm")
   assert "toy_scale" not in threshold_search.RELATIVE_OF
   d = defenses.get_defense("toy_scale", 0.5)
   np.testing.assert_allclose(d([tf.ones([3])])[0], [0.5] * 3)
+  with pytest.raises(ValueError, match="already in the table"):
+    defense_table.register(dataclasses.replace(toy, family="other"))
+
+  class Other(ToyScale):
+    pass
+
   with pytest.raises(ValueError, match="already registered"):
-    defenses.register(dataclasses.replace(TOY_SPEC, family="other"))
+    defenses.register(Other)
 
 
 def test_the_papers_cost_claim_about_a_defence_is_tested_in_claims(toy, tmp_path):
   from tf_dlg.study import claims
 
-  assert defenses.paper_cost_claims()["toy"] == "degrades"
+  assert defense_table.paper_cost_claims()["toy"] == "degrades"
   row = dict(aggregator="mean", partition="iid", param=0.1, param_source="plain threshold")
   row.update(seeds="0 1 2", cost_low=0.05, cost_high=0.09)
   conv = [
@@ -88,17 +101,25 @@ def test_the_papers_cost_claim_about_a_defence_is_tested_in_claims(toy, tmp_path
 
 
 def test_unregistered_names_and_inconsistent_specs_are_refused():
-  assert "toy_scale" not in defenses.DEFENSES and "toy_scale" not in defenses.PARAMETER_SEARCH
+  assert "toy_scale" not in defenses.DEFENSES
+  assert "toy_scale" not in defense_table.PARAMETER_SEARCH
   with pytest.raises(ValueError, match="Unknown defence 'toy_scale'; expected one of none"):
     defenses.get_defense("toy_scale", 0.5)
-  with pytest.raises(ValueError, match="its class is named 'toy_scale'"):
-    dataclasses.replace(TOY_SPEC, name="other")
-  with pytest.raises(ValueError, match="paper_cost='cheap' is not one of"):
-    dataclasses.replace(TOY_SPEC, paper_cost="cheap")
+  # A study row needs its transform registered first.
+  with pytest.raises(ValueError, match="'toy_scale': no such defence in tf_dlg.defenses"):
+    _toy_row()
+  defenses.register(ToyScale)
+  try:
+    with pytest.raises(ValueError, match="paper_cost='cheap' is not one of"):
+      dataclasses.replace(_toy_row(), paper_cost="cheap")
+  finally:
+    defenses.unregister("toy_scale")
   with pytest.raises(ValueError, match="low < high"):
-    base.SearchRange(1.0, 1e-3, "log", "lower")
-  with pytest.raises(TypeError, match="DefenseSpec"):
-    defenses.register(ToyScale)
+    defense_table.SearchRange(1.0, 1e-3, "log", "lower")
+  with pytest.raises(TypeError, match="DefenseRow"):
+    defense_table.register(ToyScale)
+  with pytest.raises(TypeError, match="Defense subclass"):
+    defenses.register(_toy_row)
 
 
 # --------------------------------------------------------------------------- search
@@ -111,7 +132,7 @@ def _fake_attack(install_fake_attack, truth):
     del attack
     strength = -1.0
     if o.defense is not None:
-      space = threshold_lib.SearchSpace(*defenses.PARAMETER_SEARCH[o.defense["name"]])
+      space = threshold_lib.SearchSpace(*defense_table.PARAMETER_SEARCH[o.defense["name"]])
       strength = threshold_lib.strength_of(space, o.defense["factor"])
     if strength < truth[k]:
       return o.true_images
@@ -146,7 +167,7 @@ def test_toy_defence_is_searched_plain_and_adaptive(toy, tmp_path, install_fake_
     for t, value in zip(truth, per_image):  # defended at its threshold, within 1.5x
       assert threshold_lib.strength_of(space, value) >= t - 1e-3
       assert space.param(t) / value <= 1.5 * 1.01
-    # The spec's unit link: absolute equivalent = median over images of factor x norm.
+    # The row's unit link: absolute equivalent = median over images of factor x norm.
     norm = search.update_stats("digits")["norm"]
     assert row["absolute_equivalent"] == pytest.approx(float(np.median(row["threshold"] * norm)))
 
@@ -154,9 +175,13 @@ def test_toy_defence_is_searched_plain_and_adaptive(toy, tmp_path, install_fake_
 def test_training_only_defence_is_refused_by_the_search_and_on_one_update():
   from experiments import threshold_search
 
-  median = defenses.spec("clipping_median")
-  assert not median.single_update and median.search is None
-  assert "clipping_median" not in defenses.PARAMETER_SEARCH
+  assert not defenses.DEFENSES["clipping_median"].single_update
+  assert defense_table.row("clipping_median").search is None
+  assert "clipping_median" not in defense_table.PARAMETER_SEARCH
+  with pytest.raises(ValueError, match="a search needs a single-update defence"):
+    dataclasses.replace(
+      defense_table.row("clipping_median"), search=defense_table.SearchRange(0.1, 1, "log", "lower")
+    )
   d = defenses.get_defense("clipping_median", 0.5)  # the setting is valid ...
   with pytest.raises(ValueError, match="runs only in federated training"):
     d([tf.ones([3])])  # ... but one update cannot express it
@@ -173,7 +198,7 @@ def test_training_only_defence_is_refused_by_the_search_and_on_one_update():
 
 def test_toy_defence_in_keras_training(toy):
   model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(3)])
-  defended = defenses.DefendedModel(model, defenses.get_defense("toy_scale", 0.25), seed=0)
+  defended = defenses_keras.DefendedModel(model, defenses.get_defense("toy_scale", 0.25), seed=0)
   loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
   defended.compile(optimizer=tf.keras.optimizers.SGD(1.0), loss=loss)
   x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
@@ -184,7 +209,7 @@ def test_toy_defence_in_keras_training(toy):
   defended.train_on_batch(x, y)
   for b, a, g in zip(before, defended.trainable_variables, raw):
     np.testing.assert_allclose(b - a.numpy(), 0.25 * g.numpy(), rtol=1e-4, atol=1e-7)
-  got = defenses.defended_gradients(defenses.get_defense("toy_scale", 0.5), raw, seed=0)
+  got = defenses_keras.defended_gradients(defenses.get_defense("toy_scale", 0.5), raw, seed=0)
   np.testing.assert_allclose(got[0], 0.5 * raw[0].numpy(), rtol=1e-6)
   assert defenses.defense_from_config(defended.defense_config()["defense"]).get_config() == {
     "name": "toy_scale",
@@ -213,16 +238,18 @@ def test_toy_defence_in_a_tff_round(toy, digits, tmp_path):
   # Measured inside the round by the defence's factory: every client scaled by 0.25.
   assert row["clipped_fraction"] == 1.0 and row["zero_fraction"] < 0.5
   assert result.fedavg.defense.get_config() == {"name": "toy_scale", "factor": 0.25}
-  assert defenses.spec("toy_scale").tff is None  # the client transform itself
+  # The client transform itself: the defence object the run built, once.
+  assert result.fedavg.defense.single_update
 
 
 def test_clipping_median_trains_through_its_own_factory():
   from tf_dlg.execution import runtime
+  from tf_dlg.federated import defense_aggregator
 
   tff = runtime.install_context()
   value_type = tff.types.to_type([tff.TensorType(np.float32, [3])])
   d = defenses.get_defense("clipping_median", 1.0)
-  factory = defenses.spec("clipping_median").tff_factory(d, tff.aggregators.MeanFactory())
+  factory = defense_aggregator.factory(d, tff.aggregators.MeanFactory())
   process = factory.create(value_type, tff.TensorType(np.float32))
   values = [[np.full(3, s, np.float32)] for s in (1.0, 2.0, 4.0)]
   out = process.next(process.initialize(), values, [1.0, 1.0, 1.0])
@@ -274,7 +301,7 @@ def test_malicious_check_does_not_depend_on_the_number_of_rounds():
 def test_importing_tf_dlg_leaves_the_tff_context_alone():
   code = (
     "import tensorflow_federated as tff; ctx = tff.framework.get_context_stack().current; "
-    "import tf_dlg.defenses.aggregator, tf_dlg.federated, tf_dlg.federated.fedavg, "
+    "import tf_dlg.federated.defense_aggregator, tf_dlg.federated, tf_dlg.federated.fedavg, "
     "tf_dlg.federated.simulation, tf_dlg.federated.aggregators; "
     "assert tff.framework.get_context_stack().current is ctx; print('context kept')"
   )

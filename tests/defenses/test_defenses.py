@@ -1,6 +1,7 @@
 """Property tests of the defences (`tf_dlg.defenses`): they check numbers, not shapes.
 
-No TFF here (see `test_defenses_aggregator.py`; Keras: `test_defenses_keras.py`);
+No TFF here (see `tests/federated/test_federated_defense_aggregator.py`; Keras:
+`tests/integrations/test_keras.py`);
 everything is eager or `tf.function` TensorFlow.
 Tolerances for random defences are 4 standard deviations of the statistic, so a correct
 implementation fails one of these checks with probability well below 1e-4 -- and the
@@ -9,6 +10,7 @@ seeds are fixed, so the tests are deterministic anyway.
 
 import math
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -419,6 +421,24 @@ def test_dp_clips_then_adds_noise_of_multiplier_times_clip(noise_multiplier, cli
   }
 
 
+def test_dp_is_a_chain_of_the_privacy_query_clip_then_the_noising_transform():
+  """dp = tensorflow-privacy's clip, then `noising` at stddev z x C with the chain's seed."""
+  raw = np.random.default_rng(1).normal(size=(30, 20))
+  update = [tf.constant(raw, tf.float32)]
+  d = defenses.get_defense("dp", 0.7, l2_norm_clip=0.5)
+  assert isinstance(d, defenses.Chain)
+  assert [type(step).__name__ for step, _ in d.steps] == ["QueryClipping", "Noising"]
+  clipped = (raw * 0.5 / np.linalg.norm(raw)).astype(np.float32)
+  noised = defenses.get_defense("noising", 0.7 * 0.5)([tf.constant(clipped)], 9)
+  np.testing.assert_allclose(_flat(d(update, 9)), _flat(noised), rtol=1e-5, atol=1e-6)
+  # The noise multiplier passed in as TFF passes it (a float64 tensor): the same draw.
+  at_tensor = d.apply(update, tf.constant(0.7, tf.float64), 9)
+  np.testing.assert_allclose(_flat(at_tensor), _flat(noised), rtol=1e-5, atol=1e-6)
+  assert float(d.clip_scale(update)) == pytest.approx(0.5 / np.linalg.norm(raw), rel=1e-5)
+  again = pickle.loads(pickle.dumps(d))  # the chain's steps pickle (no lambdas)
+  np.testing.assert_array_equal(_flat(again(update, 9)), _flat(d(update, 9)))
+
+
 def test_dp_epsilon_accounting_is_monotone():
   # Directions and argument checks; the values themselves: tests/defenses/test_dp_accounting.py.
   eps = [dp_lib.dp_sgd_epsilon(z, 100, 0.01) for z in (0.7, 1.0, 2.0, 4.0)]
@@ -544,13 +564,6 @@ def test_config_round_trips_and_structure_is_kept(name):
   assert tf.nest.map_structure(lambda t: tuple(t.shape), out) == tf.nest.map_structure(
     lambda t: tuple(t.shape), nested
   )
-
-
-def test_parameter_search_ranges_are_valid_parameters():
-  assert set(defenses.PARAMETER_SEARCH) == set(PARAMS) - {"none"}
-  for name, (low, high, scale, stronger) in defenses.PARAMETER_SEARCH.items():
-    assert low < high and scale in ("log", "linear") and stronger in ("higher", "lower")
-    defenses.get_defense(name, low), defenses.get_defense(name, high)
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
@@ -779,27 +792,12 @@ def test_masking_a_batchnorm_fedavg_update(bn_round):
 # ----------------------------------------------------------------------------- package
 
 
-def test_defenses_tff_glue_does_not_import_the_federated_package():
-  """The defences <-> federated cycle is gone: TFF comes from tf_dlg.execution."""
-  code = (
-    "import sys, tf_dlg.defenses as d; f = d.defense_factory; "
-    "assert 'tensorflow_federated' in sys.modules; "
-    "bad = [m for m in sys.modules if m.startswith('tf_dlg.federated')]; "
-    "assert not bad, bad; print('ok')"
-  )
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
-
-
-def test_importing_defenses_loads_neither_keras_glue_nor_tff():
+def test_importing_defenses_loads_no_adapter_no_study_and_no_tff():
   code = (
     "import sys, tf_dlg.defenses as d; "
-    "bad = [m for m in ('tf_dlg.defenses.keras', 'tf_dlg.defenses.aggregator', "
-    "'tensorflow_federated', 'tf_dlg.federated') if m in sys.modules]; "
-    "assert not bad, bad; "
-    "assert d.DefendedModel.__module__ == 'tf_dlg.defenses.keras'; "
-    "assert 'tf_dlg.defenses.keras' in sys.modules; "
-    "assert 'tensorflow_federated' not in sys.modules; print('ok')"
+    "bad = [m for m in sys.modules if m == 'tensorflow_federated' or m.startswith("
+    "('tf_dlg.federated', 'tf_dlg.integrations', 'tf_dlg.study'))]; "
+    "assert not bad, bad; print('ok')"
   )
   out = subprocess.run(
     [sys.executable, "-c", code],
@@ -811,14 +809,8 @@ def test_importing_defenses_loads_neither_keras_glue_nor_tff():
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def test_lazy_attributes_resolve_and_unknown_ones_raise():
-  assert "defense_factory" in dir(defenses) and "DefendedModel" in dir(defenses)
-  assert defenses.defended_gradients.__module__ == "tf_dlg.defenses.keras"
-  with pytest.raises(AttributeError, match="no attribute 'defence_factory'"):
-    _ = defenses.defence_factory
-
-
-def test_parameter_search_has_relative_units_with_their_direction():
-  assert defenses.PARAMETER_SEARCH["clipping_ratio"][1] == 1.0  # 1 = no-op, weakest
-  assert defenses.PARAMETER_SEARCH["clipping_ratio"][3] == "lower"
-  assert defenses.PARAMETER_SEARCH["noising_ratio"][3] == "higher"
+def test_the_adapters_are_not_reachable_from_the_core_package():
+  """The TFF and Keras adapters live in tf_dlg.federated / tf_dlg.integrations now."""
+  for moved in ("DefendedModel", "defended_gradients", "defense_factory", "DefenseSpec"):
+    with pytest.raises(AttributeError, match=f"no attribute '{moved}'"):
+      getattr(defenses, moved)

@@ -16,6 +16,7 @@ from scipy import stats
 
 from tf_dlg.defenses import dp as dp_lib
 from tf_dlg.execution import runtime
+from tf_dlg.federated import defense_aggregator
 
 tff = runtime.install_context()
 
@@ -164,7 +165,7 @@ def _huge_clients(seed):
 def test_dp_fedavg_aggregator_clips_every_client_to_the_clip_norm():
   values = _huge_clients(0)
   assert min(np.linalg.norm(v) for v in values) > 10 * INITIAL_CLIP
-  got = _one_round(dp_lib.dp_fedavg_aggregator(0.0, CLIENTS, zeroing=False), values)
+  got = _one_round(defense_aggregator.dp_fedavg_aggregator(0.0, CLIENTS, zeroing=False), values)
   want = sum(INITIAL_CLIP * v / np.linalg.norm(v.astype(np.float64)) for v in values) / CLIENTS
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
   # The mean of clipped updates is bounded by the clip norm, whatever the clients send.
@@ -174,7 +175,7 @@ def test_dp_fedavg_aggregator_clips_every_client_to_the_clip_norm():
 def test_dp_fedavg_aggregator_zeroes_a_corrupted_client():
   values = _huge_clients(1)
   values[3] = np.full(DIM, 1e6, np.float32)
-  got = _one_round(dp_lib.dp_fedavg_aggregator(0.0, CLIENTS), values)
+  got = _one_round(defense_aggregator.dp_fedavg_aggregator(0.0, CLIENTS), values)
   # The corrupted client adds nothing; the denominator stays clients_per_round.
   kept = [v for i, v in enumerate(values) if i != 3]
   want = sum(INITIAL_CLIP * v / np.linalg.norm(v.astype(np.float64)) for v in kept) / CLIENTS
@@ -191,7 +192,7 @@ def test_dp_fedavg_aggregator_noise_scale(z):
   z_value = (z**-2 - (2 * sigma_b) ** -2) ** -0.5  # 1.1547 for z = 1, 0.5164 for z = 0.5
   want_std = z_value * INITIAL_CLIP / CLIENTS
   values = [np.zeros(DIM, np.float32) for _ in range(CLIENTS)]
-  got = _one_round(dp_lib.dp_fedavg_aggregator(z, CLIENTS, zeroing=False), values)
+  got = _one_round(defense_aggregator.dp_fedavg_aggregator(z, CLIENTS, zeroing=False), values)
   # Known mean 0: DIM x s^2 / sigma^2 ~ chi-square(DIM); a 1e-6 two-sided band, about
   # +-5 % on the std at DIM = 4000, excludes z x clip / clients (15 % low for z = 1).
   lo, hi = (math.sqrt(stats.chi2.ppf(p, DIM) / DIM) for p in (0.5e-6, 1 - 0.5e-6))

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from tf_dlg import defenses
 from tf_dlg.defenses import base
-from tf_dlg.defenses import keras as defenses_keras
+from tf_dlg.integrations import keras as defenses_keras
 
 
 def _half(n=4000, scale=100.0, seed=0):

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from tf_dlg import defenses
-from tf_dlg.defenses import keras as defenses_keras
+from tf_dlg.integrations import keras as defenses_keras
 
 LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -32,7 +32,7 @@ def _client_data(client):
 
 def _one_step(defense, client, weights=None):
   """(applied step, raw gradient) of one SGD(1) step of a client with the default seed."""
-  model = defenses.DefendedModel(_tanh(), defense)  # seed=0: the default every client shares
+  model = defenses_keras.DefendedModel(_tanh(), defense)  # seed=0: the default every client shares
   model.compile(optimizer=tf.keras.optimizers.SGD(1.0), loss=LOSS)
   model(tf.zeros([1, 16]))
   if weights is not None:
@@ -99,7 +99,7 @@ def test_defend_update_noise_differs_between_clients_with_the_default_seed():
 def test_fit_reports_the_real_loss_and_early_stopping_waits():
   """`fit`'s reported loss equals the batch loss computed here; EarlyStopping sees it."""
   x, y = _client_data(0)
-  model = defenses.DefendedModel(_tanh(), defenses.get_defense("masking", 0.1))
+  model = defenses_keras.DefendedModel(_tanh(), defenses.get_defense("masking", 0.1))
   model.compile(optimizer=tf.keras.optimizers.SGD(0.0), loss=LOSS)  # lr 0: weights stay
   expected = float(LOSS(y, model.model(x, training=False)))
   assert expected > 0.5  # three classes at random: about ln 3

@@ -14,7 +14,7 @@ import pytest
 from experiments import threshold_search
 from tf_dlg import defenses
 from tf_dlg.analysis import threshold as threshold_lib
-from tf_dlg.study import records, results
+from tf_dlg.study import defense_table, records, results
 
 FAKE = dict(
   datasets=["digits"],
@@ -44,7 +44,7 @@ def _strength(defense_config):
     return -1.0
   name = defense_config["name"]
   param = defense_config[defenses.DEFENSES[name].param_name]
-  space = threshold_lib.SearchSpace(*defenses.PARAMETER_SEARCH[name])
+  space = threshold_lib.SearchSpace(*defense_table.PARAMETER_SEARCH[name])
   return threshold_lib.strength_of(space, param)
 
 
@@ -118,14 +118,14 @@ def test_adaptive_search_runs_the_named_attacker(tmp_path, fake_attack):
     assert r["top1_gallery_at_protective"] == 0.0  # the fake matcher never names one
     assert r["auc_at_protective_low"] <= r["auc_at_protective"] <= r["auc_at_protective_high"]
   masking = next(r for r in rows if r["defense"] == "masking")
-  space = threshold_lib.SearchSpace(*defenses.PARAMETER_SEARCH["masking"])
+  space = threshold_lib.SearchSpace(*defense_table.PARAMETER_SEARCH["masking"])
   first = json.loads(masking["per_image"])[0]
   assert threshold_lib.strength_of(space, first) >= TRUE["masked_ig"][0] - 1e-3
   # noising_ratio: an absolute equivalent (median ratio x RMS), no relative one.
   noise = next(r for r in rows if r["defense"] == "noising_ratio")
   stats = search.update_stats("digits")
   # Both ig and idlg must be stopped: the stronger of their per-image thresholds.
-  space = threshold_lib.SearchSpace(*defenses.PARAMETER_SEARCH["noising_ratio"])
+  space = threshold_lib.SearchSpace(*defense_table.PARAMETER_SEARCH["noising_ratio"])
   for k, value in enumerate(json.loads(noise["per_image"])[:2]):
     assert threshold_lib.strength_of(space, value) >= max(TRUE["ig"][k], TRUE["idlg"][k]) - 1e-3
   # Found (the fake truths are finite), so the equivalent must be there: with two images
@@ -213,7 +213,7 @@ def test_equivalents_and_unknown_settings(tmp_path, fake_attack):
 
 
 def test_strongest_attacker_table_covers_every_searchable_defence():
-  assert set(threshold_search.STRONGEST_ATTACKER) == set(defenses.PARAMETER_SEARCH)
+  assert set(threshold_search.STRONGEST_ATTACKER) == set(defense_table.PARAMETER_SEARCH)
   assert threshold_search.STRONGEST_ATTACKER["masking"] == ("masked_ig", "gallery_match")
   assert threshold_search.STRONGEST_ATTACKER["clipping_ratio"] == ("ig", "gallery_match")
   assert threshold_search.STRONGEST_ATTACKER["noising"] == ("ig", "idlg", "gallery_match")

@@ -11,11 +11,12 @@ import tensorflow as tf
 
 from tf_dlg import data as data_lib
 from tf_dlg import defenses
-from tf_dlg.defenses import aggregator
 from tf_dlg.execution import runtime
+from tf_dlg.federated import defense_aggregator as aggregator
 from tf_dlg.federated import fedavg as fedavg_lib
 from tf_dlg.federated import simulation as sim
 from tf_dlg.federated.config import FederatedConfig
+from tf_dlg.study import defense_table
 
 runtime.install_context()
 
@@ -72,7 +73,7 @@ def test_config_overrides_are_checked_by_name(digits):
 
 
 def _middle(name):
-  low, high, scale, _ = defenses.PARAMETER_SEARCH[name]
+  low, high, scale, _ = defense_table.PARAMETER_SEARCH[name]
   return math.sqrt(low * high) if scale == "log" else 0.5 * (low + high)
 
 

@@ -21,6 +21,7 @@ from tf_dlg.attacks.threat_model import ObservedUpdate
 from tf_dlg.execution import runtime
 from tf_dlg.federated import simulation as sim
 from tf_dlg.federated.config import FederatedConfig
+from tf_dlg.study import defense_table
 
 
 @pytest.fixture
@@ -292,7 +293,7 @@ def test_two_loopback_workers_split_the_clients(simulate, sim_config, tmp_path):
 
 
 def _middle(name):
-  low, high, scale, _ = defenses.PARAMETER_SEARCH[name]
+  low, high, scale, _ = defense_table.PARAMETER_SEARCH[name]
   return math.sqrt(low * high) if scale == "log" else 0.5 * (low + high)
 
 

@@ -13,7 +13,7 @@ from scipy import stats
 
 from tf_dlg import defenses
 from tf_dlg.analysis import identification
-from tf_dlg.study import convergence, frontier, matching
+from tf_dlg.study import convergence, defense_table, frontier, matching
 
 SEEDS = (0, 1)
 ROUNDS = 3
@@ -152,7 +152,7 @@ def test_tiny_frontier_end_to_end(tmp_path, fake_training, install_fake_attack):
     assert (p.top1, p.top1_low, p.top1_high) == pytest.approx(_clopper_pearson(k, 3))
     # masked_ig finds 2 of 3 undefended; ig finds all 3 (idlg none).
     assert p.undefended_identified == (3 if p.defense == "dp" else 2), p.label
-    assert p.attackers == "+".join(defenses.spec(p.defense).strongest_attackers)
+    assert p.attackers == "+".join(defense_table.row(p.defense).strongest_attackers)
   # Costs: per seed the made-up cost, paired by seed, beside the undefended baseline.
   base = [_accuracy(None, s) for s in SEEDS]
   for p in points:
@@ -313,9 +313,9 @@ def test_bad_settings_fail_before_any_work(tmp_path, parts, match, fake_training
   assert fake_training == [] and not os.listdir(tmp_path)
 
 
-def test_spec_grids_run_from_leaking_to_strongest():
-  for name in defenses.PAPER_DEFENSES + ("dp",):
-    spec = defenses.spec(name)
+def test_frontier_grids_run_from_leaking_to_strongest():
+  for name in defense_table.PAPER_DEFENSES + ("dp",):
+    spec = defense_table.row(name)
     grid = spec.frontier
     assert (3 if name == "dp" else 4) <= len(grid) <= 6, name
     step = [b - a for a, b in zip(grid, grid[1:])]
@@ -323,11 +323,14 @@ def test_spec_grids_run_from_leaking_to_strongest():
       all(s > 0 for s in step) if spec.search.stronger == "higher" else all(s < 0 for s in step)
     )
   # Masking and pruning reach what masked cosine matching needs; clipping its strongest.
-  assert defenses.spec("masking").frontier[-1] >= 0.99
-  assert defenses.spec("pruning").frontier[-1] >= 0.99
-  assert defenses.spec("clipping_ratio").frontier[-1] == defenses.spec("clipping_ratio").search.low
+  assert defense_table.row("masking").frontier[-1] >= 0.99
+  assert defense_table.row("pruning").frontier[-1] >= 0.99
+  assert (
+    defense_table.row("clipping_ratio").frontier[-1]
+    == defense_table.row("clipping_ratio").search.low
+  )
   with pytest.raises(ValueError, match=r"frontier settings \[2.0\] lie outside"):
-    dataclasses.replace(defenses.spec("masking"), frontier=(0.5, 2.0))
+    dataclasses.replace(defense_table.row("masking"), frontier=(0.5, 2.0))
 
 
 def test_dp_point_carries_its_epsilon(tmp_path):

@@ -15,7 +15,7 @@ from scipy import stats
 
 from tf_dlg import defenses
 from tf_dlg.analysis import threshold as threshold_lib
-from tf_dlg.study import records, results
+from tf_dlg.study import defense_table, records, results
 from tf_dlg.study import threshold_search as search_lib
 
 SSIM = [0.3, 0.5, None]  # image 2 never leaks
@@ -36,7 +36,7 @@ def _strength(config):
   if config is None:
     return -1.0
   name = config["name"]
-  space = threshold_lib.SearchSpace(*defenses.PARAMETER_SEARCH[name])
+  space = threshold_lib.SearchSpace(*defense_table.PARAMETER_SEARCH[name])
   return threshold_lib.strength_of(space, config[defenses.DEFENSES[name].param_name])
 
 
@@ -63,7 +63,7 @@ def _exact(count, n):
 def test_identification_threshold_sees_through_an_inverted_leak(tmp_path, fake_attack):
   search = search_lib.ThresholdSearch(str(tmp_path), **SETTINGS)
   (row,) = search.run()
-  space = threshold_lib.SearchSpace(*defenses.PARAMETER_SEARCH["masking"])
+  space = threshold_lib.SearchSpace(*defense_table.PARAMETER_SEARCH["masking"])
   ssim, ident = json.loads(row["per_image"]), json.loads(row["id_per_image"])
   assert json.loads(row["id_per_image_status"]) == ["found", "found", "untested"]
   for truth, value in zip(SSIM[:2] + ID[:2], ssim[:2] + ident[:2]):

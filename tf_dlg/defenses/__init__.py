@@ -1,54 +1,40 @@
-"""Client-side defences against gradient leakage, one module each.
+"""Client-side defences against gradient leakage: a library of pure, seeded transforms.
 
-`get_defense(name, param, **options)` builds one by name; every defence is a pure,
-seeded TensorFlow transform of an update (`tf_dlg.defenses.base.Defense`), used
-unchanged by the attack experiments, by TFF (`defense_factory`) and by Keras
-(`tf_dlg.defenses.keras.DefendedModel`).
+`get_defense(name, param, **options)` builds one by name; every defence is a pure
+TensorFlow transform of an update, `defense.apply(update, param, seed)`, bound to the
+setting it was checked with (`defense(update, seed)`; `tf_dlg.defenses.base.Defense`).
+The same object is used unchanged by the attack experiments and by the adapters that
+carry it into training: TFF (`tf_dlg.federated.defense_aggregator`), Keras
+(`tf_dlg.integrations.keras`) and Flower (`tf_dlg.integrations.flower`). This package
+imports none of them, and no study: what a study knows about a defence (its search range,
+frontier grid, the paper's claims, its strongest attackers) is in
+`tf_dlg.study.defense_table`.
 
-Each module declares, beside its transform, a `DefenseSpec` (search range and direction,
-units, strongest attackers, TFF mapping); the registry below is one `register` line per
-spec, and `DEFENSES`, `PARAMETER_SEARCH`, `STRONGEST_ATTACKERS`, `ABSOLUTE_OF` and
-`RELATIVE_OF` are read-only views of the registered specs. A new defence is a module
-with a transform and a spec, and one `register(SPEC)` line.
-
-| name            | module      | parameter                           | stronger when |
-|-----------------|-------------|-------------------------------------|---------------|
-| masking         | masking.py  | rate in [0, 1)                      | higher        |
-| clipping        | clipping.py | L2 norm > 0                         | lower         |
-| clipping_ratio  | clipping.py | clip_ratio in (0, 1] x own L2 norm  | lower         |
-| clipping_median | clipping.py | clip_ratio in (0, 1] x round median | training only |
-| value_clipping  | clipping.py | bound > 0                           | lower         |
-| pruning         | pruning.py  | rate in [0, 1)                      | higher        |
-| noising         | noising.py  | stddev >= 0                         | higher        |
-| noising_ratio   | noising.py  | noise_ratio >= 0 x update RMS       | higher        |
-| dp              | dp.py       | noise multiplier >= 0 (clip 1.0)    | higher        |
+| name            | module      | parameter                           |
+|-----------------|-------------|-------------------------------------|
+| masking         | masking.py  | rate in [0, 1)                      |
+| clipping        | clipping.py | L2 norm > 0                         |
+| clipping_ratio  | clipping.py | clip_ratio in (0, 1] x own L2 norm  |
+| clipping_median | clipping.py | clip_ratio in (0, 1] x round median |
+| value_clipping  | clipping.py | bound > 0                           |
+| pruning         | pruning.py  | rate in [0, 1)                      |
+| noising         | noising.py  | stddev >= 0                         |
+| noising_ratio   | noising.py  | noise_ratio >= 0 x update RMS       |
+| dp              | dp.py       | noise multiplier >= 0 (clip 1.0)    |
 
 `clipping_ratio` and `noising_ratio` are the relative units: one setting means the same
 on any model's updates, where an absolute norm or stddev does not transfer.
 `clipping_median` clips each client of a round to a ratio of the round's median client
-norm: it needs the round, so it exists in federated training only and is not searched.
-
-Importing this package is cheap: the Keras glue (`DefendedModel`,
-`DefenseTrainStepMixin`, `defended_gradients`) and the TFF aggregators
-(`defense_factory`, `median_clipping_factory`, `dp_fedavg_aggregator`) load on first
-use, so attack-only code never imports TensorFlow Federated.
+norm: it needs the round (`Defense.single_update` is False), so it exists in federated
+training only. A new defence is a `Defense` subclass and one `register(cls)` line.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Mapping
-from typing import Callable, Dict, Optional
+import types
+from typing import Any, Dict, Optional
 
-from tf_dlg.defenses import clipping, dp, masking, noising, pruning
-from tf_dlg.defenses.base import (
-  Defense,
-  DefenseSpec,
-  NoDefense,
-  SearchRange,
-  UnitLink,
-  zero_fraction,
-)
+from tf_dlg.defenses.base import Chain, Defense, NoDefense, zero_fraction
 from tf_dlg.defenses.batchnorm import batchnorm_exclusion
 from tf_dlg.defenses.clipping import (
   Clipping,
@@ -66,19 +52,13 @@ from tf_dlg.defenses.pruning import Pruning, prune_by_magnitude
 
 __all__ = [
   "DEFENSES",
-  "PARAMETER_SEARCH",
-  "STRONGEST_ATTACKERS",
-  "ABSOLUTE_OF",
-  "RELATIVE_OF",
-  "PAPER_DEFENSES",
   "register",
   "unregister",
-  "spec",
+  "check_param",
   "get_defense",
+  "defense_from_config",
   "Defense",
-  "DefenseSpec",
-  "SearchRange",
-  "UnitLink",
+  "Chain",
   "NoDefense",
   "zero_fraction",
   "batchnorm_exclusion",
@@ -99,124 +79,72 @@ __all__ = [
   "add_noise",
   "Pruning",
   "prune_by_magnitude",
-  # Lazy (see _LAZY).
-  "DefendedModel",
-  "DefenseTrainStepMixin",
-  "defended_gradients",
-  "defense_from_config",
-  "defense_factory",
-  "median_clipping_factory",
-  "dp_fedavg_aggregator",
 ]
 
-_SPECS: Dict[str, DefenseSpec] = {}
+_CLASSES: Dict[str, type] = {}
+# {name: Defense subclass}, read-only; `register` adds to it.
+DEFENSES = types.MappingProxyType(_CLASSES)
 
 
-def register(defense_spec: DefenseSpec) -> DefenseSpec:
-  """Adds a defence to the registry (every view below sees it); returns the spec."""
-  if not isinstance(defense_spec, DefenseSpec):
-    raise TypeError(f"register takes a DefenseSpec, got {type(defense_spec).__name__}.")
-  known = _SPECS.get(defense_spec.name)
-  if known is not None and known is not defense_spec:
-    raise ValueError(f"A defence named {defense_spec.name!r} is already registered.")
-  _SPECS[defense_spec.name] = defense_spec
-  return defense_spec
+def register(cls: type) -> type:
+  """Adds a `Defense` subclass under its `name`; returns it."""
+  if not (isinstance(cls, type) and issubclass(cls, Defense)):
+    raise TypeError(f"register takes a Defense subclass, got {cls!r}.")
+  known = _CLASSES.get(cls.name)
+  if known is not None and known is not cls:
+    raise ValueError(f"A defence named {cls.name!r} is already registered.")
+  _CLASSES[cls.name] = cls
+  return cls
 
 
 def unregister(name: str) -> None:
   """Removes a registered defence (for tests that register a toy one)."""
-  spec(name)
-  del _SPECS[name]
+  _class(name)
+  del _CLASSES[name]
 
 
-def spec(name: str) -> DefenseSpec:
-  """The registered spec of `name`; ValueError naming the known defences."""
-  if name not in _SPECS:
-    raise ValueError(f"Unknown defence {name!r}; expected one of {', '.join(_SPECS)}.")
-  return _SPECS[name]
+def _class(name: str) -> type:
+  if name not in _CLASSES:
+    raise ValueError(f"Unknown defence {name!r}; expected one of {', '.join(_CLASSES)}.")
+  return _CLASSES[name]
 
 
-class _SpecView(Mapping):
-  """Read-only {name: read(spec)} over the registry, skipping specs where it is None."""
-
-  def __init__(self, read: Callable[[DefenseSpec], object]):
-    self._read = read
-
-  def __getitem__(self, name):
-    value = self._read(_SPECS[name]) if name in _SPECS else None
-    if value is None:
-      raise KeyError(name)
-    return value
-
-  def __iter__(self):
-    return (n for n, s in list(_SPECS.items()) if self._read(s) is not None)
-
-  def __len__(self):
-    return sum(1 for _ in self)
-
-  def __repr__(self):
-    return repr(dict(self))
+for _cls in (
+  NoDefense,
+  Masking,
+  Clipping,
+  RelativeClipping,
+  MedianClipping,
+  ValueClipping,
+  Pruning,
+  Noising,
+  RelativeNoising,
+  DPGaussian,
+):
+  register(_cls)
 
 
-def _link(link: Optional[UnitLink]):
-  return None if link is None else (link.other, link.statistic)
-
-
-DEFENSES = _SpecView(lambda s: s.cls)
-# (low, high, scale, stronger): the range the threshold search bisects.
-PARAMETER_SEARCH = _SpecView(lambda s: None if s.search is None else s.search.as_tuple())
-STRONGEST_ATTACKERS = _SpecView(lambda s: s.strongest_attackers if s.search else None)
-# Defence -> (the other unit's name, statistic of the undefended update it scales by).
-ABSOLUTE_OF = _SpecView(lambda s: _link(s.absolute))
-RELATIVE_OF = _SpecView(lambda s: _link(s.relative))
-
-
-def paper_cost_claims() -> Dict[str, str]:
-  """{family: the paper's accuracy-cost claim (`DefenseSpec.paper_cost`)}, registry order."""
-  return {s.family: s.paper_cost for s in _SPECS.values() if s.paper_cost}
-
-
-# The four defences of the paper, in the units that transfer between models.
-PAPER_DEFENSES = ("masking", "clipping_ratio", "pruning", "noising_ratio")
-
-register(DefenseSpec(name="none", cls=NoDefense))
-register(masking.SPEC)
-register(clipping.SPEC)
-register(clipping.RATIO_SPEC)
-register(clipping.MEDIAN_SPEC)
-register(clipping.VALUE_SPEC)
-register(pruning.SPEC)
-register(noising.SPEC)
-register(noising.RATIO_SPEC)
-register(dp.SPEC)
-
-# Loaded on first access (module __getattr__): the Keras glue and everything that needs TFF.
-_LAZY = {
-  "DefendedModel": "keras",
-  "DefenseTrainStepMixin": "keras",
-  "defended_gradients": "keras",
-  "defense_from_config": "keras",
-  "defense_factory": "aggregator",
-  "median_clipping_factory": "aggregator",
-  "dp_fedavg_aggregator": "dp",
-}
-
-
-def __getattr__(name):
-  if name in _LAZY:
-    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-  return sorted(list(globals()) + list(_LAZY))
+def check_param(name: str, param: Optional[float] = None):
+  """`param`, checked for defence `name` without building it (ValueError naming it)."""
+  cls = _class(name)
+  if cls is NoDefense:
+    return None
+  if param is None:
+    raise ValueError(f"Defence {name!r} needs a parameter (--defense_param).")
+  return cls.check(param)
 
 
 def get_defense(name: str, param: Optional[float] = None, **options) -> Defense:
   """Builds a defence by name, e.g. `get_defense("masking", 0.6, exclude=bn_mask)`."""
-  cls = spec(name).cls
+  cls = _class(name)
   if cls is NoDefense:
     return NoDefense(exclude=options.get("exclude"))
-  if param is None:
-    raise ValueError(f"Defence {name!r} needs a parameter (--defense_param).")
+  check_param(name, param)
   return cls(param, **options)
+
+
+def defense_from_config(config: Dict[str, Any]) -> Defense:
+  """Rebuilds a defence from its `get_config()` (the inverse, for serialisation)."""
+  config = dict(config)
+  cls = _class(config.pop("name"))
+  return get_defense(cls.name, config.pop(cls.param_name, None), **config)

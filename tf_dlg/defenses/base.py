@@ -1,22 +1,28 @@
-"""The `Defense` interface: a seeded transform of a client update before it leaves.
+"""The `Defense` interface: a pure, seeded transform of a client update before it leaves.
 
 A defence maps a nested structure of float tensors (an update: one tensor per model
-variable) to a structure of the same shapes. It is pure TensorFlow (usable inside
-`tf.function` and TFF computations) and its randomness is *stateless*: the output is a
-function of the update and the `seed` alone, so the attack experiments, TFF and Keras
-training all see exactly the same transform for the same seed.
+variable) to a structure of the same shapes, as a pure function of the update, its
+parameter and a seed: `defense.apply(update, param, seed)`, in the style of optax's
+gradient transformations. It is plain TensorFlow (usable inside `tf.function` and TFF
+computations) and its randomness is *stateless*, so the attack experiments, TFF and Keras
+training all see exactly the same transform for the same parameter and seed.
+
+A `Defense` object is frozen: it holds the setting it was checked with (`param`, the
+options, `exclude`), and `defense(update, seed)` applies that setting. An adapter that
+keeps the parameter elsewhere (TFF keeps it in the process state, so that one built
+computation serves every setting) passes it in: `apply` takes `param` as a Python number
+or a float64 scalar tensor. Nothing is copied and changed.
+
+`Chain(param, exclude, steps=((defense, param_of), ...))` composes transforms, as
+optax's `chain` does (`dp` is clip then noise).
 
 `exclude` (a structure of bools like the update) marks tensors passed through untouched,
 e.g. BatchNorm variables (`tf_dlg.defenses.batchnorm_exclusion`).
-
-`DefenseSpec` is what each defence module declares beside its transform: the
-parameter's search range and direction, its units, the attackers known to break it, and
-how it maps into TFF training. `tf_dlg.defenses` registers the specs, one line each.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
@@ -41,7 +47,8 @@ def value_fingerprint(value) -> tf.Tensor:
   """An int64 that differs between clients' values: wrapped integer sum of their bits.
 
   Integer addition is exact and order-free, so eager code and a graph compute the same
-  number. The TFF aggregator folds it into each client's seed (`aggregator.client_seed`);
+  number. The TFF adapter folds it into each client's seed
+  (`tf_dlg.federated.defense_aggregator.client_seed`);
   the Keras glue does the same, so that clients (and rounds) given one base seed draw
   different noise and masks.
   """
@@ -62,124 +69,31 @@ def tensor_seed(seed: tf.Tensor, index: int) -> tf.Tensor:
   return tf.random.experimental.stateless_fold_in(seed, index)
 
 
-@dataclasses.dataclass(frozen=True)
-class SearchRange:
-  """Where the threshold search bisects a parameter: [low, high] on a `scale`.
+def _freezing(init):
+  """`init`, after which the object is frozen (when `init` is its class's outermost one)."""
 
-  `stronger` says which end protects more: "higher" or "lower".
-  """
+  @functools.wraps(init)
+  def frozen_init(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    if type(self).__init__ is frozen_init:
+      self.__dict__["_frozen"] = True
 
-  low: float
-  high: float
-  scale: str  # "log" | "linear"
-  stronger: str  # "higher" | "lower"
-
-  def __post_init__(self):
-    if self.scale not in ("log", "linear") or self.stronger not in ("higher", "lower"):
-      raise ValueError(f"{self}: scale must be log|linear and stronger higher|lower.")
-    if not self.low < self.high or (self.scale == "log" and self.low <= 0):
-      raise ValueError(f"{self}: needs 0 < low < high on a log scale, low < high otherwise.")
-
-  def as_tuple(self) -> Tuple[float, float, str, str]:
-    return (self.low, self.high, self.scale, self.stronger)
-
-
-@dataclasses.dataclass(frozen=True)
-class UnitLink:
-  """The same defence in the other unit: `other`'s parameter = this one's x or / `statistic`.
-
-  `statistic` names a statistic of the undefended update (`norm`: global L2 norm, `rms`:
-  root mean square of its entries). A relative defence's value times the statistic is
-  the absolute equivalent; an absolute value divided by it is the relative one.
-  """
-
-  other: str
-  statistic: str
-
-
-# The paper's claims about a defence's accuracy cost at its threshold ("" = none).
-PAPER_COSTS = ("", "almost_none", "degrades")
-
-
-@dataclasses.dataclass(frozen=True)
-class DefenseSpec:
-  """One defence, declared once in its own module and registered by `tf_dlg.defenses`.
-
-  Attributes:
-    name: Registry name (`get_defense(name, param)`).
-    cls: The `Defense` subclass: `cls(param, exclude=..., **options)`.
-    search: The threshold search's range, or None: not searched.
-    single_update: Whether one update can express it (the attack setting); False for a
-      defence that needs the round's other clients (TFF training only).
-    strongest_attackers: Attacks known to break it best; an image leaks if any does.
-    family: The paper's name of the defence in any unit (`clipping_ratio` -> clipping).
-    absolute: For a relative-unit defence, its absolute counterpart (`UnitLink`).
-    relative: For an absolute-unit defence, its relative counterpart.
-    tff: How it maps into TFF training: None = the client transform itself
-      (`tf_dlg.defenses.defense_factory`); else `tff(defense, inner_factory, seed)`
-      building the `tff.aggregators` factory (for defences that need the round's
-      clients, such as a bound relative to their median norm).
-    frontier: The privacy-utility frontier's default settings, weakest (leaks) to
-      strongest (meant to protect against `strongest_attackers`); () = not on it.
-    paper_cost: What the paper claims its threshold costs in accuracy, one of
-      `PAPER_COSTS` (`almost_none`, `degrades`), or "" (no claim); claims.md tests it.
-  """
-
-  name: str
-  cls: type
-  search: Optional[SearchRange] = None
-  single_update: bool = True
-  strongest_attackers: Tuple[str, ...] = ()
-  family: str = ""
-  absolute: Optional[UnitLink] = None
-  relative: Optional[UnitLink] = None
-  tff: Optional[Callable[..., Any]] = None
-  frontier: Tuple[float, ...] = ()
-  paper_cost: str = ""
-
-  @property
-  def param_name(self) -> str:
-    return self.cls.param_name
-
-  def __post_init__(self):
-    if not (isinstance(self.cls, type) and issubclass(self.cls, Defense)):
-      raise TypeError(f"DefenseSpec {self.name!r}: cls must be a Defense subclass.")
-    if self.cls.name != self.name:
-      raise ValueError(f"DefenseSpec {self.name!r}: its class is named {self.cls.name!r}.")
-    if self.paper_cost not in PAPER_COSTS:
-      raise ValueError(
-        f"DefenseSpec {self.name!r}: paper_cost={self.paper_cost!r} is not one of {PAPER_COSTS}."
-      )
-    if self.search is not None and not self.single_update:
-      raise ValueError(f"DefenseSpec {self.name!r}: a search needs single_update=True.")
-    outside = [
-      v for v in self.frontier if self.search and not self.search.low <= v <= self.search.high
-    ]
-    if outside:
-      raise ValueError(
-        f"DefenseSpec {self.name!r}: frontier settings {outside} lie outside the searched "
-        f"range [{self.search.low:g}, {self.search.high:g}]."
-      )
-
-  def tff_factory(self, defense: "Defense", inner_factory, seed: int = 0):
-    """The `tff.aggregators` factory that trains with `defense` before `inner_factory`."""
-    if self.tff is not None:
-      return self.tff(defense, inner_factory, seed)
-    from tf_dlg.defenses import aggregator
-
-    return aggregator.defense_factory(defense, inner_factory, seed=seed)
+  return frozen_init
 
 
 class Defense:
-  """Base class. Subclasses implement `_apply(tensors, seed) -> tensors`.
+  """Base class: a transform and the setting it was checked with, frozen once built.
 
-  `_apply` and `clip_scale` must accept `self.param` as a Python number *or* a float64
-  scalar tensor (cast it, e.g. `tf.cast(self.param, t.dtype)`; never `tf.constant` or
-  `float()` it): TFF training keeps the parameter in the process state, so one built
-  computation serves every setting (`tf_dlg.defenses.aggregator.with_param`).
+  Subclasses define `check(param)` (the parameter, validated, or ValueError naming it and
+  its range), `_apply(tensors, param, seed) -> tensors` on the transformed tensors, and,
+  if they clip by norm, `_clip_scale(tensors, param)`. Both take `param` as a Python
+  number *or* a float64 scalar tensor (cast it, e.g. `tf.cast(param, t.dtype)`; never
+  `tf.constant` or `float()` it): TFF training passes the parameter from the process state.
+  Options (masking's `rescale`, ...) are attributes set in the subclass's `__init__` and
+  named in `option_names`, which puts them in `get_config()`.
 
   Args:
-    param: The defence's strength parameter (validated by the subclass).
+    param: The defence's strength parameter (validated by `check`).
     exclude: Optional structure of bools like the update, or a flat list in
       `tf.nest.flatten` order; True tensors are left untouched.
   """
@@ -188,16 +102,48 @@ class Defense:
   param_name = "param"
   # Whether `clip_scale` can be below 1 (training then reports the clipped fraction).
   clips = False
+  # Whether it draws randomness from its seed (`Chain` gives such steps their seeds).
+  draws = False
+  # Whether one update expresses it; False: it needs the round's other clients, so it
+  # exists in federated training only (the TFF adapter applies it) and is not searched.
+  single_update = True
+  # Attributes that `get_config()` reports beside the parameter (and `__init__` takes).
+  option_names: Tuple[str, ...] = ()
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    if "__init__" in cls.__dict__:
+      cls.__init__ = _freezing(cls.__dict__["__init__"])
 
   def __init__(self, param: Optional[float] = None, exclude=None):
-    self.param = param
-    self.exclude = None if exclude is None else [bool(e) for e in tf.nest.flatten(exclude)]
+    self.param = type(self).check(param)
+    self.exclude = _flat_bools(exclude)
 
-  def _apply(self, tensors: List[tf.Tensor], seed: tf.Tensor) -> List[tf.Tensor]:
+  def __setattr__(self, name, value):
+    if self.__dict__.get("_frozen"):
+      raise AttributeError(
+        f"{type(self).__name__} is frozen ({name}={value!r}): pass a parameter to "
+        "`apply`, or build another defence."
+      )
+    super().__setattr__(name, value)
+
+  @staticmethod
+  def check(param):
+    return param
+
+  def _apply(self, tensors: List[tf.Tensor], param, seed: tf.Tensor) -> List[tf.Tensor]:
     raise NotImplementedError
 
-  def __call__(self, update, seed=0):
-    """Returns the defended update (same structure), deterministic in `seed`."""
+  def _clip_scale(self, tensors: List[tf.Tensor], param) -> tf.Tensor:
+    del tensors, param
+    return tf.constant(1.0, tf.float32)
+
+  def apply(self, update, param, seed, exclude=None):
+    """The transform: `update` defended at `param` with `seed` (same structure).
+
+    Deterministic in `seed` (an int or shape-[2] integer tensor). `exclude`: bools over
+    the flattened update, in place of `self.exclude` (None: `self.exclude`).
+    """
     flat = [tf.convert_to_tensor(t) for t in tf.nest.flatten(update)]
     for i, t in enumerate(flat):
       if not t.dtype.is_floating:
@@ -205,10 +151,10 @@ class Defense:
           f"{self.name}: update tensor {i} has dtype {t.dtype.name}; "
           "defences take floating-point updates."
         )
-    if self.exclude is not None and len(self.exclude) != len(flat):
+    exclude = self.exclude if exclude is None else _flat_bools(exclude)
+    if exclude is not None and len(exclude) != len(flat):
       raise ValueError(
-        f"{self.name}: exclude has {len(self.exclude)} entries but the update "
-        f"has {len(flat)} tensors."
+        f"{self.name}: exclude has {len(exclude)} entries but the update has {len(flat)} tensors."
       )
     # A NaN/inf update (a diverged client) must not be masked or noised into something
     # that looks valid: fail loudly, naming the defence and the tensor.
@@ -218,10 +164,10 @@ class Defense:
       )
       for i, t in enumerate(flat)
     ]
-    keep = self.kept_indices(len(flat))
+    keep = _kept(len(flat), exclude)
     out = list(flat)
     if keep:
-      defended = self._apply([flat[i] for i in keep], as_seed(seed))
+      defended = self._apply([flat[i] for i in keep], param, as_seed(seed))
       for i, t in zip(keep, defended):
         # A finite update defended into inf (a rescale past float16's 65504) is refused.
         out[i] = tf.debugging.assert_all_finite(
@@ -231,30 +177,46 @@ class Defense:
         )
     return tf.nest.pack_sequence_as(update, out)
 
-  def kept_indices(self, n: int) -> List[int]:
-    """Positions, among an update's n flattened tensors, that the defence transforms."""
-    return [i for i in range(n) if not (self.exclude and self.exclude[i])]
+  def __call__(self, update, seed=0):
+    """`apply` at this defence's own parameter."""
+    return self.apply(update, self.param, seed)
 
-  def kept_tensors(self, update) -> List[tf.Tensor]:
+  def kept_indices(self, n: int, exclude=None) -> List[int]:
+    """Positions, among an update's n flattened tensors, that the defence transforms."""
+    return _kept(n, self.exclude if exclude is None else _flat_bools(exclude))
+
+  def kept_tensors(self, update, exclude=None) -> List[tf.Tensor]:
     """The update's tensors that the defence transforms (not excluded), flattened."""
     flat = [tf.convert_to_tensor(t) for t in tf.nest.flatten(update)]
-    return [flat[i] for i in self.kept_indices(len(flat))]
+    return [flat[i] for i in self.kept_indices(len(flat), exclude)]
 
-  def clip_scale(self, update) -> tf.Tensor:
-    """The factor by which the defence scales `update`'s norm: 1.0 = not clipped.
+  def clip_scale(self, update, param=None, exclude=None) -> tf.Tensor:
+    """The factor by which the defence at `param` (None: its own) scales `update`'s norm.
 
-    A cheap statistic of whether clipping acted (the federated side logs it); defences
-    that do not clip by norm return 1.0.
+    1.0 = not clipped: a cheap statistic of whether clipping acted (the federated side
+    logs it); defences that do not clip by norm return 1.0.
     """
-    del update
-    return tf.constant(1.0, tf.float32)
+    param = self.param if param is None else param
+    return self._clip_scale(self.kept_tensors(update, exclude), param)
 
   def get_config(self) -> Dict[str, Any]:
-    return {"name": self.name, self.param_name: self.param}
+    options = {k: getattr(self, k) for k in self.option_names}
+    return {"name": self.name, self.param_name: self.param, **options}
 
   def __repr__(self):
     args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "name")
     return f"{type(self).__name__}({args})"
+
+
+Defense.__init__ = _freezing(Defense.__init__)
+
+
+def _flat_bools(exclude) -> Optional[List[bool]]:
+  return None if exclude is None else [bool(e) for e in tf.nest.flatten(exclude)]
+
+
+def _kept(n: int, exclude: Optional[List[bool]]) -> List[int]:
+  return [i for i in range(n) if not (exclude and exclude[i])]
 
 
 class NoDefense(Defense):
@@ -265,11 +227,44 @@ class NoDefense(Defense):
   def __init__(self, param=None, exclude=None):
     super().__init__(None, exclude)
 
-  def _apply(self, tensors, seed):
+  def _apply(self, tensors, param, seed):
     return tensors
 
   def get_config(self):
     return {"name": "none"}
+
+
+class Chain(Defense):
+  """Defences applied in turn, each to the previous one's output (optax's `chain`).
+
+  `steps` are `(defense, param_of)` pairs: the chain's parameter `p` reaches a step as
+  `param_of(p)` (dp's noise multiplier z becomes its noise step's stddev z x C); the
+  steps' own parameters and `exclude` are not used (the chain's `exclude` holds).
+  The first step that draws randomness gets the chain's seed and each later one that
+  seed folded with its position, so a chain with one random step draws exactly what
+  that step draws on its own. At most one step may clip by norm: the chain's
+  `clip_scale` is that step's.
+  """
+
+  def __init__(self, param, exclude=None, steps: Sequence[Tuple[Defense, Callable]] = ()):
+    super().__init__(param, exclude)
+    self.steps = tuple(steps)
+    if sum(step.clips for step, _ in self.steps) > 1:
+      raise ValueError(f"{self.name}: a chain takes at most one norm-clipping step.")
+
+  def _apply(self, tensors, param, seed):
+    drawn = False
+    for k, (step, param_of) in enumerate(self.steps):
+      step_seed = tensor_seed(seed, k) if drawn and step.draws else seed
+      drawn = drawn or step.draws
+      tensors = step._apply(tensors, param_of(param), step_seed)
+    return tensors
+
+  def _clip_scale(self, tensors, param):
+    for step, param_of in self.steps:
+      if step.clips:
+        return step._clip_scale(tensors, param_of(param))
+    return super()._clip_scale(tensors, param)
 
 
 def zero_fraction(update) -> tf.Tensor:

@@ -12,7 +12,7 @@
 * `MedianClipping(clip_ratio)` (`clipping_median`): clip every client of a round to
   clip_ratio x the round's median client update norm, which does bound outlying
   clients. It exists only across a round's clients (TFF training, through
-  `tf_dlg.defenses.aggregator.median_clipping_factory`): a single update, which is what
+  `tf_dlg.federated.defense_aggregator.median_clipping_factory`): a single update, which is what
   the attack experiments defend, cannot express it, so it is not searched.
 * `ValueClipping(c)`: clips every entry to [-c, c] independently; this changes the
   update's direction, unlike norm clipping.
@@ -57,17 +57,17 @@ class Clipping(base.Defense):
   param_name = "norm"
   clips = True
 
-  def __init__(self, norm: float, exclude=None):
-    super().__init__(
-      base.check_number("clipping norm", norm, 0.0, float("inf"), low_open=True, high_open=True),
-      exclude,
+  @staticmethod
+  def check(norm):
+    return base.check_number(
+      "clipping norm", norm, 0.0, float("inf"), low_open=True, high_open=True
     )
 
-  def _apply(self, tensors, seed):
-    return clip_by_global_norm(tensors, _setting(self.param, tensors[0].dtype))
+  def _apply(self, tensors, param, seed):
+    return clip_by_global_norm(tensors, _setting(param, tensors[0].dtype))
 
-  def clip_scale(self, update):
-    return clip_scale(self.kept_tensors(update), self.param)
+  def _clip_scale(self, tensors, param):
+    return clip_scale(tensors, param)
 
 
 class RelativeClipping(base.Defense):
@@ -86,46 +86,43 @@ class RelativeClipping(base.Defense):
   param_name = "clip_ratio"
   clips = True
 
-  def __init__(self, clip_ratio: float, exclude=None):
-    super().__init__(base.check_number("clip_ratio", clip_ratio, 0.0, 1.0, low_open=True), exclude)
+  @staticmethod
+  def check(clip_ratio):
+    return base.check_number("clip_ratio", clip_ratio, 0.0, 1.0, low_open=True)
 
-  def _apply(self, tensors, seed):
+  def _apply(self, tensors, param, seed):
     # Clipping to ratio x ||update|| is exactly a multiplication by the ratio.
-    return [t * tf.cast(self.param, t.dtype) for t in tensors]
+    return [t * tf.cast(param, t.dtype) for t in tensors]
 
-  def clip_scale(self, update):
+  def _clip_scale(self, tensors, param):
     # Exactly the ratio, except for an all-zero update, which no factor changes.
-    nonzero = base.global_norm(self.kept_tensors(update)) > 0
-    return tf.where(nonzero, tf.cast(self.param, tf.float32), 1.0)
+    nonzero = base.global_norm(tensors) > 0
+    return tf.where(nonzero, tf.cast(param, tf.float32), 1.0)
 
 
 class MedianClipping(base.Defense):
   """Clipping to clip_ratio x the round's median client norm, ratio in (0, 1].
 
   The bound depends on the other clients of the round, so this object only carries the
-  setting; TFF training applies it (`SPEC.tff`). Called on one update it raises.
+  setting; TFF training applies it (`tf_dlg.federated.defense_aggregator`). Called on one
+  update it raises.
   """
 
   name = "clipping_median"
   param_name = "clip_ratio"
   clips = True
+  single_update = False
 
-  def __init__(self, clip_ratio: float, exclude=None):
-    super().__init__(base.check_number("clip_ratio", clip_ratio, 0.0, 1.0, low_open=True), exclude)
+  @staticmethod
+  def check(clip_ratio):
+    return base.check_number("clip_ratio", clip_ratio, 0.0, 1.0, low_open=True)
 
-  def _apply(self, tensors, seed):
+  def _apply(self, tensors, param, seed):
     raise ValueError(
       "clipping_median clips against the median client norm of a round, which a single "
       "update does not have: it runs only in federated training (use clipping_ratio to "
       "rescale one update)."
     )
-
-
-def _median_clipping_tff(defense: MedianClipping, inner_factory, seed: int):
-  del seed  # deterministic
-  from tf_dlg.defenses import aggregator
-
-  return aggregator.median_clipping_factory(defense.param, inner_factory, exclude=defense.exclude)
 
 
 class ValueClipping(base.Defense):
@@ -134,55 +131,11 @@ class ValueClipping(base.Defense):
   name = "value_clipping"
   param_name = "bound"
 
-  def __init__(self, bound: float, exclude=None):
-    super().__init__(
-      base.check_number(
-        "value clipping bound", bound, 0.0, float("inf"), low_open=True, high_open=True
-      ),
-      exclude,
+  @staticmethod
+  def check(bound):
+    return base.check_number(
+      "value clipping bound", bound, 0.0, float("inf"), low_open=True, high_open=True
     )
 
-  def _apply(self, tensors, seed):
-    return clip_by_value(tensors, _setting(self.param, tensors[0].dtype))
-
-
-# Cosine matching ignores a rescaled update: the strongest answer to norm clipping, by
-# reconstruction (ig) or by matching a gallery of candidates (gallery_match).
-SPEC = base.DefenseSpec(
-  name="clipping",
-  cls=Clipping,
-  # The weak end must exceed single-image gradient norms (tens), where clipping is a no-op.
-  search=base.SearchRange(1e-3, 1e4, "log", "lower"),
-  strongest_attackers=("ig", "gallery_match"),
-  family="clipping",
-  paper_cost="almost_none",
-  relative=base.UnitLink("clipping_ratio", "norm"),
-)
-RATIO_SPEC = base.DefenseSpec(
-  name="clipping_ratio",
-  cls=RelativeClipping,
-  # Fractions of the update's own norm: 1 is a no-op, 1e-4 shrinks it 10^4-fold.
-  search=base.SearchRange(1e-4, 1.0, "log", "lower"),
-  strongest_attackers=("ig", "gallery_match"),
-  family="clipping",
-  paper_cost="almost_none",
-  absolute=base.UnitLink("clipping", "norm"),
-  # Scale-free cosine matching ignores any rescaling: the strongest setting searched is
-  # on the frontier to show that it does not protect.
-  frontier=(0.5, 0.1, 0.01, 1e-3, 1e-4),
-)
-MEDIAN_SPEC = base.DefenseSpec(
-  name="clipping_median",
-  cls=MedianClipping,
-  single_update=False,  # not measurable on one update, so not searched
-  family="clipping",
-  paper_cost="almost_none",
-  tff=_median_clipping_tff,
-)
-VALUE_SPEC = base.DefenseSpec(
-  name="value_clipping",
-  cls=ValueClipping,
-  search=base.SearchRange(1e-6, 1.0, "log", "lower"),
-  strongest_attackers=("ig", "idlg", "gallery_match"),
-  family="value_clipping",
-)
+  def _apply(self, tensors, param, seed):
+    return clip_by_value(tensors, _setting(param, tensors[0].dtype))

@@ -1,14 +1,16 @@
 """Differential-privacy baselines, built from tensorflow-privacy, dp-accounting and TFF.
 
 * `DPGaussian(noise_multiplier, l2_norm_clip)`: the DP-SGD step on one client update
-  (the single-gradient attack setting): tensorflow-privacy's `GaussianSumQuery` clips
-  the update to `l2_norm_clip` and sets the noise scale `noise_multiplier *
-  l2_norm_clip`. The noise itself is drawn with a stateless op from the defence's seed
-  (the query's own `tf.random.normal` is stateful), so results are reproducible.
+  (the single-gradient attack setting), a `base.Chain` of two steps: tensorflow-privacy's
+  `GaussianSumQuery` clips the update to `l2_norm_clip`, then Gaussian noise of standard
+  deviation `noise_multiplier * l2_norm_clip` is added (`noising.Noising`). The noise is
+  drawn with a stateless op from the defence's seed (the query's own `tf.random.normal`
+  is stateful), so results are reproducible.
 * `dp_sgd_epsilon(...)`: epsilon of such steps from dp-accounting's RDP accountant.
-* `dp_fedavg_aggregator(...)` / `dp_fedavg_epsilon(...)`: DP-FedAvg with
-  `tff.learning.dp_aggregator` (adaptive clipping, Gaussian noise at the server) and its
-  epsilon for given rounds, clients per round and total clients. The rounds sample a
+* `dp_fedavg_epsilon(...)`: the epsilon of DP-FedAvg
+  (`tf_dlg.federated.defense_aggregator.dp_fedavg_aggregator`: `tff.learning.dp_aggregator`,
+  adaptive clipping, Gaussian noise at the server) for given rounds, clients per round and
+  total clients. The rounds sample a
   fixed-size set of clients without replacement (`simulation.sample_clients`), so the
   epsilon is dp-accounting's `SampledWithoutReplacementDpEvent` (RDP accountant,
   replace-one neighbours), not the Poisson-sampled one.
@@ -16,58 +18,75 @@
 
 from __future__ import annotations
 
+import functools
+
 from tf_dlg import validation
 from tf_dlg.defenses import base, clipping, noising
 
 
-class DPGaussian(base.Defense):
+class QueryClipping(base.Defense):
+  """tensorflow-privacy's clipping of one record to its global L2 norm `l2_norm_clip`.
+
+  `GaussianSumQuery.preprocess_record`: the clipping step of `DPGaussian`, kept as the
+  library's own rather than `clipping.Clipping` so that the DP baseline is the DP-SGD step.
+  """
+
+  name = "dp_clip"
+  param_name = "l2_norm_clip"
+  clips = True
+
+  @staticmethod
+  def check(l2_norm_clip):
+    return base.check_number(
+      "dp l2_norm_clip", l2_norm_clip, 0.0, float("inf"), low_open=True, high_open=True
+    )
+
+  def _apply(self, tensors, param, seed):
+    import tensorflow_privacy
+
+    query = tensorflow_privacy.GaussianSumQuery(l2_norm_clip=param, stddev=0.0)
+    params = query.derive_sample_params(query.initial_global_state())
+    return query.preprocess_record(params, list(tensors))
+
+  def _clip_scale(self, tensors, param):
+    return clipping.clip_scale(tensors, param)
+
+
+def _constant(value, param):
+  del param
+  return value
+
+
+def _times(factor, param):
+  return param * factor
+
+
+class DPGaussian(base.Chain):
   """DP-SGD's clip-and-noise on one update; param = noise multiplier >= 0."""
 
   name = "dp"
   param_name = "noise_multiplier"
   clips = True
+  draws = True
+  option_names = ("l2_norm_clip",)
 
   def __init__(self, noise_multiplier: float, exclude=None, l2_norm_clip: float = 1.0):
-    super().__init__(
-      base.check_number("dp noise_multiplier", noise_multiplier, 0.0, float("inf"), high_open=True),
-      exclude,
+    type(self).check(noise_multiplier)  # the parameter's error before the option's
+    clip = QueryClipping.check(l2_norm_clip)
+    # The clip step's bound is C whatever z; the noise step's stddev is z x C, a Python
+    # float or (TFF) a float64 tensor. Partials, not lambdas, so that the defence pickles.
+    steps = (
+      (QueryClipping(clip), functools.partial(_constant, clip)),
+      (noising.Noising(0.0), functools.partial(_times, clip)),
     )
-    self.l2_norm_clip = base.check_number(
-      "dp l2_norm_clip", l2_norm_clip, 0.0, float("inf"), low_open=True, high_open=True
+    super().__init__(noise_multiplier, exclude, steps)
+    self.l2_norm_clip = clip
+
+  @staticmethod
+  def check(noise_multiplier):
+    return base.check_number(
+      "dp noise_multiplier", noise_multiplier, 0.0, float("inf"), high_open=True
     )
-    import tensorflow_privacy
-
-    self._query = tensorflow_privacy.GaussianSumQuery(
-      l2_norm_clip=self.l2_norm_clip, stddev=self.param * self.l2_norm_clip
-    )
-
-  def _apply(self, tensors, seed):
-    state = self._query.initial_global_state()
-    params = self._query.derive_sample_params(state)
-    clipped = self._query.preprocess_record(params, list(tensors))
-    # The query's stddev as a Python float (its state holds a tensor, which `float()`
-    # cannot read inside `tf.function` / TFF computations).
-    return noising.add_noise(clipped, self.param * self.l2_norm_clip, seed)
-
-  def clip_scale(self, update):
-    return clipping.clip_scale(self.kept_tensors(update), self.l2_norm_clip)
-
-  def get_config(self):
-    return dict(super().get_config(), l2_norm_clip=self.l2_norm_clip)
-
-
-SPEC = base.DefenseSpec(
-  name="dp",
-  cls=DPGaussian,
-  search=base.SearchRange(1e-4, 10.0, "log", "higher"),
-  # Noise has no adaptive answer: the better of cosine and Euclidean matching, and
-  # gallery matching (the attacker the identification criterion assumes).
-  strongest_attackers=("ig", "idlg", "gallery_match"),
-  family="dp",
-  # Noise multipliers (clip 1.0): over 15 full-participation rounds, epsilon ~3.3e5, ~3.4e3, ~65
-  # (replace-one neighbours: see dp_fedavg_epsilon).
-  frontier=(0.01, 0.1, 1.0),
-)
 
 
 def dp_sgd_epsilon(
@@ -125,11 +144,3 @@ def dp_fedavg_epsilon(
   )
   accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
   return float(accountant.get_epsilon(delta))
-
-
-def dp_fedavg_aggregator(noise_multiplier: float, clients_per_round: int, zeroing: bool = True):
-  """`tff.learning.dp_aggregator`: DP-FedAvg's unweighted aggregation factory."""
-  import tensorflow_federated as tff
-
-  base.check_number("noise_multiplier", noise_multiplier, 0.0, float("inf"), high_open=True)
-  return tff.learning.dp_aggregator(noise_multiplier, clients_per_round, zeroing=zeroing)

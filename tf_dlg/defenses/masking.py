@@ -40,28 +40,16 @@ class Masking(base.Defense):
 
   name = "masking"
   param_name = "rate"
+  draws = True
+  option_names = ("rescale",)
 
   def __init__(self, rate: float, exclude=None, rescale: bool = False):
-    super().__init__(base.check_number("masking rate", rate, 0.0, 1.0, high_open=True), exclude)
+    super().__init__(rate, exclude)
     self.rescale = bool(rescale)
 
-  def _apply(self, tensors, seed):
-    return mask_update(tensors, self.param, seed, self.rescale)
+  @staticmethod
+  def check(rate):
+    return base.check_number("masking rate", rate, 0.0, 1.0, high_open=True)
 
-  def get_config(self):
-    return dict(super().get_config(), rescale=self.rescale)
-
-
-SPEC = base.DefenseSpec(
-  name="masking",
-  cls=Masking,
-  # Log scale: a few percent already stop the Euclidean iDLG attack.
-  search=base.SearchRange(1e-4, 0.99, "log", "higher"),
-  # Masked cosine matching ignores the zeroed coordinates; so does gallery matching
-  # (tf_dlg.attacks.gallery), which scores candidates on the coordinates carried.
-  strongest_attackers=("masked_ig", "gallery_match"),
-  family="masking",
-  paper_cost="almost_none",
-  # From a rate that stops iDLG only to the one masked cosine matching needs.
-  frontier=(0.01, 0.1, 0.5, 0.9, 0.99),
-)
+  def _apply(self, tensors, param, seed):
+    return mask_update(tensors, param, seed, self.rescale)

@@ -49,21 +49,23 @@ class Noising(base.Defense):
 
   name = "noising"
   param_name = "stddev"
+  draws = True
+  option_names = ("distribution",)
 
   def __init__(self, stddev: float, exclude=None, distribution: str = "gaussian"):
-    super().__init__(
-      base.check_number("noise stddev", stddev, 0.0, float("inf"), high_open=True), exclude
-    )
+    super().__init__(stddev, exclude)
     self.distribution = validation.check_choice("distribution", distribution, DISTRIBUTIONS)
 
-  def _stddev(self, tensors):
-    return self.param
+  @staticmethod
+  def check(stddev):
+    return base.check_number("noise stddev", stddev, 0.0, float("inf"), high_open=True)
 
-  def _apply(self, tensors, seed):
-    return add_noise(tensors, self._stddev(tensors), seed, self.distribution)
+  def _stddev(self, tensors, param):
+    del tensors
+    return param
 
-  def get_config(self):
-    return dict(super().get_config(), distribution=self.distribution)
+  def _apply(self, tensors, param, seed):
+    return add_noise(tensors, self._stddev(tensors, param), seed, self.distribution)
 
 
 class RelativeNoising(Noising):
@@ -73,39 +75,12 @@ class RelativeNoising(Noising):
   param_name = "noise_ratio"
 
   def __init__(self, noise_ratio: float, exclude=None, distribution: str = "gaussian"):
-    super().__init__(
-      base.check_number("noise_ratio", noise_ratio, 0.0, float("inf"), high_open=True),
-      exclude,
-      distribution,
-    )
+    super().__init__(noise_ratio, exclude, distribution)
 
-  def _stddev(self, tensors):
+  @staticmethod
+  def check(noise_ratio):
+    return base.check_number("noise_ratio", noise_ratio, 0.0, float("inf"), high_open=True)
+
+  def _stddev(self, tensors, param):
     rms = base.root_mean_square(tensors)
-    return (
-      tf.cast(self.param, rms.dtype) if isinstance(self.param, tf.Tensor) else self.param
-    ) * rms
-
-
-# Noise has no adaptive answer: the better of cosine and Euclidean matching, and
-# gallery matching (the attacker the identification criterion assumes).
-_NOISE_ATTACKERS = ("ig", "idlg", "gallery_match")
-SPEC = base.DefenseSpec(
-  name="noising",
-  cls=Noising,
-  search=base.SearchRange(1e-6, 1.0, "log", "higher"),
-  strongest_attackers=_NOISE_ATTACKERS,
-  family="noising",
-  paper_cost="degrades",
-  relative=base.UnitLink("noising_ratio", "rms"),
-)
-RATIO_SPEC = base.DefenseSpec(
-  name="noising_ratio",
-  cls=RelativeNoising,
-  # Noise-to-signal ratios: 1e-4 barely perturbs, 10 buries the update in noise.
-  search=base.SearchRange(1e-4, 10.0, "log", "higher"),
-  strongest_attackers=_NOISE_ATTACKERS,
-  family="noising",
-  paper_cost="degrades",
-  absolute=base.UnitLink("noising", "rms"),
-  frontier=(0.1, 0.3, 1.0, 3.0, 10.0),
-)
+    return (tf.cast(param, rms.dtype) if isinstance(param, tf.Tensor) else param) * rms

@@ -46,29 +46,17 @@ class Pruning(base.Defense):
 
   name = "pruning"
   param_name = "rate"
+  option_names = ("scope",)
 
   def __init__(self, rate: float, exclude=None, scope: str = "per_tensor"):
-    super().__init__(base.check_number("pruning rate", rate, 0.0, 1.0, high_open=True), exclude)
+    super().__init__(rate, exclude)
     if scope not in SCOPES:
       raise ValueError(f"scope={scope!r} must be one of {', '.join(SCOPES)}.")
     self.scope = scope
 
-  def _apply(self, tensors, seed):
-    return prune_by_magnitude(tensors, self.param, self.scope)
+  @staticmethod
+  def check(rate):
+    return base.check_number("pruning rate", rate, 0.0, 1.0, high_open=True)
 
-  def get_config(self):
-    return dict(super().get_config(), scope=self.scope)
-
-
-SPEC = base.DefenseSpec(
-  name="pruning",
-  cls=Pruning,
-  search=base.SearchRange(0.01, 0.99, "linear", "higher"),
-  # Masked cosine matching ignores the zeroed coordinates; so does gallery matching
-  # (tf_dlg.attacks.gallery), which scores candidates on the coordinates carried.
-  strongest_attackers=("masked_ig", "gallery_match"),
-  family="pruning",
-  paper_cost="degrades",
-  # Masked cosine matching is stopped only in the last few percent of kept entries.
-  frontier=(0.3, 0.6, 0.9, 0.95, 0.99),
-)
+  def _apply(self, tensors, param, seed):
+    return prune_by_magnitude(tensors, param, self.scope)

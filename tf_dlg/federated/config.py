@@ -36,7 +36,7 @@ class FederatedConfig:
     aggregator, trim_fraction: `mean` (weighted by examples), `median` or
       `trimmed_mean` (unweighted, coordinate-wise), and the fraction trimmed per side.
     defense, defense_param: A `tf_dlg.defenses` name applied on every client before
-      aggregation (its spec says how it maps into TFF), and its parameter.
+      aggregation (`tf_dlg.federated.defense_aggregator`), and its parameter.
     malicious_clients, malicious_mode, malicious_scale: Byzantine clients.
     local_epochs, batch_size: Local training of a client per round.
     client_optimizer, client_lr, server_optimizer, server_lr: `sgd`, `sgdm` or `adam`.
@@ -128,7 +128,7 @@ class FederatedConfig:
         f"defense_param={self.defense_param!r} is set but defense="
         f"{self.defense!r}; set a defence or drop the parameter."
       )
-    defenses.get_defense(self.defense, self.defense_param)  # its own ValueError
+    defenses.check_param(self.defense, self.defense_param)  # its own ValueError
 
   def _check_capture(self) -> None:
     if self.capture_round is not None:
@@ -166,7 +166,7 @@ class FederatedConfig:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
   def build_defense(self, exclude=None):
-    """The configured `tf_dlg.defenses.Defense` (None for `none`)."""
+    """The configured `tf_dlg.defenses.Defense` (None for `none`); a run builds it once."""
     if self.defense == "none":
       return None
     from tf_dlg import defenses

@@ -35,11 +35,11 @@ Weighting: `mean` is TFF's `MeanFactory` weighted by client example counts (as
 `build_weighted_fed_avg`); `median` and `trimmed_mean` are unweighted (uniform client
 weights, as `build_unweighted_fed_avg`) because an order statistic has no weights.
 
-**Defences.** The configured defence enters as its spec says
-(`tf_dlg.defenses.DefenseSpec.tff_factory`): the very transform the attack experiments
-apply (`tf_dlg.defenses.defense_factory`), or, for a defence that needs the round's
-clients (`clipping_median`), its own factory. Its parameter is part of the aggregator's
-state, not of the computation.
+**Defences.** The configured defence is built once per run (`_probe`, with the BatchNorm
+entries excluded) and enters through the TFF adapter
+(`tf_dlg.federated.defense_aggregator.factory`): the very transform the attack
+experiments apply, or, for a defence that needs the round's clients (`clipping_median`),
+its own factory. Its parameter is part of the aggregator's state, not of the computation.
 
 **One build, many runs.** A build fixes the model architecture, aggregator, defence
 name and optimisers; the model seed (initial weights) and the defence parameter are
@@ -63,7 +63,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tf_dlg import models as models_lib
-from tf_dlg.federated import AGGREGATORS, OPTIMIZERS
+from tf_dlg.federated import AGGREGATORS, OPTIMIZERS, defense_aggregator
 from tf_dlg.federated import aggregators as aggregators_lib
 from tf_dlg.federated.config import FederatedConfig
 
@@ -416,9 +416,8 @@ class FedAvg:
       state, tff.learning.models.ModelWeights.from_model(keras_model)
     )
     if self.defense is not None:
-      from tf_dlg.defenses import aggregator
-
-      state = state._replace(aggregator=aggregator.set_param(state.aggregator, self.defense.param))
+      aggregator = defense_aggregator.initial_state(state.aggregator, self.defense.param)
+      state = state._replace(aggregator=aggregator)
     return state
 
   def for_config(self, config: FederatedConfig) -> "FedAvg":
@@ -498,9 +497,7 @@ def _aggregation_process(config: FederatedConfig, weights_type, defense, capture
     # Inside the defence, so it records exactly what the defence outputs.
     factory = aggregators_lib.capture_factory(factory)
   if defense is not None:
-    from tf_dlg import defenses
-
-    factory = defenses.spec(defense.name).tff_factory(defense, factory)
+    factory = defense_aggregator.factory(defense, factory)
   if isinstance(factory, tff.aggregators.UnweightedAggregationFactory):
     factory = tff.aggregators.as_weighted_aggregator(factory)
   return factory.create(_update_type(weights_type), tff.TensorType(np.float32)), weighting

@@ -323,7 +323,7 @@ def _capture(config, run: _Run, ids, round_num, start_weights, client_values):
   fa.assign_to_keras(start_weights, keras_model)
   idx = parts[cid]
   steps = int(math.ceil(len(idx) * config.local_epochs / config.batch_size))
-  defense = config.build_defense()
+  defense = fa.defense  # the run's own, built once
   obs = ObservedUpdate(
     kind="fedavg_delta",
     update=update,

@@ -50,7 +50,7 @@ from flwr.app.message_type import MessageType
 from flwr.common.constant import ErrorCode
 
 from tf_dlg.defenses import base
-from tf_dlg.defenses import keras as defenses_keras
+from tf_dlg.integrations import keras as defenses_keras
 
 METRIC_PREFIX = "tf_dlg."
 

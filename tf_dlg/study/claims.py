@@ -11,15 +11,14 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Sequence
 
-from tf_dlg import defenses as defenses_registry
 from tf_dlg import io as io_lib
 from tf_dlg.analysis import figures, intervals
-from tf_dlg.study import records
+from tf_dlg.study import defense_table, records
 from tf_dlg.study.records import UNTESTED
 
 # "Almost no accuracy cost": a drop of at most this much final test accuracy (absolute).
 ALMOST_NO_COST = 0.02
-# The paper's Figure 5 claims (each defence's spec says which it makes, `paper_cost`):
+# The paper's Figure 5 claims (each defence's row says which it makes, `paper_cost`):
 # (side of the margin, how the settings combine, the claim's wording with the margin in pp).
 COST_CLAIMS = {
   "almost_none": (
@@ -120,7 +119,7 @@ def _rounds(row: Dict[str, Any]) -> str:
 
 def _base(defense: str) -> str:
   """The paper's name of a defence in any unit: clipping_ratio -> clipping."""
-  return defenses_registry.spec(defense).family
+  return defense_table.row(defense).family
 
 
 def _format_threshold(r: Dict[str, Any]) -> str:
@@ -191,7 +190,7 @@ def _cost_claims(conv: List[Dict[str, Any]], margin: float, evidence: str) -> Li
   """The paper's Figure 5 claims, and (ours) clipping that acts and adaptive costs."""
   rows = []
   plain = [r for r in conv if "@" not in r["label"] and r["label"] != "none"]
-  for family, claim in defenses_registry.paper_cost_claims().items():
+  for family, claim in defense_table.paper_cost_claims().items():
     side, rule, says = COST_CLAIMS[claim]
     d = [r for r in plain if _base(r["defense"]) == family]
     if d:

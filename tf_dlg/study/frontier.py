@@ -1,11 +1,11 @@
 """The privacy-utility frontier: per defence and setting, who is identified and what it costs.
 
-For each defence (by default `tf_dlg.defenses.PAPER_DEFENSES`) at the settings of its
-spec's `frontier` grid (weakest to strongest), and for DP points (the `dp` defence at
-several noise multipliers), two measurements on the same dataset:
+For each defence (by default `tf_dlg.study.defense_table.PAPER_DEFENSES`) at the settings
+of its `frontier` grid (`tf_dlg.study.defense_table`, weakest to strongest), and for DP
+points (the `dp` defence at several noise multipliers), two measurements on the same dataset:
 
 * **privacy**: the top-1 identification rate against the defence's strongest attackers
-  (`DefenseSpec.strongest_attackers`; an image counts as identified if any of them picks
+  (`DefenseRow.strongest_attackers`; an image counts as identified if any of them picks
   its original among all the dataset's images), over `num_images` images, with the exact
   Clopper-Pearson interval. The attacks run through `ThresholdSearch` (its per-image run
   log in `<output_dir>/identification/`), so a rerun reuses every attacked point.
@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from tf_dlg import defenses as defense_registry
 from tf_dlg import io as io_lib
 from tf_dlg import validation
-from tf_dlg.study import matching
+from tf_dlg.study import defense_table, matching
 
 DP = "dp"
 # A setting protects when no attacked image is identified (the threshold search's
@@ -139,8 +139,8 @@ class FrontierSettings:
 
   Attributes:
     dataset: Attacked and trained on (`tf_dlg.data.DATASETS`).
-    defenses: Defences with a search range; each at `grids[name]` or its spec's frontier.
-    grids: {defence: settings} overriding the spec's frontier grid.
+    defenses: Defences with a search range; each at `grids[name]` or its row's frontier.
+    grids: {defence: settings} overriding the row's frontier grid.
     dp_multipliers: Noise multipliers of the DP points (> 0); () = no DP points.
     num_images: Images attacked per setting.
     iterations, restarts: The attack optimiser's iterations and seeded starts.
@@ -154,9 +154,9 @@ class FrontierSettings:
   """
 
   dataset: str = "mnist"
-  defenses: Tuple[str, ...] = defense_registry.PAPER_DEFENSES
+  defenses: Tuple[str, ...] = defense_table.PAPER_DEFENSES
   grids: Optional[Dict[str, Tuple[float, ...]]] = None
-  dp_multipliers: Tuple[float, ...] = defense_registry.spec(DP).frontier
+  dp_multipliers: Tuple[float, ...] = defense_table.row(DP).frontier
   # 0 of 8 identified still allows a rate up to 0.37; attacks cost little beside training.
   num_images: int = 16
   iterations: int = 500
@@ -179,7 +179,7 @@ class FrontierSettings:
     validation.check_choice("dataset", self.dataset, data.DATASETS)
     if not self.defenses and not self.dp_multipliers:
       raise ValueError("defenses and dp_multipliers are both empty: nothing to measure.")
-    validation.check_choices("defenses", self.defenses, defense_registry.PARAMETER_SEARCH)
+    validation.check_choices("defenses", self.defenses, defense_table.PARAMETER_SEARCH)
     if DP in self.defenses:
       raise ValueError(f"defenses lists {DP!r}; give its noise multipliers as dp_multipliers.")
     unknown = sorted(set(self.grids or {}) - set(self.defenses))
@@ -200,7 +200,7 @@ class FrontierSettings:
 
   def grid(self, name: str) -> Tuple[float, ...]:
     """The settings of `name`, weakest first; ValueError if it has none or a bad one."""
-    values = tuple((self.grids or {}).get(name) or defense_registry.spec(name).frontier)
+    values = tuple((self.grids or {}).get(name) or defense_table.row(name).frontier)
     if not values:
       raise ValueError(f"defence {name!r} has no frontier grid; give grids={{{name!r}: (...)}}.")
     for v in values:
@@ -268,7 +268,7 @@ class Frontier:
     bar = tqdm(todo, desc="frontier attacks", unit="setting", disable=not self.progress)
     for defense, param in bar:
       bar.set_postfix_str(f"{defense} {param:g}")
-      attackers = defense_registry.spec(defense).strongest_attackers
+      attackers = defense_table.row(defense).strongest_attackers
       out[(defense, param)] = self.search.measures(st.dataset, attackers, defense, param)
       out[(defense, None)] = self.search.measures(st.dataset, attackers, "none", None)
     bar.close()
@@ -297,7 +297,7 @@ class Frontier:
       label=label(defense, param),
       param=param,
       unit=defense_registry.DEFENSES[defense].param_name,
-      attackers="+".join(defense_registry.spec(defense).strongest_attackers),
+      attackers="+".join(defense_table.row(defense).strongest_attackers),
       dataset=st.dataset,
       num_images=m["num_images"],
       identified=_count(m["top1"], m["num_images"]),

@@ -33,9 +33,9 @@ from tf_dlg import validation
 from tf_dlg.analysis import figures
 from tf_dlg.study import beside as beside_lib
 from tf_dlg.study import claims as claims_lib
+from tf_dlg.study import defense_table, summary
 from tf_dlg.study import frontier as frontier_lib
 from tf_dlg.study import report as report_lib
-from tf_dlg.study import summary
 from tf_dlg.study.presets import Preset
 
 
@@ -170,7 +170,6 @@ def check_settings(output_dir: str, settings: Preset, progress: bool = True):
   Each stage's own constructor checks its settings, and the convergence stage is built
   once with stand-in parameters for that purpose (its real ones come from the search).
   """
-  from tf_dlg import defenses
   from tf_dlg.attacks import runner
 
   if not isinstance(settings, Preset):
@@ -183,7 +182,7 @@ def check_settings(output_dir: str, settings: Preset, progress: bool = True):
   # A defence that is not searched has no threshold to train with: refuse, never drop it.
   validation.check_choices("convergence_defenses", settings.convergence_defenses, settings.defenses)
   validation.check_choice("convergence_dataset", settings.convergence_dataset, settings.datasets)
-  stand_in = {d: (defenses.PARAMETER_SEARCH[d][0], "") for d in settings.convergence_defenses}
+  stand_in = {d: (defense_table.PARAMETER_SEARCH[d][0], "") for d in settings.convergence_defenses}
   if settings.adaptive:
     stand_in.update({f"{d}@adaptive": v for d, v in stand_in.items()})
   _convergence(output_dir, settings, stand_in, progress)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from tf_dlg import defenses as defenses_registry
 from tf_dlg import validation
+from tf_dlg.study import defense_table
 
 # Fields that hold lists: an override given as a list is stored as a tuple (frozen).
 _LIST_FIELDS = (
@@ -87,7 +87,7 @@ class Preset:
 
 # The convergence stage trains what the search measured: `clipping_ratio` is own-norm
 # rescaling in both (`clipping_median`, clipping to the round's median, is training-only).
-_FOUR = defenses_registry.PAPER_DEFENSES
+_FOUR = defense_table.PAPER_DEFENSES
 PRESETS: Dict[str, Preset] = {
   # FedAvg near convergence: 6,000 seeded MNIST training images (2,000 test), 10 clients,
   # batch 64 with client Adam 0.002: half the local steps of FederatedConfig's defaults
@@ -155,7 +155,7 @@ PRESETS["adaptive"] = dataclasses.replace(
   adaptive_attacks=("ig", "masked_ig"),
 )
 
-# The privacy-utility frontier: every paper defence at its spec's frontier grid and DP
+# The privacy-utility frontier: every paper defence at its frontier grid (`defense_table`) and DP
 # at three noise multipliers, each attacked by its strongest attackers (16 MNIST images)
 # and trained (mean / IID, 3 seeds); the search and the paper's training on MNIST only,
 # in one cell. Estimated from one defence's measured share: 45-65 min on 2 cores.

@@ -239,8 +239,8 @@ def _lead_tables(rows: Sequence[Dict[str, Any]], search) -> str:
   )
   if adaptive:
     text += (
-      "Each defence against the attackers known to break it (its spec's "
-      "`strongest_attackers`; with two, an image leaks if either recovers it).\n\n"
+      "Each defence against the attackers known to break it (its row's "
+      "`strongest_attackers` in `tf_dlg.study.defense_table`; with two, an image leaks if either recovers it).\n\n"
       + both_criteria_table(adaptive)
     )
   else:

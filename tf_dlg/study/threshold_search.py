@@ -17,20 +17,19 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tf_dlg import defenses as defense_registry
 from tf_dlg import io as io_lib
 from tf_dlg import validation
-from tf_dlg.study import matching, records, tables
+from tf_dlg.study import defense_table, matching, records, tables
 from tf_dlg.study import results as results_lib
 from tf_dlg.study.records import RECON_FORMAT, UNTESTED, UPDATE_KINDS, point_key
 
 DEFAULT_DATASETS = ("mnist", "cifar10_sample", "lfw_faces")
-DEFAULT_DEFENSES = defense_registry.PAPER_DEFENSES
-# Read from each defence's spec (`tf_dlg.defenses.DefenseSpec`): its strongest attackers,
+DEFAULT_DEFENSES = defense_table.PAPER_DEFENSES
+# Read from each defence's row (`tf_dlg.study.defense_table`): its strongest attackers,
 # and {defence: (the other unit's name, statistic of the undefended update it scales by)}.
-STRONGEST_ATTACKER = defense_registry.STRONGEST_ATTACKERS
-RELATIVE_OF = defense_registry.RELATIVE_OF
-ABSOLUTE_OF = defense_registry.ABSOLUTE_OF
+STRONGEST_ATTACKER = defense_table.STRONGEST_ATTACKERS
+RELATIVE_OF = defense_table.RELATIVE_OF
+ABSOLUTE_OF = defense_table.ABSOLUTE_OF
 # How a reconstruction is matched to the dataset's images (identification.SIMILARITIES).
 IDENTIFY_SIMILARITY = "abs_pearson"
 
@@ -56,13 +55,12 @@ SEARCH_DEFAULTS = dict(
 def _check_cover(datasets, attacks, defenses, adaptive) -> None:
   """Every dataset / attack / defence name is known, and no needed list is empty."""
   from tf_dlg import data
-  from tf_dlg import defenses as defenses_lib
   from tf_dlg.attacks import runner
 
   for name, values, allowed in (
     ("datasets", datasets, data.DATASETS),
     ("attacks", attacks, (*runner.ATTACKS, matching.NAME)),
-    ("defenses", defenses, defenses_lib.PARAMETER_SEARCH),
+    ("defenses", defenses, defense_table.PARAMETER_SEARCH),
   ):
     if not values and not (name == "attacks" and adaptive):
       raise ValueError(f"{name} is empty; expected some of {', '.join(allowed)}.")
@@ -487,11 +485,10 @@ class ThresholdSearch:
     or above the bar (`defended` false), or identified top-1 among all the dataset's
     images (`id_defended` false). Both bisections share the attacked points.
     """
-    from tf_dlg import defenses as defenses_lib
     from tf_dlg.analysis import threshold as threshold_lib
 
     start = time.perf_counter()
-    space = threshold_lib.SearchSpace(*defenses_lib.PARAMETER_SEARCH[defense])
+    space = threshold_lib.SearchSpace(*defense_table.PARAMETER_SEARCH[defense])
     n = self.num_images
     base = {a: self.evaluate(dataset, a, "none", None)["images"] for a in attackers}
     found = {}
@@ -552,8 +549,6 @@ class ThresholdSearch:
     return matching.leak_measures(recs)
 
   def _row(self, dataset, kind, attackers, defense, space, found) -> records.ThresholdRow:
-    from tf_dlg import defenses as defenses_lib
-
     ssim = _criterion(*found["defended"], space)
     absolute, relative = self.equivalents(dataset, defense, ssim["threshold"])
     ident = _criterion(*found["id_defended"], space)
@@ -563,7 +558,7 @@ class ThresholdSearch:
       kind=kind,
       attack="+".join(attackers),
       defense=defense,
-      unit=defenses_lib.DEFENSES[defense].param_name,
+      unit=defense_table.row(defense).param_name,
       **ssim,
       num_images=len(found["defended"][0]),
       restarts=self.restarts,

@@ -1,6 +1,7 @@
-"""Training a plain Keras model with a defence on its gradients (`model.fit`).
+"""The Keras adapter of the defences: train a Keras model on defended gradients (`fit`).
 
-    from tf_dlg.defenses import DefendedModel, get_defense
+    from tf_dlg.defenses import get_defense
+    from tf_dlg.integrations.keras import DefendedModel
 
     model = DefendedModel(my_keras_model, get_defense("masking", 0.5), seed=0)
     model.compile(optimizer="sgd", loss=..., metrics=[...])
@@ -11,7 +12,7 @@ Every training step computes the gradient of the batch loss, applies the defence
 aggregators use -- and hands the *defended* gradient to the optimizer. The defence's
 seed is `batch_seed(step, x)`: `step_seed(step) = fold_in([seed, 0x5EED],
 optimizer.iterations)` folded with a fingerprint of the step's inputs and the model's
-weights before it (`base.value_fingerprint`; the TFF aggregator folds in each client's
+weights before it (`base.value_fingerprint`; the TFF adapter folds in each client's
 value the same way). So every step draws fresh masks / noise, and clients that share the
 default seed (other data) -- or a client whose optimizer restarts each round (other
 weights) -- still draw different ones: with one seed for all, two clients' defended
@@ -29,7 +30,7 @@ is used as given.
 
 The defence sees one step's gradient, which is what a DLG attacker observes of a
 client that shares gradients (FedSGD); for FedAvg-style updates use the TFF factory
-(`defense_factory`). Notes: a variable without a gradient is skipped (its entry stays
+(`tf_dlg.federated.defense_aggregator`). Notes: a variable without a gradient is skipped (its entry stays
 None); sparse (`IndexedSlices`) gradients are densified; with a
 `tf.keras.mixed_precision.LossScaleOptimizer` the defence acts on the unscaled
 gradient and is skipped on the non-finite steps that the optimizer itself skips; under
@@ -50,12 +51,12 @@ All of it runs on Keras 2 (TF 2.14) and Keras 3 (TF 2.16+, `tf.keras` is Keras 3
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from tf_dlg import defenses
 from tf_dlg.defenses import base, batchnorm
 
 _EXCLUDE_MODES = ("auto", "batchnorm")
@@ -88,9 +89,10 @@ def defended_gradients(
   present = [i for i, g in enumerate(gradients) if g is not None]
   if not present:
     return gradients
-  d = copy.copy(defense)
-  d.exclude = None if exclude is None else [exclude[i] for i in present]
-  defended = d([tf.convert_to_tensor(gradients[i]) for i in present], seed)
+  # The present gradients' own exclusion, passed in (nothing excluded: all False).
+  exclude = [False] * len(present) if exclude is None else [exclude[i] for i in present]
+  tensors = [tf.convert_to_tensor(gradients[i]) for i in present]
+  defended = defense.apply(tensors, defense.param, seed, exclude)
   out = list(gradients)
   for i, g in zip(present, defended):
     out[i] = g
@@ -252,18 +254,6 @@ class DefenseTrainStepMixin:
     return {"defense": self._defense.get_config(), "seed": self._defense_seed, "exclude": exclude}
 
 
-def defense_from_config(config: Dict[str, Any]) -> base.Defense:
-  """Rebuilds a defence from its `get_config()` (the inverse, for serialisation)."""
-  from tf_dlg import defenses
-
-  config = dict(config)
-  name = config.pop("name")
-  if name not in defenses.DEFENSES:
-    raise ValueError(f"Unknown defence {name!r}; expected one of {', '.join(defenses.DEFENSES)}.")
-  param = config.pop(defenses.DEFENSES[name].param_name, None)
-  return defenses.get_defense(name, param, **config)
-
-
 @tf.keras.utils.register_keras_serializable(package="tf_dlg")
 class DefendedModel(DefenseTrainStepMixin, tf.keras.Model):
   """Wraps a Keras model so that `fit` trains it on defended gradients.
@@ -311,25 +301,25 @@ class DefendedModel(DefenseTrainStepMixin, tf.keras.Model):
   def from_config(cls, config, custom_objects=None):
     config = dict(config)
     model = _saving().deserialize_keras_object(config.pop("model"), custom_objects=custom_objects)
-    defense = defense_from_config(config.pop("defense"))
+    defense = defenses.defense_from_config(config.pop("defense"))
     return cls(model, defense, **config)
 
 
 def update_statistics(
-  defense: base.Defense, update: Sequence[Any], defended: Sequence[Any]
+  defense: base.Defense, update: Sequence[Any], defended: Sequence[Any], exclude=None
 ) -> Dict[str, float]:
   """What a defence did to one update, over the tensors it transforms (not excluded).
 
   `zero_fraction`: exact zeros in the defended update (masking / pruning); `clip_scale`:
   the factor its norm was scaled by (1.0 = not clipped); `norm` / `defended_norm`: L2
-  norms before and after.
+  norms before and after. `exclude`: in place of `defense.exclude` (None: its own).
   """
-  kept = defense.kept_indices(len(update))
+  kept = defense.kept_indices(len(update), exclude)
   before = [tf.convert_to_tensor(update[i]) for i in kept]
   after = [tf.convert_to_tensor(defended[i]) for i in kept]
   return {
     "zero_fraction": float(base.zero_fraction(after)) if after else 0.0,
-    "clip_scale": float(defense.clip_scale(list(update))),
+    "clip_scale": float(defense.clip_scale(list(update), exclude=exclude)),
     "norm": float(base.global_norm(before)),
     "defended_norm": float(base.global_norm(after)),
   }
@@ -359,16 +349,14 @@ def defend_weights_delta(
   for i, (b, a) in enumerate(zip(before, after)):
     if np.shape(b) != np.shape(a):
       raise ValueError(f"weight {i}: shape {np.shape(b)} before but {np.shape(a)} after.")
-  d = copy.copy(defense)
-  if exclude is not None:
-    d.exclude = [bool(e) for e in exclude]
   delta = [np.asarray(a, np.float32) - np.asarray(b, np.float32) for b, a in zip(before, after)]
-  defended = [t.numpy() for t in d(delta, base.folded_seed(seed, delta))]
+  seed = base.folded_seed(seed, delta)
+  defended = [t.numpy() for t in defense.apply(delta, defense.param, seed, exclude)]
   weights = [
     (np.asarray(b, np.float32) + t).astype(np.asarray(a).dtype)
     for b, a, t in zip(before, after, defended)
   ]
-  return weights, update_statistics(d, delta, defended)
+  return weights, update_statistics(defense, delta, defended, exclude)
 
 
 class DefendUpdate(tf.keras.callbacks.Callback):

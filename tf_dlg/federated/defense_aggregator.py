@@ -1,13 +1,20 @@
-"""Defences as TFF aggregators: transform each client's update on the client.
+"""The TFF adapter of the defences: transform each client's update on the client.
 
-`defense_factory(defense, inner_agg_factory)` wraps any `tf_dlg.defenses.Defense` around
-an inner `tff.aggregators` factory, in the style of TFF's `clipping_factory`: the pure
+`factory(defense, inner_agg_factory, seed)` is the one entry of federated training: it
+wraps the run's `tf_dlg.defenses.Defense` (built once, by `fedavg.build_fedavg`) around an
+inner `tff.aggregators` factory. `defense_factory(defense, inner_agg_factory)` does so for
+a defence that one update expresses, in the style of TFF's `clipping_factory`: the pure
 TensorFlow transform lives in the defence's own module, and this file only does the
 federated plumbing (seed broadcast, client-side map, inner aggregation, measurements).
+The parameter travels in the process state and is passed to the transform as it stands
+(`defense.apply(value, param, seed)`), so one built process serves every setting;
+`initial_state(state, param)` is the state of a run at another setting.
 
 `median_clipping_factory(clip_ratio, inner)` clips every client to clip_ratio x the
 median client update norm of the round (computed at the server from every client's
-norm, then broadcast): the `clipping_median` defence.
+norm, then broadcast): the `clipping_median` defence, which needs the round's clients
+(`Defense.single_update` is False). `dp_fedavg_aggregator(...)` is DP-FedAvg's
+`tff.learning.dp_aggregator`.
 
 Each statistic is measured once: the zero fraction of what clients send by
 `tff.aggregators.add_measurements` around the inner aggregation, the clip scale by the
@@ -26,13 +33,13 @@ one (the drivers install `tf_dlg.execution.runtime`'s loopback-only context).
 from __future__ import annotations
 
 import collections
-import copy
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
 from tf_dlg.defenses import base, clipping
+from tf_dlg.validation import check_number
 
 # The defence parameter in the process state: float64 keeps the Python value exactly.
 _PARAM_TYPE = tff.TensorType(np.float64)
@@ -40,23 +47,10 @@ _PARAM_TYPE = tff.TensorType(np.float64)
 MAX_MEDIAN_CLIENTS = 1000
 
 
-def value_fingerprint(value) -> tf.Tensor:
-  """An int64 that differs between clients' values: wrapped integer sum of their bits.
-
-  Integer addition is exact and order-free, so eager code (tests, `client_seed`) and
-  the TFF graph compute the same number.
-  """
-  parts = [
-    tf.reduce_sum(tf.cast(tf.bitcast(tf.cast(tf.reshape(t, [-1]), tf.float32), tf.int32), tf.int64))
-    for t in tf.nest.flatten(value)
-  ]
-  return tf.add_n(parts)
-
-
 def client_seed(value, round_num, base_seed: int = 0) -> tf.Tensor:
   """The seed a client uses in round `round_num`: (base_seed, round) folded with its value."""
   round_seed = tf.stack([tf.constant(base_seed, tf.int64), tf.cast(round_num, tf.int64)])
-  return tf.random.experimental.stateless_fold_in(round_seed, value_fingerprint(value))
+  return tf.random.experimental.stateless_fold_in(round_seed, base.value_fingerprint(value))
 
 
 def _check_value_type(value_type):
@@ -81,9 +75,9 @@ def _median(values: tf.Tensor) -> tf.Tensor:
 class _DefenseComputations:
   """The TFF computations of one defence on one value type, and the round plumbing."""
 
-  def __init__(self, defense: base.Defense, value_type, seed: int, median_ratio=None):
-    self.defense = defense
-    self.median_ratio = median_ratio
+  def __init__(self, defense: base.Defense, value_type, seed: int, exclude=None):
+    self.defense, self.exclude = defense, exclude
+    self.median = isinstance(defense, clipping.MedianClipping)
     int_type, float_type = tff.TensorType(np.int64), tff.TensorType(np.float32)
 
     @tff.tensorflow.computation(tff.TensorType(np.float32))
@@ -91,12 +85,12 @@ class _DefenseComputations:
       return tf.cast(scale < 1.0, tf.float32)
 
     self.clipped_fn = clipped_fn
-    if median_ratio is None:  # the defence's own client transform
+    if not self.median:  # the defence's own client transform
 
       @tff.tensorflow.computation(value_type, int_type, _PARAM_TYPE)
       def defend_fn(value, round_num, param):
-        runtime = with_param(defense, param)
-        return runtime(value, client_seed(value, round_num, seed)), runtime.clip_scale(value)
+        defended = defense.apply(value, param, client_seed(value, round_num, seed), exclude)
+        return defended, defense.clip_scale(value, param, exclude)
 
       self.defend_fn = defend_fn
     else:
@@ -104,16 +98,18 @@ class _DefenseComputations:
 
   def _build_median(self, value_type, float_type):
     """Computations of clipping to ratio x the round's median client norm."""
-    defense = self.defense
+    defense, exclude = self.defense, self.exclude
 
     @tff.tensorflow.computation(value_type, float_type)
     def clip_to_bound_fn(value, bound):
-      scale = clipping.clip_scale(defense.kept_tensors(value), bound)
-      return _scale_kept(defense, value, scale), scale
+      scale = clipping.clip_scale(defense.kept_tensors(value, exclude), bound)
+      return _scale_kept(
+        defense.kept_indices(len(tf.nest.flatten(value)), exclude), value, scale
+      ), scale
 
     @tff.tensorflow.computation(value_type)
     def norm_fn(value):
-      return base.global_norm(defense.kept_tensors(value))
+      return base.global_norm(defense.kept_tensors(value, exclude))
 
     @tff.tensorflow.computation(tff.TensorType(np.float32, [None]), _PARAM_TYPE)
     def bound_fn(norms, ratio):
@@ -127,7 +123,7 @@ class _DefenseComputations:
 
   def defend(self, value, round_num, param):
     """Federated: the defended client values and the clients' statistics."""
-    if self.median_ratio is None:
+    if not self.median:
       setting = tff.federated_broadcast(tff.federated_zip((round_num, param)))
       return tff.federated_map(self.defend_fn, (value, setting[0], setting[1]))
     norms = tff.federated_map(self.norm_fn, value)
@@ -160,10 +156,10 @@ class _DefenseComputations:
     )
 
 
-def _scale_kept(defense: base.Defense, value, scale: tf.Tensor):
-  """`value` with its non-excluded tensors multiplied by `scale`."""
+def _scale_kept(kept_indices, value, scale: tf.Tensor):
+  """`value` with its tensors at `kept_indices` multiplied by `scale`."""
   flat = tf.nest.flatten(value)
-  kept = set(defense.kept_indices(len(flat)))
+  kept = set(kept_indices)
   out = [t * tf.cast(scale, t.dtype) if i in kept else t for i, t in enumerate(flat)]
   return tf.nest.pack_sequence_as(value, out)
 
@@ -196,31 +192,24 @@ def _init_fn(inner_process, param: float):
   return init_fn
 
 
-def with_param(defense: base.Defense, param) -> base.Defense:
-  """A shallow copy of `defense` whose parameter is `param` (e.g. a float64 tensor).
+def initial_state(state, param: float):
+  """The defence aggregation's initial `state` for a run at `param` (a new state).
 
-  The setting checked at construction travels in the process state (`param`), so one
-  built process serves every value of it: `set_param` changes it between runs.
+  A process is built once per defence and serves every setting of its parameter (the
+  build's own is in `process.initialize()`); a run at another setting starts here.
   """
-  runtime = copy.copy(defense)
-  runtime.param = param
-  return runtime
-
-
-def set_param(state, value: float):
-  """The defence aggregator's `state` with its parameter set to `value` (a new state)."""
   if not (isinstance(state, collections.abc.Mapping) and "param" in state):
     raise TypeError(f"state {state!r} is not the state of a defence aggregation process.")
-  new_state = copy.copy(state)
-  new_state["param"] = np.float64(value)
-  return new_state
+  return collections.OrderedDict(
+    round=state["round"], inner_agg=state["inner_agg"], param=np.float64(param)
+  )
 
 
 class _WeightedDefenseFactory(tff.aggregators.WeightedAggregationFactory):
   """Weighted: applies the defence on clients, then the weighted inner aggregation."""
 
-  def __init__(self, defense, inner, seed, median_ratio=None):
-    self._args = (defense, seed, median_ratio)
+  def __init__(self, defense, inner, seed, exclude=None):
+    self._args = (defense, seed, exclude)
     self._inner = inner
 
   def create(self, value_type, weight_type):
@@ -243,8 +232,8 @@ class _WeightedDefenseFactory(tff.aggregators.WeightedAggregationFactory):
 class _UnweightedDefenseFactory(tff.aggregators.UnweightedAggregationFactory):
   """Unweighted: applies the defence on clients, then the inner aggregation."""
 
-  def __init__(self, defense, inner, seed, median_ratio=None):
-    self._args = (defense, seed, median_ratio)
+  def __init__(self, defense, inner, seed, exclude=None):
+    self._args = (defense, seed, exclude)
     self._inner = inner
 
   def create(self, value_type):
@@ -262,13 +251,13 @@ class _UnweightedDefenseFactory(tff.aggregators.UnweightedAggregationFactory):
     return tff.templates.AggregationProcess(init_fn, next_fn)
 
 
-def _zero_fraction_measurement(defense: base.Defense, weighted: bool):
+def _zero_fraction_measurement(defense: base.Defense, weighted: bool, exclude=None):
   """`add_measurements`' client function: mean zero fraction of the kept tensors."""
 
   def measure(value):
     @tff.tensorflow.computation(value.type_signature.member)
     def zero_fraction(v):
-      kept = defense.kept_tensors(v)
+      kept = defense.kept_tensors(v, exclude)
       return base.zero_fraction(kept) if kept else tf.constant(0.0)
 
     fractions = tff.federated_map(zero_fraction, value)
@@ -279,34 +268,31 @@ def _zero_fraction_measurement(defense: base.Defense, weighted: bool):
   return measure
 
 
-def _make_factory(defense, inner_agg_factory, seed, median_ratio=None):
+def _make_factory(defense, inner_agg_factory, seed, exclude=None):
   weighted = isinstance(inner_agg_factory, tff.aggregators.WeightedAggregationFactory)
   if weighted or isinstance(inner_agg_factory, tff.aggregators.UnweightedAggregationFactory):
     # What clients send after the defence, measured where the inner aggregation sees it.
     inner_agg_factory = tff.aggregators.add_measurements(
-      inner_agg_factory, client_measurement_fn=_zero_fraction_measurement(defense, weighted)
+      inner_agg_factory,
+      client_measurement_fn=_zero_fraction_measurement(defense, weighted, exclude),
     )
   for kind, cls in (
     (tff.aggregators.WeightedAggregationFactory, _WeightedDefenseFactory),
     (tff.aggregators.UnweightedAggregationFactory, _UnweightedDefenseFactory),
   ):
     if isinstance(inner_agg_factory, kind):
-      return cls(defense, inner_agg_factory, int(seed), median_ratio)
+      return cls(defense, inner_agg_factory, int(seed), exclude)
   raise TypeError(
     "inner_agg_factory must be a tff.aggregators Weighted- or "
     f"UnweightedAggregationFactory, got {type(inner_agg_factory).__name__}."
   )
 
 
-def _with_exclude(defense, exclude, seed):
+def _check(defense, seed):
   if not isinstance(defense, base.Defense):
     raise TypeError(f"defense must be a tf_dlg.defenses.Defense, got {type(defense).__name__}.")
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
-  if exclude is not None:
-    defense = copy.copy(defense)
-    defense.exclude = [bool(e) for e in exclude]
-  return defense
 
 
 def defense_factory(defense: base.Defense, inner_agg_factory, exclude=None, seed: int = 0):
@@ -340,8 +326,13 @@ def defense_factory(defense: base.Defense, inner_agg_factory, exclude=None, seed
       overriding `defense.exclude`.
     seed: Base seed of the clients' randomness.
   """
-  defense = _with_exclude(defense, exclude, seed)
-  return _make_factory(defense, inner_agg_factory, seed)
+  _check(defense, seed)
+  if not defense.single_update:
+    raise ValueError(
+      f"{defense.name} needs the round's other clients, which one client's transform does "
+      "not see: use `factory(defense, inner_agg_factory)`."
+    )
+  return _make_factory(defense, inner_agg_factory, seed, exclude)
 
 
 def median_clipping_factory(clip_ratio: float, inner_agg_factory, exclude=None):
@@ -359,5 +350,25 @@ def median_clipping_factory(clip_ratio: float, inner_agg_factory, exclude=None):
     inner_agg_factory: The aggregation after clipping (weighted or unweighted).
     exclude: Optional flat list of bools over the value's tensors (BatchNorm entries).
   """
-  defense = clipping.MedianClipping(clip_ratio, exclude=exclude)
-  return _make_factory(defense, inner_agg_factory, 0, median_ratio=defense.param)
+  return _make_factory(clipping.MedianClipping(clip_ratio, exclude), inner_agg_factory, 0)
+
+
+def factory(defense: base.Defense, inner_agg_factory, seed: int = 0):
+  """The `tff.aggregators` factory that trains with `defense` before `inner_agg_factory`.
+
+  The client transform itself (`defense_factory`), or, for a defence that needs the
+  round's clients (`clipping_median`), the factory of that defence; deterministic ones
+  ignore `seed`.
+  """
+  _check(defense, seed)
+  if isinstance(defense, clipping.MedianClipping):
+    return _make_factory(defense, inner_agg_factory, 0)
+  if not defense.single_update:
+    raise ValueError(f"{defense.name} needs the round's clients and has no TFF factory here.")
+  return _make_factory(defense, inner_agg_factory, seed)
+
+
+def dp_fedavg_aggregator(noise_multiplier: float, clients_per_round: int, zeroing: bool = True):
+  """`tff.learning.dp_aggregator`: DP-FedAvg's unweighted aggregation factory."""
+  check_number("noise_multiplier", noise_multiplier, 0.0, float("inf"), high_open=True)
+  return tff.learning.dp_aggregator(noise_multiplier, clients_per_round, zeroing=zeroing)

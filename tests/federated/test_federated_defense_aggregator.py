@@ -1,4 +1,4 @@
-"""The defences as TFF aggregators (`tf_dlg.defenses.aggregator`).
+"""The defences as TFF aggregators (`tf_dlg.federated.defense_aggregator`).
 
 Every check compares TFF's output with the pure defence (`Defense.__call__`) applied
 in eager TensorFlow with the client seeds `aggregator.client_seed(value, round, seed)`
@@ -18,9 +18,9 @@ from defense_cases import PARAMS, RANDOM
 
 from tf_dlg import data as data_lib
 from tf_dlg import defenses, models
-from tf_dlg.defenses import aggregator
 from tf_dlg.execution import runtime
 from tf_dlg.federated import aggregators as aggregators_lib
+from tf_dlg.federated import defense_aggregator as aggregator
 
 tff = runtime.install_context()
 
@@ -77,7 +77,7 @@ def _assert_close(got, want, **kw):
 @pytest.mark.parametrize("name", sorted(PARAMS))
 def test_weighted_factory_aggregate_is_the_pure_defence(name):
   defense = defenses.get_defense(name, PARAMS[name])
-  factory = defenses.defense_factory(defense, tff.aggregators.MeanFactory(), seed=3)
+  factory = aggregator.defense_factory(defense, tff.aggregators.MeanFactory(), seed=3)
   assert isinstance(factory, tff.aggregators.WeightedAggregationFactory)
   process = factory.create(VALUE_TYPE, WEIGHT_TYPE)
   values = _client_values(scale=3.0)  # norms > 1 so that clipping and dp clip
@@ -129,15 +129,15 @@ def test_clients_and_seeds_get_different_masks():
   assert len(set(seeds[:3])) == 3 and seeds[3] == seeds[0]
   # Three clients with the same value and base seed get the same mask (the seed is a
   # function of the value) -- the mean is then exactly one client's masked value.
-  process = defenses.defense_factory(
+  process = aggregator.defense_factory(
     defense, tff.aggregators.UnweightedMeanFactory(), seed=3
   ).create(VALUE_TYPE)
   out = process.next(process.initialize(), same)
   _assert_close(out.result, _defend_clients(defense, same[:1], 0, 3)[0])
   # Another base seed: other masks.
-  other = defenses.defense_factory(defense, tff.aggregators.UnweightedMeanFactory(), seed=4).create(
-    VALUE_TYPE
-  )
+  other = aggregator.defense_factory(
+    defense, tff.aggregators.UnweightedMeanFactory(), seed=4
+  ).create(VALUE_TYPE)
   out4 = other.next(other.initialize(), same)
   _assert_close(out4.result, _defend_clients(defense, same[:1], 0, 4)[0])
   assert np.any(np.asarray(out4.result[0]) != np.asarray(out.result[0]))
@@ -147,7 +147,7 @@ def test_unweighted_inner_factories_are_inherited():
   defense = defenses.get_defense("pruning", 0.5)
   values = _client_values()
   defended = _defend_clients(defense, values, 0, 0)
-  factory = defenses.defense_factory(defense, tff.aggregators.UnweightedMeanFactory())
+  factory = aggregator.defense_factory(defense, tff.aggregators.UnweightedMeanFactory())
   assert isinstance(factory, tff.aggregators.UnweightedAggregationFactory)
   assert not isinstance(factory, tff.aggregators.WeightedAggregationFactory)
   process = factory.create(VALUE_TYPE)
@@ -155,7 +155,7 @@ def test_unweighted_inner_factories_are_inherited():
   _assert_close(out.result, _mean(defended))
   assert out.measurements["inner_agg"]["defense_zero_fraction"] == pytest.approx(0.5, abs=0.05)
   # The coordinate-wise median (unweighted, from the federated-training work).
-  median = defenses.defense_factory(defense, aggregators_lib.median_factory())
+  median = aggregator.defense_factory(defense, aggregators_lib.median_factory())
   assert isinstance(median, tff.aggregators.UnweightedAggregationFactory)
   process = median.create(VALUE_TYPE)
   out = process.next(process.initialize(), values)
@@ -166,7 +166,7 @@ def test_unweighted_inner_factories_are_inherited():
 
 def test_exclude_passes_tensors_through_and_overrides_the_defence():
   defense = defenses.get_defense("masking", 0.9, exclude=[True, True])
-  process = defenses.defense_factory(
+  process = aggregator.defense_factory(
     defense, tff.aggregators.MeanFactory(), exclude=[False, True]
   ).create(VALUE_TYPE, WEIGHT_TYPE)
   values = _client_values()
@@ -187,21 +187,21 @@ def test_exclude_passes_tensors_through_and_overrides_the_defence():
 def test_type_errors():
   mean = tff.aggregators.MeanFactory()
   with pytest.raises(TypeError, match="tf_dlg.defenses.Defense"):
-    defenses.defense_factory("masking", mean)
+    aggregator.defense_factory("masking", mean)
   with pytest.raises(TypeError, match="tf_dlg.defenses.Defense"):
-    defenses.defense_factory(lambda u, s: u, mean)
+    aggregator.defense_factory(lambda u, s: u, mean)
   with pytest.raises(TypeError, match="inner_agg_factory"):
-    defenses.defense_factory(defenses.get_defense("masking", 0.5), object())
+    aggregator.defense_factory(defenses.get_defense("masking", 0.5), object())
   with pytest.raises(TypeError, match="seed"):
-    defenses.defense_factory(defenses.get_defense("masking", 0.5), mean, seed=0.5)
-  factory = defenses.defense_factory(defenses.get_defense("masking", 0.5), mean)
+    aggregator.defense_factory(defenses.get_defense("masking", 0.5), mean, seed=0.5)
+  factory = aggregator.defense_factory(defenses.get_defense("masking", 0.5), mean)
   for bad in (
     tff.TensorType(np.int32, [3]),
     tff.types.to_type([tff.TensorType(np.float32, [2]), tff.TensorType(np.int64, [2])]),
   ):
     with pytest.raises(TypeError, match="floating"):
       factory.create(bad, WEIGHT_TYPE)
-  unweighted = defenses.defense_factory(
+  unweighted = aggregator.defense_factory(
     defenses.get_defense("noising", 0.1), tff.aggregators.UnweightedMeanFactory()
   )
   with pytest.raises(TypeError, match="floating"):
@@ -232,7 +232,7 @@ def test_median_clipping_clips_to_ratio_times_the_round_median_norm(num_clients,
   bound = ratio * np.median(norms)  # an even count: the mean of the middle two
   scales = np.minimum(1.0, bound / norms)
   expected = [[a * s for a in v] for v, s in zip(values, scales)]
-  factory = defenses.median_clipping_factory(ratio, tff.aggregators.MeanFactory())
+  factory = aggregator.median_clipping_factory(ratio, tff.aggregators.MeanFactory())
   assert isinstance(factory, tff.aggregators.WeightedAggregationFactory)
   process = factory.create(VALUE_TYPE, WEIGHT_TYPE)
   out = process.next(process.initialize(), values, weights)
@@ -249,7 +249,7 @@ def test_median_clipping_excludes_tensors_and_works_unweighted():
   norms = _norms(values, exclude)
   bound = 0.5 * np.median(norms)
   expected = [[v[0] * min(1.0, bound / n), v[1]] for v, n in zip(values, norms)]
-  factory = defenses.median_clipping_factory(
+  factory = aggregator.median_clipping_factory(
     0.5, tff.aggregators.UnweightedMeanFactory(), exclude=exclude
   )
   assert not isinstance(factory, tff.aggregators.WeightedAggregationFactory)
@@ -259,7 +259,7 @@ def test_median_clipping_excludes_tensors_and_works_unweighted():
   clipped = np.mean(norms > bound)
   assert 0 < clipped and out.measurements["defense_clipped_fraction"] == pytest.approx(clipped)
   with pytest.raises(ValueError, match="clip_ratio=1.5"):
-    defenses.median_clipping_factory(1.5, tff.aggregators.MeanFactory())
+    aggregator.median_clipping_factory(1.5, tff.aggregators.MeanFactory())
 
 
 def test_median_matches_numpy():
@@ -317,7 +317,7 @@ def test_one_round_weighted_fed_avg_aggregate_is_the_pure_defence(
     client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=0.5),
     server_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=1.0),
     model_aggregator=aggregators_lib.capture_factory(
-      defenses.defense_factory(defense, tff.aggregators.MeanFactory(), seed=7)
+      aggregator.defense_factory(defense, tff.aggregators.MeanFactory(), seed=7)
     ),
   )
   state = process.initialize()
@@ -362,12 +362,12 @@ OTHER_PARAMS = {
 def test_parameter_set_in_the_state_is_the_pure_defence_of_that_parameter(name):
   """One built process serves another parameter: exactly its Python-float transform."""
   built_with = defenses.get_defense(name, PARAMS[name])
-  process = defenses.defense_factory(built_with, tff.aggregators.MeanFactory(), seed=3).create(
+  process = aggregator.defense_factory(built_with, tff.aggregators.MeanFactory(), seed=3).create(
     VALUE_TYPE, WEIGHT_TYPE
   )
   state = process.initialize()
   assert state["param"] == PARAMS[name]
-  state = aggregator.set_param(state, OTHER_PARAMS[name])
+  state = aggregator.initial_state(state, OTHER_PARAMS[name])
   values = _client_values(scale=3.0)
   out = process.next(state, values, WEIGHTS)
   assert out.state["param"] == OTHER_PARAMS[name]  # kept for the next round
@@ -386,7 +386,7 @@ def test_median_clipping_ratio_set_in_the_state():
     process = aggregator.median_clipping_factory(built, tff.aggregators.MeanFactory()).create(
       VALUE_TYPE, WEIGHT_TYPE
     )
-    state = aggregator.set_param(process.initialize(), run)
+    state = aggregator.initial_state(process.initialize(), run)
     outs.append(process.next(state, values, [1.0] * 5))
   _assert_close(outs[1].result, outs[0].result)
   assert outs[1].measurements["defense_clip_scale"] == pytest.approx(
@@ -394,6 +394,57 @@ def test_median_clipping_ratio_set_in_the_state():
   )
 
 
-def test_set_param_refuses_a_state_without_one():
+def test_initial_state_refuses_a_state_without_a_parameter():
   with pytest.raises(TypeError, match="not the state of a defence aggregation process"):
-    aggregator.set_param({"round": 0}, 0.5)
+    aggregator.initial_state({"round": 0}, 0.5)
+
+
+# ----------------------------------------------------------------------------- one entry
+
+
+def test_factory_is_the_one_entry_and_refuses_what_it_cannot_train():
+  median = defenses.get_defense("clipping_median", 1.0)
+  with pytest.raises(ValueError, match="clipping_median needs the round's other clients"):
+    aggregator.defense_factory(median, tff.aggregators.MeanFactory())
+  process = aggregator.factory(median, tff.aggregators.MeanFactory()).create(
+    VALUE_TYPE, WEIGHT_TYPE
+  )
+  values = [[np.full(s, c, np.float32) for s in SHAPES] for c in (1.0, 2.0, 4.0)]
+  out = process.next(process.initialize(), values, [1.0, 1.0, 1.0])
+  # Median client norm 2 x sqrt(23): the third client is clipped to it, the others pass.
+  _assert_close(out.result, [np.full(s, (1.0 + 2.0 + 2.0) / 3) for s in SHAPES])
+  masking = defenses.get_defense("masking", 0.5)
+  direct = aggregator.factory(masking, tff.aggregators.MeanFactory(), seed=3).create(
+    VALUE_TYPE, WEIGHT_TYPE
+  )
+  out = direct.next(direct.initialize(), _client_values(), WEIGHTS)
+  _assert_close(out.result, _mean(_defend_clients(masking, _client_values(), 0, 3), WEIGHTS))
+
+
+def test_a_run_builds_its_defence_once(digits, tmp_path, monkeypatch):
+  from tf_dlg.attacks.threat_model import ObservedUpdate
+  from tf_dlg.defenses import base
+  from tf_dlg.federated import simulation
+  from tf_dlg.federated.config import FederatedConfig
+
+  config = FederatedConfig(
+    defense="masking",
+    defense_param=0.5,
+    model="lenet",
+    num_clients=2,
+    rounds=1,
+    capture_round=1,
+  )
+  built = []
+  init = base.Defense.__init__
+
+  def counting(self, *args, **kwargs):
+    built.append(type(self).__name__)
+    init(self, *args, **kwargs)
+
+  monkeypatch.setattr(base.Defense, "__init__", counting)
+  result = simulation.run_simulation(config, str(tmp_path), dataset=digits, progress=False)
+  assert built == ["Masking"]  # not for the check, the factory or the capture
+  (capture,) = tmp_path.glob("capture_round1_*.npz")
+  assert ObservedUpdate.load(str(capture)).defense == result.fedavg.defense.get_config()
+  assert result.fedavg.defense.get_config() == {"name": "masking", "rate": 0.5, "rescale": False}

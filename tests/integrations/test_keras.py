@@ -1,4 +1,4 @@
-"""Keras training on defended gradients (`tf_dlg.defenses.DefendedModel`).
+"""Keras training on defended gradients (`tf_dlg.integrations.keras.DefendedModel`).
 
 With plain SGD at learning rate 1 the weight change of one step *is* the applied
 (defended) gradient, so the tests read the defence off the weights: masking zeroes the
@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from tf_dlg import defenses, models
-from tf_dlg.defenses import keras as defenses_keras
+from tf_dlg.integrations import keras as defenses_keras
 
 LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -28,7 +28,7 @@ def _bn_model(num_classes=10):
 
 
 def _defended(defense, seed=0, lr=1.0, **kwargs):
-  model = defenses.DefendedModel(_bn_model(), defense, seed=seed, **kwargs)
+  model = defenses_keras.DefendedModel(_bn_model(), defense, seed=seed, **kwargs)
   model.compile(optimizer=tf.keras.optimizers.SGD(lr), loss=LOSS, metrics=["accuracy"])
   return model
 
@@ -102,7 +102,7 @@ def _mlp():
 def test_fit_with_masking_still_reduces_the_loss(digit_arrays):
   """The README example: one epoch of `fit` on 1,000 digits with half the gradient masked."""
   x, y, xt, yt = digit_arrays
-  model = defenses.DefendedModel(_mlp(), defenses.get_defense("masking", 0.5), seed=0)
+  model = defenses_keras.DefendedModel(_mlp(), defenses.get_defense("masking", 0.5), seed=0)
   model.compile(optimizer=tf.keras.optimizers.Adam(0.005), loss=LOSS, metrics=["accuracy"])
   initial_loss, _ = model.evaluate(xt, yt, verbose=0)
   history = model.fit(x, y, batch_size=20, epochs=1, verbose=0)
@@ -176,9 +176,9 @@ def test_exclude_options(digit_arrays):
   with pytest.raises(ValueError, match="exclude='bn'"):
     _defended(masking, exclude="bn")
   with pytest.raises(TypeError, match="Defense"):
-    defenses.DefendedModel(_bn_model(), "masking")
+    defenses_keras.DefendedModel(_bn_model(), "masking")
   with pytest.raises(TypeError, match="tf.keras.Model"):
-    defenses.DefendedModel(lambda t: t, masking)
+    defenses_keras.DefendedModel(lambda t: t, masking)
 
 
 def test_defended_gradients_keeps_none_and_densifies():
@@ -188,13 +188,13 @@ def test_defended_gradients_keeps_none_and_densifies():
     None,
     tf.IndexedSlices(tf.fill([1, 2], 10.0), tf.constant([1]), tf.constant([3, 2])),
   ]
-  out = defenses.defended_gradients(d, grads, 0)
+  out = defenses_keras.defended_gradients(d, grads, 0)
   assert out[1] is None and out[2].shape == (3, 2)
   assert float(tf.linalg.global_norm([out[0], out[2]])) == pytest.approx(1.0, rel=1e-5)
-  out = defenses.defended_gradients(d, grads, 0, exclude=[True, False, False])
+  out = defenses_keras.defended_gradients(d, grads, 0, exclude=[True, False, False])
   np.testing.assert_array_equal(out[0].numpy(), [10.0] * 3)
   with pytest.raises(ValueError, match="exclude has 2 entries"):
-    defenses.defended_gradients(d, grads, 0, exclude=[True, False])
+    defenses_keras.defended_gradients(d, grads, 0, exclude=[True, False])
 
 
 def test_config_round_trip_and_save_load(digit_arrays, tmp_path):
@@ -204,13 +204,13 @@ def test_config_round_trip_and_save_load(digit_arrays, tmp_path):
   cfg = model.get_config()
   assert cfg["defense"] == {"name": "noising", "stddev": 1e-3, "distribution": "laplacian"}
   assert cfg["seed"] == 9 and cfg["exclude"] == "auto"
-  again = defenses.DefendedModel.from_config(cfg)
+  again = defenses_keras.DefendedModel.from_config(cfg)
   assert again.defense.get_config() == model.defense.get_config()
   assert again.defense_seed == 9
   path = str(tmp_path / "defended.keras")
   model.save(path)
   loaded = tf.keras.models.load_model(path)
-  assert isinstance(loaded, defenses.DefendedModel)
+  assert isinstance(loaded, defenses_keras.DefendedModel)
   assert loaded.get_config()["defense"] == cfg["defense"]
   np.testing.assert_allclose(
     loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6
@@ -220,7 +220,7 @@ def test_config_round_trip_and_save_load(digit_arrays, tmp_path):
 def test_mixin_on_a_subclassed_model_and_loss_scale_optimizer(digit_arrays):
   x, y = digit_arrays[0][:32], digit_arrays[1][:32]
 
-  class Small(defenses.DefenseTrainStepMixin, tf.keras.Model):
+  class Small(defenses_keras.DefenseTrainStepMixin, tf.keras.Model):
     def __init__(self):
       super().__init__()
       self.flatten = tf.keras.layers.Flatten()
@@ -277,7 +277,7 @@ def test_fit_one_step_update_carries_the_masking_rate(digit_arrays):
   """`fit` of a wrapped model: one SGD step's weight change is masked at the set rate."""
   x, y = digit_arrays[0][:64], digit_arrays[1][:64]
   rate = 0.3
-  model = defenses.DefendedModel(_tanh_mlp(), defenses.get_defense("masking", rate), seed=3)
+  model = defenses_keras.DefendedModel(_tanh_mlp(), defenses.get_defense("masking", rate), seed=3)
   model.compile(optimizer=tf.keras.optimizers.SGD(0.1), loss=LOSS)
   model(x[:1])
   exclude = model.gradient_exclusion()
