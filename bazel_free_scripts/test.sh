@@ -79,7 +79,13 @@ core_pid=$!
 trap 'kill -TERM "$core_pid" 2>/dev/null; rm -f "$core_log"' EXIT
 start=$(date +%s)
 # --durations: the slowest tests, so the 10-minute budget of the suite stays visible.
-run_pytest "$ROOT/.venv/bin/python" --durations=12 "$@"
+# Two pytest-xdist workers, one test file each at a time (module fixtures are built once):
+# much of this suite waits on subprocesses and TFF workers, so one process left a core
+# idle. TF_DLG_TEST_WORKERS=0 runs it in one process.
+WORKERS="${TF_DLG_TEST_WORKERS:-2}"
+XDIST=()
+[ "$WORKERS" != 0 ] && XDIST=(-n "$WORKERS" --dist loadfile)
+run_pytest "$ROOT/.venv/bin/python" "${XDIST[@]}" --durations=12 "$@"
 rc_full=$?
 echo "[test] full suite on .venv (TF 2.14, TFF): exit $rc_full, $(( $(date +%s) - start )) s"
 wait "$core_pid"

@@ -33,6 +33,7 @@ TFF_STACK_TESTS = [
   "test_kill_resume.py",  # drivers, federated ones included
   "test_readme.py",  # the README's driver commands, federated ones included
   "test_report_numbers.py",  # experiments.reproduce: tfds MNIST
+  "test_probe_one_seed_pipeline.py",  # a whole pipeline: TFF training
   "test_reproduce.py",  # the paper's pipeline: TFF, tfds
   "test_runtime.py",
   "test_threshold_search.py",  # tfds MNIST

@@ -7,13 +7,12 @@ gives point estimates, with "n=1: no interval" wherever an interval would stand.
 
 import math
 import os
-import re
 import shutil
 
 import pytest
 
 from tf_dlg.analysis import figures
-from tf_dlg.study import claims, presets, records, summary
+from tf_dlg.study import claims, records, summary
 from tf_dlg.study import convergence as convergence_lib
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
@@ -95,33 +94,3 @@ def test_convergence_figure_draws_no_band_for_one_seed(tmp_path):
       {("mean", "iid"): {"none": [(1, 0.5, -math.inf, math.inf)]}}, str(tmp_path / "b.png")
     )
   assert drawn[0] == 1 and drawn[2] == 0  # a band only where one is finite
-
-
-@pytest.mark.slow  # a whole pipeline run: 65 s on 2 busy cores
-def test_one_seed_one_image_one_round_one_client_pipeline_finishes(tmp_path):
-  """The smallest valid run: report.md and report.html, point estimates, no infinities."""
-  from tf_dlg.study import pipeline
-
-  settings = presets.with_overrides(
-    "quick", dict(datasets=["digits"], convergence_dataset="digits")
-  ).override(
-    defenses=["masking"],
-    convergence_defenses=["masking"],
-    num_images=1,
-    iterations={"digits": 30},
-    restarts=1,
-    log_resolution=1000.0,
-    adaptive=False,
-    adaptive_attacks=[],
-    rounds=1,
-    num_clients=1,
-    seeds=1,
-    train_examples=40,
-    test_examples=20,
-    partitions=["iid"],
-    aggregators=["mean"],
-  )
-  paths = pipeline.run(str(tmp_path), settings, progress=False)
-  md = open(paths["report"], encoding="utf-8").read()
-  assert open(paths["html"], encoding="utf-8").read().startswith("<!")
-  assert NO in md and not re.search(r"[-+]?\binf\b", md), md
