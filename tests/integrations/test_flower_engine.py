@@ -161,6 +161,50 @@ def test_convergence_records_the_engine(tiny, tmp_path):
     convergence.Convergence(str(tmp_path), {}, **common).prepare()
 
 
+@pytest.mark.parametrize("mechanism, noise_on_mean", [("local", 2**-0.5), ("central", 0.5)])
+def test_dp_rounds_with_flowers_own_dp_match_numpy(mechanism, noise_on_mean, tiny, tmp_path):
+  """One `dp` round, z = 0.05, C = 1, 2 clients of 30 digits each.
+
+  Server = start + mean of the clients' updates clipped to C (kept arrays; BatchNorm
+  statistics: the plain mean) + noise: each client's N(0, (z C)^2) under "local" (std
+  z C / sqrt 2 on the mean), the server's N(0, (z C / 2)^2) under "central".
+  """
+  z = 0.05
+  config = _config(defense="dp", defense_param=z)
+  result = flower_engine.run_simulation(
+    config, str(tmp_path), dataset=tiny, progress=False, num_cpus=CLIENTS, dp_mechanism=mechanism
+  )
+  start, trained, _ = _by_hand(config, tiny)
+  exclude = flower_engine.ClientTrainer(config, tiny.input_shape, tiny.num_classes).exclude
+  updates = [[(t - s).astype(np.float64) for s, t in zip(start, client)] for client in trained]
+  norms = [np.sqrt(sum(np.sum(u**2) for u, e in zip(us, exclude) if not e)) for us in updates]
+  got, _ = _checkpoint_arrays(str(tmp_path))
+  noise = []
+  for i, (g, s, e) in enumerate(zip(got, start, exclude)):
+    clipped = [us[i] * (1.0 if e else min(1.0, 1.0 / n)) for us, n in zip(updates, norms)]
+    residual = (g - s).astype(np.float64) - np.mean(clipped, axis=0)
+    if e:
+      np.testing.assert_allclose(residual, 0.0, atol=1e-5)
+    else:
+      noise.append(residual.ravel())
+  noise = np.concatenate(noise)
+  assert noise.size > 5000
+  assert noise.std() == pytest.approx(z * noise_on_mean, rel=0.05)
+  (row,) = result.history
+  assert row["clipped_fraction"] == np.mean([n > 1.0 for n in norms])
+  # The other mechanism's run folder is refused, naming the configuration.
+  other = {"local": "central", "central": "local"}[mechanism]
+  with pytest.raises(sim.CheckpointError, match="written by a different configuration"):
+    flower_engine.run_simulation(
+      dataclasses.replace(config, rounds=2),
+      str(tmp_path),
+      dataset=tiny,
+      progress=False,
+      num_cpus=CLIENTS,
+      dp_mechanism=other,
+    )
+
+
 @pytest.mark.parametrize(
   "change, says",
   [
@@ -168,12 +212,15 @@ def test_convergence_records_the_engine(tiny, tmp_path):
     (dict(malicious_clients=1, num_clients=3), "malicious_clients=1"),
     (dict(server_optimizer="adam"), "server_optimizer=adam"),
     (dict(defense="clipping_median", defense_param=1.0), "defense=clipping_median"),
+    (dict(aggregator="median", defense="dp", defense_param=1.0), "central DP with aggregator"),
     (dict(capture_round=1), "capture_round"),
   ],
 )
 def test_settings_the_engine_does_not_have_are_refused(change, says, tmp_path):
   with pytest.raises(ValueError, match=f"the flower engine does not run {says}.*--engine=tff"):
-    flower_engine.run_simulation(_config(**change), str(tmp_path), progress=False)
+    flower_engine.run_simulation(
+      _config(**change), str(tmp_path), progress=False, dp_mechanism="central"
+    )
   assert not os.listdir(tmp_path)
 
 

@@ -35,16 +35,17 @@ class DPGaussian(base.Defense):
     self.l2_norm_clip = base.check_number(
       "dp l2_norm_clip", l2_norm_clip, 0.0, float("inf"), low_open=True, high_open=True
     )
-    import tensorflow_privacy
-
-    self._query = tensorflow_privacy.GaussianSumQuery(
-      l2_norm_clip=self.l2_norm_clip, stddev=self.param * self.l2_norm_clip
-    )
 
   def _apply(self, tensors, seed):
-    state = self._query.initial_global_state()
-    params = self._query.derive_sample_params(state)
-    clipped = self._query.preprocess_record(params, list(tensors))
+    # Imported here: a `dp` configuration builds without tensorflow-privacy (the Flower
+    # engine trains it with Flower's own DP, in the environment without the TFF stack).
+    import tensorflow_privacy
+
+    query = tensorflow_privacy.GaussianSumQuery(
+      l2_norm_clip=self.l2_norm_clip, stddev=self.param * self.l2_norm_clip
+    )
+    params = query.derive_sample_params(query.initial_global_state())
+    clipped = query.preprocess_record(params, list(tensors))
     # The query's stddev as a Python float (its state holds a tensor, which `float()`
     # cannot read inside `tf.function` / TFF computations).
     return noising.add_noise(clipped, self.param * self.l2_norm_clip, seed)
