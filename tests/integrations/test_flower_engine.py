@@ -58,7 +58,7 @@ def _checkpoint_arrays(run_dir):
   header, arrays = io_lib.load_npz(
     os.path.join(run_dir, sim.CHECKPOINT_NAME), expected_format=flower_engine.CHECKPOINT_FORMAT
   )
-  return [arrays[f"a{i}"] for i in range(int(header["num_arrays"]))], header
+  return [arrays[f"leaf_{i}"] for i in range(int(header["num_leaves"]))], header
 
 
 def test_a_masked_fedavg_round_is_the_mean_of_independently_masked_clients(tiny, tmp_path):
@@ -77,7 +77,7 @@ def test_a_masked_fedavg_round_is_the_mean_of_independently_masked_clients(tiny,
   start, trained, sizes = _by_hand(config, tiny)
   assert sizes == [30, 30]  # equal weights: the mean is the half sum
   got, header = _checkpoint_arrays(str(tmp_path))
-  assert header["engine"] == "flower" and header["round"] == 1
+  assert header["fingerprint"].startswith("flower-") and header["round"] == 1
   exclude = flower_engine.ClientTrainer(config, tiny.input_shape, tiny.num_classes).exclude
   counts = np.zeros(4)
   for i, (g, s) in enumerate(zip(got, start)):

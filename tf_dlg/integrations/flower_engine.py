@@ -72,12 +72,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from tf_dlg import io as io_lib
 from tf_dlg.federated import simulation as sim
 from tf_dlg.federated.config import FederatedConfig
 
 ENGINE = "flower"
-CHECKPOINT_FORMAT = "tf_dlg.integrations.flower_engine.checkpoint/v1"
+# v2: the TFF engine's shape (`simulation.write_checkpoint`); v1 files are refused.
+CHECKPOINT_FORMAT = "tf_dlg.integrations.flower_engine.checkpoint/v2"
 STRATEGIES = {"mean": "FedAvg", "median": "FedMedian", "trimmed_mean": "FedTrimmedAvg"}
 _CONFIG_KEY = "tf_dlg.config"
 _ROUND_KEY = "tf_dlg.round"
@@ -300,7 +300,7 @@ def local_update(config: FederatedConfig, data, arrays, round_num: int, cid: int
     epochs=config.local_epochs,
     shuffle=True,
     # The TFF engine's shuffling seed of client `cid` (`simulation.client_data`).
-    seed=sim._round_seed(config, round_num) + cid,
+    seed=sim.round_seed(config, round_num) + cid,
   )
   return _trainer(config, x.shape[1:], num_classes).train(arrays, batches)
 
@@ -609,39 +609,16 @@ class _Job:
   dp_mechanism: str = "local"
 
 
-def _save_checkpoint(path: str, arrays, round_num: int, history, fingerprint: str) -> None:
-  header = dict(
-    format=CHECKPOINT_FORMAT,
-    engine=ENGINE,
-    round=round_num,
-    fingerprint=fingerprint,
-    num_arrays=len(arrays),
-    history=history,
-  )
-  io_lib.save_npz(path, header, {f"a{i}": a for i, a in enumerate(arrays)}, compressed=False)
-
-
 def load_checkpoint(path: str, template, fingerprint: str):
-  """(arrays, round, history) of a Flower engine checkpoint; CheckpointError if not ours."""
-  try:
-    header, stored = io_lib.load_npz(path, expected_format=CHECKPOINT_FORMAT)
-    arrays = [stored[f"a{i}"] for i in range(int(header["num_arrays"]))]
-    history = [sim._history_row(path, i + 1, row) for i, row in enumerate(header["history"])]
-  except sim.CheckpointError:
-    raise
-  except (ValueError, KeyError, TypeError) as e:
-    raise sim.CheckpointError(
-      f"{path!r} is not a readable checkpoint of the flower engine ({type(e).__name__}: {e})."
-    ) from e
-  if header.get("fingerprint") != fingerprint:
-    raise sim.CheckpointError(
-      f"{path!r} was written by a different configuration (fingerprint "
-      f"{header.get('fingerprint')}, this run {fingerprint}); use another --output_dir "
-      "or the original flags."
-    )
+  """(arrays, round, history) of a Flower engine checkpoint; CheckpointError if not ours.
+
+  The TFF engine's checkpoint shape (`simulation.write_checkpoint`) under this engine's
+  format name, so neither engine reads the other's.
+  """
+  arrays, round_num, history = sim.read_checkpoint(path, fingerprint, CHECKPOINT_FORMAT)
   if len(arrays) != len(template) or any(a.shape != t.shape for a, t in zip(arrays, template)):
     raise sim.CheckpointError(f"{path!r} holds a model of a different structure.")
-  return arrays, int(header["round"]), history
+  return arrays, round_num, history
 
 
 def fingerprint(config: FederatedConfig, dp_mechanism: str = "local") -> str:
@@ -739,8 +716,15 @@ def _run_job(grid, job: _Job) -> None:
       if config.build_defense().clips:
         row["clipped_fraction"] = float(metrics.get("tf_dlg.clipped", 0.0))
     history.append(row)
-    sim._write_history(hist_path, history)
-    _save_checkpoint(ckpt_path, arrays, round_num, history, fingerprint(config, job.dp_mechanism))
+    sim.write_history(hist_path, history)
+    sim.write_checkpoint(
+      ckpt_path,
+      arrays,
+      round_num,
+      history,
+      fingerprint(config, job.dp_mechanism),
+      CHECKPOINT_FORMAT,
+    )
     bar.set_postfix(test_acc=f"{test_acc:.3f}")
   bar.close()
   job.arrays = arrays
@@ -834,6 +818,11 @@ class Session:
         init["num_cpus"] = self.num_cpus
       ray.init(runtime_env={"env_vars": _actor_env()}, **init)
       self._owns_ray = True
+    # At exit this simulation ends before Ray's own exit hook (registered by ray.init)
+    # stops Ray: atexit runs the latest first. Else Flower's teardown finds its actors
+    # gone and logs a traceback.
+    atexit.unregister(shutdown)
+    atexit.register(shutdown)
     ready = threading.Event()
     server = ServerApp()
 
@@ -969,7 +958,7 @@ def run_simulation(
       `verbose`).
   """
   check_config(config, dp_mechanism)
-  dataset, _ = sim._prepare(config, output_dir, dataset, overwrite)
+  dataset, _ = sim.prepare(config, output_dir, dataset, overwrite)
   hist_path = os.path.join(output_dir, sim.HISTORY_NAME)
   ckpt_path = os.path.join(output_dir, sim.CHECKPOINT_NAME)
   arrays = [
@@ -979,7 +968,7 @@ def run_simulation(
   start, history = 0, []
   if os.path.exists(ckpt_path):
     arrays, start, history = load_checkpoint(ckpt_path, arrays, fingerprint(config, dp_mechanism))
-  sim._write_history(hist_path, history)
+  sim.write_history(hist_path, history)
   last = config.rounds if stop_after is None else min(config.rounds, stop_after)
   job = _Job(config, output_dir, dataset, "", arrays, start, history, last, progress, dp_mechanism)
   if last > start:
