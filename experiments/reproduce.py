@@ -54,6 +54,7 @@ OVERRIDE_FLAGS = (
   "leak_ssim",
   "engine",
   "dp_multipliers",
+  "frontier_images",
 )
 
 
@@ -122,6 +123,9 @@ def define_flags():
     ["tff", "flower"],
     "Federated engine of every training stage: TFF, or Flower's simulation engine on Ray "
     "(.venv-k3, no TFF; RAY_ADDRESS for a Ray cluster). Recorded in every output.",
+  )
+  flags.DEFINE_integer(
+    "frontier_images", None, "Images attacked per frontier setting.", lower_bound=1
   )
   flags.DEFINE_list(
     "dp_multipliers",

@@ -205,6 +205,25 @@ def test_dp_rounds_with_flowers_own_dp_match_numpy(mechanism, noise_on_mean, tin
     )
 
 
+def test_convergence_with_central_dp_records_its_engine(tiny, tmp_path):
+  common = dict(aggregators=["mean"], partitions=["iid"], seeds=[0], subsets=(60, 40))
+  common.update(progress=False, dataset="digits", num_clients=CLIENTS, rounds=1, batch_size=16)
+  conv = convergence.Convergence(
+    str(tmp_path), {"dp": (0.05, "given")}, engine="flower-central-dp", **common
+  )
+  rows = conv.run()
+  assert {r["engine"] for r in rows} == {"flower-central-dp"}
+  (dp_row,) = [r for r in rows if r["label"] == "dp"]
+  assert dp_row["clipped_fraction"] is not None
+  cell = json.loads((tmp_path / "runs" / "mean_iid_dp" / "seed0" / "cell.json").read_text())
+  assert cell["config"]["engine"] == "flower-central-dp"
+  # The local mechanism's study refuses these run folders before any training.
+  with pytest.raises(convergence.CellError):
+    convergence.Convergence(
+      str(tmp_path), {"dp": (0.05, "given")}, engine="flower", **common
+    ).prepare()
+
+
 @pytest.mark.parametrize(
   "change, says",
   [

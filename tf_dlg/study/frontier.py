@@ -352,7 +352,7 @@ class Frontier:
       baseline_high=base["final_high"],
       epsilon=epsilon,
       delta=st.delta if dp_point else None,
-      engine=r["engine"],
+      engine=st.engine,
       **{k: m[k] for k in _MEASURED},
     )
 
