@@ -10,8 +10,12 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PRESET="${1:?usage: reproduce.sh PRESET [OUTPUT_DIR] [flags], PRESET one of quick, paper, adaptive, frontier}"
 shift
-OUT="${1:-$ROOT/outputs/$PRESET}"
-shift || true
+# OUTPUT_DIR is optional: a first argument that is a flag is left among the flags.
+OUT="$ROOT/outputs/$PRESET"
+if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then
+  OUT="$1"
+  shift
+fi
 VENV=.venv
 SETUP=setup.sh
 prev=""
