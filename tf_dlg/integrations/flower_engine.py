@@ -127,7 +127,10 @@ def check_config(config: FederatedConfig, dp_mechanism: str = "local") -> Federa
   if config.defense == "clipping_median":
     refused.append(f"defense={config.defense} (needs the TFF engine's aggregator)")
   if config.defense == "dp" and dp_mechanism == "central" and config.aggregator != "mean":
-    refused.append(f"central DP with aggregator={config.aggregator} (Flower's wraps FedAvg)")
+    refused.append(
+      f"central DP with aggregator={config.aggregator} (Flower's wraps FedAvg; the local "
+      "mechanism, --engine=flower, takes any aggregator)"
+    )
   if config.capture_round is not None:
     refused.append("capture_round (update capture)")
   if config.aggregator not in STRATEGIES:
