@@ -96,17 +96,20 @@ def main(argv):
     engine=f.engine,
     **({} if f.client_lr is None else {"client_lr": f.client_lr}),
   )
-  if f.engine == "flower":
+  if f.engine != "tff":
     from tf_dlg.integrations import flower_engine
 
+    mechanism = "central" if f.engine == "flower-central-dp" else "local"
     for config in conv.configs.values():
-      flower_engine.check_config(config)  # before any data is read
+      flower_engine.check_config(config, mechanism)  # before any data is read
   conv.prepare()
   cli.work_begins()  # checked: a ValueError from here keeps its traceback
-  if f.engine == "flower":
+  if f.engine != "tff":
     conv.run()
     flower_engine.shutdown()
-    print(f"[convergence] engine: flower ({len(conv.configs)} runs, one Flower simulation on Ray)")
+    print(
+      f"[convergence] engine: {f.engine} ({len(conv.configs)} runs, one Flower simulation on Ray)"
+    )
   else:
     builds = _build_count()
     conv.run()
@@ -158,9 +161,11 @@ def define_flags():
   flags.DEFINE_enum(
     "engine",
     "tff",
-    ["tff", "flower"],
+    ["tff", "flower", "flower-central-dp"],
     "Federated engine: TFF, or Flower's simulation engine on Ray (no TFF; set RAY_ADDRESS "
-    "to use a Ray cluster). Recorded in convergence.csv and convergence.md.",
+    "to use a Ray cluster), whose `dp` defence is Flower's LocalDpMod (the TFF engine's "
+    "dp) or, with flower-central-dp, Flower's central DP-FedAvg. Recorded in "
+    "convergence.csv and convergence.md.",
   )
   flags.DEFINE_string("output_dir", "outputs/convergence", "Output directory.")
   flags.DEFINE_string("data_dir", None, "tfds data directory.")

@@ -52,20 +52,32 @@ OVERRIDE_FLAGS = (
   "seed",
   "data_dir",
   "leak_ssim",
+  "engine",
+  "dp_multipliers",
+  "frontier_images",
 )
 
 
 def settings_from_flags(flags_obj) -> Preset:
   """The preset with the flags given explicitly put over it (`presets.with_overrides`)."""
   given = {name: getattr(flags_obj, name) for name in OVERRIDE_FLAGS if flags_obj[name].present}
+  if "dp_multipliers" in given:
+    try:
+      given["dp_multipliers"] = [float(z) for z in given["dp_multipliers"]]
+    except ValueError:
+      raise ValueError(
+        f"--dp_multipliers={','.join(given['dp_multipliers'])}: expected numbers in (0, inf), "
+        "comma-separated (or nothing: no DP points)."
+      ) from None
   return with_overrides(flags_obj.preset, given)
 
 
 def main(argv):
   del argv
-  cli.require_confined_worker()  # trains in TFF: exit 2 now if it cannot be confined
   from absl import flags
 
+  if flags.FLAGS.engine == "tff":
+    cli.require_confined_worker()  # trains in TFF: exit 2 now if it cannot be confined
   # Every flag is checked before any stage starts (check_settings, again in run: cheap);
   # a ValueError until then is one line and exit status 2, after it a traceback.
   settings = settings_from_flags(flags.FLAGS)
@@ -105,6 +117,22 @@ def define_flags():
   )
   flags.DEFINE_string("convergence_dataset", None, "Dataset of the FedAvg runs.")
   flags.DEFINE_boolean("adaptive", None, "Also search adaptive thresholds and train at them.")
+  flags.DEFINE_enum(
+    "engine",
+    "tff",
+    ["tff", "flower"],
+    "Federated engine of every training stage: TFF, or Flower's simulation engine on Ray "
+    "(.venv-k3, no TFF; RAY_ADDRESS for a Ray cluster). Recorded in every output.",
+  )
+  flags.DEFINE_integer(
+    "frontier_images", None, "Images attacked per frontier setting.", lower_bound=1
+  )
+  flags.DEFINE_list(
+    "dp_multipliers",
+    None,
+    "The frontier's DP noise multipliers (default: the dp spec's grid); empty for none "
+    "(DP points need tensorflow-privacy and dp-accounting, absent from .venv-k3).",
+  )
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def _checkpoint_arrays(run_dir):
   header, arrays = io_lib.load_npz(
     os.path.join(run_dir, sim.CHECKPOINT_NAME), expected_format=flower_engine.CHECKPOINT_FORMAT
   )
-  return [arrays[f"a{i}"] for i in range(int(header["num_arrays"]))], header
+  return [arrays[f"leaf_{i}"] for i in range(int(header["num_leaves"]))], header
 
 
 def test_a_masked_fedavg_round_is_the_mean_of_independently_masked_clients(tiny, tmp_path):
@@ -77,7 +77,7 @@ def test_a_masked_fedavg_round_is_the_mean_of_independently_masked_clients(tiny,
   start, trained, sizes = _by_hand(config, tiny)
   assert sizes == [30, 30]  # equal weights: the mean is the half sum
   got, header = _checkpoint_arrays(str(tmp_path))
-  assert header["engine"] == "flower" and header["round"] == 1
+  assert header["fingerprint"].startswith("flower-") and header["round"] == 1
   exclude = flower_engine.ClientTrainer(config, tiny.input_shape, tiny.num_classes).exclude
   counts = np.zeros(4)
   for i, (g, s) in enumerate(zip(got, start)):
@@ -161,6 +161,69 @@ def test_convergence_records_the_engine(tiny, tmp_path):
     convergence.Convergence(str(tmp_path), {}, **common).prepare()
 
 
+@pytest.mark.parametrize("mechanism, noise_on_mean", [("local", 2**-0.5), ("central", 0.5)])
+def test_dp_rounds_with_flowers_own_dp_match_numpy(mechanism, noise_on_mean, tiny, tmp_path):
+  """One `dp` round, z = 0.05, C = 1, 2 clients of 30 digits each.
+
+  Server = start + mean of the clients' updates clipped to C (kept arrays; BatchNorm
+  statistics: the plain mean) + noise: each client's N(0, (z C)^2) under "local" (std
+  z C / sqrt 2 on the mean), the server's N(0, (z C / 2)^2) under "central".
+  """
+  z = 0.05
+  config = _config(defense="dp", defense_param=z)
+  result = flower_engine.run_simulation(
+    config, str(tmp_path), dataset=tiny, progress=False, num_cpus=CLIENTS, dp_mechanism=mechanism
+  )
+  start, trained, _ = _by_hand(config, tiny)
+  exclude = flower_engine.ClientTrainer(config, tiny.input_shape, tiny.num_classes).exclude
+  updates = [[(t - s).astype(np.float64) for s, t in zip(start, client)] for client in trained]
+  norms = [np.sqrt(sum(np.sum(u**2) for u, e in zip(us, exclude) if not e)) for us in updates]
+  got, _ = _checkpoint_arrays(str(tmp_path))
+  noise = []
+  for i, (g, s, e) in enumerate(zip(got, start, exclude)):
+    clipped = [us[i] * (1.0 if e else min(1.0, 1.0 / n)) for us, n in zip(updates, norms)]
+    residual = (g - s).astype(np.float64) - np.mean(clipped, axis=0)
+    if e:
+      np.testing.assert_allclose(residual, 0.0, atol=1e-5)
+    else:
+      noise.append(residual.ravel())
+  noise = np.concatenate(noise)
+  assert noise.size > 5000
+  assert noise.std() == pytest.approx(z * noise_on_mean, rel=0.05)
+  (row,) = result.history
+  assert row["clipped_fraction"] == np.mean([n > 1.0 for n in norms])
+  # The other mechanism's run folder is refused, naming the configuration.
+  other = {"local": "central", "central": "local"}[mechanism]
+  with pytest.raises(sim.CheckpointError, match="written by a different configuration"):
+    flower_engine.run_simulation(
+      dataclasses.replace(config, rounds=2),
+      str(tmp_path),
+      dataset=tiny,
+      progress=False,
+      num_cpus=CLIENTS,
+      dp_mechanism=other,
+    )
+
+
+def test_convergence_with_central_dp_records_its_engine(tiny, tmp_path):
+  common = dict(aggregators=["mean"], partitions=["iid"], seeds=[0], subsets=(60, 40))
+  common.update(progress=False, dataset="digits", num_clients=CLIENTS, rounds=1, batch_size=16)
+  conv = convergence.Convergence(
+    str(tmp_path), {"dp": (0.05, "given")}, engine="flower-central-dp", **common
+  )
+  rows = conv.run()
+  assert {r["engine"] for r in rows} == {"flower-central-dp"}
+  (dp_row,) = [r for r in rows if r["label"] == "dp"]
+  assert dp_row["clipped_fraction"] is not None
+  cell = json.loads((tmp_path / "runs" / "mean_iid_dp" / "seed0" / "cell.json").read_text())
+  assert cell["config"]["engine"] == "flower-central-dp"
+  # The local mechanism's study refuses these run folders before any training.
+  with pytest.raises(convergence.CellError):
+    convergence.Convergence(
+      str(tmp_path), {"dp": (0.05, "given")}, engine="flower", **common
+    ).prepare()
+
+
 @pytest.mark.parametrize(
   "change, says",
   [
@@ -168,12 +231,15 @@ def test_convergence_records_the_engine(tiny, tmp_path):
     (dict(malicious_clients=1, num_clients=3), "malicious_clients=1"),
     (dict(server_optimizer="adam"), "server_optimizer=adam"),
     (dict(defense="clipping_median", defense_param=1.0), "defense=clipping_median"),
+    (dict(aggregator="median", defense="dp", defense_param=1.0), "central DP with aggregator"),
     (dict(capture_round=1), "capture_round"),
   ],
 )
 def test_settings_the_engine_does_not_have_are_refused(change, says, tmp_path):
   with pytest.raises(ValueError, match=f"the flower engine does not run {says}.*--engine=tff"):
-    flower_engine.run_simulation(_config(**change), str(tmp_path), progress=False)
+    flower_engine.run_simulation(
+      _config(**change), str(tmp_path), progress=False, dp_mechanism="central"
+    )
   assert not os.listdir(tmp_path)
 
 

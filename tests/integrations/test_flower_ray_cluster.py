@@ -119,7 +119,7 @@ def _arrays(run_dir):
   header, stored = io_lib.load_npz(
     os.path.join(run_dir, sim.CHECKPOINT_NAME), expected_format=flower_engine.CHECKPOINT_FORMAT
   )
-  return [stored[f"a{i}"] for i in range(int(header["num_arrays"]))]
+  return [stored[f"leaf_{i}"] for i in range(int(header["num_leaves"]))]
 
 
 # Two Ray nodes, a local Ray and three TensorFlow actors: 60-170 s on 2 cores, so it runs

@@ -108,7 +108,7 @@ def malicious_ids(config: FederatedConfig) -> List[int]:
   return sorted(int(c) for c in rng.permutation(config.num_clients)[: config.malicious_clients])
 
 
-def _round_seed(config: FederatedConfig, round_num: int) -> int:
+def round_seed(config: FederatedConfig, round_num: int) -> int:
   return int(np.random.default_rng([config.seed, round_num, 0xDA7A]).integers(2**31 - 1))
 
 
@@ -133,7 +133,7 @@ def client_data(config, dataset, parts, ids, round_num, bad=()):
     batch_size=config.batch_size,
     epochs=config.local_epochs,
     shuffle=True,
-    seed=_round_seed(config, round_num),
+    seed=round_seed(config, round_num),
   )
   out = []
   for cid, ds in zip(ids, batches):
@@ -196,11 +196,16 @@ def _flatten_state(state) -> List[np.ndarray]:
   return [np.asarray(x) for x in tf.nest.flatten(state)]
 
 
-def save_checkpoint(path: str, state, round_num: int, history, fingerprint: str) -> None:
-  """Atomically writes the server state after `round_num` and the history so far."""
-  leaves = _flatten_state(state)
+def write_checkpoint(
+  path: str, leaves, round_num: int, history, fingerprint: str, kind: str = _CHECKPOINT_FORMAT
+) -> None:
+  """Atomically writes flat server arrays after `round_num` and the history so far.
+
+  Every engine's checkpoint has this shape; `kind` (its format name) keeps one engine's
+  checkpoints from being read as another's.
+  """
   header = dict(
-    format=_CHECKPOINT_FORMAT,
+    format=kind,
     round=round_num,
     fingerprint=fingerprint,
     num_leaves=len(leaves),
@@ -210,12 +215,13 @@ def save_checkpoint(path: str, state, round_num: int, history, fingerprint: str)
   io_lib.save_npz(path, header, {f"leaf_{i}": v for i, v in enumerate(leaves)}, compressed=False)
 
 
-def load_checkpoint(path: str, template_state, fingerprint: str):
-  """(state, round, history) from `path`; CheckpointError if corrupt or foreign."""
-  import tensorflow as tf
+def read_checkpoint(path: str, fingerprint: str, kind: str = _CHECKPOINT_FORMAT):
+  """(flat arrays, round, history) of a `write_checkpoint` file of format `kind`.
 
+  CheckpointError if it is corrupt, of another format or another configuration's.
+  """
   try:
-    header, arrays = io_lib.load_npz(path, expected_format=_CHECKPOINT_FORMAT)
+    header, arrays = io_lib.load_npz(path, expected_format=kind)
     leaves = [arrays[f"leaf_{i}"] for i in range(int(header["num_leaves"]))]
     history = [_history_row(path, i + 1, row) for i, row in enumerate(header["history"])]
   except CheckpointError:
@@ -230,6 +236,19 @@ def load_checkpoint(path: str, template_state, fingerprint: str):
       f"{header.get('fingerprint')}, this run {fingerprint}); use another --output_dir "
       "or the original flags."
     )
+  return leaves, int(header["round"]), history
+
+
+def save_checkpoint(path: str, state, round_num: int, history, fingerprint: str) -> None:
+  """Atomically writes the server state after `round_num` and the history so far."""
+  write_checkpoint(path, _flatten_state(state), round_num, history, fingerprint)
+
+
+def load_checkpoint(path: str, template_state, fingerprint: str):
+  """(state, round, history) from `path`; CheckpointError if corrupt or foreign."""
+  import tensorflow as tf
+
+  leaves, round_num, history = read_checkpoint(path, fingerprint)
   template = tf.nest.flatten(template_state)
   if len(template) != len(leaves) or any(
     np.shape(a) != np.shape(b) for a, b in zip(template, leaves)
@@ -237,7 +256,7 @@ def load_checkpoint(path: str, template_state, fingerprint: str):
     raise CheckpointError(f"{path!r} holds a server state of a different structure.")
   leaves = [np.asarray(b, dtype=np.asarray(a).dtype) for a, b in zip(template, leaves)]
   state = tf.nest.pack_sequence_as(template_state, leaves)
-  return state, int(header["round"]), history
+  return state, round_num, history
 
 
 def _as_number(key: str, value):
@@ -279,7 +298,7 @@ def _check_history_file(path: str) -> None:
     )
 
 
-def _write_history(path: str, history) -> None:
+def write_history(path: str, history) -> None:
   """Rewrites the whole history atomically (a kill leaves the old or the new file)."""
   buf = io.StringIO()
   w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
@@ -347,7 +366,7 @@ def _capture(config, run: _Run, ids, round_num, start_weights, client_values):
       client_optimizer=config.client_optimizer,
       bn_momentum=config.bn_momentum,
       malicious=cid in bad,
-      data_seed=_round_seed(config, round_num),
+      data_seed=round_seed(config, round_num),
       shuffled=True,
       update_layout="trainable_variables",
     ),
@@ -361,7 +380,7 @@ def _capture(config, run: _Run, ids, round_num, start_weights, client_values):
 # --------------------------------------------------------------------------- the loop
 
 
-def _prepare(config: FederatedConfig, output_dir: str, dataset, overwrite: bool):
+def prepare(config: FederatedConfig, output_dir: str, dataset, overwrite: bool):
   """Validates everything and checks `output_dir` before any training; (dataset, parts)."""
   from tf_dlg import data as data_lib
 
@@ -560,7 +579,7 @@ def run_simulation(
 
   from tf_dlg.execution import runtime
 
-  dataset, parts = _prepare(config, output_dir, dataset, overwrite)
+  dataset, parts = prepare(config, output_dir, dataset, overwrite)
   runtime.install_context()
   ckpt_path = os.path.join(output_dir, CHECKPOINT_NAME)
   hist_path = os.path.join(output_dir, HISTORY_NAME)
@@ -573,7 +592,7 @@ def run_simulation(
     start, history, capture_path = 0, [], None
     if os.path.exists(ckpt_path):
       state, start, history = load_checkpoint(ckpt_path, state, config.fingerprint())
-    _write_history(hist_path, history)
+    write_history(hist_path, history)
     last = config.rounds if stop_after is None else min(config.rounds, stop_after)
     bar = tqdm.tqdm(
       range(start + 1, last + 1),
@@ -587,7 +606,7 @@ def run_simulation(
       state, row, metrics, path = _round(config, run, state, round_num)
       capture_path = path or capture_path
       history.append(row)
-      _write_history(hist_path, history)
+      write_history(hist_path, history)
       save_checkpoint(ckpt_path, state, round_num, history, config.fingerprint())
       # After the checkpoint: once per round.
       _write_summaries(writer, row, metrics)

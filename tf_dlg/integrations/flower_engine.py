@@ -20,6 +20,18 @@ either engine's runs alike. What is the same as the TFF engine:
   server model becomes the example-weighted mean of the clients' models, which is TFF's
   mean with server SGD at 1.0), `FedMedian` (coordinate-wise, unweighted) and
   `FedTrimmedAvg` (beta = `trim_fraction`);
+- the `dp` defence (clip norm C = `DPGaussian.l2_norm_clip`, noise multiplier z =
+  `defense_param`) with Flower's own DP, BatchNorm arrays left out as above
+  (`dp_mechanism`):
+  * `"local"` (default): Flower's `LocalDpMod` on every client -- clip the update to C,
+    add N(0, (z C)^2) to every entry -- which is the TFF engine's `dp` defence
+    (tensorflow-privacy's Gaussian query on each client update), then `FedAvg`;
+  * `"central"`: DP-FedAvg as Flower builds it -- `fixedclipping_mod` clips each
+    client's update to C, `DifferentialPrivacyClientSideFixedClipping` averages them
+    unweighted and adds N(0, (z C / n)^2) to the mean of the n clients. The noise sits
+    at the server, not on each update: the mean carries sqrt(n) times less of it than
+    under the local mechanism, and the server itself sees the clipped updates without
+    noise (see `DP_MECHANISMS`).
 - evaluation: the server model on the test split in inference mode
   (`tf_dlg.federated.simulation.Evaluator`), once per round.
 
@@ -29,7 +41,7 @@ clips) are the mean over clients of what `DefenseMod` reported. No TensorBoard f
 A `checkpoint.npz` (server arrays, history, configuration fingerprint) after every
 round lets an interrupted run resume; a checkpoint of another configuration or engine
 is refused (`CheckpointError`). Settings this engine does not have (client sampling,
-Byzantine clients, a server optimizer other than SGD 1.0, DP, `clipping_median`, update
+Byzantine clients, a server optimizer other than SGD 1.0, `clipping_median`, update
 capture) are refused before any work, in one line.
 
 Ray: one Flower simulation (one Ray start and one pool of client actors) serves every
@@ -45,37 +57,58 @@ Importing this module imports neither TFF nor Ray nor Flower's simulation.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import os
 import queue
 import threading
 import time
-from typing import Any, Dict, List, Optional
+import zlib
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from tf_dlg import io as io_lib
 from tf_dlg.federated import simulation as sim
 from tf_dlg.federated.config import FederatedConfig
 
 ENGINE = "flower"
-CHECKPOINT_FORMAT = "tf_dlg.integrations.flower_engine.checkpoint/v1"
+# v2: the TFF engine's shape (`simulation.write_checkpoint`); v1 files are refused.
+CHECKPOINT_FORMAT = "tf_dlg.integrations.flower_engine.checkpoint/v2"
 STRATEGIES = {"mean": "FedAvg", "median": "FedMedian", "trimmed_mean": "FedTrimmedAvg"}
 _CONFIG_KEY = "tf_dlg.config"
 _ROUND_KEY = "tf_dlg.round"
 _DATA_KEY = "tf_dlg.data"
 _WEIGHT_KEY = "num-examples"
+_UNIT_KEY = "tf_dlg.unit"  # every client's weight 1: the unweighted mean of central DP
+_DP_KEY = "tf_dlg.dp_mechanism"
+# How the `dp` defence runs on this engine (Flower's own DP; module docstring). Epsilon
+# (`tf_dlg.defenses.dp_fedavg_epsilon`): both release, each round, a Gaussian mechanism
+# of noise z C on the sum of updates clipped to C, so one accounting fits both; what
+# differs is who sees the noised value. "local": each client's own update (the view of
+# this study's attacker, the server) -- the TFF engine's `dp`; "central": only the
+# aggregate, while the server sees each clipped update un-noised (against it, this is
+# clipping to C alone).
+DP_MECHANISMS = ("local", "central")
+# LocalDpMod is parameterised by a one-release (epsilon, delta); it draws noise of std
+# sensitivity x sqrt(2 ln(1.25 / delta)) / epsilon. With sensitivity C and this delta,
+# epsilon = sqrt(2 ln(1.25 / delta)) / z gives std z C: the mod's own epsilon is only that
+# calibration, not the run's epsilon (which composes every round; see DP_MECHANISMS).
+LOCAL_DP_DELTA = 1e-5
 # A round that waits longer than this on its clients fails (seconds).
 ROUND_TIMEOUT_S = 3600.0
 
 
-def check_config(config: FederatedConfig) -> FederatedConfig:
+def check_config(config: FederatedConfig, dp_mechanism: str = "local") -> FederatedConfig:
   """`config` if the Flower engine runs it as the TFF engine would; else one-line ValueError."""
+  from tf_dlg import validation
+
   if not isinstance(config, FederatedConfig):
     raise TypeError(f"config must be a FederatedConfig, got {type(config).__name__}.")
+  validation.check_choice("dp_mechanism", dp_mechanism, DP_MECHANISMS)
   missing = [m for m in ("flwr", "ray") if importlib.util.find_spec(m) is None]
   if missing:
     raise ValueError(
@@ -91,8 +124,13 @@ def check_config(config: FederatedConfig) -> FederatedConfig:
     refused.append(
       f"server_optimizer={config.server_optimizer} at {config.server_lr} (SGD 1.0 only)"
     )
-  if config.defense in ("dp", "clipping_median"):
+  if config.defense == "clipping_median":
     refused.append(f"defense={config.defense} (needs the TFF engine's aggregator)")
+  if config.defense == "dp" and dp_mechanism == "central" and config.aggregator != "mean":
+    refused.append(
+      f"central DP with aggregator={config.aggregator} (Flower's wraps FedAvg; the local "
+      "mechanism, --engine=flower, takes any aggregator)"
+    )
   if config.capture_round is not None:
     refused.append("capture_round (update capture)")
   if config.aggregator not in STRATEGIES:
@@ -265,7 +303,7 @@ def local_update(config: FederatedConfig, data, arrays, round_num: int, cid: int
     epochs=config.local_epochs,
     shuffle=True,
     # The TFF engine's shuffling seed of client `cid` (`simulation.client_data`).
-    seed=sim._round_seed(config, round_num) + cid,
+    seed=sim.round_seed(config, round_num) + cid,
   )
   return _trainer(config, x.shape[1:], num_classes).train(arrays, batches)
 
@@ -277,6 +315,115 @@ def _message_config(msg):
   if ("config", text) not in _PROCESS_CACHE:  # checked once a run, not once a message
     _PROCESS_CACHE["config", text] = FederatedConfig(**json.loads(text))
   return _PROCESS_CACHE["config", text], int(record[_ROUND_KEY]), str(record[_DATA_KEY])
+
+
+@contextlib.contextmanager
+def numpy_seed(*entropy: int):
+  """NumPy's global generator seeded from `entropy` inside the block, restored after.
+
+  Flower's DP (`LocalDpMod`, the strategy wrappers) draws its noise from `np.random`,
+  unseeded: seeding it per (seed, client, round) makes a rerun repeat exactly.
+  """
+  state = np.random.get_state()
+  np.random.seed(np.random.SeedSequence([int(e) for e in entropy]).generate_state(8))
+  try:
+    yield
+  finally:
+    np.random.set_state(state)
+
+
+def _tag_seed(tag: str) -> int:
+  return zlib.crc32(tag.encode())
+
+
+def on_kept_arrays(flower_mod, exclude: Sequence[bool], clip_norm: float):
+  """A client mod: `flower_mod` applied to the arrays not excluded; the others as trained.
+
+  Flower's DP mods clip (and noise) every array of the record; the TFF engine's `dp`
+  leaves BatchNorm's moving statistics out, as every defence here does. The wrapper
+  hands `flower_mod` a message and a reply that hold only the kept arrays (so its own
+  checks and errors apply to them), then puts the excluded arrays back, bit for bit.
+  It adds to the reply's MetricRecord `tf_dlg.update_norm` (the kept update's L2 norm as
+  trained), `tf_dlg.clipped` (1 where that exceeds `clip_norm`, which both of Flower's
+  DP mods clip to) and `tf_dlg.zero_fraction` (zero entries of the kept update sent).
+  """
+  from flwr.app import ArrayRecord, MetricRecord
+
+  exclude = [bool(e) for e in exclude]
+
+  def mod(msg, context, call_next):
+    if len(msg.content.array_records) != 1:
+      return flower_mod(msg, context, call_next)  # Flower's mod gives its error reply
+    ((key, received),) = msg.content.array_records.items()
+    names = list(received.keys())
+    if len(names) != len(exclude):
+      raise ValueError(f"exclude has {len(exclude)} entries, the record {len(names)} arrays.")
+    kept = [n for n, e in zip(names, exclude) if not e]
+    seen = {}
+
+    def inner(m, c):
+      m.content[key] = received  # local training starts from every array
+      out = call_next(m, c)
+      if out.has_error() or len(out.content.array_records) != 1:
+        return out
+      ((out_key, sent),) = out.content.array_records.items()
+      if list(sent.keys()) == names:  # else Flower's mod refuses the key mismatch
+        seen.update(key=out_key, sent=sent)
+        out.content[out_key] = ArrayRecord({n: sent[n] for n in kept})
+      return out
+
+    msg.content[key] = ArrayRecord({n: received[n] for n in kept})
+    try:
+      out = flower_mod(msg, context, inner)
+    finally:
+      msg.content[key] = received
+    if out.has_error() or "sent" not in seen:
+      return out
+    sent, defended = seen["sent"], out.content.array_records[seen["key"]]
+    out.content[seen["key"]] = ArrayRecord(
+      {n: defended[n] if n in kept else sent[n] for n in names}
+    )
+    before = [sent[n].numpy().astype(np.float64) - received[n].numpy() for n in kept]
+    after = [defended[n].numpy().astype(np.float64) - received[n].numpy() for n in kept]
+    norm = float(np.sqrt(sum(np.sum(d**2) for d in before)))
+    zeros = sum(int(np.sum(d == 0)) for d in after)
+    stats = {"update_norm": norm, "clipped": int(norm > clip_norm)}
+    stats["zero_fraction"] = zeros / max(sum(d.size for d in after), 1)
+    metrics = {"tf_dlg." + k: v for k, v in stats.items()}
+    if out.content.metric_records:
+      record = next(iter(out.content.metric_records.values()))
+      for k, v in metrics.items():
+        record[k] = v
+    else:
+      out.content["metrics"] = MetricRecord(metrics)
+    return out
+
+  return mod
+
+
+def dp_mod(config: FederatedConfig, dp_mechanism: str, exclude, tag: str):
+  """The client mod of the `dp` defence with Flower's own DP (see `DP_MECHANISMS`).
+
+  "local": `LocalDpMod` (clip C, noise of std z C); "central": `fixedclipping_mod` (clip
+  C; the server's `DifferentialPrivacyClientSideFixedClipping` sends C and adds the
+  noise). Both on the kept arrays (`on_kept_arrays`), NumPy seeded by (seed, `tag`).
+  """
+  from flwr.clientapp import mod as flower_mods
+
+  defense = config.build_defense()
+  clip, z = float(defense.l2_norm_clip), float(defense.param)
+  if dp_mechanism == "central":
+    inner = flower_mods.fixedclipping_mod
+  else:
+    epsilon = math.sqrt(2 * math.log(1.25 / LOCAL_DP_DELTA)) / z if z > 0 else math.inf
+    inner = flower_mods.LocalDpMod(clip, clip, epsilon, LOCAL_DP_DELTA)
+  kept = on_kept_arrays(inner, exclude, clip)
+
+  def mod(msg, context, call_next):
+    with numpy_seed(config.seed, _tag_seed(tag)):
+      return kept(msg, context, call_next)
+
+  return mod
 
 
 def _client_id(context) -> int:
@@ -307,6 +454,9 @@ def client_app(refs: Dict[str, Any]):
     x, _, num_classes = _client_data(key, refs)
     exclude = _trainer(config, x.shape[1:], num_classes).exclude
     tag = f"client{_client_id(context)}/round{round_num}"
+    if config.defense == "dp":
+      mechanism = str(msg.content["config"][_DP_KEY])
+      return dp_mod(config, mechanism, exclude, tag)(msg, context, call_next)
     mod = flower.DefenseMod(
       config.build_defense(exclude), seed=config.seed, exclude=exclude, seed_tag=lambda m, c: tag
     )
@@ -325,6 +475,7 @@ def client_app(refs: Dict[str, Any]):
     )
     metrics = {
       _WEIGHT_KEY: n,
+      _UNIT_KEY: 1,
       "train_loss": loss_sum / max(n, 1),
       "train_accuracy": hits / max(n, 1),
       "tf_dlg.client": cid,
@@ -354,8 +505,20 @@ def train_metrics(contents, weight_key: str):
   return MetricRecord(out)
 
 
-def strategy_for(config: FederatedConfig):
-  """Flower's own strategy of `config.aggregator`, every client every round."""
+def _train_metrics(contents, weight_key: str):
+  # Train loss and accuracy stay example-weighted whatever the strategy's weights.
+  del weight_key
+  return train_metrics(contents, _WEIGHT_KEY)
+
+
+def strategy_for(config: FederatedConfig, dp_mechanism: str = "local"):
+  """Flower's own strategy of `config.aggregator`, every client every round.
+
+  With the `dp` defence and `dp_mechanism="central"`: Flower's
+  `DifferentialPrivacyClientSideFixedClipping` (noise multiplier z, clip C, n clients a
+  round) around an unweighted `FedAvg` -- the mean's sensitivity is C / n only when every
+  client weighs the same (TFF's `dp_aggregator` is unweighted too).
+  """
   from flwr.serverapp import strategy as strategies
 
   n = config.num_clients
@@ -365,11 +528,58 @@ def strategy_for(config: FederatedConfig):
     min_train_nodes=n,
     min_available_nodes=n,
     weighted_by_key=_WEIGHT_KEY,
-    train_metrics_aggr_fn=train_metrics,
+    train_metrics_aggr_fn=_train_metrics,
   )
+  if config.defense == "dp" and dp_mechanism == "central":
+    defense = config.build_defense()
+    return strategies.DifferentialPrivacyClientSideFixedClipping(
+      strategies.FedAvg(**{**kwargs, "weighted_by_key": _UNIT_KEY}),
+      noise_multiplier=float(defense.param),
+      clipping_norm=float(defense.l2_norm_clip),
+      num_sampled_clients=n,
+    )
   if config.aggregator == "trimmed_mean":
     return strategies.FedTrimmedAvg(beta=float(config.trim_fraction), **kwargs)
   return getattr(strategies, STRATEGIES[config.aggregator])(**kwargs)
+
+
+def aggregate(strategy, round_num: int, replies, exclude=None, seed: int = 0):
+  """`strategy.aggregate_train` of the replies; (ArrayRecord, MetricRecord).
+
+  A DP wrapper adds noise to every array the strategy it wraps returns; with `exclude`
+  it aggregates the kept arrays through the wrapper and the excluded ones (BatchNorm
+  statistics, which the TFF engine's `dp` leaves un-noised) through the wrapped strategy,
+  and puts them back in order. The wrapper's noise comes from NumPy seeded by (seed,
+  round).
+  """
+  from flwr.app import ArrayRecord
+  from flwr.serverapp import strategy as strategies
+
+  dp = isinstance(strategy, strategies.DifferentialPrivacyClientSideFixedClipping)
+  if not dp or exclude is None or not any(exclude):
+    with numpy_seed(seed, round_num, 0xD9):
+      return strategy.aggregate_train(round_num, replies)
+  replies = list(replies)
+  full = [next(iter(m.content.array_records.items())) for m in replies]
+  names = list(full[0][1].keys())
+  if len(names) != len(exclude):
+    raise ValueError(f"exclude has {len(exclude)} entries, the replies {len(names)} arrays.")
+  parts = {}
+  for side in (False, True):
+    chosen = [n for n, e in zip(names, exclude) if bool(e) == side]
+    for m, (key, record) in zip(replies, full):
+      m.content[key] = ArrayRecord({n: record[n] for n in chosen})
+    if side:  # excluded arrays: the plain mean of the wrapped strategy
+      part, _ = strategy.strategy.aggregate_train(round_num, replies)
+    else:
+      with numpy_seed(seed, round_num, 0xD9):
+        part, metrics = strategy.aggregate_train(round_num, replies)
+    if part is None:
+      raise RuntimeError(f"round {round_num}: Flower's {strategy!r} aggregated nothing.")
+    parts.update(zip(chosen, part.to_numpy_ndarrays()))
+  for m, (key, record) in zip(replies, full):
+    m.content[key] = record
+  return ArrayRecord([parts[n] for n in names]), metrics
 
 
 def _client_of(msg) -> int:
@@ -399,59 +609,51 @@ class _Job:
   history: List[Dict[str, Any]]
   last: int
   progress: bool
-
-
-def _save_checkpoint(path: str, arrays, round_num: int, history, fingerprint: str) -> None:
-  header = dict(
-    format=CHECKPOINT_FORMAT,
-    engine=ENGINE,
-    round=round_num,
-    fingerprint=fingerprint,
-    num_arrays=len(arrays),
-    history=history,
-  )
-  io_lib.save_npz(path, header, {f"a{i}": a for i, a in enumerate(arrays)}, compressed=False)
+  dp_mechanism: str = "local"
 
 
 def load_checkpoint(path: str, template, fingerprint: str):
-  """(arrays, round, history) of a Flower engine checkpoint; CheckpointError if not ours."""
-  try:
-    header, stored = io_lib.load_npz(path, expected_format=CHECKPOINT_FORMAT)
-    arrays = [stored[f"a{i}"] for i in range(int(header["num_arrays"]))]
-    history = [sim._history_row(path, i + 1, row) for i, row in enumerate(header["history"])]
-  except sim.CheckpointError:
-    raise
-  except (ValueError, KeyError, TypeError) as e:
-    raise sim.CheckpointError(
-      f"{path!r} is not a readable checkpoint of the flower engine ({type(e).__name__}: {e})."
-    ) from e
-  if header.get("fingerprint") != fingerprint:
-    raise sim.CheckpointError(
-      f"{path!r} was written by a different configuration (fingerprint "
-      f"{header.get('fingerprint')}, this run {fingerprint}); use another --output_dir "
-      "or the original flags."
-    )
+  """(arrays, round, history) of a Flower engine checkpoint; CheckpointError if not ours.
+
+  The TFF engine's checkpoint shape (`simulation.write_checkpoint`) under this engine's
+  format name, so neither engine reads the other's.
+  """
+  arrays, round_num, history = sim.read_checkpoint(path, fingerprint, CHECKPOINT_FORMAT)
   if len(arrays) != len(template) or any(a.shape != t.shape for a, t in zip(arrays, template)):
     raise sim.CheckpointError(f"{path!r} holds a model of a different structure.")
-  return arrays, int(header["round"]), history
+  return arrays, round_num, history
 
 
-def fingerprint(config: FederatedConfig) -> str:
-  """The configuration's fingerprint, marked as this engine's (never a TFF run's)."""
-  return f"{ENGINE}-{config.fingerprint()}"
+def fingerprint(config: FederatedConfig, dp_mechanism: str = "local") -> str:
+  """The configuration's fingerprint, marked as this engine's (never a TFF run's), and
+  for the `dp` defence as its DP mechanism's."""
+  mechanism = f"{dp_mechanism}_dp-" if config.defense == "dp" else ""
+  return f"{ENGINE}-{mechanism}{config.fingerprint()}"
 
 
-def train_round(grid, strategy, config: FederatedConfig, arrays, round_num: int, data_key: str):
+def train_round(
+  grid,
+  strategy,
+  config: FederatedConfig,
+  arrays,
+  round_num: int,
+  data_key: str,
+  *,
+  dp_mechanism: str = "local",
+  exclude=None,
+):
   """One training round through Flower: (the server's new arrays, the round's metrics).
 
-  Sends every client the arrays and the run (`config`, round, data key), waits for all
-  replies (a client that fails fails the round), and aggregates them with `strategy`
-  in client order (the weighted sum is then the same every run).
+  Sends every client the arrays and the run (`config`, round, data key, DP mechanism),
+  waits for all replies (a client that fails fails the round), and aggregates them with
+  `strategy` in client order (the weighted sum is then the same every run; `aggregate`,
+  `exclude`: the arrays a DP wrapper leaves un-noised).
   """
   from flwr.app import ArrayRecord, ConfigRecord
 
   run_config = json.dumps(dataclasses.asdict(config), sort_keys=True)
   record = ConfigRecord({_CONFIG_KEY: run_config, _ROUND_KEY: round_num, _DATA_KEY: data_key})
+  record[_DP_KEY] = dp_mechanism
   messages = strategy.configure_train(round_num, ArrayRecord(list(arrays)), record, grid)
   replies = list(grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S))
   failed = [m for m in replies if m.has_error()]
@@ -462,7 +664,7 @@ def train_round(grid, strategy, config: FederatedConfig, arrays, round_num: int,
       f"{config.num_clients} clients failed ({reason.strip().splitlines()[-1]})"
     )
   replies.sort(key=_client_of)
-  aggregated, metrics = strategy.aggregate_train(round_num, replies)
+  aggregated, metrics = aggregate(strategy, round_num, replies, exclude, config.seed)
   return [np.asarray(a) for a in aggregated.to_numpy_ndarrays()], metrics
 
 
@@ -471,8 +673,11 @@ def _run_job(grid, job: _Job) -> None:
   import tqdm
 
   config, dataset = job.config, job.dataset
-  strategy = strategy_for(config)
+  strategy = strategy_for(config, job.dp_mechanism)
   model = _keras_model(config, dataset.input_shape, dataset.num_classes)
+  from tf_dlg import defenses
+
+  exclude = list(defenses.batchnorm_exclusion(model, model.weights))
   evaluator = sim.Evaluator(model)
   hist_path = os.path.join(job.output_dir, sim.HISTORY_NAME)
   ckpt_path = os.path.join(job.output_dir, sim.CHECKPOINT_NAME)
@@ -487,7 +692,16 @@ def _run_job(grid, job: _Job) -> None:
   )
   for round_num in bar:
     t0 = time.perf_counter()
-    arrays, metrics = train_round(grid, strategy, config, arrays, round_num, job.data_key)
+    arrays, metrics = train_round(
+      grid,
+      strategy,
+      config,
+      arrays,
+      round_num,
+      job.data_key,
+      dp_mechanism=job.dp_mechanism,
+      exclude=exclude,
+    )
     model.set_weights(arrays)
     test_loss, test_acc = evaluator(dataset.x_test, dataset.y_test)
     row = dict(
@@ -505,8 +719,15 @@ def _run_job(grid, job: _Job) -> None:
       if config.build_defense().clips:
         row["clipped_fraction"] = float(metrics.get("tf_dlg.clipped", 0.0))
     history.append(row)
-    sim._write_history(hist_path, history)
-    _save_checkpoint(ckpt_path, arrays, round_num, history, fingerprint(config))
+    sim.write_history(hist_path, history)
+    sim.write_checkpoint(
+      ckpt_path,
+      arrays,
+      round_num,
+      history,
+      fingerprint(config, job.dp_mechanism),
+      CHECKPOINT_FORMAT,
+    )
     bar.set_postfix(test_acc=f"{test_acc:.3f}")
   bar.close()
   job.arrays = arrays
@@ -600,6 +821,11 @@ class Session:
         init["num_cpus"] = self.num_cpus
       ray.init(runtime_env={"env_vars": _actor_env()}, **init)
       self._owns_ray = True
+    # At exit this simulation ends before Ray's own exit hook (registered by ray.init)
+    # stops Ray: atexit runs the latest first. Else Flower's teardown finds its actors
+    # gone and logs a traceback.
+    atexit.unregister(shutdown)
+    atexit.register(shutdown)
     ready = threading.Event()
     server = ServerApp()
 
@@ -717,6 +943,7 @@ def run_simulation(
   progress: bool = True,
   stop_after: Optional[int] = None,
   overwrite: bool = False,
+  dp_mechanism: str = "local",
   **session_options,
 ) -> "sim.SimulationResult":
   """Runs (or resumes) one run with Flower; the TFF engine's `run_simulation` contract.
@@ -728,11 +955,13 @@ def run_simulation(
     progress: Show a tqdm bar.
     stop_after: Stop after this round (the checkpoint is written as usual).
     overwrite: Start afresh even if `output_dir` holds a run.
+    dp_mechanism: How the `dp` defence runs: "local" (Flower's `LocalDpMod`, the TFF
+      engine's `dp`) or "central" (Flower's DP-FedAvg); see `DP_MECHANISMS`.
     **session_options: `Session` options (`address`, `num_cpus`, `client_cpus`,
       `verbose`).
   """
-  check_config(config)
-  dataset, _ = sim._prepare(config, output_dir, dataset, overwrite)
+  check_config(config, dp_mechanism)
+  dataset, _ = sim.prepare(config, output_dir, dataset, overwrite)
   hist_path = os.path.join(output_dir, sim.HISTORY_NAME)
   ckpt_path = os.path.join(output_dir, sim.CHECKPOINT_NAME)
   arrays = [
@@ -741,10 +970,10 @@ def run_simulation(
   ]
   start, history = 0, []
   if os.path.exists(ckpt_path):
-    arrays, start, history = load_checkpoint(ckpt_path, arrays, fingerprint(config))
-  sim._write_history(hist_path, history)
+    arrays, start, history = load_checkpoint(ckpt_path, arrays, fingerprint(config, dp_mechanism))
+  sim.write_history(hist_path, history)
   last = config.rounds if stop_after is None else min(config.rounds, stop_after)
-  job = _Job(config, output_dir, dataset, "", arrays, start, history, last, progress)
+  job = _Job(config, output_dir, dataset, "", arrays, start, history, last, progress, dp_mechanism)
   if last > start:
     session(config.num_clients, **session_options).run(job)
   return sim.SimulationResult(

@@ -87,8 +87,9 @@ CONVERGENCE_FIELDS = (
 _TEXT_FIELDS = ("aggregator", "partition", "defense", "label", "param_source", "seeds")
 _TEXT_FIELDS += ("per_seed", "per_seed_rounds", "engine")
 # The federated engines: TFF (tf_dlg.federated) or Flower's simulation engine on Ray
-# (tf_dlg.integrations.flower_engine, no TFF).
-ENGINES = ("tff", "flower")
+# (tf_dlg.integrations.flower_engine, no TFF); "flower-central-dp" is the latter with the
+# `dp` defence as Flower's central DP-FedAvg instead of its LocalDpMod (the TFF `dp`).
+ENGINES = ("tff", "flower", "flower-central-dp")
 _REQUIRED = ("aggregator", "partition", "defense", "label", "param", "seeds", "per_seed")
 _REQUIRED += ("final_test_accuracy", "final_low", "final_high", "cost", "cost_low", "cost_high")
 CELL_NAME = "cell.json"
@@ -585,10 +586,13 @@ class Convergence:
     history_path = os.path.join(out_dir, simulation.HISTORY_NAME)
     if not self._finished(key):
       claim_cell(out_dir, self.fingerprints[key])
-      if self.engine == "flower":
+      if self.engine != "tff":
         from tf_dlg.integrations import flower_engine
 
-        flower_engine.run_simulation(config, out_dir, dataset=self._dataset, progress=False)
+        mechanism = "central" if self.engine == "flower-central-dp" else "local"
+        flower_engine.run_simulation(
+          config, out_dir, dataset=self._dataset, progress=False, dp_mechanism=mechanism
+        )
         return simulation.read_history(history_path)
       # Seeds, defence parameters and partitions are runtime inputs: one TFF build per
       # aggregator x defence, reused across its cells (`build_fedavg(reuse=True)`).

@@ -9,19 +9,24 @@ points (the `dp` defence at several noise multipliers), two measurements on the 
   its original among all the dataset's images), over `num_images` images, with the exact
   Clopper-Pearson interval. The attacks run through `ThresholdSearch` (its per-image run
   log in `<output_dir>/identification/`), so a rerun reuses every attacked point.
-* **utility**: the accuracy cost at convergence, FedAvg in TFF with mean aggregation on
-  IID clients (`Convergence`, run store in `<output_dir>/convergence/`): final accuracy
-  (mean of the last rounds) paired by seed with the undefended baseline, t intervals.
-  Labels are `<defence>@<setting>`, so a changed grid reuses the settings it keeps.
+* **utility**: the accuracy cost at convergence, FedAvg with mean aggregation on IID
+  clients (`Convergence`, run store in `<output_dir>/convergence/`) on the settings'
+  `engine`: TFF, or Flower's simulation engine on Ray (`tf_dlg.integrations.flower_engine`,
+  no TFF); final accuracy (mean of the last rounds) paired by seed with the undefended
+  baseline, t intervals. Labels are `<defence>@<setting>`, so a changed grid reuses the
+  settings it keeps; a run folder of the other engine is refused.
 
 DP points: the `dp` defence is tensorflow-privacy's Gaussian query on each client's
 update (clip to norm 1, Gaussian noise of multiplier x 1). Its epsilon is the worst case
 for the attacked client: the attacker sees that client's clipped, noised update alone (not
 the sum over the round's clients, which would carry sqrt(clients) times more noise), once
 per round it takes part; `dp_fedavg_epsilon` accounts those rounds at the training's
-sampling rate (clients per round / clients) with dp-accounting's RDP accountant.
+sampling rate (clients per round / clients) with dp-accounting's RDP accountant. The
+Flower engine trains them with Flower's `LocalDpMod` (`flower_engine.DP_MECHANISMS`,
+"local"): the same clip and noise on each client's update, so the same epsilon.
 
-Outputs in `output_dir`: `frontier.csv` (one `FrontierPoint` per row; `write_frontier` /
+Outputs in `output_dir` (each names the engine that trained): `frontier.csv` (one
+`FrontierPoint` per row, its `engine` column; `write_frontier` /
 `read_frontier`), `frontier.md` (the table) and `figures/frontier.png`;
 `claims_row` answers "at equal protection, which defence costs least, and does any beat
 DP?" from the points.
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import math
 import os
 import typing
@@ -42,6 +48,10 @@ from tf_dlg import validation
 from tf_dlg.study import defense_table, matching
 
 DP = "dp"
+FRONTIER_ENGINES = ("tff", "flower")
+# What the DP points need beside the engine: the `dp` defence the attacks face
+# (tensorflow-privacy's Gaussian query) and its epsilon (dp-accounting).
+_DP_MODULES = ("tensorflow_privacy", "dp_accounting")
 # A setting protects when no attacked image is identified (the threshold search's
 # "defends every image"); a looser level trades that for fewer settings.
 DEFAULT_LEVEL = 0.0
@@ -93,6 +103,8 @@ class FrontierPoint:
   tpr1fpr: Optional[float] = None
   tpr1fpr_low: Optional[float] = None
   tpr1fpr_high: Optional[float] = None
+  # The federated engine that measured the cost (`tf_dlg.study.convergence.ENGINES`).
+  engine: str = "tff"
 
 
 FRONTIER_FIELDS = tuple(f.name for f in dataclasses.fields(FrontierPoint))
@@ -122,12 +134,17 @@ def read_frontier(path: str) -> List[FrontierPoint]:
   """frontier.csv back as `FrontierPoint`s; ValueError naming file, line and column."""
   with open(path, newline="", encoding="utf-8") as f:
     reader = csv.DictReader(f)
-    missing = sorted(set(FRONTIER_FIELDS) - set(reader.fieldnames or []))
+    # Files written before the engine column are TFF's (the only engine then).
+    missing = sorted(set(FRONTIER_FIELDS) - set(reader.fieldnames or []) - {"engine"})
     if missing:
       raise ValueError(f"{path} is not a frontier.csv (missing columns: {missing}).")
     return [
       FrontierPoint(
-        **{k: _parse(k, row[k], f"{path}, line {reader.line_num}") for k in FRONTIER_FIELDS}
+        **{
+          k: _parse(k, row[k], f"{path}, line {reader.line_num}")
+          for k in FRONTIER_FIELDS
+          if k in row
+        }
       )
       for row in reader
     ]
@@ -151,6 +168,8 @@ class FrontierSettings:
     delta: The DP points' delta.
     seed: Seeds image choice, attack model, defence randomness and attack starts.
     data_dir: tfds data directory.
+    engine: The federated engine that trains: "tff" or "flower" (Flower's simulation
+      engine on Ray, no TFF; its DP points train with Flower's `LocalDpMod`).
   """
 
   dataset: str = "mnist"
@@ -172,11 +191,14 @@ class FrontierSettings:
   delta: float = 1e-5
   seed: int = 0
   data_dir: Optional[str] = None
+  engine: str = "tff"
 
   def __post_init__(self):
     from tf_dlg import data
 
     validation.check_choice("dataset", self.dataset, data.DATASETS)
+    # Not flower-central-dp: its DP noise is not what the DP points' attacker sees.
+    validation.check_choice("engine", self.engine, FRONTIER_ENGINES)
     if not self.defenses and not self.dp_multipliers:
       raise ValueError("defenses and dp_multipliers are both empty: nothing to measure.")
     validation.check_choices("defenses", self.defenses, defense_table.PARAMETER_SEARCH)
@@ -190,6 +212,13 @@ class FrontierSettings:
       raise ValueError(f"settings repeat on the frontier: {labels}; give distinct values.")
     for z in self.dp_multipliers:
       validation.check_number("dp_multipliers", z, 0, math.inf, low_open=True, high_open=True)
+    lacking = [m for m in _DP_MODULES if importlib.util.find_spec(m) is None]
+    if self.dp_multipliers and lacking:
+      raise ValueError(
+        f"dp_multipliers={list(self.dp_multipliers)}: DP points need {' and '.join(lacking)} "
+        "(the attacked update's DP and its epsilon; the `tff` extra), which this environment "
+        "lacks; pass dp_multipliers=() (--dp_multipliers=) for a frontier without DP points."
+      )
     seeds = [validation.check_int("seeds", s, 0) for s in self.seeds]
     if len(set(seeds)) < 2 or len(set(seeds)) != len(seeds):
       raise ValueError(f"seeds={list(self.seeds)} must be at least 2 distinct seeds.")
@@ -256,6 +285,7 @@ class Frontier:
       batch_size=st.batch_size,
       client_lr=st.client_lr,
       data_dir=st.data_dir,
+      engine=st.engine,
     )
 
   def identification(self) -> Dict[Tuple[str, Optional[float]], Dict[str, Any]]:
@@ -280,6 +310,10 @@ class Frontier:
     self.convergence.prepare()  # refuses foreign run folders before any work
     rates = self.identification()
     rows = {r["label"]: r for r in self.convergence.run()}
+    if self.settings.engine != "tff":
+      from tf_dlg.integrations import flower_engine
+
+      flower_engine.shutdown()  # Ray's processes end with the training
     points = [self._point(d, p, rates, rows) for d, p in self.settings.settings()]
     self.write(points)
     return points
@@ -318,6 +352,7 @@ class Frontier:
       baseline_high=base["final_high"],
       epsilon=epsilon,
       delta=st.delta if dp_point else None,
+      engine=st.engine,
       **{k: m[k] for k in _MEASURED},
     )
 
@@ -334,7 +369,7 @@ class Frontier:
       points,
       os.path.join(self.output_dir, "figures", "frontier.png"),
       title=f"Privacy-utility frontier ({self.settings.dataset}, FedAvg mean, IID)",
-      footer=f"data: {source}",
+      footer=f"data: {source}; engine: {self.settings.engine}",
     )
 
 
@@ -363,13 +398,14 @@ def run_frontier(
   num_images, iterations, seeds, rounds, train_examples, test_examples, ...) replacing
   those of `settings` (default: `FrontierSettings()`); all are checked before any work.
   """
-  base = settings or FrontierSettings()
   unknown = sorted(set(parts) - set(FRONTIER_SETTING_NAMES))
   if unknown:
     raise ValueError(
       f"unknown frontier settings {unknown}; expected some of {FRONTIER_SETTING_NAMES}."
     )
-  return Frontier(output_dir, dataclasses.replace(base, **parts), progress).run()
+  # Built once, with `parts`: the defaults alone may not hold here (DP points' modules).
+  st = FrontierSettings(**parts) if settings is None else dataclasses.replace(settings, **parts)
+  return Frontier(output_dir, st, progress).run()
 
 
 FRONTIER_SETTING_NAMES = tuple(f.name for f in dataclasses.fields(FrontierSettings))
@@ -415,7 +451,8 @@ def frontier_markdown(points: Sequence[FrontierPoint], source: str = "") -> str:
     "ranked by their own update's cosine with the observed one) apart, the originals' "
     "median best rank, and membership measures read off those ranks (AUC, bootstrap "
     "interval; TPR at 1 % FPR, exact interval). Cost: undefended minus defended "
-    f"final accuracy of FedAvg (mean aggregation, IID clients, {head.rounds} rounds), "
+    f"final accuracy of FedAvg (mean aggregation, IID clients, {head.rounds} rounds; "
+    f"engine `{head.engine}`), "
     "paired by seed, in points with the 95 % t interval (seeds). DP: epsilon for the "
     "attacked client's own clipped, noised update seen every round.\n\n"
     if head

@@ -86,6 +86,7 @@ def _convergence(output_dir: str, settings: Preset, params, progress: bool):
     batch_size=settings.batch_size,
     client_lr=settings.client_lr,
     data_dir=settings.data_dir,
+    engine=settings.engine,
   )
   if settings.adaptive_everywhere:
     return conv
@@ -121,6 +122,8 @@ def _frontier_settings(settings: Preset):
     test_examples=settings.test_examples,
     seed=settings.seed,
     data_dir=settings.data_dir,
+    engine=settings.engine,
+    **({} if settings.dp_multipliers is None else {"dp_multipliers": settings.dp_multipliers}),
   )
 
 
@@ -232,7 +235,7 @@ def _provenance(
   suffix = "" if command is None else f"; command: {figures.code_span(command)}"
   evidence = (
     f"data: {conv.dataset_source}; seeds {seeds} (n={settings.seeds}); "
-    f"{settings.num_clients} clients, {settings.rounds} rounds"
+    f"{settings.num_clients} clients, {settings.rounds} rounds; engine {settings.engine}"
   )
   conv_text = evidence + suffix
   thr_text = (
@@ -244,7 +247,8 @@ def _provenance(
     "thresholds/thresholds.md": thr_text,
     "thresholds/robustness.md": thr_text,
     "convergence/convergence.md": conv_text,
-    "frontier/frontier.md": f"seeds {seeds}; {settings.rounds} rounds" + suffix,
+    "frontier/frontier.md": f"seeds {seeds}; {settings.rounds} rounds; engine {settings.engine}"
+    + suffix,
     "claims.md": f"thresholds: {thr_text}; costs: {conv_text}",
   }
   return provenance, evidence

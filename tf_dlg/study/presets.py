@@ -24,6 +24,7 @@ _LIST_FIELDS = (
   "partitions",
   "adaptive_datasets",
   "aggregators",
+  "dp_multipliers",
 )
 
 
@@ -70,6 +71,11 @@ class Preset:
   seed: int = 0
   data_dir: Optional[str] = None
   leak_ssim: Optional[float] = None
+  # The federated engine of every training stage: "tff", or "flower" (Flower's
+  # simulation engine on Ray; `tf_dlg.integrations.flower_engine`, no TFF).
+  engine: str = "tff"
+  # The frontier's DP noise multipliers (None: the `dp` spec's frontier grid).
+  dp_multipliers: Optional[Tuple[float, ...]] = None
 
   def override(self, **fields) -> "Preset":
     """A copy with `fields` replaced; an unknown field name is a ValueError."""
