@@ -1,0 +1,177 @@
+"""The client's local training, simulated by the attacker with the client's own optimizer.
+
+The FedAvg-delta threat model (`threat_model.ObservedUpdate`) lets the attacker know the
+client's optimizer, learning rate, batch size and local steps. `functional.fedavg_delta`
+simulates plain SGD; a client that trains with Adam (the project's FedAvg default) sends
+`lr * m / (sqrt(v) + eps)` summed over its steps, which is not a scaled gradient: after
+one step it is close to `lr * sign(gradient)`. Here the attacker runs the client's own
+`tff.learning.optimizers` optimizer (any object with its `initialize(specs)` /
+`next(state, weights, gradients)` interface) on per-attack copies of the weights, so
+Adam, momentum and SGD are simulated exactly as TFF's client work applies them.
+
+`match_gallery` is `tf_dlg.attacks.gallery.match_gallery` for such updates: every gallery
+candidate's own update (the candidate alone, trained for `steps` local steps with the
+client's optimizer, BatchNorm in training mode on its own statistics) scored by the
+masked cosine against each observed update, streamed in chunks, with the gallery
+module's scoring and ranking (ties against the attacker).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import List, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tf_dlg import validation
+from tf_dlg.attacks import functional, gallery
+
+
+def _tile(weights, copies):
+  return [
+    tf.tile(w[None], tf.concat([[copies], tf.ones([len(w.shape)], tf.int32)], 0)) for w in weights
+  ]
+
+
+def local_update(fmodel, weights, x, labels, steps: int, batch_size: int, optimizer):
+  """Per-attack `initial - final` weights after `steps` local steps of `optimizer`.
+
+  Args:
+    fmodel: A `functional.BatchedModel`.
+    weights: Per-attack trainable weights, each [A, ...] (static shapes).
+    x: Images [A, N, H, W, C]; labels: [A, N, K] (one-hot or soft).
+    steps: Local steps; step t trains on `functional.batch_indices(t, N, batch_size)`.
+    optimizer: A `tff.learning.optimizers.Optimizer` (elementwise state, so each attack's
+      copy trains on its own), e.g. `tf_dlg.federated.fedavg.build_optimizer("adam", lr)`.
+  """
+  n = int(x.shape[1])
+  current = tuple(weights)
+  state = optimizer.initialize(tuple(tf.TensorSpec(w.shape, w.dtype) for w in current))
+  for step in range(int(steps)):
+    idx = functional.batch_indices(step, n, batch_size)
+    if len(idx) == n and np.all(idx == np.arange(n)):
+      xb, yb = x, labels
+    else:
+      xb, yb = tf.gather(x, idx, axis=1), tf.gather(labels, idx, axis=1)
+    grads = functional.client_gradients(fmodel, list(current), xb, yb)
+    state, current = optimizer.next(state, current, tuple(grads))
+  return [w0 - w for w0, w in zip(weights, current)]
+
+
+def attack_model(model):
+  """`model` with every plain ReLU layer as an `Activation("relu")` (same function).
+
+  `functional.BatchedModel` runs a ReLU layer by calling the Keras layer, and after TFF
+  has built its computations in this process that call fails inside a compiled function
+  (Keras 2.14 takes the layer for a graph-mode v1 layer); `Activation` runs `tf.nn.relu`.
+  """
+  import tensorflow as tf
+
+  kl = tf.keras.layers
+
+  def plain(layer):
+    cfg = layer.get_config() if isinstance(layer, kl.ReLU) else None
+    if (
+      cfg
+      and not cfg.get("max_value")
+      and not cfg.get("negative_slope")
+      and not cfg.get("threshold")
+    ):
+      return kl.Activation("relu", name=layer.name)
+    return layer.__class__.from_config(layer.get_config())
+
+  if not any(isinstance(layer, kl.ReLU) for layer in model.layers):
+    return model
+  clone = tf.keras.models.clone_model(model, clone_function=plain)
+  clone.set_weights(model.get_weights())
+  return clone
+
+
+# One compiled candidate function per (Keras model, steps, optimizer, chunk): weights are
+# arguments, so the rounds of one training reuse it.
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _candidate_fn(model, steps: int, optimizer, optimizer_key, chunk: int):
+  per_model = _COMPILED.setdefault(model, {})
+  key = (int(steps), optimizer_key, int(chunk))
+  if key not in per_model:
+    fmodel = functional.BatchedModel(model)
+
+    def compute(weights, images, labels):
+      tiled = _tile(weights, chunk)
+      y = tf.one_hot(labels, fmodel.num_classes)[:, None]
+      delta = local_update(fmodel, tiled, images[:, None], y, steps, 1, optimizer)
+      return tf.concat([tf.reshape(d, [chunk, -1]) for d in delta], axis=1)
+
+    per_model[key] = (fmodel, tf.function(compute, jit_compile=True))
+  return per_model[key]
+
+
+def candidate_updates(
+  model, model_weights, images, labels, steps: int, optimizer, optimizer_key, chunk: int = 500
+):
+  """Yields (start, stop, [c, P] updates) of every candidate trained alone for `steps`.
+
+  `model_weights` is a `model.get_weights()` list; `optimizer_key` names the optimizer
+  and its hyperparameters (the compiled function is reused for equal keys).
+  """
+  fmodel, fn = _candidate_fn(model, steps, optimizer, optimizer_key, chunk)
+  weights = [tf.constant(w, tf.float32) for w in fmodel.trainable_weights_from(model_weights)]
+  n = len(images)
+  for start in range(0, n, chunk):
+    stop = min(start + chunk, n)
+    # Pad the last chunk: one compiled shape for the whole gallery.
+    idx = np.minimum(np.arange(start, start + chunk), n - 1)
+    g = fn(weights, tf.constant(images[idx], tf.float32), tf.constant(labels[idx], tf.int64))
+    yield start, stop, g.numpy()[: stop - start]
+
+
+def match_gallery(
+  model,
+  model_weights,
+  observed: Sequence[Sequence[np.ndarray]],
+  gallery_images,
+  gallery_labels,
+  members: Sequence[Sequence[int]],
+  steps: int,
+  optimizer,
+  optimizer_key,
+  chunk: int = 500,
+) -> List[gallery.MatchResult]:
+  """Ranks each observed update's members among the gallery, candidates trained alone.
+
+  Args:
+    model: A Keras model of the observed architecture.
+    model_weights: `get_weights()` of the global model every observation started from.
+    observed: Per observation, the (defended) update of the trainable weights, one array
+      per `model.trainable_variables`.
+    gallery_images / gallery_labels: [N, H, W, C] in [0, 1] and [N] integers.
+    members: Per observation, the gallery indices of the client's own examples (for
+      scoring only).
+    steps: Local steps each candidate is trained for (the client's, or fewer when the
+      caller bounds the simulation's cost).
+    optimizer, optimizer_key: The client's optimizer and a hashable name of it.
+  """
+  validation.check_int("steps", steps, 1)
+  validation.check_int("chunk", chunk, 1, 100_000)
+  images = np.asarray(gallery_images, np.float32)
+  glabels = np.asarray(gallery_labels, np.int64)
+  if len(members) != len(observed):
+    raise ValueError(f"members has {len(members)} entries for {len(observed)} observed updates.")
+  flat = np.stack([np.concatenate([np.ravel(u) for u in o]).astype(np.float32) for o in observed])
+  observed_t = tf.constant(flat)
+  carried_t = tf.constant((flat != 0).astype(np.float32))
+  scores = np.empty((len(images), len(observed)), np.float32)
+  for start, stop, g in candidate_updates(
+    model, model_weights, images, glabels, steps, optimizer, optimizer_key, chunk
+  ):
+    # The gallery attacker's own scoring: masked cosine on the carried coordinates.
+    scores[start:stop] = gallery._chunk_scores(tf.constant(g), observed_t, carried_t).numpy()
+  used = np.broadcast_to(glabels[:, None], scores.shape)
+  return [gallery._result(scores[:, j], used[:, j], members[j]) for j in range(len(observed))]
+
+
+def optimizer_key(name: str, learning_rate: float) -> tuple:
+  return (str(name), float(learning_rate))
