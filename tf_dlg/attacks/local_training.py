@@ -34,6 +34,13 @@ def _tile(weights, copies):
   ]
 
 
+class _Spec:
+  """A tensor spec whose shape may be a tensor (a leaf to `tf.nest`, unlike a tuple)."""
+
+  def __init__(self, shape, dtype):
+    self.shape, self.dtype = shape, dtype
+
+
 def local_update(fmodel, weights, x, labels, steps: int, batch_size: int, optimizer):
   """Per-attack `initial - final` weights after `steps` local steps of `optimizer`.
 
@@ -47,7 +54,9 @@ def local_update(fmodel, weights, x, labels, steps: int, batch_size: int, optimi
   """
   n = int(x.shape[1])
   current = tuple(weights)
-  state = optimizer.initialize(tuple(tf.TensorSpec(w.shape, w.dtype) for w in current))
+  # The optimizers build their state as zeros of each spec's shape; a shape tensor lets the
+  # attack axis stay unknown when traced (the attack engine relaxes it).
+  state = optimizer.initialize(tuple(_Spec(tf.shape(w), w.dtype) for w in current))
   for step in range(int(steps)):
     idx = functional.batch_indices(step, n, batch_size)
     if len(idx) == n and np.all(idx == np.arange(n)):
@@ -175,3 +184,64 @@ def match_gallery(
 
 def optimizer_key(name: str, learning_rate: float) -> tuple:
   return (str(name), float(learning_rate))
+
+
+def reconstruct(
+  model,
+  model_weights,
+  observed: Sequence[Sequence[np.ndarray]],
+  labels: Sequence[Sequence[int]],
+  steps: int,
+  batch_size: int,
+  optimizer,
+  iterations: int = 300,
+  tv_weight: float = 1e-4,
+  seed: int = 0,
+) -> np.ndarray:
+  """Cosine + total-variation reconstruction through the client's simulated training.
+
+  Each observation's batch (its size: len of its labels, recovered beforehand, e.g. by
+  `labels.infer_labels`) is optimised so that its simulated update (`local_update`:
+  the client's optimizer, `steps` steps of `batch_size`) has the observed direction
+  (`objectives.CosineMatching`), with L-BFGS from `optimize.minimize`. Returns images
+  [U, B, H, W, C] clipped to [0, 1].
+  """
+  from tf_dlg.attacks import objectives, optimize
+
+  validation.check_int("iterations", iterations, 1)
+  sizes = {len(lab) for lab in labels}
+  if len(sizes) != 1 or len(labels) != len(observed):
+    raise ValueError(
+      f"labels must give one equally long label list per observation, got sizes {sorted(sizes)} "
+      f"for {len(observed)} observations."
+    )
+  fmodel = functional.BatchedModel(model)
+  n, k = sizes.pop(), fmodel.num_classes
+  shape = (n,) + fmodel.input_shape
+  size = int(np.prod(shape))
+  weights = [np.asarray(w, np.float32) for w in fmodel.trainable_weights_from(model_weights)]
+  u = len(observed)
+  consts = {
+    "weights": [np.repeat(w[None], u, 0) for w in weights],
+    "observed": [
+      np.stack([np.asarray(o[i], np.float32) for o in observed]) for i in range(len(weights))
+    ],
+    "labels": np.eye(k, dtype=np.float32)[np.asarray(labels, np.int64)],
+  }
+  objective = objectives.CosineMatching(tv_weight=tv_weight)
+
+  def value_fn(pos, c):
+    with tf.GradientTape() as tape:
+      tape.watch(pos)
+      a = tf.shape(pos)[0]
+      x = tf.reshape(pos, tf.concat([[a], shape], 0))
+      update = local_update(fmodel, c["weights"], x, c["labels"], steps, batch_size, optimizer)
+      dist = objective.distance(update, c["observed"])
+      loss = dist + objective.regularizer(x)
+    return loss, dist, tape.gradient(loss, pos)
+
+  start = tf.random.stateless_uniform([u, size], [int(seed) % (2**31 - 1), 11]).numpy()
+  result = optimize.minimize(
+    "lbfgs", tf.function(value_fn, autograph=False), start, consts, iterations, tolerance=1e-9
+  )
+  return np.clip(result.position.reshape((u,) + shape), 0.0, 1.0)
