@@ -32,10 +32,12 @@ TFF_STACK_TESTS = [
   "test_federated*.py",
   "test_frontier.py",  # TFF training, tensorflow-privacy (the dp defence)
   "test_kill_resume.py",  # drivers, federated ones included
+  "test_local_training.py",  # the client's TFF optimizer simulated
   "test_readme.py",  # the README's driver commands, federated ones included
   "test_report_numbers.py",  # experiments.reproduce: tfds MNIST
   "test_reproduce.py",  # the paper's pipeline: TFF, tfds
   "test_runtime.py",
+  "test_sweep.py",  # TFF training and capture
   "test_threshold_search.py",  # tfds MNIST
 ]
 # The Flower client mod's tests need the `flower` extra (installed in the core environment).

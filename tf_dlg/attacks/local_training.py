@@ -18,7 +18,7 @@ module's scoring and ranking (ties against the attacker).
 
 from __future__ import annotations
 
-import weakref
+import collections
 from typing import List, Sequence
 
 import numpy as np
@@ -97,15 +97,17 @@ def attack_model(model):
   return clone
 
 
-# One compiled candidate function per (Keras model, steps, optimizer, chunk): weights are
-# arguments, so the rounds of one training reuse it.
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# One compiled candidate function per (architecture, steps, optimizer, chunk): weights are
+# arguments, so every round of a training (a new Keras model each) reuses one compilation.
+_COMPILED: "collections.OrderedDict" = collections.OrderedDict()
+_MAX_COMPILED = 16
 
 
 def _candidate_fn(model, steps: int, optimizer, optimizer_key, chunk: int):
-  per_model = _COMPILED.setdefault(model, {})
-  key = (int(steps), optimizer_key, int(chunk))
-  if key not in per_model:
+  from tf_dlg.attacks import runner
+
+  key = (runner.architecture_key(model), int(steps), optimizer_key, int(chunk))
+  if key not in _COMPILED:
     fmodel = functional.BatchedModel(model)
 
     def compute(weights, images, labels):
@@ -114,8 +116,10 @@ def _candidate_fn(model, steps: int, optimizer, optimizer_key, chunk: int):
       delta = local_update(fmodel, tiled, images[:, None], y, steps, 1, optimizer)
       return tf.concat([tf.reshape(d, [chunk, -1]) for d in delta], axis=1)
 
-    per_model[key] = (fmodel, tf.function(compute, jit_compile=True))
-  return per_model[key]
+    _COMPILED[key] = (fmodel, tf.function(compute, jit_compile=True))
+    while len(_COMPILED) > _MAX_COMPILED:
+      _COMPILED.popitem(last=False)
+  return _COMPILED[key]
 
 
 def candidate_updates(
@@ -206,7 +210,7 @@ def reconstruct(
   (`objectives.CosineMatching`), with L-BFGS from `optimize.minimize`. Returns images
   [U, B, H, W, C] clipped to [0, 1].
   """
-  from tf_dlg.attacks import objectives, optimize
+  from tf_dlg.attacks import objectives, optimize, runner
 
   validation.check_int("iterations", iterations, 1)
   sizes = {len(lab) for lab in labels}
@@ -241,7 +245,17 @@ def reconstruct(
     return loss, dist, tape.gradient(loss, pos)
 
   start = tf.random.stateless_uniform([u, size], [int(seed) % (2**31 - 1), 11]).numpy()
+  # XLA repays its start-up only on long runs (the attack runner's measured break-even).
+  jit = iterations >= runner.AUTO_JIT_AFTER
+  if not jit:
+    fmodel = fmodel.without_xla()
   result = optimize.minimize(
-    "lbfgs", tf.function(value_fn, autograph=False), start, consts, iterations, tolerance=1e-9
+    "lbfgs",
+    tf.function(value_fn, autograph=False),
+    start,
+    consts,
+    iterations,
+    tolerance=1e-9,
+    jit_compile=jit,
   )
   return np.clip(result.position.reshape((u,) + shape), 0.0, 1.0)

@@ -240,7 +240,10 @@ def _load_case(settings: SweepSettings, name: str) -> _Case:
   rng = np.random.default_rng([settings.seed, 0x5EE9])
   if trained:
     if dataset.x_test is None:
-      raise ValueError(f"dataset {name!r} has no test split; list it outside trained_datasets.")
+      raise ValueError(
+        f"trained_datasets: {name!r} has no test split to train and evaluate on; list it "
+        "in datasets only (attacked at round 0)."
+      )
     train = convergence.subset(
       dataset, settings.train_examples, settings.test_examples, settings.seed
     )
@@ -459,9 +462,11 @@ class Sweep:
     from tf_dlg import io as io_lib
     from tf_dlg.execution import runtime
 
-    io_lib.lock_directory(self.output_dir)
-    log = self._log()  # refuses another configuration's rows before any work
+    # The data first (a dataset that cannot serve raises here, nothing written yet), then
+    # the rows: another configuration's are refused before any training.
     cases = {n: _load_case(self.settings, n) for n in self.settings.datasets}
+    io_lib.lock_directory(self.output_dir)
+    log = self._log()
     todo, skipped = cells(self.settings, {n: len(c.client) for n, c in cases.items()})
     for line in skipped:
       print(f"[sweep] {line}")

@@ -1,0 +1,207 @@
+"""The threat-model sweep: settings refused before work, a tiny run end to end, its resume.
+
+The tiny run trains FedAvg in TFF on `digits` for one round (two clients) and attacks the
+updates TFF's client work sends. Expected values do not come from the sweep's code: the
+captured update is compared with the attacker's independent simulation of one Adam step,
+columns with the issue's list, and a resumed run must not call the attack again.
+"""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+
+from tf_dlg.study import results, sweep
+
+TINY = dict(
+  datasets=("digits",),
+  trained_datasets=("digits",),
+  rounds=(0, 1),
+  training_rounds=1,
+  train_examples=64,
+  test_examples=32,
+  num_clients=2,
+  batch_sizes=(1, 4),
+  local_work=("step", "epoch"),
+  epoch_examples=4,
+  gallery_size=200,
+  defenses=(("masking", 0.9), ("noising_ratio", 10.0)),
+  recon_max_batch=1,
+  recon_iterations=5,
+  chunk=100,
+)
+
+
+@pytest.mark.parametrize(
+  "field, value, names",
+  [
+    ("batch_sizes", (0, 4), "batch_sizes"),
+    ("rounds", (0, 20), "rounds"),
+    ("datasets", ("mnist", "nope"), "datasets"),
+    ("local_work", ("step", "week"), "local_work"),
+    ("attacks", ("gallery_match", "dlg"), "attacks"),
+    ("defenses", (("masking", 1.5),), "masking"),
+    ("defenses", (("none", None),), "undefended"),
+    ("epoch_examples", 10_000, "epoch_examples"),
+    ("gallery_size", 1, "gallery_size"),
+    ("trained_datasets", ("digits",), "trained_datasets"),
+  ],
+)
+def test_bad_settings_are_one_error_before_any_work(tmp_path, field, value, names):
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match=names):
+    sweep.Sweep(str(out), sweep.SweepSettings(**{field: value}))
+  assert not out.exists()
+
+
+def test_a_dataset_that_cannot_train_is_refused_before_anything_is_written(tmp_path):
+  out = tmp_path / "out"
+  settings = sweep.SweepSettings(datasets=("cifar10_sample",), trained_datasets=("cifar10_sample",))
+  with pytest.raises(ValueError, match="trained_datasets: 'cifar10_sample' has no test split"):
+    sweep.Sweep(str(out), settings).run()
+  assert not os.listdir(out)  # the checked (empty) output folder, nothing in it
+
+
+def test_default_settings_are_the_quick_training_at_the_frontier():
+  from tf_dlg import defenses
+  from tf_dlg.study import presets
+
+  s = sweep.SweepSettings().check()
+  quick = presets.PRESETS["quick"]
+  assert (s.batch_size, s.client_lr, s.train_examples, s.num_clients, s.training_rounds) == (
+    quick.batch_size,
+    quick.client_lr,
+    quick.train_examples,
+    quick.num_clients,
+    quick.rounds,
+  )
+  assert s.share == 600 and s.epoch_size() == 600
+  for name in list(defenses.PAPER_DEFENSES) + ["dp"]:
+    assert [p for d, p in s.defenses if d == name] == list(defenses.spec(name).frontier)
+
+
+def test_cells_name_every_setting_that_cannot_run():
+  s = sweep.SweepSettings(datasets=("mnist", "cifar10_sample"), rounds=(0, 5), batch_sizes=(4, 64))
+  todo, skipped = sweep.cells(s, {"mnist": 600, "cifar10_sample": 20})
+  assert {(c.dataset, c.round, c.batch, c.local_work) for c in todo if c.dataset != "mnist"} == {
+    ("cifar10_sample", 0, 4, "step"),
+    ("cifar10_sample", 0, 4, "epoch"),
+  }
+  assert len([c for c in todo if c.dataset == "mnist"]) == 2 * 2 * 2
+  assert any("rounds [5] not run" in s for s in skipped)
+  assert any("batch 64, step not run" in s for s in skipped)
+  epoch = [c for c in todo if c.dataset == "mnist" and c.local_work == "epoch" and c.batch == 64]
+  assert epoch[0].num_images == 600 and epoch[0].local_steps == 10  # ceil(600 / 64)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("sweep"))
+  settings = sweep.SweepSettings(**TINY)
+  paths = sweep.Sweep(out, settings, progress=False).run()
+  with open(paths["csv"], newline="") as f:
+    rows = list(csv.DictReader(f))
+  return out, settings, paths, rows
+
+
+def test_tiny_sweep_writes_the_columns_figure_and_report(tiny):
+  out, settings, paths, rows = tiny
+  with open(paths["csv"], newline="") as f:
+    header = next(csv.reader(f))
+  for column in (
+    "batch",
+    "local_steps",
+    "round",
+    "attack",
+    "defense",
+    "param",
+    "identified",
+    "num_images",
+    "low",
+    "high",
+    "label_accuracy",
+    "seconds",
+    "auc",
+    "tpr",
+    "gallery_size",
+  ):
+    assert column in header
+  # 2 rounds x (2 step + 2 epoch cells) x 3 settings of gallery matching, and the two
+  # reconstructions of the undefended batch-1 step cell at each round.
+  assert len([r for r in rows if r["attack"] == "gallery_match"]) == 2 * 4 * 3
+  assert len([r for r in rows if r["attack"] != "gallery_match"]) == 2 * 2
+  for r in rows:
+    assert int(r["gallery_size"]) == 200
+    assert 0 <= int(r["identified"]) <= int(r["num_images"])
+    assert float(r["low"]) <= int(r["identified"]) / int(r["num_images"]) <= float(r["high"])
+  epoch = [r for r in rows if r["local_work"] == "epoch" and r["batch"] == "1"]
+  assert {r["num_images"] for r in epoch} == {"4"} and {r["local_steps"] for r in epoch} == {"4"}
+  assert os.path.getsize(paths["figure"]) > 10_000
+  with open(paths["report"], encoding="utf-8") as f:
+    text = f.read()
+  assert "gallery_match" in text and "digits" in text
+
+
+def test_batch_one_step_undefended_is_identified_by_the_exact_simulation(tiny):
+  """The attacker's single-image Adam step is the client's own update at batch 1, so the
+  original ranks first (a mismatch with TFF's client work would break this)."""
+  _, _, _, rows = tiny
+  hits = [
+    r
+    for r in rows
+    if r["batch"] == "1" and r["local_work"] == "step" and r["defense"] == "none"
+    if r["attack"] == "gallery_match"
+  ]
+  assert len(hits) == 2 and all(r["identified"] == "1" for r in hits)
+  assert all(float(r["label_accuracy"]) == 1.0 for r in hits)
+
+
+def test_captured_update_equals_the_simulated_adam_step(digits):
+  """What TFF's client work sends for one image is the attacker's simulated step."""
+  import tensorflow as tf
+
+  from tf_dlg import models
+  from tf_dlg.attacks import functional, local_training
+  from tf_dlg.execution import runtime
+  from tf_dlg.federated import fedavg, simulation
+
+  s = sweep.SweepSettings(**TINY)
+  config = s.training_config("digits", 1)
+  runtime.install_context()
+  fa = simulation.build_for_config(config, digits)
+  state = fa.initialize()
+  x, y = digits.x_train[3:4], digits.y_train[3:4].astype(np.int64)
+  update = sweep.capture_update(fa, state, x, y, 1, seed=0)
+  model = models.build_model("bn_cnn", digits.input_shape, digits.num_classes, seed=0)
+  fa.assign_to_keras(fa.process.get_model_weights(state), model)
+  model = local_training.attack_model(model)
+  fmodel = functional.BatchedModel(model)
+  w = [tf.constant(v)[None] for v in fmodel.trainable_weights_from(model.get_weights())]
+  sim = local_training.local_update(
+    fmodel,
+    w,
+    tf.constant(x[None]),
+    tf.one_hot(y[None], 10),
+    1,
+    1,
+    fedavg.build_optimizer("adam", s.client_lr),
+  )
+  for got, want in zip(update[: fa.num_trainable], sim):
+    np.testing.assert_allclose(got, want[0].numpy(), atol=2e-5)
+
+
+def test_rerun_resumes_without_attacking_and_refuses_other_settings(tiny, monkeypatch):
+  out, settings, paths, rows = tiny
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("a finished sweep attacked again")
+
+  monkeypatch.setattr(sweep, "capture_update", refuse)
+  monkeypatch.setattr(sweep, "_train", refuse)
+  again = sweep.Sweep(out, settings, progress=False).run()
+  with open(again["csv"], newline="") as f:
+    assert list(csv.DictReader(f)) == rows
+  other = sweep.SweepSettings(**dict(TINY, batch_sizes=(1,)))
+  with pytest.raises(results.ResultsFileError, match="different configuration"):
+    sweep.Sweep(out, other, progress=False).run()
