@@ -205,3 +205,16 @@ def test_rerun_resumes_without_attacking_and_refuses_other_settings(tiny, monkey
   other = sweep.SweepSettings(**dict(TINY, batch_sizes=(1,)))
   with pytest.raises(results.ResultsFileError, match="different configuration"):
     sweep.Sweep(out, other, progress=False).run()
+
+
+def test_the_sweep_preset_is_the_quick_training_attacked_at_rounds_0_5_and_last():
+  from tf_dlg.study import presets
+
+  s = sweep.settings_from_preset(presets.PRESETS["sweep"])
+  assert s.datasets == ("mnist", "cifar10_sample") and s.trained_datasets == ("mnist",)
+  assert s.rounds == (0, 5, 15) and s.training_rounds == 15 and s.gallery_size == 10_000
+  assert (s.batch_size, s.client_lr, s.train_examples, s.test_examples) == (64, 0.002, 6000, 2000)
+  short = sweep.settings_from_preset(presets.with_overrides("sweep", {"rounds": 3}))
+  assert short.rounds == (0, 3) and short.training_rounds == 3
+  with pytest.raises(ValueError, match="training_rounds=0"):
+    sweep.settings_from_preset(presets.with_overrides("sweep", {"rounds": 0}))

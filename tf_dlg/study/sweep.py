@@ -91,6 +91,9 @@ CSV_FIELDS = (
   "seconds",
 )
 EXPERIMENT = "threat_model_sweep"
+# Datasets whose loader keeps every image in x_train (`tf_dlg.data`): nothing to train and
+# evaluate FedAvg on, so a preset's sweep attacks them at round 0 only.
+NO_TEST_SPLIT = ("cifar10_sample",)
 
 
 def frontier_defenses() -> Tuple[Tuple[str, float], ...]:
@@ -211,6 +214,27 @@ class SweepSettings:
     fields.pop("chunk")  # memory only: same numbers
     fields["defenses"] = [list(d) for d in self.defenses]
     return fields
+
+
+def settings_from_preset(preset, rounds_at: Sequence[int] = (0, 5)) -> SweepSettings:
+  """The sweep of a reproduce preset: its training, attacked at `rounds_at` and its last
+  round (those past the training dropped), on its datasets (those with a test split
+  trained)."""
+  rounds = tuple(sorted({r for r in rounds_at if r < preset.rounds} | {preset.rounds}))
+  return SweepSettings(
+    datasets=tuple(preset.datasets),
+    trained_datasets=tuple(d for d in preset.datasets if d not in NO_TEST_SPLIT),
+    rounds=rounds,
+    training_rounds=preset.rounds,
+    train_examples=preset.train_examples,
+    test_examples=preset.test_examples or preset.train_examples,
+    num_clients=preset.num_clients,
+    batch_size=preset.batch_size,
+    local_epochs=preset.local_epochs,
+    client_lr=preset.client_lr,
+    gallery_size=preset.sweep_gallery,
+    seed=preset.seed,
+  ).check()
 
 
 # --------------------------------------------------------------------------- data
