@@ -84,9 +84,13 @@ def main(argv):
 
 def run_sweep(output_dir: str, settings: Preset) -> None:
   """The `sweep` preset: `tf_dlg.study.sweep` on the preset's training (checked first)."""
+  from absl import flags
+
   from tf_dlg.study import sweep
 
-  study = sweep.Sweep(output_dir, sweep.settings_from_preset(settings))
+  study = sweep.Sweep(
+    output_dir, sweep.settings_from_preset(settings), frontier_csv=flags.FLAGS.frontier_csv
+  )
   cli.work_begins()
   start = time.time()
   paths = study.run()
@@ -122,6 +126,9 @@ def define_flags():
   )
   flags.DEFINE_string("convergence_dataset", None, "Dataset of the FedAvg runs.")
   flags.DEFINE_boolean("adaptive", None, "Also search adaptive thresholds and train at them.")
+  flags.DEFINE_string(
+    "frontier_csv", None, "sweep preset: a frontier run's frontier.csv, for the costs it quotes."
+  )
 
 
 if __name__ == "__main__":

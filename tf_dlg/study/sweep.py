@@ -467,8 +467,17 @@ def row_key(cell: Cell, attack: str, defense: str, param: Optional[float]) -> st
 class Sweep:
   """The sweep of `settings` in `output_dir` (see the module docstring)."""
 
-  def __init__(self, output_dir: str, settings: SweepSettings, progress: bool = True):
+  def __init__(
+    self,
+    output_dir: str,
+    settings: SweepSettings,
+    progress: bool = True,
+    frontier_csv: Optional[str] = None,
+  ):
+    """`frontier_csv`: a frontier run's frontier.csv (same training) whose accuracy costs
+    the report quotes beside each protecting setting (read now: a bad file fails first)."""
     self.settings = settings.check()
+    self.costs = _costs(frontier_csv) if frontier_csv else None
     validation.check_output_dir("output_dir", output_dir)
     self.output_dir = output_dir
     self.progress = progress
@@ -674,7 +683,7 @@ class Sweep:
 
     paths = {"csv": self._write_csv(rows)}
     paths["figure"] = figure(rows, os.path.join(self.output_dir, "figures", "sweep.png"))
-    text = report(rows, self.settings, skipped)
+    text = report(rows, self.settings, skipped, self.costs)
     paths["report"] = io_lib.atomic_write_text(os.path.join(self.output_dir, "sweep.md"), text)
     return paths
 
@@ -734,11 +743,32 @@ def figure(rows, path: str) -> str:
   return path
 
 
+def _costs(path: str) -> Dict[Tuple[str, float], Any]:
+  """{(defence, setting): FrontierPoint} of a frontier.csv."""
+  from tf_dlg.study import frontier
+
+  if not os.path.isfile(path):
+    raise ValueError(f"frontier_csv={path!r} is not a file; give a frontier run's frontier.csv.")
+  return {(p.defense, float(p.param)): p for p in frontier.read_frontier(path)}
+
+
+def _cost(costs, name: str, param: float) -> str:
+  if costs is None:
+    return "cost not measured here (pass a frontier run's frontier.csv)"
+  p = costs.get((name, float(param)))
+  if p is None:
+    return "not on the given frontier.csv"
+  return (
+    f"cost {100 * p.cost:+.1f} pp [{100 * p.cost_low:+.1f}, {100 * p.cost_high:+.1f}] "
+    f"beside the baseline's accuracy {p.baseline_accuracy:.3f} ({p.dataset}, seeds {p.seeds})"
+  )
+
+
 def _fmt(r) -> str:
   return f"{r['identified']}/{r['num_images']} [{r['low']:.2f}, {r['high']:.2f}]"
 
 
-def opening_line(rows, settings: SweepSettings) -> str:
+def opening_line(rows, settings: SweepSettings, costs=None) -> str:
   """At the training's own batch size and local work (the last round measured on the
   first trained dataset): how much leaks undefended, and each defence's weakest
   protecting setting there (none identified by any attacker)."""
@@ -778,18 +808,20 @@ def opening_line(rows, settings: SweepSettings) -> str:
     if protects:
       worst = [r for r in at if r["defense"] == name and r["param"] == protects[0]]
       parts.append(
-        f"{name} {protects[0]:g} (0/{worst[0]['num_images']}, upper bound {max(r['high'] for r in worst):.2f})"
+        f"{name} {protects[0]:g} (0/{worst[0]['num_images']} identified, rate at most "
+        f"{max(r['high'] for r in worst):.2f}, membership AUC {max(r['auc'] for r in worst):.2f}; "
+        f"{_cost(costs, name, protects[0])})"
       )
     else:
       parts.append(f"{name}: no frontier setting protects")
   return head + "; weakest protecting setting: " + "; ".join(parts) + "."
 
 
-def report(rows, settings: SweepSettings, skipped: Sequence[str] = ()) -> str:
+def report(rows, settings: SweepSettings, skipped: Sequence[str] = (), costs=None) -> str:
   lines = [
     "# Leakage where FedAvg trains: the threat-model sweep",
     "",
-    opening_line(rows, settings),
+    opening_line(rows, settings, costs),
     "",
   ]
   sources = sorted({(r["dataset"], r.get("dataset_source", "")) for r in rows})
