@@ -540,7 +540,24 @@ class Sweep:
     return out
 
   def _attack_round(self, log, case: _Case, fa, state, acc, at_round: List[Cell]):
-    """Captures every cell's update at this round, then attacks them by simulated steps."""
+    """Captures every cell's update from TFF's client work at this round, then attacks."""
+    from tf_dlg import models
+    from tf_dlg.federated import fedavg
+
+    s = self.settings
+    # The attacker's own copy of the architecture (built eagerly, outside TFF's graphs).
+    keras_model = models.build_model(s.model, case.input_shape, case.num_classes, seed=s.seed)
+    fa.assign_to_keras(fa.process.get_model_weights(state), keras_model)
+    exclude = fedavg.update_exclusion(keras_model)
+
+    def capture(cell, images, labels, seed):
+      return capture_update(fa, state, images, labels, cell.batch, seed)
+
+    self.attack_cells(log, case, keras_model, exclude, fa.num_trainable, acc, at_round, capture)
+
+  def attack_cells(self, log, case, keras_model, exclude, num_trainable, acc, pending, capture):
+    """Each cell's update (`capture(cell, images, labels, seed)`: the client's whole update
+    list, trainable first), defended at every setting, attacked by simulated steps."""
     import tensorflow as tf
 
     from tf_dlg import defenses
@@ -548,30 +565,24 @@ class Sweep:
     from tf_dlg.federated import fedavg
 
     s = self.settings
-    from tf_dlg import models
-
-    # The attacker's own copy of the architecture (built eagerly, outside TFF's graphs).
-    keras_model = models.build_model(s.model, case.input_shape, case.num_classes, seed=s.seed)
-    fa.assign_to_keras(fa.process.get_model_weights(state), keras_model)
-    exclude = fedavg.update_exclusion(keras_model)
     keras_model = local_training.attack_model(keras_model)
     weights = keras_model.get_weights()
     shapes = [tuple(v.shape) for v in keras_model.trainable_variables]
     settings = [(UNDEFENDED, None)] + list(s.defenses)
     groups = collections.OrderedDict()
-    for ci, cell in enumerate(at_round):
+    for cell in pending:
       t0 = time.perf_counter()
       members = case.client[: cell.num_images]
-      seed = int(np.random.default_rng([s.seed, cell.round, cell.batch, ci]).integers(2**31 - 1))
-      update = capture_update(
-        fa, state, case.gallery_x[members], case.gallery_y[members], cell.batch, seed
-      )
+      # Seeded by the cell alone: a resumed run redoes a cell with the same shuffle and noise.
+      work = LOCAL_WORK.index(cell.local_work)
+      seed = int(np.random.default_rng([s.seed, cell.round, cell.batch, work]).integers(2**31 - 1))
+      update = capture(cell, case.gallery_x[members], case.gallery_y[members], seed)
       captured = time.perf_counter() - t0
       steps = min(cell.local_steps, s.max_simulated_steps)
       for di, (name, param) in enumerate(settings):
         defense = defenses.get_defense(name, param, exclude=exclude)
         defended = defense([tf.constant(u) for u in update], seed + di)
-        trainable = [np.asarray(u) for u in defended[: fa.num_trainable]]
+        trainable = [np.asarray(u) for u in defended[:num_trainable]]
         recovered = recover_labels(trainable, shapes, case.num_classes, len(members))
         groups.setdefault(steps, []).append(
           dict(
