@@ -38,6 +38,7 @@ TFF_STACK_TESTS = [
   "test_reproduce.py",  # the paper's pipeline: TFF, tfds
   "test_runtime.py",
   "test_sweep.py",  # TFF training and capture
+  "test_audit.py",  # the client's TFF optimizer
   "test_threshold_search.py",  # tfds MNIST
 ]
 # The Flower client mod's tests need the `flower` extra (installed in the core environment).

@@ -7,3 +7,13 @@ Federated training with the same defences lives in `tf_dlg.federated`.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+  # `tf_dlg.audit(model, data, config, output_dir)`, loaded on first use: importing the
+  # package stays free of TensorFlow.
+  if name == "audit":
+    from tf_dlg.study.audit import audit
+
+    return audit
+  raise AttributeError(f"module 'tf_dlg' has no attribute {name!r}")

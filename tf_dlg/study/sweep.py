@@ -94,6 +94,9 @@ EXPERIMENT = "threat_model_sweep"
 # Datasets whose loader keeps every image in x_train (`tf_dlg.data`): nothing to train and
 # evaluate FedAvg on, so a preset's sweep attacks them at round 0 only.
 NO_TEST_SPLIT = ("cifar10_sample",)
+# A model and data that no registry holds (`tf_dlg.study.audit`): named by these.
+USER_MODEL = "user"
+USER_DATA = "user_data"
 
 
 def frontier_defenses() -> Tuple[Tuple[str, float], ...]:
@@ -141,17 +144,19 @@ class SweepSettings:
   client_optimizer: str = "adam"
   client_lr: float = 0.002
   seed: int = 0
+  # The audit's digest of the user's model and data ("" in a sweep: registry names).
+  case_digest: str = ""
 
   def check(self) -> "SweepSettings":
     """One ValueError naming the bad value and the allowed range; no data loaded."""
     from tf_dlg import data as data_lib
     from tf_dlg import defenses, federated, models
 
-    validation.check_choices("datasets", self.datasets, data_lib.DATASETS)
+    validation.check_choices("datasets", self.datasets, data_lib.DATASETS + (USER_DATA,))
     validation.check_choices("trained_datasets", self.trained_datasets, self.datasets)
     validation.check_choices("local_work", self.local_work, LOCAL_WORK)
     validation.check_choices("attacks", self.attacks, ATTACKS)
-    validation.check_choice("model", self.model, models.MODELS)
+    validation.check_choice("model", self.model, models.MODELS + (USER_MODEL,))
     validation.check_choice("client_optimizer", self.client_optimizer, federated.OPTIMIZERS)
     for name in ("datasets", "batch_sizes", "local_work", "rounds", "attacks"):
       if not getattr(self, name):
@@ -281,11 +286,35 @@ def _load_case(settings: SweepSettings, name: str) -> _Case:
     keep &= np.array([hash(x.tobytes()) not in digest for x in others_x])
     others_x, others_y = others_x[keep], others_y[keep]
   else:
-    train = None
-    client_x, client_y = dataset.x_train, dataset.y_train.astype(np.int64)
+    x, y = dataset.x_train, dataset.y_train.astype(np.int64)
     if dataset.x_test is not None:
-      client_x, client_y = matching.gallery_arrays(dataset)
-    others_x, others_y = client_x[:0], client_y[:0]
+      x, y = matching.gallery_arrays(dataset)
+    return gallery_case(settings, name, dataset.source, x, y, dataset.num_classes, len(x))
+  return _gallery(
+    settings,
+    rng,
+    name,
+    dataset.source,
+    train,
+    client_x,
+    client_y,
+    others_x,
+    others_y,
+    dataset.num_classes,
+  )
+
+
+def gallery_case(settings, name, source, x, y, num_classes: int, client_size: int) -> _Case:
+  """An untrained case: the client holds a seeded `client_size` of (x, y), the rest are
+  the gallery's non-members."""
+  rng = np.random.default_rng([settings.seed, 0x5EE9])
+  order = rng.permutation(len(x))
+  own, rest = order[:client_size], np.sort(order[client_size:])
+  return _gallery(settings, rng, name, source, None, x[own], y[own], x[rest], y[rest], num_classes)
+
+
+def _gallery(settings, rng, name, source, train, client_x, client_y, others_x, others_y, classes):
+  """The gallery: the client's images (seeded order) first, then seeded non-members."""
   order = rng.permutation(len(client_x))
   client_x, client_y = client_x[order], client_y[order]
   room = max(settings.gallery_size - len(client_x), 0)
@@ -295,13 +324,13 @@ def _load_case(settings: SweepSettings, name: str) -> _Case:
   gallery_y = np.concatenate([client_y, others_y[pick]]).astype(np.int64)
   return _Case(
     name=name,
-    source=dataset.source,
+    source=source,
     train=train,
     gallery_x=gallery_x,
     gallery_y=gallery_y,
     client=np.arange(len(client_x)),
-    num_classes=dataset.num_classes,
-    input_shape=tuple(dataset.input_shape),
+    num_classes=int(classes),
+    input_shape=tuple(gallery_x.shape[1:]),
   )
 
 
@@ -689,12 +718,25 @@ class Sweep:
 
     return records.write_csv(os.path.join(self.output_dir, "sweep.csv"), CSV_FIELDS, rows)
 
+  def wording(self) -> Dict[str, str]:
+    """The report's title, subject of its first line, and case description."""
+    s = self.settings
+    return dict(
+      title="Leakage where FedAvg trains: the threat-model sweep",
+      subject="the training's own client setting",
+      case=(
+        f"Model: {s.model}, trained by FedAvg (TFF) for {s.training_rounds} rounds, "
+        f"{s.num_clients} clients, batch {s.batch_size}, seed {s.seed}; the updates are "
+        "captured from TFF's client work."
+      ),
+    )
+
   def write(self, rows, skipped: Sequence[str] = ()) -> Dict[str, str]:
     from tf_dlg import io as io_lib
 
     paths = {"csv": self._write_csv(rows)}
     paths["figure"] = figure(rows, os.path.join(self.output_dir, "figures", "sweep.png"))
-    text = report(rows, self.settings, skipped, self.costs)
+    text = report(rows, self.settings, skipped, self.costs, **self.wording())
     paths["report"] = io_lib.atomic_write_text(os.path.join(self.output_dir, "sweep.md"), text)
     return paths
 
@@ -779,20 +821,21 @@ def _fmt(r) -> str:
   return f"{r['identified']}/{r['num_images']} [{r['low']:.2f}, {r['high']:.2f}]"
 
 
-def opening_line(rows, settings: SweepSettings, costs=None) -> str:
+def opening_line(
+  rows, settings: SweepSettings, costs=None, subject="the training's own client setting"
+) -> str:
   """At the training's own batch size and local work (the last round measured on the
   first trained dataset): how much leaks undefended, and each defence's weakest
   protecting setting there (none identified by any attacker)."""
   own_work = "epoch" if settings.epoch_size() == settings.share else None
   trained = [d for d in settings.datasets if d in settings.trained_datasets]
-  if not trained or own_work is None:
+  target = trained[0] if trained else settings.datasets[0]  # an audit trains nothing
+  if own_work is None:
     return "The training's own configuration was not in this sweep."
   at = [
     r
     for r in rows
-    if r["dataset"] == trained[0]
-    and r["batch"] == settings.batch_size
-    and r["local_work"] == own_work
+    if r["dataset"] == target and r["batch"] == settings.batch_size and r["local_work"] == own_work
   ]
   if not at:
     return "The training's own configuration was not in this sweep."
@@ -800,11 +843,18 @@ def opening_line(rows, settings: SweepSettings, costs=None) -> str:
   at = [r for r in at if r["round"] == rnd]
   und = [r for r in at if r["defense"] == UNDEFENDED]
   head = (
-    f"At the training's own client setting ({trained[0]}, batch {settings.batch_size}, one "
+    f"At {subject} ({target}, batch {settings.batch_size}, one "
     f"epoch of {settings.share} images = {und[0]['local_steps']} {settings.client_optimizer} "
     f"steps, round {rnd}, gallery of {und[0]['gallery_size']:,}), undefended: "
     + ", ".join(f"{r['attack']} identifies {_fmt(r)}" for r in und)
   )
+  if all(r["identified"] == 0 for r in und):
+    auc = ", ".join(f"{r['attack']} {r['auc']:.2f}" for r in und)
+    return (
+      head + "; no image identified undefended, so no setting is needed there against "
+      f"top-1 identification (membership AUC {auc}: 0.5 is chance, above it members still "
+      "stand out)."
+    )
   parts = []
   for name in dict.fromkeys(d for d, _ in settings.defenses):
     pts = sorted(
@@ -828,22 +878,23 @@ def opening_line(rows, settings: SweepSettings, costs=None) -> str:
   return head + "; weakest protecting setting: " + "; ".join(parts) + "."
 
 
-def report(rows, settings: SweepSettings, skipped: Sequence[str] = (), costs=None) -> str:
-  lines = [
-    "# Leakage where FedAvg trains: the threat-model sweep",
-    "",
-    opening_line(rows, settings, costs),
-    "",
-  ]
+def report(
+  rows,
+  settings: SweepSettings,
+  skipped: Sequence[str] = (),
+  costs=None,
+  title: str = "Leakage where FedAvg trains: the threat-model sweep",
+  subject: str = "the training's own client setting",
+  case: str = "",
+) -> str:
+  lines = [f"# {title}", "", opening_line(rows, settings, costs, subject), ""]
   sources = sorted({(r["dataset"], r.get("dataset_source", "")) for r in rows})
   lines += [
     "Attacker: gallery matching (the candidate's own update simulated with the client's "
     f"{settings.client_optimizer} (lr {settings.client_lr:g}) for the client's local steps, "
     f"capped at {settings.max_simulated_steps}; column `simulated_steps`), with the "
     "client's images ranked among the gallery's non-members. Labels recovered from the "
-    "last dense layer. Model: "
-    f"{settings.model}, trained by FedAvg (TFF) for {settings.training_rounds} rounds, "
-    f"{settings.num_clients} clients, batch {settings.batch_size}, seed {settings.seed}.",
+    "last dense layer. " + case,
     "",
     "Data: " + "; ".join(f"{d}: {s}" for d, s in sources),
     "",
