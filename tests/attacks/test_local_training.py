@@ -81,9 +81,7 @@ def test_batch_one_sgd_step_ranks_equal_the_fedsgd_gallery_attacker(mnist):
     gx,
     gy,
     [members[i // 2] for i in range(16)],
-    steps=1,
-    optimizer=fedavg.build_optimizer("sgd", lr),
-    optimizer_key=("sgd", lr),
+    training=local_training.ClientTraining("sgd", lr),
     chunk=250,
   )
   for w, g in zip(want, got):

@@ -19,6 +19,7 @@ module's scoring and ranking (ties against the attacker).
 from __future__ import annotations
 
 import collections
+import dataclasses
 from typing import List, Sequence
 
 import numpy as np
@@ -26,6 +27,29 @@ import tensorflow as tf
 
 from tf_dlg import validation
 from tf_dlg.attacks import functional, gallery
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientTraining:
+  """What the attacker knows of the client's local training (the FedAvg threat model).
+
+  `optimizer` is a `tf_dlg.federated.fedavg.build_optimizer` name (`sgd`, `sgdm`, `adam`).
+  """
+
+  optimizer: str
+  learning_rate: float
+  steps: int = 1
+  batch_size: int = 1
+
+  def __post_init__(self):
+    validation.check_int("steps", self.steps, 1)
+    validation.check_int("batch_size", self.batch_size, 1)
+
+  def build(self):
+    """The client's `tff.learning.optimizers` optimizer."""
+    from tf_dlg.federated import fedavg
+
+    return fedavg.build_optimizer(self.optimizer, self.learning_rate)
 
 
 def _tile(weights, copies):
@@ -103,12 +127,13 @@ _COMPILED: "collections.OrderedDict" = collections.OrderedDict()
 _MAX_COMPILED = 16
 
 
-def _candidate_fn(model, steps: int, optimizer, optimizer_key, chunk: int):
+def _candidate_fn(model, training: ClientTraining, chunk: int):
   from tf_dlg.attacks import runner
 
-  key = (runner.architecture_key(model), int(steps), optimizer_key, int(chunk))
+  key = (runner.architecture_key(model), training, int(chunk))
   if key not in _COMPILED:
     fmodel = functional.BatchedModel(model)
+    steps, optimizer = training.steps, training.build()
 
     def compute(weights, images, labels):
       tiled = _tile(weights, chunk)
@@ -122,15 +147,11 @@ def _candidate_fn(model, steps: int, optimizer, optimizer_key, chunk: int):
   return _COMPILED[key]
 
 
-def candidate_updates(
-  model, model_weights, images, labels, steps: int, optimizer, optimizer_key, chunk: int = 500
-):
-  """Yields (start, stop, [c, P] updates) of every candidate trained alone for `steps`.
-
-  `model_weights` is a `model.get_weights()` list; `optimizer_key` names the optimizer
-  and its hyperparameters (the compiled function is reused for equal keys).
-  """
-  fmodel, fn = _candidate_fn(model, steps, optimizer, optimizer_key, chunk)
+def candidate_updates(model, model_weights, images, labels, training, chunk: int = 500):
+  """Yields (start, stop, [c, P] updates) of every candidate trained alone by `training`
+  (a `ClientTraining`; its batch size is the candidate's, 1). `model_weights` is a
+  `model.get_weights()` list."""
+  fmodel, fn = _candidate_fn(model, dataclasses.replace(training, batch_size=1), chunk)
   weights = [tf.constant(w, tf.float32) for w in fmodel.trainable_weights_from(model_weights)]
   n = len(images)
   for start in range(0, n, chunk):
@@ -148,9 +169,7 @@ def match_gallery(
   gallery_images,
   gallery_labels,
   members: Sequence[Sequence[int]],
-  steps: int,
-  optimizer,
-  optimizer_key,
+  training: ClientTraining,
   chunk: int = 500,
 ) -> List[gallery.MatchResult]:
   """Ranks each observed update's members among the gallery, candidates trained alone.
@@ -163,11 +182,9 @@ def match_gallery(
     gallery_images / gallery_labels: [N, H, W, C] in [0, 1] and [N] integers.
     members: Per observation, the gallery indices of the client's own examples (for
       scoring only).
-    steps: Local steps each candidate is trained for (the client's, or fewer when the
-      caller bounds the simulation's cost).
-    optimizer, optimizer_key: The client's optimizer and a hashable name of it.
+    training: The client's optimizer and local steps each candidate is trained for (the
+      client's, or fewer when the caller bounds the simulation's cost).
   """
-  validation.check_int("steps", steps, 1)
   validation.check_int("chunk", chunk, 1, 100_000)
   images = np.asarray(gallery_images, np.float32)
   glabels = np.asarray(gallery_labels, np.int64)
@@ -177,17 +194,11 @@ def match_gallery(
   observed_t = tf.constant(flat)
   carried_t = tf.constant((flat != 0).astype(np.float32))
   scores = np.empty((len(images), len(observed)), np.float32)
-  for start, stop, g in candidate_updates(
-    model, model_weights, images, glabels, steps, optimizer, optimizer_key, chunk
-  ):
+  for start, stop, g in candidate_updates(model, model_weights, images, glabels, training, chunk):
     # The gallery attacker's own scoring: masked cosine on the carried coordinates.
     scores[start:stop] = gallery._chunk_scores(tf.constant(g), observed_t, carried_t).numpy()
   used = np.broadcast_to(glabels[:, None], scores.shape)
   return [gallery._result(scores[:, j], used[:, j], members[j]) for j in range(len(observed))]
-
-
-def optimizer_key(name: str, learning_rate: float) -> tuple:
-  return (str(name), float(learning_rate))
 
 
 def reconstruct(
@@ -195,9 +206,7 @@ def reconstruct(
   model_weights,
   observed: Sequence[Sequence[np.ndarray]],
   labels: Sequence[Sequence[int]],
-  steps: int,
-  batch_size: int,
-  optimizer,
+  training: ClientTraining,
   iterations: int = 300,
   tv_weight: float = 1e-4,
   seed: int = 0,
@@ -206,7 +215,7 @@ def reconstruct(
 
   Each observation's batch (its size: len of its labels, recovered beforehand, e.g. by
   `labels.infer_labels`) is optimised so that its simulated update (`local_update`:
-  the client's optimizer, `steps` steps of `batch_size`) has the observed direction
+  the client's optimizer, steps and batch size of `training`) has the observed direction
   (`objectives.CosineMatching`), with L-BFGS from `optimize.minimize`. Returns images
   [U, B, H, W, C] clipped to [0, 1].
   """
@@ -233,13 +242,14 @@ def reconstruct(
     "labels": np.eye(k, dtype=np.float32)[np.asarray(labels, np.int64)],
   }
   objective = objectives.CosineMatching(tv_weight=tv_weight)
+  steps, batch, optimizer = training.steps, training.batch_size, training.build()
 
   def value_fn(pos, c):
     with tf.GradientTape() as tape:
       tape.watch(pos)
       a = tf.shape(pos)[0]
       x = tf.reshape(pos, tf.concat([[a], shape], 0))
-      update = local_update(fmodel, c["weights"], x, c["labels"], steps, batch_size, optimizer)
+      update = local_update(fmodel, c["weights"], x, c["labels"], steps, batch, optimizer)
       dist = objective.distance(update, c["observed"])
       loss = dist + objective.regularizer(x)
     return loss, dist, tape.gradient(loss, pos)

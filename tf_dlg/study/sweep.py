@@ -290,18 +290,8 @@ def _load_case(settings: SweepSettings, name: str) -> _Case:
     if dataset.x_test is not None:
       x, y = matching.gallery_arrays(dataset)
     return gallery_case(settings, name, dataset.source, x, y, dataset.num_classes, len(x))
-  return _gallery(
-    settings,
-    rng,
-    name,
-    dataset.source,
-    train,
-    client_x,
-    client_y,
-    others_x,
-    others_y,
-    dataset.num_classes,
-  )
+  meta = (name, dataset.source, train, dataset.num_classes)
+  return _gallery(settings, rng, meta, (client_x, client_y), (others_x, others_y))
 
 
 def gallery_case(settings, name, source, x, y, num_classes: int, client_size: int) -> _Case:
@@ -310,11 +300,17 @@ def gallery_case(settings, name, source, x, y, num_classes: int, client_size: in
   rng = np.random.default_rng([settings.seed, 0x5EE9])
   order = rng.permutation(len(x))
   own, rest = order[:client_size], np.sort(order[client_size:])
-  return _gallery(settings, rng, name, source, None, x[own], y[own], x[rest], y[rest], num_classes)
+  meta = (name, source, None, num_classes)
+  return _gallery(settings, rng, meta, (x[own], y[own]), (x[rest], y[rest]))
 
 
-def _gallery(settings, rng, name, source, train, client_x, client_y, others_x, others_y, classes):
-  """The gallery: the client's images (seeded order) first, then seeded non-members."""
+def _gallery(settings, rng, meta, client, others):
+  """The gallery: the client's images (seeded order) first, then seeded non-members.
+
+  `meta`: (name, source, training dataset or None, classes); `client` / `others`: (x, y).
+  """
+  name, source, train, classes = meta
+  (client_x, client_y), (others_x, others_y) = client, others
   order = rng.permutation(len(client_x))
   client_x, client_y = client_x[order], client_y[order]
   room = max(settings.gallery_size - len(client_x), 0)
@@ -587,46 +583,17 @@ class Sweep:
   def attack_cells(self, log, case, keras_model, exclude, num_trainable, acc, pending, capture):
     """Each cell's update (`capture(cell, images, labels, seed)`: the client's whole update
     list, trainable first), defended at every setting, attacked by simulated steps."""
-    import tensorflow as tf
-
-    from tf_dlg import defenses
     from tf_dlg.attacks import local_training
-    from tf_dlg.federated import fedavg
 
     s = self.settings
     keras_model = local_training.attack_model(keras_model)
     weights = keras_model.get_weights()
     shapes = [tuple(v.shape) for v in keras_model.trainable_variables]
-    settings = [(UNDEFENDED, None)] + list(s.defenses)
     groups = collections.OrderedDict()
     for cell in pending:
-      t0 = time.perf_counter()
-      members = case.client[: cell.num_images]
-      # Seeded by the cell alone: a resumed run redoes a cell with the same shuffle and noise.
-      work = LOCAL_WORK.index(cell.local_work)
-      seed = int(np.random.default_rng([s.seed, cell.round, cell.batch, work]).integers(2**31 - 1))
-      update = capture(cell, case.gallery_x[members], case.gallery_y[members], seed)
-      captured = time.perf_counter() - t0
-      steps = min(cell.local_steps, s.max_simulated_steps)
-      for di, (name, param) in enumerate(settings):
-        defense = defenses.get_defense(name, param, exclude=exclude)
-        defended = defense([tf.constant(u) for u in update], seed + di)
-        trainable = [np.asarray(u) for u in defended[:num_trainable]]
-        recovered = recover_labels(trainable, shapes, case.num_classes, len(members))
-        groups.setdefault(steps, []).append(
-          dict(
-            cell=cell,
-            defense=name,
-            param=param,
-            update=trainable,
-            members=members,
-            captured=captured / len(settings),
-            label_accuracy=label_accuracy(recovered, case.gallery_y[members], case.num_classes),
-            recovered=recovered,
-          )
-        )
-    optimizer = fedavg.build_optimizer(s.client_optimizer, s.client_lr)
-    key = local_training.optimizer_key(s.client_optimizer, s.client_lr)
+      for it in self._defended(case, cell, capture, exclude, num_trainable, shapes):
+        it["acc"] = acc
+        groups.setdefault(it["steps"], []).append(it)
     for steps, items in groups.items():
       t0 = time.perf_counter()
       results = local_training.match_gallery(
@@ -636,22 +603,56 @@ class Sweep:
         case.gallery_x,
         case.gallery_y,
         [it["members"] for it in items],
-        steps,
-        optimizer,
-        key,
+        local_training.ClientTraining(s.client_optimizer, s.client_lr, steps),
         chunk=s.chunk,
       )
       per = (time.perf_counter() - t0) / len(items)
       for it, res in zip(items, results):
         if GALLERY in self._runs(it["cell"], it["defense"]):
-          self._add(log, case, acc, it, GALLERY, steps, res.ranks, res.non_members, per)
+          self._add(log, case, it, GALLERY, res.ranks, res.non_members, per)
       self._write_csv(list(log))
     recon = [it for items in groups.values() for it in items]
     for attack, exact in RECONSTRUCTIONS.items():
       todo = [it for it in recon if attack in self._runs(it["cell"], it["defense"])]
-      self._reconstruct(log, case, acc, keras_model, weights, todo, attack, exact)
+      self._reconstruct(log, case, keras_model, weights, todo, attack, exact)
 
-  def _add(self, log, case, acc, it, attack, steps, ranks, non_members, seconds):
+  def _defended(self, case, cell, capture, exclude, num_trainable, shapes):
+    """The cell's update captured once, then one item per defence setting."""
+    import tensorflow as tf
+
+    from tf_dlg import defenses
+
+    s = self.settings
+    settings = [(UNDEFENDED, None)] + list(s.defenses)
+    items = []
+    t0 = time.perf_counter()
+    members = case.client[: cell.num_images]
+    # Seeded by the cell alone: a resumed run redoes a cell with the same shuffle and noise.
+    work = LOCAL_WORK.index(cell.local_work)
+    seed = int(np.random.default_rng([s.seed, cell.round, cell.batch, work]).integers(2**31 - 1))
+    update = capture(cell, case.gallery_x[members], case.gallery_y[members], seed)
+    captured = time.perf_counter() - t0
+    for di, (name, param) in enumerate(settings):
+      defense = defenses.get_defense(name, param, exclude=exclude)
+      defended = defense([tf.constant(u) for u in update], seed + di)
+      trainable = [np.asarray(u) for u in defended[:num_trainable]]
+      recovered = recover_labels(trainable, shapes, case.num_classes, len(members))
+      items.append(
+        dict(
+          cell=cell,
+          defense=name,
+          param=param,
+          update=trainable,
+          members=members,
+          steps=min(cell.local_steps, s.max_simulated_steps),
+          captured=captured / len(settings),
+          label_accuracy=label_accuracy(recovered, case.gallery_y[members], case.num_classes),
+          recovered=recovered,
+        )
+      )
+    return items
+
+  def _add(self, log, case, it, attack, ranks, non_members, seconds):
     cell = it["cell"]
     row = dict(
       dataset=case.name,
@@ -660,9 +661,9 @@ class Sweep:
       batch=cell.batch,
       local_work=cell.local_work,
       local_steps=cell.local_steps,
-      simulated_steps=steps,
+      simulated_steps=it["steps"],
       round=cell.round,
-      test_accuracy=acc,
+      test_accuracy=it["acc"],
       attack=attack,
       defense=it["defense"],
       param=it["param"],
@@ -673,21 +674,17 @@ class Sweep:
     row.update(leak_row(ranks, non_members))
     log.add(row_key(cell, attack, it["defense"], it["param"]), row)
 
-  def _reconstruct(self, log, case, acc, keras_model, weights, items, attack, exact):
+  def _reconstruct(self, log, case, keras_model, weights, items, attack, exact):
     """Reconstructs each item's batch, grouped by batch shape; one row per item."""
     from tf_dlg.analysis import identification
     from tf_dlg.attacks import local_training
-    from tf_dlg.federated import fedavg
 
     s = self.settings
     name = s.client_optimizer if exact else "sgd"
-    optimizer = fedavg.build_optimizer(name, s.client_lr)
     gallery = identification.Gallery(case.gallery_x)
     shapes = collections.OrderedDict()
     for it in items:
-      cell = it["cell"]
-      steps = min(cell.local_steps, s.max_simulated_steps)
-      shapes.setdefault((cell.num_images, cell.batch, steps), []).append(it)
+      shapes.setdefault((it["cell"].num_images, it["cell"].batch, it["steps"]), []).append(it)
     for (n, batch, steps), group in shapes.items():
       t0 = time.perf_counter()
       images = local_training.reconstruct(
@@ -695,9 +692,7 @@ class Sweep:
         weights,
         [it["update"] for it in group],
         [it["recovered"] for it in group],
-        steps,
-        batch,
-        optimizer,
+        local_training.ClientTraining(name, s.client_lr, steps, batch),
         iterations=s.recon_iterations,
         tv_weight=s.tv_weight,
         seed=s.seed,
@@ -710,7 +705,7 @@ class Sweep:
           np.repeat(recs, n, axis=0), gallery, np.tile(members, n), k=(1,)
         )
         ranks = found.rank.reshape(n, n).min(axis=0)
-        self._add(log, case, acc, it, attack, steps, ranks, len(case.gallery_x) - 1, per)
+        self._add(log, case, it, attack, ranks, len(case.gallery_x) - 1, per)
       self._write_csv(list(log))
 
   def _write_csv(self, rows) -> str:
