@@ -44,7 +44,8 @@ def test_audit_of_a_saved_user_model_answers_on_its_first_line(saved, tmp_path):
     rows = list(csv.DictReader(f))
   step = [r for r in rows if r["local_work"] == "step" and r["defense"] == "none"]
   gallery = [r for r in step if r["attack"] == "gallery_match"]
-  assert len(gallery) == 1 and gallery[0]["identified"] == "1" and gallery[0]["num_images"] == "1"
+  # Two clients' single images (each holds 2 of the 1,797 digits), both named.
+  assert len(gallery) == 1 and gallery[0]["identified"] == gallery[0]["num_images"] == "2"
   epoch = [r for r in rows if r["local_work"] == "epoch"]
   assert {r["num_images"] for r in epoch} == {"2"}  # 1,797 digits / 600 clients
   assert {r["local_steps"] for r in epoch} == {"2"}

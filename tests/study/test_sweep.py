@@ -28,6 +28,7 @@ TINY = dict(
   gallery_size=200,
   defenses=(("masking", 0.9), ("noising_ratio", 10.0)),
   recon_max_batch=1,
+  min_images=4,
   recon_iterations=5,
   chunk=100,
 )
@@ -91,6 +92,8 @@ def test_cells_name_every_setting_that_cannot_run():
   assert len([c for c in todo if c.dataset == "mnist"]) == 2 * 2 * 2
   assert any("rounds [5] not run" in s for s in skipped)
   assert any("batch 64, step not run" in s for s in skipped)
+  clients = {(c.dataset, c.batch): c.clients for c in todo if c.local_work == "step"}
+  assert clients == {("mnist", 4): 4, ("mnist", 64): 1, ("cifar10_sample", 4): 4}
   epoch = [c for c in todo if c.dataset == "mnist" and c.local_work == "epoch" and c.batch == 64]
   assert epoch[0].num_images == 600 and epoch[0].local_steps == 10  # ceil(600 / 64)
 
@@ -153,7 +156,8 @@ def test_batch_one_step_undefended_is_identified_by_the_exact_simulation(tiny):
     if r["batch"] == "1" and r["local_work"] == "step" and r["defense"] == "none"
     if r["attack"] == "gallery_match"
   ]
-  assert len(hits) == 2 and all(r["identified"] == "1" for r in hits)
+  # 4 clients' single images per round (min_images), every one named.
+  assert len(hits) == 2 and all(r["identified"] == r["num_images"] == "4" for r in hits)
   assert all(float(r["label_accuracy"]) == 1.0 for r in hits)
 
 

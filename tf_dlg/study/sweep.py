@@ -128,6 +128,9 @@ class SweepSettings:
   gallery_size: int = 10_000
   epoch_examples: Optional[int] = None
   max_simulated_steps: int = 10
+  # A one-step cell attacks ceil(min_images / batch) clients' updates (as the client's
+  # share allows), so that no rate rests on a single image's 0-or-1.
+  min_images: int = 16
   recon_max_batch: int = 4
   recon_iterations: int = 300
   recon_defended: bool = False
@@ -169,6 +172,7 @@ class SweepSettings:
     validation.check_int("gallery_size", self.gallery_size, 2)
     validation.check_int("max_simulated_steps", self.max_simulated_steps, 1)
     validation.check_int("recon_max_batch", self.recon_max_batch, 1, 64)
+    validation.check_int("min_images", self.min_images, 1, 4096)
     validation.check_int("recon_iterations", self.recon_iterations, 1)
     validation.check_number("tv_weight", self.tv_weight, 0, float("inf"))
     validation.check_int("chunk", self.chunk, 1, 100_000)
@@ -338,7 +342,8 @@ class Cell:
   round: int
   batch: int
   local_work: str
-  num_images: int  # the client's images behind the update
+  num_images: int  # the client's images behind one update
+  clients: int = 1  # independent clients' updates attacked (images: clients x num_images)
 
   @property
   def local_steps(self) -> int:
@@ -365,7 +370,10 @@ def cells(settings: SweepSettings, pool: Dict[str, int]) -> Tuple[List[Cell], Li
                 f"{name}: batch {b}, {work} not run (the client holds {pool[name]} images)"
               )
             continue
-          out.append(Cell(name, int(r), int(b), work, int(n)))
+          clients = 1
+          if work == "step":
+            clients = max(1, min(-(-settings.min_images // b), pool[name] // b))
+          out.append(Cell(name, int(r), int(b), work, int(n), clients))
   return out, skipped
 
 
@@ -591,9 +599,10 @@ class Sweep:
     shapes = [tuple(v.shape) for v in keras_model.trainable_variables]
     groups = collections.OrderedDict()
     for cell in pending:
-      for it in self._defended(case, cell, capture, exclude, num_trainable, shapes):
-        it["acc"] = acc
-        groups.setdefault(it["steps"], []).append(it)
+      for client in range(cell.clients):
+        for it in self._defended(case, (cell, client), capture, exclude, num_trainable, shapes):
+          it["acc"] = acc
+          groups.setdefault(it["steps"], []).append(it)
     for steps, items in groups.items():
       t0 = time.perf_counter()
       results = local_training.match_gallery(
@@ -607,17 +616,19 @@ class Sweep:
         chunk=s.chunk,
       )
       per = (time.perf_counter() - t0) / len(items)
-      for it, res in zip(items, results):
-        if GALLERY in self._runs(it["cell"], it["defense"]):
-          self._add(log, case, it, GALLERY, res.ranks, res.non_members, per)
-      self._write_csv(list(log))
+      done = [
+        (it, res.ranks, res.non_members)
+        for it, res in zip(items, results)
+        if GALLERY in self._runs(it["cell"], it["defense"])
+      ]
+      self._add_rows(log, case, done, GALLERY, per)
     recon = [it for items in groups.values() for it in items]
     for attack, exact in RECONSTRUCTIONS.items():
       todo = [it for it in recon if attack in self._runs(it["cell"], it["defense"])]
       self._reconstruct(log, case, keras_model, weights, todo, attack, exact)
 
-  def _defended(self, case, cell, capture, exclude, num_trainable, shapes):
-    """The cell's update captured once, then one item per defence setting."""
+  def _defended(self, case, cell_client, capture, exclude, num_trainable, shapes):
+    """One client's update of the cell captured once, then one item per defence setting."""
     import tensorflow as tf
 
     from tf_dlg import defenses
@@ -626,10 +637,12 @@ class Sweep:
     settings = [(UNDEFENDED, None)] + list(s.defenses)
     items = []
     t0 = time.perf_counter()
-    members = case.client[: cell.num_images]
+    cell, client = cell_client
+    members = case.client[client * cell.num_images : (client + 1) * cell.num_images]
     # Seeded by the cell alone: a resumed run redoes a cell with the same shuffle and noise.
     work = LOCAL_WORK.index(cell.local_work)
-    seed = int(np.random.default_rng([s.seed, cell.round, cell.batch, work]).integers(2**31 - 1))
+    key = [s.seed, cell.round, cell.batch, work, client]
+    seed = int(np.random.default_rng(key).integers(2**31 - 1))
     update = capture(cell, case.gallery_x[members], case.gallery_y[members], seed)
     captured = time.perf_counter() - t0
     for di, (name, param) in enumerate(settings):
@@ -651,6 +664,23 @@ class Sweep:
         )
       )
     return items
+
+  def _add_rows(self, log, case, done, attack, seconds):
+    """One row per (cell, setting) of `done` [(item, ranks, non-members ranked against)]:
+    the images of the cell's clients together."""
+    rows = collections.OrderedDict()
+    for part in done:
+      it = part[0]
+      rows.setdefault(row_key(it["cell"], attack, it["defense"], it["param"]), []).append(part)
+    for parts in rows.values():
+      its = [p[0] for p in parts]
+      ranks = np.concatenate([np.asarray(p[1], np.int64) for p in parts])
+      non_members = parts[0][2]  # one cell: one batch size
+      # Each client holds the same number of images: the mean is over images.
+      merged = dict(its[0], label_accuracy=float(np.mean([it["label_accuracy"] for it in its])))
+      merged["captured"] = sum(it["captured"] for it in its)
+      self._add(log, case, merged, attack, ranks, non_members, seconds * len(its))
+    self._write_csv(list(log))
 
   def _add(self, log, case, it, attack, ranks, non_members, seconds):
     cell = it["cell"]
@@ -698,15 +728,15 @@ class Sweep:
         seed=s.seed,
       )
       per = (time.perf_counter() - t0) / len(group)
+      done = []
       for it, recs in zip(group, images):
         # Rank of each member under each reconstruction; a member's best one counts.
         members = np.asarray(it["members"])
         found = identification.identify(
           np.repeat(recs, n, axis=0), gallery, np.tile(members, n), k=(1,)
         )
-        ranks = found.rank.reshape(n, n).min(axis=0)
-        self._add(log, case, it, attack, ranks, len(case.gallery_x) - 1, per)
-      self._write_csv(list(log))
+        done.append((it, found.rank.reshape(n, n).min(axis=0), len(case.gallery_x) - 1))
+      self._add_rows(log, case, done, attack, per)
 
   def _write_csv(self, rows) -> str:
     from tf_dlg.study import records
@@ -816,26 +846,33 @@ def _fmt(r) -> str:
   return f"{r['identified']}/{r['num_images']} [{r['low']:.2f}, {r['high']:.2f}]"
 
 
-def opening_line(
-  rows, settings: SweepSettings, costs=None, subject="the training's own client setting"
-) -> str:
-  """At the training's own batch size and local work (the last round measured on the
-  first trained dataset): how much leaks undefended, and each defence's weakest
-  protecting setting there (none identified by any attacker)."""
-  own_work = "epoch" if settings.epoch_size() == settings.share else None
+def own_cell(rows, settings: SweepSettings):
+  """(dataset, round, rows) at the training's own batch size and one epoch of its share,
+  the last round measured on the first trained dataset; None when not swept."""
   trained = [d for d in settings.datasets if d in settings.trained_datasets]
   target = trained[0] if trained else settings.datasets[0]  # an audit trains nothing
-  if own_work is None:
-    return "The training's own configuration was not in this sweep."
+  if settings.epoch_size() != settings.share:
+    return None
   at = [
     r
     for r in rows
-    if r["dataset"] == target and r["batch"] == settings.batch_size and r["local_work"] == own_work
+    if r["dataset"] == target and r["batch"] == settings.batch_size and r["local_work"] == "epoch"
   ]
   if not at:
-    return "The training's own configuration was not in this sweep."
+    return None
   rnd = max(r["round"] for r in at)
-  at = [r for r in at if r["round"] == rnd]
+  return target, rnd, [r for r in at if r["round"] == rnd]
+
+
+def opening_line(
+  rows, settings: SweepSettings, costs=None, subject="the training's own client setting"
+) -> str:
+  """At the training's own batch size and local work: how much leaks undefended, and
+  each defence's weakest protecting setting there (none identified by any attacker)."""
+  own = own_cell(rows, settings)
+  if own is None:
+    return "The training's own configuration was not in this sweep."
+  target, rnd, at = own
   und = [r for r in at if r["defense"] == UNDEFENDED]
   head = (
     f"At {subject} ({target}, batch {settings.batch_size}, one "
@@ -888,7 +925,11 @@ def report(
     "Attacker: gallery matching (the candidate's own update simulated with the client's "
     f"{settings.client_optimizer} (lr {settings.client_lr:g}) for the client's local steps, "
     f"capped at {settings.max_simulated_steps}; column `simulated_steps`), with the "
-    "client's images ranked among the gallery's non-members. Labels recovered from the "
+    "client's images ranked among the gallery's non-members. Reconstruction (cosine + TV, "
+    "exact and update-direction) on batches of at most "
+    f"{settings.recon_max_batch} images, "
+    + ("every setting" if settings.recon_defended else "undefended only")
+    + "; every other verdict names gallery matching alone. Labels recovered from the "
     "last dense layer. " + case,
     "",
     "Data: " + "; ".join(f"{d}: {s}" for d, s in sources),
@@ -908,5 +949,22 @@ def report(
       f"| {r['dataset']} | {r['round']} | {r['batch']} | {r['local_work']} ({r['local_steps']}) "
       f"| {r['attack']} | {_fmt(r)} | {r['auc']:.3f} | {r['tpr']:.2f} | {r['label_accuracy']:.2f} |"
     )
+  own = own_cell(rows, settings)
+  if own is not None:
+    target, rnd, at = own
+    lines += [
+      "",
+      f"Every setting at {subject} ({target}, round {rnd}, batch {settings.batch_size}, "
+      "one epoch):",
+      "",
+      "| defence | setting | attack | identified [95 %] | AUC [95 %] | TPR@1%FPR | label acc. |",
+      "|---|---|---|---|---|---|---|",
+    ]
+    for r in at:
+      param = "" if r["param"] is None else f"{r['param']:g}"
+      lines.append(
+        f"| {r['defense']} | {param} | {r['attack']} | {_fmt(r)} | {r['auc']:.3f} "
+        f"[{r['auc_low']:.3f}, {r['auc_high']:.3f}] | {r['tpr']:.2f} | {r['label_accuracy']:.2f} |"
+      )
   lines += ["", "![sweep](figures/sweep.png)", ""]
   return "\n".join(lines)
