@@ -782,7 +782,8 @@ def figure(rows, path: str) -> str:
 
   rows = _undefended(rows)
   rounds = sorted({r["round"] for r in rows})
-  fig, axes = plt.subplots(1, max(len(rounds), 1), figsize=(4.2 * max(len(rounds), 1), 3.6))
+  panels = max(len(rounds), 1)
+  fig, axes = plt.subplots(1, panels, figsize=(max(4.6 * panels, 6.0), 4.0))
   axes = np.atleast_1d(axes)
   for ax, rnd in zip(axes, rounds):
     lines = collections.defaultdict(list)
@@ -813,7 +814,11 @@ def figure(rows, path: str) -> str:
     ax.set_xlabel("client batch size")
     ax.set_ylabel("images identified (top-1), undefended")
     ax.legend(fontsize=6)
-  fig.suptitle("Gallery matching on the update FedAvg sends (exact 95 % intervals)", fontsize=10)
+  fig.suptitle(
+    "Images identified top-1 from the update FedAvg sends, undefended (exact 95 % intervals)",
+    fontsize=9,
+    wrap=True,
+  )
   fig.tight_layout()
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fig.savefig(path, dpi=120)
