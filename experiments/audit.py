@@ -43,8 +43,13 @@ flags.mark_flag_as_required("model")
 
 def main(argv):
   del argv
+  from tf_dlg.execution import runtime
   from tf_dlg.federated.config import FederatedConfig
   from tf_dlg.study import audit
+
+  # TFF's own default context (imported with its optimizers) would start an unconfined
+  # worker and fail to stop it at exit; the project's confined one replaces it.
+  runtime.install_context()
 
   config = FederatedConfig(
     dataset=FLAGS.data,
