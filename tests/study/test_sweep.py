@@ -222,3 +222,47 @@ def test_the_sweep_preset_is_the_quick_training_attacked_at_rounds_0_5_and_last(
   assert short.rounds == (0, 3) and short.training_rounds == 3
   with pytest.raises(ValueError, match="training_rounds=0"):
     sweep.settings_from_preset(presets.with_overrides("sweep", {"rounds": 0}))
+
+
+def _row(defense, param, identified, n, high, auc=0.5):
+  return dict(
+    dataset="mnist",
+    batch=64,
+    local_work="epoch",
+    local_steps=10,
+    round=15,
+    gallery_size=10_000,
+    attack="gallery_match",
+    defense=defense,
+    param=param,
+    identified=identified,
+    num_images=n,
+    low=0.0,
+    high=high,
+    auc=auc,
+  )
+
+
+def test_first_line_names_the_weakest_protecting_setting_and_what_is_inconclusive():
+  """Controlled rows: 0/600 below the undefended 300/600 protects; 0/16 beside an
+  undefended 1/16 (its upper bound 0.21 above 1/16) is inconclusive."""
+  s = sweep.SweepSettings(
+    defenses=(("masking", 0.5), ("masking", 0.9), ("pruning", 0.3), ("noising_ratio", 3.0))
+  )
+  rows = [
+    _row("none", None, 300, 600, 0.54),
+    _row("masking", 0.5, 2, 600, 0.012),
+    _row("masking", 0.9, 0, 600, 0.006, auc=0.61),
+    _row("pruning", 0.3, 5, 600, 0.02),
+    _row("noising_ratio", 3.0, 0, 600, 0.006),
+  ]
+  line = sweep.opening_line(rows, s)
+  assert line.startswith("At the training's own client setting (mnist, batch 64, one epoch of 600")
+  assert "gallery_match identifies 300/600" in line
+  assert "masking 0.9 (0/600 identified, rate at most 0.01, membership AUC 0.61" in line
+  assert "pruning: no frontier setting protects" in line and "noising_ratio 3 (0/600" in line
+  weak = [_row("none", None, 1, 16, 0.30), _row("masking", 0.5, 0, 16, 0.21)]
+  s16 = sweep.SweepSettings(defenses=(("masking", 0.5),))
+  assert "masking 0.5 (inconclusive: 0/16 identified" in sweep.opening_line(weak, s16)
+  none = [_row("none", None, 0, 600, 0.006, auc=0.52), _row("masking", 0.5, 0, 600, 0.006)]
+  assert "no image identified undefended" in sweep.opening_line(none, s16)

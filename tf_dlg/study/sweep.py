@@ -905,8 +905,11 @@ def opening_line(
     ]
     if protects:
       worst = [r for r in at if r["defense"] == name and r["param"] == protects[0]]
+      # 0 of n only shows protection when even its upper bound is below the undefended rate.
+      leak = max(r["identified"] / r["num_images"] for r in und)
+      shown = "" if max(r["high"] for r in worst) < leak else "inconclusive: "
       parts.append(
-        f"{name} {protects[0]:g} (0/{worst[0]['num_images']} identified, rate at most "
+        f"{name} {protects[0]:g} ({shown}0/{worst[0]['num_images']} identified, rate at most "
         f"{max(r['high'] for r in worst):.2f}, membership AUC {max(r['auc'] for r in worst):.2f}; "
         f"{_cost(costs, name, protects[0])})"
       )
