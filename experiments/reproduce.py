@@ -54,6 +54,7 @@ OVERRIDE_FLAGS = (
   "seed",
   "data_dir",
   "leak_ssim",
+  "sweep_gallery",
 )
 
 
@@ -126,6 +127,9 @@ def define_flags():
   )
   flags.DEFINE_string("convergence_dataset", None, "Dataset of the FedAvg runs.")
   flags.DEFINE_boolean("adaptive", None, "Also search adaptive thresholds and train at them.")
+  flags.DEFINE_integer(
+    "sweep_gallery", None, "sweep preset: gallery images (70,000 = all of MNIST).", lower_bound=2
+  )
   flags.DEFINE_string(
     "frontier_csv", None, "sweep preset: a frontier run's frontier.csv, for the costs it quotes."
   )

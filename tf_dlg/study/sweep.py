@@ -155,7 +155,8 @@ class SweepSettings:
     from tf_dlg import data as data_lib
     from tf_dlg import defenses, federated, models
 
-    validation.check_choices("datasets", self.datasets, data_lib.DATASETS + (USER_DATA,))
+    user = (USER_DATA,) if self.model == USER_MODEL else ()  # an audit's own arrays
+    validation.check_choices("datasets", self.datasets, data_lib.DATASETS + user)
     validation.check_choices("trained_datasets", self.trained_datasets, self.datasets)
     validation.check_choices("local_work", self.local_work, LOCAL_WORK)
     validation.check_choices("attacks", self.attacks, ATTACKS)
