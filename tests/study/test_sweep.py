@@ -135,6 +135,7 @@ def test_tiny_sweep_writes_the_columns_figure_and_report(tiny):
   assert len([r for r in rows if r["attack"] == "gallery_match"]) == 2 * 4 * 3
   assert len([r for r in rows if r["attack"] != "gallery_match"]) == 2 * 2
   for r in rows:
+    assert 0.0 <= float(r["test_accuracy"]) <= 1.0  # round 0's untrained model included
     assert int(r["gallery_size"]) == 200
     assert 0 <= int(r["identified"]) <= int(r["num_images"])
     assert float(r["low"]) <= int(r["identified"]) / int(r["num_images"]) <= float(r["high"])

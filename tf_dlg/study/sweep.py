@@ -400,7 +400,11 @@ def _train(settings: SweepSettings, case: _Case, out_dir: str, progress: bool):
   for r in sorted(settings.rounds):
     if r == 0:
       fa = simulation.build_for_config(base, case.train)
-      states[0] = (fa, fa.initialize(), None)
+      state = fa.initialize()
+      # The untrained model's accuracy, as the training's history measures every round's.
+      evaluator = simulation.evaluator_for(fa)
+      fa.assign_to_keras(fa.process.get_model_weights(state), evaluator.model)
+      states[0] = (fa, state, evaluator(case.train.x_test, case.train.y_test)[1])
       continue
     config = settings.training_config(case.name, r)
     run_dir = os.path.join(out_dir, "training", f"{case.name}_round{r}")
