@@ -70,6 +70,8 @@ def test_bad_inputs_are_one_error_before_work(saved, tmp_path):
   config = FederatedConfig(dataset="digits", batch_size=4)
   with pytest.raises(ValueError, match="local_epochs=2"):
     audit.Audit(str(tmp_path), saved, "digits", FederatedConfig(dataset="digits", local_epochs=2))
+  with pytest.raises(ValueError, match="num_clients=1 must be >= 2"):
+    audit.Audit(str(tmp_path), saved, "digits", FederatedConfig(dataset="digits", num_clients=1))
   with pytest.raises(ValueError, match="existing .keras file"):
     audit.Audit(str(tmp_path), str(tmp_path / "missing.h5"), "digits", config)
   x = np.zeros((20, 32, 32, 3), np.float32)

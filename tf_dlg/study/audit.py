@@ -69,6 +69,11 @@ def load_data(data, seed: int = 0):
 
 def settings_for(config, num_images: int, **options) -> sweep.SweepSettings:
   """The sweep settings that measure `config` (one client's share of `num_images`)."""
+  if config.num_clients < 2:
+    raise ValueError(
+      f"num_clients={config.num_clients} must be >= 2: one client holding all the data leaves "
+      "the gallery no non-members to rank its images among."
+    )
   if config.local_epochs != 1:
     raise ValueError(
       f"local_epochs={config.local_epochs}: the audit measures one local step and one local "

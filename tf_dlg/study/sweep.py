@@ -294,7 +294,8 @@ def _load_case(settings: SweepSettings, name: str) -> _Case:
     x, y = dataset.x_train, dataset.y_train.astype(np.int64)
     if dataset.x_test is not None:
       x, y = matching.gallery_arrays(dataset)
-    return gallery_case(settings, name, dataset.source, x, y, dataset.num_classes, len(x))
+    # The client holds half: the other half are the gallery's non-members it is ranked among.
+    return gallery_case(settings, name, dataset.source, x, y, dataset.num_classes, len(x) // 2)
   meta = (name, dataset.source, train, dataset.num_classes)
   return _gallery(settings, rng, meta, (client_x, client_y), (others_x, others_y))
 
