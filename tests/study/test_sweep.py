@@ -267,3 +267,23 @@ def test_first_line_names_the_weakest_protecting_setting_and_what_is_inconclusiv
   assert "masking 0.5 (inconclusive: 0/16 identified" in sweep.opening_line(weak, s16)
   none = [_row("none", None, 0, 600, 0.006, auc=0.52), _row("masking", 0.5, 0, 600, 0.006)]
   assert "no image identified undefended" in sweep.opening_line(none, s16)
+
+
+def test_later_rounds_continue_the_earlier_rounds_training(tmp_path):
+  """Round 2's run starts from round 1's checkpoint: one training of 2 rounds, not 1 + 2."""
+  from tf_dlg.execution import runtime
+  from tf_dlg.federated import simulation
+
+  settings = sweep.SweepSettings(**dict(TINY, rounds=(0, 1, 2), training_rounds=2)).check()
+  case = sweep._load_case(settings, "digits")
+  runtime.install_context()
+  states = sweep._train(settings, case, str(tmp_path), progress=False)
+  assert sorted(states) == [0, 1, 2]
+  for r in (1, 2):
+    history = simulation.read_history(
+      str(tmp_path / "training" / f"digits_round{r}" / "history.csv")
+    )
+    assert [h["round"] for h in history] == list(range(1, r + 1))
+  one = simulation.read_history(str(tmp_path / "training" / "digits_round1" / "history.csv"))
+  two = simulation.read_history(str(tmp_path / "training" / "digits_round2" / "history.csv"))
+  assert two[0] == one[0]  # round 1 copied, not retrained
