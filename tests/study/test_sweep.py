@@ -287,3 +287,36 @@ def test_later_rounds_continue_the_earlier_rounds_training(tmp_path):
   one = simulation.read_history(str(tmp_path / "training" / "digits_round1" / "history.csv"))
   two = simulation.read_history(str(tmp_path / "training" / "digits_round2" / "history.csv"))
   assert two[0] == one[0]  # round 1 copied, not retrained
+
+
+def test_a_cell_resumed_midway_redoes_only_its_missing_rows(tiny, tmp_path, monkeypatch):
+  import json
+  import shutil
+
+  from tf_dlg.attacks import local_training
+
+  out, settings, _, rows = tiny
+  copy = str(tmp_path / "copy")
+  shutil.copytree(out, copy)
+  path = os.path.join(copy, "rows.jsonl")
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  # As if killed after round 1's gallery rows but before its reconstruction rows.
+  kept = [lines[0]] + [
+    line
+    for line in lines[1:]
+    if not (json.loads(line)["round"] == 1 and json.loads(line)["attack"] == "cosine_tv")
+  ]
+  assert len(kept) == len(lines) - 1
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(kept) + "\n")
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("gallery rows already logged were recomputed")
+
+  monkeypatch.setattr(local_training, "match_gallery", refuse)
+  paths = sweep.Sweep(copy, settings, progress=False).run()
+  with open(paths["csv"], newline="") as f:
+    again = list(csv.DictReader(f))
+  key = lambda r: (r["round"], r["batch"], r["local_work"], r["attack"], r["defense"], r["param"])  # noqa: E731
+  assert sorted(map(key, again)) == sorted(map(key, rows))  # each row once, none missing

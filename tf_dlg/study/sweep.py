@@ -609,7 +609,11 @@ class Sweep:
         for it in self._defended(case, (cell, client), capture, exclude, num_trainable, shapes):
           it["acc"] = acc
           groups.setdefault(it["steps"], []).append(it)
-    for steps, items in groups.items():
+    for steps, every in groups.items():
+      # A cell resumed after some of its rows were logged redoes only the missing ones.
+      items = [it for it in every if self._missing(log, it, GALLERY)]
+      if not items:
+        continue
       t0 = time.perf_counter()
       results = local_training.match_gallery(
         keras_model,
@@ -622,16 +626,18 @@ class Sweep:
         chunk=s.chunk,
       )
       per = (time.perf_counter() - t0) / len(items)
-      done = [
-        (it, res.ranks, res.non_members)
-        for it, res in zip(items, results)
-        if GALLERY in self._runs(it["cell"], it["defense"])
-      ]
+      done = [(it, res.ranks, res.non_members) for it, res in zip(items, results)]
       self._add_rows(log, case, done, GALLERY, per)
     recon = [it for items in groups.values() for it in items]
     for attack, exact in RECONSTRUCTIONS.items():
-      todo = [it for it in recon if attack in self._runs(it["cell"], it["defense"])]
-      self._reconstruct(log, case, keras_model, weights, todo, attack, exact)
+      todo = [it for it in recon if self._missing(log, it, attack)]
+      if todo:
+        self._reconstruct(log, case, keras_model, weights, todo, attack, exact)
+
+  def _missing(self, log, it, attack: str) -> bool:
+    """Whether `attack` runs on the item's cell and setting and its row is not logged."""
+    key = row_key(it["cell"], attack, it["defense"], it["param"])
+    return attack in self._runs(it["cell"], it["defense"]) and key not in log
 
   def _defended(self, case, cell_client, capture, exclude, num_trainable, shapes):
     """One client's update of the cell captured once, then one item per defence setting."""
