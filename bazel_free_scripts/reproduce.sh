@@ -3,12 +3,13 @@
 # Usage: bash bazel_free_scripts/reproduce.sh PRESET [OUTPUT_DIR] [extra absl flags]
 #   quick   offline real images (no network needed), about half an hour on 2 CPU cores
 #   paper   paper scale; MNIST offline, CIFAR-10 / LFW through tfds (network or --data_dir=D)
+#   sweep   the threat-model sweep on the quick preset's training (sweep.csv, sweep.md)
 # --engine=flower trains with Flower's simulation engine on Ray, in .venv-k3 (no TFF;
 # setup_core.sh), e.g. reproduce.sh frontier outputs/frontier_flower --engine=flower
 # Rerunning into the same OUTPUT_DIR resumes and skips finished cells.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PRESET="${1:?usage: reproduce.sh PRESET [OUTPUT_DIR] [flags], PRESET one of quick, paper, adaptive, frontier}"
+PRESET="${1:?usage: reproduce.sh PRESET [OUTPUT_DIR] [flags], PRESET one of quick, paper, adaptive, frontier, sweep}"
 shift
 # OUTPUT_DIR is optional: a first argument that is a flag is left among the flags.
 OUT="$ROOT/outputs/$PRESET"

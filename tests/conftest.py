@@ -31,11 +31,14 @@ TFF_STACK_TESTS = [
   "test_federated*.py",
   "test_frontier.py",  # TFF training, tensorflow-privacy (the dp defence)
   "test_kill_resume.py",  # drivers, federated ones included
+  "test_local_training.py",  # the client's TFF optimizer simulated
   "test_readme.py",  # the README's driver commands, federated ones included
   "test_report_numbers.py",  # experiments.reproduce: tfds MNIST
   "test_probe_one_seed_pipeline.py",  # a whole pipeline: TFF training
   "test_reproduce.py",  # the paper's pipeline: TFF, tfds
   "test_runtime.py",
+  "test_sweep.py",  # TFF training and capture
+  "test_audit.py",  # the client's TFF optimizer
   "test_threshold_search.py",  # tfds MNIST
 ]
 # The Flower client mod's tests need the `flower` extra (installed in the core environment).

@@ -8,3 +8,13 @@ glue in `tf_dlg.integrations`, the studies in `tf_dlg.study` (layers: docs/ARCHI
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+  # `tf_dlg.audit(model, data, config, output_dir)`, loaded on first use: importing the
+  # package stays free of TensorFlow.
+  if name == "audit":
+    from tf_dlg.study.audit import audit
+
+    return audit
+  raise AttributeError(f"module 'tf_dlg' has no attribute {name!r}")

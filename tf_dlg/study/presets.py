@@ -76,6 +76,11 @@ class Preset:
   engine: str = "tff"
   # The frontier's DP noise multipliers (None: the `dp` spec's frontier grid).
   dp_multipliers: Optional[Tuple[float, ...]] = None
+  # The threat-model sweep (`tf_dlg.study.sweep`) instead of the paper's pipeline: the
+  # updates of this preset's training attacked on `datasets` (those with a test split
+  # trained), with the sweep's gallery of `sweep_gallery` images.
+  sweep: bool = False
+  sweep_gallery: int = 10_000
 
   def override(self, **fields) -> "Preset":
     """A copy with `fields` replaced; an unknown field name is a ValueError."""
@@ -172,6 +177,19 @@ PRESETS["frontier"] = dataclasses.replace(
   aggregators=("mean",),
   partitions=("iid",),
   frontier=True,
+)
+
+
+# The threat-model sweep: the quick preset's training (bn_cnn, client Adam 0.002, batch 64,
+# one local epoch of 600 images, 15 rounds) attacked at rounds 0, 5 and 15 over client batch
+# {1, 4, 16, 64} x local work {one step, one epoch}, every frontier setting, on MNIST and
+# the CIFAR-10 sample (round 0 only: 20 images cannot train). A 10,000-image gallery: the
+# full 70,000 costs 7x the gallery passes (see the sweep's timing in its report).
+PRESETS["sweep"] = dataclasses.replace(
+  PRESETS["quick"],
+  name="sweep",
+  datasets=("mnist", "cifar10_sample"),
+  sweep=True,
 )
 
 

@@ -1,0 +1,211 @@
+"""Audit of a user's own Keras model: the sweep's leakage measurement at their configuration.
+
+`audit(model, data, config, output_dir)` takes the user's model (a saved `.keras` file, a
+function returning a model, or a model; its current weights are the global model the
+server sends), their data (a registered dataset name, or `(images, labels)` arrays in
+[0, 1]) and a `FederatedConfig` (client batch size, optimizer, learning rate, clients),
+and measures what one client of that training leaks, undefended and at every frontier
+setting: the `tf_dlg.study.sweep` attacks on a client holding its share of the data
+(images / num_clients), at one local step and at one local epoch of the configured batch
+size. It writes the sweep's files (`sweep.csv`, `figures/sweep.png`, `sweep.md`) whose
+first line answers for that model and configuration.
+
+Case: the model is the user's and in no registry, so it is not trained here: the client's
+update is the attacker's simulation of the client's local training
+(`tf_dlg.attacks.local_training.local_update`: the configured optimizer, BatchNorm in
+training mode, a seeded shuffle), which the sweep's tests check equal to what TFF's client
+work sends. Accuracy costs need the user's training; the report says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import numpy as np
+
+from tf_dlg.study import sweep
+
+
+def load_model(model) -> Any:
+  """A Keras model from a `.keras` path, a no-argument function, or a model."""
+  import tensorflow as tf
+
+  if isinstance(model, (str, os.PathLike)):
+    path = os.fspath(model)
+    if not path.endswith(".keras") or not os.path.isfile(path):
+      raise ValueError(f"model={path!r} must be an existing .keras file (model.save(path)).")
+    model = tf.keras.models.load_model(path, compile=False)
+  elif callable(model) and not isinstance(model, tf.keras.Model):
+    model = model()
+  if not isinstance(model, tf.keras.Model):
+    raise ValueError(f"model must be a Keras model, a .keras path or a function; got {model!r}.")
+  from tf_dlg.attacks import functional, local_training
+
+  functional.BatchedModel(local_training.attack_model(model))  # one error if unsupported
+  return model
+
+
+def load_data(data, seed: int = 0):
+  """(images, labels, name, source) of a registered dataset name or (images, labels)."""
+  from tf_dlg.attacks import threat_model
+  from tf_dlg.study import matching
+
+  if isinstance(data, str):
+    from tf_dlg import data as data_lib
+
+    ds = data_lib.load_dataset(data, seed=seed)
+    x, y = (ds.x_train, ds.y_train) if ds.x_test is None else matching.gallery_arrays(ds)
+    return np.asarray(x, np.float32), np.asarray(y, np.int64), ds.name, ds.source
+  if not (isinstance(data, (tuple, list)) and len(data) == 2):
+    raise ValueError("data must be a dataset name or an (images, labels) pair of arrays.")
+  x = threat_model.check_images(data[0], "data images")
+  y = threat_model.check_labels(data[1], None, "data labels")
+  if len(y) != len(x):
+    raise ValueError(f"data has {len(x)} images but {len(y)} labels.")
+  return x, y, "user_data", f"the user's arrays ({len(x)} images)"
+
+
+def settings_for(config, num_images: int, **options) -> sweep.SweepSettings:
+  """The sweep settings that measure `config` (one client's share of `num_images`)."""
+  if config.num_clients < 2:
+    raise ValueError(
+      f"num_clients={config.num_clients} must be >= 2: one client holding all the data leaves "
+      "the gallery no non-members to rank its images among."
+    )
+  if config.local_epochs != 1:
+    raise ValueError(
+      f"local_epochs={config.local_epochs}: the audit measures one local step and one local "
+      "epoch; use local_epochs=1."
+    )
+  return sweep.SweepSettings(
+    datasets=(config.dataset,),
+    trained_datasets=(),
+    rounds=(0,),
+    training_rounds=1,
+    batch_sizes=(config.batch_size,),
+    model=sweep.USER_MODEL,
+    train_examples=num_images,
+    num_clients=config.num_clients,
+    batch_size=config.batch_size,
+    client_optimizer=config.client_optimizer,
+    client_lr=config.client_lr,
+    seed=config.seed,
+    **options,
+  )
+
+
+class Audit(sweep.Sweep):
+  """The sweep's attacks on the user's model as given (round 0: the model sent)."""
+
+  def __init__(self, output_dir, model, data, config, progress=True, frontier_csv=None, **options):
+    from tf_dlg.federated.config import FederatedConfig
+
+    if not isinstance(config, FederatedConfig):
+      raise TypeError(f"config must be a FederatedConfig, got {type(config).__name__}.")
+    self.model = load_model(model)
+    x, y, name, source = load_data(data, config.seed)
+    classes = int(self.model.output_shape[-1])
+    if y.max() >= classes or tuple(self.model.input_shape[1:]) != x.shape[1:]:
+      raise ValueError(
+        f"the model takes {tuple(self.model.input_shape[1:])} images and {classes} classes; "
+        f"the data has {x.shape[1:]} images and labels up to {int(y.max())}."
+      )
+    settings = settings_for(config, len(x), **options)
+    # Another model or data in the same folder must be refused: both are in the fingerprint.
+    digest = _digest(self.model, x, y)
+    settings = dataclasses.replace(settings, datasets=(name,), case_digest=digest)
+    self.data = (x, y, name, source, classes)
+    super().__init__(output_dir, settings, progress=progress, frontier_csv=frontier_csv)
+
+  def wording(self) -> Dict[str, str]:
+    s, name = self.settings, self.model.name
+    return dict(
+      title=f"Audit of {name}: what one client's update leaks",
+      subject=f"your configuration ({name}, {s.num_clients} clients, {s.client_optimizer} "
+      f"lr {s.client_lr:g})",
+      case=(
+        f"Model: {name} as given (its weights are the global model; not trained here), "
+        f"{self.model.count_params():,} parameters; the client's update is the attacker's "
+        "simulation of its local training (equal to TFF's client work in the sweep's tests). "
+        "Accuracy costs need your training: pass a frontier run's frontier.csv."
+      ),
+    )
+
+  def run(self) -> Dict[str, str]:
+    from tf_dlg import defenses
+    from tf_dlg import io as io_lib
+
+    s = self.settings
+    x, y, name, source, classes = self.data
+    case = sweep.gallery_case(s, name, source, x, y, classes, s.share)
+    todo, skipped = sweep.cells(s, {name: len(case.client)})
+    io_lib.lock_directory(self.output_dir)
+    log = self._log()
+    pending = [c for c in todo if not self._done(log, c)]
+    if pending:
+      model = self.model
+      exclude = defenses.batchnorm_exclusion(model, model.trainable_variables)
+      optimizer_name, lr = s.client_optimizer, s.client_lr
+      self.attack_cells(
+        log,
+        case,
+        model,
+        exclude,
+        len(model.trainable_variables),
+        None,
+        pending,
+        lambda cell, images, labels, seed: simulate_client(
+          model, images, labels, cell.batch, cell.local_steps, optimizer_name, lr, seed
+        ),
+      )
+    return self.write(list(log), skipped)
+
+
+def _digest(model, x, y) -> str:
+  import hashlib
+
+  from tf_dlg.attacks import runner
+
+  h = hashlib.sha256(runner.architecture_key(model).encode())
+  for a in list(model.get_weights()) + [x, y]:
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()[:16]
+
+
+def simulate_client(model, images, labels, batch: int, steps: int, optimizer: str, lr, seed):
+  """The client's update (trainable weights) after `steps` steps of a seeded shuffle."""
+  import tensorflow as tf
+
+  from tf_dlg.attacks import functional, local_training
+  from tf_dlg.federated import fedavg
+
+  order = np.random.default_rng(seed).permutation(len(images))
+  fmodel = functional.BatchedModel(local_training.attack_model(model))
+  w = [tf.constant(v)[None] for v in fmodel.trainable_weights_from(model.get_weights())]
+  x = tf.constant(np.asarray(images)[order][None])
+  y = tf.one_hot(np.asarray(labels, np.int64)[order][None], fmodel.num_classes)
+  out = local_training.local_update(
+    fmodel, w, x, y, steps, batch, fedavg.build_optimizer(optimizer, lr)
+  )
+  return [u[0].numpy() for u in out]
+
+
+def audit(
+  model: Union[str, Callable[[], Any], Any],
+  data: Union[str, Tuple[Any, Any]],
+  config,
+  output_dir: str,
+  progress: bool = True,
+  frontier_csv: Optional[str] = None,
+  **options,
+) -> Dict[str, str]:
+  """Runs (or resumes) the audit; returns the paths of sweep.csv, the figure and sweep.md.
+
+  `frontier_csv`: a frontier run's frontier.csv of the same training, for the costs.
+  `options`: `SweepSettings` fields (e.g. `gallery_size`, `defenses`, `recon_iterations`).
+  """
+  return Audit(
+    output_dir, model, data, config, progress=progress, frontier_csv=frontier_csv, **options
+  ).run()
