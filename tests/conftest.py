@@ -31,7 +31,6 @@ TFF_STACK_TESTS = [
   "test_federated*.py",
   "test_frontier.py",  # TFF training, tensorflow-privacy (the dp defence)
   "test_kill_resume.py",  # drivers, federated ones included
-  "test_local_training.py",  # the client's TFF optimizer simulated
   "test_readme.py",  # the README's driver commands, federated ones included
   "test_report_numbers.py",  # experiments.reproduce: tfds MNIST
   "test_probe_one_seed_pipeline.py",  # a whole pipeline: TFF training

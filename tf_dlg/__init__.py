@@ -4,17 +4,8 @@ Data flow: `tf_dlg.data` (dataset) -> `tf_dlg.attacks.threat_model` (the client 
 attacker observes) -> `tf_dlg.defenses` (what the client does to it first) ->
 `tf_dlg.attacks` (reconstruction) -> `tf_dlg.metrics` (leakage score).
 Federated training with the same defences lives in `tf_dlg.federated`, Keras and Flower
-glue in `tf_dlg.integrations`, the studies in `tf_dlg.study` (layers: docs/ARCHITECTURE.md).
+glue in `tf_dlg.integrations`, the studies in `tf_dlg.study` (layers: docs/ARCHITECTURE.md;
+the audit of a user's own model: `tf_dlg.study.audit.audit`).
 """
 
 __version__ = "0.1.0"
-
-
-def __getattr__(name):
-  # `tf_dlg.audit(model, data, config, output_dir)`, loaded on first use: importing the
-  # package stays free of TensorFlow.
-  if name == "audit":
-    from tf_dlg.study.audit import audit
-
-    return audit
-  raise AttributeError(f"module 'tf_dlg' has no attribute {name!r}")

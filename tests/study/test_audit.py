@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import tf_dlg
 from tf_dlg.federated.config import FederatedConfig
 from tf_dlg.study import audit, results
 
@@ -39,7 +38,7 @@ def saved(tmp_path_factory):
 
 def test_audit_of_a_saved_user_model_answers_on_its_first_line(saved, tmp_path):
   config = FederatedConfig(dataset="digits", batch_size=1, num_clients=600, client_lr=0.01)
-  paths = tf_dlg.audit(saved, "digits", config, str(tmp_path), progress=False, **OPTIONS)
+  paths = audit.audit(saved, "digits", config, str(tmp_path), progress=False, **OPTIONS)
   with open(paths["csv"], newline="") as f:
     rows = list(csv.DictReader(f))
   step = [r for r in rows if r["local_work"] == "step" and r["defense"] == "none"]

@@ -12,7 +12,7 @@ first line answers for that model and configuration.
 
 Case: the model is the user's and in no registry, so it is not trained here: the client's
 update is the attacker's simulation of the client's local training
-(`tf_dlg.attacks.local_training.local_update`: the configured optimizer, BatchNorm in
+(`tf_dlg.federated.local_training.local_update`: the configured optimizer, BatchNorm in
 training mode, a seeded shuffle), which the sweep's tests check equal to what TFF's client
 work sends. Accuracy costs need the user's training; the report says so.
 """
@@ -41,7 +41,8 @@ def load_model(model) -> Any:
     model = model()
   if not isinstance(model, tf.keras.Model):
     raise ValueError(f"model must be a Keras model, a .keras path or a function; got {model!r}.")
-  from tf_dlg.attacks import functional, local_training
+  from tf_dlg.attacks import functional
+  from tf_dlg.federated import local_training
 
   functional.BatchedModel(local_training.attack_model(model))  # one error if unsupported
   return model
@@ -178,8 +179,8 @@ def simulate_client(model, images, labels, batch: int, steps: int, optimizer: st
   """The client's update (trainable weights) after `steps` steps of a seeded shuffle."""
   import tensorflow as tf
 
-  from tf_dlg.attacks import functional, local_training
-  from tf_dlg.federated import fedavg
+  from tf_dlg.attacks import functional
+  from tf_dlg.federated import fedavg, local_training
 
   order = np.random.default_rng(seed).permutation(len(images))
   fmodel = functional.BatchedModel(local_training.attack_model(model))

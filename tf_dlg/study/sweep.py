@@ -16,13 +16,13 @@ Attacks (`ATTACKS`):
 * `gallery_match`: the attacker holds a gallery with the client's images
   (`gallery_size` images of the dataset, the client's among them) and ranks each
   candidate by the masked cosine between the candidate's own simulated update and the
-  observed one (`tf_dlg.attacks.local_training.match_gallery`: the candidate alone,
+  observed one (`tf_dlg.federated.local_training.match_gallery`: the candidate alone,
   trained with the client's optimizer for the client's local steps, BatchNorm in
   training mode). Simulating a long epoch per candidate costs steps x gallery passes,
   so the simulation stops at `max_simulated_steps` (the `simulated_steps` column says
   where it did: the attacker there is weaker than the threat model allows).
 * `cosine_tv`: cosine + total-variation reconstruction (Inverting Gradients'
-  objective, `tf_dlg.attacks.local_training.reconstruct`) of the whole batch with the
+  objective, `tf_dlg.federated.local_training.reconstruct`) of the whole batch with the
   recovered labels, its dummy update simulated through the client's optimizer exactly;
   `cosine_tv_direction`: the same with the dummy's plain update direction (SGD) as a
   surrogate. An Adam step is close to `lr * sign(gradient)`, whose derivative vanishes
@@ -597,7 +597,7 @@ class Sweep:
   def attack_cells(self, log, case, keras_model, exclude, num_trainable, acc, pending, capture):
     """Each cell's update (`capture(cell, images, labels, seed)`: the client's whole update
     list, trainable first), defended at every setting, attacked by simulated steps."""
-    from tf_dlg.attacks import local_training
+    from tf_dlg.federated import local_training
 
     s = self.settings
     keras_model = local_training.attack_model(keras_model)
@@ -719,7 +719,7 @@ class Sweep:
   def _reconstruct(self, log, case, keras_model, weights, items, attack, exact):
     """Reconstructs each item's batch, grouped by batch shape; one row per item."""
     from tf_dlg.analysis import identification
-    from tf_dlg.attacks import local_training
+    from tf_dlg.federated import local_training
 
     s = self.settings
     name = s.client_optimizer if exact else "sgd"

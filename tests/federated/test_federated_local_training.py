@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 
 from tf_dlg import data, defenses, models
-from tf_dlg.attacks import functional, gallery, local_training, threat_model
-from tf_dlg.federated import fedavg
+from tf_dlg.attacks import functional, gallery, threat_model
+from tf_dlg.federated import fedavg, local_training
 from tf_dlg.study import sweep
 
 
