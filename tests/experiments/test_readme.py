@@ -22,6 +22,7 @@ DRIVERS = (
   "experiments.convergence",
   "experiments.federated",
   "experiments.reproduce",
+  "experiments.audit",
   "tf_dlg.execution.worker",
   "benchmarks.attack_speed",
   "benchmarks.gallery_speed",

@@ -65,8 +65,7 @@ def test_a_dataset_that_cannot_train_is_refused_before_anything_is_written(tmp_p
 
 
 def test_default_settings_are_the_quick_training_at_the_frontier():
-  from tf_dlg import defenses
-  from tf_dlg.study import presets
+  from tf_dlg.study import defense_table, presets
 
   s = sweep.SweepSettings().check()
   quick = presets.PRESETS["quick"]
@@ -78,8 +77,8 @@ def test_default_settings_are_the_quick_training_at_the_frontier():
     quick.rounds,
   )
   assert s.share == 600 and s.epoch_size() == 600
-  for name in list(defenses.PAPER_DEFENSES) + ["dp"]:
-    assert [p for d, p in s.defenses if d == name] == list(defenses.spec(name).frontier)
+  for name in list(defense_table.PAPER_DEFENSES) + ["dp"]:
+    assert [p for d, p in s.defenses if d == name] == list(defense_table.row(name).frontier)
 
 
 def test_cells_name_every_setting_that_cannot_run():
@@ -167,9 +166,9 @@ def test_captured_update_equals_the_simulated_adam_step(digits):
   import tensorflow as tf
 
   from tf_dlg import models
-  from tf_dlg.attacks import functional, local_training
+  from tf_dlg.attacks import functional
   from tf_dlg.execution import runtime
-  from tf_dlg.federated import fedavg, simulation
+  from tf_dlg.federated import fedavg, local_training, simulation
 
   s = sweep.SweepSettings(**TINY)
   config = s.training_config("digits", 1)
@@ -293,7 +292,7 @@ def test_a_cell_resumed_midway_redoes_only_its_missing_rows(tiny, tmp_path, monk
   import json
   import shutil
 
-  from tf_dlg.attacks import local_training
+  from tf_dlg.federated import local_training
 
   out, settings, _, rows = tiny
   copy = str(tmp_path / "copy")

@@ -6,7 +6,7 @@ LeNet. The sweep attacks the update the training sends: the quick preset's FedAv
 client's update is captured from the TFF client work itself (`FedAvg.capture_process`)
 for client batch sizes {1, 4, 16, 64} and local work {one step, one epoch}, on MNIST and
 the bundled CIFAR-10 sample, undefended and with each defence at its frontier settings
-(`DefenseSpec.frontier`, and `dp`) applied by `tf_dlg.defenses.get_defense` exactly as the
+(each `tf_dlg.study.defense_table` row's `frontier`, and `dp`) applied by `tf_dlg.defenses.get_defense` exactly as the
 clients of that training apply it (BatchNorm statistics passed through).
 
 Case (model, data, user): the global model of a round of that training; the client's
@@ -101,10 +101,10 @@ USER_DATA = "user_data"
 
 def frontier_defenses() -> Tuple[Tuple[str, float], ...]:
   """Every paper defence at its spec's frontier settings, then DP's."""
-  from tf_dlg import defenses
+  from tf_dlg.study import defense_table
 
-  names = list(defenses.PAPER_DEFENSES) + ["dp"]
-  return tuple((n, float(p)) for n in names for p in defenses.spec(n).frontier)
+  names = list(defense_table.PAPER_DEFENSES) + ["dp"]
+  return tuple((n, float(p)) for n in names for p in defense_table.row(n).frontier)
 
 
 @dataclasses.dataclass(frozen=True)
