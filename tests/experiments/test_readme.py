@@ -30,8 +30,8 @@ DRIVERS = (
   "benchmarks.plain_fedavg",
 )
 # Options of other tools the README shows (pytest -m, pip --no-deps, ruff format --check,
-# tensorboard --logdir, test.sh --slow), not of a Python driver.
-SCRIPT_OPTIONS = {"m", "no-deps", "check", "logdir", "slow"}
+# tensorboard --logdir, test.sh --slow, pytest-xdist --dist), not of a Python driver.
+SCRIPT_OPTIONS = {"m", "no-deps", "check", "logdir", "slow", "dist"}
 
 _LIST_FLAGS = """
 import contextlib, importlib, io, json, re, sys
