@@ -113,7 +113,7 @@ def _way(model, obs, way, stop_rule):
     )
   layout = runner.lane_layout(config, len(obs) * config.restarts)
   # Compile every batch shape the timed run meets: a lane's slots and the halves its tail
-  # shrinks to (never below 2, see optimize._compact), each with a refill (one job more
+  # shrinks to (never below 2, see batching._compact), each with a refill (one job more
   # than slots). Compiled code does not depend on the lane count.
   shapes, size = {layout[1]}, layout[1]
   while size > 2:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_dlg.attacks import optimize
+from tf_dlg.attacks import lbfgs, optimize
 
 
 def _quadratic(a_diag, target):
@@ -117,7 +117,7 @@ def test_gram_two_loop_matches_textbook_recursion(pushes, solve):
   history, n = 5, 40
   skipped = {1}  # a pair with y.s <= 1e-10 is stored as zeros and skipped
   g0 = rng.normal(size=(2, n)).astype(np.float32)
-  st = optimize._lbfgs_state({}, tf.constant(g0), tf.constant(g0), history)
+  st = lbfgs.add_history({}, tf.constant(g0), tf.constant(g0), history)
   pushed = []
   for k in range(pushes):
     s = rng.normal(size=(2, n)).astype(np.float32)
@@ -125,13 +125,11 @@ def test_gram_two_loop_matches_textbook_recursion(pushes, solve):
     ok = np.array([k not in skipped, True])
     s, y = s * ok[:, None], y * ok[:, None]
     g = rng.normal(size=(2, n)).astype(np.float32)
-    hist, sg, yg = optimize._push_pair(
-      st, tf.constant(s), tf.constant(y), tf.constant(g), ok, history
-    )
+    hist, sg, yg = lbfgs.push_pair(st, tf.constant(s), tf.constant(y), tf.constant(g), ok, history)
     st.update(hist)
     pushed.append((s, y, ok))
   hdiag = np.array([0.7, 1.3], np.float32)
-  got = optimize._two_loop(
+  got = lbfgs.two_loop(
     hist, sg, yg, tf.constant(g), tf.constant(hdiag), history, solve=solve
   ).numpy()
   for slot in range(2):
