@@ -52,7 +52,10 @@ class RestartQueue(optimize.JobQueue):
   ones superseded): restarts < r run on, since one of them may converge too. So the
   lowest-numbered restart that converges on its own trajectory always runs to the end
   and wins, whatever the schedule (slots, lanes, thread timing) -- a rule "first to
-  converge wins" would depend on it."""
+  converge wins" would depend on it.
+
+  `group` is the `group.GroupJob` whose observations these are (it imports this module,
+  so it is not imported here); `bar` an optional tqdm bar of decided observations."""
 
   def __init__(self, group, starts, bar):
     self.group, self.starts, self.bar = group, starts, bar
