@@ -46,7 +46,7 @@ from absl import flags  # noqa: E402
 from experiments import cli  # noqa: E402
 from tf_dlg import data, metrics, models  # noqa: E402
 from tf_dlg import io as io_lib
-from tf_dlg.attacks import observe_gradient, run_attacks, runner  # noqa: E402
+from tf_dlg.attacks import observe_gradient, run_attacks, runner, schedule  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list(
@@ -59,7 +59,7 @@ flags.DEFINE_integer("iterations", 4000, "Maximum iterations per attack.", lower
 flags.DEFINE_integer("slots", 8, "Slots of the continuous batch.", lower_bound=1)
 flags.DEFINE_integer("restarts", 4, "Restarts of the third way.", lower_bound=1)
 flags.DEFINE_integer(
-  "lanes", 0, "Lanes of the batch ways (0: auto, see runner.auto_lanes).", lower_bound=0
+  "lanes", 0, "Lanes of the batch ways (0: auto, see schedule.auto_lanes).", lower_bound=0
 )
 flags.DEFINE_list("ways", ["one", "batch", "restarts"], "Which ways to run.")
 flags.DEFINE_list(
@@ -111,7 +111,7 @@ def _way(model, obs, way, stop_rule):
       restarts=FLAGS.restarts if way == "restarts" else 1,
       stop_rule=stop_rule,
     )
-  layout = runner.lane_layout(config, len(obs) * config.restarts)
+  layout = schedule.lane_layout(config, len(obs) * config.restarts)
   # Compile every batch shape the timed run meets: a lane's slots and the halves its tail
   # shrinks to (never below 2, see batching._compact), each with a refill (one job more
   # than slots). Compiled code does not depend on the lane count.

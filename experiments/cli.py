@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Known start-up noise of the TF 2.14 CPU wheel (a stdlib-only module: no TF import yet).
+from tf_dlg.execution import shim as _shim  # noqa: E402
 from tf_dlg.execution import worker as _worker  # noqa: E402
 
 _NOISE = _worker.TF_STARTUP_NOISE
@@ -143,8 +144,8 @@ def require_confined_worker() -> None:
   first training round minutes later. `TF_DLG_ALLOW_EXPOSED_WORKER=1` waives it.
   """
   try:
-    _worker.shim_path()
-  except _worker.WorkerSetupError as e:
+    _shim.shim_path()
+  except _shim.WorkerSetupError as e:
     raise UsageError(str(e)) from None
 
 
@@ -223,7 +224,7 @@ def _one_line(e: BaseException) -> None:
   if isinstance(e, _worker.WorkerUnavailable):
     fail(message, code=1 if _WORK_BEGUN.is_set() else 2)
   usage = isinstance(e, ValueError) and not _WORK_BEGUN.is_set()
-  if usage or isinstance(e, (UsageError, _worker.WorkerSetupError)):
+  if usage or isinstance(e, (UsageError, _shim.WorkerSetupError)):
     fail(message)
 
 

@@ -55,14 +55,19 @@ def _tmp_beside(path: str, suffix: str) -> str:
   return tmp
 
 
+def _write_synced(path: str, text: str, mode: str = "w") -> None:
+  """Writes `text` to `path` (opened with `mode`) and fsyncs it before returning."""
+  with open(path, mode, newline="") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def atomic_write_text(path: str, text: str) -> str:
   """Writes `text` to a temporary file beside `path`, fsyncs it and renames it over."""
   tmp = _tmp_beside(path, ".tmp")
   try:
-    with open(tmp, "w", newline="") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
+    _write_synced(tmp, text)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -79,20 +84,14 @@ def create_exclusive_text(path: str, text: str) -> bool:
   """
   tmp = _tmp_beside(path, ".tmp")
   try:
-    with open(tmp, "w", newline="") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
+    _write_synced(tmp, text)
     try:
       os.link(tmp, path)
     except FileExistsError:
       return False
     except OSError:  # a file system without hard links: an exclusive open instead
       try:
-        with open(path, "x", newline="") as f:
-          f.write(text)
-          f.flush()
-          os.fsync(f.fileno())
+        _write_synced(path, text, "x")
       except FileExistsError:
         return False
     return True

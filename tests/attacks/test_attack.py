@@ -7,6 +7,7 @@ import tensorflow as tf
 from tf_dlg import data, metrics, models
 from tf_dlg.attacks import (
   functional,
+  group,
   objectives,
   observe_fedavg_delta,
   observe_gradient,
@@ -161,7 +162,7 @@ def test_auto_jit_switches_to_xla_mid_attack_and_recovers(digits, monkeypatch):
   solves) and goes on under XLA with the same optimiser state."""
   ds, model = digits
   obs = observe_gradient(model, ds.x_train[6:7], ds.y_train[6:7])
-  monkeypatch.setattr(runner, "AUTO_JIT_AFTER", 40)
+  monkeypatch.setattr(group, "AUTO_JIT_AFTER", 40)
   cache = runner.CompileCache()
   config = runner.AttackConfig(iterations=1500, jit_compile=None, check_every=20)
   res = run_attacks(model, [obs], config, cache=cache)[0]

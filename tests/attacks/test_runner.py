@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from tf_dlg import data, metrics, models
-from tf_dlg.attacks import observe_gradient, run_attacks, runner, summaries
+from tf_dlg.attacks import observe_gradient, run_attacks, runner, schedule, summaries
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_results_do_not_depend_on_slots_or_lanes(digits):
 
 
 def test_lane_layout_keeps_two_slots_per_lane():
-  layout = lambda slots, lanes, jobs: runner.lane_layout(  # noqa: E731
+  layout = lambda slots, lanes, jobs: schedule.lane_layout(  # noqa: E731
     runner.AttackConfig(slots=slots, lanes=lanes), jobs
   )
   assert layout(8, 2, 32) == (2, 4)

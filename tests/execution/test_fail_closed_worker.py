@@ -14,7 +14,7 @@ import tempfile
 import portpicker
 import pytest
 
-from tf_dlg.execution import runtime, worker
+from tf_dlg.execution import runtime, shim
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,9 +36,9 @@ def places(monkeypatch, tmp_path):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
   os.makedirs(tmp_path / "tmp")
-  monkeypatch.delenv(worker.ALLOW_EXPOSED_ENV, raising=False)
+  monkeypatch.delenv(shim.ALLOW_EXPOSED_ENV, raising=False)
   monkeypatch.delenv("CC", raising=False)
-  return worker._cache_dir(), worker._fallback_dir()
+  return shim.cache_dir(), shim.fallback_dir()
 
 
 def _unwritable_cache(monkeypatch, tmp_path):
@@ -49,8 +49,8 @@ def _unwritable_cache(monkeypatch, tmp_path):
 
 
 def _refused(match):
-  with pytest.raises(worker.WorkerSetupError, match=match) as info:
-    worker.shim_path()
+  with pytest.raises(shim.WorkerSetupError, match=match) as info:
+    shim.shim_path()
   assert "\n" not in str(info.value)
   return str(info.value)
 
@@ -58,7 +58,7 @@ def _refused(match):
 def _launcher(env_overrides):
   """Runs the worker launcher; returns (exit code, stderr, whether a worker_binary ran)."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **env_overrides)
-  env.pop(worker.ALLOW_EXPOSED_ENV, None)
+  env.pop(shim.ALLOW_EXPOSED_ENV, None)
   port = portpicker.pick_unused_port()
   proc = subprocess.run(
     [sys.executable, "-m", "tf_dlg.execution.worker", f"--port={port}"],
@@ -73,9 +73,9 @@ def _launcher(env_overrides):
 
 def _real_shim(directory):
   """A correctly built shim at `directory`/<shim name> (what a planter would copy)."""
-  src = worker.shim_path()
+  src = shim.shim_path()
   os.makedirs(directory, exist_ok=True)
-  dst = os.path.join(directory, worker.shim_name())
+  dst = os.path.join(directory, shim.shim_name())
   shutil.copy(src, dst)
   return dst
 
@@ -94,10 +94,10 @@ def test_a_compiler_that_builds_nothing_is_refused_and_nothing_is_cached(places,
 def test_a_cached_empty_shim_is_rebuilt_not_trusted(places):
   cache, _ = places
   os.makedirs(cache, mode=0o700)
-  empty = os.path.join(cache, worker.shim_name())
+  empty = os.path.join(cache, shim.shim_name())
   open(empty, "w").close()  # what a broken compiler used to leave behind
-  assert worker.shim_path() == empty
-  assert os.path.getsize(empty) > 0 and worker._elf_exports(empty, b"bind") is None
+  assert shim.shim_path() == empty
+  assert os.path.getsize(empty) > 0 and shim.elf_exports(empty, b"bind") is None
 
 
 def test_launcher_with_a_compiler_that_builds_nothing_exits_2_in_one_line(tmp_path):
@@ -123,7 +123,7 @@ def test_a_fallback_dir_of_another_user_is_refused(places, monkeypatch, tmp_path
   _, fallback = places
   _real_shim(fallback)
   _unwritable_cache(monkeypatch, tmp_path)
-  monkeypatch.setattr(worker, "_euid", lambda: os.geteuid() + 1)  # the dir is not "ours"
+  monkeypatch.setattr(shim, "owner_uid", lambda: os.geteuid() + 1)  # the dir is not "ours"
   _refused(r"tf_dlg-\d+: it belongs to uid \d+, not to you")
 
 
@@ -165,11 +165,11 @@ def test_launcher_refuses_a_planted_fallback_in_one_line(tmp_path):
 def test_an_unwritable_cache_builds_in_a_private_fallback(places, monkeypatch, tmp_path):
   _, fallback = places
   _unwritable_cache(monkeypatch, tmp_path)
-  path = worker.shim_path()
+  path = shim.shim_path()
   assert os.path.dirname(path) == fallback
   st = os.stat(fallback)
   assert st.st_uid == os.geteuid() and (st.st_mode & 0o777) == 0o700
-  assert worker._elf_exports(path, b"bind") is None
+  assert shim.elf_exports(path, b"bind") is None
 
 
 def test_an_unwritable_cache_and_no_private_fallback_is_refused(places, monkeypatch, tmp_path):
@@ -203,9 +203,9 @@ def test_a_shim_that_does_not_confine_is_caught_after_start(places):
   src = os.path.join(cache, "passthrough.c")
   with open(src, "w") as f:
     f.write(_PASSTHROUGH)
-  target = os.path.join(cache, worker.shim_name())
+  target = os.path.join(cache, shim.shim_name())
   subprocess.run(["cc", "-shared", "-fPIC", "-o", target, src, "-ldl"], check=True)
-  with pytest.raises(worker.WorkerSetupError, match=r"listens on .*not confined to loopback") as e:
+  with pytest.raises(shim.WorkerSetupError, match=r"listens on .*not confined to loopback") as e:
     runtime.start_local_worker()
   assert "\n" not in str(e.value)
   pid = int(str(e.value).split("(pid ")[1].split(")")[0])
@@ -220,7 +220,7 @@ def _zombie(pid):
 def test_a_shim_built_under_umask_0_is_private_and_used(places):
   old = os.umask(0)
   try:
-    path = worker.shim_path()
+    path = shim.shim_path()
   finally:
     os.umask(old)
-  assert os.stat(path).st_mode & 0o077 == 0 and worker._shim_problem(path) is None
+  assert os.stat(path).st_mode & 0o077 == 0 and shim.shim_problem(path) is None

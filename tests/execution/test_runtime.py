@@ -14,7 +14,7 @@ import time
 import portpicker
 import pytest
 
-from tf_dlg.execution import runtime, worker
+from tf_dlg.execution import runtime, shim, worker
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _LISTEN = "0A"
@@ -174,26 +174,26 @@ def test_launcher_rejects_a_bad_port():
 
 def test_no_compiler_is_a_one_line_error_unless_exposure_is_allowed(monkeypatch, tmp_path):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached shim
-  monkeypatch.setattr(worker, "_compiler", lambda: None)
-  monkeypatch.delenv(worker.ALLOW_EXPOSED_ENV, raising=False)
+  monkeypatch.setattr(shim, "find_compiler", lambda: None)
+  monkeypatch.delenv(shim.ALLOW_EXPOSED_ENV, raising=False)
   with pytest.raises(
-    worker.WorkerSetupError,
+    shim.WorkerSetupError,
     match=r"install gcc .* "
     r"TF_DLG_ALLOW_EXPOSED_WORKER=1",
   ):
-    worker.shim_path()
-  monkeypatch.setenv(worker.ALLOW_EXPOSED_ENV, "1")
+    shim.shim_path()
+  monkeypatch.setenv(shim.ALLOW_EXPOSED_ENV, "1")
   with pytest.warns(RuntimeWarning, match="EVERY interface"):
     env = worker.worker_env()
-  assert worker.shim_path() is None and "loopback_shim" not in env.get("LD_PRELOAD", "")
+  assert shim.shim_path() is None and "loopback_shim" not in env.get("LD_PRELOAD", "")
 
 
 def test_shim_is_cached_by_source_hash(monkeypatch, tmp_path):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-  path = worker.shim_path()
+  path = shim.shim_path()
   assert path.startswith(str(tmp_path / "tf_dlg" / "loopback_shim-"))
   mtime = os.stat(path).st_mtime_ns
-  assert worker.shim_path() == path and os.stat(path).st_mtime_ns == mtime
+  assert shim.shim_path() == path and os.stat(path).st_mtime_ns == mtime
   assert path in worker.worker_env()["LD_PRELOAD"]
 
 

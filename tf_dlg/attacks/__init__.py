@@ -9,8 +9,11 @@ Pieces (breaching style):
   `optimize`      L-BFGS / tfp L-BFGS / Adam over a fixed number of slots, with
                   continuous batching (`run_queue`: finished slots are refilled;
                   `run_lanes`: several such loops on threads, one queue);
-  `runner`        `AttackConfig` and `run_attacks`, which put them together
-                  (restarts, `CompileCache`);
+  `runner`        `AttackConfig` and `run_attacks`, which put them together;
+  `group`         one group of same-shaped observations on one compiled loop;
+  `schedule`      lanes and slots, restart seeds, the restart order (`RestartQueue`);
+  `compile_cache` `CompileCache`: compiled loops reused across runs;
+  `results`       `AttackResult` and the `Snapshot`s a hook receives;
   `summaries`     `TensorBoardHook`: reconstruction progress for TensorBoard;
   `gallery`       `match_gallery`: no reconstruction; ranks a gallery of candidates by
                   how alike their own updates are to the observed one (the attacker the
@@ -29,15 +32,10 @@ Usage:
   rows = metrics.score_results(results)       # dicts: ssim, adjusted_ssim, psnr, ...
 """
 
+from tf_dlg.attacks.compile_cache import CompileCache
 from tf_dlg.attacks.gallery import match_gallery
-from tf_dlg.attacks.runner import (
-  ATTACKS,
-  AttackConfig,
-  AttackResult,
-  CompileCache,
-  make_objective,
-  run_attacks,
-)
+from tf_dlg.attacks.results import AttackResult
+from tf_dlg.attacks.runner import ATTACKS, AttackConfig, make_objective, run_attacks
 from tf_dlg.attacks.threat_model import ObservedUpdate, observe_fedavg_delta, observe_gradient
 
 __all__ = [

@@ -4,8 +4,9 @@ TFF 0.87 runs every computation in a C++ `worker_binary` child reached over gRPC
 pip build has no in-process executor). Its own default context starts that child on
 `[::]` (every interface, no authentication) and stops it in a `__del__` that fails at
 interpreter shutdown. `import_tff()` therefore replaces the default context with
-`create_local_context()`: the worker is started by `tf_dlg.execution.worker` (loopback
-only, killed when this process dies, even by SIGKILL), and `atexit` hooks stop it.
+`local_context.create_local_context`: the worker is started by `tf_dlg.execution.worker`
+(loopback only, killed when this process dies, even by SIGKILL), and `atexit` hooks stop
+it.
 
 Execution targets (`create_execution_context`, `execution_target`): "local" means one
 worker child; "remote" means workers you start yourself on other machines:
@@ -30,6 +31,8 @@ import signal
 import sys
 import time
 from typing import Optional
+
+from tf_dlg.execution import local_context
 
 _HOOKED = False
 
@@ -119,14 +122,15 @@ def import_tff():
   """Imports and returns `tensorflow_federated`, with a confined local worker.
 
   On first use it replaces TFF's default context (whose worker would listen on every
-  interface) by `create_local_context()`, and installs the worker clean-up hooks.
+  interface) by `local_context.create_local_context`, and installs the worker clean-up
+  hooks.
   """
   global _HOOKED
   import tensorflow_federated as tff
 
   if not _HOOKED:
     _HOOKED = True
-    tff.framework.set_default_context(create_local_context())
+    tff.framework.set_default_context(local_context.create_local_context(tff))
     atexit.register(stop_tff_workers)
     # atexit runs hooks last-in first-out: release the context first, then sweep.
     atexit.register(_release_default_context)
@@ -144,19 +148,6 @@ def install_context():
 
 # --------------------------------------------------------------------------- execution targets
 
-_GRPC_OPTIONS = [
-  ("grpc.max_message_length", 2 * 1000 * 1000 * 1000),
-  ("grpc.max_receive_message_length", 2 * 1000 * 1000 * 1000),
-  ("grpc.max_send_message_length", 2 * 1000 * 1000 * 1000),
-]
-
-
-def worker_binary_path() -> str:
-  """Path of the C++ executor service that the TFF pip package ships."""
-  from tf_dlg.execution import worker
-
-  return worker.worker_binary_path()
-
 
 def parse_workers(workers) -> list:
   """Normalises `host:port[,host:port...]` (a string or a list) to a list of addresses."""
@@ -172,117 +163,6 @@ def parse_workers(workers) -> list:
       raise ValueError(f"Worker address {address!r} must be host:port with a port in [1, 65535].")
     out.append(address)
   return out
-
-
-class _LocalWorker:
-  """TFF's local `ServiceManager`, but the worker is confined (see `worker.py`).
-
-  One worker_binary child on 127.0.0.1, started on the first computation call and
-  restarted if it stops answering.
-  """
-
-  def __init__(self, max_concurrent_computation_calls: int = -1):
-    self._args = (f"--max_concurrent_computation_calls={max_concurrent_computation_calls}",)
-    self._process = None
-    self._stub = None
-
-  def get_stub(self):
-    """A ready stub to the worker, starting (or restarting) the worker if needed."""
-    import grpc
-    import portpicker
-
-    from tf_dlg.execution import worker
-
-    tff = import_tff()
-    if self._stub is not None and self._process.poll() is None and self._stub.is_ready:
-      return self._stub
-    self.stop()
-    port = portpicker.pick_unused_port()
-    stderr = worker.filtered_stderr()
-    try:
-      self._process = worker.spawn_worker(port, extra_args=self._args, stderr=stderr)
-    finally:
-      os.close(stderr)  # the child holds its own copy; EOF ends the pump with the child
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", _GRPC_OPTIONS)
-    self._stub = tff.framework.RemoteExecutorGrpcStub(channel)
-    deadline = time.time() + 120
-    while not self._stub.is_ready:
-      if self._process.poll() is not None or time.time() > deadline:
-        raise ConnectionError(
-          f"The local TFF worker (pid {self._process.pid}) did not "
-          f"start (exit code {self._process.poll()})."
-        )
-      time.sleep(0.1)
-    try:
-      worker.verify_confined(self._process, port)
-    except worker.WorkerSetupError:
-      self._process = self._stub = None
-      raise
-    return self._stub
-
-  def stop(self, timeout: float = 5.0) -> None:
-    """SIGINT, then SIGKILL after `timeout` s: never an unbounded wait."""
-    proc, self._process, self._stub = self._process, None, None
-    if proc is None or proc.poll() is not None:
-      return
-    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, timeout)):
-      try:
-        proc.send_signal(sig)
-        proc.wait(wait)
-        return
-      except ProcessLookupError:
-        return
-      except Exception:  # TimeoutExpired
-        continue
-
-  def __del__(self):
-    try:
-      self.stop()
-    except Exception:  # interpreter shutdown
-      pass
-
-
-def default_concurrency() -> int:
-  """Client computations the local worker runs at once: twice the usable CPU cores.
-
-  TFF's default runs every client of a round at once; on a small CPU their threads
-  only contend. Two per core keeps the cores busy while one client waits on another.
-  """
-  usable = (
-    os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-  )
-  return 2 * len(usable)
-
-
-def create_local_context(max_concurrent_computation_calls: Optional[int] = None):
-  """TFF's sync local C++ context with a loopback-only, parent-bound worker.
-
-  `max_concurrent_computation_calls`: None for `default_concurrency()`; non-positive
-  for no limit (TFF's default). Results do not depend on it.
-  """
-  if max_concurrent_computation_calls is None:
-    max_concurrent_computation_calls = default_concurrency()
-  tff = import_tff()
-  from tensorflow_federated.python.core.backends.native import compiler
-  from tensorflow_federated.python.core.environments.tensorflow_frontend import (
-    tensorflow_computation,
-  )
-
-  service = _LocalWorker(max_concurrent_computation_calls)
-
-  def stack_fn(cardinalities):
-    if cardinalities.get(tff.CLIENTS) is None:
-      cardinalities[tff.CLIENTS] = 0
-    executor = tff.framework.RemoteExecutor(service.get_stub())
-    executor.set_cardinalities(cardinalities)
-    return executor
-
-  return tff.framework.SyncExecutionContext(
-    executor_fn=tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn),
-    compiler_fn=compiler.desugar_and_transform_to_native,
-    transform_args=tensorflow_computation.transform_args,
-    transform_result=tensorflow_computation.transform_result,
-  )
 
 
 def _unreachable(address: str, why: str) -> str:
@@ -355,7 +235,7 @@ def _remote_executor_factory(address: str, timeout: float, call_timeout: Optiona
   from tf_dlg.execution import worker
 
   tff = import_tff()
-  channel = grpc.insecure_channel(address, _GRPC_OPTIONS)
+  channel = grpc.insecure_channel(address, local_context.GRPC_OPTIONS)
   call_timeout = CALL_TIMEOUT if call_timeout is None else call_timeout
   channel = grpc.intercept_channel(channel, _deadline(address, call_timeout))
   stub = tff.framework.RemoteExecutorGrpcStub(channel)
@@ -364,16 +244,7 @@ def _remote_executor_factory(address: str, timeout: float, call_timeout: Optiona
     if time.time() > deadline:
       raise worker.WorkerUnavailable(_unreachable(address, f"not ready after {timeout:.0f} s"))
     time.sleep(0.1)
-
-  def stack_fn(cardinalities):
-    # As TFF's local factory: computations without CLIENTS arguments run with 0 clients.
-    if cardinalities.get(tff.CLIENTS) is None:
-      cardinalities[tff.CLIENTS] = 0
-    executor = tff.framework.RemoteExecutor(stub)
-    executor.set_cardinalities(cardinalities)
-    return executor
-
-  return tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn)
+  return local_context.executor_factory(tff, lambda: stub)
 
 
 def create_execution_context(workers=None, timeout: float = 30.0):
@@ -396,19 +267,10 @@ def create_execution_context(workers=None, timeout: float = 30.0):
   protocol has no authentication, see `tf_dlg.execution.worker`).
   """
   tff = import_tff()
-  from tensorflow_federated.python.core.backends.native import compiler
-  from tensorflow_federated.python.core.environments.tensorflow_frontend import (
-    tensorflow_computation,
-  )
-
   addresses = parse_workers(workers)
   if not addresses:
-    return create_local_context()
-  kwargs = dict(
-    compiler_fn=compiler.desugar_and_transform_to_native,
-    transform_args=tensorflow_computation.transform_args,
-    transform_result=tensorflow_computation.transform_result,
-  )
+    return local_context.create_local_context(tff)
+  kwargs = local_context.context_kwargs()
   if len(addresses) == 1:
     return tff.framework.SyncExecutionContext(
       executor_fn=_remote_executor_factory(addresses[0], timeout), **kwargs

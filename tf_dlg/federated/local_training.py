@@ -128,9 +128,9 @@ _MAX_COMPILED = 16
 
 
 def _candidate_fn(model, training: ClientTraining, chunk: int):
-  from tf_dlg.attacks import runner
+  from tf_dlg.attacks import compile_cache
 
-  key = (runner.architecture_key(model), training, int(chunk))
+  key = (compile_cache.architecture_key(model), training, int(chunk))
   if key not in _COMPILED:
     fmodel = functional.BatchedModel(model)
     steps, optimizer = training.steps, training.build()
@@ -219,7 +219,7 @@ def reconstruct(
   (`objectives.CosineMatching`), with L-BFGS from `optimize.minimize`. Returns images
   [U, B, H, W, C] clipped to [0, 1].
   """
-  from tf_dlg.attacks import objectives, optimize, runner
+  from tf_dlg.attacks import group, objectives, optimize
 
   validation.check_int("iterations", iterations, 1)
   sizes = {len(lab) for lab in labels}
@@ -256,7 +256,7 @@ def reconstruct(
 
   start = tf.random.stateless_uniform([u, size], [int(seed) % (2**31 - 1), 11]).numpy()
   # XLA repays its start-up only on long runs (the attack runner's measured break-even).
-  jit = iterations >= runner.AUTO_JIT_AFTER
+  jit = iterations >= group.AUTO_JIT_AFTER
   if not jit:
     fmodel = fmodel.without_xla()
   result = optimize.minimize(

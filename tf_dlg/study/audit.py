@@ -167,9 +167,9 @@ class Audit(sweep.Sweep):
 def _digest(model, x, y) -> str:
   import hashlib
 
-  from tf_dlg.attacks import runner
+  from tf_dlg.attacks import compile_cache
 
-  h = hashlib.sha256(runner.architecture_key(model).encode())
+  h = hashlib.sha256(compile_cache.architecture_key(model).encode())
   for a in list(model.get_weights()) + [x, y]:
     h.update(np.ascontiguousarray(a).tobytes())
   return h.hexdigest()[:16]
