@@ -22,7 +22,7 @@ layers raise `ValueError`.
 from __future__ import annotations
 
 import copy
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -190,8 +190,14 @@ class BatchedModel:
     """`model.get_weights()`-ordered list -> trainable-variable-ordered list."""
     return [np.asarray(all_weights[i]) for i in self.trainable_index_in_all]
 
-  def __call__(self, weights: Sequence[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
-    """Logits [A, N, classes] of images x [A, N, H, W, C] under weights [A, ...]."""
+  def __call__(
+    self, weights: Sequence[tf.Tensor], x: tf.Tensor, statistics: Optional[list] = None
+  ) -> tf.Tensor:
+    """Logits [A, N, classes] of images x [A, N, H, W, C] under weights [A, ...].
+
+    `statistics`, a list, receives each BatchNorm layer's batch (mean, biased variance),
+    [A, C] each, in layer order (`batchnorm_prior`).
+    """
     a = tf.shape(x)[0]
     n = tf.shape(x)[1]
     h = tf.reshape(x, tf.concat([[a * n], tf.shape(x)[2:]], 0))
@@ -230,6 +236,8 @@ class BatchedModel:
         c = h.shape[-1]
         hh = tf.reshape(h, [a, -1, c])
         mean, var = tf.nn.moments(hh, axes=[1], keepdims=True)
+        if statistics is not None:
+          statistics.append((mean[:, 0, :], var[:, 0, :]))
         hh = (hh - mean) * tf.math.rsqrt(var + eps)
         if gi is not None:
           hh = hh * weights[gi][:, None, :]

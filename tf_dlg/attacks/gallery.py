@@ -16,7 +16,7 @@ member of the batch is ranked among the candidates that are not members.
 Reading top-down: `match_gallery` streams the gallery in chunks (`candidate_updates`:
 per-candidate updates in one batched pass of `functional.BatchedModel`, never the whole
 gallery's updates in memory), scores each chunk against all observed updates at once
-(`_chunk_scores`: two matrix products), and ranks the members (`rank_members`).
+(`masked_cosine_scores`: two matrix products), and ranks the members (`rank_members`).
 Labels: the gallery's own (`labels="gallery"`), or, for an attacker whose gallery has
 no labels, the best cosine over every label (`labels="best"`, the number of classes
 times the work).
@@ -108,7 +108,7 @@ def candidate_updates(fmodel, weights, images, labels, obs: ObservedUpdate):
   return tf.concat([tf.reshape(u, [c, -1]) for u in update], axis=1)
 
 
-def _chunk_scores(candidates, observed, carried):
+def masked_cosine_scores(candidates, observed, carried):
   """Masked cosine [C, U] of candidates [C, P] with observed [U, P] on `carried` [U, P]."""
   dots = tf.matmul(candidates, observed, transpose_b=True)
   sq = tf.matmul(tf.square(candidates), carried, transpose_b=True)
@@ -228,11 +228,11 @@ def score_gallery(
   used = np.empty((n, len(observed)), np.int64)
   for start, stop, g, lab in updates.chunks(gallery_images, gallery_labels, cache_path):
     if g.ndim == 2:
-      scores[start:stop] = _chunk_scores(tf.constant(g), observed_t, carried_t).numpy()
+      scores[start:stop] = masked_cosine_scores(tf.constant(g), observed_t, carried_t).numpy()
       used[start:stop] = lab
       continue
     k = g.shape[1]
-    s = _chunk_scores(tf.constant(g.reshape(-1, g.shape[-1])), observed_t, carried_t).numpy()
+    s = masked_cosine_scores(tf.constant(g.reshape(-1, g.shape[-1])), observed_t, carried_t).numpy()
     s = s.reshape(stop - start, k, -1)
     best = np.argmax(np.where(np.isfinite(s), s, -np.inf), axis=1)
     scores[start:stop] = np.take_along_axis(s, best[:, None], 1)[:, 0]
@@ -331,11 +331,13 @@ def match_gallery(
         model, [observed[i] for i in part], images, glabels, labels, chunk, path
       )
       for j, i in enumerate(part):
-        out[i] = _result(scores[:, j], used[:, j], members[i])
+        out[i] = match_result(scores[:, j], used[:, j], members[i])
   return out
 
 
-def _result(scores, used, members) -> MatchResult:
+def match_result(scores, used, members) -> MatchResult:
+  """The `MatchResult` of one observed update from every candidate's score [C] (its
+  label `used` [C]) and the gallery rows holding the client's images."""
   members = np.asarray(members, np.int64)
   finite = np.where(np.isfinite(scores), scores, -np.inf)
   pick = int(np.argmax(finite))

@@ -52,6 +52,11 @@ class ClientTraining:
     return fedavg.build_optimizer(self.optimizer, self.learning_rate)
 
 
+# Weight of the BatchNorm prior beside the cosine distance (range 0-2); see
+# `batchnorm_prior`.
+BN_WEIGHT = 1e-2
+
+
 def _tile(weights, copies):
   return [
     tf.tile(w[None], tf.concat([[copies], tf.ones([len(w.shape)], tf.int32)], 0)) for w in weights
@@ -196,9 +201,9 @@ def match_gallery(
   scores = np.empty((len(images), len(observed)), np.float32)
   for start, stop, g in candidate_updates(model, model_weights, images, glabels, training, chunk):
     # The gallery attacker's own scoring: masked cosine on the carried coordinates.
-    scores[start:stop] = gallery._chunk_scores(tf.constant(g), observed_t, carried_t).numpy()
+    scores[start:stop] = gallery.masked_cosine_scores(tf.constant(g), observed_t, carried_t).numpy()
   used = np.broadcast_to(glabels[:, None], scores.shape)
-  return [gallery._result(scores[:, j], used[:, j], members[j]) for j in range(len(observed))]
+  return [gallery.match_result(scores[:, j], used[:, j], members[j]) for j in range(len(observed))]
 
 
 def reconstruct(
@@ -210,8 +215,14 @@ def reconstruct(
   iterations: int = 300,
   tv_weight: float = 1e-4,
   seed: int = 0,
+  statistics=None,
+  bn_weight: float = BN_WEIGHT,
 ) -> np.ndarray:
   """Cosine + total-variation reconstruction through the client's simulated training.
+
+  `statistics`: per observation, the batch statistics its BatchNorm update carries
+  (`batchnorm_prior.observed_statistics`); given, the loss adds `bn_weight` x the
+  BatchNorm prior of the dummy batch (its statistics at the global weights).
 
   Each observation's batch (its size: len of its labels, recovered beforehand, e.g. by
   `labels.infer_labels`) is optimised so that its simulated update (`local_update`:
@@ -219,7 +230,7 @@ def reconstruct(
   (`objectives.CosineMatching`), with L-BFGS from `optimize.minimize`. Returns images
   [U, B, H, W, C] clipped to [0, 1].
   """
-  from tf_dlg.attacks import group, objectives, optimize
+  from tf_dlg.attacks import batchnorm_prior, group, objectives, optimize
 
   validation.check_int("iterations", iterations, 1)
   sizes = {len(lab) for lab in labels}
@@ -241,6 +252,16 @@ def reconstruct(
     ],
     "labels": np.eye(k, dtype=np.float32)[np.asarray(labels, np.int64)],
   }
+  if statistics is not None:
+    if len(statistics) != u:
+      raise ValueError(f"statistics has {len(statistics)} entries for {u} observations.")
+    consts["statistics"] = [
+      (
+        np.stack([np.asarray(s[layer].mean, np.float32) for s in statistics]),
+        np.stack([np.asarray(s[layer].variance, np.float32) for s in statistics]),
+      )
+      for layer in range(len(statistics[0]))
+    ]
   objective = objectives.CosineMatching(tv_weight=tv_weight)
   steps, batch, optimizer = training.steps, training.batch_size, training.build()
 
@@ -252,6 +273,10 @@ def reconstruct(
       update = local_update(fmodel, c["weights"], x, c["labels"], steps, batch, optimizer)
       dist = objective.distance(update, c["observed"])
       loss = dist + objective.regularizer(x)
+      if "statistics" in c:
+        dummy = []
+        fmodel(c["weights"], x, statistics=dummy)
+        loss = loss + bn_weight * batchnorm_prior.prior(dummy, c["statistics"])
     return loss, dist, tape.gradient(loss, pos)
 
   start = tf.random.stateless_uniform([u, size], [int(seed) % (2**31 - 1), 11]).numpy()
