@@ -840,11 +840,11 @@ def figure(rows, path: str) -> str:
 
 def _costs(path: str) -> Dict[Tuple[str, float], Any]:
   """{(defence, setting): FrontierPoint} of a frontier.csv."""
-  from tf_dlg.study import frontier
+  from tf_dlg.study import frontier_points
 
   if not os.path.isfile(path):
     raise ValueError(f"frontier_csv={path!r} is not a file; give a frontier run's frontier.csv.")
-  return {(p.defense, float(p.param)): p for p in frontier.read_frontier(path)}
+  return {(p.defense, float(p.param)): p for p in frontier_points.read_frontier(path)}
 
 
 def _cost(costs, name: str, param: float) -> str:
