@@ -29,8 +29,6 @@ from tf_dlg.study.records import UNTESTED
 
 # The claims' "almost no cost" (two points of accuracy), the margin a cost is judged by.
 MARGIN = 0.02
-
-
 FRONTIER_KEYS = ("defense", "setting", "attack", "top1", "top1_low", "top1_high")
 
 
