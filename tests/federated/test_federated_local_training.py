@@ -14,7 +14,7 @@ import tensorflow as tf
 from tf_dlg import data, defenses, models
 from tf_dlg.attacks import functional, gallery, threat_model
 from tf_dlg.federated import fedavg, local_training
-from tf_dlg.study import sweep
+from tf_dlg.study import sweep_attacks
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +91,9 @@ def test_batch_one_sgd_step_ranks_equal_the_fedsgd_gallery_attacker(mnist):
 
 
 def test_label_accuracy_is_the_multiset_overlap():
-  assert sweep.label_accuracy([1, 1, 2], [1, 2, 2], 3) == pytest.approx(2 / 3)
-  assert sweep.label_accuracy([0, 0], [1, 1], 3) == 0.0
-  assert sweep.label_accuracy([4, 2, 2, 9], [2, 9, 4, 2], 10) == 1.0
+  assert sweep_attacks.label_accuracy([1, 1, 2], [1, 2, 2], 3) == pytest.approx(2 / 3)
+  assert sweep_attacks.label_accuracy([0, 0], [1, 1], 3) == 0.0
+  assert sweep_attacks.label_accuracy([4, 2, 2, 9], [2, 9, 4, 2], 10) == 1.0
 
 
 def test_batch_labels_of_16_mnist_images_beat_guessing(mnist):
@@ -112,7 +112,7 @@ def test_batch_labels_of_16_mnist_images_beat_guessing(mnist):
   for b in batches:
     x, y = mnist.x_train[b], mnist.y_train[b].astype(np.int64)
     update = _one(fmodel, model, x, y, 1, 16, adam)
-    got = sweep.recover_labels(update, fmodel.trainable_shapes, 10, 16)
+    got = sweep_attacks.recover_labels(update, fmodel.trainable_shapes, 10, 16)
     true, found = collections.Counter(y.tolist()), collections.Counter(got.tolist())
     accs.append(sum(min(true[c], found[c]) for c in true) / 16)
     for _ in range(100):

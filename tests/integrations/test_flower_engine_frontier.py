@@ -18,7 +18,7 @@ import pytest
 
 from tf_dlg.federated import simulation as sim
 from tf_dlg.integrations import flower_engine
-from tf_dlg.study import convergence, frontier, pipeline, presets
+from tf_dlg.study import convergence, frontier, frontier_points, pipeline, presets
 
 TINY = dict(
   dataset="digits",
@@ -67,7 +67,7 @@ def test_frontier_trains_with_flower_end_to_end(flower_frontier):
     np.mean([finals["none", s] for s in (0, 1)]), abs=1e-4
   )
   # Every output names the engine.
-  assert frontier.read_frontier(str(out / "frontier.csv")) == points
+  assert frontier_points.read_frontier(str(out / "frontier.csv")) == points
   assert "engine `flower`" in (out / "frontier.md").read_text()
   rows = convergence.read_convergence(str(out / "convergence" / "convergence.csv"))
   assert {r["engine"] for r in rows} == {"flower"}
@@ -87,7 +87,7 @@ def test_flower_and_tff_frontier_rows_have_the_same_columns(flower_frontier, tmp
   tff_points = frontier.run_frontier(str(tmp_path), progress=False, engine="tff", **TINY)
   out, flower_points = flower_frontier
   assert _header(out / "frontier.csv") == _header(tmp_path / "frontier.csv")
-  assert list(frontier.FRONTIER_FIELDS) == _header(tmp_path / "frontier.csv")
+  assert list(frontier_points.FRONTIER_FIELDS) == _header(tmp_path / "frontier.csv")
   assert [p.engine for p in tff_points] == ["tff"] and [p.engine for p in flower_points] == [
     "flower"
   ]
@@ -108,12 +108,12 @@ def test_a_frontier_csv_without_engine_column_reads_as_tff(flower_frontier, tmp_
   with open(out / "frontier.csv", newline="") as f:
     rows = list(csv.DictReader(f))
   old = tmp_path / "old.csv"
-  fields = [k for k in frontier.FRONTIER_FIELDS if k != "engine"]
+  fields = [k for k in frontier_points.FRONTIER_FIELDS if k != "engine"]
   with open(old, "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-  assert frontier.read_frontier(str(old)) == [dataclasses.replace(points[0], engine="tff")]
+  assert frontier_points.read_frontier(str(old)) == [dataclasses.replace(points[0], engine="tff")]
 
 
 def test_dp_points_without_their_modules_are_refused_before_any_work(monkeypatch, tmp_path):

@@ -13,7 +13,14 @@ from scipy import stats
 
 from tf_dlg import defenses
 from tf_dlg.analysis import identification
-from tf_dlg.study import convergence, defense_table, frontier, matching
+from tf_dlg.study import (
+  convergence,
+  defense_table,
+  frontier,
+  frontier_points,
+  frontier_report,
+  matching,
+)
 
 SEEDS = (0, 1)
 ROUNDS = 3
@@ -171,7 +178,7 @@ def test_tiny_frontier_end_to_end(tmp_path, fake_training, install_fake_attack):
   assert points[-1].epsilon == pytest.approx(_dp_epsilon(2.0, 2, ROUNDS, 1e-5), rel=1e-9)
   assert points[-1].delta == 1e-5
   # Outputs: the CSV reads back to the same records; the table and the figure exist.
-  assert frontier.read_frontier(str(tmp_path / "frontier.csv")) == points
+  assert frontier_points.read_frontier(str(tmp_path / "frontier.csv")) == points
   table = (tmp_path / "frontier.md").read_text()
   assert "| masking | rate 0.01 | masked_ig+gallery_match | 0.67 " in table and "(2/3)" in table
   # Who identifies: the fake gallery matcher finds nothing, so every hit is a reconstruction's.
@@ -208,7 +215,7 @@ def _point(defense, param, top1, cost, high=None, width=0.01, epsilon=None, n=8)
   """A synthetic point: `top1` of n images identified (upper bound `high`), cost +- width."""
   k = round(top1 * n)
   iv = identification.identification_rate(np.arange(n) < k)
-  return frontier.FrontierPoint(
+  return frontier_points.FrontierPoint(
     defense=defense,
     label=frontier.label(defense, param),
     param=param,
@@ -244,31 +251,31 @@ def test_equal_protection_verdicts():
   pruning = _point("pruning", 0.99, 0.0, 0.20)
   dp = _point("dp", 1.0, 0.0, 0.40, epsilon=25.0)
   assert cheap_leaky.top1 > 0.0 == masking.top1
-  cheapest, vs_dp, evidence = frontier.equal_protection([cheap_leaky, masking, pruning, dp])
+  cheapest, vs_dp, evidence = frontier_report.equal_protection([cheap_leaky, masking, pruning, dp])
   assert (cheapest, vs_dp) == ("masking", "masking, pruning beat DP")
   assert len(evidence) == 3 and "epsilon 25" in evidence[-1]
   # Overlapping cost intervals: neither a cheapest defence nor a DP verdict.
   close = _point("pruning", 0.99, 0.0, 0.06, width=0.02)
   near_dp = _point("dp", 1.0, 0.0, 0.07, width=0.03, epsilon=25.0)
-  assert frontier.equal_protection([masking, close, near_dp])[:2] == (
+  assert frontier_report.equal_protection([masking, close, near_dp])[:2] == (
     "inconclusive",
     "inconclusive",
   )
   # DP wholly cheaper; no DP point protecting; nothing protecting at a stricter level.
   cheap_dp = _point("dp", 3.0, 0.0, 0.0, width=0.005, epsilon=6.0)
-  assert frontier.equal_protection([masking, cheap_dp])[1] == "DP costs less"
-  assert frontier.equal_protection([masking])[1] == "no DP point protects"
-  assert frontier.equal_protection([cheap_leaky], 0.0)[:2] == (
+  assert frontier_report.equal_protection([masking, cheap_dp])[1] == "DP costs less"
+  assert frontier_report.equal_protection([masking])[1] == "no DP point protects"
+  assert frontier_report.equal_protection([cheap_leaky], 0.0)[:2] == (
     "none protects",
     "nothing protects",
   )
   # A looser level lets 2/8 identified count as protected.
-  assert frontier.equal_protection([cheap_leaky], 0.25)[0] == "masking"
-  assert frontier.equal_protection([cheap_leaky, dp])[:2] == (
+  assert frontier_report.equal_protection([cheap_leaky], 0.25)[0] == "masking"
+  assert frontier_report.equal_protection([cheap_leaky, dp])[:2] == (
     "none protects",
     "only DP protects",
   )
-  row = frontier.claims_row([masking, pruning, dp])
+  row = frontier_report.claims_row([masking, pruning, dp])
   assert (
     len(row) == 4
     and "<= 0 of the attacked" in row[0]
@@ -279,16 +286,16 @@ def test_equal_protection_verdicts():
 def test_csv_round_trip_and_damaged_cells(tmp_path):
   pts = [_point("masking", 0.99, 0.0, 0.05), _point("dp", 0.5, 0.125, 0.3, epsilon=65.4)]
   path = str(tmp_path / "frontier.csv")
-  frontier.write_frontier(path, pts)
-  assert frontier.read_frontier(path) == pts
+  frontier_points.write_frontier(path, pts)
+  assert frontier_points.read_frontier(path) == pts
   text = open(path).read().splitlines()
   text[2] = text[2].replace(",0.3,", ",0.3x,", 1)
   (tmp_path / "bad.csv").write_text("\n".join(text) + "\n")
   with pytest.raises(ValueError, match=r"bad.csv, line 3, column 'cost'"):
-    frontier.read_frontier(str(tmp_path / "bad.csv"))
+    frontier_points.read_frontier(str(tmp_path / "bad.csv"))
   (tmp_path / "other.csv").write_text("a,b\n1,2\n")
   with pytest.raises(ValueError, match="not a frontier.csv"):
-    frontier.read_frontier(str(tmp_path / "other.csv"))
+    frontier_points.read_frontier(str(tmp_path / "other.csv"))
 
 
 @pytest.mark.parametrize(
@@ -370,7 +377,7 @@ def test_tiny_frontier_with_real_training(tmp_path):
   for p in points:
     assert 0 <= p.final_accuracy <= 1 and p.final_low <= p.final_accuracy <= p.final_high
   assert points[-1].epsilon == pytest.approx(_dp_epsilon(1.0, 2, 1, 1e-5), rel=1e-9)
-  assert frontier.read_frontier(str(tmp_path / "frontier.csv")) == points
+  assert frontier_points.read_frontier(str(tmp_path / "frontier.csv")) == points
 
 
 def test_equal_protection_skips_non_finite_costs():
@@ -379,19 +386,24 @@ def test_equal_protection_skips_non_finite_costs():
   masking = _point("masking", 0.99, 0.0, 0.05)
   for bad in (math.nan, math.inf, -math.inf):
     broken = dataclasses.replace(_point("pruning", 0.99, 0.0, 0.0), cost=bad)
-    assert frontier.equal_protection([masking, broken])[:2] == ("masking", "no DP point protects")
-    assert frontier.equal_protection([broken])[:2] == ("none protects", "nothing protects")
+    assert frontier_report.equal_protection([masking, broken])[:2] == (
+      "masking",
+      "no DP point protects",
+    )
+    assert frontier_report.equal_protection([broken])[:2] == ("none protects", "nothing protects")
     broken_dp = dataclasses.replace(_point("dp", 1.0, 0.0, 0.0, epsilon=25.0), cost=bad)
-    assert frontier.equal_protection([masking, broken_dp])[1] == "no DP point protects"
+    assert frontier_report.equal_protection([masking, broken_dp])[1] == "no DP point protects"
   # The cheaper setting of one defence is kept when the other's cost is not finite.
   cheap = _point("masking", 0.5, 0.0, 0.01)
   nan_cheaper = dataclasses.replace(_point("masking", 0.9, 0.0, 0.0), cost=math.nan)
-  _, _, evidence = frontier.equal_protection([nan_cheaper, cheap, masking])
+  _, _, evidence = frontier_report.equal_protection([nan_cheaper, cheap, masking])
   assert evidence == ["masking 0.5: identified 0/8 (<= 0.37), cost +1.0 [+0.0, +2.0] pp"]
   # One seed: a finite cost with an infinite interval protects but wins no comparison.
   one_seed = dataclasses.replace(cheap, cost_low=-math.inf, cost_high=math.inf)
   dp = _point("dp", 1.0, 0.0, 0.40, epsilon=25.0)
-  assert frontier.equal_protection([one_seed, _point("pruning", 0.99, 0.0, 0.2), dp])[:2] == (
+  assert frontier_report.equal_protection([one_seed, _point("pruning", 0.99, 0.0, 0.2), dp])[
+    :2
+  ] == (
     "inconclusive",
     "pruning beats DP",
   )
@@ -402,22 +414,22 @@ def test_equal_protection_ties_are_inconclusive():
   masking = _point("masking", 0.99, 0.0, 0.05)
   twin = _point("pruning", 0.99, 0.0, 0.05)
   dp_twin = _point("dp", 1.0, 0.0, 0.05, epsilon=25.0)
-  assert frontier.equal_protection([masking, twin, dp_twin])[:2] == (
+  assert frontier_report.equal_protection([masking, twin, dp_twin])[:2] == (
     "inconclusive",
     "inconclusive",
   )
   # Touching: masking's interval ends exactly where the other's begins.
   edge = masking.cost_high
   touching = dataclasses.replace(_point("pruning", 0.99, 0.0, 0.07), cost_low=edge)
-  assert frontier.equal_protection([masking, touching])[0] == "inconclusive"
+  assert frontier_report.equal_protection([masking, touching])[0] == "inconclusive"
   dp_touching = dataclasses.replace(_point("dp", 1.0, 0.0, 0.07, epsilon=25.0), cost_low=edge)
-  assert frontier.equal_protection([masking, dp_touching])[1] == "inconclusive"
+  assert frontier_report.equal_protection([masking, dp_touching])[1] == "inconclusive"
   # Just apart: then the order is clear both ways.
   apart = _point("pruning", 0.99, 0.0, 0.0701)
-  assert frontier.equal_protection([masking, apart])[0] == "masking"
+  assert frontier_report.equal_protection([masking, apart])[0] == "masking"
   dp_apart = _point("dp", 1.0, 0.0, 0.0299, epsilon=25.0)
-  assert frontier.equal_protection([masking, dp_apart])[1] == "DP costs less"
+  assert frontier_report.equal_protection([masking, dp_apart])[1] == "DP costs less"
   # Two settings of one defence at the same cost: the defence is counted once.
   same_cost = _point("masking", 0.5, 0.0, 0.05)
-  _, _, evidence = frontier.equal_protection([masking, same_cost])
+  _, _, evidence = frontier_report.equal_protection([masking, same_cost])
   assert len(evidence) == 1 and evidence[0].startswith("masking ")

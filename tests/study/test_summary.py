@@ -16,7 +16,7 @@ import pytest
 
 from tf_dlg.analysis import figures
 from tf_dlg.study import convergence as convergence_lib
-from tf_dlg.study import records, summary
+from tf_dlg.study import defence_lines, protection, records, summary
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 NUM = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
@@ -156,19 +156,19 @@ def test_real_run_renders_to_html_with_the_figure_inline(run):
 def test_cost_phrase_is_inconclusive_when_the_interval_holds_zero_or_the_margin():
   base = {"final_test_accuracy": 0.976}
   row = lambda c, lo, hi: {"cost": c, "cost_low": lo, "cost_high": hi}
-  assert summary.cost_phrase(row(0.001, -0.003, 0.004), base).startswith(
+  assert defence_lines.cost_phrase(row(0.001, -0.003, 0.004), base).startswith(
     "cost inconclusive: interval wider than the effect (+0.1 pp [-0.3, +0.4] of 97.6 %; below"
   )
-  wide = summary.cost_phrase(row(0.01, -0.01, 0.03), base)
+  wide = defence_lines.cost_phrase(row(0.01, -0.01, 0.03), base)
   assert "wider than the effect" in wide and "below" not in wide
-  assert summary.cost_phrase(row(0.015, 0.005, 0.025), base).startswith(
+  assert defence_lines.cost_phrase(row(0.015, 0.005, 0.025), base).startswith(
     "cost inconclusive: interval contains the 2 pp margin"
   )
-  assert summary.cost_phrase(row(0.03, 0.025, 0.035), base) == (
+  assert defence_lines.cost_phrase(row(0.03, 0.025, 0.035), base) == (
     "costs +3.0 pp [+2.5, +3.5] of 97.6 %"
   )
-  assert summary.cost_phrase(row(0.005, 0.001, 0.009), base).startswith("costs +0.5 pp")
-  assert "1 pp margin" in summary.cost_phrase(row(0.01, 0.005, 0.015), base, margin=0.01)
+  assert defence_lines.cost_phrase(row(0.005, 0.001, 0.009), base).startswith("costs +0.5 pp")
+  assert "1 pp margin" in defence_lines.cost_phrase(row(0.01, 0.005, 0.015), base, margin=0.01)
 
 
 def test_no_convergence_run_is_said_not_silent(run):
@@ -237,7 +237,7 @@ def test_strongest_attacker_rows_lead_and_missing_costs_are_named(run):
     id_per_image=json.dumps([1e-4, 0.99]),
     id_per_image_status=json.dumps(["at_weakest", "found"]),
   )
-  assert summary.top1_inferred(weakest, 0.0177)[0] == 0.5
+  assert protection.top1_inferred(weakest, 0.0177)[0] == 0.5
   assert re.search(r"Not in the figure[^\n]*masking", md)
   assert (
     table["pruning"][2].startswith("0.99 [") and table["pruning"][4] == "+30.0 pp [+25.0, +35.0]"
@@ -367,7 +367,9 @@ def test_untested_and_not_searched_defences_get_their_own_verdicts(run):
     else r
     for r in thresholds
   ]
-  assert summary.protection(summary.threshold_row(half, "mnist", "pruning")).state == "protects"
+  assert (
+    protection.protection(protection.threshold_row(half, "mnist", "pruning")).state == "protects"
+  )
 
 
 def test_frontier_verdicts_quote_the_frontiers_own_baseline(run):

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from tf_dlg.study import results, sweep
+from tf_dlg.study import results, sweep, sweep_case, sweep_report, sweep_settings
 
 TINY = dict(
   datasets=("digits",),
@@ -52,13 +52,15 @@ TINY = dict(
 def test_bad_settings_are_one_error_before_any_work(tmp_path, field, value, names):
   out = tmp_path / "out"
   with pytest.raises(ValueError, match=names):
-    sweep.Sweep(str(out), sweep.SweepSettings(**{field: value}))
+    sweep.Sweep(str(out), sweep_settings.SweepSettings(**{field: value}))
   assert not out.exists()
 
 
 def test_a_dataset_that_cannot_train_is_refused_before_anything_is_written(tmp_path):
   out = tmp_path / "out"
-  settings = sweep.SweepSettings(datasets=("cifar10_sample",), trained_datasets=("cifar10_sample",))
+  settings = sweep_settings.SweepSettings(
+    datasets=("cifar10_sample",), trained_datasets=("cifar10_sample",)
+  )
   with pytest.raises(ValueError, match="trained_datasets: 'cifar10_sample' has no test split"):
     sweep.Sweep(str(out), settings).run()
   assert not os.listdir(out)  # the checked (empty) output folder, nothing in it
@@ -67,7 +69,7 @@ def test_a_dataset_that_cannot_train_is_refused_before_anything_is_written(tmp_p
 def test_default_settings_are_the_quick_training_at_the_frontier():
   from tf_dlg.study import defense_table, presets
 
-  s = sweep.SweepSettings().check()
+  s = sweep_settings.SweepSettings().check()
   quick = presets.PRESETS["quick"]
   assert (s.batch_size, s.client_lr, s.train_examples, s.num_clients, s.training_rounds) == (
     quick.batch_size,
@@ -82,8 +84,10 @@ def test_default_settings_are_the_quick_training_at_the_frontier():
 
 
 def test_cells_name_every_setting_that_cannot_run():
-  s = sweep.SweepSettings(datasets=("mnist", "cifar10_sample"), rounds=(0, 5), batch_sizes=(4, 64))
-  todo, skipped = sweep.cells(s, {"mnist": 600, "cifar10_sample": 10})
+  s = sweep_settings.SweepSettings(
+    datasets=("mnist", "cifar10_sample"), rounds=(0, 5), batch_sizes=(4, 64)
+  )
+  todo, skipped = sweep_case.cells(s, {"mnist": 600, "cifar10_sample": 10})
   assert {(c.dataset, c.round, c.batch, c.local_work) for c in todo if c.dataset != "mnist"} == {
     ("cifar10_sample", 0, 4, "step"),
     ("cifar10_sample", 0, 4, "epoch"),
@@ -100,7 +104,7 @@ def test_cells_name_every_setting_that_cannot_run():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("sweep"))
-  settings = sweep.SweepSettings(**TINY)
+  settings = sweep_settings.SweepSettings(**TINY)
   paths = sweep.Sweep(out, settings, progress=False).run()
   with open(paths["csv"], newline="") as f:
     rows = list(csv.DictReader(f))
@@ -170,13 +174,13 @@ def test_captured_update_equals_the_simulated_adam_step(digits):
   from tf_dlg.execution import runtime
   from tf_dlg.federated import fedavg, local_training, simulation
 
-  s = sweep.SweepSettings(**TINY)
+  s = sweep_settings.SweepSettings(**TINY)
   config = s.training_config("digits", 1)
   runtime.install_context()
   fa = simulation.build_for_config(config, digits)
   state = fa.initialize()
   x, y = digits.x_train[3:4], digits.y_train[3:4].astype(np.int64)
-  update = sweep.capture_update(fa, state, x, y, 1, seed=0)
+  update = sweep_case.capture_update(fa, state, x, y, 1, seed=0)
   model = models.build_model("bn_cnn", digits.input_shape, digits.num_classes, seed=0)
   fa.assign_to_keras(fa.process.get_model_weights(state), model)
   model = local_training.attack_model(model)
@@ -201,12 +205,12 @@ def test_rerun_resumes_without_attacking_and_refuses_other_settings(tiny, monkey
   def refuse(*args, **kwargs):
     raise AssertionError("a finished sweep attacked again")
 
-  monkeypatch.setattr(sweep, "capture_update", refuse)
-  monkeypatch.setattr(sweep, "_train", refuse)
+  monkeypatch.setattr(sweep_case, "capture_update", refuse)
+  monkeypatch.setattr(sweep_case, "train", refuse)
   again = sweep.Sweep(out, settings, progress=False).run()
   with open(again["csv"], newline="") as f:
     assert list(csv.DictReader(f)) == rows
-  other = sweep.SweepSettings(**dict(TINY, batch_sizes=(1,)))
+  other = sweep_settings.SweepSettings(**dict(TINY, batch_sizes=(1,)))
   with pytest.raises(results.ResultsFileError, match="different configuration"):
     sweep.Sweep(out, other, progress=False).run()
 
@@ -214,14 +218,14 @@ def test_rerun_resumes_without_attacking_and_refuses_other_settings(tiny, monkey
 def test_the_sweep_preset_is_the_quick_training_attacked_at_rounds_0_5_and_last():
   from tf_dlg.study import presets
 
-  s = sweep.settings_from_preset(presets.PRESETS["sweep"])
+  s = sweep_settings.settings_from_preset(presets.PRESETS["sweep"])
   assert s.datasets == ("mnist", "cifar10_sample") and s.trained_datasets == ("mnist",)
   assert s.rounds == (0, 5, 15) and s.training_rounds == 15 and s.gallery_size == 10_000
   assert (s.batch_size, s.client_lr, s.train_examples, s.test_examples) == (64, 0.002, 6000, 2000)
-  short = sweep.settings_from_preset(presets.with_overrides("sweep", {"rounds": 3}))
+  short = sweep_settings.settings_from_preset(presets.with_overrides("sweep", {"rounds": 3}))
   assert short.rounds == (0, 3) and short.training_rounds == 3
   with pytest.raises(ValueError, match="training_rounds=0"):
-    sweep.settings_from_preset(presets.with_overrides("sweep", {"rounds": 0}))
+    sweep_settings.settings_from_preset(presets.with_overrides("sweep", {"rounds": 0}))
 
 
 def _row(defense, param, identified, n, high, auc=0.5):
@@ -246,7 +250,7 @@ def _row(defense, param, identified, n, high, auc=0.5):
 def test_first_line_names_the_weakest_protecting_setting_and_what_is_inconclusive():
   """Controlled rows: 0/600 below the undefended 300/600 protects; 0/16 beside an
   undefended 1/16 (its upper bound 0.21 above 1/16) is inconclusive."""
-  s = sweep.SweepSettings(
+  s = sweep_settings.SweepSettings(
     defenses=(("masking", 0.5), ("masking", 0.9), ("pruning", 0.3), ("noising_ratio", 3.0))
   )
   rows = [
@@ -256,16 +260,16 @@ def test_first_line_names_the_weakest_protecting_setting_and_what_is_inconclusiv
     _row("pruning", 0.3, 5, 600, 0.02),
     _row("noising_ratio", 3.0, 0, 600, 0.006),
   ]
-  line = sweep.opening_line(rows, s)
+  line = sweep_report.opening_line(rows, s)
   assert line.startswith("At the training's own client setting (mnist, batch 64, one epoch of 600")
   assert "gallery_match identifies 300/600" in line
   assert "masking 0.9 (0/600 identified, rate at most 0.01, membership AUC 0.61" in line
   assert "pruning: no frontier setting protects" in line and "noising_ratio 3 (0/600" in line
   weak = [_row("none", None, 1, 16, 0.30), _row("masking", 0.5, 0, 16, 0.21)]
-  s16 = sweep.SweepSettings(defenses=(("masking", 0.5),))
-  assert "masking 0.5 (inconclusive: 0/16 identified" in sweep.opening_line(weak, s16)
+  s16 = sweep_settings.SweepSettings(defenses=(("masking", 0.5),))
+  assert "masking 0.5 (inconclusive: 0/16 identified" in sweep_report.opening_line(weak, s16)
   none = [_row("none", None, 0, 600, 0.006, auc=0.52), _row("masking", 0.5, 0, 600, 0.006)]
-  assert "no image identified undefended" in sweep.opening_line(none, s16)
+  assert "no image identified undefended" in sweep_report.opening_line(none, s16)
 
 
 def test_later_rounds_continue_the_earlier_rounds_training(tmp_path):
@@ -273,10 +277,10 @@ def test_later_rounds_continue_the_earlier_rounds_training(tmp_path):
   from tf_dlg.execution import runtime
   from tf_dlg.federated import simulation
 
-  settings = sweep.SweepSettings(**dict(TINY, rounds=(0, 1, 2), training_rounds=2)).check()
-  case = sweep._load_case(settings, "digits")
+  settings = sweep_settings.SweepSettings(**dict(TINY, rounds=(0, 1, 2), training_rounds=2)).check()
+  case = sweep_case.load_case(settings, "digits")
   runtime.install_context()
-  states = sweep._train(settings, case, str(tmp_path), progress=False)
+  states = sweep_case.train(settings, case, str(tmp_path), progress=False)
   assert sorted(states) == [0, 1, 2]
   for r in (1, 2):
     history = simulation.read_history(

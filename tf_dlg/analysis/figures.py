@@ -1,9 +1,10 @@
-"""Figures in the paper's shape: leak grids (Figures 2-4) and accuracy panels (Figure 5)."""
+"""Figures in the paper's shape (leak grids, Figures 2-4; accuracy panels, Figure 5) and
+the text helpers every report shares (intervals, costs in points, Markdown tables, HTML)."""
 
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -27,16 +28,31 @@ def with_interval(estimate, low, high, fmt: str = "{:.3f}", unit: str = "") -> s
   return f"{fmt.format(estimate)}{unit} [{fmt.format(low)}, {fmt.format(high)}]"
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib's pyplot on the Agg backend (headless: figures are files, never windows)."""
   import matplotlib
 
-  matplotlib.use("Agg")  # headless: figures are files, never windows
+  matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   return plt
 
 
-def _show(ax, image):
+def save(fig, path: str, dpi: int = 110) -> str:
+  """Writes `fig` to `path` (its folder made), closes it, returns `path`."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=dpi)
+  pyplot().close(fig)
+  return path
+
+
+def cost_pp(cost, low, high, unit: str = " pp") -> str:
+  """`+1.1 pp [+0.4, +1.8]`: an accuracy cost (fractions) with its interval, in points."""
+  return with_interval(100 * cost, 100 * low, 100 * high, "{:+.1f}", unit)
+
+
+def show_image(ax, image) -> None:
+  """An HxWxC image in [0, 1] on `ax` (grey for one channel), without ticks."""
   image = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
   if image.ndim == 3 and image.shape[-1] == 1:
     ax.imshow(image[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
@@ -46,43 +62,45 @@ def _show(ax, image):
   ax.set_yticks([])
 
 
-def leak_grid(rows: Sequence[Mapping], path: str, title: str = "", footer: str = "") -> str:
-  """Saves a grid: one row per setting, columns leaked | best adjusted | original.
+def leak_grid(
+  rows: Sequence[Mapping],
+  path: str,
+  columns: Sequence[Tuple[str, str]],
+  caption: Callable[[Mapping, str], str],
+  title: str = "",
+  footer: str = "",
+  width: float = 6.0,
+) -> str:
+  """Saves a leak grid: one row per setting, one column per (row key, column title).
 
   Args:
-    rows: Dicts with `label` (row title, e.g. "masking 0.6 (threshold)"), `leaked`,
-      `adjusted`, `original` (HxWxC images in [0, 1]), and optional `ssim`,
-      `adjusted_ssim` shown under the images.
+    rows: Dicts with `label` (the row's title), `original` and an HxWxC image in [0, 1]
+      (or None: drawn black) under each column's key.
     path: PNG path.
-    title: Figure title (name the dataset and attack).
-    footer: Small print at the bottom (name the data source).
+    columns: (row key, column title) pairs, left to right.
+    caption: (row, column key) -> the text under that image ("" for none).
+    title, footer: Figure title (name the dataset and attack); small print (name the
+      data source).
+    width: Figure width in inches.
   """
-  plt = _pyplot()
+  plt = pyplot()
   n = len(rows)
-  fig, axes = plt.subplots(n, 3, figsize=(6.0, 2.1 * n + 0.6), squeeze=False)
+  fig, axes = plt.subplots(n, len(columns), figsize=(width, 2.1 * n + 0.6), squeeze=False)
   for i, row in enumerate(rows):
-    for j, (col, name) in enumerate(
-      (("leaked", "leaked"), ("adjusted", "best brightness-adjusted"), ("original", "original"))
-    ):
+    for j, (col, name) in enumerate(columns):
       ax = axes[i, j]
-      _show(ax, row[col])
+      show_image(ax, row[col] if row[col] is not None else np.zeros_like(row["original"]))
       if i == 0:
         ax.set_title(name, fontsize=9)
       if j == 0:
         ax.set_ylabel(row["label"], fontsize=8)
-      if col == "leaked" and "ssim" in row:
-        ax.set_xlabel(f"SSIM {row['ssim']:.2f}", fontsize=8)
-      if col == "adjusted" and "adjusted_ssim" in row:
-        ax.set_xlabel(f"adj. SSIM {row['adjusted_ssim']:.2f}", fontsize=8)
+      ax.set_xlabel(caption(row, col), fontsize=8)
   if title:
     fig.suptitle(title, fontsize=10)
   if footer:
     fig.text(0.01, 0.005, footer, fontsize=6, ha="left", va="bottom", wrap=True)
   fig.tight_layout(rect=(0, 0.03 if footer else 0, 1, 0.97 if title else 1))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return save(fig, path)
 
 
 def accuracy_panel(
@@ -100,7 +118,7 @@ def accuracy_panel(
     path: PNG path.
     panel_order: Subplot order; default sorted keys, laid out 2 per row.
   """
-  plt = _pyplot()
+  plt = pyplot()
   keys = panel_order or sorted(curves)
   cols = 2
   nrows = max(1, int(np.ceil(len(keys) / cols)))
@@ -140,10 +158,7 @@ def accuracy_panel(
   if footer:
     fig.text(0.01, 0.005, footer, fontsize=7, ha="left", va="bottom")
   fig.tight_layout(rect=(0, 0.03 if footer else 0, 1, 0.96 if title else 1))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return save(fig, path)
 
 
 def markdown_row(cells: Sequence) -> str:
@@ -164,22 +179,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
   lines = [markdown_row(header), "|" + "---|" * len(header)]
   lines += [markdown_row(row) for row in rows]
   return "\n".join(lines) + "\n"
-
-
-def read_curves(csv_paths: Mapping[Tuple[str, str, str], str]) -> Dict:
-  """Reads `history.csv` files into `accuracy_panel`'s input.
-
-  Args:
-    csv_paths: {(aggregator, partition, defence label): path to history.csv}.
-  """
-  import csv
-
-  out: Dict = {}
-  for (agg, part, label), p in csv_paths.items():
-    with open(p, newline="") as f:
-      pts = [(int(r["round"]), float(r["test_accuracy"])) for r in csv.DictReader(f)]
-    out.setdefault((agg, part), {})[label] = pts
-  return out
 
 
 _HTML_STYLE = (

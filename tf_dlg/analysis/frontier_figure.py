@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from tf_dlg.analysis.figures import _pyplot
+from tf_dlg.analysis import figures
 
 DP = "dp"
 
@@ -29,13 +28,13 @@ def plot_frontier(
   error bars; DP points form their own line, each labelled with its epsilon.
 
   Args:
-    points: `tf_dlg.study.frontier.FrontierPoint`s.
+    points: `tf_dlg.study.frontier_points.FrontierPoint`s.
     path: PNG path.
 
   Returns:
     {line label: [(cost pp, rate), ...]}: what was drawn, one entry per defence.
   """
-  plt = _pyplot()
+  plt = figures.pyplot()
   fig, ax = plt.subplots(figsize=(7.5, 5))
   drawn: Dict[str, List[Tuple[float, float]]] = {}
   for defense, pts in _series(points).items():
@@ -82,7 +81,5 @@ def plot_frontier(
   if footer:
     fig.text(0.01, 0.005, footer, fontsize=7, ha="left", va="bottom")
   fig.tight_layout(rect=(0, 0.03 if footer else 0, 1, 1))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  figures.save(fig, path)
   return drawn

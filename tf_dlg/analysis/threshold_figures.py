@@ -12,19 +12,11 @@ threshold is a black bar with its 95 % interval as a vertical line.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Dict, Sequence
 
 import numpy as np
 
-
-def _pyplot():
-  import matplotlib
-
-  matplotlib.use("Agg")  # headless: figures are files, never windows
-  import matplotlib.pyplot as plt
-
-  return plt
+from tf_dlg.analysis import figures
 
 
 def _per_image(row: Dict[str, Any], key: str):
@@ -43,7 +35,7 @@ def threshold_strips(
     path: PNG path.
     title, footer: Figure title; small print (name the data sources).
   """
-  plt = _pyplot()
+  plt = figures.pyplot()
   datasets = list(dict.fromkeys(r["dataset"] for r in rows))
   searches = list(dict.fromkeys((r.get("kind", "plain"), r["attack"]) for r in rows))
   fig, ax = plt.subplots(figsize=(1.8 + 1.6 * max(1, len(datasets)), 3.6))
@@ -85,10 +77,7 @@ def threshold_strips(
   if footer:
     fig.text(0.01, 0.005, footer, fontsize=5, ha="left", va="bottom", wrap=True)
   fig.tight_layout(rect=(0, 0.04 if footer else 0, 1, 1))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return figures.save(fig, path)
 
 
 def _draw_cell(ax, r, x0, width, color, rng):
@@ -127,30 +116,7 @@ def leak_grid_with_pick(
     path: PNG path.
     title, footer: Figure title; small print (name the data source).
   """
-  from tf_dlg.analysis import figures
-
-  plt = _pyplot()
-  n = len(rows)
-  fig, axes = plt.subplots(n, 4, figsize=(7.8, 2.1 * n + 0.6), squeeze=False)
-  for i, row in enumerate(rows):
-    for j, (col, name) in enumerate(_GRID_COLUMNS):
-      ax = axes[i, j]
-      image = row[col] if row[col] is not None else np.zeros_like(row["original"])
-      figures._show(ax, image)
-      if i == 0:
-        ax.set_title(name, fontsize=9)
-      if j == 0:
-        ax.set_ylabel(row["label"], fontsize=8)
-      ax.set_xlabel(_grid_caption(row, col), fontsize=8)
-  if title:
-    fig.suptitle(title, fontsize=10)
-  if footer:
-    fig.text(0.01, 0.005, footer, fontsize=6, ha="left", va="bottom", wrap=True)
-  fig.tight_layout(rect=(0, 0.03 if footer else 0, 1, 0.97 if title else 1))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return figures.leak_grid(rows, path, _GRID_COLUMNS, _grid_caption, title, footer, width=7.8)
 
 
 def _grid_caption(row: Dict[str, Any], col: str) -> str:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from tf_dlg.study import sweep
+from tf_dlg.study import sweep, sweep_case, sweep_settings
 
 
 def load_model(model) -> Any:
@@ -68,7 +68,7 @@ def load_data(data, seed: int = 0):
   return x, y, "user_data", f"the user's arrays ({len(x)} images)"
 
 
-def settings_for(config, num_images: int, **options) -> sweep.SweepSettings:
+def settings_for(config, num_images: int, **options) -> sweep_settings.SweepSettings:
   """The sweep settings that measure `config` (one client's share of `num_images`)."""
   if config.num_clients < 2:
     raise ValueError(
@@ -80,13 +80,13 @@ def settings_for(config, num_images: int, **options) -> sweep.SweepSettings:
       f"local_epochs={config.local_epochs}: the audit measures one local step and one local "
       "epoch; use local_epochs=1."
     )
-  return sweep.SweepSettings(
+  return sweep_settings.SweepSettings(
     datasets=(config.dataset,),
     trained_datasets=(),
     rounds=(0,),
     training_rounds=1,
     batch_sizes=(config.batch_size,),
-    model=sweep.USER_MODEL,
+    model=sweep_settings.USER_MODEL,
     train_examples=num_images,
     num_clients=config.num_clients,
     batch_size=config.batch_size,
@@ -140,11 +140,11 @@ class Audit(sweep.Sweep):
 
     s = self.settings
     x, y, name, source, classes = self.data
-    case = sweep.gallery_case(s, name, source, x, y, classes, s.share)
-    todo, skipped = sweep.cells(s, {name: len(case.client)})
+    case = sweep_case.gallery_case(s, name, source, x, y, classes, s.share)
+    todo, skipped = sweep_case.cells(s, {name: len(case.client)})
     io_lib.lock_directory(self.output_dir)
-    log = self._log()
-    pending = [c for c in todo if not self._done(log, c)]
+    log = self.open_log()
+    pending = [c for c in todo if not self.done(log, c)]
     if pending:
       model = self.model
       exclude = defenses.batchnorm_exclusion(model, model.trainable_variables)

@@ -26,128 +26,31 @@ Flower engine trains them with Flower's `LocalDpMod` (`flower_engine.DP_MECHANIS
 "local"): the same clip and noise on each client's update, so the same epsilon.
 
 Outputs in `output_dir` (each names the engine that trained): `frontier.csv` (one
-`FrontierPoint` per row, its `engine` column; `write_frontier` /
-`read_frontier`), `frontier.md` (the table) and `figures/frontier.png`;
-`claims_row` answers "at equal protection, which defence costs least, and does any beat
-DP?" from the points.
+`tf_dlg.study.frontier_points.FrontierPoint` per row, its `engine` column),
+`frontier.md` (the table, `tf_dlg.study.frontier_report`) and `figures/frontier.png`;
+`frontier_report.claims_row` answers "at equal protection, which defence costs least, and
+does any beat DP?" from the points.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import importlib.util
 import math
 import os
-import typing
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from tf_dlg import defenses as defense_registry
 from tf_dlg import io as io_lib
 from tf_dlg import validation
-from tf_dlg.study import defense_table, matching
+from tf_dlg.study import defense_table, frontier_report, matching
+from tf_dlg.study.frontier_points import DP, FrontierPoint, write_frontier
 
-DP = "dp"
 FRONTIER_ENGINES = ("tff", "flower")
 # What the DP points need beside the engine: the `dp` defence the attacks face
 # (tensorflow-privacy's Gaussian query) and its epsilon (dp-accounting).
 _DP_MODULES = ("tensorflow_privacy", "dp_accounting")
-# A setting protects when no attacked image is identified (the threshold search's
-# "defends every image"); a looser level trades that for fewer settings.
-DEFAULT_LEVEL = 0.0
 _WHOLE = 2**31 - 1
-
-
-@dataclasses.dataclass(frozen=True)
-class FrontierPoint:
-  """One defence setting on the frontier: its identification rate and accuracy cost.
-
-  Rates are fractions of `num_images` (`identified` of them, exact interval); accuracies
-  and costs are fractions (cost = baseline - defended accuracy, paired by seed).
-  `epsilon` / `delta` are set for DP points only.
-  """
-
-  defense: str
-  label: str
-  param: float
-  unit: str
-  attackers: str  # "+"-joined
-  dataset: str
-  num_images: int
-  identified: int
-  top1: float
-  top1_low: float
-  top1_high: float
-  undefended_identified: int
-  seeds: str  # space-separated
-  rounds: int
-  final_accuracy: float
-  final_low: float
-  final_high: float
-  cost: float
-  cost_low: float
-  cost_high: float
-  baseline_accuracy: float
-  baseline_low: float
-  baseline_high: float
-  epsilon: Optional[float] = None
-  delta: Optional[float] = None
-  # Who identifies (fractions of num_images; None where no attacker of that kind ran),
-  # the originals' median best rank and the membership measures (`matching.MEASURES`).
-  top1_reconstruction: Optional[float] = None
-  top1_gallery: Optional[float] = None
-  median_rank: Optional[float] = None
-  auc: Optional[float] = None
-  auc_low: Optional[float] = None
-  auc_high: Optional[float] = None
-  tpr1fpr: Optional[float] = None
-  tpr1fpr_low: Optional[float] = None
-  tpr1fpr_high: Optional[float] = None
-  # The federated engine that measured the cost (`tf_dlg.study.convergence.ENGINES`).
-  engine: str = "tff"
-
-
-FRONTIER_FIELDS = tuple(f.name for f in dataclasses.fields(FrontierPoint))
-_TYPES = typing.get_type_hints(FrontierPoint)
-
-
-def write_frontier(path: str, points: Sequence[FrontierPoint]) -> str:
-  """frontier.csv: one row per point (None as an empty cell), written atomically."""
-  from tf_dlg.study import records
-
-  return records.write_csv(path, FRONTIER_FIELDS, [dataclasses.asdict(p) for p in points])
-
-
-def _parse(name: str, text: str, where: str):
-  kind = _TYPES[name]
-  if kind == Optional[float]:  # equality: typing caches can be cleared between calls
-    if text == "":
-      return None
-    kind = float
-  try:
-    return kind(text) if kind is not float else float(text)
-  except ValueError:
-    raise ValueError(f"{where}, column {name!r}: {text!r} is not a {kind.__name__}.") from None
-
-
-def read_frontier(path: str) -> List[FrontierPoint]:
-  """frontier.csv back as `FrontierPoint`s; ValueError naming file, line and column."""
-  with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
-    # Files written before the engine column are TFF's (the only engine then).
-    missing = sorted(set(FRONTIER_FIELDS) - set(reader.fieldnames or []) - {"engine"})
-    if missing:
-      raise ValueError(f"{path} is not a frontier.csv (missing columns: {missing}).")
-    return [
-      FrontierPoint(
-        **{
-          k: _parse(k, row[k], f"{path}, line {reader.line_num}")
-          for k in FRONTIER_FIELDS
-          if k in row
-        }
-      )
-      for row in reader
-    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,7 +266,8 @@ class Frontier:
     write_frontier(os.path.join(self.output_dir, "frontier.csv"), points)
     source = self.convergence.dataset_source or self.settings.dataset
     io_lib.atomic_write_text(
-      os.path.join(self.output_dir, "frontier.md"), frontier_markdown(points, source)
+      os.path.join(self.output_dir, "frontier.md"),
+      frontier_report.frontier_markdown(points, source),
     )
     frontier_figure.plot_frontier(
       points,
@@ -409,132 +313,3 @@ def run_frontier(
 
 
 FRONTIER_SETTING_NAMES = tuple(f.name for f in dataclasses.fields(FrontierSettings))
-
-
-# ---------------------------------------------------------------------- table and claim
-def _pp(value: float, low: float, high: float) -> str:
-  return f"{100 * value:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
-
-
-def _rate(p: FrontierPoint) -> str:
-  return f"{p.top1:.2f} [{p.top1_low:.2f}, {p.top1_high:.2f}] ({p.identified}/{p.num_images})"
-
-
-def _who(p: FrontierPoint) -> str:
-  return matching.who_identifies(dataclasses.asdict(p), p.num_images) or "not measured"
-
-
-def frontier_markdown(points: Sequence[FrontierPoint], source: str = "") -> str:
-  """The frontier table: one row per point, DP points with their (epsilon, delta)."""
-  from tf_dlg.analysis import figures
-
-  rows = [
-    [
-      "DP (local view)" if p.defense == DP else p.defense,
-      f"{p.unit} {p.param:g}",
-      p.attackers,
-      _rate(p),
-      f"{p.undefended_identified}/{p.num_images}",
-      f"{_pp(p.cost, p.cost_low, p.cost_high)} ({len(p.seeds.split())})",
-      f"{p.baseline_accuracy:.3f} [{p.baseline_low:.3f}, {p.baseline_high:.3f}]",
-      "" if p.epsilon is None else f"{p.epsilon:.3g} ({p.delta:g})",
-      _who(p),
-    ]
-    for p in points
-  ]
-  head = points[0] if points else None
-  intro = "# Privacy-utility frontier\n\n" + (
-    f"`{head.dataset}` ({source}). Identification: fraction of {head.num_images} attacked "
-    "images whose original some attacker picks top-1 among all the dataset's images, "
-    "with the exact (Clopper-Pearson) 95 % interval; who: the reconstruction attackers "
-    "(their reconstruction identified by correlation) and gallery matching (candidates "
-    "ranked by their own update's cosine with the observed one) apart, the originals' "
-    "median best rank, and membership measures read off those ranks (AUC, bootstrap "
-    "interval; TPR at 1 % FPR, exact interval). Cost: undefended minus defended "
-    f"final accuracy of FedAvg (mean aggregation, IID clients, {head.rounds} rounds; "
-    f"engine `{head.engine}`), "
-    "paired by seed, in points with the 95 % t interval (seeds). DP: epsilon for the "
-    "attacked client's own clipped, noised update seen every round.\n\n"
-    if head
-    else "No points.\n"
-  )
-  header = [
-    "defence",
-    "setting",
-    "attacker(s)",
-    "top-1 identified [95 %] (k/n)",
-    "undefended",
-    "cost pp [95 %] (seeds)",
-    "baseline acc. [95 %]",
-    "epsilon (delta)",
-    "who identifies; rank; membership",
-  ]
-  return intro + figures.markdown_table(header, rows) + "\n![frontier](figures/frontier.png)\n"
-
-
-def _cheapest_protecting(points: Sequence[FrontierPoint], level: float) -> Dict[str, FrontierPoint]:
-  """{defence: its cheapest setting whose top-1 identification rate is <= level}."""
-  out: Dict[str, FrontierPoint] = {}
-  for p in points:
-    if p.top1 <= level and math.isfinite(p.cost):
-      if p.defense not in out or p.cost < out[p.defense].cost:
-        out[p.defense] = p
-  return out
-
-
-def _describe(p: FrontierPoint) -> str:
-  eps = "" if p.epsilon is None else f", epsilon {p.epsilon:.3g}"
-  return (
-    f"{p.defense} {p.param:g}{eps}: identified {p.identified}/{p.num_images} "
-    f"(<= {p.top1_high:.2f}), cost {_pp(p.cost, p.cost_low, p.cost_high)} pp"
-  )
-
-
-def equal_protection(points: Sequence[FrontierPoint], level: float = DEFAULT_LEVEL):
-  """(cheapest defence or "inconclusive" / "none protects", DP verdict, evidence list).
-
-  A setting protects at `level` when its top-1 identification rate is <= level (the
-  default 0: no attacked image identified; the evidence quotes the interval). Among the defences (DP apart), each one's cheapest protecting setting
-  competes: a defence costs least only if its cost interval lies wholly below every
-  other's. A defence beats DP if its cost interval lies wholly below the cheapest
-  protecting DP point's; DP wins the other way round; otherwise "inconclusive".
-  """
-  validation.check_number("level", level, 0, 1)
-  best = _cheapest_protecting(points, level)
-  dp_point = best.pop(DP, None)
-  evidence = [_describe(p) for p in best.values()]
-  evidence += [] if dp_point is None else [_describe(dp_point)]
-  if not best:
-    return "none protects", "only DP protects" if dp_point else "nothing protects", evidence
-  ranked = sorted(best.values(), key=lambda p: p.cost)
-  lead = ranked[0]
-  clear = all(lead.cost_high < p.cost_low for p in ranked[1:])
-  cheapest = lead.defense if clear else "inconclusive"
-  if dp_point is None:
-    return cheapest, "no DP point protects", evidence
-  winners = [p.defense for p in ranked if p.cost_high < dp_point.cost_low]
-  if winners:
-    dp_verdict = f"{', '.join(winners)} beat{'s' if len(winners) == 1 else ''} DP"
-  elif all(dp_point.cost_high < p.cost_low for p in ranked):
-    dp_verdict = "DP costs less"
-  else:
-    dp_verdict = "inconclusive"
-  return cheapest, dp_verdict, evidence
-
-
-def claims_row(points: Sequence[FrontierPoint], level: float = DEFAULT_LEVEL) -> List[str]:
-  """[claim, our measurement, data, verdict]: the "at equal protection" claims row."""
-  cheapest, dp_verdict, evidence = equal_protection(points, level)
-  claim = (
-    f"At equal protection (top-1 identification rate <= {level:g} of the attacked images), "
-    "which defence "
-    "costs least, and does any beat DP?"
-  )
-  head = points[0] if points else None
-  data = (
-    f"{head.dataset}, {head.num_images} images, seeds {head.seeds}, {head.rounds} rounds"
-    if head
-    else ""
-  )
-  verdict = f"cheapest: {cheapest}; vs DP: {dp_verdict}"
-  return [claim, "; ".join(evidence) or "no setting protects", data, verdict]

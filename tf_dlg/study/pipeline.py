@@ -33,8 +33,7 @@ from tf_dlg import validation
 from tf_dlg.analysis import figures
 from tf_dlg.study import beside as beside_lib
 from tf_dlg.study import claims as claims_lib
-from tf_dlg.study import defense_table, summary
-from tf_dlg.study import frontier as frontier_lib
+from tf_dlg.study import defense_table, frontier_report, summary
 from tf_dlg.study import report as report_lib
 from tf_dlg.study.presets import Preset
 
@@ -297,7 +296,7 @@ def run(
     t = time.perf_counter()
     points = _frontier(output_dir, settings, progress)
     stage_seconds["frontier"] = time.perf_counter() - t
-    claims_lib.append_claims(output_dir, [frontier_lib.claims_row(points)])
+    claims_lib.append_claims(output_dir, [frontier_report.claims_row(points)])
   first = summary.first_screen(
     rows,
     conv_rows,
