@@ -133,10 +133,13 @@ def test_tiny_sweep_writes_the_columns_figure_and_report(tiny):
     "gallery_size",
   ):
     assert column in header
-  # 2 rounds x (2 step + 2 epoch cells) x 3 settings of gallery matching, and the two
-  # reconstructions of the undefended batch-1 step cell at each round.
+  # 2 rounds x (2 step + 2 epoch cells) x 3 settings of gallery matching, and the three
+  # reconstructions (bn_cnn has BatchNorm: the prior's too) of the undefended batch-1
+  # step cell at each round.
   assert len([r for r in rows if r["attack"] == "gallery_match"]) == 2 * 4 * 3
-  assert len([r for r in rows if r["attack"] != "gallery_match"]) == 2 * 2
+  recon = [r["attack"] for r in rows if r["attack"] != "gallery_match"]
+  assert sorted(set(recon)) == ["cosine_tv", "cosine_tv_bn", "cosine_tv_direction"]
+  assert len(recon) == 2 * 3
   for r in rows:
     assert 0.0 <= float(r["test_accuracy"]) <= 1.0  # round 0's untrained model included
     assert int(r["gallery_size"]) == 200
@@ -323,3 +326,12 @@ def test_a_cell_resumed_midway_redoes_only_its_missing_rows(tiny, tmp_path, monk
     again = list(csv.DictReader(f))
   key = lambda r: (r["round"], r["batch"], r["local_work"], r["attack"], r["defense"], r["param"])  # noqa: E731
   assert sorted(map(key, again)) == sorted(map(key, rows))  # each row once, none missing
+
+
+@pytest.mark.parametrize("model, expected", [("bn_cnn", True), ("lenet", False)])
+def test_the_batchnorm_prior_attacks_only_models_with_batchnorm(tmp_path, model, expected):
+  settings = sweep_settings.SweepSettings(**dict(TINY, model=model))
+  run = sweep.Sweep(str(tmp_path), settings, progress=False)
+  assert run.has_batchnorm is expected
+  cell = sweep_case.Cell(dataset="digits", round=0, batch=1, local_work="step", num_images=1)
+  assert ("cosine_tv_bn" in run._runs(cell, "none")) is expected

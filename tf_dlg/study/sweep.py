@@ -28,6 +28,9 @@ Attacks (`ATTACKS`):
   surrogate. An Adam step is close to `lr * sign(gradient)`, whose derivative vanishes
   almost everywhere, so the exact simulation gives L-BFGS a flat landscape (measured on
   one MNIST image at round 0: rank 1,285 of 2,004 exact, rank 2 with the surrogate).
+  `cosine_tv_bn` (models with BatchNorm): `cosine_tv` plus the BatchNorm prior
+  (`tf_dlg.attacks.batchnorm_prior`): the batch statistics that the update's BatchNorm
+  deltas carry (defences pass them through), matched by the dummy batch's own.
   A member is identified when some reconstruction of its batch picks it first among the
   whole gallery (`tf_dlg.analysis.identification.identify`). Reconstruction runs on
   batches of at most `recon_max_batch` images, undefended unless `recon_defended`.
@@ -52,6 +55,7 @@ the figure and report: `tf_dlg.study.sweep_report`.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -154,11 +158,25 @@ class Sweep:
             self._attack_round(log, case, fa, state, acc, at_round)
     return self.write(list(log), skipped)
 
+  @functools.cached_property
+  def has_batchnorm(self) -> bool:
+    """Whether the trained model has BatchNorm layers, whose statistics the update carries
+    (the attacker's `cosine_tv_bn` runs only then)."""
+    from tf_dlg import models
+    from tf_dlg.attacks import batchnorm_prior
+
+    probe = models.build_model(self.settings.model, (28, 28, 1), 10, seed=0)
+    return bool(batchnorm_prior.batchnorm_layers(probe))
+
   def _runs(self, cell: Cell, defense: str) -> List[str]:
     """The attacks that run on `cell` under `defense`."""
     s = self.settings
     recon = cell.num_images <= s.recon_max_batch and (defense == UNDEFENDED or s.recon_defended)
-    return [a for a in s.attacks if a == GALLERY or recon]
+    return [
+      a
+      for a in s.attacks
+      if a == GALLERY or recon and (not RECONSTRUCTIONS[a][1] or self.has_batchnorm)
+    ]
 
   def _keys(self, cell: Cell) -> List[str]:
     settings = [(UNDEFENDED, None)] + list(self.settings.defenses)
@@ -215,10 +233,11 @@ class Sweep:
         done, per = sweep_attacks.match(s, keras_model, weights, case, items, steps)
         self._add_rows(log, case, done, GALLERY, per)
     recon = [it for items in groups.values() for it in items]
-    for attack, exact in RECONSTRUCTIONS.items():
+    for attack, (exact, prior) in RECONSTRUCTIONS.items():
       todo = [it for it in recon if self._missing(log, it, attack)]
       if todo:
-        for done, per in sweep_attacks.reconstruct(s, keras_model, weights, case, todo, exact):
+        runs = sweep_attacks.reconstruct(s, keras_model, weights, case, todo, exact, prior)
+        for done, per in runs:
           self._add_rows(log, case, done, attack, per)
 
   def _missing(self, log, it, attack: str) -> bool:

@@ -53,6 +53,8 @@ def defended_items(settings, case, cell_client, capture, exclude, num_trainable,
     defense = defenses.get_defense(name, param, exclude=exclude)
     defended = defense([tf.constant(u) for u in update], seed + di)
     trainable = [np.asarray(u) for u in defended[:num_trainable]]
+    # BatchNorm statistics' deltas: defences pass them through, as the training's do.
+    statistics = [np.asarray(u) for u in defended[num_trainable:]]
     recovered = recover_labels(trainable, shapes, case.num_classes, len(members))
     items.append(
       dict(
@@ -60,6 +62,7 @@ def defended_items(settings, case, cell_client, capture, exclude, num_trainable,
         defense=name,
         param=param,
         update=trainable,
+        statistics=statistics,
         members=members,
         steps=min(cell.local_steps, s.max_simulated_steps),
         captured=captured / len(settings),
@@ -91,11 +94,13 @@ def match(settings, keras_model, weights, case, items, steps: int):
   return [(it, res.ranks, res.non_members) for it, res in zip(items, results)], per
 
 
-def reconstruct(settings, keras_model, weights, case, items, exact: bool):
+def reconstruct(settings, keras_model, weights, case, items, exact: bool, prior: bool = False):
   """Reconstructs each item's batch, grouped by batch shape; yields each group's
   ([(item, ranks, non-members)], seconds per item) as it ends. `exact`: the dummy's update
-  runs the client's optimizer (else SGD, the update direction)."""
+  runs the client's optimizer (else SGD, the update direction); `prior`: the loss adds the
+  BatchNorm prior of the batch statistics the item's update carries (`batchnorm_prior`)."""
   from tf_dlg.analysis import identification
+  from tf_dlg.attacks import batchnorm_prior
   from tf_dlg.federated import local_training
 
   s = settings
@@ -115,6 +120,14 @@ def reconstruct(settings, keras_model, weights, case, items, exact: bool):
       iterations=s.recon_iterations,
       tv_weight=s.tv_weight,
       seed=s.seed,
+      statistics=[
+        batchnorm_prior.observed_statistics(
+          keras_model, weights, it["statistics"], it["cell"].local_steps, batch
+        )
+        for it in group
+      ]
+      if prior
+      else None,
     )
     per = (time.perf_counter() - t0) / len(group)
     done = []

@@ -15,8 +15,13 @@ from tf_dlg import validation
 
 LOCAL_WORK = ("step", "epoch")
 GALLERY = "gallery_match"
-# Reconstruction attacks: name -> whether the dummy's update runs the client's optimizer.
-RECONSTRUCTIONS = {"cosine_tv": True, "cosine_tv_direction": False}
+# Reconstruction attacks: name -> (whether the dummy's update runs the client's optimizer,
+# whether the loss adds the BatchNorm prior of the statistics the update carries).
+RECONSTRUCTIONS = {
+  "cosine_tv": (True, False),
+  "cosine_tv_direction": (False, False),
+  "cosine_tv_bn": (True, True),
+}
 ATTACKS = (GALLERY,) + tuple(RECONSTRUCTIONS)
 UNDEFENDED = "none"
 CSV_FIELDS = (
