@@ -13,7 +13,7 @@ from scipy import stats
 
 from tf_dlg import defenses
 from tf_dlg.analysis import identification
-from tf_dlg.study import convergence, defense_table, frontier, matching
+from tf_dlg.study import defense_params, defense_table, frontier, matching
 
 SEEDS = (0, 1)
 ROUNDS = 3
@@ -356,7 +356,7 @@ def test_dp_point_carries_its_epsilon(tmp_path):
 
 def test_convergence_labels_are_per_setting():
   assert frontier.label("masking", 0.99) == "masking@0.99"
-  assert convergence.defense_of(frontier.label("clipping_ratio", 1e-4)) == "clipping_ratio"
+  assert defense_params.defense_of(frontier.label("clipping_ratio", 1e-4)) == "clipping_ratio"
 
 
 @pytest.mark.slow
