@@ -278,17 +278,6 @@ class ThresholdSearch:
     """`PointEvaluator.evaluate`: every image under one setting, summarised."""
     return self.evaluator.evaluate(dataset, attack, defense, param, update)
 
-  def evaluate_images(
-    self,
-    dataset: str,
-    attack: str,
-    defense: str,
-    requests: Sequence[Tuple[int, Optional[float]]],
-    update: str = "gradient",
-  ) -> List[Dict[str, Any]]:
-    """`PointEvaluator.evaluate_images`: per-image records of (image, param) requests."""
-    return self.evaluator.evaluate_images(dataset, attack, defense, requests, update)
-
   def update_stats(self, dataset: str):
     """`PointEvaluator.update_stats`: per image, norm and RMS of its undefended gradient."""
     return self.evaluator.update_stats(dataset)
