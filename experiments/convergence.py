@@ -20,8 +20,8 @@ from typing import Dict, Tuple
 # Imports TensorFlow quietly, before anything uses it or absl starts (experiments.cli).
 from experiments import cli
 from tf_dlg import validation
-from tf_dlg.study.convergence import (
-  Convergence,
+from tf_dlg.study.convergence import Convergence
+from tf_dlg.study.defense_params import (
   defense_of,
   defense_params_from_thresholds,
   parse_defense_params,

@@ -9,7 +9,7 @@ import pytest
 from threshold_rows import write_thresholds_csv
 
 from experiments import threshold_search
-from tf_dlg.study import convergence, results
+from tf_dlg.study import defense_params, results
 
 TINY = dict(
   datasets=["digits"],
@@ -205,18 +205,18 @@ def _thresholds_csv(path, **overrides):
 def test_damaged_thresholds_csv_names_file_line_and_column(tmp_path, overrides, match):
   path = _thresholds_csv(tmp_path / "thr.csv", **overrides)
   with pytest.raises(ValueError, match=match):
-    convergence.defense_params_from_thresholds(path, "digits")
+    defense_params.defense_params_from_thresholds(path, "digits")
 
 
 def test_thresholds_csv_round_trip_and_untested_provenance(tmp_path):
   ok = _thresholds_csv(tmp_path / "ok.csv")
-  assert convergence.defense_params_from_thresholds(ok, "digits") == {
+  assert defense_params.defense_params_from_thresholds(ok, "digits") == {
     "masking": (0.3, "plain threshold (found)")
   }
   untested = _thresholds_csv(
     tmp_path / "u.csv", status="at_weakest", attack_works_undefended="False"
   )
-  value, source = convergence.defense_params_from_thresholds(untested, "digits")["masking"]
+  value, source = defense_params.defense_params_from_thresholds(untested, "digits")["masking"]
   assert value == 0.3 and "attack fails undefended" in source
 
 

@@ -8,14 +8,15 @@ import sys
 import pytest
 
 from tf_dlg.study import convergence as convergence_lib
+from tf_dlg.study import defense_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_a_defence_named_twice_in_defense_params_is_refused():
   with pytest.raises(ValueError, match=r"names 'masking' twice \(0\.1 and 0\.2\)"):
-    convergence_lib.parse_defense_params(["masking:0.1", "masking:0.2"])
-  assert convergence_lib.parse_defense_params(["masking:0.1", "clipping:2"]) == {
+    defense_params.parse_defense_params(["masking:0.1", "masking:0.2"])
+  assert defense_params.parse_defense_params(["masking:0.1", "clipping:2"]) == {
     "masking": (0.1, "given"),
     "clipping": (2.0, "given"),
   }

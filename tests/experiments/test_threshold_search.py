@@ -310,7 +310,7 @@ def test_unit_equivalents_convert_both_ways(tmp_path):
     str(tmp_path), ["digits"], ["idlg"], ["clipping"], num_images=3, progress=False
   )
   stats = {"norm": np.array([10.0, 20.0, 40.0]), "rms": np.array([0.1, 0.2, 0.4])}
-  search._stats["digits"] = stats
+  search.evaluator.stats["digits"] = stats
   # Clipping to norm 5: 0.5, 0.25 and 0.125 of the three updates' norms; median 0.25.
   assert search.equivalents("digits", "clipping", 5.0) == (None, pytest.approx(0.25))
   assert search.equivalents("digits", "noising", 0.02) == (None, pytest.approx(0.1))

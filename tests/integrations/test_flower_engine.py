@@ -18,7 +18,7 @@ import pytest
 from tf_dlg.federated import simulation as sim
 from tf_dlg.federated.config import FederatedConfig
 from tf_dlg.integrations import flower_engine
-from tf_dlg.study import convergence
+from tf_dlg.study import convergence, convergence_report, run_store
 
 CLIENTS = 2
 
@@ -151,13 +151,13 @@ def test_convergence_records_the_engine(tiny, tmp_path):
   rows = conv.run()
   assert conv.dataset_source == tiny.source
   assert {r["engine"] for r in rows} == {"flower"}
-  csv_rows = convergence.read_convergence(str(tmp_path / "convergence.csv"))
+  csv_rows = convergence_report.read_convergence(str(tmp_path / "convergence.csv"))
   assert {r["engine"] for r in csv_rows} == {"flower"}
   assert "engine `flower`" in (tmp_path / "convergence.md").read_text()
   cell = json.loads((tmp_path / "runs" / "mean_iid_none" / "seed0" / "cell.json").read_text())
   assert cell["config"]["engine"] == "flower"
   # The TFF engine's study refuses the Flower runs' folders before any training.
-  with pytest.raises(convergence.CellError):
+  with pytest.raises(run_store.CellError):
     convergence.Convergence(str(tmp_path), {}, **common).prepare()
 
 
@@ -218,7 +218,7 @@ def test_convergence_with_central_dp_records_its_engine(tiny, tmp_path):
   cell = json.loads((tmp_path / "runs" / "mean_iid_dp" / "seed0" / "cell.json").read_text())
   assert cell["config"]["engine"] == "flower-central-dp"
   # The local mechanism's study refuses these run folders before any training.
-  with pytest.raises(convergence.CellError):
+  with pytest.raises(run_store.CellError):
     convergence.Convergence(
       str(tmp_path), {"dp": (0.05, "given")}, engine="flower", **common
     ).prepare()

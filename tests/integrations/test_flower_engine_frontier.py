@@ -18,7 +18,7 @@ import pytest
 
 from tf_dlg.federated import simulation as sim
 from tf_dlg.integrations import flower_engine
-from tf_dlg.study import convergence, frontier, frontier_points, pipeline, presets
+from tf_dlg.study import convergence_report, frontier, frontier_points, pipeline, presets, run_store
 
 TINY = dict(
   dataset="digits",
@@ -69,10 +69,10 @@ def test_frontier_trains_with_flower_end_to_end(flower_frontier):
   # Every output names the engine.
   assert frontier_points.read_frontier(str(out / "frontier.csv")) == points
   assert "engine `flower`" in (out / "frontier.md").read_text()
-  rows = convergence.read_convergence(str(out / "convergence" / "convergence.csv"))
+  rows = convergence_report.read_convergence(str(out / "convergence" / "convergence.csv"))
   assert {r["engine"] for r in rows} == {"flower"}
   # A TFF frontier cannot take over the Flower runs' folders.
-  with pytest.raises(convergence.CellError):
+  with pytest.raises(run_store.CellError):
     frontier.Frontier(str(out), frontier.FrontierSettings(**TINY)).convergence.prepare()
 
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tf_dlg.study import beside
-from tf_dlg.study.convergence import CellError
+from tf_dlg.study.run_store import CellError
 
 
 class FakeConvergence:

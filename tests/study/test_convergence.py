@@ -9,7 +9,13 @@ import pytest
 from threshold_rows import BASE_ROW, write_thresholds_csv
 
 from tf_dlg.analysis import intervals
-from tf_dlg.study import convergence
+from tf_dlg.study import (
+  convergence,
+  convergence_report,
+  convergence_stats,
+  defense_params,
+  run_store,
+)
 
 
 @pytest.fixture
@@ -95,7 +101,7 @@ def test_a_folder_of_another_seed_is_not_reused(tmp_path, fake_simulation):
     tmp_path / "runs" / "mean_iid_none" / "seed0", tmp_path / "runs" / "mean_iid_none" / "seed1"
   )
   with pytest.raises(
-    convergence.CellError,
+    run_store.CellError,
     match="mean_iid_none/seed1/cell.json: .*another configuration.*seed 0 there, 1 now",
   ):
     _grid(tmp_path, seeds=(0, 1)).run()
@@ -112,7 +118,7 @@ def test_refuses_runs_of_another_configuration(tmp_path, fake_simulation):
     (dict(local_epochs=2), "mean_iid_none", "local_epochs 1 there, 2 now"),
   ]:
     with pytest.raises(
-      convergence.CellError, match=f"runs/{cell}/seed0/cell.json: .*another configuration.*{diff}"
+      run_store.CellError, match=f"runs/{cell}/seed0/cell.json: .*another configuration.*{diff}"
     ):
       _grid(tmp_path, **kwargs).run()
   assert len(fake_simulation) == 2
@@ -128,7 +134,7 @@ def test_resumes_an_unfinished_run_and_refuses_one_without_fingerprint(tmp_path,
   assert fake_simulation[-1] == ("mean_iid_masking/seed0", 0, 0.1)
   assert len(fake_simulation) == 3 and all(r["rounds"] == 2 for r in rows)
   os.remove(tmp_path / "runs" / "mean_iid_none" / "seed0" / "cell.json")
-  with pytest.raises(convergence.CellError, match="a run without cell.json"):
+  with pytest.raises(run_store.CellError, match="a run without cell.json"):
     _grid(tmp_path).run()
 
 
@@ -164,15 +170,15 @@ def test_plain_and_adaptive_thresholds_become_labelled_settings(tmp_path):
       ),
     ],
   )
-  plain = convergence.defense_params_from_thresholds(path, "mnist", "idlg")
+  plain = defense_params.defense_params_from_thresholds(path, "mnist", "idlg")
   assert plain == {
     "masking": (0.3, "plain threshold (found)"),
     "clipping_ratio": (0.01, "plain threshold (found)"),
   }
-  adaptive = convergence.defense_params_from_thresholds(path, "mnist", kind="adaptive")
+  adaptive = defense_params.defense_params_from_thresholds(path, "mnist", kind="adaptive")
   assert adaptive == {"masking@adaptive": (0.9, "adaptive threshold vs masked_ig (found)")}
   with pytest.raises(ValueError, match="no plain thresholds for dataset='lfw_faces'"):
-    convergence.defense_params_from_thresholds(path, "lfw_faces")
+    defense_params.defense_params_from_thresholds(path, "lfw_faces")
 
 
 def test_adaptive_setting_is_the_stronger_of_the_two_leak_criteria(tmp_path):
@@ -195,7 +201,7 @@ def test_adaptive_setting_is_the_stronger_of_the_two_leak_criteria(tmp_path):
       ),
     ],
   )
-  got = convergence.defense_params_from_thresholds(path, "mnist", kind="adaptive")
+  got = defense_params.defense_params_from_thresholds(path, "mnist", kind="adaptive")
   under_both = "adaptive threshold vs {} under both leak criteria (found)"
   assert got["masking@adaptive"] == (0.9, under_both.format("masked_ig"))
   assert got["pruning@adaptive"] == (0.5, under_both.format("masked_ig"))
@@ -222,16 +228,16 @@ def test_reached_only_leaves_out_a_defence_one_of_its_attackers_still_breaks(tmp
       dict(both, defense="pruning", attack="idlg", status="not_reached"),
     ],
   )
-  every = convergence.defense_params_from_thresholds(path, "mnist", kind="adaptive")
+  every = defense_params.defense_params_from_thresholds(path, "mnist", kind="adaptive")
   assert sorted(every) == ["masking@adaptive", "noising_ratio@adaptive", "pruning@adaptive"]
-  got = convergence.defense_params_from_thresholds(
+  got = defense_params.defense_params_from_thresholds(
     path, "mnist", kind="adaptive", reached_only=True
   )
   assert list(got) == ["noising_ratio@adaptive"]
   assert got["noising_ratio@adaptive"][0] == 3.0  # the stronger setting of both attackers
   only_masking = write_thresholds_csv(tmp_path / "m.csv", [dict(both, id_status="not_reached")])
   assert (
-    convergence.defense_params_from_thresholds(
+    defense_params.defense_params_from_thresholds(
       only_masking, "mnist", kind="adaptive", reached_only=True
     )
     == {}
@@ -258,10 +264,10 @@ def test_adaptive_label_trains_the_named_defence_beside_the_plain_one(tmp_path, 
 
 def test_clipped_fraction_is_the_mean_of_the_history_rounds_that_measured_it():
   rows = [dict(round=r, clipped_fraction=c) for r, c in ((1, 0.0), (2, 0.5), (3, 1.0))]
-  assert convergence.clipped_fraction(rows) == pytest.approx(0.5)
+  assert convergence_stats.clipped_fraction(rows) == pytest.approx(0.5)
   # A defence that does not clip leaves the column empty: nothing to report.
-  assert convergence.clipped_fraction([dict(round=1, clipped_fraction=None)]) is None
-  assert convergence.clipped_fraction([]) is None
+  assert convergence_stats.clipped_fraction([dict(round=1, clipped_fraction=None)]) is None
+  assert convergence_stats.clipped_fraction([]) is None
 
 
 def test_subset_is_seeded_and_named_in_the_source():
@@ -318,7 +324,7 @@ def test_adaptive_threshold_of_several_attackers_is_the_strongest_setting(tmp_pa
       dict(kind="adaptive", defense="noising_ratio", attack="masked_ig", threshold="1.0"),
     ],
   )
-  adaptive = convergence.defense_params_from_thresholds(path, "mnist", kind="adaptive")
+  adaptive = defense_params.defense_params_from_thresholds(path, "mnist", kind="adaptive")
   assert adaptive == {"noising_ratio@adaptive": (2.0, "adaptive threshold vs idlg (found)")}
 
 
@@ -337,7 +343,7 @@ def test_rounds_to_target_pairs_seeds_and_censors_a_run_that_never_reaches_it():
     ("mean", "iid", "masking"): [_history([0.5, 0.6, 0.77]), _history([0.6, 0.79, 0.8])],
     ("mean", "iid", "pruning"): [_history([0.5, 0.5, 0.5]), _history([0.7, 0.76, 0.8])],
   }
-  convergence.add_rounds_to_target(rows, histories, 0.95)
+  convergence_stats.add_rounds_to_target(rows, histories, 0.95)
   none, masking, pruning = rows
   # Target 0.95 x 0.8 = 0.76: reached at rounds 2 and 2 undefended, 3 and 2 masked.
   assert none["target_accuracy"] == pytest.approx(0.76) and none["per_seed_rounds"] == "2 2"
@@ -348,11 +354,11 @@ def test_rounds_to_target_pairs_seeds_and_censors_a_run_that_never_reaches_it():
   # Seed 0 of pruning never reaches 0.76: no mean, no interval, the table says so.
   assert pruning["per_seed_rounds"] == "- 2" and "rounds_to_target" not in pruning
   assert "round_cost" not in pruning
-  assert convergence.format_rounds(pruning) == "not reached in 1/2 seeds"
-  assert convergence.format_rounds(masking).startswith("2.5 [")
-  assert convergence.rounds_to(_history([0.1, 0.2]), 0.2) == 2
+  assert convergence_report.format_rounds(pruning) == "not reached in 1/2 seeds"
+  assert convergence_report.format_rounds(masking).startswith("2.5 [")
+  assert convergence_stats.rounds_to(_history([0.1, 0.2]), 0.2) == 2
   with pytest.raises(ValueError, match="target fraction"):
-    convergence.add_rounds_to_target(rows, histories, 1.5)
+    convergence_stats.add_rounds_to_target(rows, histories, 1.5)
 
 
 def test_a_label_confined_to_some_cells_trains_only_there(tmp_path, fake_simulation):

@@ -14,7 +14,7 @@ from scipy import stats
 from tf_dlg import defenses
 from tf_dlg.analysis import identification
 from tf_dlg.study import (
-  convergence,
+  defense_params,
   defense_table,
   frontier,
   frontier_points,
@@ -363,7 +363,7 @@ def test_dp_point_carries_its_epsilon(tmp_path):
 
 def test_convergence_labels_are_per_setting():
   assert frontier.label("masking", 0.99) == "masking@0.99"
-  assert convergence.defense_of(frontier.label("clipping_ratio", 1e-4)) == "clipping_ratio"
+  assert defense_params.defense_of(frontier.label("clipping_ratio", 1e-4)) == "clipping_ratio"
 
 
 @pytest.mark.slow

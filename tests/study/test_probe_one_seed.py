@@ -12,8 +12,7 @@ import shutil
 import pytest
 
 from tf_dlg.analysis import figures
-from tf_dlg.study import claims, records, summary
-from tf_dlg.study import convergence as convergence_lib
+from tf_dlg.study import claims, convergence_report, records, summary
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 NO = "n=1: no interval"
@@ -36,7 +35,7 @@ def one_seed(tmp_path):
   for name in ("thresholds", "convergence"):
     shutil.copy(f"{DATA}/summary_quick_{name}.csv", tmp_path / f"{name}.csv")
   thresholds = records.read_thresholds(str(tmp_path / "thresholds.csv"))
-  conv = convergence_lib.read_convergence(str(tmp_path / "convergence.csv"))
+  conv = convergence_report.read_convergence(str(tmp_path / "convergence.csv"))
   return tmp_path, thresholds, _one_seed(conv)
 
 
@@ -66,7 +65,7 @@ def test_convergence_table_and_claims_with_one_seed(one_seed):
   _, _, conv = one_seed
   row = dict(target_accuracy=0.9, clipped_fraction=None)  # fields newer than the CSV
   row.update(next(r for r in conv if r["label"] != "none"))
-  cells = convergence_lib._table_row(row)
+  cells = convergence_report.table_row(row)
   assert cells[5] == f"{row['final_test_accuracy']:.3f} ({NO})"
   assert cells[6] == f"{100 * row['cost']:+.1f} ({NO})"
   claim = claims.cost_claim("costs almost nothing", [row], 0.02, "at_most")

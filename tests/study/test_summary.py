@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 from tf_dlg.analysis import figures
-from tf_dlg.study import convergence as convergence_lib
-from tf_dlg.study import defence_lines, protection, records, summary
+from tf_dlg.study import convergence_report, defence_lines, protection, records, summary
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 NUM = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
@@ -30,7 +29,7 @@ def run(tmp_path):
   for name in ("thresholds", "convergence"):
     shutil.copy(f"{DATA}/summary_quick_{name}.csv", tmp_path / f"{name}.csv")
   thresholds = records.read_thresholds(str(tmp_path / "thresholds.csv"))
-  convergence = convergence_lib.read_convergence(str(tmp_path / "convergence.csv"))
+  convergence = convergence_report.read_convergence(str(tmp_path / "convergence.csv"))
   return tmp_path, thresholds, convergence
 
 
@@ -315,9 +314,9 @@ def test_bad_inputs_are_refused_with_the_value_named(run, tmp_path):
     w.writeheader()
     w.writerows(rows)
   with pytest.raises(ValueError, match="line 4, column 'cost': 'cheap' is not a number"):
-    convergence_lib.read_convergence(str(bad))
+    convergence_report.read_convergence(str(bad))
   with pytest.raises(ValueError, match="not a convergence.csv"):
-    convergence_lib.read_convergence(f"{DATA}/summary_quick_thresholds.csv")
+    convergence_report.read_convergence(f"{DATA}/summary_quick_thresholds.csv")
 
 
 def test_rows_as_the_stages_return_them_give_the_same_screen(run):

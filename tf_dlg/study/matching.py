@@ -33,7 +33,7 @@ def score_matches(
   """(per-image score dicts, picks, brightness-adjusted picks) of one matching call.
 
   The score dicts hold the fields a threshold-search point needs (those of
-  `ThresholdSearch._score` for a reconstruction), `status` "matched".
+  `point_evaluator.score_reconstructions` for a reconstruction), `status` "matched".
   """
   from tf_dlg import metrics
   from tf_dlg.attacks import gallery

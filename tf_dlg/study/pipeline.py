@@ -196,16 +196,16 @@ def check_settings(output_dir: str, settings: Preset, progress: bool = True):
 
 def _convergence_params(search, settings: Preset) -> Dict[str, Tuple[float, str]]:
   """{label: (parameter, provenance)}: plain thresholds, and adaptive ones if any."""
-  from tf_dlg.study import convergence as convergence_lib
+  from tf_dlg.study import defense_params
 
   path = os.path.join(search.output_dir, "thresholds.csv")
-  params = convergence_lib.defense_params_from_thresholds(
+  params = defense_params.defense_params_from_thresholds(
     path, settings.convergence_dataset, settings.attack
   )
   if settings.adaptive:
     try:
       params.update(
-        convergence_lib.defense_params_from_thresholds(
+        defense_params.defense_params_from_thresholds(
           path,
           settings.convergence_dataset,
           kind="adaptive",
@@ -215,7 +215,7 @@ def _convergence_params(search, settings: Preset) -> Dict[str, Tuple[float, str]
     except ValueError:  # no adaptive rows: the report says so (no @adaptive rows)
       pass
   wanted = set(settings.convergence_defenses)
-  return {k: v for k, v in params.items() if convergence_lib.defense_of(k) in wanted}
+  return {k: v for k, v in params.items() if defense_params.defense_of(k) in wanted}
 
 
 def _fixed_params(search, settings: Preset) -> Dict[str, Tuple[float, str]]:

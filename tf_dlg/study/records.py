@@ -177,44 +177,17 @@ class ThresholdRow:
     return {k: getattr(self, k) for k in THRESHOLD_FIELDS}
 
 
+def _columns(first: str, last: str) -> tuple:
+  """The `ThresholdRow` fields from `first` to `last`, in their declared order."""
+  names = [f.name for f in dataclasses.fields(ThresholdRow)]
+  return tuple(names[names.index(first) : names.index(last) + 1])
+
+
+# Top-1 identification rates over the attacked images, and the gallery they rank in.
+RATE_FIELDS = _columns("undefended_top1", "gallery_size")
 # The identification criterion's columns and the top-1 rates (after the paper's columns).
-ID_FIELDS = (
-  "id_status",
-  "id_threshold",
-  "id_low",
-  "id_high",
-  "id_interval_open",
-  "id_num_tested",
-  "id_rank",
-  "id_per_image",
-  "id_per_image_status",
-  "id_attack_works_undefended",
-  "undefended_top1",
-  "undefended_top1_low",
-  "undefended_top1_high",
-  "top1_at_threshold",
-  "top1_at_threshold_low",
-  "top1_at_threshold_high",
-  "top1_at_id_threshold",
-  "top1_at_id_threshold_low",
-  "top1_at_id_threshold_high",
-  "gallery_size",
-)
-PROTECTIVE_FIELDS = (
-  "protective_setting",
-  "top1_at_protective",
-  "top1_at_protective_low",
-  "top1_at_protective_high",
-  "top1_reconstruction_at_protective",
-  "top1_gallery_at_protective",
-  "median_rank_at_protective",
-  "auc_at_protective",
-  "auc_at_protective_low",
-  "auc_at_protective_high",
-  "tpr1fpr_at_protective",
-  "tpr1fpr_at_protective_low",
-  "tpr1fpr_at_protective_high",
-)
+ID_FIELDS = _columns("id_status", "id_attack_works_undefended") + RATE_FIELDS
+PROTECTIVE_FIELDS = _columns("protective_setting", "tpr1fpr_at_protective_high")
 THRESHOLD_FIELDS = (
   "dataset",
   "dataset_source",
@@ -287,16 +260,7 @@ NUMERIC_FIELDS = (
   "id_high",
   "id_num_tested",
   "id_rank",
-  "undefended_top1",
-  "undefended_top1_low",
-  "undefended_top1_high",
-  "top1_at_threshold",
-  "top1_at_threshold_low",
-  "top1_at_threshold_high",
-  "top1_at_id_threshold",
-  "top1_at_id_threshold_low",
-  "top1_at_id_threshold_high",
-  "gallery_size",
+  *RATE_FIELDS,
   *PROTECTIVE_FIELDS,
   # older files
   "fraction_defended",

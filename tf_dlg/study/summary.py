@@ -84,7 +84,7 @@ def provenance(threshold_rows, dataset, cell_rows, training_data, frontier=None)
 
   `frontier`: the frontier rows the first screen reads, if any (they name their images).
   """
-  from tf_dlg.study.convergence import FINAL_ROUNDS
+  from tf_dlg.study.convergence_stats import FINAL_ROUNDS
 
   mine = [r for r in threshold_rows if r["dataset"] == dataset]
   if any(r.get("kind") == "adaptive" for r in mine):

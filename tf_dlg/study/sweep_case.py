@@ -159,7 +159,7 @@ def train(settings: SweepSettings, case: Case, out_dir: str, progress: bool):
   from a copy of the previous one's checkpoint, so the training runs once in all.
   """
   from tf_dlg.federated import simulation
-  from tf_dlg.study import convergence
+  from tf_dlg.study import run_store
 
   states = {}
   base = settings.training_config(case.name, 1)
@@ -179,12 +179,12 @@ def train(settings: SweepSettings, case: Case, out_dir: str, progress: bool):
       continue
     config = settings.training_config(case.name, r)
     run_dir = os.path.join(out_dir, "training", f"{case.name}_round{r}")
-    fingerprint = convergence.cell_fingerprint(config, case.train.source)
+    fingerprint = run_store.cell_fingerprint(config, case.train.source)
     fingerprint.pop("rounds")
-    if not convergence.check_cell(run_dir, fingerprint):  # refuses another run's folder
+    if not run_store.check_cell(run_dir, fingerprint):  # refuses another run's folder
       os.makedirs(run_dir, exist_ok=True)
       # Claimed before the copy: a kill in between leaves a claimed folder to resume.
-      convergence.claim_cell(run_dir, fingerprint)
+      run_store.claim_cell(run_dir, fingerprint)
       if previous is not None:
         for name in (simulation.CHECKPOINT_NAME, simulation.HISTORY_NAME):
           shutil.copy(os.path.join(previous, name), os.path.join(run_dir, name))
