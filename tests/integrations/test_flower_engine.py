@@ -17,7 +17,7 @@ import pytest
 
 from tf_dlg.federated import simulation as sim
 from tf_dlg.federated.config import FederatedConfig
-from tf_dlg.integrations import flower_client, flower_engine
+from tf_dlg.integrations import flower_client, flower_engine, flower_session
 from tf_dlg.study import convergence
 
 CLIENTS = 2
@@ -252,3 +252,44 @@ def test_without_ray_the_engine_says_how_to_install_it(monkeypatch, tmp_path):
   )
   with pytest.raises(ValueError, match=r"needs ray: pip install 'tf-dlg\[flower,simulation\]'"):
     flower_engine.run_simulation(_config(), str(tmp_path), progress=False)
+
+
+def test_a_run_builds_its_defense_once(tiny, tmp_path, monkeypatch):
+  """The server builds the run's Defense once a run (not once a round); a client process
+  once a run (not once a message). Rounds here run in this thread with a stand-in for
+  Flower's round, so the count is the engine's own."""
+  built = []
+  real = FederatedConfig.build_defense
+
+  def counting(self, exclude=None):
+    built.append(exclude)
+    return real(self, exclude)
+
+  class InThisThread:  # the Session's interface, without Ray
+    def start(self):
+      return self
+
+    def data_key(self, dataset):
+      return "d0"
+
+    def call(self, fn):
+      return fn(None)
+
+  def fake_round(grid, strategy, config, arrays, round_num, data_key, **kwargs):
+    metrics = {"train_loss": 1.0, "train_accuracy": 0.5}
+    return arrays, {**metrics, "tf_dlg.zero_fraction": 0.25, "tf_dlg.clipped": 1.0}
+
+  monkeypatch.setattr(FederatedConfig, "build_defense", counting)
+  monkeypatch.setattr(flower_session, "session", lambda num_clients, **kw: InThisThread())
+  monkeypatch.setattr(flower_engine, "train_round", fake_round)
+  config = _config(defense="clipping", defense_param=1.0, rounds=3)
+  result = flower_engine.run_simulation(config, str(tmp_path), dataset=tiny, progress=False)
+  assert [r["round"] for r in result.history] == [1, 2, 3]
+  assert [r["clipped_fraction"] for r in result.history] == [1.0, 1.0, 1.0]
+  assert len(built) == 1 and any(built[0])  # BatchNorm arrays excluded
+  exclude = built[0]
+  first = flower_client.run_defense(config, exclude)
+  assert flower_client.run_defense(config, exclude) is first and len(built) == 2
+  assert first.name == "clipping" and first.param == 1.0
+  other = dataclasses.replace(config, defense_param=2.0)
+  assert flower_client.run_defense(other, exclude).param == 2.0 and len(built) == 3

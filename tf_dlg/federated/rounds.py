@@ -15,6 +15,20 @@ import numpy as np
 from tf_dlg.federated.config import FederatedConfig
 
 
+def client_partitions(config: FederatedConfig, labels) -> List[np.ndarray]:
+  """The run's client partitions of `labels` (its scheme, alpha, k and seed); both engines'."""
+  from tf_dlg import data as data_lib
+
+  return data_lib.partition(
+    labels,
+    config.num_clients,
+    config.partition,
+    alpha=config.alpha,
+    classes_per_client=config.classes_per_client,
+    seed=config.seed,
+  )
+
+
 def sample_clients(config: FederatedConfig, round_num: int) -> List[int]:
   """The sorted client ids of a 1-based round (seeded by (seed, round))."""
   k = config.clients_per_round or config.num_clients

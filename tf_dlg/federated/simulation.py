@@ -54,7 +54,7 @@ from tf_dlg import validation
 from tf_dlg.federated.capture import save_capture
 from tf_dlg.federated.config import FederatedConfig
 from tf_dlg.federated.evaluation import Evaluator, evaluate_server, evaluator_for
-from tf_dlg.federated.rounds import client_data, malicious_ids, sample_clients
+from tf_dlg.federated.rounds import client_data, client_partitions, malicious_ids, sample_clients
 
 # CheckpointError (what a run raises), HISTORY_FIELDS and read_history (how its rows
 # read) are re-exported: callers of run_simulation use them beside it.
@@ -168,14 +168,7 @@ def prepare(config: FederatedConfig, output_dir: str, dataset, overwrite: bool):
   config.validate(len(dataset.x_train))
   if dataset.x_test is None:
     raise ValueError(f"dataset {dataset.name!r} has no test split to evaluate on.")
-  parts = data_lib.partition(
-    dataset.y_train,
-    config.num_clients,
-    config.partition,
-    alpha=config.alpha,
-    classes_per_client=config.classes_per_client,
-    seed=config.seed,
-  )
+  parts = client_partitions(config, dataset.y_train)
   if any(len(p) == 0 for p in parts):
     raise ValueError(
       f"partition {config.partition!r} left a client with no examples; "

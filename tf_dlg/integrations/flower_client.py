@@ -15,7 +15,7 @@ from typing import Any, Dict
 import numpy as np
 
 from tf_dlg.federated.config import FederatedConfig
-from tf_dlg.federated.rounds import round_seed
+from tf_dlg.federated.rounds import client_partitions, round_seed
 from tf_dlg.integrations.flower_dp import dp_mod
 
 # The keys of what a train message and its reply carry.
@@ -148,19 +148,11 @@ def client_data(key: str, refs: Dict[str, Any]):
 
 
 def client_parts(key: str, y, config: FederatedConfig):
-  from tf_dlg import data as data_lib
-
+  """The run's client partitions of data `key` (the TFF engine's), once a process."""
   cache_key = ("parts", key, config.partition, config.num_clients, config.alpha)
   cache_key += (config.classes_per_client, config.seed)
   if cache_key not in _PROCESS_CACHE:
-    _PROCESS_CACHE[cache_key] = data_lib.partition(
-      y,
-      config.num_clients,
-      config.partition,
-      alpha=config.alpha,
-      classes_per_client=config.classes_per_client,
-      seed=config.seed,
-    )
+    _PROCESS_CACHE[cache_key] = client_partitions(config, y)
   return _PROCESS_CACHE[cache_key]
 
 
