@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-# How the `dp` defence runs on this engine (Flower's own DP; module docstring). Epsilon
+# How the `dp` defence runs on this engine (Flower's own DP; the engine's docstring). Epsilon
 # (`tf_dlg.defenses.dp_fedavg_epsilon`): both release, each round, a Gaussian mechanism
 # of noise z C on the sum of updates clipped to C, so one accounting fits both; what
 # differs is who sees the noised value. "local": each client's own update (the view of

@@ -45,11 +45,17 @@ Byzantine clients, a server optimizer other than SGD 1.0, `clipping_median`, upd
 capture) are refused before any work, in one line.
 
 Ray: one Flower simulation (one Ray start and one pool of client actors) serves every
-run of the process (`session()`); it ends at exit or with `shutdown()`. By default Ray
+run of the process (`flower_session.session()`); it ends at exit or with `shutdown()`.
+By default Ray
 starts locally on this machine's CPUs (one actor per CPU, each TensorFlow limited to
 one thread); with `RAY_ADDRESS=HOST:PORT` (or `address=`) the runs use an existing
 Ray cluster (`ray start --head` / `ray start --address=...`, see docs/FLOWER.md), one
 actor per CPU of every node.
+
+Parts in their own modules: `flower_client` (the ClientApp and its local training),
+`flower_dp` (Flower's DP mods on the kept arrays), `flower_server` (strategies,
+aggregation, one round) and `flower_session` (the simulation on Ray). The run's Defense
+is built once: by the server once a run, by each client process once a run.
 
 Importing this module imports neither TFF nor Ray nor Flower's simulation.
 """
