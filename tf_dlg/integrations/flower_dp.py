@@ -61,7 +61,9 @@ def on_kept_arrays(flower_mod, exclude: Sequence[bool], clip_norm: float):
   trained), `tf_dlg.clipped` (1 where that exceeds `clip_norm`, which both of Flower's
   DP mods clip to) and `tf_dlg.zero_fraction` (zero entries of the kept update sent).
   """
-  from flwr.app import ArrayRecord, MetricRecord
+  from flwr.app import ArrayRecord
+
+  from tf_dlg.integrations.flower import add_metrics
 
   exclude = [bool(e) for e in exclude]
 
@@ -103,14 +105,7 @@ def on_kept_arrays(flower_mod, exclude: Sequence[bool], clip_norm: float):
     zeros = sum(int(np.sum(d == 0)) for d in after)
     stats = {"update_norm": norm, "clipped": int(norm > clip_norm)}
     stats["zero_fraction"] = zeros / max(sum(d.size for d in after), 1)
-    metrics = {"tf_dlg." + k: v for k, v in stats.items()}
-    if out.content.metric_records:
-      record = next(iter(out.content.metric_records.values()))
-      for k, v in metrics.items():
-        record[k] = v
-    else:
-      out.content["metrics"] = MetricRecord(metrics)
-    return out
+    return add_metrics(out, {"tf_dlg." + k: v for k, v in stats.items()})
 
   return mod
 
