@@ -144,19 +144,19 @@ def flower_round_fn(dataset, config):
   The clients partition the data themselves, with `config`'s IID rule and seed (the
   same parts as the floor's); the data is in Ray's object store beforehand.
   """
-  from tf_dlg.integrations import flower_engine
+  from tf_dlg.integrations import flower_client, flower_server, flower_session
 
-  session = flower_engine.session(config.num_clients).start()
+  session = flower_session.session(config.num_clients).start()
   key = session.data_key(dataset)
-  strategy = flower_engine.strategy_for(config)
-  model = flower_engine._keras_model(config, dataset.input_shape, dataset.num_classes)
+  strategy = flower_server.strategy_for(config)
+  model = flower_client.keras_model(config, dataset.input_shape, dataset.num_classes)
   box = {"arrays": [np.asarray(w) for w in model.get_weights()], "round": 0}
 
   def one_round():
     box["round"] += 1
     t0 = time.perf_counter()
     box["arrays"], _ = session.call(
-      lambda grid: flower_engine.train_round(
+      lambda grid: flower_server.train_round(
         grid, strategy, config, box["arrays"], box["round"], key
       )
     )

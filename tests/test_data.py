@@ -13,6 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from tf_dlg import data
+from tf_dlg.data import network, tfds_loader, wheels
 
 EXPECTED = {
   # name: (shape, classes, train+test, stand-in)
@@ -132,19 +133,19 @@ def test_restricted_unpickler_loads_arrays_and_refuses_anything_else(tmp_path):
   arrays = (np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2], np.int64))
   with gzip.open(good, "wb") as f:
     pickle.dump(arrays, f)
-  x, y = data.load_array_pickle(str(good))
+  x, y = wheels.load_array_pickle(str(good))
   np.testing.assert_array_equal(x, arrays[0])
   np.testing.assert_array_equal(y, arrays[1])
   marker = tmp_path / "pwned"
   bad = tmp_path / "bad.pkl"
   bad.write_bytes(pickle.dumps([np.zeros(2), _Exploit(marker)]))
   with pytest.raises(pickle.UnpicklingError, match=r"refusing to unpickle (posix|os)\.system"):
-    data.load_array_pickle(str(bad))
+    wheels.load_array_pickle(str(bad))
   assert not marker.exists()
 
 
 def test_cifar10_sample_labels_come_from_the_file_names():
-  folder = data.wheel_file(*data.CIFAR10_WHEEL)
+  folder = wheels.wheel_file(*wheels.CIFAR10_WHEEL)
   assert folder, "foolbox==3.3.4 is not installed; run bash bazel_free_scripts/setup.sh"
   files = sorted(f for f in os.listdir(folder) if f.startswith("cifar10_"))
   from_names = [int(f.split("_")[2].split(".")[0]) for f in files]
@@ -177,8 +178,8 @@ def test_import_is_cheap_and_loading_is_lazy(monkeypatch):
   def refuse(*args, **kwargs):
     raise AssertionError("read a wheel for a dataset that does not need it")
 
-  monkeypatch.setattr(data, "load_array_pickle", refuse)
-  monkeypatch.setattr(data, "wheel_file", refuse)
+  monkeypatch.setattr(wheels, "load_array_pickle", refuse)
+  monkeypatch.setattr(wheels, "wheel_file", refuse)
   assert data.load_dataset("digits", seed=11).name == "digits"
 
 
@@ -212,12 +213,14 @@ def test_missing_tfds_data_names_offline_datasets(tmp_path):
 
 
 def test_tfds_offline_fails_within_seconds_and_creates_nothing(tmp_path, monkeypatch):
-  spec = data._TFDS_SPECS["cifar10"]
+  spec = tfds_loader.TFDS_SPECS["cifar10"]
   # RFC 2606: .invalid never resolves, with or without a network.
-  monkeypatch.setitem(data._TFDS_SPECS, "cifar10", spec[:4] + ("tf-dlg-test.invalid",))
+  monkeypatch.setitem(tfds_loader.TFDS_SPECS, "cifar10", spec[:4] + ("tf-dlg-test.invalid",))
   probes = []
-  real_probe = data.host_reachable
-  monkeypatch.setattr(data, "host_reachable", lambda host: probes.append(host) or real_probe(host))
+  real_probe = network.host_reachable
+  monkeypatch.setattr(
+    network, "host_reachable", lambda host: probes.append(host) or real_probe(host)
+  )
   start = time.monotonic()
   with pytest.raises(data.DatasetUnavailableError) as info:
     data.load_dataset("cifar10", data_dir=str(tmp_path))

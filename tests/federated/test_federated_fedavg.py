@@ -30,7 +30,7 @@ def test_batchnorm_statistics_are_averaged_and_used(sim_config, mean_fedavg, dig
   out = mean_fedavg.capture_process.next(state0, client_data)
   w0 = mean_fedavg.process.get_model_weights(state0)
   w1 = mean_fedavg.process.get_model_weights(out.state)
-  deltas = sim._find(out.metrics, "client_values")
+  deltas = sim.find_metric(out.metrics, "client_values")
   counts = np.array([len(parts[i]) * sim_config.local_epochs for i in ids], np.float64)
   nt = mean_fedavg.num_trainable
   for j, (before, after) in enumerate(zip(w0.non_trainable, w1.non_trainable)):
@@ -116,9 +116,9 @@ def test_training_applies_the_searched_transform_per_client(digits, plain_build,
     fa_def.process.get_model_weights(state_def).trainable,
   ):
     np.testing.assert_array_equal(a, b)
-  raw = sim._find(fa_plain.capture_process.next(state, client_data).metrics, "client_values")
+  raw = sim.find_metric(fa_plain.capture_process.next(state, client_data).metrics, "client_values")
   out = fa_def.capture_process.next(state_def, client_data)
-  got = sim._find(out.metrics, "client_values")
+  got = sim.find_metric(out.metrics, "client_values")
 
   keras_model = fa_plain.keras_model_fn()
   exclude = fedavg_lib.update_exclusion(keras_model)
@@ -144,11 +144,11 @@ def test_training_applies_the_searched_transform_per_client(digits, plain_build,
       np.testing.assert_allclose(np.asarray(got[j][c]), np.asarray(raw[j][c]), rtol=1e-6)
 
   if name == "clipping_ratio":  # own-norm rescaling: every client, by exactly the ratio
-    assert sim._find(out.metrics, "defense_clipped_fraction") == 1.0
-    assert sim._find(out.metrics, "defense_clip_scale") == pytest.approx(param, rel=1e-6)
+    assert sim.find_metric(out.metrics, "defense_clipped_fraction") == 1.0
+    assert sim.find_metric(out.metrics, "defense_clip_scale") == pytest.approx(param, rel=1e-6)
   else:  # masking leaves no clipping statistic
-    assert sim._find(out.metrics, "defense_clipped_fraction") is None
-  zero = sim._find(out.metrics, "defense_zero_fraction")
+    assert sim.find_metric(out.metrics, "defense_clipped_fraction") is None
+  zero = sim.find_metric(out.metrics, "defense_zero_fraction")
   assert zero == pytest.approx(np.mean(zero_fractions), abs=1e-6)
 
 
@@ -170,7 +170,7 @@ def test_median_round_moves_the_server_by_numpys_median_of_client_deltas(digits)
   ids = sim.sample_clients(config, 1)
   state0 = fa.initialize()
   out = fa.capture_process.next(state0, sim.client_data(config, digits, parts, ids, 1, set()))
-  deltas = [np.asarray(d) for d in sim._find(out.metrics, "client_values")]
+  deltas = [np.asarray(d) for d in sim.find_metric(out.metrics, "client_values")]
   assert all(d.shape[0] == 5 for d in deltas)
   w0 = fa.process.get_model_weights(state0)
   w1 = fa.process.get_model_weights(out.state)

@@ -1,8 +1,8 @@
 """The `dp` defence on the Flower engine: Flower's own DP, BatchNorm arrays left out.
 
 In process, with fixed arrays (no model): the client side (`LocalDpMod`,
-`fixedclipping_mod` behind `flower_engine.on_kept_arrays`) and the server side
-(`DifferentialPrivacyClientSideFixedClipping` through `flower_engine.aggregate`).
+`fixedclipping_mod` behind `flower_dp.on_kept_arrays`) and the server side
+(`DifferentialPrivacyClientSideFixedClipping` through `flower_server.aggregate`).
 Expected values are NumPy's: the clipped update is d x min(1, C / ||d||) over the kept
 arrays; noise is measured over 10^5 entries (its std's own sampling error is ~0.2 %,
 the bounds allow 2 %).
@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.app.metadata import Metadata
 
 from tf_dlg.federated.config import FederatedConfig
-from tf_dlg.integrations import flower_engine
+from tf_dlg.integrations import flower_dp, flower_engine, flower_server
 
 pytest.importorskip("flwr.serverapp")
 
@@ -82,7 +82,7 @@ def test_fixed_clipping_clips_the_kept_update_to_c_and_sends_excluded_as_trained
   d = _update(norm)
   sent = [(r + x).astype(np.float32) for r, x in zip(RECEIVED, d)]
   msg = _message(RECEIVED, {"clipping_norm": 1.0})
-  mod = flower_engine.on_kept_arrays(fixedclipping_mod, EXCLUDE, 1.0)
+  mod = flower_dp.on_kept_arrays(fixedclipping_mod, EXCLUDE, 1.0)
   out = mod(msg, _context(), _replier(sent))
   assert not out.has_error()
   got = _sent(out)
@@ -102,7 +102,7 @@ def test_fixed_clipping_clips_the_kept_update_to_c_and_sends_excluded_as_trained
 def test_fixed_clipping_without_the_server_wrapper_is_an_error_reply():
   from flwr.clientapp.mod import fixedclipping_mod
 
-  mod = flower_engine.on_kept_arrays(fixedclipping_mod, EXCLUDE, 1.0)
+  mod = flower_dp.on_kept_arrays(fixedclipping_mod, EXCLUDE, 1.0)
   out = mod(_message(RECEIVED), _context(), _replier(RECEIVED))
   assert out.has_error() and "clipping_norm" in out.error.reason
 
@@ -112,8 +112,10 @@ def test_local_dp_clips_to_c_and_adds_noise_of_std_z_c_seeded_by_the_tag():
   d = _update(norm)
   sent = [(r + x).astype(np.float32) for r, x in zip(RECEIVED, d)]
 
+  config = _config(z)
+
   def run(tag):
-    mod = flower_engine.dp_mod(_config(z), "local", EXCLUDE, tag)
+    mod = flower_dp.dp_mod(config.build_defense(), config.seed, "local", EXCLUDE, tag)
     out = mod(_message(RECEIVED), _context(), _replier(sent))
     assert not out.has_error()
     return _sent(out), out.content["metrics"]
@@ -149,7 +151,7 @@ def _reply(arrays, examples, client):
 def test_central_dp_adds_noise_z_c_over_n_to_the_unweighted_mean_of_kept_arrays():
   z, n = 0.8, 4
   config = _config(z)
-  strategy = flower_engine.strategy_for(config, "central")
+  strategy = flower_server.strategy_for(config, "central")
   assert type(strategy).__name__ == "DifferentialPrivacyClientSideFixedClipping"
   examples = [10, 20, 30, 40]
   # Clients already clipped (fixedclipping_mod): what they send is averaged unweighted.
@@ -160,7 +162,7 @@ def test_central_dp_adds_noise_z_c_over_n_to_the_unweighted_mean_of_kept_arrays(
       _reply([a.astype(np.float32) for a in c], w, i)
       for i, (c, w) in enumerate(zip(clients, examples))
     ]
-    arrays, metrics = flower_engine.aggregate(strategy, 1, replies, EXCLUDE, seed)
+    arrays, metrics = flower_server.aggregate(strategy, 1, replies, EXCLUDE, seed)
     return arrays.to_numpy_ndarrays(), metrics
 
   got, metrics = run(seed=0)

@@ -17,7 +17,7 @@ import pytest
 
 from tf_dlg.federated import simulation as sim
 from tf_dlg.federated.config import FederatedConfig
-from tf_dlg.integrations import flower_engine
+from tf_dlg.integrations import flower_client, flower_engine, flower_session
 from tf_dlg.study import convergence, convergence_report, run_store
 
 CLIENTS = 2
@@ -39,15 +39,15 @@ def _config(**kw):
 def _by_hand(config, dataset):
   """(start arrays, each client's trained arrays, examples) without Flower.
 
-  Each client's local training runs alone (`flower_engine.local_update`, in a Ray
+  Each client's local training runs alone (`flower_client.local_update`, in a Ray
   worker: one TensorFlow thread, as in the client actors).
   """
   import ray
 
-  model = flower_engine._keras_model(config, dataset.input_shape, dataset.num_classes)
+  model = flower_client.keras_model(config, dataset.input_shape, dataset.num_classes)
   start = [np.asarray(w) for w in model.get_weights()]
   data = ("by-hand", dataset.x_train, dataset.y_train, dataset.num_classes)
-  train = ray.remote(num_cpus=0)(flower_engine.local_update)
+  train = ray.remote(num_cpus=0)(flower_client.local_update)
   trained = ray.get([train.remote(config, data, start, 1, c) for c in range(config.num_clients)])
   return start, [t[0] for t in trained], [t[1] for t in trained]
 
@@ -78,7 +78,7 @@ def test_a_masked_fedavg_round_is_the_mean_of_independently_masked_clients(tiny,
   assert sizes == [30, 30]  # equal weights: the mean is the half sum
   got, header = _checkpoint_arrays(str(tmp_path))
   assert header["fingerprint"].startswith("flower-") and header["round"] == 1
-  exclude = flower_engine.ClientTrainer(config, tiny.input_shape, tiny.num_classes).exclude
+  exclude = flower_client.ClientTrainer(config, tiny.input_shape, tiny.num_classes).exclude
   counts = np.zeros(4)
   for i, (g, s) in enumerate(zip(got, start)):
     d0, d1 = (trained[0][i] - s).astype(np.float64), (trained[1][i] - s).astype(np.float64)
@@ -97,7 +97,7 @@ def test_a_masked_fedavg_round_is_the_mean_of_independently_masked_clients(tiny,
   np.testing.assert_allclose(counts / counts.sum(), 0.25, atol=0.03)
   assert 0.4 < row["zero_fraction"] < 0.8 and row["clipped_fraction"] is None
   # The server evaluated what it holds.
-  model = flower_engine._keras_model(config, tiny.input_shape, tiny.num_classes)
+  model = flower_client.keras_model(config, tiny.input_shape, tiny.num_classes)
   model.set_weights(got)
   _, acc = sim.Evaluator(model)(tiny.x_test, tiny.y_test)
   assert row["test_accuracy"] == pytest.approx(acc)
@@ -110,7 +110,7 @@ def test_fedmedian_round_equals_numpy_median_and_resumes(tiny, tmp_path):
     config, str(tmp_path), dataset=tiny, progress=False, num_cpus=CLIENTS
   )
   start, trained, _ = _by_hand(config, tiny)
-  exclude = flower_engine.ClientTrainer(config, tiny.input_shape, tiny.num_classes).exclude
+  exclude = flower_client.ClientTrainer(config, tiny.input_shape, tiny.num_classes).exclude
   # clipping_ratio 0.5: each client sends start + half its update (no randomness);
   # BatchNorm arrays are excluded, sent as trained.
   sent = [
@@ -175,7 +175,7 @@ def test_dp_rounds_with_flowers_own_dp_match_numpy(mechanism, noise_on_mean, tin
     config, str(tmp_path), dataset=tiny, progress=False, num_cpus=CLIENTS, dp_mechanism=mechanism
   )
   start, trained, _ = _by_hand(config, tiny)
-  exclude = flower_engine.ClientTrainer(config, tiny.input_shape, tiny.num_classes).exclude
+  exclude = flower_client.ClientTrainer(config, tiny.input_shape, tiny.num_classes).exclude
   updates = [[(t - s).astype(np.float64) for s, t in zip(start, client)] for client in trained]
   norms = [np.sqrt(sum(np.sum(u**2) for u, e in zip(us, exclude) if not e)) for us in updates]
   got, _ = _checkpoint_arrays(str(tmp_path))
@@ -252,3 +252,44 @@ def test_without_ray_the_engine_says_how_to_install_it(monkeypatch, tmp_path):
   )
   with pytest.raises(ValueError, match=r"needs ray: pip install 'tf-dlg\[flower,simulation\]'"):
     flower_engine.run_simulation(_config(), str(tmp_path), progress=False)
+
+
+def test_a_run_builds_its_defense_once(tiny, tmp_path, monkeypatch):
+  """The server builds the run's Defense once a run (not once a round); a client process
+  once a run (not once a message). Rounds here run in this thread with a stand-in for
+  Flower's round, so the count is the engine's own."""
+  built = []
+  real = FederatedConfig.build_defense
+
+  def counting(self, exclude=None):
+    built.append(exclude)
+    return real(self, exclude)
+
+  class InThisThread:  # the Session's interface, without Ray
+    def start(self):
+      return self
+
+    def data_key(self, dataset):
+      return "d0"
+
+    def call(self, fn):
+      return fn(None)
+
+  def fake_round(grid, strategy, config, arrays, round_num, data_key, **kwargs):
+    metrics = {"train_loss": 1.0, "train_accuracy": 0.5}
+    return arrays, {**metrics, "tf_dlg.zero_fraction": 0.25, "tf_dlg.clipped": 1.0}
+
+  monkeypatch.setattr(FederatedConfig, "build_defense", counting)
+  monkeypatch.setattr(flower_session, "session", lambda num_clients, **kw: InThisThread())
+  monkeypatch.setattr(flower_engine, "train_round", fake_round)
+  config = _config(defense="clipping", defense_param=1.0, rounds=3)
+  result = flower_engine.run_simulation(config, str(tmp_path), dataset=tiny, progress=False)
+  assert [r["round"] for r in result.history] == [1, 2, 3]
+  assert [r["clipped_fraction"] for r in result.history] == [1.0, 1.0, 1.0]
+  assert len(built) == 1 and any(built[0])  # BatchNorm arrays excluded
+  exclude = built[0]
+  first = flower_client.run_defense(config, exclude)
+  assert flower_client.run_defense(config, exclude) is first and len(built) == 2
+  assert first.name == "clipping" and first.param == 1.0
+  other = dataclasses.replace(config, defense_param=2.0)
+  assert flower_client.run_defense(other, exclude).param == 2.0 and len(built) == 3

@@ -5,8 +5,11 @@ Modules (imported lazily, so `import tf_dlg.federated` does not pull in TFF):
 - `aggregators`: `median_factory()`, `trimmed_mean_factory(f)`, `capture_factory(inner)`.
 - `fedavg`: `build_fedavg(input_shape, num_classes, FederatedConfig(...))` -> `FedAvg`
   (learning process + Keras model fn); BatchNorm statistics travel with the update
-  (see its docstring).
-- `simulation`: `run_simulation(config, output_dir, workers=...)`.
+  (see its docstring); its TFF parts `client_work` (client roles, local training) and
+  `finalizer` (server optimizer, averaged BatchNorm statistics).
+- `simulation`: `run_simulation(config, output_dir, workers=...)`; its parts `rounds`
+  (who trains on what), `run_store` (history and checkpoint files, `CheckpointError`),
+  `evaluation` (the server model's test metrics) and `capture` (the captured update).
 - `AGGREGATORS`, `OPTIMIZERS`, `MALICIOUS_MODES`: the choices, for drivers' flags.
 - Importing any of them leaves TFF's execution context alone; `run_simulation` (and the
   drivers) install the loopback-only one (`tf_dlg.execution.runtime.install_context()`).
@@ -29,7 +32,7 @@ _LAZY = {
   "FederatedConfig": "config",
   "run_simulation": "simulation",
   "SimulationResult": "simulation",
-  "CheckpointError": "simulation",
+  "CheckpointError": "run_store",
 }
 
 

@@ -24,12 +24,9 @@ runs it in inference mode, so it uses these averaged statistics. Defences see th
 same list; `update_exclusion(keras_model)` marks the BN entries (moving statistics are
 passed through untouched) in exactly that layout.
 
-**Client roles.** Each client's data is `OrderedDict(batches=<tf.data of x/y batches>,
-role=<one-element tf.data of ROLE_SPEC>)`. The role makes a client Byzantine inside the
-TFF computation: `scale` multiplies its delta (e.g. x1000) and mode `random` replaces it
-by Gaussian noise of the delta's RMS times `scale`. Malicious clients change what they
-*train*, then their (honest) client software applies the defence. Honest clients have
-mode 0, scale 1.
+**Client roles.** Each client's data is `OrderedDict(batches=, role=)`; the role
+(`tf_dlg.federated.client_work.role`) can make a client Byzantine inside the TFF
+computation (see that module).
 
 Weighting: `mean` is TFF's `MeanFactory` weighted by client example counts (as
 `build_weighted_fed_avg`); `median` and `trimmed_mean` are unweighted (uniform client
@@ -65,27 +62,9 @@ import tensorflow_federated as tff
 from tf_dlg import models as models_lib
 from tf_dlg.federated import AGGREGATORS, OPTIMIZERS, defense_aggregator
 from tf_dlg.federated import aggregators as aggregators_lib
+from tf_dlg.federated.client_work import build_client_work
 from tf_dlg.federated.config import FederatedConfig
-
-# Per-client role, one element of the `role` sequence.
-ROLE_SPEC = collections.OrderedDict(
-  mode=tf.TensorSpec([], tf.int32),  # 0 honest, 1 scale, 2 random
-  scale=tf.TensorSpec([], tf.float32),
-  seed=tf.TensorSpec([2], tf.int64),
-)
-_MODE_CODES = {"honest": 0, "scale": 1, "random": 2}
-
-
-def role(mode: str = "honest", scale: float = 1.0, seed: int = 0) -> tf.data.Dataset:
-  """The one-element role dataset for a client (`honest`, `scale` or `random`)."""
-  if mode not in _MODE_CODES:
-    raise ValueError(f"role mode={mode!r} must be one of {', '.join(_MODE_CODES)}.")
-  element = collections.OrderedDict(
-    mode=np.int32(_MODE_CODES[mode]),
-    scale=np.float32(scale),
-    seed=np.asarray([seed, 0x5EED], np.int64),
-  )
-  return tf.data.Dataset.from_tensors(element)
+from tf_dlg.federated.finalizer import build_finalizer, update_type
 
 
 def build_optimizer(name: str, learning_rate: float):
@@ -125,200 +104,6 @@ def _inner_factory(name: str, trim_fraction: float):
       tff.learning.ClientWeighting.UNIFORM,
     )
   raise ValueError(f"aggregator={name!r} must be one of {', '.join(AGGREGATORS)}.")
-
-
-# --------------------------------------------------------------------------- client work
-
-
-def _client_update_fn(model_fn, weighting):
-  """The client's local training as a `tf.function` (after TFF's model_delta_client_work)."""
-  model = model_fn()
-
-  @tf.function
-  def client_update(optimizer, hparams, initial_weights, batches, roles):
-    weights = tff.learning.models.ModelWeights.from_model(model)
-    tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
-    trainable = tuple(tf.nest.flatten(weights.trainable))
-
-    def reduce_fn(state, batch):
-      num_examples, opt_state = state
-      with tf.GradientTape() as tape:
-        output = model.forward_pass(batch, training=True)
-      grads = tape.gradient(output.loss, trainable)
-      opt_state, updated = optimizer.next(opt_state, trainable, grads)
-      for v, u in zip(trainable, updated):
-        v.assign(u)
-      num_examples += tf.shape(output.predictions, out_type=tf.int64)[0]
-      return num_examples, opt_state
-
-    specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
-    opt_state = optimizer.set_hparams(optimizer.initialize(specs), hparams)
-    # A loop over the dataset's iterator, not `batches.reduce`: ops inside a tf.data
-    # reduce function run without the graph runtime's scheduling, which makes local
-    # training about twice as slow (TFF's `use_experimental_simulation_loop` does the same).
-    state = (tf.zeros([], tf.int64), opt_state)
-    for batch in iter(batches):
-      state = reduce_fn(state, batch)
-    num_examples, _ = state
-
-    initial = list(tf.nest.flatten(initial_weights.trainable)) + list(
-      tf.nest.flatten(initial_weights.non_trainable)
-    )
-    final = list(tf.nest.flatten(weights.trainable)) + list(tf.nest.flatten(weights.non_trainable))
-    delta = [a - b for a, b in zip(initial, final)]  # TFF sign: initial - final
-
-    # Byzantine behaviour (honest: mode 0, scale 1 -> unchanged).
-    r = roles.reduce(
-      collections.OrderedDict(
-        mode=tf.constant(0), scale=tf.constant(1.0), seed=tf.zeros([2], tf.int64)
-      ),
-      lambda _, x: x,
-    )
-    is_random = tf.cast(tf.equal(r["mode"], 2), tf.float32)
-    out = []
-    for i, d in enumerate(delta):
-      rms = tf.sqrt(tf.reduce_mean(tf.square(d)))
-      noise = tf.random.stateless_normal(tf.shape(d), seed=r["seed"] + i)
-      out.append(r["scale"] * ((1.0 - is_random) * d + is_random * rms * noise))
-
-    # As TFF: a non-finite update is zeroed and gets weight 0.
-    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(u)) for u in out])
-    out = [tf.where(finite, u, tf.zeros_like(u)) for u in out]
-    if weighting == tff.learning.ClientWeighting.NUM_EXAMPLES:
-      weight = tf.cast(num_examples, tf.float32)
-    else:
-      weight = tf.constant(1.0)
-    weight = tf.where(finite, weight, 0.0)
-    if not finite:
-      model.reset_metrics()
-    return (
-      tff.learning.templates.ClientResult(update=out, update_weight=weight),
-      model.report_local_unfinalized_metrics(),
-    )
-
-  return client_update
-
-
-def _build_client_work(model_fn, optimizer, weighting):
-  """A `ClientWorkProcess` sending all weights' deltas (see the module docstring)."""
-  with tf.Graph().as_default():
-    model = model_fn()
-    metrics_fn = tff.learning.metrics.sum_then_finalize(model.metric_finalizers())
-  data_type = tff.types.to_type(
-    collections.OrderedDict(
-      batches=tff.SequenceType(tff.types.tensorflow_to_type(model.input_spec)),
-      role=tff.SequenceType(tff.types.tensorflow_to_type(ROLE_SPEC)),
-    )
-  )
-  weights_type = tff.learning.models.weights_type_from_model(model)
-  hparams = optimizer.get_hparams(optimizer.initialize(tf.TensorSpec([], tf.float32)))
-
-  @tff.federated_computation
-  def init_fn():
-    return tff.federated_value(hparams, tff.SERVER)
-
-  state_type = init_fn.type_signature.result.member
-
-  @tff.tensorflow.computation(state_type, weights_type, data_type)
-  def client_update(state, initial_weights, data):
-    fn = _client_update_fn(model_fn, weighting)
-    return fn(optimizer, state, initial_weights, data["batches"], data["role"])
-
-  @tff.federated_computation(
-    init_fn.type_signature.result,
-    tff.FederatedType(weights_type, tff.CLIENTS),
-    tff.FederatedType(data_type, tff.CLIENTS),
-  )
-  def next_fn(state, weights, data):
-    result, model_outputs = tff.federated_map(
-      client_update, (tff.federated_broadcast(state), weights, data)
-    )
-    measurements = tff.federated_zip(collections.OrderedDict(train=metrics_fn(model_outputs)))
-    return tff.templates.MeasuredProcessOutput(state, result, measurements)
-
-  @tff.tensorflow.computation(state_type)
-  def get_hparams_fn(state):
-    return state
-
-  @tff.tensorflow.computation(state_type, state_type)
-  def set_hparams_fn(state, new_hparams):
-    del state
-    return new_hparams
-
-  return tff.learning.templates.ClientWorkProcess(
-    init_fn, next_fn, get_hparams_fn=get_hparams_fn, set_hparams_fn=set_hparams_fn
-  )
-
-
-# --------------------------------------------------------------------------- finalizer
-
-
-def _build_finalizer(optimizer, weights_type, num_trainable: int):
-  """Server optimizer on the trainable part; non-trainable = server - aggregate delta."""
-  trainable_type = weights_type.trainable
-  update_type = _update_type(weights_type)
-
-  @tff.tensorflow.computation
-  def init_tf():
-    return optimizer.initialize(tff.types.type_to_tf_tensor_specs(trainable_type))
-
-  opt_state_type = init_tf.type_signature.result
-
-  @tff.tensorflow.computation(opt_state_type, weights_type, update_type)
-  @tf.function
-  def next_tf(opt_state, weights, update):
-    non_trainable = tf.nest.flatten(weights.non_trainable)
-    update = list(update)
-    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(u)) for u in update])
-    new_state, new_trainable = optimizer.next(
-      opt_state,
-      weights.trainable,
-      tf.nest.pack_sequence_as(weights.trainable, update[:num_trainable]),
-    )
-    new_non_trainable = [w - u for w, u in zip(non_trainable, update[num_trainable:])]
-    # The norm of the aggregated update of the trainable weights (what the server
-    # optimizer receives), for the run's TensorBoard.
-    measurements = collections.OrderedDict(
-      update_non_finite=tf.cast(tf.logical_not(finite), tf.int32),
-      update_norm=tf.linalg.global_norm(update[:num_trainable]),
-    )
-    if not finite:  # as TFF's reject_non_finite_update: keep the old model
-      return opt_state, weights, measurements
-    new_weights = tff.learning.models.ModelWeights(
-      new_trainable, tf.nest.pack_sequence_as(weights.non_trainable, new_non_trainable)
-    )
-    return new_state, new_weights, measurements
-
-  @tff.federated_computation
-  def init_fn():
-    return tff.federated_eval(init_tf, tff.SERVER)
-
-  @tff.federated_computation(
-    init_fn.type_signature.result,
-    tff.FederatedType(weights_type, tff.SERVER),
-    tff.FederatedType(update_type, tff.SERVER),
-  )
-  def next_fn(state, weights, update):
-    new_state, new_weights, measurements = tff.federated_map(next_tf, (state, weights, update))
-    return tff.templates.MeasuredProcessOutput(new_state, new_weights, measurements)
-
-  @tff.tensorflow.computation(opt_state_type)
-  def get_hparams_fn(state):
-    return optimizer.get_hparams(state)
-
-  @tff.tensorflow.computation(opt_state_type, get_hparams_fn.type_signature.result)
-  def set_hparams_fn(state, hparams):
-    return optimizer.set_hparams(state, hparams)
-
-  return tff.learning.templates.FinalizerProcess(
-    init_fn, next_fn, get_hparams_fn=get_hparams_fn, set_hparams_fn=set_hparams_fn
-  )
-
-
-def _update_type(weights_type):
-  """TFF type of a client update: [trainable..., non_trainable...] as a list."""
-  leaves = list(weights_type.trainable) + list(weights_type.non_trainable)
-  return tff.types.to_type([t for t in leaves])
 
 
 # --------------------------------------------------------------------------- builder
@@ -500,7 +285,7 @@ def _aggregation_process(config: FederatedConfig, weights_type, defense, capture
     factory = defense_aggregator.factory(defense, factory)
   if isinstance(factory, tff.aggregators.UnweightedAggregationFactory):
     factory = tff.aggregators.as_weighted_aggregator(factory)
-  return factory.create(_update_type(weights_type), tff.TensorType(np.float32)), weighting
+  return factory.create(update_type(weights_type), tff.TensorType(np.float32)), weighting
 
 
 def build_fedavg(
@@ -549,9 +334,9 @@ def build_fedavg(
     return tff.learning.templates.compose_learning_process(
       initial_weights_fn,
       tff.learning.templates.build_broadcast_process(weights_type),
-      _build_client_work(model_fn, client_opt, weighting),
+      build_client_work(model_fn, client_opt, weighting),
       agg_process,
-      _build_finalizer(server_opt, weights_type, num_trainable),
+      build_finalizer(server_opt, weights_type, num_trainable),
     )
 
   fa = FedAvg(

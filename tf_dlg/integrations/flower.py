@@ -100,6 +100,17 @@ def record_arrays(record: ArrayRecord) -> list:
   return out
 
 
+def add_metrics(reply: Message, metrics) -> Message:
+  """`reply` with `metrics` added to its MetricRecord (a new "metrics" one where it has none)."""
+  if reply.content.metric_records:
+    record = next(iter(reply.content.metric_records.values()))
+    for k, v in metrics.items():
+      record[k] = v
+  else:
+    reply.content["metrics"] = MetricRecord(metrics)
+  return reply
+
+
 def _error_reply(msg: Message, reason: str) -> Message:
   return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
 
@@ -166,14 +177,7 @@ class DefenseMod:
     out.content.array_records[sent[0]] = ArrayRecord(
       {k: Array(np.asarray(a)) for k, a in zip(sent[1].keys(), arrays)}
     )
-    metrics = {METRIC_PREFIX + k: v for k, v in stats.items()}
-    if out.content.metric_records:
-      key, record = next(iter(out.content.metric_records.items()))
-      for k, v in metrics.items():
-        record[k] = v
-    else:
-      out.content["metrics"] = MetricRecord(metrics)
-    return out
+    return add_metrics(out, {METRIC_PREFIX + k: v for k, v in stats.items()})
 
   def defend(self, received, sent, seed):
     """`(arrays to send, statistics)` for one update (see the module docstring).

@@ -152,7 +152,7 @@ def check_data(settings: Preset) -> None:
       continue
     import tensorflow_datasets as tfds
 
-    tfds_name, host = data._TFDS_SPECS[name][0], data._TFDS_SPECS[name][4]
+    tfds_name, host = data.tfds_loader.TFDS_SPECS[name][0], data.tfds_loader.TFDS_SPECS[name][4]
     if tfds.builder(tfds_name, data_dir=settings.data_dir).is_prepared():
       continue
     if not data.host_reachable(host):

@@ -207,7 +207,7 @@ def first_screen(
 
   Args:
     threshold_rows: thresholds.csv rows (`records.read_thresholds`, or the search's rows).
-    convergence_rows: convergence.csv rows (`convergence.read_convergence`, or `Convergence.run`'s);
+    convergence_rows: convergence.csv rows (`convergence_report.read_convergence`, or `Convergence.run`'s);
       empty when there was no convergence run.
     figure_path: Where the PNG goes.
     frontier_rows: The privacy-utility frontier's points (see the module docstring), or

@@ -216,13 +216,13 @@ def capture_update(fa, state, images, labels, batch_size: int, seed: int) -> Lis
   BatchNorm in training mode: trainable deltas then the BatchNorm statistics' deltas.
   """
   from tf_dlg import data as data_lib
-  from tf_dlg.federated import fedavg, simulation
+  from tf_dlg.federated import client_work, simulation
 
   batches = data_lib.client_datasets(
     images, labels, [np.arange(len(images))], batch_size=batch_size, shuffle=True, seed=seed
   )[0]
-  client = collections.OrderedDict(batches=batches, role=fedavg.role())
+  client = collections.OrderedDict(batches=batches, role=client_work.role())
   out = fa.capture_process.next(state, [client])
   # The capture variant reports every client's (here undefended) update.
-  values = simulation._find(out.metrics, "client_values")
+  values = simulation.find_metric(out.metrics, "client_values")
   return [np.asarray(v)[0] for v in values]
