@@ -2,7 +2,9 @@
 
 Issue 12's limits, checked on every run so that they hold after this round too: no
 non-test function has more than 60 lines of code (docstring, comments and blank lines
-excluded) or more than 8 parameters apart from `self` / `cls`.
+excluded) or more than 8 parameters apart from `self` / `cls`. Issue 33's, for the
+library `tf_dlg/`: no module over 450 lines, no class over 250, no run of six identical
+code lines in two places, and no module reaching another's private (`_name`) attribute.
 """
 
 import ast
@@ -15,6 +17,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("tf_dlg", "experiments", "benchmarks")
 MAX_LINES, MAX_PARAMS = 60, 8
+MAX_MODULE_LINES, MAX_CLASS_LINES, RUN = 450, 250, 6
 
 
 def _sources():
@@ -99,3 +102,102 @@ def test_no_pylint_comments_remain(package):
     if "pylint" + ": disable" in line
   ]
   assert not hits, "pylint comments that no tool reads:\n" + "\n".join(hits)
+
+
+def _library():
+  return sorted((ROOT / "tf_dlg").rglob("*.py"))
+
+
+def test_no_library_module_over_450_lines_or_class_over_250():
+  big = [
+    f"{p.relative_to(ROOT)} ({n} lines)"
+    for p in _library()
+    if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+  ]
+  for path in _library():
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
+        big.append(f"{path.relative_to(ROOT)}:{node.lineno} class {node.name}")
+  assert not big, "over issue 33's limits:\n" + "\n".join(big)
+
+
+def _code(path: pathlib.Path):
+  """(line number, text folded) of the lines that count: no blank, comment, lone
+  punctuation, import or docstring-only line (the `duplicates` tool's reading)."""
+  out = []
+  for i, line in enumerate(path.read_text().splitlines(), 1):
+    text = " ".join(line.split())
+    if (
+      not text
+      or text.startswith(("#", "import ", "from ", '"""'))
+      or not any(c.isalnum() for c in text)
+    ):
+      continue
+    out.append((i, text))
+  return out
+
+
+def duplicate_runs(paths, run: int = RUN):
+  """Pairs of places where `run` consecutive code lines stand identical twice."""
+  seen, found = {}, []
+  for path in paths:
+    code = _code(path)
+    for k in range(len(code) - run + 1):
+      key = tuple(t for _, t in code[k : k + run])
+      here = (path, code[k][0])
+      if (
+        key in seen and seen[key][0] != here[0] or key in seen and here[1] - seen[key][1] >= run * 2
+      ):
+        found.append((seen[key], here))
+      seen.setdefault(key, here)
+  return found
+
+
+def test_the_duplicate_finder_finds_a_copied_block(tmp_path):
+  block = "".join(f"value_{i} = compute({i}, weight={i * 3})\n" for i in range(RUN))
+  (tmp_path / "a.py").write_text("import os\n\n" + block)
+  (tmp_path / "b.py").write_text("x = 1\n" + block + "y = 2\n")
+  (tmp_path / "c.py").write_text(block[: block.rindex("value_")])  # one line short
+  found = duplicate_runs(sorted(tmp_path.glob("*.py")))
+  assert [(a[0].name, a[1], b[0].name, b[1]) for a, b in found] == [("a.py", 3, "b.py", 2)]
+
+
+def test_no_six_identical_code_lines_stand_twice_in_the_library():
+  found = duplicate_runs(_library())
+  lines = [f"{a[0].relative_to(ROOT)}:{a[1]} ~ {b[0].relative_to(ROOT)}:{b[1]}" for a, b in found]
+  assert not lines, "identical runs of six code lines:\n" + "\n".join(lines)
+
+
+def _private_reach(path: pathlib.Path):
+  """`module._name` attribute reads and `from module import _name` of tf_dlg modules."""
+  tree = ast.parse(path.read_text())
+  modules = set()
+  hits = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tf_dlg"):
+      for alias in node.names:
+        if alias.name.startswith("_") and not alias.name.startswith("__"):
+          hits.append(
+            f"{path.relative_to(ROOT)}:{node.lineno} from {node.module} import {alias.name}"
+          )
+        else:
+          modules.add(alias.asname or alias.name)
+    elif isinstance(node, ast.Import):
+      for alias in node.names:
+        if alias.name.startswith("tf_dlg"):
+          modules.add(alias.asname or alias.name.split(".")[0])
+  for node in ast.walk(tree):
+    if (
+      isinstance(node, ast.Attribute)
+      and node.attr.startswith("_")
+      and not node.attr.startswith("__")
+      and isinstance(node.value, ast.Name)
+      and node.value.id in modules
+    ):
+      hits.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value.id}.{node.attr}")
+  return hits
+
+
+def test_no_library_module_reaches_another_modules_private_names():
+  hits = [h for p in _library() for h in _private_reach(p)]
+  assert not hits, "private names reached across modules:\n" + "\n".join(hits)

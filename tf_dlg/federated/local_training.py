@@ -206,51 +206,16 @@ def match_gallery(
   return [gallery.match_result(scores[:, j], used[:, j], members[j]) for j in range(len(observed))]
 
 
-def reconstruct(
-  model,
-  model_weights,
-  observed: Sequence[Sequence[np.ndarray]],
-  labels: Sequence[Sequence[int]],
-  training: ClientTraining,
-  iterations: int = 300,
-  tv_weight: float = 1e-4,
-  seed: int = 0,
-  statistics=None,
-  bn_weight: float = BN_WEIGHT,
-) -> np.ndarray:
-  """Cosine + total-variation reconstruction through the client's simulated training.
-
-  `statistics`: per observation, the batch statistics its BatchNorm update carries
-  (`batchnorm_prior.observed_statistics`); given, the loss adds `bn_weight` x the
-  BatchNorm prior of the dummy batch (its statistics at the global weights).
-
-  Each observation's batch (its size: len of its labels, recovered beforehand, e.g. by
-  `labels.infer_labels`) is optimised so that its simulated update (`local_update`:
-  the client's optimizer, steps and batch size of `training`) has the observed direction
-  (`objectives.CosineMatching`), with L-BFGS from `optimize.minimize`. Returns images
-  [U, B, H, W, C] clipped to [0, 1].
-  """
-  from tf_dlg.attacks import batchnorm_prior, group, objectives, optimize
-
-  validation.check_int("iterations", iterations, 1)
-  sizes = {len(lab) for lab in labels}
-  if len(sizes) != 1 or len(labels) != len(observed):
-    raise ValueError(
-      f"labels must give one equally long label list per observation, got sizes {sorted(sizes)} "
-      f"for {len(observed)} observations."
-    )
-  fmodel = functional.BatchedModel(model)
-  n, k = sizes.pop(), fmodel.num_classes
-  shape = (n,) + fmodel.input_shape
-  size = int(np.prod(shape))
-  weights = [np.asarray(w, np.float32) for w in fmodel.trainable_weights_from(model_weights)]
+def _problem_consts(fmodel, model, observed, labels, statistics):
+  """The per-observation constants of `reconstruct`'s problems (slot axis first)."""
+  weights = [np.asarray(w, np.float32) for w in fmodel.trainable_weights_from(model.get_weights())]
   u = len(observed)
   consts = {
     "weights": [np.repeat(w[None], u, 0) for w in weights],
     "observed": [
       np.stack([np.asarray(o[i], np.float32) for o in observed]) for i in range(len(weights))
     ],
-    "labels": np.eye(k, dtype=np.float32)[np.asarray(labels, np.int64)],
+    "labels": np.eye(fmodel.num_classes, dtype=np.float32)[np.asarray(labels, np.int64)],
   }
   if statistics is not None:
     if len(statistics) != u:
@@ -262,35 +227,66 @@ def reconstruct(
       )
       for layer in range(len(statistics[0]))
     ]
+  return consts
+
+
+def reconstruct(
+  model,
+  observed: Sequence[Sequence[np.ndarray]],
+  labels: Sequence[Sequence[int]],
+  training: ClientTraining,
+  iterations: int = 300,
+  tv_weight: float = 1e-4,
+  seed: int = 0,
+  statistics=None,
+) -> np.ndarray:
+  """Cosine + total-variation reconstruction through the client's simulated training.
+
+  Each observation's batch (its size: len of its labels, recovered beforehand, e.g. by
+  `labels.infer_labels`) is optimised so that its simulated update (`local_update`:
+  the client's optimizer, steps and batch size of `training`, from `model`'s weights)
+  has the observed direction (`objectives.CosineMatching`), with L-BFGS from
+  `optimize.minimize`. `statistics`: per observation, the batch statistics its BatchNorm
+  update carries (`batchnorm_prior.observed_statistics`); given, the loss adds
+  `BN_WEIGHT` x the BatchNorm prior of the dummy batch (its statistics at the global
+  weights). Returns images [U, B, H, W, C] clipped to [0, 1].
+  """
+  from tf_dlg.attacks import batchnorm_prior, group, objectives, optimize
+
+  validation.check_int("iterations", iterations, 1)
+  sizes = {len(lab) for lab in labels}
+  if len(sizes) != 1 or len(labels) != len(observed):
+    raise ValueError(
+      f"labels must give one equally long label list per observation, got sizes {sorted(sizes)} "
+      f"for {len(observed)} observations."
+    )
+  fmodel = functional.BatchedModel(model)
+  shape = (sizes.pop(),) + fmodel.input_shape
+  consts = _problem_consts(fmodel, model, observed, labels, statistics)
   objective = objectives.CosineMatching(tv_weight=tv_weight)
   steps, batch, optimizer = training.steps, training.batch_size, training.build()
 
   def value_fn(pos, c):
     with tf.GradientTape() as tape:
       tape.watch(pos)
-      a = tf.shape(pos)[0]
-      x = tf.reshape(pos, tf.concat([[a], shape], 0))
+      x = tf.reshape(pos, tf.concat([[tf.shape(pos)[0]], shape], 0))
       update = local_update(fmodel, c["weights"], x, c["labels"], steps, batch, optimizer)
       dist = objective.distance(update, c["observed"])
       loss = dist + objective.regularizer(x)
       if "statistics" in c:
         dummy = []
         fmodel(c["weights"], x, statistics=dummy)
-        loss = loss + bn_weight * batchnorm_prior.prior(dummy, c["statistics"])
+        loss = loss + BN_WEIGHT * batchnorm_prior.prior(dummy, c["statistics"])
     return loss, dist, tape.gradient(loss, pos)
 
+  u, size = len(observed), int(np.prod(shape))
   start = tf.random.stateless_uniform([u, size], [int(seed) % (2**31 - 1), 11]).numpy()
   # XLA repays its start-up only on long runs (the attack runner's measured break-even).
   jit = iterations >= group.AUTO_JIT_AFTER
   if not jit:
     fmodel = fmodel.without_xla()
+  value = tf.function(value_fn, autograph=False)
   result = optimize.minimize(
-    "lbfgs",
-    tf.function(value_fn, autograph=False),
-    start,
-    consts,
-    iterations,
-    tolerance=1e-9,
-    jit_compile=jit,
+    "lbfgs", value, start, consts, iterations, tolerance=1e-9, jit_compile=jit
   )
   return np.clip(result.position.reshape((u,) + shape), 0.0, 1.0)

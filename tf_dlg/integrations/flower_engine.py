@@ -175,10 +175,9 @@ def _run_job(grid, job: _Job) -> None:
   exclude = list(defenses.batchnorm_exclusion(model, model.weights))
   defense = config.build_defense(exclude)  # the run's, built once (None: no defence)
   strategy = strategy_for(config, job.dp_mechanism, defense)
-  evaluator = Evaluator(model)
+  evaluator, arrays, history = Evaluator(model), job.arrays, job.history
   hist_path = os.path.join(job.output_dir, run_store.HISTORY_NAME)
   ckpt_path = os.path.join(job.output_dir, run_store.CHECKPOINT_NAME)
-  arrays, history = job.arrays, job.history
   bar = tqdm.tqdm(
     range(job.start + 1, job.last + 1),
     initial=job.start,

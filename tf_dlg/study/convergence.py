@@ -314,15 +314,4 @@ class Convergence:
       ]
       for r in rows
     }
-    convergence_report.write_report(
-      self.output_dir,
-      rows,
-      convergence_stats.accuracy_curves(rows, histories),
-      dataset=self.dataset,
-      dataset_source=self.dataset_source,
-      engine=self.engine,
-      num_clients=self.base.num_clients,
-      rounds=self.rounds,
-      seeds=self.seeds,
-      panel_order=[(a, p) for a in self.aggregators for p in self.partitions],
-    )
+    convergence_report.write_report(self, rows, convergence_stats.accuracy_curves(rows, histories))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List
 
 from tf_dlg import io as io_lib
 from tf_dlg.analysis import figures
@@ -120,24 +120,17 @@ def table_row(r: Dict[str, Any]) -> List[Any]:
   ]
 
 
-def write_report(
-  output_dir: str,
-  rows: List[Dict[str, Any]],
-  curves,
-  *,
-  dataset: str,
-  dataset_source: str,
-  engine: str,
-  num_clients: int,
-  rounds: int,
-  seeds: Sequence[int],
-  panel_order: Sequence[Any],
-) -> None:
+def write_report(grid, rows: List[Dict[str, Any]], curves) -> None:
   """convergence.csv, convergence.md and figures/convergence.png of the grid's rows.
 
-  `curves` are `convergence_stats.accuracy_curves`; `panel_order` the (aggregator,
-  partition) panels in the grid's order.
+  `grid`: the `convergence.Convergence` run (its output folder, data, engine, clients,
+  rounds, seeds, and the (aggregator, partition) panels in its order); `curves`:
+  `convergence_stats.accuracy_curves`.
   """
+  output_dir, dataset, dataset_source = grid.output_dir, grid.dataset, grid.dataset_source
+  engine, num_clients, rounds = grid.engine, grid.base.num_clients, grid.rounds
+  seeds = grid.seeds
+  panel_order = [(a, p) for a in grid.aggregators for p in grid.partitions]
   records.write_csv(os.path.join(output_dir, "convergence.csv"), CONVERGENCE_FIELDS, rows)
   n_seeds, seeds = len(seeds), ", ".join(map(str, seeds))
   figures.accuracy_panel(

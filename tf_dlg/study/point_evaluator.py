@@ -29,6 +29,19 @@ ABSOLUTE_OF = defense_table.ABSOLUTE_OF
 IDENTIFY_SIMILARITY = "abs_pearson"
 
 
+# The search's settings an evaluator reads (`ThresholdSearch` holds them).
+SETTINGS = (
+  "iterations",
+  "num_images",
+  "seed",
+  "leak_ssim",
+  "restarts",
+  "local_steps",
+  "local_lr",
+  "defended_fraction",
+)
+
+
 class PointEvaluator:
   """Evaluates (and caches) the points of the threshold search.
 
@@ -36,35 +49,15 @@ class PointEvaluator:
     output_dir: Where recon/ and the gallery matcher's candidate cache go.
     log: The `ResultsLog` of points.jsonl.
     cases: The `SearchCases` of the attacked datasets.
-    iterations: {dataset: attack optimiser iterations per restart}.
-    num_images, seed, leak_ssim, restarts, local_steps, local_lr, defended_fraction:
-      As `tf_dlg.study.threshold_search.ThresholdSearch` takes them.
+    settings: The search whose `SETTINGS` it reads (`iterations`: {dataset: attack
+      optimiser iterations per restart}; the others as
+      `tf_dlg.study.threshold_search.ThresholdSearch` takes them).
   """
 
-  def __init__(
-    self,
-    output_dir: str,
-    log,
-    cases,
-    *,
-    iterations: Dict[str, int],
-    num_images: int,
-    seed: int,
-    leak_ssim: float,
-    restarts: int,
-    local_steps: int,
-    local_lr: float,
-    defended_fraction: float,
-  ):
-    self.output_dir, self.log, self.cases, self.iterations = output_dir, log, cases, iterations
-    self.num_images, self.seed, self.leak_ssim, self.restarts = (
-      num_images,
-      seed,
-      leak_ssim,
-      restarts,
-    )
-    self.local_steps, self.local_lr = local_steps, local_lr
-    self.defended_fraction = defended_fraction
+  def __init__(self, output_dir: str, log, cases, settings):
+    self.output_dir, self.log, self.cases = output_dir, log, cases
+    for name in SETTINGS:
+      setattr(self, name, getattr(settings, name))
     # update_stats per dataset, computed once.
     self.stats: Dict[str, Dict[str, np.ndarray]] = {}
     # The gallery matcher's candidate updates, kept between its calls (large: gallery x
@@ -159,9 +152,7 @@ class PointEvaluator:
       )
     self.attack_calls.append((dataset, attack, defense, len(todo)))
     seconds = (time.perf_counter() - start) / len(todo)
-    store_points(
-      self.log,
-      self.output_dir,
+    self.store_points(
       ds.source,
       (dataset, attack, defense, update),
       todo,
@@ -170,6 +161,40 @@ class PointEvaluator:
       (leaked, adjusted, np.stack([images[i] for _, i, _ in todo])),
       seconds,
     )
+
+  def store_points(self, source, cell, todo, per_image, configs, pictures, seconds):
+    """Saves one attack call's images (one npz) and its per-image records (points.jsonl)."""
+    dataset, attack, defense, update = cell
+    leaked, adjusted, originals = pictures
+    name = hashlib.sha1(todo[0][0].encode() + str(len(todo)).encode()).hexdigest()[:16]
+    recon = os.path.join("recon", name + ".npz")
+    io_lib.save_npz(
+      os.path.join(self.output_dir, recon),
+      {"format": RECON_FORMAT, "keys": [k for k, _, _ in todo]},
+      {"leaked": np.stack(leaked), "adjusted": np.stack(adjusted), "original": originals},
+    )
+    for row, ((key, i, p), score, config) in enumerate(zip(todo, per_image, configs)):
+      if not math.isfinite(score["adjusted_ssim"]):
+        warnings.warn(
+          f"{key}: non-finite reconstruction; it counts as leaked, never as defended.",
+          RuntimeWarning,
+          stacklevel=4,
+        )
+      point = records.Point(
+        **score,
+        dataset=dataset,
+        dataset_source=source,
+        attack=attack,
+        defense=defense,
+        param=p,
+        update=update,
+        image=int(i),
+        defense_config=config,
+        recon=recon,
+        recon_row=row,
+        seconds=seconds,
+      )
+      self.log.add(key, point.to_record())
 
   def evaluate(
     self, dataset: str, attack: str, defense: str, param: Optional[float], update: str = "gradient"
@@ -238,41 +263,6 @@ class PointEvaluator:
     import shutil
 
     shutil.rmtree(self._cache_dir, ignore_errors=True)
-
-
-def store_points(log, output_dir, source, cell, todo, per_image, configs, pictures, seconds):
-  """Saves one attack call's images (one npz) and its per-image records (points.jsonl)."""
-  dataset, attack, defense, update = cell
-  leaked, adjusted, originals = pictures
-  name = hashlib.sha1(todo[0][0].encode() + str(len(todo)).encode()).hexdigest()[:16]
-  recon = os.path.join("recon", name + ".npz")
-  io_lib.save_npz(
-    os.path.join(output_dir, recon),
-    {"format": RECON_FORMAT, "keys": [k for k, _, _ in todo]},
-    {"leaked": np.stack(leaked), "adjusted": np.stack(adjusted), "original": originals},
-  )
-  for row, ((key, i, p), score, config) in enumerate(zip(todo, per_image, configs)):
-    if not math.isfinite(score["adjusted_ssim"]):
-      warnings.warn(
-        f"{key}: non-finite reconstruction; it counts as leaked, never as defended.",
-        RuntimeWarning,
-        stacklevel=4,
-      )
-    point = records.Point(
-      **score,
-      dataset=dataset,
-      dataset_source=source,
-      attack=attack,
-      defense=defense,
-      param=p,
-      update=update,
-      image=int(i),
-      defense_config=config,
-      recon=recon,
-      recon_row=row,
-      seconds=seconds,
-    )
-    log.add(key, point.to_record())
 
 
 def score_reconstructions(attacked, indices, gallery, leak_ssim):

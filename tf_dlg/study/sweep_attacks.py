@@ -113,7 +113,6 @@ def reconstruct(settings, keras_model, weights, case, items, exact: bool, prior:
     t0 = time.perf_counter()
     images = local_training.reconstruct(
       keras_model,
-      weights,
       [it["update"] for it in group],
       [it["recovered"] for it in group],
       local_training.ClientTraining(name, s.client_lr, steps, batch),

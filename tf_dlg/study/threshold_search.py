@@ -118,18 +118,6 @@ def _check_settings(settings: Dict[str, Any]) -> Dict[str, Any]:
   return out
 
 
-# The settings the cached evaluator shares with the search.
-_EVALUATOR_SETTINGS = (
-  "num_images",
-  "seed",
-  "leak_ssim",
-  "restarts",
-  "local_steps",
-  "local_lr",
-  "defended_fraction",
-)
-
-
 class ThresholdSearch:
   """Runs (and resumes) the threshold search; see the module docstring.
 
@@ -209,13 +197,7 @@ class ThresholdSearch:
       os.path.join(output_dir, "points.jsonl"), "threshold_search", self.config
     )
     self.cases = SearchCases(self.num_images, self.seed, data_dir)
-    self.evaluator = point_evaluator.PointEvaluator(
-      self.output_dir,
-      self.log,
-      self.cases,
-      iterations=self.iterations,
-      **{k: getattr(self, k) for k in _EVALUATOR_SETTINGS},
-    )
+    self.evaluator = point_evaluator.PointEvaluator(self.output_dir, self.log, self.cases, self)
     self.attack_calls = self.evaluator.attack_calls  # (dataset, attack, defence, n)
 
   def resolution(self, scale: str) -> float:
