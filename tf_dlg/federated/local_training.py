@@ -208,7 +208,9 @@ def match_gallery(
 
 def _problem_consts(fmodel, model, observed, labels, statistics):
   """The per-observation constants of `reconstruct`'s problems (slot axis first)."""
-  weights = [np.asarray(w, np.float32) for w in fmodel.trainable_weights_from(model.get_weights())]
+  # The variables' values, not `get_weights()`: after TFF has traced in this process,
+  # Keras 2.14 takes `get_weights` on this model for a v1 graph model and fails.
+  weights = [np.asarray(v.numpy(), np.float32) for v in model.trainable_variables]
   u = len(observed)
   consts = {
     "weights": [np.repeat(w[None], u, 0) for w in weights],

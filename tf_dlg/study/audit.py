@@ -120,9 +120,10 @@ class Audit(sweep.Sweep):
     self.data = (x, y, name, source, classes)
     super().__init__(output_dir, settings, progress=progress, frontier_csv=frontier_csv)
 
-  # The audit simulates the client's trainable update only (`simulate_client`), so no
-  # BatchNorm statistics reach its attackers.
-  has_batchnorm = False
+  def _has_batchnorm(self) -> bool:
+    # The audit simulates the client's trainable update only (`simulate_client`), so no
+    # BatchNorm statistics reach its attackers.
+    return False
 
   def wording(self) -> Dict[str, str]:
     s, name = self.settings, self.model.name

@@ -55,7 +55,6 @@ the figure and report: `tf_dlg.study.sweep_report`.
 from __future__ import annotations
 
 import collections
-import functools
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -119,6 +118,7 @@ class Sweep:
     validation.check_output_dir("output_dir", output_dir)
     self.output_dir = output_dir
     self.progress = progress
+    self.has_batchnorm = self._has_batchnorm()
 
   def open_log(self):
     """The sweep's rows.jsonl (another configuration's refused)."""
@@ -158,10 +158,10 @@ class Sweep:
             self._attack_round(log, case, fa, state, acc, at_round)
     return self.write(list(log), skipped)
 
-  @functools.cached_property
-  def has_batchnorm(self) -> bool:
+  def _has_batchnorm(self) -> bool:
     """Whether the trained model has BatchNorm layers, whose statistics the update carries
-    (the attacker's `cosine_tv_bn` runs only then)."""
+    (the attacker's `cosine_tv_bn` runs only then). Asked before TFF's context is
+    installed: Keras 2.14 cannot build a model inside it."""
     from tf_dlg import models
     from tf_dlg.attacks import batchnorm_prior
 
