@@ -112,3 +112,15 @@ def test_mismatched_inputs_are_one_clear_error(case):
     batchnorm_prior.observed_statistics(model, w0, [np.zeros(4)], steps=1, batch_size=2)
   with pytest.raises(ValueError, match="steps=0"):
     batchnorm_prior.observed_statistics(model, w0, [], steps=0, batch_size=2)
+
+
+def test_the_attackers_model_copy_keeps_the_trainings_batchnorm_momentum():
+  """The prior divides by 1 - momentum^T: the attacker's copy (`attack_model`) must keep
+  the momentum the training set (`FederatedConfig.bn_momentum`, 0.9), not Keras' 0.99."""
+  from tf_dlg.federated import local_training
+
+  model = models.bn_cnn((12, 12, 1), 4, seed=1, width=4)
+  for layer in batchnorm_prior.batchnorm_layers(model):
+    layer.momentum = 0.9
+  copy = local_training.attack_model(model)
+  assert [layer.momentum for layer in batchnorm_prior.batchnorm_layers(copy)] == [0.9, 0.9]

@@ -195,12 +195,12 @@ class Sweep:
 
   def _attack_round(self, log, case: Case, fa, state, acc, at_round: List[Cell]):
     """Captures every cell's update from TFF's client work at this round, then attacks."""
-    from tf_dlg import models
     from tf_dlg.federated import fedavg
 
-    s = self.settings
     # The attacker's own copy of the architecture (built eagerly, outside TFF's graphs).
-    keras_model = models.build_model(s.model, case.input_shape, case.num_classes, seed=s.seed)
+    # `keras_model_fn`: the training's own build, BatchNorm momentum included (the
+    # BatchNorm prior reads the statistics through it).
+    keras_model = fa.keras_model_fn()
     fa.assign_to_keras(fa.process.get_model_weights(state), keras_model)
     exclude = fedavg.update_exclusion(keras_model)
 
