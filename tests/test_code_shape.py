@@ -201,3 +201,52 @@ def _private_reach(path: pathlib.Path):
 def test_no_library_module_reaches_another_modules_private_names():
   hits = [h for p in _library() for h in _private_reach(p)]
   assert not hits, "private names reached across modules:\n" + "\n".join(hits)
+
+
+# The configuration types and their files; the first two own the defaults of a run's
+# attack and of its federated training, the study's types refer to them.
+CONFIG_TYPES = {
+  "AttackConfig": "tf_dlg/attacks/runner.py",
+  "FederatedConfig": "tf_dlg/federated/config.py",
+  "Preset": "tf_dlg/study/presets.py",
+  "FrontierSettings": "tf_dlg/study/frontier.py",
+  "SweepSettings": "tf_dlg/study/sweep_settings.py",
+  "AttackSettings": "tf_dlg/study/single_attack.py",
+}
+# Two owners in two layers' domains: an attack's seed and a training's seed.
+OWNED_TWICE = {("seed", "0"): {"AttackConfig", "FederatedConfig"}}
+
+
+def retyped_defaults(sources):
+  """{(field, value): [class, ...]} of literal defaults (None aside) written in more than
+  one configuration type; `sources`: {class name: module source}."""
+  written = {}
+  for name, source in sources.items():
+    for node in ast.walk(ast.parse(source)):
+      if not (isinstance(node, ast.ClassDef) and node.name == name):
+        continue
+      for field in node.body:
+        if isinstance(field, ast.AnnAssign) and field.value is not None:
+          try:
+            value = ast.literal_eval(field.value)
+          except ValueError:
+            continue  # a reference to another type's default: the point
+          if value is not None:
+            written.setdefault((field.target.id, repr(value)), []).append(name)
+  return {k: v for k, v in written.items() if len(v) > 1 and set(v) != OWNED_TWICE.get(k, set())}
+
+
+def test_the_default_checker_finds_a_retyped_default():
+  sources = {
+    "A": "class A:\n  batch_size: int = 32\n  seed: int = 0\n",
+    "B": "class B:\n  batch_size: int = 32\n  lr: float = A.lr\n  data_dir: str = None\n",
+  }
+  assert retyped_defaults(sources) == {("batch_size", "32"): ["A", "B"]}
+
+
+def test_each_configuration_default_is_written_once():
+  sources = {name: (ROOT / path).read_text() for name, path in CONFIG_TYPES.items()}
+  retyped = retyped_defaults(sources)
+  assert not retyped, "defaults written in several configuration types:\n" + "\n".join(
+    f"{field} = {value}: {', '.join(owners)}" for (field, value), owners in retyped.items()
+  )

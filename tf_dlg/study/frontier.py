@@ -43,7 +43,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from tf_dlg import defenses as defense_registry
 from tf_dlg import io as io_lib
 from tf_dlg import validation
-from tf_dlg.study import defense_table, frontier_report, matching
+from tf_dlg.attacks.runner import AttackConfig
+from tf_dlg.federated.config import FederatedConfig
+from tf_dlg.study import defense_table, frontier_report, matching, presets
 from tf_dlg.study.frontier_points import DP, FrontierPoint, write_frontier
 
 FRONTIER_ENGINES = ("tff", "flower")
@@ -82,19 +84,19 @@ class FrontierSettings:
   # 0 of 8 identified still allows a rate up to 0.37; attacks cost little beside training.
   num_images: int = 16
   iterations: int = 500
-  restarts: int = 1
+  restarts: int = AttackConfig.restarts
   seeds: Tuple[int, ...] = (0, 1, 2)
   rounds: int = 15
-  num_clients: int = 10
-  local_epochs: int = 1
-  batch_size: int = 32
-  client_lr: float = 0.001
-  train_examples: Optional[int] = 6000
-  test_examples: Optional[int] = 2000
+  num_clients: int = FederatedConfig.num_clients
+  local_epochs: int = FederatedConfig.local_epochs
+  batch_size: int = FederatedConfig.batch_size
+  client_lr: float = FederatedConfig.client_lr
+  train_examples: Optional[int] = presets.PRESETS["quick"].train_examples
+  test_examples: Optional[int] = presets.PRESETS["quick"].test_examples
   delta: float = 1e-5
-  seed: int = 0
+  seed: int = FederatedConfig.seed
   data_dir: Optional[str] = None
-  engine: str = "tff"
+  engine: str = presets.Preset.engine
 
   def __post_init__(self):
     from tf_dlg import data

@@ -13,6 +13,8 @@ import dataclasses
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from tf_dlg import validation
+from tf_dlg.attacks.runner import AttackConfig
+from tf_dlg.federated.config import FederatedConfig
 from tf_dlg.study import defense_table
 
 # Fields that hold lists: an override given as a list is stored as a tuple (frozen).
@@ -41,7 +43,7 @@ class Preset:
   convergence_defenses: Tuple[str, ...]
   rounds: int
   seeds: int  # how many: seeds seed, seed + 1, ...
-  attack: str = "idlg"
+  attack: str = AttackConfig.attack
   adaptive_attacks: Tuple[str, ...] = ("ig", "masked_ig")
   adaptive: bool = False
   # The strongest attackers' search: on these datasets only (None: every dataset), and
@@ -57,18 +59,18 @@ class Preset:
   restarts: int = 2
   train_examples: Optional[int] = None  # seeded subset of the training set
   test_examples: Optional[int] = None
-  num_clients: int = 10
-  local_epochs: int = 1
+  num_clients: int = FederatedConfig.num_clients
+  local_epochs: int = FederatedConfig.local_epochs
   aggregators: Tuple[str, ...] = ("mean", "median")
   # The privacy-utility frontier (`tf_dlg.study.frontier`) on `convergence_dataset`.
   frontier: bool = False
   # 0 of 8 identified still allows a rate up to 0.37 (exact interval); 0 of 16, 0.21.
   frontier_images: int = 16
-  batch_size: int = 32  # FederatedConfig's defaults
-  client_lr: float = 0.001
+  batch_size: int = FederatedConfig.batch_size
+  client_lr: float = FederatedConfig.client_lr
   partitions: Tuple[str, ...] = ("iid", "dirichlet")
-  alpha: float = 0.5
-  seed: int = 0
+  alpha: float = FederatedConfig.alpha
+  seed: int = FederatedConfig.seed
   data_dir: Optional[str] = None
   leak_ssim: Optional[float] = None
   # The federated engine of every training stage: "tff", or "flower" (Flower's

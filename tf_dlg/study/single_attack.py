@@ -20,8 +20,9 @@ from tf_dlg import io as io_lib
 from tf_dlg import metrics, validation
 from tf_dlg import models as models_lib
 from tf_dlg.attacks.optimize import OPTIMIZERS
-from tf_dlg.attacks.runner import ATTACKS, DEFAULT_ITERATIONS
+from tf_dlg.attacks.runner import ATTACKS, DEFAULT_ITERATIONS, AttackConfig
 from tf_dlg.attacks.threat_model import UPDATE_KINDS
+from tf_dlg.federated.config import FederatedConfig
 
 OUTPUT_FILES = ("attack.json", "attack.png")
 
@@ -33,17 +34,17 @@ class AttackSettings:
   dataset: str = "lfw_subset"
   index: int = 0  # first attacked image of the training split
   batch: int = 1  # images behind the update (client batch size)
-  attack: str = "idlg"
+  attack: str = AttackConfig.attack
   iterations: int = DEFAULT_ITERATIONS
-  restarts: int = 1
-  seed: int = 0  # the attacker's dummy initialisation and the defence
-  defense: str = "none"
+  restarts: int = AttackConfig.restarts
+  seed: int = AttackConfig.seed  # the attacker's dummy initialisation and the defence
+  defense: str = FederatedConfig.defense
   defense_param: Optional[float] = None
   update: str = "gradient"
   local_steps: int = 1  # local SGD steps of a fedavg_delta update
   client_lr: float = 0.1
   local_batch_size: Optional[int] = None  # default: batch
-  optimizer: str = "lbfgs"
+  optimizer: str = AttackConfig.optimizer
   model: str = "lenet"
   model_seed: int = 0
   tolerance: Optional[float] = None

@@ -12,6 +12,11 @@ import dataclasses
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from tf_dlg import validation
+from tf_dlg.federated.config import FederatedConfig
+from tf_dlg.study.presets import PRESETS
+
+# The training a sweep attacks by default: the quick preset's.
+_QUICK = PRESETS["quick"]
 
 LOCAL_WORK = ("step", "epoch")
 GALLERY = "gallery_match"
@@ -96,16 +101,16 @@ class SweepSettings:
   tv_weight: float = 1e-4
   chunk: int = 500
   # The training (the quick preset's).
-  model: str = "bn_cnn"
-  training_rounds: int = 15
-  train_examples: int = 6000
-  test_examples: int = 2000
-  num_clients: int = 10
-  batch_size: int = 64
-  local_epochs: int = 1
-  client_optimizer: str = "adam"
-  client_lr: float = 0.002
-  seed: int = 0
+  model: str = FederatedConfig.model
+  training_rounds: int = _QUICK.rounds
+  train_examples: int = _QUICK.train_examples
+  test_examples: int = _QUICK.test_examples
+  num_clients: int = _QUICK.num_clients
+  batch_size: int = _QUICK.batch_size
+  local_epochs: int = _QUICK.local_epochs
+  client_optimizer: str = FederatedConfig.client_optimizer
+  client_lr: float = _QUICK.client_lr
+  seed: int = FederatedConfig.seed
   # The audit's digest of the user's model and data ("" in a sweep: registry names).
   case_digest: str = ""
 
