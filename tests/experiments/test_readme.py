@@ -28,6 +28,7 @@ DRIVERS = (
   "benchmarks.gallery_speed",
   "benchmarks.round_speed",
   "benchmarks.plain_fedavg",
+  "benchmarks.lbfgs_products",
 )
 # Options of other tools the README shows (pytest -m, pip --no-deps, ruff format --check,
 # tensorboard --logdir, test.sh --slow, pytest-xdist --dist), not of a Python driver.
