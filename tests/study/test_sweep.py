@@ -138,7 +138,7 @@ def test_tiny_sweep_writes_the_columns_figure_and_report(tiny):
   # step cell at each round.
   assert len([r for r in rows if r["attack"] == "gallery_match"]) == 2 * 4 * 3
   recon = [r["attack"] for r in rows if r["attack"] != "gallery_match"]
-  assert sorted(set(recon)) == ["cosine_tv", "cosine_tv_bn", "cosine_tv_direction"]
+  assert sorted(set(recon)) == ["cosine_tv", "cosine_tv_direction", "cosine_tv_direction_bn"]
   assert len(recon) == 2 * 3
   for r in rows:
     assert 0.0 <= float(r["test_accuracy"]) <= 1.0  # round 0's untrained model included
@@ -334,4 +334,4 @@ def test_the_batchnorm_prior_attacks_only_models_with_batchnorm(tmp_path, model,
   run = sweep.Sweep(str(tmp_path), settings, progress=False)
   assert run.has_batchnorm is expected
   cell = sweep_case.Cell(dataset="digits", round=0, batch=1, local_work="step", num_images=1)
-  assert ("cosine_tv_bn" in run._runs(cell, "none")) is expected
+  assert ("cosine_tv_direction_bn" in run._runs(cell, "none")) is expected

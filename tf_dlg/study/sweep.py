@@ -28,9 +28,10 @@ Attacks (`ATTACKS`):
   surrogate. An Adam step is close to `lr * sign(gradient)`, whose derivative vanishes
   almost everywhere, so the exact simulation gives L-BFGS a flat landscape (measured on
   one MNIST image at round 0: rank 1,285 of 2,004 exact, rank 2 with the surrogate).
-  `cosine_tv_bn` (models with BatchNorm): `cosine_tv` plus the BatchNorm prior
-  (`tf_dlg.attacks.batchnorm_prior`): the batch statistics that the update's BatchNorm
-  deltas carry (defences pass them through), matched by the dummy batch's own.
+  `cosine_tv_direction_bn` (models with BatchNorm): `cosine_tv_direction` plus the
+  BatchNorm prior (`tf_dlg.attacks.batchnorm_prior`): the batch statistics that the
+  update's BatchNorm deltas carry (defences pass them through), matched by the dummy
+  batch's own; on the direction surrogate, the stronger of the two reconstructions.
   A member is identified when some reconstruction of its batch picks it first among the
   whole gallery (`tf_dlg.analysis.identification.identify`). Reconstruction runs on
   batches of at most `recon_max_batch` images, undefended unless `recon_defended`.
@@ -160,7 +161,7 @@ class Sweep:
 
   def _has_batchnorm(self) -> bool:
     """Whether the trained model has BatchNorm layers, whose statistics the update carries
-    (the attacker's `cosine_tv_bn` runs only then). Asked before TFF's context is
+    (the attacker's `cosine_tv_direction_bn` runs only then). Asked before TFF's context is
     installed: Keras 2.14 cannot build a model inside it."""
     from tf_dlg import models
     from tf_dlg.attacks import batchnorm_prior

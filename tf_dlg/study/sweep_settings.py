@@ -25,7 +25,7 @@ GALLERY = "gallery_match"
 RECONSTRUCTIONS = {
   "cosine_tv": (True, False),
   "cosine_tv_direction": (False, False),
-  "cosine_tv_bn": (True, True),
+  "cosine_tv_direction_bn": (False, True),
 }
 ATTACKS = (GALLERY,) + tuple(RECONSTRUCTIONS)
 UNDEFENDED = "none"
