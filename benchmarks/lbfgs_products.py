@@ -36,25 +36,13 @@ flags.DEFINE_integer("steps", 100, "Iterations per compiled loop.", lower_bound=
 flags.DEFINE_integer("repeats", 5, "Timed loops per way.", lower_bound=1)
 
 
-def _stacked_products(st, s, y, g, ok, history):
+def _stacked_products(pairs, g, s, y, m):
   """The replaced path: one product of the buffer with [g, s, y] (same outputs)."""
-  hist, _, _ = lbfgs.push_pair(st, s, y, g, ok, history)
-  m = history
-  prod = tf.linalg.matmul(hist["pairs"], tf.stack([g, s, y], axis=2))  # [S, 2m, 3]
-  at = tf.one_hot(st["head"], m, on_value=True, off_value=False)
-
-  def put_cross(mat, row, col):
-    return tf.where(at[:, :, None], row[:, None, :], tf.where(at[:, None, :], col[:, :, None], mat))
-
-  hist = dict(
-    hist,
-    sy=put_cross(st["sy"], prod[:, m:, 1], prod[:, :m, 2]),
-    yy=put_cross(st["yy"], prod[:, m:, 2], prod[:, m:, 2]),
-  )
-  return hist, prod[:, :m, 0], prod[:, m:, 0]
+  prod = tf.linalg.matmul(pairs, tf.stack([g, s, y], axis=2))  # [S, 2m, 3]
+  return prod[:, :, 0], prod[:, :, 2], prod[:, m:, 1]
 
 
-def _loop(push, slots, n, m, steps):
+def _loop(products, slots, n, m, steps):
   ok = tf.ones([slots], tf.bool)
   hdiag = tf.ones([slots])
 
@@ -62,7 +50,7 @@ def _loop(push, slots, n, m, steps):
   def run(st, g):
     def body(i, st, g):
       s, y = 1e-2 * g, 1.01e-2 * g + 1e-3
-      hist, sg, yg = push(st, s, y, g, ok, m)
+      hist, sg, yg = lbfgs.push_pair(st, s, y, g, ok, m, products)
       d = lbfgs.two_loop(hist, sg, yg, g, hdiag, m)
       return i + 1, dict(st, **hist), 0.999 * g + 1e-3 * d
 
@@ -82,12 +70,12 @@ def main(argv):
   g0 = tf.constant(np.random.default_rng(0).normal(size=(S, n)).astype(np.float32))
   st0 = lbfgs.add_history({}, g0, g0, m)
   ways = {
-    "three matvecs (library)": lbfgs.push_pair,
+    "three matvecs (library)": lbfgs.matvec_products,
     "one [g, s, y] product": _stacked_products,
   }
   out, times = {}, {}
-  for name, push in ways.items():
-    run = _loop(push, S, n, m, FLAGS.steps)
+  for name, products in ways.items():
+    run = _loop(products, S, n, m, FLAGS.steps)
     out[name] = run(st0, g0)  # compile + result
     c0, t0 = _cpu(), time.perf_counter()
     for _ in range(FLAGS.repeats):

@@ -144,12 +144,10 @@ def duplicate_runs(paths, run: int = RUN):
     code = _code(path)
     for k in range(len(code) - run + 1):
       key = tuple(t for _, t in code[k : k + run])
-      here = (path, code[k][0])
-      if (
-        key in seen and seen[key][0] != here[0] or key in seen and here[1] - seen[key][1] >= run * 2
-      ):
-        found.append((seen[key], here))
-      seen.setdefault(key, here)
+      first = seen.setdefault(key, (path, k, code[k][0]))
+      # Overlapping windows of one file (a line repeated run times) are one place.
+      if first[:2] != (path, k) and (first[0] != path or k - first[1] >= run):
+        found.append(((first[0], first[2]), (path, code[k][0])))
   return found
 
 
