@@ -7,7 +7,9 @@ The model's current weights are the global model the server sends; the client ho
 share of `--data` (a `tf_dlg.data` dataset name) and trains one step, and one epoch, of
 `--batch_size` with `--client_optimizer` / `--client_lr`. The sweep's attackers (gallery
 matching, cosine + TV reconstruction, batch label recovery) measure the leak undefended
-and at every defence's frontier settings (`tf_dlg.study.audit`). Writes sweep.csv,
+and at every defence's frontier settings (`tf_dlg.study.audit`); each defence's weakest
+protecting setting is then trained in TFF FedAvg (`--rounds`, `--cost_seeds`) beside the
+undefended baseline for its accuracy cost. Writes sweep.csv,
 figures/sweep.png and sweep.md, whose first line answers for the model; a rerun into the
 same --output_dir resumes, and another model or configuration there is refused.
 """
@@ -35,7 +37,23 @@ flags.DEFINE_integer(
   "gallery_size", 10_000, "Images the gallery attacker ranks among.", lower_bound=2
 )
 flags.DEFINE_integer("recon_iterations", 300, "Reconstruction iterations.", lower_bound=1)
-flags.DEFINE_string("frontier_csv", None, "A frontier run's frontier.csv, for the costs.")
+flags.DEFINE_integer("rounds", 20, "FedAvg rounds the costs train for.", lower_bound=1)
+flags.DEFINE_integer(
+  "clients_per_round", None, "Clients a round samples (default: all).", lower_bound=1
+)
+flags.DEFINE_list(
+  "cost_seeds",
+  ["0", "1", "2"],
+  "Seeds of the cost training (paired with the baseline; empty: no cost training).",
+)
+flags.register_validator(
+  "cost_seeds",
+  lambda v: all(s.strip().isdigit() for s in v),
+  message="--cost_seeds: expected integers >= 0, e.g. 0,1,2",
+)
+flags.DEFINE_string(
+  "frontier_csv", None, "A frontier run's frontier.csv: its costs instead of training them."
+)
 cli.define_output_dir("outputs/audit")
 cli.define_seed()
 flags.mark_flag_as_required("model")
@@ -57,6 +75,8 @@ def main(argv):
     num_clients=FLAGS.num_clients,
     client_optimizer=FLAGS.client_optimizer,
     client_lr=FLAGS.client_lr,
+    rounds=FLAGS.rounds,
+    clients_per_round=FLAGS.clients_per_round,
     seed=FLAGS.seed,
   )
   study = audit.Audit(
@@ -65,6 +85,7 @@ def main(argv):
     FLAGS.data,
     config,
     frontier_csv=FLAGS.frontier_csv,
+    cost_seeds=[int(v) for v in FLAGS.cost_seeds],
     gallery_size=FLAGS.gallery_size,
     recon_iterations=FLAGS.recon_iterations,
   )

@@ -77,3 +77,28 @@ def test_building_a_model_leaves_global_random_state_alone(name):
   for wa, wb in zip(a.get_weights(), b.get_weights()):
     np.testing.assert_array_equal(wa, wb)
   assert not np.array_equal(a.get_weights()[0], c.get_weights()[0])
+
+
+def test_a_registered_model_is_built_and_configured_by_name():
+  from tf_dlg.federated.config import FederatedConfig
+
+  def tiny(input_shape, num_classes, seed=0):
+    return tf.keras.Sequential(
+      [tf.keras.Input(input_shape), tf.keras.layers.Flatten(), tf.keras.layers.Dense(num_classes)]
+    )
+
+  with pytest.raises(ValueError, match="model='tiny' is not one of lenet, bn_cnn"):
+    FederatedConfig(model="tiny")
+  models.register("tiny", tiny)
+  try:
+    assert models.build_model("tiny", (28, 28, 1), 10).output_shape == (None, 10)
+    assert FederatedConfig(model="tiny").model == "tiny"
+    models.register("tiny", tiny)  # the same builder again: no-op
+    with pytest.raises(ValueError, match="A model named 'tiny' is already registered"):
+      models.register("tiny", lambda *a, **k: None)
+    with pytest.raises(TypeError, match="model builder function"):
+      models.register("other", 3)
+  finally:
+    models.unregister("tiny")
+  with pytest.raises(ValueError, match="Unknown model 'tiny'; expected one of lenet, bn_cnn"):
+    models.build_model("tiny", (28, 28, 1), 10)

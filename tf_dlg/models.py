@@ -12,7 +12,11 @@ from typing import Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-MODELS = ("lenet", "bn_cnn")
+from tf_dlg.registry import Registry
+
+_REGISTRY = Registry("model", taken="already registered; unregister it first")
+# {name: builder(input_shape, num_classes, seed=...)}, read-only; `register` adds to it.
+MODELS = _REGISTRY.view
 
 
 def _check_shape(input_shape: Sequence[int], num_classes: int) -> Tuple[int, int, int]:
@@ -117,11 +121,20 @@ def bn_cnn(
 def build_model(
   name: str, input_shape: Sequence[int], num_classes: int, seed: int = 0
 ) -> tf.keras.Model:
-  """Builds a registered model (`lenet` or `bn_cnn`) by name."""
-  builders = {"lenet": lenet, "bn_cnn": bn_cnn}
-  if name not in builders:
-    raise ValueError(f"Unknown model {name!r}; expected one of {', '.join(MODELS)}.")
-  return builders[name](input_shape, num_classes, seed=seed)
+  """Builds a registered model (`lenet`, `bn_cnn` or one added by `register`) by name."""
+  return _REGISTRY[name](input_shape, num_classes, seed=seed)
+
+
+def register(name: str, builder) -> None:
+  """Adds `builder(input_shape, num_classes, seed=...) -> tf.keras.Model` under `name`, so a
+  `FederatedConfig(model=name)` trains it (e.g. the audit's user model)."""
+  if not callable(builder):
+    raise TypeError(f"register takes a model builder function, got {builder!r}.")
+  _REGISTRY.register(name, builder)
+
+
+def unregister(name: str) -> None:
+  _REGISTRY.unregister(name)
 
 
 def input_spec(input_shape: Sequence[int]) -> collections.OrderedDict:
@@ -156,3 +169,7 @@ def batchnorm_variables(model: tf.keras.Model):
 
   visit(model)
   return found
+
+
+register("lenet", lenet)
+register("bn_cnn", bn_cnn)

@@ -12,7 +12,8 @@ import tensorflow as tf
 from tf_dlg.federated.config import FederatedConfig
 from tf_dlg.study import audit, results
 
-OPTIONS = dict(gallery_size=150, defenses=(("masking", 0.9),), recon_iterations=5)
+# The leakage only: the cost training has its own test below.
+OPTIONS = dict(gallery_size=150, defenses=(("masking", 0.9),), recon_iterations=5, cost_seeds=())
 
 
 def _user_model(seed=0):
@@ -80,3 +81,88 @@ def test_bad_inputs_are_one_error_before_work(saved, tmp_path):
     layers = [tf.keras.layers.LayerNormalization(), tf.keras.layers.Flatten()]
     bad = tf.keras.Sequential([tf.keras.Input((28, 28, 1)), *layers, tf.keras.layers.Dense(10)])
     audit.Audit(str(tmp_path), bad, "digits", config)
+
+
+def test_user_builder_gives_the_users_architecture_with_seeded_fresh_weights():
+  # Unseeded initializers: the seed draws the start (seeded ones fix it whatever the seed).
+  model = tf.keras.Sequential(
+    [tf.keras.Input((28, 28, 1)), tf.keras.layers.Flatten(), tf.keras.layers.Dense(10)]
+  )
+  trained = [w + 1.0 for w in model.get_weights()]
+  model.set_weights(trained)
+  build = audit.user_builder(model)
+  a, b, c = (build((28, 28, 1), 10, seed=s) for s in (3, 3, 4))
+  assert [type(x).__name__ for x in a.layers] == [type(x).__name__ for x in model.layers]
+  assert [w.shape for w in a.get_weights()] == [w.shape for w in trained]
+  assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
+  assert not np.array_equal(a.get_weights()[0], c.get_weights()[0])
+  assert not np.array_equal(a.get_weights()[0], trained[0])  # fresh, not the given weights
+  with pytest.raises(ValueError, match=r"takes \(28, 28, 1\) images and 10 classes"):
+    build((32, 32, 3), 10)
+
+
+def _row(defense, param, identified, local_work="epoch", batch=8):
+  return dict(
+    dataset="digits",
+    round=0,
+    batch=batch,
+    local_work=local_work,
+    defense=defense,
+    param=param,
+    identified=identified,
+    num_images=16,
+    attack="gallery_match",
+    local_steps=2,
+    gallery_size=150,
+    low=0.0,
+    high=0.2,
+    auc=0.6,
+  )
+
+
+def test_costs_train_the_weakest_protecting_setting_of_the_users_model(saved, tmp_path):
+  from tf_dlg import models
+  from tf_dlg.study import sweep_report
+
+  config = FederatedConfig(
+    dataset="digits", batch_size=8, num_clients=10, rounds=2, client_lr=0.01, seed=0
+  )
+  defenses = (("masking", 0.5), ("masking", 0.9), ("pruning", 0.9))
+  study = audit.Audit(
+    str(tmp_path),
+    saved,
+    "digits",
+    config,
+    progress=False,
+    **dict(OPTIONS, defenses=defenses, cost_seeds=(0, 1)),
+  )
+  # At the user's own cell (batch 8, one epoch): masking 0.5 leaks, 0.9 protects; pruning
+  # 0.9 leaks; a one-step row (not the own cell) does not change the choice.
+  rows = [
+    _row("none", None, 5),
+    _row("masking", 0.5, 1),
+    _row("masking", 0.9, 0),
+    _row("pruning", 0.9, 2),
+    _row("masking", 0.9, 3, local_work="step"),
+  ]
+  assert sweep_report.protecting_settings(rows[:4], study.settings) == {
+    "masking": 0.9,
+    "pruning": None,
+  }
+  costs = study.train_costs(rows)
+  assert set(costs) == {("masking", 0.9), ("none", None)}
+  runs = tmp_path / "costs" / "runs"
+  assert sorted(p.name for p in runs.iterdir()) == ["mean_iid_masking", "mean_iid_none"]
+  with open(tmp_path / "costs" / "convergence.csv", newline="") as f:
+    table = {r["label"]: r for r in csv.DictReader(f)}
+  base, masked = costs[("none", None)], costs[("masking", 0.9)]
+  assert base.baseline_accuracy == pytest.approx(float(table["none"]["final_test_accuracy"]))
+  assert masked.cost == pytest.approx(float(table["masking"]["cost"]))
+  assert masked.seeds == "0 1" and base.cost == 0.0
+  # The trained model is the user's architecture (its checkpoint's shapes).
+  ckpt = np.load(runs / "mean_iid_none" / "seed0" / "checkpoint.npz")
+  shapes = sorted(tuple(ckpt[k].shape) for k in ckpt.files if ckpt[k].ndim == 4)
+  assert shapes == [(5, 5, 1, 4)]
+  assert f"user_{study.settings.case_digest}" in models.MODELS
+  line = sweep_report.opening_line(rows[:4], study.settings, costs, "your configuration")
+  assert "masking 0.9" in line and "cost " in line and "pruning: no frontier setting" in line

@@ -31,7 +31,6 @@ training only. A new defence is a `Defense` subclass and one `register(cls)` lin
 
 from __future__ import annotations
 
-import types
 from typing import Any, Dict, Optional
 
 from tf_dlg.defenses.base import Chain, Defense, NoDefense, zero_fraction
@@ -49,6 +48,7 @@ from tf_dlg.defenses.dp import DPGaussian, dp_fedavg_epsilon, dp_sgd_epsilon
 from tf_dlg.defenses.masking import Masking, mask_update
 from tf_dlg.defenses.noising import Noising, RelativeNoising, add_noise
 from tf_dlg.defenses.pruning import Pruning, prune_by_magnitude
+from tf_dlg.registry import Registry
 
 __all__ = [
   "DEFENSES",
@@ -81,32 +81,30 @@ __all__ = [
   "prune_by_magnitude",
 ]
 
-_CLASSES: Dict[str, type] = {}
+
+def _is_defense(cls) -> None:
+  if not (isinstance(cls, type) and issubclass(cls, Defense)):
+    raise TypeError(f"register takes a Defense subclass, got {cls!r}.")
+
+
+_REGISTRY = Registry("defence", _is_defense)
 # {name: Defense subclass}, read-only; `register` adds to it.
-DEFENSES = types.MappingProxyType(_CLASSES)
+DEFENSES = _REGISTRY.view
 
 
 def register(cls: type) -> type:
   """Adds a `Defense` subclass under its `name`; returns it."""
-  if not (isinstance(cls, type) and issubclass(cls, Defense)):
-    raise TypeError(f"register takes a Defense subclass, got {cls!r}.")
-  known = _CLASSES.get(cls.name)
-  if known is not None and known is not cls:
-    raise ValueError(f"A defence named {cls.name!r} is already registered.")
-  _CLASSES[cls.name] = cls
-  return cls
+  _is_defense(cls)
+  return _REGISTRY.register(cls.name, cls)
 
 
 def unregister(name: str) -> None:
   """Removes a registered defence (for tests that register a toy one)."""
-  _class(name)
-  del _CLASSES[name]
+  _REGISTRY.unregister(name)
 
 
 def _class(name: str) -> type:
-  if name not in _CLASSES:
-    raise ValueError(f"Unknown defence {name!r}; expected one of {', '.join(_CLASSES)}.")
-  return _CLASSES[name]
+  return _REGISTRY[name]
 
 
 for _cls in (

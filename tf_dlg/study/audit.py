@@ -10,22 +10,30 @@ setting: the `tf_dlg.study.sweep` attacks on a client holding its share of the d
 size. It writes the sweep's files (`sweep.csv`, `figures/sweep.png`, `sweep.md`) whose
 first line answers for that model and configuration.
 
-Case: the model is the user's and in no registry, so it is not trained here: the client's
-update is the attacker's simulation of the client's local training
+Case: the client's update is the attacker's simulation of the client's local training
 (`tf_dlg.federated.local_training.local_update`: the configured optimizer, BatchNorm in
 training mode, a seeded shuffle), which the sweep's tests check equal to what TFF's client
-work sends. Accuracy costs need the user's training; the report says so.
+work sends, from the model's weights as given.
+
+Costs: the weakest setting of each defence that protects at the user's own batch size and
+local epoch is trained in TFF FedAvg with the user's `FederatedConfig` (rounds, clients,
+optimizers, aggregator, partition), beside the undefended baseline, paired by seed
+(`tf_dlg.study.convergence`, run store and tables in `<output_dir>/costs/`). The model
+trained is the user's architecture from freshly seeded initial weights (registered in
+`tf_dlg.models` for the run), so the cost is one of training it to convergence, as the
+frontier's are. A registered dataset's test split scores it; `(images, labels)` arrays
+have none, so their audit quotes no cost (or a given frontier.csv's).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from tf_dlg.study import sweep, sweep_case, sweep_settings
+from tf_dlg.study import sweep, sweep_case, sweep_report, sweep_settings
 
 
 def load_model(model) -> Any:
@@ -100,11 +108,23 @@ def settings_for(config, num_images: int, **options) -> sweep_settings.SweepSett
 class Audit(sweep.Sweep):
   """The sweep's attacks on the user's model as given (round 0: the model sent)."""
 
-  def __init__(self, output_dir, model, data, config, progress=True, frontier_csv=None, **options):
+  def __init__(
+    self,
+    output_dir,
+    model,
+    data,
+    config,
+    progress=True,
+    frontier_csv=None,
+    cost_seeds: Optional[Sequence[int]] = (0, 1, 2),
+    **options,
+  ):
     from tf_dlg.federated.config import FederatedConfig
 
     if not isinstance(config, FederatedConfig):
       raise TypeError(f"config must be a FederatedConfig, got {type(config).__name__}.")
+    self.cost_seeds = _check_cost_seeds(cost_seeds, frontier_csv)
+    self.config = config
     self.model = load_model(model)
     x, y, name, source = load_data(data, config.seed)
     classes = int(self.model.output_shape[-1])
@@ -135,8 +155,23 @@ class Audit(sweep.Sweep):
         f"Model: {name} as given (its weights are the global model; not trained here), "
         f"{self.model.count_params():,} parameters; the client's update is the attacker's "
         "simulation of its local training (equal to TFF's client work in the sweep's tests). "
-        "Accuracy costs need your training: pass a frontier run's frontier.csv."
+        + self._cost_wording()
       ),
+    )
+
+  def _cost_wording(self) -> str:
+    c = self.config
+    if self.costs is None:
+      return "Accuracy costs not measured (arrays have no test split; pass a frontier.csv)."
+    base = self.costs.get(("none", None))
+    if base is None:
+      return "Accuracy costs: from the given frontier.csv."
+    return (
+      f"Accuracy costs: TFF FedAvg of {self.model.name}'s architecture from seeded initial "
+      f"weights, {c.rounds} rounds, {c.aggregator} / {c.partition}, seeds {base.seeds}, at "
+      "each defence's weakest protecting setting beside the undefended baseline "
+      f"(accuracy {base.baseline_accuracy:.3f} on {base.dataset}'s test split; "
+      "costs/convergence.md)."
     )
 
   def run(self) -> Dict[str, str]:
@@ -166,7 +201,83 @@ class Audit(sweep.Sweep):
           model, images, labels, cell.batch, cell.local_steps, optimizer_name, lr, seed
         ),
       )
-    return self.write(list(log), skipped)
+    rows = list(log)
+    if self.cost_seeds is not None and name != sweep_settings.USER_DATA:
+      self.costs = self.train_costs(rows)
+    return self.write(rows, skipped)
+
+  def train_costs(self, rows) -> Dict[Tuple[str, Optional[float]], sweep_report.Cost]:
+    """{(defence, setting): Cost} of each defence's weakest protecting setting at the
+    user's own cell (`sweep_report.own_cell`), and ("none", None): the baseline."""
+    from tf_dlg import models
+    from tf_dlg.study import convergence
+
+    own = sweep_report.own_cell(rows, self.settings)
+    chosen = {} if own is None else sweep_report.protecting_settings(own[2], self.settings)
+    name = f"{sweep_settings.USER_MODEL}_{self.settings.case_digest}"
+    models.register(name, user_builder(self.model))
+    c = self.config
+    shared = {
+      f.name: getattr(c, f.name)
+      for f in dataclasses.fields(c)
+      if f.name not in convergence.PER_RUN + ("seed",)
+    }
+    study = convergence.Convergence(
+      os.path.join(self.output_dir, "costs"),
+      {d: (p, "weakest protecting setting in this audit") for d, p in chosen.items() if p},
+      aggregators=(c.aggregator,),
+      partitions=(c.partition,),
+      seeds=self.cost_seeds,
+      progress=self.progress,
+      **dict(shared, model=name),
+    )
+    trained = study.run()
+    base = next(r for r in trained if r["label"] == "none")
+
+    def cost(r):
+      return sweep_report.Cost(
+        r["cost"],
+        r["cost_low"],
+        r["cost_high"],
+        base["final_test_accuracy"],
+        c.dataset,
+        r["seeds"],
+      )
+
+    out = {(r["defense"], float(r["param"])): cost(r) for r in trained if r["label"] != "none"}
+    return {**out, ("none", None): cost(base)}
+
+
+def _check_cost_seeds(seeds, frontier_csv) -> Optional[Tuple[int, ...]]:
+  """The training seeds of the costs, or None (no training: none, or a frontier.csv given)."""
+  if frontier_csv is not None or not seeds:
+    return None
+  seeds = tuple(int(s) for s in seeds)
+  if len(set(seeds)) < 2 or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+    raise ValueError(
+      f"cost_seeds={list(seeds)} must be at least 2 distinct seeds >= 0 (a cost's interval "
+      "pairs seeds), or empty for no cost training."
+    )
+  return seeds
+
+
+def user_builder(model):
+  """A `tf_dlg.models` builder of `model`'s architecture with fresh weights from `seed`
+  (drawn by the model's own initializers: a seeded initializer starts every seed alike)."""
+
+  def build(input_shape, num_classes, seed=0):
+    import tensorflow as tf
+
+    want = (tuple(model.input_shape[1:]), int(model.output_shape[-1]))
+    if (tuple(input_shape), int(num_classes)) != want:
+      raise ValueError(
+        f"the model takes {want[0]} images and {want[1]} classes, not {tuple(input_shape)} "
+        f"and {num_classes}."
+      )
+    tf.keras.utils.set_random_seed(int(seed))
+    return tf.keras.models.clone_model(model)
+
+  return build
 
 
 def _digest(model, x, y) -> str:
@@ -205,13 +316,22 @@ def audit(
   output_dir: str,
   progress: bool = True,
   frontier_csv: Optional[str] = None,
+  cost_seeds: Optional[Sequence[int]] = (0, 1, 2),
   **options,
 ) -> Dict[str, str]:
   """Runs (or resumes) the audit; returns the paths of sweep.csv, the figure and sweep.md.
 
-  `frontier_csv`: a frontier run's frontier.csv of the same training, for the costs.
+  `frontier_csv`: a frontier run's frontier.csv of the same training, for the costs
+  (instead of training them). `cost_seeds`: the seeds the costs train with (empty: none).
   `options`: `SweepSettings` fields (e.g. `gallery_size`, `defenses`, `recon_iterations`).
   """
   return Audit(
-    output_dir, model, data, config, progress=progress, frontier_csv=frontier_csv, **options
+    output_dir,
+    model,
+    data,
+    config,
+    progress=progress,
+    frontier_csv=frontier_csv,
+    cost_seeds=cost_seeds,
+    **options,
   ).run()

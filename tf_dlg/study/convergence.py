@@ -52,7 +52,7 @@ from tf_dlg.study.defense_params import defense_of
 # `dp` defence as Flower's central DP-FedAvg instead of its LocalDpMod (the TFF `dp`).
 ENGINES = ("tff", "flower", "flower-central-dp")
 # Set per run by the grid, or not part of a convergence run.
-_PER_RUN = (
+PER_RUN = (
   "partition",
   "aggregator",
   "defense",
@@ -134,7 +134,7 @@ class Convergence:
     if not self.seeds or len(set(self.seeds)) != len(self.seeds):
       raise ValueError(f"seeds={list(seeds)} must be distinct and at least one.")
     self.subsets = tuple(validation.check_int("subsets", n, 1) for n in subsets or ())
-    known = sorted({f.name for f in dataclasses.fields(FederatedConfig)} - set(_PER_RUN) - {"seed"})
+    known = sorted({f.name for f in dataclasses.fields(FederatedConfig)} - set(PER_RUN) - {"seed"})
     unknown = sorted(set(config) - set(known))
     if unknown:
       raise ValueError(f"unknown simulation settings {unknown}; expected some of {known}.")

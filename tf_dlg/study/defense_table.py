@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Callable, Dict, Optional, Tuple
 
 from tf_dlg import defenses
+from tf_dlg.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,31 +119,30 @@ _ZEROING_ATTACKERS = ("masked_ig", "gallery_match")
 # gallery matching (the attacker the identification criterion assumes).
 _NOISE_ATTACKERS = ("ig", "idlg", "gallery_match")
 
-_ROWS: Dict[str, DefenseRow] = {}
+
+def _is_row(row) -> None:
+  if not isinstance(row, DefenseRow):
+    raise TypeError(f"register takes a DefenseRow, got {type(row).__name__}.")
+
+
+_REGISTRY = Registry("defence", _is_row, taken="already in the table")
+_ROWS = _REGISTRY.view
 
 
 def register(row: DefenseRow) -> DefenseRow:
   """Adds a defence's row (every view below sees it); returns the row."""
-  if not isinstance(row, DefenseRow):
-    raise TypeError(f"register takes a DefenseRow, got {type(row).__name__}.")
-  known = _ROWS.get(row.name)
-  if known is not None and known is not row:
-    raise ValueError(f"A defence named {row.name!r} is already in the table.")
-  _ROWS[row.name] = row
-  return row
+  _is_row(row)
+  return _REGISTRY.register(row.name, row)
 
 
 def unregister(name: str) -> None:
   """Removes a defence's row (for tests that add a toy one)."""
-  row(name)
-  del _ROWS[name]
+  _REGISTRY.unregister(name)
 
 
 def row(name: str) -> DefenseRow:
   """The row of `name`; ValueError naming the defences in the table."""
-  if name not in _ROWS:
-    raise ValueError(f"Unknown defence {name!r}; expected one of {', '.join(_ROWS)}.")
-  return _ROWS[name]
+  return _REGISTRY[name]
 
 
 for _row in (

@@ -1,13 +1,14 @@
 """The sweep's outputs: the figure (`figures/sweep.png`) and the report (`sweep.md`),
 whose first line answers at the training's own client setting (`opening_line`), with the
-accuracy cost of each protecting setting read from a frontier run (`read_costs`).
+accuracy cost of each protecting setting: read from a frontier run (`read_costs`), or, in an
+audit, trained on the user's model (`Cost`).
 """
 
 from __future__ import annotations
 
 import collections
 import os
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -65,6 +66,11 @@ def figure(rows, path: str) -> str:
   return figures.save(fig, path, dpi=120)
 
 
+# What the report quotes of a cost; a frontier.csv's `FrontierPoint`s carry the same fields.
+# Fractions of accuracy; `seeds` space-separated.
+Cost = collections.namedtuple("Cost", "cost cost_low cost_high baseline_accuracy dataset seeds")
+
+
 def read_costs(path: str) -> Dict[Tuple[str, float], Any]:
   """{(defence, setting): FrontierPoint} of a frontier.csv."""
   from tf_dlg.study import frontier_points
@@ -79,7 +85,7 @@ def _cost(costs, name: str, param: float) -> str:
     return "cost not measured here (pass a frontier run's frontier.csv)"
   p = costs.get((name, float(param)))
   if p is None:
-    return "not on the given frontier.csv"
+    return "cost not measured at this setting"
   return (
     f"cost {figures.cost_pp(p.cost, p.cost_low, p.cost_high)} "
     f"beside the baseline's accuracy {p.baseline_accuracy:.3f} ({p.dataset}, seeds {p.seeds})"
@@ -132,6 +138,26 @@ def opening_line(
       "stand out)."
     )
   parts = []
+  for name, param in protecting_settings(at, settings).items():
+    if param is None:
+      parts.append(f"{name}: no frontier setting protects")
+      continue
+    worst = [r for r in at if r["defense"] == name and r["param"] == param]
+    # 0 of n only shows protection when even its upper bound is below the undefended rate.
+    leak = max(r["identified"] / r["num_images"] for r in und)
+    shown = "" if max(r["high"] for r in worst) < leak else "inconclusive: "
+    parts.append(
+      f"{name} {param:g} ({shown}0/{worst[0]['num_images']} identified, rate at most "
+      f"{max(r['high'] for r in worst):.2f}, membership AUC {max(r['auc'] for r in worst):.2f}; "
+      f"{_cost(costs, name, param)})"
+    )
+  return head + "; weakest protecting setting: " + "; ".join(parts) + "."
+
+
+def protecting_settings(at, settings: SweepSettings) -> Dict[str, Optional[float]]:
+  """{defence: its weakest frontier setting at which no row of `at` identifies an image,
+  or None where none does}, in the order of `settings.defenses`."""
+  out = {}
   for name in dict.fromkeys(d for d, _ in settings.defenses):
     pts = sorted(
       {r["param"] for r in at if r["defense"] == name},
@@ -142,19 +168,8 @@ def opening_line(
       for p in pts
       if all(r["identified"] == 0 for r in at if r["defense"] == name and r["param"] == p)
     ]
-    if protects:
-      worst = [r for r in at if r["defense"] == name and r["param"] == protects[0]]
-      # 0 of n only shows protection when even its upper bound is below the undefended rate.
-      leak = max(r["identified"] / r["num_images"] for r in und)
-      shown = "" if max(r["high"] for r in worst) < leak else "inconclusive: "
-      parts.append(
-        f"{name} {protects[0]:g} ({shown}0/{worst[0]['num_images']} identified, rate at most "
-        f"{max(r['high'] for r in worst):.2f}, membership AUC {max(r['auc'] for r in worst):.2f}; "
-        f"{_cost(costs, name, protects[0])})"
-      )
-    else:
-      parts.append(f"{name}: no frontier setting protects")
-  return head + "; weakest protecting setting: " + "; ".join(parts) + "."
+    out[name] = protects[0] if protects else None
+  return out
 
 
 def report(

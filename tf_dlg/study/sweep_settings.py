@@ -124,7 +124,7 @@ class SweepSettings:
     validation.check_choices("trained_datasets", self.trained_datasets, self.datasets)
     validation.check_choices("local_work", self.local_work, LOCAL_WORK)
     validation.check_choices("attacks", self.attacks, ATTACKS)
-    validation.check_choice("model", self.model, models.MODELS + (USER_MODEL,))
+    validation.check_choice("model", self.model, (*models.MODELS, USER_MODEL))
     validation.check_choice("client_optimizer", self.client_optimizer, federated.OPTIMIZERS)
     for name in ("datasets", "batch_sizes", "local_work", "rounds", "attacks"):
       if not getattr(self, name):
