@@ -1,14 +1,16 @@
-"""L-BFGS history products: three matrix-vector products against one three-column product.
+"""L-BFGS history reads: y_i . s from the Gram matrices against a third product with the buffer.
 
   .venv/bin/python -m benchmarks.lbfgs_products [--slots=4 --history=100 --size=3072]
 
-Each iteration of the attack's L-BFGS (`tf_dlg.attacks.lbfgs`) writes its new pair
-into the [slots, 2 x history, n] buffer and takes the buffer's products with g, y and s.
-This times that step (push, two-loop recursion, direction) inside one XLA-compiled
-loop, as the attack runs it, two ways on the same inputs in the same process: the
-library's three `matvec`s, and the single product with the stacked [g, s, y] it
-replaced. The results are checked equal (to float32 rounding); the default size is a
-32x32x3 image.
+Each iteration of the attack's L-BFGS (`tf_dlg.attacks.lbfgs`) writes its new pair into
+the [slots, 2 x history, n] buffer and needs the new inner products with every pair. This
+runs the library's whole compiled step (`build_lbfgs`, XLA) on a cheap objective (an
+ill-conditioned diagonal quadratic, so the history work dominates), two ways on the same
+inputs in the same process: the library's (products with g and y, y_i . s from the Gram
+matrices: three reads of the buffer per iteration with the direction) and `gram=False`
+(y_i . s read off the buffer: four), with the loss each reaches printed beside (the two
+agree step by step to float32 rounding: `tests/attacks/test_optimize.py`); the default
+size is a 32x32x3 image.
 """
 
 from __future__ import annotations
@@ -36,27 +38,16 @@ flags.DEFINE_integer("steps", 100, "Iterations per compiled loop.", lower_bound=
 flags.DEFINE_integer("repeats", 5, "Timed loops per way.", lower_bound=1)
 
 
-def _stacked_products(pairs, g, s, y, m):
-  """The replaced path: one product of the buffer with [g, s, y] (same outputs)."""
-  prod = tf.linalg.matmul(pairs, tf.stack([g, s, y], axis=2))  # [S, 2m, 3]
-  return prod[:, :, 0], prod[:, :, 2], prod[:, m:, 1]
+def _quadratic(n):
+  """0.5 sum_i a_i x_i^2 with a_i from 1 to 1e4: far from solved in `--steps` iterations."""
+  a = tf.constant(np.logspace(0, 4, n).astype(np.float32))
 
+  def value_fn(x, c):
+    del c
+    loss = 0.5 * tf.reduce_sum(a * x * x, 1)
+    return loss, loss, a * x
 
-def _loop(products, slots, n, m, steps):
-  ok = tf.ones([slots], tf.bool)
-  hdiag = tf.ones([slots])
-
-  @tf.function(jit_compile=True, autograph=False)
-  def run(st, g):
-    def body(i, st, g):
-      s, y = 1e-2 * g, 1.01e-2 * g + 1e-3
-      hist, sg, yg = lbfgs.push_pair(st, s, y, g, ok, m, products)
-      d = lbfgs.two_loop(hist, sg, yg, g, hdiag, m)
-      return i + 1, dict(st, **hist), 0.999 * g + 1e-3 * d
-
-    return tf.while_loop(lambda i, *_: i < steps, body, (0, st, g))[1:]
-
-  return run
+  return value_fn
 
 
 def _cpu():
@@ -67,28 +58,36 @@ def _cpu():
 def main(argv):
   del argv
   S, n, m = FLAGS.slots, FLAGS.size, FLAGS.history
-  g0 = tf.constant(np.random.default_rng(0).normal(size=(S, n)).astype(np.float32))
-  st0 = lbfgs.add_history({}, g0, g0, m)
-  ways = {
-    "three matvecs (library)": lbfgs.matvec_products,
-    "one [g, s, y] product": _stacked_products,
-  }
+  x0 = tf.constant(np.random.default_rng(0).normal(size=(S, n)).astype(np.float32))
+  tol, active = tf.fill([S], 1e-30), tf.ones([S], tf.bool)
+  ways = {"Gram y.s (library)": True, "buffer y.s (before)": False}
   out, times = {}, {}
-  for name, products in ways.items():
-    run = _loop(products, S, n, m, FLAGS.steps)
-    out[name] = run(st0, g0)  # compile + result
+  for name, gram in ways.items():
+    opt = lbfgs.build_lbfgs(_quadratic(n), jit_compile=True, history=m, gram=gram)
+    st0 = opt.init_fn(x0, {}, tol, active)
+
+    def run(st0=st0, opt=opt):
+      return opt.chunk_fn(st0, {}, tol, FLAGS.steps, 10**9, 1, 0)
+
+    out[name] = run()  # compile + result
     c0, t0 = _cpu(), time.perf_counter()
     for _ in range(FLAGS.repeats):
-      tf.nest.map_structure(lambda t: t.numpy(), run(st0, g0))
+      tf.nest.map_structure(lambda t: t.numpy(), run())
     steps = FLAGS.repeats * FLAGS.steps * S
     times[name] = (1e3 * (time.perf_counter() - t0) / steps, 1e3 * (_cpu() - c0) / steps)
-  a, b = (out[k][1].numpy() for k in ways)
-  np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+  a, b = (out[k] for k in ways)
+  # Every step after the first pushed a real pair (the comparison covers them all).
+  assert int(a["iters"][0]) == FLAGS.steps
+  assert int(b["valid"].numpy().sum(1).min()) == min(FLAGS.steps - 1, m)
+  # Fixed-step L-BFGS on an ill-conditioned problem amplifies rounding over 100 steps,
+  # so the runs are compared by what they reach (the unit test compares them step by step).
+  la, lb = a["loss"].numpy(), b["loss"].numpy()
+  print(f"  final loss per slot: library {np.round(la, 3)}, before {np.round(lb, 3)}")
   print(f"slots={S} history={m} n={n} steps={FLAGS.steps} load={os.getloadavg()[0]:.1f}")
   for name, (wall, cpu) in times.items():
-    print(f"  {name:26s} {wall:.3f} ms wall, {cpu:.3f} ms CPU per slot-iteration")
+    print(f"  {name:22s} {wall:.3f} ms wall, {cpu:.3f} ms CPU per slot-iteration")
   (w1, c1), (w2, c2) = times.values()
-  print(f"  library / replaced: wall {w1 / w2:.2f}x, CPU {c1 / c2:.2f}x (results equal)")
+  print(f"  library / before: wall {w1 / w2:.2f}x, CPU {c1 / c2:.2f}x ")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 The history lives in one [S, 2m, n] buffer per compiled loop, with the Gram matrices
 s_i . y_j and y_i . y_j kept up to date, so a step reads the buffer a fixed number of
-times whatever m is (`push_pair`, then `two_loop`'s final combination).
+times whatever m is: three (`push_pair`'s products with g and y, then `two_loop`'s final
+combination). The new step s is t x d, and d is a combination of g and the pairs, so the
+products y_i . s come from the Gram matrices (`gram_yd`) instead of a fourth read.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def add_history(st, x, g, history: int):
     head=tf.zeros([s], tf.int32),
     hdiag=tf.ones([s], x.dtype),
     d=tf.zeros_like(x),
+    yd=tf.zeros([s, history], x.dtype),  # y_i . d, ring order
     t=tf.zeros([s], x.dtype),
     gprev=g,
     first=tf.ones([s], tf.bool),
@@ -51,12 +54,14 @@ def build_lbfgs(
   jit_compile: bool = True,
   history: int = 100,
   lr: float = 1.0,
+  gram: bool = True,
 ) -> Compiled:
   """Fixed-step L-BFGS (PyTorch semantics, no line search), per-slot history.
 
   The direction is PyTorch's two-loop recursion (`two_loop`). Every slot has its own
   ring head, reset when it enters, so its pairs sit at the same positions and are
   summed in the same order whether it ran alone, in a batch or entered a slot late.
+  `gram=False` reads y_i . s off the buffer instead (`benchmarks.lbfgs_products`).
   """
   del iterations
 
@@ -73,10 +78,12 @@ def build_lbfgs(
     ys = tf.reduce_sum(y * s, 1)
     ok = (ys > 1e-10) & ~first & running
     okf = tf.cast(ok, s.dtype)[:, None]
-    hist, sg, yg = push_pair(st, s * okf, y * okf, g, ok, history)
+    known = st["yd"] * (st["t"][:, None] * okf) if gram else None  # y_i . s, old pairs
+    hist, sg, yg = push_pair(st, s * okf, y * okf, g, ok, history, known)
     hdiag = tf.where(ok, ys / tf.maximum(tf.reduce_sum(y * y, 1), 1e-30), st["hdiag"])
-    direction = two_loop(hist, sg, yg, g, hdiag, history, solve=not jit_compile)
+    direction, coef = two_loop(hist, sg, yg, g, hdiag, history, not jit_compile, True)
     d = keep_where(first, -g, -direction)
+    yd = -keep_where(first, yg, hdiag[:, None] * yg + gram_yd(hist, coef, history))
     t0 = tf.minimum(1.0, 1.0 / tf.maximum(tf.reduce_sum(tf.abs(g), 1), 1e-30)) * lr
     t = tf.where(running, tf.where(first, t0, lr * tf.ones_like(t0)), 0.0)
     x = st["x"] + t[:, None] * d
@@ -91,6 +98,7 @@ def build_lbfgs(
       g=g_new,
       gprev=g,
       d=d,
+      yd=yd,
       t=t,
       hdiag=hdiag,
       first=first & ~running,
@@ -100,27 +108,35 @@ def build_lbfgs(
   return compile_step(init_state, step, jit_compile)
 
 
-def matvec_products(pairs, g, s, y, m):
-  """(P g, P y [S, 2m], Y s [S, m]) of the pair buffer P = [S; Y], by three
-  matrix-vector products: XLA's CPU dot with the stacked [g, s, y] read the buffer at a
-  quarter of the speed (`benchmarks.lbfgs_products`), and a product with the slice
-  `pairs[:, m:]` would copy it."""
-  return tf.linalg.matvec(pairs, g), tf.linalg.matvec(pairs, y), tf.linalg.matvec(pairs, s)[:, m:]
+def gram_yd(hist, coef, m):
+  """y_i . (P^T coef) from the Gram matrices, P = [S; Y] (ring order): the pairs' part of
+  the direction `_direction` forms, read against each y_i without the buffer."""
+  return tf.linalg.matvec(hist["sy"], coef[:, :m], transpose_a=True) + tf.linalg.matvec(
+    hist["yy"], coef[:, m:]
+  )
 
 
-def push_pair(st, s, y, g, ok, history, products=matvec_products):
+def push_pair(st, s, y, g, ok, history, known=None):
   """(history with pair (s, y) written at the head, S^T g, Y^T g after it).
 
-  The pair is written first, so the buffer is updated in place, and `products` of the
-  new buffer with g, y and s then give every new inner product.
+  The pair is written first, so the buffer is updated in place; its matrix-vector
+  products with g and y then give S^T g, Y^T g, S^T y and Y^T y (two products: XLA's CPU
+  dot with a stacked [g, y] reads the buffer at a quarter of the speed, and one with the
+  slice `pairs[:, m:]` would copy it). `known`: y_i . s for the pairs before the push
+  (ring order; the head's entry is replaced by y . s), or None to read Y^T s off the
+  buffer too.
   """
   m, h = history, st["head"]  # h: [S]
   b = tf.shape(g)[0]
   rows = tf.stack([h, h + m], 1)[:, :, None]
   idx = tf.concat([tf.tile(tf.range(b)[:, None, None], [1, 2, 1]), rows], 2)  # [S, 2, 2]
   pairs = tf.tensor_scatter_nd_update(st["pairs"], idx, tf.stack([s, y], 1))
-  pg, py, ys = products(pairs, g, s, y, m)  # [S, 2m]: S g, Y g; S y, Y y; [S, m]: Y s
+  pg, py = tf.linalg.matvec(pairs, g), tf.linalg.matvec(pairs, y)  # [S, 2m]: S g, Y g; S y, Y y
   at = tf.one_hot(h, m, on_value=True, off_value=False)  # [S, m]
+  if known is None:
+    ys = tf.linalg.matvec(pairs, s)[:, m:]  # [S, m]: Y s
+  else:
+    ys = tf.where(at, tf.reduce_sum(y * s, 1)[:, None], known)
 
   def put_cross(mat, row, col):  # row h <- row, column h <- col
     return tf.where(at[:, :, None], row[:, None, :], tf.where(at[:, None, :], col[:, :, None], mat))
@@ -135,7 +151,7 @@ def push_pair(st, s, y, g, ok, history, products=matvec_products):
   return hist, pg[:, :m], pg[:, m:]
 
 
-def two_loop(hist, sg, yg, g, hdiag, history, solve=False):
+def two_loop(hist, sg, yg, g, hdiag, history, solve=False, with_coef=False):
   """H g for L-BFGS's inverse Hessian H: PyTorch's two-loop recursion, run on Gram matrices.
 
   Every inner product the recursion takes with an n-vector is a combination of
@@ -151,7 +167,8 @@ def two_loop(hist, sg, yg, g, hdiag, history, solve=False):
   to `tf.linalg.triangular_solve`: without XLA, 2 x m loop iterations of small ops cost
   ~8 ms per step (measured: a 180-iteration attack ran 10 ms per iteration), which the
   one-call solve removes; under XLA the loops are cheaper than XLA CPU's solve (measured
-  3x slower for one slot), so compiled runs keep them.
+  3x slower for one slot), so compiled runs keep them. `with_coef`: also the pairs'
+  coefficients (ring order, [S, 2m]; H g = hdiag g + P^T coef).
   """
   m = history
   head = hist["head"][:, None]  # [S, 1]
@@ -166,7 +183,8 @@ def two_loop(hist, sg, yg, g, hdiag, history, solve=False):
   rho = tf.where(aged(hist["valid"]), 1.0 / tf.where(aged(hist["valid"]), ys, 1.0), 0.0)
   a, b = aged(sg), aged(yg)
   if solve:
-    return _two_loop_solved(hist, (sy, yy, rho, a, b), g, hdiag, head, m)
+    out = _two_loop_solved(hist, (sy, yy, rho, a, b), g, hdiag, head, m)
+    return out if with_coef else out[0]
 
   def backward(i, alpha):  # newest first: alpha_i = rho_i s_i . (g - sum_{j>i} alpha_j y_j)
     ai = rho[:, i] * (a[:, i] - tf.reduce_sum(sy[:, i, :] * alpha, 1))
@@ -180,15 +198,17 @@ def two_loop(hist, sg, yg, g, hdiag, history, solve=False):
     return i + 1, c + (alpha[:, i] - beta)[:, None] * tf.one_hot(i, m, dtype=g.dtype)[None]
 
   c = tf.while_loop(lambda i, _: i < m, forward, (0, tf.zeros_like(a)))[1]
-  return _direction(hist, c, alpha, g, hdiag, head, m)
+  out = _direction(hist, c, alpha, g, hdiag, head, m)
+  return out if with_coef else out[0]
 
 
 def _direction(hist, c, alpha, g, hdiag, head, m):
-  """hdiag g + S c - hdiag Y alpha, with c and alpha by age, the pairs by ring position."""
+  """(hdiag g + S c - hdiag Y alpha, its pair coefficients by ring position), with c and
+  alpha by age."""
   back = (tf.range(m)[None] - head) % m  # age rank of each ring position
   both = tf.concat([c, -hdiag[:, None] * alpha], 1)
   coef = tf.gather(both, tf.concat([back, back + m], 1), axis=1, batch_dims=1)
-  return hdiag[:, None] * g + tf.linalg.matmul(coef[:, None, :], hist["pairs"])[:, 0, :]
+  return hdiag[:, None] * g + tf.linalg.matmul(coef[:, None, :], hist["pairs"])[:, 0, :], coef
 
 
 def _two_loop_solved(hist, aged_terms, g, hdiag, head, m):
