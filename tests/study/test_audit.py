@@ -149,6 +149,9 @@ def test_costs_train_the_weakest_protecting_setting_of_the_users_model(saved, tm
     "masking": 0.9,
     "pruning": None,
   }
+  # Nothing identified undefended at the own cell: no setting is needed, nothing trained.
+  assert study.train_costs([dict(r, identified=0) for r in rows]) is None
+  assert not (tmp_path / "costs").exists()
   costs = study.train_costs(rows)
   assert set(costs) == {("masking", 0.9), ("none", None)}
   runs = tmp_path / "costs" / "runs"

@@ -162,7 +162,12 @@ class Audit(sweep.Sweep):
   def _cost_wording(self) -> str:
     c = self.config
     if self.costs is None:
-      return "Accuracy costs not measured (arrays have no test split; pass a frontier.csv)."
+      why = (
+        "nothing leaks undefended there, or no setting protects: nothing to cost"
+        if self.cost_seeds is not None and self.data[2] != sweep_settings.USER_DATA
+        else "your arrays have no test split, or cost_seeds is empty; pass a frontier.csv"
+      )
+      return f"Accuracy costs not measured ({why})."
     base = self.costs.get(("none", None))
     if base is None:
       return "Accuracy costs: from the given frontier.csv."
@@ -206,14 +211,21 @@ class Audit(sweep.Sweep):
       self.costs = self.train_costs(rows)
     return self.write(rows, skipped)
 
-  def train_costs(self, rows) -> Dict[Tuple[str, Optional[float]], sweep_report.Cost]:
+  def train_costs(self, rows) -> Optional[Dict[Tuple[str, Optional[float]], sweep_report.Cost]]:
     """{(defence, setting): Cost} of each defence's weakest protecting setting at the
-    user's own cell (`sweep_report.own_cell`), and ("none", None): the baseline."""
+    user's own cell (`sweep_report.own_cell`), and ("none", None): the baseline; None
+    where no setting protects there (nothing to cost)."""
     from tf_dlg import models
     from tf_dlg.study import convergence
 
     own = sweep_report.own_cell(rows, self.settings)
-    chosen = {} if own is None else sweep_report.protecting_settings(own[2], self.settings)
+    at = [] if own is None else own[2]
+    if all(r["identified"] == 0 for r in at if r["defense"] == sweep_settings.UNDEFENDED):
+      return None  # nothing leaks undefended: no setting is needed (the first line says so)
+    chosen = sweep_report.protecting_settings(at, self.settings)
+    chosen = {d: p for d, p in chosen.items() if p is not None}
+    if not chosen:
+      return None
     name = f"{sweep_settings.USER_MODEL}_{self.settings.case_digest}"
     models.register(name, user_builder(self.model))
     c = self.config
@@ -224,7 +236,7 @@ class Audit(sweep.Sweep):
     }
     study = convergence.Convergence(
       os.path.join(self.output_dir, "costs"),
-      {d: (p, "weakest protecting setting in this audit") for d, p in chosen.items() if p},
+      {d: (p, "weakest protecting setting in this audit") for d, p in chosen.items()},
       aggregators=(c.aggregator,),
       partitions=(c.partition,),
       seeds=self.cost_seeds,
