@@ -113,3 +113,68 @@ def test_a_killed_child_is_named_killed_not_pointed_at_an_error_above(log):
     trainer.finish()
   assert "killed by SIGKILL" in str(e.value) and "above" not in str(e.value)
   assert beside._no_result(3).endswith("(whatever it printed is above).")
+
+
+def test_drain_trains_the_given_part_to_the_end_then_the_child_exits(log):
+  trainer = beside.TrainBesideSearch(functools.partial(fake_make, str(log)))
+  _lines(log, 1)
+  trainer.offer({"masking": (0.1, "t"), "pruning": (0.5, "t")})
+  _lines(log, 2)
+  trainer.drain({"masking": (0.1, "t")})  # a part of what it had: trained to the end
+  trainer.finish_drain()
+  lines = _lines(log, 3)
+  assert lines[-1] == {"masking": [0.1, "t"]} and len(lines) == 3
+  assert trainer.trained == 1 + 3 + 2
+
+
+def test_two_trainers_of_one_run_take_turns(tmp_path):
+  """`io.waiting_lock`: the second holder enters only after the first has left."""
+  import subprocess
+  import sys
+
+  lock, events = tmp_path / "run" / ".training.lock", tmp_path / "events"
+  child = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      "import sys, time\n"
+      "from tf_dlg import io\n"
+      "with io.waiting_lock(sys.argv[1]):\n"
+      "  open(sys.argv[2], 'a').write('child in\\n')\n"
+      "  time.sleep(1.0)\n"
+      "  open(sys.argv[2], 'a').write('child out\\n')\n",
+      str(lock),
+      str(events),
+    ]
+  )
+  deadline = time.time() + 60
+  while not (events.exists() and "child in" in events.read_text()) and time.time() < deadline:
+    time.sleep(0.05)
+  from tf_dlg import io
+
+  with io.waiting_lock(str(lock)):
+    with open(events, "a") as f:
+      f.write("parent in\n")
+  child.wait()
+  assert events.read_text().splitlines() == ["child in", "child out", "parent in"]
+
+
+class _Pending:
+  def __init__(self, labels):
+    self.labels = labels
+
+  def pending(self):
+    return [("mean", "iid", label, 0) for label in self.labels]
+
+
+def test_the_runs_left_are_split_in_training_order_at_about_half():
+  from tf_dlg.study import pipeline
+
+  params = {k: (0.5, "t") for k in ("masking", "clipping_ratio", "pruning", "noising_ratio")}
+  left = ["none"] + ["masking"] * 2 + ["clipping_ratio"] * 3 + ["pruning"] * 3 + ["noising_ratio"]
+  theirs, mine = pipeline.split_training(_Pending(left), params)
+  assert list(theirs) == ["masking", "clipping_ratio"] and list(mine) == [
+    "pruning",
+    "noising_ratio",
+  ]
+  assert pipeline.split_training(_Pending([]), params) == ({}, {})
