@@ -3,8 +3,7 @@
 The history lives in one [S, 2m, n] buffer per compiled loop, with the Gram matrices
 s_i . y_j and y_i . y_j kept up to date, so a step reads the buffer a fixed number of
 times whatever m is: three (`push_pair`'s products with g and y, then `two_loop`'s final
-combination). The new step s is t x d, and d is a combination of g and the pairs, so the
-products y_i . s come from the Gram matrices (`gram_yd`) instead of a fourth read.
+combination).
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ def add_history(st, x, g, history: int):
     head=tf.zeros([s], tf.int32),
     hdiag=tf.ones([s], x.dtype),
     d=tf.zeros_like(x),
-    yd=tf.zeros([s, history], x.dtype),  # y_i . d, ring order
     t=tf.zeros([s], x.dtype),
     gprev=g,
     first=tf.ones([s], tf.bool),
@@ -54,14 +52,14 @@ def build_lbfgs(
   jit_compile: bool = True,
   history: int = 100,
   lr: float = 1.0,
-  gram: bool = True,
+  new_row: bool = False,
 ) -> Compiled:
   """Fixed-step L-BFGS (PyTorch semantics, no line search), per-slot history.
 
   The direction is PyTorch's two-loop recursion (`two_loop`). Every slot has its own
   ring head, reset when it enters, so its pairs sit at the same positions and are
   summed in the same order whether it ran alone, in a batch or entered a slot late.
-  `gram=False` reads y_i . s off the buffer instead (`benchmarks.lbfgs_products`).
+  `new_row`: see `push_pair` (the same iterates either way).
   """
   del iterations
 
@@ -78,12 +76,10 @@ def build_lbfgs(
     ys = tf.reduce_sum(y * s, 1)
     ok = (ys > 1e-10) & ~first & running
     okf = tf.cast(ok, s.dtype)[:, None]
-    known = st["yd"] * (st["t"][:, None] * okf) if gram else None  # y_i . s, old pairs
-    hist, sg, yg = push_pair(st, s * okf, y * okf, g, ok, history, known)
+    hist, sg, yg = push_pair(st, s * okf, y * okf, g, ok, history, new_row)
     hdiag = tf.where(ok, ys / tf.maximum(tf.reduce_sum(y * y, 1), 1e-30), st["hdiag"])
-    direction, coef = two_loop(hist, sg, yg, g, hdiag, history, not jit_compile, True)
+    direction = two_loop(hist, sg, yg, g, hdiag, history, solve=not jit_compile)
     d = keep_where(first, -g, -direction)
-    yd = -keep_where(first, yg, hdiag[:, None] * yg + gram_yd(hist, coef, history))
     t0 = tf.minimum(1.0, 1.0 / tf.maximum(tf.reduce_sum(tf.abs(g), 1), 1e-30)) * lr
     t = tf.where(running, tf.where(first, t0, lr * tf.ones_like(t0)), 0.0)
     x = st["x"] + t[:, None] * d
@@ -98,7 +94,6 @@ def build_lbfgs(
       g=g_new,
       gprev=g,
       d=d,
-      yd=yd,
       t=t,
       hdiag=hdiag,
       first=first & ~running,
@@ -108,23 +103,17 @@ def build_lbfgs(
   return compile_step(init_state, step, jit_compile)
 
 
-def gram_yd(hist, coef, m):
-  """y_i . (P^T coef) from the Gram matrices, P = [S; Y] (ring order): the pairs' part of
-  the direction `_direction` forms, read against each y_i without the buffer."""
-  return tf.linalg.matvec(hist["sy"], coef[:, :m], transpose_a=True) + tf.linalg.matvec(
-    hist["yy"], coef[:, m:]
-  )
-
-
-def push_pair(st, s, y, g, ok, history, known=None):
+def push_pair(st, s, y, g, ok, history, new_row=False):
   """(history with pair (s, y) written at the head, S^T g, Y^T g after it).
 
   The pair is written first, so the buffer is updated in place; its matrix-vector
   products with g and y then give S^T g, Y^T g, S^T y and Y^T y (two products: XLA's CPU
   dot with a stacked [g, y] reads the buffer at a quarter of the speed, and one with the
-  slice `pairs[:, m:]` would copy it). `known`: y_i . s for the pairs before the push
-  (ring order; the head's entry is replaced by y . s), or None to read Y^T s off the
-  buffer too.
+  slice `pairs[:, m:]` would copy it). Of s_i . y_j the recursion reads only i no newer
+  than j (`two_loop`), so the new s's row, s . y_j for the older pairs, is never read:
+  it is left zero, and its diagonal s . y comes from S^T y. `new_row=True` computes it
+  with a third product over the buffer, as the code before did
+  (`benchmarks.lbfgs_products`; every entry read is the same).
   """
   m, h = history, st["head"]  # h: [S]
   b = tf.shape(g)[0]
@@ -133,10 +122,10 @@ def push_pair(st, s, y, g, ok, history, known=None):
   pairs = tf.tensor_scatter_nd_update(st["pairs"], idx, tf.stack([s, y], 1))
   pg, py = tf.linalg.matvec(pairs, g), tf.linalg.matvec(pairs, y)  # [S, 2m]: S g, Y g; S y, Y y
   at = tf.one_hot(h, m, on_value=True, off_value=False)  # [S, m]
-  if known is None:
+  if new_row:
     ys = tf.linalg.matvec(pairs, s)[:, m:]  # [S, m]: Y s
   else:
-    ys = tf.where(at, tf.reduce_sum(y * s, 1)[:, None], known)
+    ys = tf.where(at, py[:, :m], tf.zeros_like(py[:, :m]))  # only (h, h) = s . y is read
 
   def put_cross(mat, row, col):  # row h <- row, column h <- col
     return tf.where(at[:, :, None], row[:, None, :], tf.where(at[:, None, :], col[:, :, None], mat))
@@ -151,7 +140,7 @@ def push_pair(st, s, y, g, ok, history, known=None):
   return hist, pg[:, :m], pg[:, m:]
 
 
-def two_loop(hist, sg, yg, g, hdiag, history, solve=False, with_coef=False):
+def two_loop(hist, sg, yg, g, hdiag, history, solve=False):
   """H g for L-BFGS's inverse Hessian H: PyTorch's two-loop recursion, run on Gram matrices.
 
   Every inner product the recursion takes with an n-vector is a combination of
@@ -162,13 +151,15 @@ def two_loop(hist, sg, yg, g, hdiag, history, solve=False, with_coef=False):
   several times the attack's own gradient evaluation. Skipped and empty pairs have
   rho = 0 and contribute exact zeros.
 
+  Of s_i . y_j both loops read only the pairs where s_i is no newer than y_j (the
+  diagonal and, by age, the upper triangle), which is why `push_pair` skips the new row.
+
   Each loop is a triangular system in the m-vector: (I + diag(rho) triu(SY, 1)) alpha =
   rho a, then (I + diag(rho) tril(SY^T, -1)) c = alpha - rho yq. `solve=True` hands both
   to `tf.linalg.triangular_solve`: without XLA, 2 x m loop iterations of small ops cost
   ~8 ms per step (measured: a 180-iteration attack ran 10 ms per iteration), which the
   one-call solve removes; under XLA the loops are cheaper than XLA CPU's solve (measured
-  3x slower for one slot), so compiled runs keep them. `with_coef`: also the pairs'
-  coefficients (ring order, [S, 2m]; H g = hdiag g + P^T coef).
+  3x slower for one slot), so compiled runs keep them.
   """
   m = history
   head = hist["head"][:, None]  # [S, 1]
@@ -183,8 +174,7 @@ def two_loop(hist, sg, yg, g, hdiag, history, solve=False, with_coef=False):
   rho = tf.where(aged(hist["valid"]), 1.0 / tf.where(aged(hist["valid"]), ys, 1.0), 0.0)
   a, b = aged(sg), aged(yg)
   if solve:
-    out = _two_loop_solved(hist, (sy, yy, rho, a, b), g, hdiag, head, m)
-    return out if with_coef else out[0]
+    return _two_loop_solved(hist, (sy, yy, rho, a, b), g, hdiag, head, m)
 
   def backward(i, alpha):  # newest first: alpha_i = rho_i s_i . (g - sum_{j>i} alpha_j y_j)
     ai = rho[:, i] * (a[:, i] - tf.reduce_sum(sy[:, i, :] * alpha, 1))
@@ -198,17 +188,15 @@ def two_loop(hist, sg, yg, g, hdiag, history, solve=False, with_coef=False):
     return i + 1, c + (alpha[:, i] - beta)[:, None] * tf.one_hot(i, m, dtype=g.dtype)[None]
 
   c = tf.while_loop(lambda i, _: i < m, forward, (0, tf.zeros_like(a)))[1]
-  out = _direction(hist, c, alpha, g, hdiag, head, m)
-  return out if with_coef else out[0]
+  return _direction(hist, c, alpha, g, hdiag, head, m)
 
 
 def _direction(hist, c, alpha, g, hdiag, head, m):
-  """(hdiag g + S c - hdiag Y alpha, its pair coefficients by ring position), with c and
-  alpha by age."""
+  """hdiag g + S c - hdiag Y alpha, with c and alpha by age, the pairs by ring position."""
   back = (tf.range(m)[None] - head) % m  # age rank of each ring position
   both = tf.concat([c, -hdiag[:, None] * alpha], 1)
   coef = tf.gather(both, tf.concat([back, back + m], 1), axis=1, batch_dims=1)
-  return hdiag[:, None] * g + tf.linalg.matmul(coef[:, None, :], hist["pairs"])[:, 0, :], coef
+  return hdiag[:, None] * g + tf.linalg.matmul(coef[:, None, :], hist["pairs"])[:, 0, :]
 
 
 def _two_loop_solved(hist, aged_terms, g, hdiag, head, m):
