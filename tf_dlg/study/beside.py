@@ -7,8 +7,6 @@ child process trains: the undefended baseline at once (it needs no threshold), a
 defence once its cell is searched (`TrainBesideSearch.offer`, after every cell). It
 trains through the same `Convergence` run folders as the stage after the search, which
 then finds those runs finished (resume), so every number is that of a run without it.
-After the search the pipeline hands it a part of the runs left (`drain`) and trains the
-rest itself, side by side.
 
 A child process, not a thread: Keras models built while another thread traces a TFF
 computation in a `tf.Graph` context fail ("Layer or Model is in an invalid state"). It
