@@ -7,7 +7,6 @@ read without pickle.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -187,18 +186,3 @@ def lock_directory(path: str) -> str:
   os.write(fd, f"{os.getpid()}\n".encode())
   _HELD[path] = fd
   return lock
-
-
-@contextlib.contextmanager
-def waiting_lock(path: str):
-  """Holds an `flock` on `path` (a file, created if missing) for the `with` block,
-  waiting while another process holds it: two trainers of one run folder take turns."""
-  import fcntl
-
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    yield
-  finally:
-    os.close(fd)  # drops the lock

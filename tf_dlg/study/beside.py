@@ -26,8 +26,6 @@ import threading
 from typing import Any, Callable, Dict, Optional, Tuple
 
 Params = Dict[str, Tuple[float, str]]
-# The message after which the child trains its newest parameters to the end, then exits.
-DRAIN = "drain"
 
 
 class TrainBesideSearch:
@@ -91,17 +89,6 @@ class TrainBesideSearch:
     self.stop()
     self._wait_result()
 
-  def drain(self, params: Params) -> None:
-    """Hands the child `params` to train in full (a run it is training finishes first),
-    returns at once; `finish_drain()` waits for it."""
-    self.offer(params)
-    if self._process.poll() is None:
-      self._send(DRAIN)
-
-  def finish_drain(self) -> None:
-    """Waits until the child has trained what `drain` gave it; raises its error, if any."""
-    self._wait_result()
-
   def _wait_result(self) -> None:
     if self._result is None:
       out = self._process.stdout.read()
@@ -147,8 +134,7 @@ def main() -> None:
   logging.getLogger("tensorflow").setLevel(logging.ERROR)
   inbox, result_out = sys.stdin.buffer, sys.stdout.buffer
   sys.stdout = sys.stderr  # the pipe carries only the result
-  latest, changed = [None], threading.Condition()
-  stopping, draining = threading.Event(), threading.Event()
+  latest, changed, stopping = [None], threading.Condition(), threading.Event()
 
   def read():
     while True:
@@ -159,8 +145,6 @@ def main() -> None:
       with changed:
         if message is None:
           stopping.set()
-        elif message == DRAIN:
-          draining.set()
         else:
           latest[0] = message
         changed.notify()
@@ -174,9 +158,9 @@ def main() -> None:
     done_for = None
     while True:
       with changed:
-        while not (stopping.is_set() or draining.is_set()) and latest[0] == done_for:
+        while not stopping.is_set() and latest[0] == done_for:
           changed.wait()
-        if stopping.is_set() or latest[0] == done_for:  # stopped, or drained
+        if stopping.is_set():
           break
         params = latest[0]
       trained += make(params).train(stop=stopping.is_set)

@@ -43,7 +43,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tf_dlg import io as io_lib
 from tf_dlg import validation
 from tf_dlg.study import convergence_report, convergence_stats, run_store
 from tf_dlg.study.defense_params import defense_of
@@ -53,8 +52,6 @@ from tf_dlg.study.defense_params import defense_of
 # `dp` defence as Flower's central DP-FedAvg instead of its LocalDpMod (the TFF `dp`).
 ENGINES = ("tff", "flower", "flower-central-dp")
 # Set per run by the grid, or not part of a convergence run.
-# A run folder's training lock (`io.waiting_lock`).
-TRAINING_LOCK = ".training.lock"
 PER_RUN = (
   "partition",
   "aggregator",
@@ -218,29 +215,23 @@ class Convergence:
 
     out_dir, config = self.run_dir(*key), self.configs[key]
     history_path = os.path.join(out_dir, simulation.HISTORY_NAME)
-    # Two processes may train one grid (the pipeline's split after the search): a run
-    # one of them trains, the other waits for, then finds finished.
-    with io_lib.waiting_lock(os.path.join(out_dir, TRAINING_LOCK)):
-      if not self._finished(key):
-        self._simulate(config, out_dir, self.fingerprints[key])
-    return simulation.read_history(history_path)
+    if not self._finished(key):
+      run_store.claim_cell(out_dir, self.fingerprints[key])
+      if self.engine != "tff":
+        from tf_dlg.integrations import flower_engine
 
-  def _simulate(self, config, out_dir, fingerprint) -> None:
-    from tf_dlg.federated import simulation
-
-    run_store.claim_cell(out_dir, fingerprint)
-    if self.engine != "tff":
-      from tf_dlg.integrations import flower_engine
-
-      mechanism = "central" if self.engine == "flower-central-dp" else "local"
-      flower_engine.run_simulation(
-        config, out_dir, dataset=self._dataset, progress=False, dp_mechanism=mechanism
+        mechanism = "central" if self.engine == "flower-central-dp" else "local"
+        flower_engine.run_simulation(
+          config, out_dir, dataset=self._dataset, progress=False, dp_mechanism=mechanism
+        )
+        return simulation.read_history(history_path)
+      # Seeds, defence parameters and partitions are runtime inputs: one TFF build per
+      # aggregator x defence, reused across its cells (`build_fedavg(reuse=True)`).
+      built = simulation.build_for_config(config, self._dataset)
+      simulation.run_simulation(
+        config, out_dir, dataset=self._dataset, fedavg=built, progress=False
       )
-      return
-    # Seeds, defence parameters and partitions are runtime inputs: one TFF build per
-    # aggregator x defence, reused across its cells (`build_fedavg(reuse=True)`).
-    built = simulation.build_for_config(config, self._dataset)
-    simulation.run_simulation(config, out_dir, dataset=self._dataset, fedavg=built, progress=False)
+    return simulation.read_history(history_path)
 
   def keys(self) -> List[Tuple[str, str, str, int]]:
     """Every run's (aggregator, partition, label, seed), in training order."""
@@ -252,10 +243,6 @@ class Convergence:
       for partition in self.partitions
       if (aggregator, partition, label, seed) in self.configs
     ]
-
-  def pending(self) -> List[Tuple[str, str, str, int]]:
-    """The keys of the runs not finished yet, in training order."""
-    return [key for key in self.keys() if not self._finished(key)]
 
   def train(self, stop: Optional[Callable[[], bool]] = None) -> int:
     """Trains (or resumes) the runs not finished yet, without writing tables.

@@ -17,10 +17,7 @@ Stages, each resumable (a rerun into the same folder skips finished work):
 Every setting (a `tf_dlg.study.presets.Preset`) and every dataset is checked before any
 stage starts (`check_settings`). While stage 1 runs, a child process already trains the
 stage-3 runs whose settings are known (the baseline at once, a defence once its cell is
-searched; `tf_dlg.study.beside`). After the search the runs left are split between
-that child and this process, which train side by side (one FedAvg run leaves part of
-the 2 cores idle; a run folder is trained by one process only, `io.waiting_lock`);
-stage 3 then reads them all as finished runs.
+searched; `tf_dlg.study.beside`); stage 3 then resumes them as finished runs.
 """
 
 from __future__ import annotations
@@ -221,20 +218,6 @@ def _convergence_params(search, settings: Preset) -> Dict[str, Tuple[float, str]
   return {k: v for k, v in params.items() if defense_params.defense_of(k) in wanted}
 
 
-def split_training(conv, params):
-  """(the child's labels, this process's): the labels with runs left, in training order,
-  cut where the child has about half of those runs (it is training the first ones)."""
-  left = [key[2] for key in conv.pending() if key[2] != "none"]
-  counts = {label: left.count(label) for label in dict.fromkeys(left)}
-  theirs, mine, taken = {}, {}, 0
-  for label, n in counts.items():
-    if taken < len(left) / 2:
-      theirs[label], taken = params[label], taken + n
-    else:
-      mine[label] = params[label]
-  return theirs, mine
-
-
 def _fixed_params(search, settings: Preset) -> Dict[str, Tuple[float, str]]:
   """The convergence parameters the cells searched so far fix ({} before any)."""
   try:
@@ -285,33 +268,25 @@ def run(
   )
   try:
     rows = search.run(on_cell=lambda: beside.offer(_fixed_params(search, settings)))
-    stage_seconds["threshold search (a second process trains beside it)"] = time.perf_counter() - t
-    # The training left is split: the child trains the first labels to the end, this
-    # process the rest, side by side (a run folder is trained by one of them only).
-    params = _convergence_params(search, settings)
-    theirs, mine = split_training(
-      _convergence(output_dir, settings, params, progress=False), params
-    )
-    beside.drain(theirs)
-    t = time.perf_counter()
-    robustness = (
-      search.rescore(rows, attacks=list(settings.adaptive_attacks), delta_attack=settings.attack)
-      if settings.adaptive_attacks
-      else []
-    )
-    stage_seconds["adaptive re-scoring"] = time.perf_counter() - t
-    t = time.perf_counter()
-    _convergence(output_dir, settings, mine, progress=False).train()
   except BaseException as e:
     # Ctrl-C / SIGTERM: exit at once (a resume redoes the rounds in flight); any other
     # error: let the run in flight end, so that no TFF call outlives the pipeline.
     beside.stop(wait=not isinstance(e, KeyboardInterrupt))
     raise
-  beside.finish_drain()
-  conv = _convergence(output_dir, settings, params, progress)
+  beside.finish()
+  runs = f"{beside.trained} training run{'' if beside.trained == 1 else 's'}"
+  stage_seconds[f"threshold search (and {runs} beside it)"] = time.perf_counter() - t
+  t = time.perf_counter()
+  robustness = (
+    search.rescore(rows, attacks=list(settings.adaptive_attacks), delta_attack=settings.attack)
+    if settings.adaptive_attacks
+    else []
+  )
+  stage_seconds["adaptive re-scoring"] = time.perf_counter() - t
+  t = time.perf_counter()
+  conv = _convergence(output_dir, settings, _convergence_params(search, settings), progress)
   conv_rows = conv.run()
-  runs = f"{beside.trained} run{'' if beside.trained == 1 else 's'}"
-  stage_seconds[f"convergence ({runs} trained in the second process)"] = time.perf_counter() - t
+  stage_seconds["convergence"] = time.perf_counter() - t
   provenance, evidence = _provenance(settings, conv, search, command)
   claims = claims_lib.write_claims(output_dir, rows, robustness, conv_rows, evidence=evidence)
   sources = {d: search.case(d)[0].source for d in settings.datasets}
