@@ -8,7 +8,7 @@ unknown name raise one ValueError naming the known ones.
 from __future__ import annotations
 
 import types
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict
 
 
 class Registry:
@@ -16,21 +16,18 @@ class Registry:
 
   Args:
     noun: What an entry is, in messages ("defence", "model").
-    check: Called on every entry registered; raises TypeError for a wrong kind.
     taken: How a taken name is said ("already registered", "already in the table").
+
+  Each owner checks an entry's kind before it reads its name, so the table does not.
   """
 
-  def __init__(
-    self, noun: str, check: Optional[Callable[[Any], None]] = None, taken="already registered"
-  ):
-    self.noun, self._check, self._taken = noun, check, taken
+  def __init__(self, noun: str, taken: str = "already registered"):
+    self.noun, self._taken = noun, taken
     self._entries: Dict[str, Any] = {}
     self.view = types.MappingProxyType(self._entries)
 
   def register(self, name: str, entry: Any) -> Any:
     """Adds `entry` under `name` (registering the same entry again is a no-op)."""
-    if self._check is not None:
-      self._check(entry)
     known = self._entries.get(name)
     if known is not None and known is not entry:
       raise ValueError(f"A {self.noun} named {name!r} is {self._taken}.")

@@ -82,19 +82,15 @@ __all__ = [
 ]
 
 
-def _is_defense(cls) -> None:
-  if not (isinstance(cls, type) and issubclass(cls, Defense)):
-    raise TypeError(f"register takes a Defense subclass, got {cls!r}.")
-
-
-_REGISTRY = Registry("defence", _is_defense)
+_REGISTRY = Registry("defence")
 # {name: Defense subclass}, read-only; `register` adds to it.
 DEFENSES = _REGISTRY.view
 
 
 def register(cls: type) -> type:
   """Adds a `Defense` subclass under its `name`; returns it."""
-  _is_defense(cls)
+  if not (isinstance(cls, type) and issubclass(cls, Defense)):
+    raise TypeError(f"register takes a Defense subclass, got {cls!r}.")
   return _REGISTRY.register(cls.name, cls)
 
 

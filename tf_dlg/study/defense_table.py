@@ -120,18 +120,14 @@ _ZEROING_ATTACKERS = ("masked_ig", "gallery_match")
 _NOISE_ATTACKERS = ("ig", "idlg", "gallery_match")
 
 
-def _is_row(row) -> None:
-  if not isinstance(row, DefenseRow):
-    raise TypeError(f"register takes a DefenseRow, got {type(row).__name__}.")
-
-
-_REGISTRY = Registry("defence", _is_row, taken="already in the table")
+_REGISTRY = Registry("defence", taken="already in the table")
 _ROWS = _REGISTRY.view
 
 
 def register(row: DefenseRow) -> DefenseRow:
   """Adds a defence's row (every view below sees it); returns the row."""
-  _is_row(row)
+  if not isinstance(row, DefenseRow):
+    raise TypeError(f"register takes a DefenseRow, got {type(row).__name__}.")
   return _REGISTRY.register(row.name, row)
 
 
