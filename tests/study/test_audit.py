@@ -167,5 +167,16 @@ def test_costs_train_the_weakest_protecting_setting_of_the_users_model(saved, tm
   shapes = sorted(tuple(ckpt[k].shape) for k in ckpt.files if ckpt[k].ndim == 4)
   assert shapes == [(5, 5, 1, 4)]
   assert f"user_{study.settings.case_digest}" in models.MODELS
+  # The same audit again in this process (same model, same data): the runs resume and the
+  # model, already registered under its digest, is not refused.
+  again = audit.Audit(
+    str(tmp_path),
+    saved,
+    "digits",
+    config,
+    progress=False,
+    **dict(OPTIONS, defenses=defenses, cost_seeds=(0, 1)),
+  )
+  assert again.train_costs(rows) == costs
   line = sweep_report.opening_line(rows[:4], study.settings, costs, "your configuration")
   assert "masking 0.9" in line and "cost " in line and "pruning: no frontier setting" in line

@@ -159,12 +159,17 @@ class Audit(sweep.Sweep):
       ),
     )
 
+  def _trains_costs(self) -> bool:
+    """Costs are trained here: cost seeds given (no frontier.csv) and a dataset with a
+    test split (a registered one; the user's arrays have none)."""
+    return self.cost_seeds is not None and self.data[2] != sweep_settings.USER_DATA
+
   def _cost_wording(self) -> str:
     c = self.config
     if self.costs is None:
       why = (
         "nothing leaks undefended there, or no setting protects: nothing to cost"
-        if self.cost_seeds is not None and self.data[2] != sweep_settings.USER_DATA
+        if self._trains_costs()
         else "your arrays have no test split, or cost_seeds is empty; pass a frontier.csv"
       )
       return f"Accuracy costs not measured ({why})."
@@ -207,7 +212,7 @@ class Audit(sweep.Sweep):
         ),
       )
     rows = list(log)
-    if self.cost_seeds is not None and name != sweep_settings.USER_DATA:
+    if self._trains_costs():
       self.costs = self.train_costs(rows)
     return self.write(rows, skipped)
 
@@ -226,14 +231,12 @@ class Audit(sweep.Sweep):
     chosen = {d: p for d, p in chosen.items() if p is not None}
     if not chosen:
       return None
+    # The digest names this model and data: an audit rerun in the same process finds the
+    # same architecture already registered.
     name = f"{sweep_settings.USER_MODEL}_{self.settings.case_digest}"
-    models.register(name, user_builder(self.model))
+    if name not in models.MODELS:
+      models.register(name, user_builder(self.model))
     c = self.config
-    shared = {
-      f.name: getattr(c, f.name)
-      for f in dataclasses.fields(c)
-      if f.name not in convergence.PER_RUN + ("seed",)
-    }
     study = convergence.Convergence(
       os.path.join(self.output_dir, "costs"),
       {d: (p, "weakest protecting setting in this audit") for d, p in chosen.items()},
@@ -241,7 +244,7 @@ class Audit(sweep.Sweep):
       partitions=(c.partition,),
       seeds=self.cost_seeds,
       progress=self.progress,
-      **dict(shared, model=name),
+      **dict(convergence.shared_settings(c), model=name),
     )
     trained = study.run()
     base = next(r for r in trained if r["label"] == "none")

@@ -52,7 +52,7 @@ from tf_dlg.study.defense_params import defense_of
 # `dp` defence as Flower's central DP-FedAvg instead of its LocalDpMod (the TFF `dp`).
 ENGINES = ("tff", "flower", "flower-central-dp")
 # Set per run by the grid, or not part of a convergence run.
-PER_RUN = (
+_PER_RUN = (
   "partition",
   "aggregator",
   "defense",
@@ -60,6 +60,16 @@ PER_RUN = (
   "capture_round",
   "capture_client",
 )
+
+
+def shared_settings(config) -> Dict[str, Any]:
+  """The fields of a `FederatedConfig` that every run of a grid shares (its `**config`):
+  all but the ones the grid sets per run, and the seed."""
+  return {
+    f.name: getattr(config, f.name)
+    for f in dataclasses.fields(config)
+    if f.name not in _PER_RUN + ("seed",)
+  }
 
 
 def subset(dataset, train_examples, test_examples, seed: int):
@@ -134,7 +144,7 @@ class Convergence:
     if not self.seeds or len(set(self.seeds)) != len(self.seeds):
       raise ValueError(f"seeds={list(seeds)} must be distinct and at least one.")
     self.subsets = tuple(validation.check_int("subsets", n, 1) for n in subsets or ())
-    known = sorted({f.name for f in dataclasses.fields(FederatedConfig)} - set(PER_RUN) - {"seed"})
+    known = sorted(shared_settings(FederatedConfig()))
     unknown = sorted(set(config) - set(known))
     if unknown:
       raise ValueError(f"unknown simulation settings {unknown}; expected some of {known}.")
