@@ -32,17 +32,28 @@ _LIST_FIELDS = (
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-  """Every setting of a reproduce run; override with `preset.override(field=value)`."""
+  """Every setting of a reproduce run; override with `preset.override(field=value)`.
 
-  name: str
-  datasets: Tuple[str, ...]
-  defenses: Tuple[str, ...]
-  num_images: int
-  iterations: Union[int, Mapping[str, int]]
-  convergence_dataset: str
-  convergence_defenses: Tuple[str, ...]
-  rounds: int
-  seeds: int  # how many: seeds seed, seed + 1, ...
+  `Preset()` is the base study configuration: its field defaults are the defaults of the
+  threshold search (`tf_dlg.study.threshold_search`) and of its command line.
+  """
+
+  name: str = "custom"
+  # The threshold search: these datasets against these defences.
+  datasets: Tuple[str, ...] = ("mnist", "cifar10_sample", "lfw_faces")
+  defenses: Tuple[str, ...] = defense_table.PAPER_DEFENSES
+  num_images: int = 8  # attacked per dataset
+  # Attack optimiser iterations per restart, or {dataset: iterations}.
+  iterations: Union[int, Mapping[str, int]] = 3000
+  # The fraction of the tested images a dataset threshold defends, in (0, 1].
+  defended_fraction: float = 1.0
+  # The `fedavg_delta` threat model's local SGD steps and rate (the re-scoring's).
+  local_steps: int = 3
+  local_lr: float = 0.1
+  convergence_dataset: str = "mnist"
+  convergence_defenses: Tuple[str, ...] = defense_table.PAPER_DEFENSES
+  rounds: int = FederatedConfig.rounds
+  seeds: int = 3  # how many: seeds seed, seed + 1, ...
   attack: str = AttackConfig.attack
   adaptive_attacks: Tuple[str, ...] = ("ig", "masked_ig")
   adaptive: bool = False
@@ -66,6 +77,8 @@ class Preset:
   frontier: bool = False
   # 0 of 8 identified still allows a rate up to 0.37 (exact interval); 0 of 16, 0.21.
   frontier_images: int = 16
+  # {defence: settings} replacing its row's frontier grid (`tf_dlg.study.frontier.grid`).
+  frontier_grids: Optional[Mapping[str, Tuple[float, ...]]] = None
   batch_size: int = FederatedConfig.batch_size
   client_lr: float = FederatedConfig.client_lr
   partitions: Tuple[str, ...] = ("iid", "dirichlet")
@@ -78,6 +91,7 @@ class Preset:
   engine: str = "tff"
   # The frontier's DP noise multipliers (None: the `dp` spec's frontier grid).
   dp_multipliers: Optional[Tuple[float, ...]] = None
+  dp_delta: float = 1e-5  # the DP points' delta
   # The threat-model sweep (`tf_dlg.study.sweep`) instead of the paper's pipeline: the
   # updates of this preset's training attacked on `datasets` (those with a test split
   # trained), with the sweep's gallery of `sweep_gallery` images.
