@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from tf_dlg import validation
 from tf_dlg.attacks.runner import AttackConfig
 from tf_dlg.federated.config import FederatedConfig
-from tf_dlg.study import defense_table
+from tf_dlg.study import defense_table, sweep_settings
 
 # Fields that hold lists: an override given as a list is stored as a tuple (frozen).
 _LIST_FIELDS = (
@@ -27,6 +27,12 @@ _LIST_FIELDS = (
   "adaptive_datasets",
   "aggregators",
   "dp_multipliers",
+  "sweep_trained_datasets",
+  "sweep_rounds",
+  "sweep_batch_sizes",
+  "sweep_local_work",
+  "sweep_defenses",
+  "sweep_attacks",
 )
 
 
@@ -97,6 +103,35 @@ class Preset:
   # trained), with the sweep's gallery of `sweep_gallery` images.
   sweep: bool = False
   sweep_gallery: int = 10_000
+  # The sweep's own settings (`tf_dlg.study.sweep_settings.check` fills the None ones):
+  # the datasets trained in FedAvg (None: those with a test split; the others are attacked
+  # at round 0 only), the rounds attacked (None: 0, 5 and the last), the client batch sizes
+  # and local work, every paper defence's frontier settings then DP's, the attacks.
+  sweep_trained_datasets: Optional[Tuple[str, ...]] = None
+  sweep_rounds: Optional[Tuple[int, ...]] = None
+  sweep_batch_sizes: Tuple[int, ...] = (1, 4, 16, 64)
+  sweep_local_work: Tuple[str, ...] = sweep_settings.LOCAL_WORK
+  sweep_defenses: Tuple[Tuple[str, float], ...] = dataclasses.field(
+    default_factory=sweep_settings.frontier_defenses
+  )
+  sweep_attacks: Tuple[str, ...] = sweep_settings.ATTACKS
+  # The images of a one-epoch client (None: the training's own share, train_examples /
+  # num_clients).
+  sweep_epoch_examples: Optional[int] = None
+  sweep_max_simulated_steps: int = 10
+  # A one-step cell attacks ceil(min_images / batch) clients' updates (as the client's
+  # share allows), so that no rate rests on a single image's 0-or-1.
+  sweep_min_images: int = 16
+  sweep_recon_max_batch: int = 4
+  sweep_recon_iterations: int = 300
+  sweep_recon_defended: bool = False
+  sweep_tv_weight: float = 1e-4
+  sweep_chunk: int = 500  # gallery candidates per pass: memory only, not in its fingerprint
+  # The training's model and client optimizer (the sweep's and the audit's).
+  model: str = FederatedConfig.model
+  client_optimizer: str = FederatedConfig.client_optimizer
+  # The audit's digest of the user's model and data ("" in a sweep: registry names).
+  case_digest: str = ""
 
   def override(self, **fields) -> "Preset":
     """A copy with `fields` replaced; an unknown field name is a ValueError."""
