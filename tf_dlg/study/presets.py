@@ -41,7 +41,9 @@ class Preset:
   """Every setting of a reproduce run; override with `preset.override(field=value)`.
 
   `Preset()` is the base study configuration: its field defaults are the defaults of the
-  threshold search (`tf_dlg.study.threshold_search`) and of its command line.
+  threshold search (`tf_dlg.study.threshold_search`) and of its command line. The
+  frontier (`tf_dlg.study.frontier.check`) and the threat-model sweep and audit
+  (`tf_dlg.study.sweep_settings.check`) read their settings from a preset too.
   """
 
   name: str = "custom"
