@@ -23,6 +23,7 @@ from absl import flags
 # First: imports TensorFlow quietly and before absl's app.run (see experiments.cli).
 from experiments import cli
 from tf_dlg import data as data_lib
+from tf_dlg.study.presets import Preset
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "The model: a .keras file (model.save(path)).")
@@ -34,9 +35,11 @@ flags.DEFINE_integer(
 flags.DEFINE_enum("client_optimizer", "adam", ["sgd", "sgdm", "adam"], "Client optimizer.")
 flags.DEFINE_float("client_lr", 0.001, "Client learning rate.")
 flags.DEFINE_integer(
-  "gallery_size", 10_000, "Images the gallery attacker ranks among.", lower_bound=2
+  "gallery_size", Preset.sweep_gallery, "Images the gallery attacker ranks among.", lower_bound=2
 )
-flags.DEFINE_integer("recon_iterations", 300, "Reconstruction iterations.", lower_bound=1)
+flags.DEFINE_integer(
+  "recon_iterations", Preset.sweep_recon_iterations, "Reconstruction iterations.", lower_bound=1
+)
 flags.DEFINE_integer("rounds", 20, "FedAvg rounds the costs train for.", lower_bound=1)
 flags.DEFINE_integer(
   "clients_per_round", None, "Clients a round samples (default: all).", lower_bound=1
@@ -86,8 +89,8 @@ def main(argv):
     config,
     frontier_csv=FLAGS.frontier_csv,
     cost_seeds=[int(v) for v in FLAGS.cost_seeds],
-    gallery_size=FLAGS.gallery_size,
-    recon_iterations=FLAGS.recon_iterations,
+    sweep_gallery=FLAGS.gallery_size,
+    sweep_recon_iterations=FLAGS.recon_iterations,
   )
   cli.work_begins()
   start = time.time()

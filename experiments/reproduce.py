@@ -99,14 +99,12 @@ def run_sweep(output_dir: str, settings: Preset) -> None:
   """The `sweep` preset: `tf_dlg.study.sweep` on the preset's training (checked first)."""
   from absl import flags
 
-  from tf_dlg.study import sweep, sweep_settings
+  from tf_dlg.study import sweep
 
   if settings.engine != "tff":
     # The sweep captures client updates from TFF's own client work (FedAvg.capture_process).
     raise ValueError(f"--engine={settings.engine}: the sweep preset runs on the tff engine only.")
-  study = sweep.Sweep(
-    output_dir, sweep_settings.settings_from_preset(settings), frontier_csv=flags.FLAGS.frontier_csv
-  )
+  study = sweep.Sweep(output_dir, settings, frontier_csv=flags.FLAGS.frontier_csv)
   cli.work_begins()
   start = time.time()
   paths = study.run()

@@ -79,58 +79,8 @@ import time
 
 # Imports TensorFlow quietly, before anything uses it or absl starts (experiments.cli).
 from experiments import cli
-from tf_dlg.study.records import (
-  INCONCLUSIVE,
-  KINDS,
-  NUMERIC_FIELDS,
-  OPTIONAL_FIELDS,
-  RECON_FORMAT,
-  REQUIRED_FIELDS,
-  STATUSES,
-  THRESHOLD_FIELDS,
-  UNTESTED,
-  UPDATE_KINDS,
-  attack_untested,
-  point_key,
-  read_thresholds,
-  write_csv,
-)
-from tf_dlg.study.tables import format_threshold
-from tf_dlg.study.threshold_search import (
-  ABSOLUTE_OF,
-  DEFAULT_DATASETS,
-  DEFAULT_DEFENSES,
-  RELATIVE_OF,
-  SEARCH_DEFAULTS,
-  STRONGEST_ATTACKER,
-  ThresholdSearch,
-)
-
-# The library lives in tf_dlg.study; these names stay importable from here.
-__all__ = [
-  "ABSOLUTE_OF",
-  "DEFAULT_DATASETS",
-  "DEFAULT_DEFENSES",
-  "INCONCLUSIVE",
-  "KINDS",
-  "NUMERIC_FIELDS",
-  "OPTIONAL_FIELDS",
-  "RECON_FORMAT",
-  "RELATIVE_OF",
-  "REQUIRED_FIELDS",
-  "SEARCH_DEFAULTS",
-  "STATUSES",
-  "STRONGEST_ATTACKER",
-  "THRESHOLD_FIELDS",
-  "ThresholdSearch",
-  "UNTESTED",
-  "UPDATE_KINDS",
-  "attack_untested",
-  "format_threshold",
-  "point_key",
-  "read_thresholds",
-  "write_csv",
-]
+from tf_dlg.study.presets import Preset
+from tf_dlg.study.threshold_search import ThresholdSearch
 
 
 def main(argv):
@@ -169,38 +119,45 @@ def define_flags():
   from tf_dlg.attacks import runner
   from tf_dlg.study import defense_table
 
-  cli.define_enum_list("datasets", DEFAULT_DATASETS, data.DATASETS, "Datasets to search.")
+  cli.define_enum_list("datasets", Preset.datasets, data.DATASETS, "Datasets to search.")
   cli.define_enum_list(
-    "defenses", DEFAULT_DEFENSES, defense_table.PARAMETER_SEARCH, "Defences to search."
+    "defenses", Preset.defenses, defense_table.PARAMETER_SEARCH, "Defences to search."
   )
-  cli.define_enum_list("attacks", ["idlg"], runner.ATTACKS, "Attacks of the plain search.")
+  cli.define_enum_list("attacks", [Preset.attack], runner.ATTACKS, "Attacks of the plain search.")
   flags.DEFINE_boolean(
     "adaptive",
-    False,
+    Preset.adaptive,
     "Also search each defence against its strongest attacker (STRONGEST_ATTACKER).",
   )
-  flags.DEFINE_integer("num_images", 8, "Images attacked per dataset.", lower_bound=1)
-  flags.DEFINE_integer("restarts", 2, "Seeded starts per attack.", lower_bound=1, upper_bound=64)
+  flags.DEFINE_integer(
+    "num_images", Preset.num_images, "Images attacked per dataset.", lower_bound=1
+  )
+  flags.DEFINE_integer(
+    "restarts", Preset.restarts, "Seeded starts per attack.", lower_bound=1, upper_bound=64
+  )
   flags.DEFINE_float(
-    "log_resolution", 1.5, "Per-image bracket factor on log scales (> 1).", lower_bound=1.0
+    "log_resolution",
+    Preset.log_resolution,
+    "Per-image bracket factor on log scales (> 1).",
+    lower_bound=1.0,
   )
   flags.DEFINE_float(
     "linear_resolution",
-    0.05,
+    Preset.linear_resolution,
     "Per-image bracket width on linear scales.",
     lower_bound=0.0,
     upper_bound=1.0,
   )
   flags.DEFINE_float(
     "leak_ssim",
-    None,
+    Preset.leak_ssim,
     "Adjusted-SSIM leak bar (default: metrics.DEFAULT_LEAK_SSIM).",
     lower_bound=0.0,
     upper_bound=1.0,
   )
   flags.DEFINE_float(
     "defended_fraction",
-    1.0,
+    Preset.defended_fraction,
     "Fraction of the tested images the dataset threshold must defend, in (0, 1].",
   )
   # (0, 1]: absl's bounds are closed, and 0 (defend no image) is no threshold.
@@ -208,7 +165,7 @@ def define_flags():
     "defended_fraction", lambda v: 0.0 < v <= 1.0, message="must be a number in (0, 1]"
   )
   flags.DEFINE_integer(
-    "iterations", 3000, "Attack optimiser iterations per restart.", lower_bound=1
+    "iterations", Preset.iterations, "Attack optimiser iterations per restart.", lower_bound=1
   )
   cli.define_output_dir("outputs/threshold_search")
   cli.define_seed()

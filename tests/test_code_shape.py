@@ -207,8 +207,6 @@ CONFIG_TYPES = {
   "AttackConfig": "tf_dlg/attacks/runner.py",
   "FederatedConfig": "tf_dlg/federated/config.py",
   "Preset": "tf_dlg/study/presets.py",
-  "FrontierSettings": "tf_dlg/study/frontier.py",
-  "SweepSettings": "tf_dlg/study/sweep_settings.py",
   "AttackSettings": "tf_dlg/study/single_attack.py",
 }
 # Two owners in two layers' domains: an attack's seed and a training's seed.

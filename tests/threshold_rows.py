@@ -1,6 +1,6 @@
 """thresholds.csv files for tests of its readers (convergence, claims, strict parsing)."""
 
-from experiments import threshold_search
+from tf_dlg.study import records
 
 # A found masking threshold on a log scale: the fields every reader needs.
 BASE_ROW = dict(
@@ -23,9 +23,9 @@ def write_thresholds_csv(path, rows=({},), **base):
   """Writes one row per dict in `rows` (each over `BASE_ROW` and `base`); returns the path."""
   out = []
   for overrides in rows:
-    row = {k: "" for k in threshold_search.THRESHOLD_FIELDS}
+    row = {k: "" for k in records.THRESHOLD_FIELDS}
     row.update(BASE_ROW, **base)
     row.update(overrides)
     out.append(row)
-  threshold_search.write_csv(str(path), threshold_search.THRESHOLD_FIELDS, out)
+  records.write_csv(str(path), records.THRESHOLD_FIELDS, out)
   return str(path)

@@ -65,7 +65,7 @@ def toy():
 
 
 def test_registering_adds_the_defence_to_every_view(toy):
-  from experiments import threshold_search
+  from tf_dlg.study import threshold_search
 
   assert defenses.DEFENSES["toy_scale"] is ToyScale
   assert defense_table.PARAMETER_SEARCH["toy_scale"] == (1e-3, 1.0, "log", "lower")
@@ -142,7 +142,7 @@ def _fake_attack(install_fake_attack, truth):
 
 
 def test_toy_defence_is_searched_plain_and_adaptive(toy, tmp_path, install_fake_attack):
-  from experiments import threshold_search
+  from tf_dlg.study import threshold_search
 
   truth = [0.3, 0.6]
   _fake_attack(install_fake_attack, truth)
@@ -173,7 +173,7 @@ def test_toy_defence_is_searched_plain_and_adaptive(toy, tmp_path, install_fake_
 
 
 def test_training_only_defence_is_refused_by_the_search_and_on_one_update():
-  from experiments import threshold_search
+  from tf_dlg.study import threshold_search
 
   assert not defenses.DEFENSES["clipping_median"].single_update
   assert defense_table.row("clipping_median").search is None

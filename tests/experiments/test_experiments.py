@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from threshold_rows import write_thresholds_csv
 
-from experiments import threshold_search
-from tf_dlg.study import defense_params, results
+from tf_dlg.study import defense_params, results, threshold_search
 
 TINY = dict(
   datasets=["digits"],
@@ -17,7 +16,6 @@ TINY = dict(
   defenses=["masking", "clipping"],
   num_images=2,
   iterations=400,
-  bisection_steps=2,
   seed=0,
   progress=False,
 )
@@ -155,7 +153,7 @@ def test_foreign_or_other_config_results_are_refused(tmp_path):
     (dict(num_images=0), r"num_images=0 must be an integer in \[1, inf\]"),
     (dict(leak_ssim=1.5), r"leak_ssim=1.5 must be a number in \(0, 1\]"),
     (dict(leak_ssim=float("nan")), "leak_ssim=nan"),
-    (dict(bisection_steps=-1), "bisection_steps=-1"),
+    (dict(bisection_steps=2), r"unknown settings \['bisection_steps'\]"),
     (dict(seed=-3), "seed=-3"),
     (dict(iterations=0), "iterations=0"),
     (dict(defended_fraction=0.0), "defended_fraction=0.0"),

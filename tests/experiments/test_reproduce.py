@@ -367,24 +367,31 @@ def test_paper_preset_without_data_or_network_exits_2_within_a_minute(tmp_path):
   assert not (tmp_path / "paper").exists()
 
 
-def test_frontier_preset_measures_four_defences_and_dp_on_the_training_data():
-  from tf_dlg.study import pipeline
+def test_frontier_preset_measures_four_defences_and_dp_on_the_training_data(tmp_path):
+  from tf_dlg.study import frontier
 
-  fr = presets.PRESETS["frontier"]
-  st = pipeline._frontier_settings(fr)
+  fr = frontier.check(presets.PRESETS["frontier"])
   four = {"masking", "clipping_ratio", "pruning", "noising_ratio"}
-  assert fr.frontier and fr.datasets == ("mnist",) and st.dataset == fr.convergence_dataset
-  assert set(st.defenses) == four and len(st.dp_multipliers) >= 3
-  assert all(len(st.grid(d)) >= 4 for d in four)
+  assert fr.frontier and fr.datasets == ("mnist",)
+  assert set(frontier.defenses(fr)) == four and len(frontier.dp_multipliers(fr)) >= 3
+  assert all(len(frontier.grid(fr, d)) >= 4 for d in four)
   # Trained exactly as the preset's own convergence runs, attacked as its search.
-  assert (st.batch_size, st.client_lr, st.rounds) == (fr.batch_size, fr.client_lr, fr.rounds)
-  assert st.seeds == tuple(fr.seed_list()) and st.iterations == fr.iterations["mnist"]
+  run = frontier.Frontier(str(tmp_path), fr, progress=False)
+  conv = run.convergence
+  assert conv.dataset == fr.convergence_dataset and conv.seeds == fr.seed_list()
+  assert (conv.base.batch_size, conv.base.client_lr, conv.rounds) == (
+    fr.batch_size,
+    fr.client_lr,
+    fr.rounds,
+  )
+  assert run.search.iterations == {"mnist": fr.iterations["mnist"]} == {"mnist": 500}
+  assert run.search.num_images == fr.frontier_images
   assert (fr.aggregators, fr.partitions) == (("mean",), ("iid",))
   # The strongest attackers follow the training data when the datasets change.
   with pytest.raises(ValueError, match="iterations has no entry for convergence_dataset 'digits'"):
-    pipeline._frontier_settings(fr.override(convergence_dataset="digits"))
+    frontier.check(fr.override(convergence_dataset="digits"))
   moved = presets.with_overrides(
     "frontier", {"datasets": ["digits"], "convergence_dataset": "digits", "iterations": 30}
   )
   assert moved.adaptive_datasets == ("digits",)
-  assert pipeline._frontier_settings(moved).dataset == "digits"
+  assert frontier.check(moved).convergence_dataset == "digits" and frontier.iterations(moved) == 30

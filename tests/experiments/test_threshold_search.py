@@ -12,10 +12,9 @@ import json
 import numpy as np
 import pytest
 
-from experiments import threshold_search
 from tf_dlg import defenses
 from tf_dlg.analysis import threshold as threshold_lib
-from tf_dlg.study import defense_table, records, results
+from tf_dlg.study import defense_table, records, results, tables, threshold_search
 
 FAKE = dict(
   datasets=["digits"],
@@ -157,7 +156,7 @@ def test_resume_skips_finished_points_and_refuses_other_configs(tmp_path, fake_a
 
 def test_csv_reads_back_strictly_and_old_files_still_read(tmp_path, fake_attack):
   _search(tmp_path, defenses=["masking", "clipping"]).run()
-  rows = threshold_search.read_thresholds(str(tmp_path / "thresholds.csv"))
+  rows = records.read_thresholds(str(tmp_path / "thresholds.csv"))
   assert {r["kind"] for r in rows} == {"plain"}
   clip = next(r for r in rows if r["defense"] == "clipping")
   assert clip["unit"] == "norm" and isinstance(clip["per_image"], list)
@@ -166,10 +165,10 @@ def test_csv_reads_back_strictly_and_old_files_still_read(tmp_path, fake_attack)
     text = f.read()
   path.write_text(text.replace('"[', '"[oops', 1))
   with pytest.raises(ValueError, match=r"bad.csv, line 2, column 'per_image'"):
-    threshold_search.read_thresholds(str(path))
+    records.read_thresholds(str(path))
   path.write_text(text.replace(",plain,", ",fancy,", 1))
   with pytest.raises(ValueError, match="column 'kind'"):
-    threshold_search.read_thresholds(str(path))
+    records.read_thresholds(str(path))
   old = tmp_path / "old.csv"
   fields = [
     "dataset",
@@ -190,9 +189,9 @@ def test_csv_reads_back_strictly_and_old_files_still_read(tmp_path, fake_attack)
     w.writerow(
       ["digits", "x", "idlg", "masking", "found", "0.01", "1.0", "0.0001", "0.99", "log", "higher"]
     )
-  back = threshold_search.read_thresholds(str(old))
+  back = records.read_thresholds(str(old))
   assert back[0]["kind"] == "plain" and back[0]["threshold"] == 0.01
-  assert back[0]["low"] is None and "0.01" in threshold_search.format_threshold(back[0])
+  assert back[0]["low"] is None and "0.01" in tables.format_threshold(back[0])
 
 
 def test_equivalents_and_unknown_settings(tmp_path, fake_attack):
@@ -256,7 +255,7 @@ def test_tiny_real_search_on_mnist(tmp_path):
   assert json.loads(row["per_image"]) == [min(defended)]
   assert (tmp_path / "thresholds.md").exists()
   assert (tmp_path / "figures" / "thresholds_pruning.png").exists()
-  back = threshold_search.read_thresholds(str(tmp_path / "thresholds.csv"))
+  back = records.read_thresholds(str(tmp_path / "thresholds.csv"))
   assert back[0]["per_image_status"][0] in threshold_lib.IMAGE_STATUSES
 
 
@@ -283,14 +282,14 @@ def _row(**kw):
 
 
 def test_format_threshold_interval_inconclusive_and_untested():
-  fmt = threshold_search.format_threshold
+  fmt = tables.format_threshold
   assert fmt(_row()) == "0.01 [0.005, 0.02] (n=8/8)"
   # Spans the whole range (weakest to beyond the strongest): inconclusive.
   assert fmt(_row(low=1e-4, high=0.99, interval_open=True)).startswith("inconclusive: ")
   assert "> 0.99" in fmt(_row(low=1e-4, high=0.99, interval_open=True))
   # Most images untested: inconclusive; none tested: untested.
   assert fmt(_row(num_tested=3)).startswith("inconclusive: ")
-  assert fmt(_row(attack_works_undefended=False)) == threshold_search.UNTESTED
+  assert fmt(_row(attack_works_undefended=False)) == records.UNTESTED
   # Lower is stronger (clipping): the strong end is the low one.
   clip = _row(
     defense="clipping",

@@ -20,14 +20,16 @@ from tf_dlg.federated import simulation as sim
 from tf_dlg.integrations import flower_engine
 from tf_dlg.study import convergence_report, frontier, frontier_points, pipeline, presets, run_store
 
-TINY = dict(
-  dataset="digits",
-  defenses=("masking",),
-  grids={"masking": (0.9,)},
+# A frontier reads a preset: the trained defences on the training dataset.
+TINY = presets.Preset(
+  convergence_dataset="digits",
+  convergence_defenses=("masking",),
+  frontier_grids={"masking": (0.9,)},
   dp_multipliers=(),
-  num_images=2,
+  frontier_images=2,
   iterations=5,
-  seeds=(0, 1),
+  restarts=1,
+  seeds=2,  # 0 and 1
   rounds=1,
   num_clients=2,
   train_examples=60,
@@ -38,7 +40,7 @@ TINY = dict(
 @pytest.fixture(scope="module")
 def flower_frontier(tmp_path_factory):
   out = tmp_path_factory.mktemp("flower_frontier")
-  points = frontier.run_frontier(str(out), progress=False, engine="flower", **TINY)
+  points = frontier.run_frontier(str(out), TINY.override(engine="flower"), progress=False)
   yield out, points
   flower_engine.shutdown()
 
@@ -73,7 +75,7 @@ def test_frontier_trains_with_flower_end_to_end(flower_frontier):
   assert {r["engine"] for r in rows} == {"flower"}
   # A TFF frontier cannot take over the Flower runs' folders.
   with pytest.raises(run_store.CellError):
-    frontier.Frontier(str(out), frontier.FrontierSettings(**TINY)).convergence.prepare()
+    frontier.Frontier(str(out), TINY).convergence.prepare()
 
 
 def test_flower_and_tff_frontier_rows_have_the_same_columns(flower_frontier, tmp_path, monkeypatch):
@@ -84,7 +86,7 @@ def test_flower_and_tff_frontier_rows_have_the_same_columns(flower_frontier, tmp
 
   monkeypatch.setattr(sim, "build_for_config", lambda config, dataset: None)
   monkeypatch.setattr(sim, "run_simulation", made_up_tff_run)
-  tff_points = frontier.run_frontier(str(tmp_path), progress=False, engine="tff", **TINY)
+  tff_points = frontier.run_frontier(str(tmp_path), TINY.override(engine="tff"), progress=False)
   out, flower_points = flower_frontier
   assert _header(out / "frontier.csv") == _header(tmp_path / "frontier.csv")
   assert list(frontier_points.FRONTIER_FIELDS) == _header(tmp_path / "frontier.csv")
@@ -124,16 +126,16 @@ def test_dp_points_without_their_modules_are_refused_before_any_work(monkeypatch
     lambda name, *a: None if name == "dp_accounting" else real(name, *a),
   )
   with pytest.raises(ValueError, match=r"dp_multipliers=\[0.5\]: DP points need .*dp_accounting"):
-    frontier.run_frontier(str(tmp_path), progress=False, **{**TINY, "dp_multipliers": (0.5,)})
+    frontier.run_frontier(str(tmp_path), TINY.override(dp_multipliers=(0.5,)), progress=False)
   assert not os.listdir(tmp_path)
   with pytest.raises(ValueError, match="engine"):
-    frontier.FrontierSettings(**{**TINY, "engine": "flower-central-dp"})
+    frontier.check(TINY.override(engine="flower-central-dp"))
 
 
 def test_the_reproduce_presets_pass_the_engine_to_every_training_stage(tmp_path):
   settings = presets.with_overrides("frontier", {"engine": "flower", "dp_multipliers": []})
-  st = pipeline._frontier_settings(settings)
-  assert (st.engine, st.dp_multipliers) == ("flower", ())
+  frontier.check(settings)
+  assert (settings.engine, frontier.dp_multipliers(settings)) == ("flower", ())
   conv = pipeline._convergence(str(tmp_path), settings, {}, progress=False)
   assert conv.engine == "flower"
   default = presets.with_overrides("frontier", {"dp_multipliers": [0.5, 2.0]})

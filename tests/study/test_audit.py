@@ -13,7 +13,9 @@ from tf_dlg.federated.config import FederatedConfig
 from tf_dlg.study import audit, results
 
 # The leakage only: the cost training has its own test below.
-OPTIONS = dict(gallery_size=150, defenses=(("masking", 0.9),), recon_iterations=5, cost_seeds=())
+OPTIONS = dict(
+  sweep_gallery=150, sweep_defenses=(("masking", 0.9),), sweep_recon_iterations=5, cost_seeds=()
+)
 
 
 def _user_model(seed=0):
@@ -58,7 +60,7 @@ def test_audit_of_a_saved_user_model_answers_on_its_first_line(saved, tmp_path):
 
 def test_another_model_in_the_same_folder_is_refused(saved, tmp_path):
   config = FederatedConfig(dataset="digits", batch_size=2, num_clients=600)
-  opts = dict(OPTIONS, attacks=("gallery_match",))
+  opts = dict(OPTIONS, sweep_attacks=("gallery_match",))
   audit.audit(saved, "digits", config, str(tmp_path), progress=False, **opts)
   with pytest.raises(results.ResultsFileError, match="case_digest"):
     audit.audit(
@@ -134,7 +136,7 @@ def test_costs_train_the_weakest_protecting_setting_of_the_users_model(saved, tm
     "digits",
     config,
     progress=False,
-    **dict(OPTIONS, defenses=defenses, cost_seeds=(0, 1)),
+    **dict(OPTIONS, sweep_defenses=defenses, cost_seeds=(0, 1)),
   )
   # At the user's own cell (batch 8, one epoch): masking 0.5 leaks, 0.9 protects; pruning
   # 0.9 leaks; a one-step row (not the own cell) does not change the choice.
@@ -175,7 +177,7 @@ def test_costs_train_the_weakest_protecting_setting_of_the_users_model(saved, tm
     "digits",
     config,
     progress=False,
-    **dict(OPTIONS, defenses=defenses, cost_seeds=(0, 1)),
+    **dict(OPTIONS, sweep_defenses=defenses, cost_seeds=(0, 1)),
   )
   assert again.train_costs(rows) == costs
   line = sweep_report.opening_line(rows[:4], study.settings, costs, "your configuration")

@@ -20,6 +20,7 @@ from tf_dlg.study import (
   frontier_points,
   frontier_report,
   matching,
+  presets,
 )
 
 SEEDS = (0, 1)
@@ -68,14 +69,16 @@ def fake_training(monkeypatch):
   return runs
 
 
-TINY = dict(
-  dataset="digits",
-  defenses=("masking", "pruning"),
-  grids={"masking": (0.01, 0.9), "pruning": (0.3, 0.99)},
+# A frontier reads a preset: the trained defences on the training dataset.
+TINY = presets.Preset(
+  convergence_dataset="digits",
+  convergence_defenses=("masking", "pruning"),
+  frontier_grids={"masking": (0.01, 0.9), "pruning": (0.3, 0.99)},
   dp_multipliers=(2.0,),
-  num_images=3,
+  frontier_images=3,
   iterations=40,
-  seeds=SEEDS,
+  restarts=1,
+  seeds=len(SEEDS),  # SEEDS: seed 0 and the next
   rounds=ROUNDS,
   num_clients=2,
   train_examples=40,
@@ -138,11 +141,11 @@ def _dp_epsilon(z, clients, rounds, delta):
 
 
 def test_tiny_frontier_end_to_end(tmp_path, fake_training, install_fake_attack):
-  fr = frontier.Frontier(str(tmp_path), frontier.FrontierSettings(**TINY), progress=False)
+  fr = frontier.Frontier(str(tmp_path), TINY, progress=False)
   images = fr.search.case("digits")[2]
   assert all(not np.array_equal(images[i], images[(i + 1) % 3]) for i in range(3))
   calls = _known_hits_attacker(install_fake_attack, images)
-  points = frontier.run_frontier(str(tmp_path), progress=False, **TINY)
+  points = frontier.run_frontier(str(tmp_path), TINY, progress=False)
   assert [p.label for p in points] == [
     "masking@0.01",
     "masking@0.9",
@@ -189,7 +192,7 @@ def test_tiny_frontier_end_to_end(tmp_path, fake_training, install_fake_attack):
   # A rerun trains and attacks nothing new.
   trained, attacked = len(fake_training), len(calls)
   assert trained == 6 * len(SEEDS)  # none + 5 settings
-  assert frontier.run_frontier(str(tmp_path), progress=False, **TINY) == points
+  assert frontier.run_frontier(str(tmp_path), TINY, progress=False) == points
   assert (len(fake_training), len(calls)) == (trained, attacked)
 
 
@@ -301,23 +304,41 @@ def test_csv_round_trip_and_damaged_cells(tmp_path):
 @pytest.mark.parametrize(
   "parts, match",
   [
-    (dict(grids={"masking": (0.5, 1.5)}), r"masking rate"),
-    (dict(grids={"pruning": (0.5,)}, defenses=("masking",)), "not in defenses"),
-    (dict(defenses=("clipping_median",)), "defenses"),
-    (dict(seeds=(0,)), "at least 2 distinct"),
+    (dict(frontier_grids={"masking": (0.5, 1.5)}), r"masking rate"),
+    (
+      dict(frontier_grids={"pruning": (0.5,)}, convergence_defenses=("masking",)),
+      "not in defenses",
+    ),
+    (dict(convergence_defenses=("clipping_median",)), "defenses"),
+    (dict(seeds=1), r"seeds=\[0\] must be at least 2 distinct"),
+    (dict(seed=-1), "seeds=-1"),
     (dict(dp_multipliers=(0.0,)), "dp_multipliers"),
-    (dict(defenses=(), dp_multipliers=()), "nothing to measure"),
+    (dict(convergence_defenses=(), dp_multipliers=()), "nothing to measure"),
     (dict(rounds=0), "rounds"),
     (dict(batch_size=0), "batch_size"),
-    (dict(grids={"masking": (0.5, 0.5)}, defenses=("masking",)), "settings repeat"),
-    (dict(defenses=("masking", "dp")), "dp_multipliers"),
-    (dict(image_count=3), "unknown frontier settings"),
+    (dict(frontier_images=0), "num_images=0"),
+    (dict(dp_delta=1.0), "delta=1.0"),
+    (dict(iterations={"mnist": 40}), "iterations has no entry for convergence_dataset 'digits'"),
+    (
+      dict(frontier_grids={"masking": (0.5, 0.5)}, convergence_defenses=("masking",)),
+      "settings repeat",
+    ),
+    (dict(image_count=3), "unknown preset settings"),
   ],
 )
 def test_bad_settings_fail_before_any_work(tmp_path, parts, match, fake_training):
   with pytest.raises(ValueError, match=match):
-    frontier.run_frontier(str(tmp_path), progress=False, **parts)
+    frontier.run_frontier(str(tmp_path), TINY.override(**parts), progress=False)
   assert fake_training == [] and not os.listdir(tmp_path)
+
+
+def test_dp_among_the_trained_defences_is_measured_by_its_multipliers_only():
+  """DP is on the frontier as its `dp_multipliers` points, never as a grid of its own."""
+  both = TINY.override(convergence_defenses=("masking", "dp"))
+  assert frontier.defenses(both) == ("masking",)
+  assert frontier.settings(both) == [("masking", 0.01), ("masking", 0.9), ("dp", 2.0)]
+  assert frontier.dp_multipliers(TINY.override(dp_multipliers=None)) == (0.01, 0.1, 1.0)
+  assert frontier.dp_multipliers(TINY.override(dp_multipliers=())) == ()
 
 
 def test_frontier_grids_run_from_leaking_to_strongest():
@@ -342,8 +363,13 @@ def test_frontier_grids_run_from_leaking_to_strongest():
 
 def test_dp_point_carries_its_epsilon(tmp_path):
   """The worst-case epsilon of the attacked client's own noised update, every round."""
-  st = frontier.FrontierSettings(
-    dataset="digits", defenses=(), dp_multipliers=(2.0,), rounds=7, num_clients=5, delta=1e-6
+  st = presets.Preset(
+    convergence_dataset="digits",
+    convergence_defenses=(),
+    dp_multipliers=(2.0,),
+    rounds=7,
+    num_clients=5,
+    dp_delta=1e-6,
   )
   fr = frontier.Frontier(str(tmp_path), st, progress=False)
   iv = identification.identification_rate(np.array([True, False, False]))
@@ -369,10 +395,13 @@ def test_convergence_labels_are_per_setting():
 @pytest.mark.slow
 def test_tiny_frontier_with_real_training(tmp_path):
   """Real TFF rounds (1 round, 2 clients, 40 images) and real attacks."""
-  parts = dict(
-    TINY, defenses=("masking",), grids={"masking": (0.01, 0.9)}, dp_multipliers=(1.0,), rounds=1
+  preset = TINY.override(
+    convergence_defenses=("masking",),
+    frontier_grids={"masking": (0.01, 0.9)},
+    dp_multipliers=(1.0,),
+    rounds=1,
   )
-  points = frontier.run_frontier(str(tmp_path), progress=False, **parts)
+  points = frontier.run_frontier(str(tmp_path), preset, progress=False)
   assert [p.label for p in points] == ["masking@0.01", "masking@0.9", "dp@1"]
   for p in points:
     assert 0 <= p.final_accuracy <= 1 and p.final_low <= p.final_accuracy <= p.final_high

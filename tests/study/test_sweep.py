@@ -12,54 +12,58 @@ import os
 import numpy as np
 import pytest
 
-from tf_dlg.study import results, sweep, sweep_case, sweep_report, sweep_settings
+from tf_dlg.study import presets, results, sweep, sweep_case, sweep_report, sweep_settings
 
-TINY = dict(
+# The sweep preset: the quick preset's training attacked (what a sweep's settings default to).
+SWEEP = presets.PRESETS["sweep"]
+TINY = SWEEP.override(
   datasets=("digits",),
-  trained_datasets=("digits",),
-  rounds=(0, 1),
-  training_rounds=1,
+  sweep_trained_datasets=("digits",),
+  sweep_rounds=(0, 1),
+  rounds=1,
   train_examples=64,
   test_examples=32,
   num_clients=2,
-  batch_sizes=(1, 4),
-  local_work=("step", "epoch"),
-  epoch_examples=4,
-  gallery_size=200,
-  defenses=(("masking", 0.9), ("noising_ratio", 10.0)),
-  recon_max_batch=1,
-  min_images=4,
-  recon_iterations=5,
-  chunk=100,
+  sweep_batch_sizes=(1, 4),
+  sweep_local_work=("step", "epoch"),
+  sweep_epoch_examples=4,
+  sweep_gallery=200,
+  sweep_defenses=(("masking", 0.9), ("noising_ratio", 10.0)),
+  sweep_recon_max_batch=1,
+  sweep_min_images=4,
+  sweep_recon_iterations=5,
+  sweep_chunk=100,
 )
 
 
 @pytest.mark.parametrize(
   "field, value, names",
   [
-    ("batch_sizes", (0, 4), "batch_sizes"),
-    ("rounds", (0, 20), "rounds"),
+    ("sweep_batch_sizes", (0, 4), "batch_sizes"),
+    ("sweep_rounds", (0, 20), "rounds=20"),
     ("datasets", ("mnist", "nope"), "datasets"),
-    ("local_work", ("step", "week"), "local_work"),
-    ("attacks", ("gallery_match", "dlg"), "attacks"),
-    ("defenses", (("masking", 1.5),), "masking"),
-    ("defenses", (("none", None),), "undefended"),
-    ("epoch_examples", 10_000, "epoch_examples"),
-    ("gallery_size", 1, "gallery_size"),
-    ("trained_datasets", ("digits",), "trained_datasets"),
+    ("sweep_local_work", ("step", "week"), "local_work"),
+    ("sweep_attacks", ("gallery_match", "dlg"), "attacks"),
+    ("sweep_defenses", (("masking", 1.5),), "masking"),
+    ("sweep_defenses", (("none", None),), "undefended"),
+    ("sweep_epoch_examples", 10_000, "epoch_examples"),
+    ("sweep_gallery", 1, "gallery_size"),
+    ("sweep_trained_datasets", ("digits",), "trained_datasets"),
+    ("sweep_batch_sizes", (), "batch_sizes is empty"),
+    ("rounds", 0, "training_rounds=0"),
   ],
 )
 def test_bad_settings_are_one_error_before_any_work(tmp_path, field, value, names):
   out = tmp_path / "out"
   with pytest.raises(ValueError, match=names):
-    sweep.Sweep(str(out), sweep_settings.SweepSettings(**{field: value}))
+    sweep.Sweep(str(out), SWEEP.override(**{field: value}))
   assert not out.exists()
 
 
 def test_a_dataset_that_cannot_train_is_refused_before_anything_is_written(tmp_path):
   out = tmp_path / "out"
-  settings = sweep_settings.SweepSettings(
-    datasets=("cifar10_sample",), trained_datasets=("cifar10_sample",)
+  settings = SWEEP.override(
+    datasets=("cifar10_sample",), sweep_trained_datasets=("cifar10_sample",)
   )
   with pytest.raises(ValueError, match="trained_datasets: 'cifar10_sample' has no test split"):
     sweep.Sweep(str(out), settings).run()
@@ -69,23 +73,25 @@ def test_a_dataset_that_cannot_train_is_refused_before_anything_is_written(tmp_p
 def test_default_settings_are_the_quick_training_at_the_frontier():
   from tf_dlg.study import defense_table, presets
 
-  s = sweep_settings.SweepSettings().check()
+  s = sweep_settings.check(SWEEP)
   quick = presets.PRESETS["quick"]
-  assert (s.batch_size, s.client_lr, s.train_examples, s.num_clients, s.training_rounds) == (
+  assert (s.batch_size, s.client_lr, s.train_examples, s.num_clients, s.rounds) == (
     quick.batch_size,
     quick.client_lr,
     quick.train_examples,
     quick.num_clients,
     quick.rounds,
   )
-  assert s.share == 600 and s.epoch_size() == 600
+  assert sweep_settings.share(s) == 600 and sweep_settings.epoch_size(s) == 600
   for name in list(defense_table.PAPER_DEFENSES) + ["dp"]:
-    assert [p for d, p in s.defenses if d == name] == list(defense_table.row(name).frontier)
+    assert [p for d, p in s.sweep_defenses if d == name] == list(defense_table.row(name).frontier)
 
 
 def test_cells_name_every_setting_that_cannot_run():
-  s = sweep_settings.SweepSettings(
-    datasets=("mnist", "cifar10_sample"), rounds=(0, 5), batch_sizes=(4, 64)
+  s = sweep_settings.check(
+    SWEEP.override(
+      datasets=("mnist", "cifar10_sample"), sweep_rounds=(0, 5), sweep_batch_sizes=(4, 64)
+    )
   )
   todo, skipped = sweep_case.cells(s, {"mnist": 600, "cifar10_sample": 10})
   assert {(c.dataset, c.round, c.batch, c.local_work) for c in todo if c.dataset != "mnist"} == {
@@ -104,7 +110,7 @@ def test_cells_name_every_setting_that_cannot_run():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("sweep"))
-  settings = sweep_settings.SweepSettings(**TINY)
+  settings = TINY
   paths = sweep.Sweep(out, settings, progress=False).run()
   with open(paths["csv"], newline="") as f:
     rows = list(csv.DictReader(f))
@@ -177,8 +183,8 @@ def test_captured_update_equals_the_simulated_adam_step(digits):
   from tf_dlg.execution import runtime
   from tf_dlg.federated import fedavg, local_training, simulation
 
-  s = sweep_settings.SweepSettings(**TINY)
-  config = s.training_config("digits", 1)
+  s = sweep_settings.check(TINY)
+  config = sweep_settings.training_config(s, "digits", 1)
   runtime.install_context()
   fa = simulation.build_for_config(config, digits)
   state = fa.initialize()
@@ -213,7 +219,7 @@ def test_rerun_resumes_without_attacking_and_refuses_other_settings(tiny, monkey
   again = sweep.Sweep(out, settings, progress=False).run()
   with open(again["csv"], newline="") as f:
     assert list(csv.DictReader(f)) == rows
-  other = sweep_settings.SweepSettings(**dict(TINY, batch_sizes=(1,)))
+  other = TINY.override(sweep_batch_sizes=(1,))
   with pytest.raises(results.ResultsFileError, match="different configuration"):
     sweep.Sweep(out, other, progress=False).run()
 
@@ -221,14 +227,58 @@ def test_rerun_resumes_without_attacking_and_refuses_other_settings(tiny, monkey
 def test_the_sweep_preset_is_the_quick_training_attacked_at_rounds_0_5_and_last():
   from tf_dlg.study import presets
 
-  s = sweep_settings.settings_from_preset(presets.PRESETS["sweep"])
-  assert s.datasets == ("mnist", "cifar10_sample") and s.trained_datasets == ("mnist",)
-  assert s.rounds == (0, 5, 15) and s.training_rounds == 15 and s.gallery_size == 10_000
+  s = sweep_settings.check(presets.PRESETS["sweep"])
+  assert s.datasets == ("mnist", "cifar10_sample") and s.sweep_trained_datasets == ("mnist",)
+  assert s.sweep_rounds == (0, 5, 15) and s.rounds == 15 and s.sweep_gallery == 10_000
   assert (s.batch_size, s.client_lr, s.train_examples, s.test_examples) == (64, 0.002, 6000, 2000)
-  short = sweep_settings.settings_from_preset(presets.with_overrides("sweep", {"rounds": 3}))
-  assert short.rounds == (0, 3) and short.training_rounds == 3
+  short = sweep_settings.check(presets.with_overrides("sweep", {"rounds": 3}))
+  assert short.sweep_rounds == (0, 3) and short.rounds == 3
+  longer = sweep_settings.check(presets.with_overrides("sweep", {"rounds": 20}))
+  assert longer.sweep_rounds == (0, 5, 20)
   with pytest.raises(ValueError, match="training_rounds=0"):
-    sweep_settings.settings_from_preset(presets.with_overrides("sweep", {"rounds": 0}))
+    sweep_settings.check(presets.with_overrides("sweep", {"rounds": 0}))
+  # test_examples None: the training subset's size.
+  assert sweep_settings.check(SWEEP.override(test_examples=None)).test_examples == 6000
+
+
+def test_the_sweep_fingerprint_keeps_its_stored_names_and_values():
+  """What a sweep's rows.jsonl stores (a resumed sweep is refused if it differs): the
+  names and values of the sweep preset's settings before they were `Preset` fields."""
+  from tf_dlg.study import defense_table
+
+  defended = [
+    [n, float(p)]
+    for n in list(defense_table.PAPER_DEFENSES) + ["dp"]
+    for p in defense_table.row(n).frontier
+  ]
+  assert sweep_settings.fingerprint(sweep_settings.check(SWEEP)) == dict(
+    datasets=("mnist", "cifar10_sample"),
+    trained_datasets=("mnist",),
+    batch_sizes=(1, 4, 16, 64),
+    local_work=("step", "epoch"),
+    rounds=(0, 5, 15),
+    defenses=defended,
+    attacks=("gallery_match", "cosine_tv", "cosine_tv_direction", "cosine_tv_direction_bn"),
+    gallery_size=10_000,
+    epoch_examples=None,
+    max_simulated_steps=10,
+    min_images=16,
+    recon_max_batch=4,
+    recon_iterations=300,
+    recon_defended=False,
+    tv_weight=1e-4,
+    model="bn_cnn",
+    training_rounds=15,
+    train_examples=6000,
+    test_examples=2000,
+    num_clients=10,
+    batch_size=64,
+    local_epochs=1,
+    client_optimizer="adam",
+    client_lr=0.002,
+    seed=0,
+    case_digest="",
+  )
 
 
 def _row(defense, param, identified, n, high, auc=0.5):
@@ -253,8 +303,10 @@ def _row(defense, param, identified, n, high, auc=0.5):
 def test_first_line_names_the_weakest_protecting_setting_and_what_is_inconclusive():
   """Controlled rows: 0/600 below the undefended 300/600 protects; 0/16 beside an
   undefended 1/16 (its upper bound 0.21 above 1/16) is inconclusive."""
-  s = sweep_settings.SweepSettings(
-    defenses=(("masking", 0.5), ("masking", 0.9), ("pruning", 0.3), ("noising_ratio", 3.0))
+  s = sweep_settings.check(
+    SWEEP.override(
+      sweep_defenses=(("masking", 0.5), ("masking", 0.9), ("pruning", 0.3), ("noising_ratio", 3.0))
+    )
   )
   rows = [
     _row("none", None, 300, 600, 0.54),
@@ -269,7 +321,7 @@ def test_first_line_names_the_weakest_protecting_setting_and_what_is_inconclusiv
   assert "masking 0.9 (0/600 identified, rate at most 0.01, membership AUC 0.61" in line
   assert "pruning: no frontier setting protects" in line and "noising_ratio 3 (0/600" in line
   weak = [_row("none", None, 1, 16, 0.30), _row("masking", 0.5, 0, 16, 0.21)]
-  s16 = sweep_settings.SweepSettings(defenses=(("masking", 0.5),))
+  s16 = sweep_settings.check(SWEEP.override(sweep_defenses=(("masking", 0.5),)))
   assert "masking 0.5 (inconclusive: 0/16 identified" in sweep_report.opening_line(weak, s16)
   none = [_row("none", None, 0, 600, 0.006, auc=0.52), _row("masking", 0.5, 0, 600, 0.006)]
   assert "no image identified undefended" in sweep_report.opening_line(none, s16)
@@ -280,7 +332,7 @@ def test_later_rounds_continue_the_earlier_rounds_training(tmp_path):
   from tf_dlg.execution import runtime
   from tf_dlg.federated import simulation
 
-  settings = sweep_settings.SweepSettings(**dict(TINY, rounds=(0, 1, 2), training_rounds=2)).check()
+  settings = sweep_settings.check(TINY.override(sweep_rounds=(0, 1, 2), rounds=2))
   case = sweep_case.load_case(settings, "digits")
   runtime.install_context()
   states = sweep_case.train(settings, case, str(tmp_path), progress=False)
@@ -330,7 +382,7 @@ def test_a_cell_resumed_midway_redoes_only_its_missing_rows(tiny, tmp_path, monk
 
 @pytest.mark.parametrize("model, expected", [("bn_cnn", True), ("lenet", False)])
 def test_the_batchnorm_prior_attacks_only_models_with_batchnorm(tmp_path, model, expected):
-  settings = sweep_settings.SweepSettings(**dict(TINY, model=model))
+  settings = TINY.override(model=model)
   run = sweep.Sweep(str(tmp_path), settings, progress=False)
   assert run.has_batchnorm is expected
   cell = sweep_case.Cell(dataset="digits", round=0, batch=1, local_work="step", num_images=1)

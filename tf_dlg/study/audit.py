@@ -27,13 +27,12 @@ have none, so their audit quotes no cost (or a given frontier.csv's).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from tf_dlg.study import sweep, sweep_case, sweep_report, sweep_settings
+from tf_dlg.study import presets, sweep, sweep_case, sweep_report, sweep_settings
 
 
 def load_model(model) -> Any:
@@ -76,8 +75,10 @@ def load_data(data, seed: int = 0):
   return x, y, "user_data", f"the user's arrays ({len(x)} images)"
 
 
-def settings_for(config, num_images: int, **options) -> sweep_settings.SweepSettings:
-  """The sweep settings that measure `config` (one client's share of `num_images`)."""
+def settings_for(config, num_images: int, **options) -> presets.Preset:
+  """The sweep preset that measures `config` (one client's share of `num_images`): the
+  `sweep` preset's settings with the user's training, attacked at round 0 (the model as
+  given, untrained here); `options`: `Preset` fields put over it."""
   if config.num_clients < 2:
     raise ValueError(
       f"num_clients={config.num_clients} must be >= 2: one client holding all the data leaves "
@@ -88,12 +89,12 @@ def settings_for(config, num_images: int, **options) -> sweep_settings.SweepSett
       f"local_epochs={config.local_epochs}: the audit measures one local step and one local "
       "epoch; use local_epochs=1."
     )
-  return sweep_settings.SweepSettings(
+  return presets.PRESETS["sweep"].override(
     datasets=(config.dataset,),
-    trained_datasets=(),
-    rounds=(0,),
-    training_rounds=1,
-    batch_sizes=(config.batch_size,),
+    sweep_trained_datasets=(),
+    sweep_rounds=(0,),
+    rounds=1,
+    sweep_batch_sizes=(config.batch_size,),
     model=sweep_settings.USER_MODEL,
     train_examples=num_images,
     num_clients=config.num_clients,
@@ -136,7 +137,7 @@ class Audit(sweep.Sweep):
     settings = settings_for(config, len(x), **options)
     # Another model or data in the same folder must be refused: both are in the fingerprint.
     digest = _digest(self.model, x, y)
-    settings = dataclasses.replace(settings, datasets=(name,), case_digest=digest)
+    settings = settings.override(datasets=(name,), case_digest=digest)
     self.data = (x, y, name, source, classes)
     super().__init__(output_dir, settings, progress=progress, frontier_csv=frontier_csv)
 
@@ -190,7 +191,7 @@ class Audit(sweep.Sweep):
 
     s = self.settings
     x, y, name, source, classes = self.data
-    case = sweep_case.gallery_case(s, name, source, x, y, classes, s.share)
+    case = sweep_case.gallery_case(s, name, source, x, y, classes, sweep_settings.share(s))
     todo, skipped = sweep_case.cells(s, {name: len(case.client)})
     io_lib.lock_directory(self.output_dir)
     log = self.open_log()
@@ -338,7 +339,8 @@ def audit(
 
   `frontier_csv`: a frontier run's frontier.csv of the same training, for the costs
   (instead of training them). `cost_seeds`: the seeds the costs train with (empty: none).
-  `options`: `SweepSettings` fields (e.g. `gallery_size`, `defenses`, `recon_iterations`).
+  `options`: `Preset` fields of the sweep (e.g. `sweep_gallery`, `sweep_defenses`,
+  `sweep_recon_iterations`).
   """
   return Audit(
     output_dir,

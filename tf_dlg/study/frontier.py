@@ -1,12 +1,12 @@
 """The privacy-utility frontier: per defence and setting, who is identified and what it costs.
 
-For each defence (by default `tf_dlg.study.defense_table.PAPER_DEFENSES`) at the settings
-of its `frontier` grid (`tf_dlg.study.defense_table`, weakest to strongest), and for DP
+For each defence a preset trains (`convergence_defenses`, by default
+`tf_dlg.study.defense_table.PAPER_DEFENSES`) at the settings of its `frontier` grid (`tf_dlg.study.defense_table`, weakest to strongest), and for DP
 points (the `dp` defence at several noise multipliers), two measurements on the same dataset:
 
 * **privacy**: the top-1 identification rate against the defence's strongest attackers
   (`DefenseRow.strongest_attackers`; an image counts as identified if any of them picks
-  its original among all the dataset's images), over `num_images` images, with the exact
+  its original among all the dataset's images), over `frontier_images` images, with the exact
   Clopper-Pearson interval. The attacks run through `ThresholdSearch` (its per-image run
   log in `<output_dir>/identification/`), so a rerun reuses every attacked point.
 * **utility**: the accuracy cost at convergence, FedAvg with mean aggregation on IID
@@ -34,19 +34,18 @@ does any beat DP?" from the points.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import math
 import os
+from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from tf_dlg import defenses as defense_registry
 from tf_dlg import io as io_lib
 from tf_dlg import validation
-from tf_dlg.attacks.runner import AttackConfig
-from tf_dlg.federated.config import FederatedConfig
-from tf_dlg.study import defense_table, frontier_report, matching, presets
+from tf_dlg.study import defense_table, frontier_report, matching
 from tf_dlg.study.frontier_points import DP, FrontierPoint, write_frontier
+from tf_dlg.study.presets import Preset
 
 FRONTIER_ENGINES = ("tff", "flower")
 # What the DP points need beside the engine: the `dp` defence the attacks face
@@ -55,96 +54,100 @@ _DP_MODULES = ("tensorflow_privacy", "dp_accounting")
 _WHOLE = 2**31 - 1
 
 
-@dataclasses.dataclass(frozen=True)
-class FrontierSettings:
-  """What a frontier run measures; every field is checked when it is built.
+# A frontier reads its settings from a `tf_dlg.study.presets.Preset`: it attacks and trains
+# on `convergence_dataset`, `frontier_images` images per setting, the preset's attack budget
+# (`iterations` for that dataset, `restarts`, `seed`) and its training (`seed_list()`,
+# `rounds`, `num_clients`, `local_epochs`, `batch_size`, `client_lr`, `train_examples`,
+# `test_examples`, `data_dir`, `engine`: "tff", or "flower", Flower's simulation engine on
+# Ray, no TFF, whose DP points train with Flower's `LocalDpMod`). Its defences are the
+# trained ones (`convergence_defenses`), each at `frontier_grids[name]` or its row's
+# frontier grid; its DP points are at `dp_multipliers` (None: the `dp` row's frontier grid;
+# () = no DP points), with delta `dp_delta`.
 
-  Attributes:
-    dataset: Attacked and trained on (`tf_dlg.data.DATASETS`).
-    defenses: Defences with a search range; each at `grids[name]` or its row's frontier.
-    grids: {defence: settings} overriding the row's frontier grid.
-    dp_multipliers: Noise multipliers of the DP points (> 0); () = no DP points.
-    num_images: Images attacked per setting.
-    iterations, restarts: The attack optimiser's iterations and seeded starts.
-    seeds: Training seeds (at least 2: the cost intervals are t intervals over them).
-    rounds, num_clients, local_epochs, batch_size, client_lr: FedAvg training
-      (`FederatedConfig`'s defaults unless given).
-    train_examples, test_examples: A seeded subset of the dataset, or None (all).
-    delta: The DP points' delta.
-    seed: Seeds image choice, attack model, defence randomness and attack starts.
-    data_dir: tfds data directory.
-    engine: The federated engine that trains: "tff" or "flower" (Flower's simulation
-      engine on Ray, no TFF; its DP points train with Flower's `LocalDpMod`).
-  """
 
-  dataset: str = "mnist"
-  defenses: Tuple[str, ...] = defense_table.PAPER_DEFENSES
-  grids: Optional[Dict[str, Tuple[float, ...]]] = None
-  dp_multipliers: Tuple[float, ...] = defense_table.row(DP).frontier
-  # 0 of 8 identified still allows a rate up to 0.37; attacks cost little beside training.
-  num_images: int = 16
-  iterations: int = 500
-  restarts: int = AttackConfig.restarts
-  seeds: Tuple[int, ...] = (0, 1, 2)
-  rounds: int = 15
-  num_clients: int = FederatedConfig.num_clients
-  local_epochs: int = FederatedConfig.local_epochs
-  batch_size: int = FederatedConfig.batch_size
-  client_lr: float = FederatedConfig.client_lr
-  train_examples: Optional[int] = presets.PRESETS["quick"].train_examples
-  test_examples: Optional[int] = presets.PRESETS["quick"].test_examples
-  delta: float = 1e-5
-  seed: int = FederatedConfig.seed
-  data_dir: Optional[str] = None
-  engine: str = presets.Preset.engine
+def defenses(preset: Preset) -> Tuple[str, ...]:
+  """The frontier's defences: the preset's trained ones, DP aside (its points are the
+  `dp_multipliers`)."""
+  return tuple(d for d in preset.convergence_defenses if d != DP)
 
-  def __post_init__(self):
-    from tf_dlg import data
 
-    validation.check_choice("dataset", self.dataset, data.DATASETS)
-    # Not flower-central-dp: its DP noise is not what the DP points' attacker sees.
-    validation.check_choice("engine", self.engine, FRONTIER_ENGINES)
-    if not self.defenses and not self.dp_multipliers:
-      raise ValueError("defenses and dp_multipliers are both empty: nothing to measure.")
-    validation.check_choices("defenses", self.defenses, defense_table.PARAMETER_SEARCH)
-    if DP in self.defenses:
-      raise ValueError(f"defenses lists {DP!r}; give its noise multipliers as dp_multipliers.")
-    unknown = sorted(set(self.grids or {}) - set(self.defenses))
-    if unknown:
-      raise ValueError(f"grids names {unknown}, which are not in defenses {self.defenses}.")
-    labels = [label(d, p) for d, p in self.settings()]  # checks every grid
-    if len(set(labels)) != len(labels):
-      raise ValueError(f"settings repeat on the frontier: {labels}; give distinct values.")
-    for z in self.dp_multipliers:
-      validation.check_number("dp_multipliers", z, 0, math.inf, low_open=True, high_open=True)
-    lacking = [m for m in _DP_MODULES if importlib.util.find_spec(m) is None]
-    if self.dp_multipliers and lacking:
+def dp_multipliers(preset: Preset) -> Tuple[float, ...]:
+  """The noise multipliers of the DP points (None: the `dp` row's frontier grid)."""
+  if preset.dp_multipliers is None:
+    return tuple(defense_table.row(DP).frontier)
+  return tuple(preset.dp_multipliers)
+
+
+def iterations(preset: Preset) -> int:
+  """The attack's iterations on the frontier's dataset (`convergence_dataset`)."""
+  its, dataset = preset.iterations, preset.convergence_dataset
+  if isinstance(its, Mapping):
+    if dataset not in its:
       raise ValueError(
-        f"dp_multipliers={list(self.dp_multipliers)}: DP points need {' and '.join(lacking)} "
-        "(the attacked update's DP and its epsilon; the `tff` extra), which this environment "
-        "lacks; pass dp_multipliers=() (--dp_multipliers=) for a frontier without DP points."
+        f"iterations has no entry for convergence_dataset {dataset!r} "
+        f"(it has {sorted(its)}); pass --iterations."
       )
-    seeds = [validation.check_int("seeds", s, 0) for s in self.seeds]
-    if len(set(seeds)) < 2 or len(set(seeds)) != len(seeds):
-      raise ValueError(f"seeds={list(self.seeds)} must be at least 2 distinct seeds.")
-    for name in ("num_images", "iterations", "restarts", "rounds", "num_clients", "batch_size"):
-      validation.check_int(name, getattr(self, name), 1)
-    validation.check_number("client_lr", self.client_lr, 0, math.inf, low_open=True)
-    validation.check_number("delta", self.delta, 0, 1, low_open=True, high_open=True)
+    its = its[dataset]
+  return its
 
-  def grid(self, name: str) -> Tuple[float, ...]:
-    """The settings of `name`, weakest first; ValueError if it has none or a bad one."""
-    values = tuple((self.grids or {}).get(name) or defense_table.row(name).frontier)
-    if not values:
-      raise ValueError(f"defence {name!r} has no frontier grid; give grids={{{name!r}: (...)}}.")
-    for v in values:
-      defense_registry.get_defense(name, v)  # the defence's own range check
-    return values
 
-  def settings(self) -> List[Tuple[str, float]]:
-    """Every (defence, setting) on the frontier, DP points last."""
-    out = [(d, float(v)) for d in self.defenses for v in self.grid(d)]
-    return out + [(DP, float(z)) for z in self.dp_multipliers]
+def grid(preset: Preset, name: str) -> Tuple[float, ...]:
+  """The settings of `name`, weakest first; ValueError if it has none or a bad one."""
+  values = tuple((preset.frontier_grids or {}).get(name) or defense_table.row(name).frontier)
+  if not values:
+    raise ValueError(f"defence {name!r} has no frontier grid; give grids={{{name!r}: (...)}}.")
+  for v in values:
+    defense_registry.get_defense(name, v)  # the defence's own range check
+  return values
+
+
+def settings(preset: Preset) -> List[Tuple[str, float]]:
+  """Every (defence, setting) on the frontier, DP points last."""
+  out = [(d, float(v)) for d in defenses(preset) for v in grid(preset, d)]
+  return out + [(DP, float(z)) for z in dp_multipliers(preset)]
+
+
+def check(preset: Preset) -> Preset:
+  """The preset, its frontier settings checked (one ValueError); no data loaded."""
+  from tf_dlg import data
+
+  its, names, multipliers = iterations(preset), defenses(preset), dp_multipliers(preset)
+  validation.check_choice("dataset", preset.convergence_dataset, data.DATASETS)
+  # Not flower-central-dp: its DP noise is not what the DP points' attacker sees.
+  validation.check_choice("engine", preset.engine, FRONTIER_ENGINES)
+  if not names and not multipliers:
+    raise ValueError("defenses and dp_multipliers are both empty: nothing to measure.")
+  validation.check_choices("defenses", names, defense_table.PARAMETER_SEARCH)
+  unknown = sorted(set(preset.frontier_grids or {}) - set(names))
+  if unknown:
+    raise ValueError(f"grids names {unknown}, which are not in defenses {names}.")
+  labels = [label(d, p) for d, p in settings(preset)]  # checks every grid
+  if len(set(labels)) != len(labels):
+    raise ValueError(f"settings repeat on the frontier: {labels}; give distinct values.")
+  for z in multipliers:
+    validation.check_number("dp_multipliers", z, 0, math.inf, low_open=True, high_open=True)
+  lacking = [m for m in _DP_MODULES if importlib.util.find_spec(m) is None]
+  if multipliers and lacking:
+    raise ValueError(
+      f"dp_multipliers={list(multipliers)}: DP points need {' and '.join(lacking)} "
+      "(the attacked update's DP and its epsilon; the `tff` extra), which this environment "
+      "lacks; pass dp_multipliers=() (--dp_multipliers=) for a frontier without DP points."
+    )
+  seeds = [validation.check_int("seeds", s, 0) for s in preset.seed_list()]
+  if len(set(seeds)) < 2:
+    raise ValueError(f"seeds={seeds} must be at least 2 distinct seeds.")
+  for name, value in (
+    ("num_images", preset.frontier_images),
+    ("iterations", its),
+    ("restarts", preset.restarts),
+    ("rounds", preset.rounds),
+    ("num_clients", preset.num_clients),
+    ("batch_size", preset.batch_size),
+  ):
+    validation.check_int(name, value, 1)
+  validation.check_number("client_lr", preset.client_lr, 0, math.inf, low_open=True)
+  validation.check_number("delta", preset.dp_delta, 0, 1, low_open=True, high_open=True)
+  return preset
 
 
 def label(defense: str, param: float) -> str:
@@ -153,44 +156,45 @@ def label(defense: str, param: float) -> str:
 
 
 class Frontier:
-  """Runs (and resumes) a frontier: identification, then training; see the module doc."""
+  """Runs (and resumes) a preset's frontier: identification, then training; see the module
+  doc."""
 
-  def __init__(self, output_dir: str, settings: FrontierSettings, progress: bool = True):
+  def __init__(self, output_dir: str, preset: Preset, progress: bool = True):
     from tf_dlg.study import convergence, threshold_search
 
+    self.preset = p = check(preset)
     self.output_dir = validation.check_output_dir("output_dir", output_dir)
-    self.settings, self.progress = settings, progress
-    st = settings
-    names = sorted({d for d, _ in st.settings()})
+    self.progress = progress
+    names = sorted({d for d, _ in settings(p)})
     self.search = threshold_search.ThresholdSearch(
       os.path.join(output_dir, "identification"),
-      datasets=[st.dataset],
+      datasets=[p.convergence_dataset],
       attacks=(),
       defenses=names,
-      data_dir=st.data_dir,
+      data_dir=p.data_dir,
       progress=False,
-      num_images=st.num_images,
-      iterations=st.iterations,
-      restarts=st.restarts,
-      seed=st.seed,
+      num_images=p.frontier_images,
+      iterations=iterations(p),
+      restarts=p.restarts,
+      seed=p.seed,
       adaptive=True,  # attacks come from each defence's strongest attackers
     )
     self.convergence = convergence.Convergence(
       os.path.join(output_dir, "convergence"),
-      {label(d, p): (p, "frontier grid") for d, p in st.settings()},
+      {label(d, v): (v, "frontier grid") for d, v in settings(p)},
       aggregators=("mean",),
       partitions=("iid",),
-      seeds=st.seeds,
-      subsets=_subsets(st),
+      seeds=p.seed_list(),
+      subsets=_subsets(p),
       progress=progress,
-      dataset=st.dataset,
-      rounds=st.rounds,
-      num_clients=st.num_clients,
-      local_epochs=st.local_epochs,
-      batch_size=st.batch_size,
-      client_lr=st.client_lr,
-      data_dir=st.data_dir,
-      engine=st.engine,
+      dataset=p.convergence_dataset,
+      rounds=p.rounds,
+      num_clients=p.num_clients,
+      local_epochs=p.local_epochs,
+      batch_size=p.batch_size,
+      client_lr=p.client_lr,
+      data_dir=p.data_dir,
+      engine=p.engine,
     )
 
   def identification(self) -> Dict[Tuple[str, Optional[float]], Dict[str, Any]]:
@@ -198,14 +202,15 @@ class Frontier:
     undefended)."""
     from tqdm import tqdm
 
-    st, out = self.settings, {}
-    todo = st.settings()
+    p, out = self.preset, {}
+    todo = settings(p)
     bar = tqdm(todo, desc="frontier attacks", unit="setting", disable=not self.progress)
     for defense, param in bar:
       bar.set_postfix_str(f"{defense} {param:g}")
       attackers = defense_table.row(defense).strongest_attackers
-      out[(defense, param)] = self.search.measures(st.dataset, attackers, defense, param)
-      out[(defense, None)] = self.search.measures(st.dataset, attackers, "none", None)
+      dataset = p.convergence_dataset
+      out[(defense, param)] = self.search.measures(dataset, attackers, defense, param)
+      out[(defense, None)] = self.search.measures(dataset, attackers, "none", None)
     bar.close()
     self.search.release()
     return out
@@ -215,21 +220,21 @@ class Frontier:
     self.convergence.prepare()  # refuses foreign run folders before any work
     rates = self.identification()
     rows = {r["label"]: r for r in self.convergence.run()}
-    if self.settings.engine != "tff":
+    if self.preset.engine != "tff":
       from tf_dlg.integrations import flower_engine
 
       flower_engine.shutdown()  # Ray's processes end with the training
-    points = [self._point(d, p, rates, rows) for d, p in self.settings.settings()]
+    points = [self._point(d, p, rates, rows) for d, p in settings(self.preset)]
     self.write(points)
     return points
 
   def _point(self, defense, param, rates, rows) -> FrontierPoint:
-    st, m, r = self.settings, rates[(defense, param)], rows[label(defense, param)]
+    st, m, r = self.preset, rates[(defense, param)], rows[label(defense, param)]
     base, dp_point = rows["none"], defense == DP
     epsilon = None
     if dp_point:
       epsilon = defense_registry.dp_fedavg_epsilon(
-        param, st.num_clients, st.num_clients, st.rounds, st.delta
+        param, st.num_clients, st.num_clients, st.rounds, st.dp_delta
       )
     return FrontierPoint(
       defense=defense,
@@ -237,7 +242,7 @@ class Frontier:
       param=param,
       unit=defense_registry.DEFENSES[defense].param_name,
       attackers="+".join(defense_table.row(defense).strongest_attackers),
-      dataset=st.dataset,
+      dataset=st.convergence_dataset,
       num_images=m["num_images"],
       identified=_count(m["top1"], m["num_images"]),
       top1=m["top1"],
@@ -256,7 +261,7 @@ class Frontier:
       baseline_low=base["final_low"],
       baseline_high=base["final_high"],
       epsilon=epsilon,
-      delta=st.delta if dp_point else None,
+      delta=st.dp_delta if dp_point else None,
       engine=st.engine,
       **{k: m[k] for k in _MEASURED},
     )
@@ -266,7 +271,7 @@ class Frontier:
     from tf_dlg.analysis import frontier_figure
 
     write_frontier(os.path.join(self.output_dir, "frontier.csv"), points)
-    source = self.convergence.dataset_source or self.settings.dataset
+    source = self.convergence.dataset_source or self.preset.convergence_dataset
     io_lib.atomic_write_text(
       os.path.join(self.output_dir, "frontier.md"),
       frontier_report.frontier_markdown(points, source),
@@ -274,12 +279,12 @@ class Frontier:
     frontier_figure.plot_frontier(
       points,
       os.path.join(self.output_dir, "figures", "frontier.png"),
-      title=f"Privacy-utility frontier ({self.settings.dataset}, FedAvg mean, IID)",
-      footer=f"data: {source}; engine: {self.settings.engine}",
+      title=f"Privacy-utility frontier ({self.preset.convergence_dataset}, FedAvg mean, IID)",
+      footer=f"data: {source}; engine: {self.preset.engine}",
     )
 
 
-def _subsets(st: FrontierSettings) -> Optional[Tuple[int, int]]:
+def _subsets(st: Preset) -> Optional[Tuple[int, int]]:
   """Convergence's (train, test) subset; a split given as None stays whole (a subset
   larger than the split is the split)."""
   if not (st.train_examples or st.test_examples):
@@ -295,23 +300,9 @@ def _count(rate: float, n: int) -> int:
 _MEASURED = matching.MEASURES[3:]
 
 
-def run_frontier(
-  output_dir: str, settings: Optional[FrontierSettings] = None, progress: bool = True, **parts
-) -> List[FrontierPoint]:
-  """Runs (or resumes) the frontier in `output_dir`; returns its points.
+def run_frontier(output_dir: str, preset: Preset, progress: bool = True) -> List[FrontierPoint]:
+  """Runs (or resumes) the frontier of `preset` in `output_dir`; returns its points.
 
-  `parts` are `FrontierSettings` fields (dataset, defenses, grids, dp_multipliers,
-  num_images, iterations, seeds, rounds, train_examples, test_examples, ...) replacing
-  those of `settings` (default: `FrontierSettings()`); all are checked before any work.
+  Every setting is checked (`check`) before any work.
   """
-  unknown = sorted(set(parts) - set(FRONTIER_SETTING_NAMES))
-  if unknown:
-    raise ValueError(
-      f"unknown frontier settings {unknown}; expected some of {FRONTIER_SETTING_NAMES}."
-    )
-  # Built once, with `parts`: the defaults alone may not hold here (DP points' modules).
-  st = FrontierSettings(**parts) if settings is None else dataclasses.replace(settings, **parts)
-  return Frontier(output_dir, st, progress).run()
-
-
-FRONTIER_SETTING_NAMES = tuple(f.name for f in dataclasses.fields(FrontierSettings))
+  return Frontier(output_dir, preset, progress).run()

@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import Mapping
 from typing import Dict, Optional, Tuple
 
 from tf_dlg import validation
@@ -93,45 +92,10 @@ def _convergence(output_dir: str, settings: Preset, params, progress: bool):
   return conv.confine({k: first for k in params if k.endswith("@adaptive")})
 
 
-def _frontier_settings(settings: Preset):
-  """The frontier of a preset: its training, its convergence dataset and attack budget."""
-  from tf_dlg.study import frontier as frontier_lib
-
-  iterations = settings.iterations
-  if isinstance(iterations, Mapping):
-    if settings.convergence_dataset not in iterations:
-      raise ValueError(
-        f"iterations has no entry for convergence_dataset {settings.convergence_dataset!r} "
-        f"(it has {sorted(iterations)}); pass --iterations."
-      )
-    iterations = iterations[settings.convergence_dataset]
-  return frontier_lib.FrontierSettings(
-    dataset=settings.convergence_dataset,
-    defenses=tuple(d for d in settings.convergence_defenses if d != frontier_lib.DP),
-    iterations=iterations,
-    restarts=settings.restarts,
-    num_images=settings.frontier_images,
-    seeds=tuple(settings.seed_list()),
-    rounds=settings.rounds,
-    num_clients=settings.num_clients,
-    local_epochs=settings.local_epochs,
-    batch_size=settings.batch_size,
-    client_lr=settings.client_lr,
-    train_examples=settings.train_examples,
-    test_examples=settings.test_examples,
-    seed=settings.seed,
-    data_dir=settings.data_dir,
-    engine=settings.engine,
-    **({} if settings.dp_multipliers is None else {"dp_multipliers": settings.dp_multipliers}),
-  )
-
-
 def _frontier(output_dir: str, settings: Preset, progress: bool):
   from tf_dlg.study import frontier as frontier_lib
 
-  return frontier_lib.run_frontier(
-    os.path.join(output_dir, "frontier"), _frontier_settings(settings), progress=progress
-  )
+  return frontier_lib.run_frontier(os.path.join(output_dir, "frontier"), settings, progress)
 
 
 def check_data(settings: Preset) -> None:
@@ -189,7 +153,9 @@ def check_settings(output_dir: str, settings: Preset, progress: bool = True):
     stand_in.update({f"{d}@adaptive": v for d, v in stand_in.items()})
   _convergence(output_dir, settings, stand_in, progress)
   if settings.frontier:
-    _frontier_settings(settings)  # its own checks, before any work
+    from tf_dlg.study import frontier as frontier_lib
+
+    frontier_lib.check(settings)  # its own checks, before any work
   # Last: it opens (creates) the search's results file, which fixes its configuration.
   return _search(output_dir, settings, progress)
 

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from tf_dlg import validation
 from tf_dlg.attacks.runner import AttackConfig
 from tf_dlg.federated.config import FederatedConfig
-from tf_dlg.study import defense_table
+from tf_dlg.study import defense_table, sweep_settings
 
 # Fields that hold lists: an override given as a list is stored as a tuple (frozen).
 _LIST_FIELDS = (
@@ -27,22 +27,41 @@ _LIST_FIELDS = (
   "adaptive_datasets",
   "aggregators",
   "dp_multipliers",
+  "sweep_trained_datasets",
+  "sweep_rounds",
+  "sweep_batch_sizes",
+  "sweep_local_work",
+  "sweep_defenses",
+  "sweep_attacks",
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-  """Every setting of a reproduce run; override with `preset.override(field=value)`."""
+  """Every setting of a reproduce run; override with `preset.override(field=value)`.
 
-  name: str
-  datasets: Tuple[str, ...]
-  defenses: Tuple[str, ...]
-  num_images: int
-  iterations: Union[int, Mapping[str, int]]
-  convergence_dataset: str
-  convergence_defenses: Tuple[str, ...]
-  rounds: int
-  seeds: int  # how many: seeds seed, seed + 1, ...
+  `Preset()` is the base study configuration: its field defaults are the defaults of the
+  threshold search (`tf_dlg.study.threshold_search`) and of its command line. The
+  frontier (`tf_dlg.study.frontier.check`) and the threat-model sweep and audit
+  (`tf_dlg.study.sweep_settings.check`) read their settings from a preset too.
+  """
+
+  name: str = "custom"
+  # The threshold search: these datasets against these defences.
+  datasets: Tuple[str, ...] = ("mnist", "cifar10_sample", "lfw_faces")
+  defenses: Tuple[str, ...] = defense_table.PAPER_DEFENSES
+  num_images: int = 8  # attacked per dataset
+  # Attack optimiser iterations per restart, or {dataset: iterations}.
+  iterations: Union[int, Mapping[str, int]] = 3000
+  # The fraction of the tested images a dataset threshold defends, in (0, 1].
+  defended_fraction: float = 1.0
+  # The `fedavg_delta` threat model's local SGD steps and rate (the re-scoring's).
+  local_steps: int = 3
+  local_lr: float = 0.1
+  convergence_dataset: str = "mnist"
+  convergence_defenses: Tuple[str, ...] = defense_table.PAPER_DEFENSES
+  rounds: int = FederatedConfig.rounds
+  seeds: int = 3  # how many: seeds seed, seed + 1, ...
   attack: str = AttackConfig.attack
   adaptive_attacks: Tuple[str, ...] = ("ig", "masked_ig")
   adaptive: bool = False
@@ -66,6 +85,8 @@ class Preset:
   frontier: bool = False
   # 0 of 8 identified still allows a rate up to 0.37 (exact interval); 0 of 16, 0.21.
   frontier_images: int = 16
+  # {defence: settings} replacing its row's frontier grid (`tf_dlg.study.frontier.grid`).
+  frontier_grids: Optional[Mapping[str, Tuple[float, ...]]] = None
   batch_size: int = FederatedConfig.batch_size
   client_lr: float = FederatedConfig.client_lr
   partitions: Tuple[str, ...] = ("iid", "dirichlet")
@@ -78,11 +99,41 @@ class Preset:
   engine: str = "tff"
   # The frontier's DP noise multipliers (None: the `dp` spec's frontier grid).
   dp_multipliers: Optional[Tuple[float, ...]] = None
+  dp_delta: float = 1e-5  # the DP points' delta
   # The threat-model sweep (`tf_dlg.study.sweep`) instead of the paper's pipeline: the
   # updates of this preset's training attacked on `datasets` (those with a test split
   # trained), with the sweep's gallery of `sweep_gallery` images.
   sweep: bool = False
   sweep_gallery: int = 10_000
+  # The sweep's own settings (`tf_dlg.study.sweep_settings.check` fills the None ones):
+  # the datasets trained in FedAvg (None: those with a test split; the others are attacked
+  # at round 0 only), the rounds attacked (None: 0, 5 and the last), the client batch sizes
+  # and local work, every paper defence's frontier settings then DP's, the attacks.
+  sweep_trained_datasets: Optional[Tuple[str, ...]] = None
+  sweep_rounds: Optional[Tuple[int, ...]] = None
+  sweep_batch_sizes: Tuple[int, ...] = (1, 4, 16, 64)
+  sweep_local_work: Tuple[str, ...] = sweep_settings.LOCAL_WORK
+  sweep_defenses: Tuple[Tuple[str, float], ...] = dataclasses.field(
+    default_factory=sweep_settings.frontier_defenses
+  )
+  sweep_attacks: Tuple[str, ...] = sweep_settings.ATTACKS
+  # The images of a one-epoch client (None: the training's own share, train_examples /
+  # num_clients).
+  sweep_epoch_examples: Optional[int] = None
+  sweep_max_simulated_steps: int = 10
+  # A one-step cell attacks ceil(min_images / batch) clients' updates (as the client's
+  # share allows), so that no rate rests on a single image's 0-or-1.
+  sweep_min_images: int = 16
+  sweep_recon_max_batch: int = 4
+  sweep_recon_iterations: int = 300
+  sweep_recon_defended: bool = False
+  sweep_tv_weight: float = 1e-4
+  sweep_chunk: int = 500  # gallery candidates per pass: memory only, not in its fingerprint
+  # The training's model and client optimizer (the sweep's and the audit's).
+  model: str = FederatedConfig.model
+  client_optimizer: str = FederatedConfig.client_optimizer
+  # The audit's digest of the user's model and data ("" in a sweep: registry names).
+  case_digest: str = ""
 
   def override(self, **fields) -> "Preset":
     """A copy with `fields` replaced; an unknown field name is a ValueError."""

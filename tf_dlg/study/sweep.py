@@ -62,16 +62,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from tf_dlg import validation
-from tf_dlg.study import sweep_attacks, sweep_case, sweep_report
+from tf_dlg.study import sweep_attacks, sweep_case, sweep_report, sweep_settings
+from tf_dlg.study.presets import Preset
 from tf_dlg.study.sweep_case import Case, Cell
-from tf_dlg.study.sweep_settings import (
-  CSV_FIELDS,
-  EXPERIMENT,
-  GALLERY,
-  RECONSTRUCTIONS,
-  UNDEFENDED,
-  SweepSettings,
-)
+from tf_dlg.study.sweep_settings import CSV_FIELDS, EXPERIMENT, GALLERY, RECONSTRUCTIONS, UNDEFENDED
 
 
 def leak_row(ranks: Sequence[int], non_members: int) -> Dict[str, Any]:
@@ -103,18 +97,19 @@ def row_key(cell: Cell, attack: str, defense: str, param: Optional[float]) -> st
 
 
 class Sweep:
-  """The sweep of `settings` in `output_dir` (see the module docstring)."""
+  """The sweep of `settings` (a `Preset`'s sweep fields, `sweep_settings.check`ed) in
+  `output_dir` (see the module docstring)."""
 
   def __init__(
     self,
     output_dir: str,
-    settings: SweepSettings,
+    settings: Preset,
     progress: bool = True,
     frontier_csv: Optional[str] = None,
   ):
     """`frontier_csv`: a frontier run's frontier.csv (same training) whose accuracy costs
     the report quotes beside each protecting setting (read now: a bad file fails first)."""
-    self.settings = settings.check()
+    self.settings = sweep_settings.check(settings)
     self.costs = sweep_report.read_costs(frontier_csv) if frontier_csv else None
     validation.check_output_dir("output_dir", output_dir)
     self.output_dir = output_dir
@@ -127,7 +122,9 @@ class Sweep:
 
     os.makedirs(self.output_dir, exist_ok=True)
     return results.ResultsLog(
-      os.path.join(self.output_dir, "rows.jsonl"), EXPERIMENT, self.settings.fingerprint()
+      os.path.join(self.output_dir, "rows.jsonl"),
+      EXPERIMENT,
+      sweep_settings.fingerprint(self.settings),
     )
 
   def run(self) -> Dict[str, str]:
@@ -172,15 +169,17 @@ class Sweep:
   def _runs(self, cell: Cell, defense: str) -> List[str]:
     """The attacks that run on `cell` under `defense`."""
     s = self.settings
-    recon = cell.num_images <= s.recon_max_batch and (defense == UNDEFENDED or s.recon_defended)
+    recon = cell.num_images <= s.sweep_recon_max_batch and (
+      defense == UNDEFENDED or s.sweep_recon_defended
+    )
     return [
       a
-      for a in s.attacks
+      for a in s.sweep_attacks
       if a == GALLERY or recon and (not RECONSTRUCTIONS[a][1] or self.has_batchnorm)
     ]
 
   def _keys(self, cell: Cell) -> List[str]:
-    settings = [(UNDEFENDED, None)] + list(self.settings.defenses)
+    settings = [(UNDEFENDED, None)] + list(self.settings.sweep_defenses)
     return [row_key(cell, a, d, p) for d, p in settings for a in self._runs(cell, d)]
 
   def done(self, log, cell: Cell) -> bool:
@@ -297,7 +296,7 @@ class Sweep:
       title="Leakage where FedAvg trains: the threat-model sweep",
       subject="the training's own client setting",
       case=(
-        f"Model: {s.model}, trained by FedAvg (TFF) for {s.training_rounds} rounds, "
+        f"Model: {s.model}, trained by FedAvg (TFF) for {s.rounds} rounds, "
         f"{s.num_clients} clients, batch {s.batch_size}, seed {s.seed}; the updates are "
         "captured from TFF's client work."
       ),

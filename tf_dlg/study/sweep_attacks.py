@@ -38,7 +38,7 @@ def defended_items(settings, case, cell_client, capture, exclude, num_trainable,
   from tf_dlg import defenses
 
   s = settings
-  settings = [(UNDEFENDED, None)] + list(s.defenses)
+  settings = [(UNDEFENDED, None)] + list(s.sweep_defenses)
   items = []
   t0 = time.perf_counter()
   cell, client = cell_client
@@ -64,7 +64,7 @@ def defended_items(settings, case, cell_client, capture, exclude, num_trainable,
         update=trainable,
         statistics=statistics,
         members=members,
-        steps=min(cell.local_steps, s.max_simulated_steps),
+        steps=min(cell.local_steps, s.sweep_max_simulated_steps),
         captured=captured / len(settings),
         label_accuracy=label_accuracy(recovered, case.gallery_y[members], case.num_classes),
         recovered=recovered,
@@ -88,7 +88,7 @@ def match(settings, keras_model, weights, case, items, steps: int):
     case.gallery_y,
     [it["members"] for it in items],
     local_training.ClientTraining(s.client_optimizer, s.client_lr, steps),
-    chunk=s.chunk,
+    chunk=s.sweep_chunk,
   )
   per = (time.perf_counter() - t0) / len(items)
   return [(it, res.ranks, res.non_members) for it, res in zip(items, results)], per
@@ -116,8 +116,8 @@ def reconstruct(settings, keras_model, weights, case, items, exact: bool, prior:
       [it["update"] for it in group],
       [it["recovered"] for it in group],
       local_training.ClientTraining(name, s.client_lr, steps, batch),
-      iterations=s.recon_iterations,
-      tv_weight=s.tv_weight,
+      iterations=s.sweep_recon_iterations,
+      tv_weight=s.sweep_tv_weight,
       seed=s.seed,
       statistics=[
         batchnorm_prior.observed_statistics(

@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from tf_dlg.study.sweep_settings import SweepSettings
+from tf_dlg.study import sweep_settings
+from tf_dlg.study.presets import Preset
 
 
 @dataclasses.dataclass
@@ -37,13 +38,13 @@ class Case:
   input_shape: tuple
 
 
-def load_case(settings: SweepSettings, name: str) -> Case:
+def load_case(settings: Preset, name: str) -> Case:
   """The gallery holds the client's images first, then seeded non-members."""
   from tf_dlg import data as data_lib
   from tf_dlg.study import convergence, matching
 
   dataset = data_lib.load_dataset(name, seed=settings.seed)
-  trained = name in settings.trained_datasets
+  trained = name in settings.sweep_trained_datasets
   rng = np.random.default_rng([settings.seed, 0x5EE9])
   if trained:
     if dataset.x_test is None:
@@ -92,7 +93,7 @@ def _gallery(settings, rng, meta, client, others):
   (client_x, client_y), (others_x, others_y) = client, others
   order = rng.permutation(len(client_x))
   client_x, client_y = client_x[order], client_y[order]
-  room = max(settings.gallery_size - len(client_x), 0)
+  room = max(settings.sweep_gallery - len(client_x), 0)
   pick = rng.choice(len(others_x), min(room, len(others_x)), replace=False) if room else []
   pick = np.sort(np.asarray(pick, np.int64))
   gallery_x = np.concatenate([client_x, others_x[pick]]).astype(np.float32)
@@ -125,20 +126,22 @@ class Cell:
     return 1 if self.local_work == "step" else int(math.ceil(self.num_images / self.batch))
 
 
-def cells(settings: SweepSettings, pool: Dict[str, int]) -> Tuple[List[Cell], List[str]]:
-  """(cells to run, one line per cell that cannot run and why); `pool`: client images."""
+def cells(settings: Preset, pool: Dict[str, int]) -> Tuple[List[Cell], List[str]]:
+  """(cells to run, one line per cell that cannot run and why) of a checked sweep preset
+  (`sweep_settings.check`); `pool`: client images."""
   out, skipped = [], []
   for name in settings.datasets:
-    rounds = settings.rounds if name in settings.trained_datasets else (0,)
-    if name not in settings.trained_datasets and any(r != 0 for r in settings.rounds):
+    trained = name in settings.sweep_trained_datasets
+    rounds = settings.sweep_rounds if trained else (0,)
+    if not trained and any(r != 0 for r in settings.sweep_rounds):
       skipped.append(
-        f"{name}: rounds {[r for r in settings.rounds if r != 0]} not run (not trained: "
+        f"{name}: rounds {[r for r in settings.sweep_rounds if r != 0]} not run (not trained: "
         "too few images for FedAvg); round 0 only"
       )
     for r in rounds:
-      for work in settings.local_work:
-        for b in settings.batch_sizes:
-          n = b if work == "step" else min(settings.epoch_size(), pool[name])
+      for work in settings.sweep_local_work:
+        for b in settings.sweep_batch_sizes:
+          n = b if work == "step" else min(sweep_settings.epoch_size(settings), pool[name])
           if b > pool[name] or b > n:
             if r == rounds[0]:
               skipped.append(
@@ -147,12 +150,12 @@ def cells(settings: SweepSettings, pool: Dict[str, int]) -> Tuple[List[Cell], Li
             continue
           clients = 1
           if work == "step":
-            clients = max(1, min(-(-settings.min_images // b), pool[name] // b))
+            clients = max(1, min(-(-settings.sweep_min_images // b), pool[name] // b))
           out.append(Cell(name, int(r), int(b), work, int(n), clients))
   return out, skipped
 
 
-def train(settings: SweepSettings, case: Case, out_dir: str, progress: bool):
+def train(settings: Preset, case: Case, out_dir: str, progress: bool):
   """{round: (FedAvg bundle, server state, test accuracy or None)} of the case's training.
 
   Each round's run is its own resumable `run_simulation` folder; a later round starts
@@ -162,13 +165,13 @@ def train(settings: SweepSettings, case: Case, out_dir: str, progress: bool):
   from tf_dlg.study import run_store
 
   states = {}
-  base = settings.training_config(case.name, 1)
+  base = sweep_settings.training_config(settings, case.name, 1)
   if case.train is None:
     fa = simulation.build_for_config(base, _as_dataset(case))
     states[0] = (fa, fa.initialize(), None)
     return states
   previous = None
-  for r in sorted(settings.rounds):
+  for r in sorted(settings.sweep_rounds):
     if r == 0:
       fa = simulation.build_for_config(base, case.train)
       state = fa.initialize()
@@ -177,7 +180,7 @@ def train(settings: SweepSettings, case: Case, out_dir: str, progress: bool):
       fa.assign_to_keras(fa.process.get_model_weights(state), evaluator.model)
       states[0] = (fa, state, evaluator(case.train.x_test, case.train.y_test)[1])
       continue
-    config = settings.training_config(case.name, r)
+    config = sweep_settings.training_config(settings, case.name, r)
     run_dir = os.path.join(out_dir, "training", f"{case.name}_round{r}")
     fingerprint = run_store.cell_fingerprint(config, case.train.source)
     fingerprint.pop("rounds")

@@ -13,7 +13,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from tf_dlg.analysis import figures
-from tf_dlg.study.sweep_settings import UNDEFENDED, SweepSettings
+from tf_dlg.study import sweep_settings
+from tf_dlg.study.presets import Preset
+from tf_dlg.study.sweep_settings import UNDEFENDED
 
 
 def _undefended(rows):
@@ -96,12 +98,12 @@ def _fmt(r) -> str:
   return f"{r['identified']}/{r['num_images']} [{r['low']:.2f}, {r['high']:.2f}]"
 
 
-def own_cell(rows, settings: SweepSettings):
+def own_cell(rows, settings: Preset):
   """(dataset, round, rows) at the training's own batch size and one epoch of its share,
   the last round measured on the first trained dataset; None when not swept."""
-  trained = [d for d in settings.datasets if d in settings.trained_datasets]
+  trained = [d for d in settings.datasets if d in settings.sweep_trained_datasets]
   target = trained[0] if trained else settings.datasets[0]  # an audit trains nothing
-  if settings.epoch_size() != settings.share:
+  if sweep_settings.epoch_size(settings) != sweep_settings.share(settings):
     return None
   at = [
     r
@@ -115,7 +117,7 @@ def own_cell(rows, settings: SweepSettings):
 
 
 def opening_line(
-  rows, settings: SweepSettings, costs=None, subject="the training's own client setting"
+  rows, settings: Preset, costs=None, subject="the training's own client setting"
 ) -> str:
   """At the training's own batch size and local work: how much leaks undefended, and
   each defence's weakest protecting setting there (none identified by any attacker)."""
@@ -126,7 +128,8 @@ def opening_line(
   und = [r for r in at if r["defense"] == UNDEFENDED]
   head = (
     f"At {subject} ({target}, batch {settings.batch_size}, one "
-    f"epoch of {settings.share} images = {und[0]['local_steps']} {settings.client_optimizer} "
+    f"epoch of {sweep_settings.share(settings)} images = {und[0]['local_steps']} "
+    f"{settings.client_optimizer} "
     f"steps, round {rnd}, gallery of {und[0]['gallery_size']:,}), undefended: "
     + ", ".join(f"{r['attack']} identifies {_fmt(r)}" for r in und)
   )
@@ -154,14 +157,15 @@ def opening_line(
   return head + "; weakest protecting setting: " + "; ".join(parts) + "."
 
 
-def protecting_settings(at, settings: SweepSettings) -> Dict[str, Optional[float]]:
+def protecting_settings(at, settings: Preset) -> Dict[str, Optional[float]]:
   """{defence: its weakest frontier setting at which no row of `at` identifies an image,
-  or None where none does}, in the order of `settings.defenses`."""
+  or None where none does}, in the order of `settings.sweep_defenses`."""
   out = {}
-  for name in dict.fromkeys(d for d, _ in settings.defenses):
+  order = [tuple(d) for d in settings.sweep_defenses]
+  for name in dict.fromkeys(d for d, _ in order):
     pts = sorted(
       {r["param"] for r in at if r["defense"] == name},
-      key=lambda p: settings.defenses.index((name, p)),
+      key=lambda p: order.index((name, p)),
     )
     protects = [
       p
@@ -174,7 +178,7 @@ def protecting_settings(at, settings: SweepSettings) -> Dict[str, Optional[float
 
 def report(
   rows,
-  settings: SweepSettings,
+  settings: Preset,
   skipped: Sequence[str] = (),
   costs=None,
   title: str = "Leakage where FedAvg trains: the threat-model sweep",
@@ -186,11 +190,11 @@ def report(
   lines += [
     "Attacker: gallery matching (the candidate's own update simulated with the client's "
     f"{settings.client_optimizer} (lr {settings.client_lr:g}) for the client's local steps, "
-    f"capped at {settings.max_simulated_steps}; column `simulated_steps`), with the "
+    f"capped at {settings.sweep_max_simulated_steps}; column `simulated_steps`), with the "
     "client's images ranked among the gallery's non-members. Reconstruction (cosine + TV, "
     "exact and update-direction) on batches of at most "
-    f"{settings.recon_max_batch} images, "
-    + ("every setting" if settings.recon_defended else "undefended only")
+    f"{settings.sweep_recon_max_batch} images, "
+    + ("every setting" if settings.sweep_recon_defended else "undefended only")
     + "; every other verdict names gallery matching alone. Labels recovered from the "
     "last dense layer. " + case,
     "",

@@ -1,22 +1,19 @@
-"""What fixes a threat-model sweep's numbers: `SweepSettings`, checked before any work.
+"""What fixes a threat-model sweep's numbers: a `Preset`'s sweep fields, checked before any work.
 
-The settings of `tf_dlg.study.sweep` (and of `tf_dlg.study.audit`): the datasets, client
-batch sizes and local work attacked, the rounds, the defences at their frontier settings,
-the attacks, and the FedAvg training (the quick preset's, or a preset's by
-`settings_from_preset`).
+The settings of `tf_dlg.study.sweep` (and of `tf_dlg.study.audit`) are a
+`tf_dlg.study.presets.Preset`'s (the `sweep` preset's: the quick preset's training): the
+datasets, client batch sizes and local work attacked (`sweep_*`), the rounds, the defences
+at their frontier settings, the attacks, and the FedAvg training (`rounds`,
+`train_examples`, `num_clients`, `batch_size`, `client_optimizer`, ...). `check(preset)`
+fills the derived ones and checks them; `fingerprint` is what the sweep's rows.jsonl stores.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Tuple
 
 from tf_dlg import validation
 from tf_dlg.federated.config import FederatedConfig
-from tf_dlg.study.presets import PRESETS
-
-# The training a sweep attacks by default: the quick preset's.
-_QUICK = PRESETS["quick"]
 
 LOCAL_WORK = ("step", "epoch")
 GALLERY = "gallery_match"
@@ -71,141 +68,134 @@ def frontier_defenses() -> Tuple[Tuple[str, float], ...]:
   return tuple((n, float(p)) for n in names for p in defense_table.row(n).frontier)
 
 
-@dataclasses.dataclass(frozen=True)
-class SweepSettings:
-  """Everything that fixes a sweep's numbers (checked by `check`, before any work).
-
-  The training fields are the quick preset's (`tf_dlg.study.presets.PRESETS["quick"]`).
-  `trained_datasets` are trained in FedAvg; the others (the 20-image CIFAR-10 sample has
-  no training split) are attacked at round 0 only, as `sweep.md` says. `epoch_examples`:
-  the images of a one-epoch client (None: the training's own share,
-  train_examples / num_clients).
-  """
-
-  datasets: Tuple[str, ...] = ("mnist", "cifar10_sample")
-  trained_datasets: Tuple[str, ...] = ("mnist",)
-  batch_sizes: Tuple[int, ...] = (1, 4, 16, 64)
-  local_work: Tuple[str, ...] = LOCAL_WORK
-  rounds: Tuple[int, ...] = (0, 5, 15)
-  defenses: Tuple[Tuple[str, float], ...] = dataclasses.field(default_factory=frontier_defenses)
-  attacks: Tuple[str, ...] = ATTACKS
-  gallery_size: int = 10_000
-  epoch_examples: Optional[int] = None
-  max_simulated_steps: int = 10
-  # A one-step cell attacks ceil(min_images / batch) clients' updates (as the client's
-  # share allows), so that no rate rests on a single image's 0-or-1.
-  min_images: int = 16
-  recon_max_batch: int = 4
-  recon_iterations: int = 300
-  recon_defended: bool = False
-  tv_weight: float = 1e-4
-  chunk: int = 500
-  # The training (the quick preset's).
-  model: str = FederatedConfig.model
-  training_rounds: int = _QUICK.rounds
-  train_examples: int = _QUICK.train_examples
-  test_examples: int = _QUICK.test_examples
-  num_clients: int = _QUICK.num_clients
-  batch_size: int = _QUICK.batch_size
-  local_epochs: int = _QUICK.local_epochs
-  client_optimizer: str = FederatedConfig.client_optimizer
-  client_lr: float = _QUICK.client_lr
-  seed: int = FederatedConfig.seed
-  # The audit's digest of the user's model and data ("" in a sweep: registry names).
-  case_digest: str = ""
-
-  def check(self) -> "SweepSettings":
-    """One ValueError naming the bad value and the allowed range; no data loaded."""
-    from tf_dlg import data as data_lib
-    from tf_dlg import defenses, federated, models
-
-    user = (USER_DATA,) if self.model == USER_MODEL else ()  # an audit's own arrays
-    validation.check_choices("datasets", self.datasets, data_lib.DATASETS + user)
-    validation.check_choices("trained_datasets", self.trained_datasets, self.datasets)
-    validation.check_choices("local_work", self.local_work, LOCAL_WORK)
-    validation.check_choices("attacks", self.attacks, ATTACKS)
-    validation.check_choice("model", self.model, (*models.MODELS, USER_MODEL))
-    validation.check_choice("client_optimizer", self.client_optimizer, federated.OPTIMIZERS)
-    for name in ("datasets", "batch_sizes", "local_work", "rounds", "attacks"):
-      if not getattr(self, name):
-        raise ValueError(f"{name} is empty; give at least one value.")
-    for b in self.batch_sizes:
-      validation.check_int("batch_sizes", b, 1, 4096)
-    validation.check_int("training_rounds", self.training_rounds, 1)
-    for r in self.rounds:
-      validation.check_int("rounds", r, 0, self.training_rounds)
-    validation.check_int("gallery_size", self.gallery_size, 2)
-    validation.check_int("max_simulated_steps", self.max_simulated_steps, 1)
-    validation.check_int("recon_max_batch", self.recon_max_batch, 1, 64)
-    validation.check_int("min_images", self.min_images, 1, 4096)
-    validation.check_int("recon_iterations", self.recon_iterations, 1)
-    validation.check_number("tv_weight", self.tv_weight, 0, float("inf"))
-    validation.check_int("chunk", self.chunk, 1, 100_000)
-    validation.check_int("num_clients", self.num_clients, 1)
-    validation.check_int("train_examples", self.train_examples, self.num_clients)
-    validation.check_int("test_examples", self.test_examples, 1)
-    validation.check_int("batch_size", self.batch_size, 1)
-    validation.check_int("local_epochs", self.local_epochs, 1)
-    validation.check_int("seed", self.seed, 0)
-    validation.check_number(
-      "client_lr", self.client_lr, 0, float("inf"), low_open=True, high_open=True
-    )
-    if self.epoch_examples is not None:
-      validation.check_int("epoch_examples", self.epoch_examples, 1, self.share)
-    for d in self.defenses:
-      if not (isinstance(d, (tuple, list)) and len(d) == 2):
-        raise ValueError(f"defenses entry {d!r} must be a (name, parameter) pair.")
-      if d[0] == UNDEFENDED:
-        raise ValueError("defenses lists defended settings; the undefended row is always run.")
-      defenses.get_defense(d[0], d[1])  # its own ValueError names the range
-    return self
-
-  @property
-  def share(self) -> int:
-    """Training images per client (the training's own one-epoch client)."""
-    return self.train_examples // self.num_clients
-
-  def epoch_size(self) -> int:
-    return self.share if self.epoch_examples is None else int(self.epoch_examples)
-
-  def training_config(self, dataset: str, rounds: int):
-    from tf_dlg.federated.config import FederatedConfig
-
-    return FederatedConfig(
-      dataset=dataset,
-      model=self.model,
-      num_clients=self.num_clients,
-      rounds=max(int(rounds), 1),
-      batch_size=self.batch_size,
-      local_epochs=self.local_epochs,
-      client_optimizer=self.client_optimizer,
-      client_lr=self.client_lr,
-      seed=self.seed,
-    )
-
-  def fingerprint(self) -> Dict[str, Any]:
-    fields = dataclasses.asdict(self)
-    fields.pop("chunk")  # memory only: same numbers
-    fields["defenses"] = [list(d) for d in self.defenses]
-    return fields
+# The rounds a preset's sweep attacks besides the training's last (`Preset.sweep_rounds`
+# None); those at or past the last are dropped.
+ROUNDS_BEFORE_LAST = (0, 5)
+# The sweep's fingerprint, as its rows.jsonl stores it: {stored name: `Preset` field}. The
+# stored names are those of the sweep's own settings before they were `Preset` fields, so
+# a sweep started then resumes.
+FINGERPRINT = {
+  "datasets": "datasets",
+  "trained_datasets": "sweep_trained_datasets",
+  "batch_sizes": "sweep_batch_sizes",
+  "local_work": "sweep_local_work",
+  "rounds": "sweep_rounds",
+  "defenses": "sweep_defenses",
+  "attacks": "sweep_attacks",
+  "gallery_size": "sweep_gallery",
+  "epoch_examples": "sweep_epoch_examples",
+  "max_simulated_steps": "sweep_max_simulated_steps",
+  "min_images": "sweep_min_images",
+  "recon_max_batch": "sweep_recon_max_batch",
+  "recon_iterations": "sweep_recon_iterations",
+  "recon_defended": "sweep_recon_defended",
+  "tv_weight": "sweep_tv_weight",
+  "model": "model",
+  "training_rounds": "rounds",
+  "train_examples": "train_examples",
+  "test_examples": "test_examples",
+  "num_clients": "num_clients",
+  "batch_size": "batch_size",
+  "local_epochs": "local_epochs",
+  "client_optimizer": "client_optimizer",
+  "client_lr": "client_lr",
+  "seed": "seed",
+  "case_digest": "case_digest",
+}
 
 
-def settings_from_preset(preset, rounds_at: Sequence[int] = (0, 5)) -> SweepSettings:
-  """The sweep of a reproduce preset: its training, attacked at `rounds_at` and its last
-  round (those past the training dropped), on its datasets (those with a test split
-  trained)."""
-  rounds = tuple(sorted({r for r in rounds_at if r < preset.rounds} | {preset.rounds}))
-  return SweepSettings(
-    datasets=tuple(preset.datasets),
-    trained_datasets=tuple(d for d in preset.datasets if d not in NO_TEST_SPLIT),
-    rounds=rounds,
-    training_rounds=preset.rounds,
-    train_examples=preset.train_examples,
-    test_examples=preset.test_examples or preset.train_examples,
+def filled(preset):
+  """The preset with the sweep's derived settings filled in: `sweep_trained_datasets`
+  (None: the datasets with a test split), `sweep_rounds` (None: `ROUNDS_BEFORE_LAST` below
+  the training's last round, and that round, `rounds`), `test_examples` (None:
+  `train_examples`)."""
+  fill = {}
+  if preset.sweep_trained_datasets is None:
+    fill["sweep_trained_datasets"] = tuple(d for d in preset.datasets if d not in NO_TEST_SPLIT)
+  if preset.sweep_rounds is None:
+    last = preset.rounds
+    fill["sweep_rounds"] = tuple(sorted({r for r in ROUNDS_BEFORE_LAST if r < last} | {last}))
+  if preset.test_examples is None:
+    fill["test_examples"] = preset.train_examples
+  return preset.override(**fill)
+
+
+def check(preset):
+  """The sweep's preset (`filled`), checked: one ValueError naming the bad value and the
+  allowed range; no data loaded. The names in the errors are the fingerprint's."""
+  from tf_dlg import data as data_lib
+  from tf_dlg import defenses, federated, models
+
+  p = filled(preset)
+  user = (USER_DATA,) if p.model == USER_MODEL else ()  # an audit's own arrays
+  validation.check_choices("datasets", p.datasets, data_lib.DATASETS + user)
+  validation.check_choices("trained_datasets", p.sweep_trained_datasets, p.datasets)
+  validation.check_choices("local_work", p.sweep_local_work, LOCAL_WORK)
+  validation.check_choices("attacks", p.sweep_attacks, ATTACKS)
+  validation.check_choice("model", p.model, (*models.MODELS, USER_MODEL))
+  validation.check_choice("client_optimizer", p.client_optimizer, federated.OPTIMIZERS)
+  for name in ("datasets", "batch_sizes", "local_work", "rounds", "attacks"):
+    if not getattr(p, FINGERPRINT[name]):
+      raise ValueError(f"{name} is empty; give at least one value.")
+  for b in p.sweep_batch_sizes:
+    validation.check_int("batch_sizes", b, 1, 4096)
+  validation.check_int("training_rounds", p.rounds, 1)
+  for r in p.sweep_rounds:
+    validation.check_int("rounds", r, 0, p.rounds)
+  validation.check_int("gallery_size", p.sweep_gallery, 2)
+  validation.check_int("max_simulated_steps", p.sweep_max_simulated_steps, 1)
+  validation.check_int("recon_max_batch", p.sweep_recon_max_batch, 1, 64)
+  validation.check_int("min_images", p.sweep_min_images, 1, 4096)
+  validation.check_int("recon_iterations", p.sweep_recon_iterations, 1)
+  validation.check_number("tv_weight", p.sweep_tv_weight, 0, float("inf"))
+  validation.check_int("chunk", p.sweep_chunk, 1, 100_000)
+  validation.check_int("num_clients", p.num_clients, 1)
+  validation.check_int("train_examples", p.train_examples, p.num_clients)
+  validation.check_int("test_examples", p.test_examples, 1)
+  validation.check_int("batch_size", p.batch_size, 1)
+  validation.check_int("local_epochs", p.local_epochs, 1)
+  validation.check_int("seed", p.seed, 0)
+  validation.check_number("client_lr", p.client_lr, 0, float("inf"), low_open=True, high_open=True)
+  if p.sweep_epoch_examples is not None:
+    validation.check_int("epoch_examples", p.sweep_epoch_examples, 1, share(p))
+  for d in p.sweep_defenses:
+    if not (isinstance(d, (tuple, list)) and len(d) == 2):
+      raise ValueError(f"defenses entry {d!r} must be a (name, parameter) pair.")
+    if d[0] == UNDEFENDED:
+      raise ValueError("defenses lists defended settings; the undefended row is always run.")
+    defenses.get_defense(d[0], d[1])  # its own ValueError names the range
+  return p
+
+
+def share(preset) -> int:
+  """Training images per client (the training's own one-epoch client)."""
+  return preset.train_examples // preset.num_clients
+
+
+def epoch_size(preset) -> int:
+  """The images of a one-epoch client (`sweep_epoch_examples`; None: `share`)."""
+  epoch = preset.sweep_epoch_examples
+  return share(preset) if epoch is None else int(epoch)
+
+
+def training_config(preset, dataset: str, rounds: int):
+  """The FedAvg training the sweep attacks, to `rounds` (at least 1)."""
+  return FederatedConfig(
+    dataset=dataset,
+    model=preset.model,
     num_clients=preset.num_clients,
+    rounds=max(int(rounds), 1),
     batch_size=preset.batch_size,
     local_epochs=preset.local_epochs,
+    client_optimizer=preset.client_optimizer,
     client_lr=preset.client_lr,
-    gallery_size=preset.sweep_gallery,
     seed=preset.seed,
-  ).check()
+  )
+
+
+def fingerprint(preset) -> Dict[str, Any]:
+  """What fixes a (checked) sweep's numbers, by the stored names (`FINGERPRINT`); the chunk
+  size is memory only."""
+  fields = {name: getattr(preset, field) for name, field in FINGERPRINT.items()}
+  fields["defenses"] = [list(d) for d in preset.sweep_defenses]
+  return fields

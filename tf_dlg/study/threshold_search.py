@@ -20,32 +20,29 @@ from tf_dlg.study import (
   search_writers,
 )
 from tf_dlg.study import results as results_lib
+from tf_dlg.study.presets import Preset
 from tf_dlg.study.search_case import SearchCases
 
-DEFAULT_DATASETS = ("mnist", "cifar10_sample", "lfw_faces")
-DEFAULT_DEFENSES = defense_table.PAPER_DEFENSES
 # Read from each defence's row (`tf_dlg.study.defense_table`): its strongest attackers,
 # and {defence: (the other unit's name, statistic of the undefended update it scales by)}.
 STRONGEST_ATTACKER = defense_table.STRONGEST_ATTACKERS
 RELATIVE_OF = point_evaluator.RELATIVE_OF
 ABSOLUTE_OF = point_evaluator.ABSOLUTE_OF
 
-# `bisection_steps` (the older per-dataset search) is accepted and ignored: the
-# resolutions decide the steps now.
-SEARCH_DEFAULTS = dict(
-  num_images=8,
-  iterations=3000,
-  leak_ssim=None,
-  defended_fraction=1.0,
-  log_resolution=1.5,
-  linear_resolution=0.05,
-  restarts=2,
-  adaptive=False,
-  adaptive_datasets=None,
-  seed=0,
-  local_steps=3,
-  local_lr=0.1,
-  bisection_steps=None,
+# The settings a search takes; their defaults are the study's (`Preset`'s field defaults).
+SETTINGS = (
+  "num_images",
+  "iterations",
+  "leak_ssim",
+  "defended_fraction",
+  "log_resolution",
+  "linear_resolution",
+  "restarts",
+  "adaptive",
+  "adaptive_datasets",
+  "seed",
+  "local_steps",
+  "local_lr",
 )
 
 
@@ -79,13 +76,14 @@ def _iterations_per_dataset(iterations, datasets) -> Dict[str, int]:
 
 
 def _check_settings(settings: Dict[str, Any]) -> Dict[str, Any]:
-  """The settings, checked, with `SEARCH_DEFAULTS` filling the rest."""
+  """The settings, checked, with `Preset`'s defaults filling the rest."""
   from tf_dlg import metrics
 
-  unknown = sorted(set(settings) - set(SEARCH_DEFAULTS))
+  unknown = sorted(set(settings) - set(SETTINGS))
   if unknown:
-    raise ValueError(f"unknown settings {unknown}; expected some of {list(SEARCH_DEFAULTS)}.")
-  st, v = dict(SEARCH_DEFAULTS, **settings), validation
+    raise ValueError(f"unknown settings {unknown}; expected some of {list(SETTINGS)}.")
+  base = Preset()
+  st, v = {n: settings.get(n, getattr(base, n)) for n in SETTINGS}, validation
   inf = math.inf
   out = dict(
     num_images=v.check_int("num_images", st["num_images"], 1),
@@ -113,8 +111,6 @@ def _check_settings(settings: Dict[str, Any]) -> Dict[str, Any]:
     adaptive_datasets=st["adaptive_datasets"],
     iterations=st["iterations"],
   )
-  if st["bisection_steps"] is not None:
-    v.check_int("bisection_steps", st["bisection_steps"], 0)
   return out
 
 
@@ -126,7 +122,7 @@ class ThresholdSearch:
     datasets, attacks, defenses: What to cover (`attacks` may be empty with adaptive).
     data_dir: tfds data directory for mnist / cifar10 / lfw.
     progress: Show progress bars.
-    **settings: Any of `SEARCH_DEFAULTS` (which fills the rest); unknown names raise:
+    **settings: Any of `SETTINGS` (`Preset`'s defaults fill the rest); unknown names raise:
       num_images: Images attacked per dataset (training images 0..num_images-1 of a
         seeded permutation, so every defence sees the same images).
       iterations: Attack optimiser iterations per restart, or {dataset: iterations}.
