@@ -209,7 +209,6 @@ CONFIG_TYPES = {
   "Preset": "tf_dlg/study/presets.py",
   "FrontierSettings": "tf_dlg/study/frontier.py",
   "SweepSettings": "tf_dlg/study/sweep_settings.py",
-  "AttackSettings": "tf_dlg/study/single_attack.py",
 }
 # Two owners in two layers' domains: an attack's seed and a training's seed.
 OWNED_TWICE = {("seed", "0"): {"AttackConfig", "FederatedConfig"}}
