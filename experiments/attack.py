@@ -28,7 +28,7 @@ from tf_dlg.attacks.threat_model import UPDATE_KINDS
 from tf_dlg.study import single_attack
 
 FLAGS = flags.FLAGS
-D = single_attack.DEFAULTS  # the client's and the scoring's defaults, written once there
+CLIENT = single_attack.DEFAULTS  # the client's and the scoring's defaults, written once there
 # The attack's flags: `AttackConfig`'s fields, defaults and documentation.
 cli.define_config_flags(
   AttackConfig,
@@ -46,46 +46,51 @@ cli.define_config_flags(
   choices={"attack": ATTACKS, "optimizer": OPTIMIZERS},
   helps={"seed": "Seed of the attacker's dummy initialisation and the defence."},
 )
-flags.DEFINE_string("dataset", D["dataset"], f"One of {', '.join(data_lib.DATASETS)}.")
+flags.DEFINE_string("dataset", CLIENT["dataset"], f"One of {', '.join(data_lib.DATASETS)}.")
 flags.DEFINE_integer(
-  "index", D["index"], "Index of the (first) attacked image in the training split.", lower_bound=0
+  "index",
+  CLIENT["index"],
+  "Index of the (first) attacked image in the training split.",
+  lower_bound=0,
 )
 cli.define_output_dir("outputs/attack")
 flags.DEFINE_string(
-  "defense", D["defense"], "Defence name from tf_dlg.defenses (none = undefended)."
+  "defense", CLIENT["defense"], "Defence name from tf_dlg.defenses (none = undefended)."
 )
-flags.DEFINE_float("defense_param", D["defense_param"], "Defence strength parameter.")
-flags.DEFINE_enum("update", D["update"], list(UPDATE_KINDS), "What the server observes.")
+flags.DEFINE_float("defense_param", CLIENT["defense_param"], "Defence strength parameter.")
+flags.DEFINE_enum("update", CLIENT["update"], list(UPDATE_KINDS), "What the server observes.")
 flags.DEFINE_integer(
-  "local_steps", D["local_steps"], "Local SGD steps of a fedavg_delta update.", lower_bound=1
+  "local_steps", CLIENT["local_steps"], "Local SGD steps of a fedavg_delta update.", lower_bound=1
 )
-flags.DEFINE_float("client_lr", D["client_lr"], "Client learning rate of a fedavg_delta update.")
+flags.DEFINE_float(
+  "client_lr", CLIENT["client_lr"], "Client learning rate of a fedavg_delta update."
+)
 flags.DEFINE_integer(
-  "batch", D["batch"], "Images behind the update (client batch size).", lower_bound=1
+  "batch", CLIENT["batch"], "Images behind the update (client batch size).", lower_bound=1
 )
 flags.DEFINE_integer(
-  "local_batch_size", D["local_batch_size"], "Local SGD batch size (default: --batch)."
+  "local_batch_size", CLIENT["local_batch_size"], "Local SGD batch size (default: --batch)."
 )
-flags.DEFINE_enum("model", D["model"], list(models_lib.MODELS), "Attacked model.")
-flags.DEFINE_integer("model_seed", D["model_seed"], "Seed of the model's weights.")
+flags.DEFINE_enum("model", CLIENT["model"], list(models_lib.MODELS), "Attacked model.")
+flags.DEFINE_integer("model_seed", CLIENT["model_seed"], "Seed of the model's weights.")
 flags.DEFINE_float(
   "leak_threshold",
-  D["leak_threshold"],
+  CLIENT["leak_threshold"],
   "Adjusted-SSIM bar of the leak verdict (default tf_dlg.metrics.DEFAULT_LEAK_SSIM).",
 )
 cli.define_data_dir()
 flags.DEFINE_bool(
   "tensorboard",
-  D["tensorboard"],
+  CLIENT["tensorboard"],
   "Write reconstruction progress (distance, SSIM, images) to OUTPUT_DIR/tensorboard.",
 )
 # The client's arguments are flags of their names: their errors name the flags.
-cli.register_flag_names({name: name for name in [*D, "output_dir"]})
+cli.register_flag_names({name: name for name in [*CLIENT, "output_dir"]})
 
 
 def arguments_from_flags():
   """(the `AttackConfig`, the client's keyword arguments) of the parsed flags."""
-  return cli.config_from_flags(AttackConfig), {name: FLAGS[name].value for name in D}
+  return cli.config_from_flags(AttackConfig), {name: FLAGS[name].value for name in CLIENT}
 
 
 def main(argv):

@@ -153,8 +153,7 @@ def attribute_help(cls) -> Dict[str, str]:
         helps[name] += " " + line.strip()
       continue
     entry = _ENTRY.match(line)
-    names = entry.group(2).split(", ") if entry else []
-    indent = entry and len(entry.group(1))
+    names, indent = (entry.group(2).split(", "), len(entry.group(1))) if entry else ([], 0)
     for name in names:
       helps[name] = entry.group(3).strip()
   return helps
