@@ -6,16 +6,18 @@ A driver does:
     from absl import flags
     cli.define_output_dir("outputs/x")
     cli.define_enum_list("datasets", ["digits"], data.DATASETS, "Datasets.")
+    cli.define_config_flags(FederatedConfig)   # a flag per field: its type, default, doc
     ...
-    def main(argv): ...
+    def main(argv): config = cli.config_from_flags(FederatedConfig); ...
     if __name__ == "__main__":
       cli.run(main)
 
 and gets, for free: flags whose bounds and allowed values are declared on the flag,
 one-line errors with exit code 2 for a bad flag (at parse time) or a `ValueError` raised
 by `main` before it calls `cli.work_begins()` (after its checks; a `UsageError` is one
-line at any time), SIGTERM handled like Ctrl-C (clean-up code runs), and no TensorFlow
-start-up noise. A `ValueError` raised once the work has begun is a bug, not bad input:
+line at any time) that names the flags (the library names a configuration field by its
+path, `federated.batch_size`: the line says `--batch_size`; `flag_names`), SIGTERM
+handled like Ctrl-C (clean-up code runs), and no TensorFlow start-up noise. A `ValueError` raised once the work has begun is a bug, not bad input:
 it keeps its traceback. A worker that stops answering is one line, exit code 1.
 """
 
@@ -132,8 +134,9 @@ def define_enum_list(
 
 # Flags generated from a configuration dataclass (`define_config_flags`) --------------
 
-# {(id(flag_values), class): {field: flag}} of the flags `define_config_flags` defined.
-_CONFIG_FLAGS: Dict[Tuple[int, type], Dict[str, str]] = {}
+# {(id(flag_values), class): (flag_values, {field: flag})} of the flags that
+# `define_config_flags` defined (holding flag_values: its id is not reused).
+_CONFIG_FLAGS: Dict[Tuple[int, type], Tuple[object, Dict[str, str]]] = {}
 _ENTRY = re.compile(r"^(\s*)([a-z_]\w*(?:, [a-z_]\w*)*): (.*)$")
 
 
@@ -220,7 +223,7 @@ def define_config_flags(
   unknown = sorted(set(wanted or ()) - set(known))
   if unknown:
     raise ValueError(f"{cls.__name__} has no fields {unknown}.")
-  defined = _CONFIG_FLAGS.setdefault((id(flag_values), cls), {})
+  defined = _CONFIG_FLAGS.setdefault((id(flag_values), cls), (flag_values, {}))[1]
   for name, field in known.items():
     kind = _flag_type(hints[name])
     if (wanted is not None and name not in wanted) or (wanted is None and kind[0] is None):
@@ -240,7 +243,7 @@ def config_from_flags(cls, flag_values=FLAGS, **overrides):
   """The `cls` of the flags `define_config_flags(cls)` defined (checked as it is built);
   `overrides` replace fields."""
   hints, values = typing.get_type_hints(cls), {}
-  for name, flag in _CONFIG_FLAGS[(id(flag_values), cls)].items():
+  for name, flag in _CONFIG_FLAGS[(id(flag_values), cls)][1].items():
     value = flag_values[flag].value
     if isinstance(value, list):
       value = tuple(_flag_type(hints[name])[0](v) for v in value)
