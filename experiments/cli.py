@@ -6,28 +6,34 @@ A driver does:
     from absl import flags
     cli.define_output_dir("outputs/x")
     cli.define_enum_list("datasets", ["digits"], data.DATASETS, "Datasets.")
+    cli.define_config_flags(FederatedConfig)   # a flag per field: its type, default, doc
     ...
-    def main(argv): ...
+    def main(argv): config = cli.config_from_flags(FederatedConfig); ...
     if __name__ == "__main__":
       cli.run(main)
 
 and gets, for free: flags whose bounds and allowed values are declared on the flag,
 one-line errors with exit code 2 for a bad flag (at parse time) or a `ValueError` raised
 by `main` before it calls `cli.work_begins()` (after its checks; a `UsageError` is one
-line at any time), SIGTERM handled like Ctrl-C (clean-up code runs), and no TensorFlow
-start-up noise. A `ValueError` raised once the work has begun is a bug, not bad input:
+line at any time) that names the flags (the library names a configuration field by its
+path, `federated.batch_size`: the line says `--batch_size`; `flag_names`), SIGTERM
+handled like Ctrl-C (clean-up code runs), and no TensorFlow start-up noise. A `ValueError` raised once the work has begun is a bug, not bad input:
 it keeps its traceback. A worker that stops answering is one line, exit code 1.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import errno
+import inspect
 import os
+import re
 import signal
 import sys
 import threading
-from typing import Callable, Iterable, Sequence
+import typing
+from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 # TensorFlow reads its C++ log level once, at import; entry points (not the library, and not
 # users' shells) silence its INFO/WARNING pages.
@@ -103,11 +109,18 @@ def work_begins() -> None:
 
 
 def define_enum_list(
-  name: str, default: Sequence[str], choices: Iterable[str], help_text: str
+  name: str,
+  default: Optional[Sequence[str]],
+  choices: Iterable[str],
+  help_text: str,
+  flag_values=FLAGS,
 ) -> None:
   """A comma-separated list flag whose every element must be one of `choices`."""
   choices = list(choices)
-  flags.DEFINE_list(name, list(default), f"{help_text} Any of: {', '.join(choices)}.")
+  default = None if default is None else list(default)
+  flags.DEFINE_list(
+    name, default, f"{help_text} Any of: {', '.join(choices)}.", flag_values=flag_values
+  )
 
   def check(values):
     bad = [v for v in values or [] if v not in choices]
@@ -116,7 +129,173 @@ def define_enum_list(
       raise flags.ValidationError(f"{', '.join(bad)} not one of {', '.join(choices)}")
     return True
 
-  flags.register_validator(name, check)
+  flags.register_validator(name, check, flag_values=flag_values)
+
+
+# Flags generated from a configuration dataclass (`define_config_flags`) --------------
+
+# {(id(flag_values), class): (flag_values, {field: flag})} of the flags that
+# `define_config_flags` defined (holding flag_values: its id is not reused).
+_CONFIG_FLAGS: Dict[Tuple[int, type], Tuple[object, Dict[str, str]]] = {}
+_ENTRY = re.compile(r"^(\s*)([a-z_]\w*(?:, [a-z_]\w*)*): (.*)$")
+
+
+def attribute_help(cls) -> Dict[str, str]:
+  """{field: text} of the `Attributes:` section of `cls`'s docstring.
+
+  An entry is a line `name: text` (or `a, b: text`, the text of both); lines indented
+  deeper continue it, any other line ends it.
+  """
+  lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+  start = next((i for i, line in enumerate(lines) if line.strip() == "Attributes:"), None)
+  helps, names, indent = {}, [], 0
+  for line in lines[len(lines) if start is None else start + 1 :]:
+    depth = len(line) - len(line.lstrip())
+    if names and line.strip() and depth > indent:
+      for name in names:
+        helps[name] += " " + line.strip()
+      continue
+    entry = _ENTRY.match(line)
+    names, indent = (entry.group(2).split(", "), len(entry.group(1))) if entry else ([], 0)
+    for name in names:
+      helps[name] = entry.group(3).strip()
+  return helps
+
+
+def _flag_type(hint):
+  """(type, is a list) of a field's annotation: int, float, str or bool; Optional[X] and
+  Union[X, ...] are X; Tuple[X, ...] a list of X (str if X is none of them)."""
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin is typing.Union:
+    return _flag_type(next(a for a in args if a is not type(None)))
+  if origin in (tuple, list):
+    element = args[0] if args and args[0] in (int, float, str) else str
+    return element, True
+  return (hint, False) if hint in (int, float, str, bool) else (None, False)
+
+
+def _field_default(field):
+  if field.default is not dataclasses.MISSING:
+    return field.default
+  if field.default_factory is not dataclasses.MISSING:
+    return field.default_factory()
+  return None
+
+
+_DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool}
+
+
+def _define_field(flag, kind, default, text, choices, flag_values) -> None:
+  """One flag: `kind` is (type, is a list) of `_flag_type`."""
+  element, many = kind
+  if many and choices is not None:
+    define_enum_list(flag, default, choices, text, flag_values=flag_values)
+  elif many:
+    default = None if default is None else [str(v) for v in default]
+    flags.DEFINE_list(flag, default, text, flag_values=flag_values)
+  elif choices is not None:
+    flags.DEFINE_enum(flag, default, list(choices), text, flag_values=flag_values)
+  else:
+    _DEFINE.get(element, flags.DEFINE_string)(flag, default, text, flag_values=flag_values)
+
+
+def define_config_flags(
+  cls,
+  fields: Optional[Iterable[str]] = None,
+  *,
+  names: Optional[Mapping[str, str]] = None,
+  choices: Optional[Mapping[str, Iterable[str]]] = None,
+  helps: Optional[Mapping[str, str]] = None,
+  flag_values=FLAGS,
+) -> None:
+  """One absl flag per field of the dataclass `cls` (`fields`; default: every field of a
+  flag's type), read back by `config_from_flags(cls)`.
+
+  The flag's type is the field's (`_flag_type`; a Tuple is a list flag), its default the
+  field's, its help the field's line of the `Attributes:` section (`helps` overrides);
+  `choices` make an enum (list) flag; `names` name a flag other than its field. Errors
+  that name the field's path (`attack.jit_compile`) name the flag (`--jit`) instead.
+  """
+  hints, docs = typing.get_type_hints(cls), attribute_help(cls)
+  names, choices, helps = dict(names or {}), dict(choices or {}), dict(helps or {})
+  wanted = None if fields is None else list(fields)
+  known = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(wanted or ()) - set(known))
+  if unknown:
+    raise ValueError(f"{cls.__name__} has no fields {unknown}.")
+  defined = _CONFIG_FLAGS.setdefault((id(flag_values), cls), (flag_values, {}))[1]
+  for name, field in known.items():
+    kind = _flag_type(hints[name])
+    if (wanted is not None and name not in wanted) or (wanted is None and kind[0] is None):
+      continue
+    if kind[0] is None or not (helps.get(name) or docs.get(name)):
+      raise ValueError(f"{cls.__name__}.{name}: no flag type or no help text.")
+    flag = names.get(name, name)
+    text = helps.get(name) or docs[name]
+    _define_field(flag, kind, _field_default(field), text, choices.get(name), flag_values)
+    defined[name] = flag
+  section = getattr(sys.modules[cls.__module__], "SECTION", None)
+  if section:
+    register_flag_names({f"{section}.{k}": v for k, v in defined.items()})
+
+
+def config_from_flags(cls, flag_values=FLAGS, **overrides):
+  """The `cls` of the flags `define_config_flags(cls)` defined (checked as it is built);
+  `overrides` replace fields."""
+  hints, values = typing.get_type_hints(cls), {}
+  for name, flag in _CONFIG_FLAGS[(id(flag_values), cls)][1].items():
+    value = flag_values[flag].value
+    if isinstance(value, list):
+      value = tuple(_flag_type(hints[name])[0](v) for v in value)
+    values[name] = value
+  return cls(**{**values, **overrides})
+
+
+# Errors name a configuration field by its path (`attack.iterations`, `federated.batch_size`)
+# and a plain argument by its name; a driver's one-line error names its flag instead.
+# {field path or registered argument name: flag name}
+_FLAG_NAMES: Dict[str, str] = {}
+
+
+def register_flag_names(mapping: Mapping[str, str]) -> None:
+  """Errors naming a key (a field path `section.field`, or a plain argument `index`) name
+  the flag of the value instead (`flag_names`). A field path not registered names `--field`."""
+  _FLAG_NAMES.update(mapping)
+
+
+# The configuration type of each section (its fields are the paths an error may name).
+_SECTION_TYPES = {
+  "attack": ("tf_dlg.attacks.runner", "AttackConfig"),
+  "federated": ("tf_dlg.federated.config", "FederatedConfig"),
+  "study": ("tf_dlg.study.presets", "Preset"),
+}
+
+
+def _section_fields(section: str):
+  import importlib
+
+  module, name = _SECTION_TYPES[section]
+  try:
+    return {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
+  except (ImportError, AttributeError, TypeError):
+    return set()
+
+
+def flag_names(message: str) -> str:
+  """`message` with field paths and registered argument names as the driver's flags:
+  `federated.batch_size=0 ...` -> `--batch_size=0 ...`."""
+
+  def path(m):
+    known = m.group(0) in _FLAG_NAMES or m.group(2) in _section_fields(m.group(1))
+    return f"--{_FLAG_NAMES.get(m.group(0), m.group(2))}" if known else m.group(0)
+
+  message = re.sub(rf"(?<![\w.-])({'|'.join(_SECTION_TYPES)})\.([A-Za-z_]\w*)", path, message)
+  plain = [re.escape(k) for k in _FLAG_NAMES if "." not in k]
+  if plain:
+    message = re.sub(
+      rf"(?<![\w.-])({'|'.join(plain)})(?==)", lambda m: f"--{_FLAG_NAMES[m.group(1)]}", message
+    )
+  return message
 
 
 def define_output_dir(default: str) -> None:
@@ -225,7 +404,7 @@ def _one_line(e: BaseException) -> None:
     fail(message, code=1 if _WORK_BEGUN.is_set() else 2)
   usage = isinstance(e, ValueError) and not _WORK_BEGUN.is_set()
   if usage or isinstance(e, (UsageError, _shim.WorkerSetupError)):
-    fail(message)
+    fail(flag_names(message))
 
 
 def run(main: Callable[[list], object]) -> None:

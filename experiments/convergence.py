@@ -20,11 +20,25 @@ from typing import Dict, Tuple
 # Imports TensorFlow quietly, before anything uses it or absl starts (experiments.cli).
 from experiments import cli
 from tf_dlg import validation
+from tf_dlg.federated.config import FederatedConfig
 from tf_dlg.study.convergence import Convergence
 from tf_dlg.study.defense_params import (
   defense_of,
   defense_params_from_thresholds,
   parse_defense_params,
+)
+
+# The `FederatedConfig` fields the grid's runs share that are flags here (their defaults
+# and documentation are the configuration's).
+FEDERATED_FLAGS = (
+  "dataset",
+  "data_dir",
+  "rounds",
+  "num_clients",
+  "alpha",
+  "local_epochs",
+  "batch_size",
+  "client_lr",
 )
 
 
@@ -79,6 +93,7 @@ def main(argv):
   # Flags, the thresholds file and every run folder are checked before any training;
   # a ValueError becomes one line and exit status 2 (experiments.cli).
   subsets = subsets_from_flags(f)
+  federated = cli.config_from_flags(FederatedConfig)  # checked: errors name the flags
   conv = Convergence(
     f.output_dir,
     params_from_flags(f),
@@ -86,15 +101,8 @@ def main(argv):
     partitions=f.partitions,
     seeds=[int(s) for s in f.seeds],
     subsets=subsets,
-    dataset=f.dataset,
-    rounds=f.rounds,
-    num_clients=f.num_clients,
-    alpha=f.alpha,
-    local_epochs=f.local_epochs,
-    batch_size=f.batch_size,
-    data_dir=f.data_dir,
     engine=f.engine,
-    **({} if f.client_lr is None else {"client_lr": f.client_lr}),
+    **{name: getattr(federated, name) for name in FEDERATED_FLAGS},
   )
   if f.engine != "tff":
     from tf_dlg.integrations import flower_engine
@@ -138,7 +146,6 @@ def define_flags():
   )
   flags.DEFINE_list("defense_params", [], "Explicit NAME:VALUE pairs (override --thresholds).")
   flags.DEFINE_list("defenses", [], "Restrict to these defences (default: all with a parameter).")
-  flags.DEFINE_string("dataset", "mnist", "Federated dataset.")
   flags.DEFINE_integer("train_examples", None, "Seeded subset of training images.", lower_bound=1)
   flags.DEFINE_integer(
     "test_examples",
@@ -150,13 +157,13 @@ def define_flags():
   flags.DEFINE_list("aggregators", ["mean", "median"], "Aggregators.")
   flags.DEFINE_list("partitions", ["iid", "dirichlet"], "Client partitions.")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every cell (paired across defences).")
-  flags.DEFINE_integer("rounds", 20, "FedAvg rounds.")
-  flags.DEFINE_integer("num_clients", 10, "Clients (all take part every round).")
-  flags.DEFINE_float("alpha", 0.5, "Dirichlet concentration of the non-IID partition.")
-  flags.DEFINE_integer("local_epochs", 1, "Local epochs per round.")
-  flags.DEFINE_integer("batch_size", 32, "Local batch size.")
-  flags.DEFINE_float(
-    "client_lr", None, "Client learning rate (default FederatedConfig's; the quick preset: 0.002)."
+  cli.define_config_flags(
+    FederatedConfig,
+    FEDERATED_FLAGS,
+    helps={
+      "num_clients": "Clients (all take part every round).",
+      "alpha": "Dirichlet concentration of the non-IID partition.",
+    },
   )
   flags.DEFINE_enum(
     "engine",
@@ -168,7 +175,6 @@ def define_flags():
     "convergence.csv and convergence.md.",
   )
   flags.DEFINE_string("output_dir", "outputs/convergence", "Output directory.")
-  flags.DEFINE_string("data_dir", None, "tfds data directory.")
 
 
 if __name__ == "__main__":

@@ -32,46 +32,23 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-  """The driver's flags (defined on demand, so drivers can share one process)."""
-  flags.DEFINE_enum("dataset", "digits", list(data_lib.DATASETS), "Dataset.")
-  cli.define_data_dir()
-  flags.DEFINE_enum("partition", "iid", list(data_lib.PARTITION_SCHEMES), "Client partition.")
-  flags.DEFINE_float("alpha", 0.5, "Dirichlet concentration (--partition=dirichlet).")
-  flags.DEFINE_integer(
-    "classes_per_client", 2, "Classes per client (--partition=shards).", lower_bound=1
-  )
-  flags.DEFINE_integer("num_clients", 10, "Number of clients.", lower_bound=1)
-  flags.DEFINE_integer("clients_per_round", 0, "Clients sampled per round (0: all).", lower_bound=0)
-  flags.DEFINE_integer("rounds", 30, "Federated rounds.", lower_bound=1)
-  flags.DEFINE_enum("model", "bn_cnn", list(models.MODELS), "Model.")
-  flags.DEFINE_enum("aggregator", "mean", list(federated.AGGREGATORS), "Aggregator.")
-  flags.DEFINE_float(
-    "trim_fraction",
-    0.1,
-    "Fraction trimmed from each side (--aggregator=trimmed_mean).",
-    lower_bound=0.0,
-  )
-  flags.DEFINE_enum(
-    "defense", "none", list(dict.fromkeys(["none", *defenses.DEFENSES])), "Client defence."
-  )
-  flags.DEFINE_float("defense_param", None, "Defence strength parameter.")
-  flags.DEFINE_integer("malicious_clients", 0, "Number of Byzantine clients.", lower_bound=0)
-  flags.DEFINE_enum(
-    "malicious_mode",
-    "scale",
-    list(federated.MALICIOUS_MODES),
-    "Byzantine update: scaled delta, or noise of the delta's RMS x scale.",
-  )
-  flags.DEFINE_float("malicious_scale", 1000.0, "Byzantine factor.")
-  _define_training_flags()
-  flags.DEFINE_integer(
-    "capture_round",
-    0,
-    "Round (1-based) whose client update is captured (0: none).",
-    lower_bound=0,
-  )
-  flags.DEFINE_integer(
-    "capture_client", -1, "Client id to capture (-1: first sampled client).", lower_bound=-1
+  """The driver's flags (defined on demand, so drivers can share one process): every
+  `FederatedConfig` field, with its default and documentation, and the run's own."""
+  from tf_dlg.federated.config import FederatedConfig
+
+  cli.define_config_flags(
+    FederatedConfig,
+    choices={
+      "dataset": data_lib.DATASETS,
+      "partition": data_lib.PARTITION_SCHEMES,
+      "model": models.MODELS,
+      "aggregator": federated.AGGREGATORS,
+      "defense": list(dict.fromkeys(["none", *defenses.DEFENSES])),
+      "malicious_mode": federated.MALICIOUS_MODES,
+      "client_optimizer": federated.OPTIMIZERS,
+      "server_optimizer": federated.OPTIMIZERS,
+    },
+    helps={"seed": "Seed of everything random in the run."},
   )
   flags.DEFINE_string(
     "workers",
@@ -87,42 +64,15 @@ def define_flags():
     lower_bound=1.0,
   )
   cli.define_output_dir("/tmp/tf_dlg_federated")
-  cli.define_seed()
   flags.DEFINE_bool("overwrite", False, "Start afresh even if --output_dir holds a run.")
   flags.DEFINE_bool("progress", True, "Show a progress bar.")
-
-
-def _define_training_flags():
-  """Local and server training, with `FederatedConfig`'s defaults (the one set)."""
-  from tf_dlg.federated.config import FederatedConfig
-
-  d = FederatedConfig()
-  flags.DEFINE_integer("local_epochs", d.local_epochs, "Local epochs per round.", lower_bound=1)
-  flags.DEFINE_integer("batch_size", d.batch_size, "Local batch size.", lower_bound=1)
-  flags.DEFINE_enum("client_optimizer", "adam", list(federated.OPTIMIZERS), "Client optimiser.")
-  flags.DEFINE_float("client_lr", d.client_lr, "Client learning rate.")
-  flags.DEFINE_enum("server_optimizer", "sgd", list(federated.OPTIMIZERS), "Server optimiser.")
-  flags.DEFINE_float("server_lr", 1.0, "Server learning rate.")
-  flags.DEFINE_float(
-    "bn_momentum",
-    d.bn_momentum,
-    "BatchNorm moving-statistics momentum (see tf_dlg.federated.fedavg).",
-    lower_bound=0.0,
-  )
 
 
 def config_from_flags():
   """The `FederatedConfig` of the parsed flags (checked as it is built)."""
   from tf_dlg.federated.config import FederatedConfig
 
-  names = [f.name for f in FederatedConfig.__dataclass_fields__.values()]
-  values = {n: FLAGS[n].value for n in names if n in FLAGS}
-  values.update(
-    clients_per_round=FLAGS.clients_per_round or None,
-    capture_round=FLAGS.capture_round or None,
-    capture_client=None if FLAGS.capture_client < 0 else FLAGS.capture_client,
-  )
-  return FederatedConfig(**values)
+  return cli.config_from_flags(FederatedConfig)
 
 
 def plot_curve(history, path: str, title: str) -> str:

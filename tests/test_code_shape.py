@@ -207,7 +207,6 @@ CONFIG_TYPES = {
   "AttackConfig": "tf_dlg/attacks/runner.py",
   "FederatedConfig": "tf_dlg/federated/config.py",
   "Preset": "tf_dlg/study/presets.py",
-  "AttackSettings": "tf_dlg/study/single_attack.py",
 }
 # Two owners in two layers' domains: an attack's seed and a training's seed.
 OWNED_TWICE = {("seed", "0"): {"AttackConfig", "FederatedConfig"}}

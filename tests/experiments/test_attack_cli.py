@@ -68,11 +68,21 @@ def test_entry_point_writes_json_and_png(tmp_path):
 @pytest.mark.parametrize(
   "flags,message",
   [
-    (["--dataset=imagenet"], "imagenet"),
-    (["--dataset=digits", "--index=5000"], "0..1437"),
-    (["--dataset=digits", "--iterations=0"], "iterations=0"),
-    (["--dataset=digits", "--defense=none", "--defense_param=0.3"], "--defense_param=0.3"),
-    (["--dataset=digits", "--restarts=0"], "restarts=0"),
+    (["--dataset=imagenet"], "error: --dataset='imagenet' is not one of"),
+    (
+      ["--dataset=digits", "--index=5000"],
+      "error: --index=5000 is out of range for --dataset=digits with --batch=1: expected 0..1437",
+    ),
+    (
+      ["--dataset=digits", "--iterations=0"],
+      "error: --iterations=0 must be an integer in [1, inf]",
+    ),
+    (
+      ["--dataset=digits", "--defense=none", "--defense_param=0.3"],
+      "error: --defense_param=0.3 given with --defense=none",
+    ),
+    (["--dataset=digits", "--restarts=0"], "error: --restarts=0 must be an integer in [1, 64]"),
+    (["--dataset=digits", "--nojit", "--tolerance=0"], "error: --tolerance=0.0 must be a number"),
   ],
 )
 def test_entry_point_rejects_bad_flags(tmp_path, flags, message):

@@ -20,7 +20,8 @@ UNBOUNDED = ("clipping", "noising", "noising_ratio", "dp")
 PAST_FLOAT32 = ("1e39", "1e308")
 
 # Runs a driver's own main() once per argv (flags reset in between) and prints, per argv,
-# the one-line ValueError it raised, or "ran" and the files it wrote.
+# the ValueError it raised as the command line's one line shows it (field paths and
+# argument names as flags: experiments.cli.flag_names), or "ran".
 _DRIVER = """
 import json, os, sys
 from experiments import cli  # TensorFlow first, as every driver does
@@ -37,7 +38,7 @@ for argv in json.loads(sys.argv[2]):
     mod.main(["prog"])
     out.append("ran")
   except ValueError as e:
-    out.append(str(e))
+    out.append(cli.flag_names(str(e)))
 print("RESULT " + json.dumps(out))
 """
 

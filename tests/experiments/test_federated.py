@@ -93,7 +93,7 @@ def test_entry_point_bad_flag_is_one_clear_error(tmp_path):
     ["--num_clients=10", "--malicious_clients=12", f"--output_dir={tmp_path}"], tmp_path
   )
   assert proc.returncode == 2
-  assert "malicious_clients=12 must be an integer in [0, 9]" in proc.stderr
+  assert "error: --malicious_clients=12 must be an integer in [0, 9]" in proc.stderr
   assert not leaked
 
 
@@ -102,17 +102,17 @@ def test_entry_point_bad_flag_is_one_clear_error(tmp_path):
   [
     (
       ["--num_clients=3", "--malicious_clients=3"],
-      "error: malicious_clients=3 must be an integer in [0, 2] (num_clients - 1)",
+      "error: --malicious_clients=3 must be an integer in [0, 2] (--num_clients - 1)",
     ),
     (
       ["--defense=none", "--defense_param=0.3"],
-      "error: defense_param=0.3 is set but defense='none'",
+      "error: --defense_param=0.3 is set but --defense='none'",
     ),
     (
       ["--client_optimizer=adamw"],
       "error: flag --client_optimizer=adamw: value should be one of <sgd|sgdm|adam>",
     ),
-    (["--num_clients=0"], "error: flag --num_clients=0: 0 is not a positive integer"),
+    (["--num_clients=0"], "error: --num_clients=0 must be an integer in [1, inf]"),
   ],
 )
 def test_entry_point_refuses_before_any_work(tmp_path, args, message):

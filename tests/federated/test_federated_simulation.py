@@ -46,18 +46,22 @@ def _strip(history):
 @pytest.mark.parametrize(
   "field,value,match",
   [
-    ("aggregator", "mode", r"aggregator='mode' is not one of mean, median, trimmed_mean"),
-    ("partition", "zipf", r"partition='zipf' is not one of iid, dirichlet, shards"),
-    ("num_clients", 0, r"num_clients=0 must be an integer in \[1, inf\]"),
-    ("num_clients", 1439, r"num_clients=1439 must be an integer in \[1, 1438\]"),
-    ("clients_per_round", 11, r"clients_per_round=11 must be an integer in \[1, 10\]"),
-    ("malicious_clients", 11, r"malicious_clients=11 must be an integer in \[0, 9\]"),
-    ("rounds", 0, r"rounds=0 must be an integer in \[1, inf\]"),
-    ("trim_fraction", 0.5, r"trim_fraction=0.5 must be a number in \[0, 0.5\)"),
-    ("client_lr", -1.0, r"client_lr=-1.0 must be a number in \(0, inf\)"),
-    ("client_lr", float("nan"), r"client_lr=nan must be a number in \(0, inf\)"),
-    ("capture_round", 5, r"capture_round=5 must be an integer in \[1, 3\]"),
-    ("defense_param", 0.3, r"defense_param=0.3 is set but defense='none'"),
+    (
+      "aggregator",
+      "mode",
+      r"^federated\.aggregator='mode' is not one of mean, median, trimmed_mean",
+    ),
+    ("partition", "zipf", r"^federated\.partition='zipf' is not one of iid, dirichlet, shards"),
+    ("num_clients", 0, r"^federated\.num_clients=0 must be an integer in \[1, inf\]"),
+    ("num_clients", 1439, r"^federated\.num_clients=1439 must be an integer in \[1, 1438\]"),
+    ("clients_per_round", 11, r"^federated\.clients_per_round=11 must be an integer in \[1, 10\]"),
+    ("malicious_clients", 11, r"^federated\.malicious_clients=11 must be an integer in \[0, 9\]"),
+    ("rounds", 0, r"^federated\.rounds=0 must be an integer in \[1, inf\]"),
+    ("trim_fraction", 0.5, r"^federated\.trim_fraction=0.5 must be a number in \[0, 0.5\)"),
+    ("client_lr", -1.0, r"^federated\.client_lr=-1.0 must be a number in \(0, inf\)"),
+    ("client_lr", float("nan"), r"^federated\.client_lr=nan must be a number in \(0, inf\)"),
+    ("capture_round", 5, r"^federated\.capture_round=5 must be an integer in \[1, 3\]"),
+    ("defense_param", 0.3, r"^federated\.defense_param=0.3 is set but federated\.defense='none'"),
   ],
 )
 def test_config_errors_name_value_and_range(sim_config, digits, field, value, match):
@@ -69,16 +73,16 @@ def test_all_malicious_runs_are_refused(sim_config, digits):
   """Every client malicious (NaN loss from round 1) is refused before any work."""
   with pytest.raises(
     ValueError,
-    match=r"^malicious_clients=10 must be an integer in "
-    r"\[0, 9\] \(num_clients - 1\)",
+    match=r"^federated\.malicious_clients=10 must be an integer in "
+    r"\[0, 9\] \(federated\.num_clients - 1\)",
   ):
     dataclasses.replace(sim_config, malicious_clients=10).validate(len(digits.x_train))
   # With sampling, a round that could draw only malicious clients is refused too ...
   with pytest.raises(
     ValueError,
-    match=r"malicious_clients=8 with clients_per_round=2: "
-    r"a round could sample only malicious clients; use malicious_clients in "
-    r"\[0, 1\] or clients_per_round in \[9, 10\]",
+    match=r"^federated\.malicious_clients=8 with federated\.clients_per_round=2: "
+    r"a round could sample only malicious clients; use federated\.malicious_clients in "
+    r"\[0, 1\] or federated\.clients_per_round in \[9, 10\]",
   ):
     dataclasses.replace(sim_config, malicious_clients=8, clients_per_round=2, rounds=20)
   # ... but never one where each round keeps an honest client.

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from tf_dlg import metrics
+from tf_dlg.attacks.runner import AttackConfig
 from tf_dlg.study import single_attack
-from tf_dlg.study.single_attack import AttackSettings
 
 
 @pytest.mark.parametrize(
@@ -18,8 +18,6 @@ from tf_dlg.study.single_attack import AttackSettings
   [
     (dict(defense_param=0.3), r"^defense_param=0.3 given with defense=none"),
     (dict(local_steps=2), r"^local_steps=2 needs update=fedavg_delta"),
-    (dict(restarts=0), r"^restarts=0 must be an integer in \[1, 64\]"),
-    (dict(attack="gan"), r"^attack='gan' is not one of"),
     (dict(batch=2, local_batch_size=3), r"^local_batch_size=3 must be an integer in \[1, 2\]"),
     (dict(defense="masking", defense_param=5.0), r"^masking rate=5.0 must be a number in"),
     (dict(defense="bogus"), r"^Unknown defence 'bogus'"),
@@ -31,20 +29,45 @@ def test_bad_settings_fail_before_any_data_is_read(tmp_path, monkeypatch, fields
 
   monkeypatch.setattr(single_attack.data_lib, "load_dataset", no_data)
   with pytest.raises(ValueError, match=match):
-    single_attack.run(str(tmp_path), AttackSettings(dataset="digits", **fields))
+    single_attack.run(str(tmp_path), dataset="digits", **fields)
   assert not (tmp_path / "attack.json").exists()
 
 
-def test_the_range_of_index_names_the_dataset_and_the_flag_prefix(tmp_path):
-  settings = AttackSettings(dataset="digits", index=1437, batch=2)
-  with pytest.raises(ValueError, match=r"^--index=1437 is out of range .* expected 0..1436"):
-    single_attack.run(str(tmp_path), settings, flag_prefix="--")
+@pytest.mark.parametrize(
+  "fields, match",
+  [
+    (dict(restarts=0), r"^attack.restarts=0 must be an integer in \[1, 64\]"),
+    (dict(attack="gan"), r"^attack.attack='gan' is not one of"),
+    (dict(iterations=0), r"^attack.iterations=0 must be an integer in \[1, inf\]"),
+  ],
+)
+def test_the_attack_is_checked_as_its_config_is_built_and_named_by_path(fields, match):
+  with pytest.raises(ValueError, match=match):
+    AttackConfig(**fields)
+
+
+def test_an_unknown_argument_is_refused_by_name(tmp_path):
+  with pytest.raises(TypeError, match=r"unknown arguments \['iterations'\]"):
+    single_attack.run(str(tmp_path), dataset="digits", iterations=30)
+
+
+def test_the_range_of_index_names_the_dataset_and_the_arguments(tmp_path):
+  with pytest.raises(
+    ValueError, match=r"^index=1437 is out of range for dataset=digits with batch=2: .*0..1436"
+  ):
+    single_attack.run(str(tmp_path), dataset="digits", index=1437, batch=2)
 
 
 def test_one_attack_writes_the_record_it_returns(tmp_path):
-  settings = AttackSettings(dataset="digits", index=2, iterations=30, tensorboard=False)
   started = time.time() - 100.0  # the process started 100 s ago
-  record = single_attack.run(str(tmp_path), settings, started)
+  record = single_attack.run(
+    str(tmp_path),
+    AttackConfig(iterations=30),
+    started=started,
+    dataset="digits",
+    index=2,
+    tensorboard=False,
+  )
   assert json.loads((tmp_path / "attack.json").read_text()) == record
   assert (tmp_path / "attack.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert record["png"] == str(tmp_path / "attack.png")

@@ -49,6 +49,8 @@ DEFAULT_SLOTS = 8
 # iterations) otherwise hold a slot to the iteration limit; slow ones still gain far more
 # than 1 % per 1,000 iterations (measured: digits, photos, lfw_subset).
 DEFAULT_PATIENCE = 1000
+# Errors name a field by its path in the configuration tree: `attack.iterations`.
+SECTION = "attack"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,23 +104,24 @@ class AttackConfig:
   init: str = "rand"
 
   def __post_init__(self):
-    validation.check_choice("attack", self.attack, ATTACKS)
-    validation.check_choice("optimizer", self.optimizer, optimize.OPTIMIZERS)
-    validation.check_choice("init", self.init, ("rand", "randn"))
-    validation.check_choice("stop_rule", self.stop_rule, objectives.STOP_RULES)
-    validation.check_int("iterations", self.iterations, 1)
-    validation.check_int("restarts", self.restarts, 1, 64)
-    validation.check_int("patience", self.patience, 0)
-    validation.check_int("slots", self.slots, 1, 4096)
+    at = f"{SECTION}."  # errors name the field's path: attack.iterations
+    validation.check_choice(f"{at}attack", self.attack, ATTACKS)
+    validation.check_choice(f"{at}optimizer", self.optimizer, optimize.OPTIMIZERS)
+    validation.check_choice(f"{at}init", self.init, ("rand", "randn"))
+    validation.check_choice(f"{at}stop_rule", self.stop_rule, objectives.STOP_RULES)
+    validation.check_int(f"{at}iterations", self.iterations, 1)
+    validation.check_int(f"{at}restarts", self.restarts, 1, 64)
+    validation.check_int(f"{at}patience", self.patience, 0)
+    validation.check_int(f"{at}slots", self.slots, 1, 4096)
     if self.lanes is not None:
-      validation.check_int("lanes", self.lanes, 1, 64)
-    validation.check_int("check_every", self.check_every, 1)
+      validation.check_int(f"{at}lanes", self.lanes, 1, 64)
+    validation.check_int(f"{at}check_every", self.check_every, 1)
     if self.tolerance is not None:
-      validation.check_number("tolerance", self.tolerance, 0.0, np.inf, low_open=True)
+      validation.check_number(f"{at}tolerance", self.tolerance, 0.0, np.inf, low_open=True)
     if self.tv_weight is not None:
-      validation.check_number("tv_weight", self.tv_weight, 0.0, np.inf)
+      validation.check_number(f"{at}tv_weight", self.tv_weight, 0.0, np.inf)
     allowed = optimize.OPTIMIZERS[self.optimizer].defaults
-    validation.check_choices("optimizer_options", list(self.optimizer_options), allowed)
+    validation.check_choices(f"{at}optimizer_options", list(self.optimizer_options), allowed)
     if not np.isscalar(self.seed):
       object.__setattr__(self, "seed", tuple(int(s) for s in self.seed))
 
@@ -135,7 +138,7 @@ class AttackConfig:
     if np.isscalar(self.seed):
       return [int(self.seed) + i for i in range(count)]
     if len(self.seed) != count:
-      raise ValueError(f"seed: {len(self.seed)} seeds for {count} observed updates.")
+      raise ValueError(f"{SECTION}.seed: {len(self.seed)} seeds for {count} observed updates.")
     return list(self.seed)
 
 

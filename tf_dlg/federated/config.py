@@ -19,34 +19,49 @@ from typing import Optional
 
 from tf_dlg import validation
 
+# Errors name a field by its path in the configuration tree: `federated.batch_size`.
+SECTION = "federated"
+
 
 @dataclasses.dataclass(frozen=True)
 class FederatedConfig:
-  """Everything that defines a federated run (see `experiments/federated.py` flags).
+  """Everything that defines a federated run (the flags of `experiments/federated.py`).
+
+  The training defaults (1 local epoch of batch 32, client Adam 1e-3, BN momentum 0.9,
+  server SGD 1.0) are the ones at which `bn_cnn` FedAvg learns MNIST to >= 0.97 in 20
+  rounds, found with `benchmarks.plain_fedavg --grid` (the README's table).
 
   Attributes:
-    dataset, data_dir: `tf_dlg.data` dataset name and tfds directory.
-    partition, alpha, classes_per_client: How training examples go to clients.
-    num_clients, clients_per_round: Clients, and how many a round samples (None: all).
+    dataset: `tf_dlg.data` dataset name.
+    data_dir: tfds data directory (tfds datasets only; must exist).
+    partition: How training examples go to clients.
+    alpha: Dirichlet concentration (partition=dirichlet).
+    classes_per_client: Classes per client (partition=shards).
+    num_clients: Number of clients.
+    clients_per_round: Clients a round samples (None: all).
     rounds: FedAvg rounds.
     model: `tf_dlg.models` name; `bn_cnn` (BatchNorm CNN) by default.
     bn_momentum: Momentum of the BatchNorm moving statistics, or None to keep the
       model's. A client takes only a few local steps per round, so with Keras' 0.99 the
       statistics it sends barely move from the server's.
-    aggregator, trim_fraction: `mean` (weighted by examples), `median` or
-      `trimmed_mean` (unweighted, coordinate-wise), and the fraction trimmed per side.
-    defense, defense_param: A `tf_dlg.defenses` name applied on every client before
-      aggregation (`tf_dlg.federated.defense_aggregator`), and its parameter.
-    malicious_clients, malicious_mode, malicious_scale: Byzantine clients.
-    local_epochs, batch_size: Local training of a client per round.
-    client_optimizer, client_lr, server_optimizer, server_lr: `sgd`, `sgdm` or `adam`.
-
-  The training defaults (1 local epoch of batch 32, client Adam 1e-3, BN momentum 0.9,
-  server SGD 1.0) are the ones at which `bn_cnn` FedAvg learns MNIST to >= 0.97 in 20
-  rounds, found with `benchmarks.plain_fedavg --grid` (the README's table).
+    aggregator: `mean` (weighted by examples), `median` or `trimmed_mean` (unweighted,
+      coordinate-wise).
+    trim_fraction: Fraction trimmed from each side (aggregator=trimmed_mean).
+    defense: A `tf_dlg.defenses` name applied on every client before aggregation
+      (`tf_dlg.federated.defense_aggregator`).
+    defense_param: The defence's strength parameter.
+    malicious_clients: Number of Byzantine clients.
+    malicious_mode: Byzantine update: scaled delta, or noise of the delta's RMS x scale.
+    malicious_scale: Byzantine factor.
+    local_epochs: Local epochs per round.
+    batch_size: Local batch size.
+    client_optimizer: Client optimiser: `sgd`, `sgdm` or `adam`.
+    client_lr: Client learning rate.
+    server_optimizer: Server optimiser: `sgd`, `sgdm` or `adam`.
+    server_lr: Server learning rate.
     seed: Seeds the model, sampling, shuffling and Byzantine clients.
-    capture_round, capture_client: 1-based round whose client update is saved (and
-      which client: None = the first sampled).
+    capture_round: 1-based round whose client update is saved (None: none).
+    capture_client: Which client of `capture_round` is saved (None: the first sampled).
   """
 
   dataset: str = "digits"
@@ -85,7 +100,7 @@ class FederatedConfig:
   def validate(self, num_examples: Optional[int] = None) -> "FederatedConfig":
     """Checks what needs the data (enough training examples for the clients)."""
     if num_examples is not None:
-      validation.check_int("num_clients", self.num_clients, 1, num_examples)
+      validation.check_int(f"{SECTION}.num_clients", self.num_clients, 1, num_examples)
     return self
 
   def _check_fields(self) -> None:
@@ -103,20 +118,24 @@ class FederatedConfig:
       ("client_optimizer", federated.OPTIMIZERS),
       ("server_optimizer", federated.OPTIMIZERS),
     ):
-      validation.check_choice(name, getattr(self, name), allowed)
-    validation.check_int("num_clients", self.num_clients, 1)
+      validation.check_choice(f"{SECTION}.{name}", getattr(self, name), allowed)
+    validation.check_int(f"{SECTION}.num_clients", self.num_clients, 1)
     if self.clients_per_round is not None:
-      validation.check_int("clients_per_round", self.clients_per_round, 1, self.num_clients)
+      validation.check_int(
+        f"{SECTION}.clients_per_round", self.clients_per_round, 1, self.num_clients
+      )
     for name in ("rounds", "local_epochs", "batch_size", "classes_per_client"):
-      validation.check_int(name, getattr(self, name), 1)
-    validation.check_int("seed", self.seed, 0)
+      validation.check_int(f"{SECTION}.{name}", getattr(self, name), 1)
+    validation.check_int(f"{SECTION}.seed", self.seed, 0)
     self._check_malicious()
     inf = float("inf")
     for name in ("alpha", "malicious_scale", "client_lr", "server_lr"):
-      validation.check_number(name, getattr(self, name), 0, inf, low_open=True, high_open=True)
-    validation.check_number("trim_fraction", self.trim_fraction, 0, 0.5, high_open=True)
+      validation.check_number(
+        f"{SECTION}.{name}", getattr(self, name), 0, inf, low_open=True, high_open=True
+      )
+    validation.check_number(f"{SECTION}.trim_fraction", self.trim_fraction, 0, 0.5, high_open=True)
     if self.bn_momentum is not None:
-      validation.check_number("bn_momentum", self.bn_momentum, 0, 1, high_open=True)
+      validation.check_number(f"{SECTION}.bn_momentum", self.bn_momentum, 0, 1, high_open=True)
     self._check_defense()
     self._check_capture()
 
@@ -125,18 +144,22 @@ class FederatedConfig:
 
     if self.defense == "none" and self.defense_param is not None:
       raise ValueError(
-        f"defense_param={self.defense_param!r} is set but defense="
+        f"{SECTION}.defense_param={self.defense_param!r} is set but {SECTION}.defense="
         f"{self.defense!r}; set a defence or drop the parameter."
       )
     defenses.check_param(self.defense, self.defense_param)  # its own ValueError
 
   def _check_capture(self) -> None:
     if self.capture_round is not None:
-      validation.check_int("capture_round", self.capture_round, 1, self.rounds)
+      validation.check_int(f"{SECTION}.capture_round", self.capture_round, 1, self.rounds)
     if self.capture_client is not None:
-      validation.check_int("capture_client", self.capture_client, 0, self.num_clients - 1)
+      validation.check_int(
+        f"{SECTION}.capture_client", self.capture_client, 0, self.num_clients - 1
+      )
       if self.capture_round is None:
-        raise ValueError("capture_client is set but capture_round is not; set both.")
+        raise ValueError(
+          f"{SECTION}.capture_client is set but {SECTION}.capture_round is not; set both."
+        )
 
   def _check_malicious(self) -> None:
     """Every round needs an honest client: an all-Byzantine round trains on garbage.
@@ -146,19 +169,19 @@ class FederatedConfig:
     nothing however many rounds a run has: a round samples more clients than there
     are Byzantine ones.
     """
-    m = validation.check_int("malicious_clients", self.malicious_clients, 0)
+    m = validation.check_int(f"{SECTION}.malicious_clients", self.malicious_clients, 0)
     if m >= self.num_clients:
       raise ValueError(
-        f"malicious_clients={m} must be an integer in "
-        f"[0, {self.num_clients - 1}] (num_clients - 1): every client "
+        f"{SECTION}.malicious_clients={m} must be an integer in "
+        f"[0, {self.num_clients - 1}] ({SECTION}.num_clients - 1): every client "
         "malicious leaves nothing to learn from."
       )
     k = self.clients_per_round or self.num_clients
     if m and k <= m:
       raise ValueError(
-        f"malicious_clients={m} with clients_per_round={k}: a round could sample only "
-        f"malicious clients; use malicious_clients in [0, {k - 1}] or clients_per_round "
-        f"in [{m + 1}, {self.num_clients}]."
+        f"{SECTION}.malicious_clients={m} with {SECTION}.clients_per_round={k}: a round could "
+        f"sample only malicious clients; use {SECTION}.malicious_clients in [0, {k - 1}] or "
+        f"{SECTION}.clients_per_round in [{m + 1}, {self.num_clients}]."
       )
 
   def fingerprint(self) -> str:

@@ -5,75 +5,76 @@ computes its update on the attacked model (`update="gradient"`, or a `local_step
 FedAvg delta), applies `defense` (`tf_dlg.defenses.get_defense(name, param)`), and the
 attacker reconstructs the images from the defended update. `run` writes `attack.json`
 (metrics, timing, provenance) and `attack.png` (leaked | best brightness-adjusted |
-original) and returns the record it wrote.
+original) and returns the record it wrote:
+
+  run("outputs/attack", AttackConfig(attack="idlg", iterations=4000), dataset="digits", index=3)
+
+The attack is an `AttackConfig` (its errors name `attack.<field>`); the client and the
+scoring are plain keyword arguments (`DEFAULTS`; errors name them).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
+import types
 from typing import Any, Callable, Dict, Optional
 
 from tf_dlg import data as data_lib
 from tf_dlg import io as io_lib
 from tf_dlg import metrics, validation
 from tf_dlg import models as models_lib
-from tf_dlg.attacks.optimize import OPTIMIZERS
-from tf_dlg.attacks.runner import ATTACKS, DEFAULT_ITERATIONS, AttackConfig
+from tf_dlg.attacks.runner import AttackConfig
 from tf_dlg.attacks.threat_model import UPDATE_KINDS
 from tf_dlg.federated.config import FederatedConfig
 
 OUTPUT_FILES = ("attack.json", "attack.png")
 
 
-@dataclasses.dataclass(frozen=True)
-class AttackSettings:
-  """Every setting of one attack (the command line's flags of the same names)."""
-
-  dataset: str = "lfw_subset"
-  index: int = 0  # first attacked image of the training split
-  batch: int = 1  # images behind the update (client batch size)
-  attack: str = AttackConfig.attack
-  iterations: int = DEFAULT_ITERATIONS
-  restarts: int = AttackConfig.restarts
-  seed: int = AttackConfig.seed  # the attacker's dummy initialisation and the defence
-  defense: str = FederatedConfig.defense
-  defense_param: Optional[float] = None
-  update: str = "gradient"
-  local_steps: int = 1  # local SGD steps of a fedavg_delta update
-  client_lr: float = 0.1
-  local_batch_size: Optional[int] = None  # default: batch
-  optimizer: str = AttackConfig.optimizer
-  model: str = "lenet"
-  model_seed: int = 0
-  tolerance: Optional[float] = None
-  tv_weight: Optional[float] = None
-  leak_threshold: Optional[float] = None  # default metrics.DEFAULT_LEAK_SSIM
-  data_dir: Optional[str] = None
-  jit: Optional[bool] = None
-  tensorboard: bool = True  # reconstruction progress in OUTPUT_DIR/tensorboard
+# The attacked client and the scoring: `run`'s and `check`'s plain keyword arguments and
+# their defaults (the command line's flags of the same names). The attack is an
+# `AttackConfig`; an error names an argument here by its name, a field there by its path.
+DEFAULTS = dict(
+  dataset="lfw_subset",
+  data_dir=None,
+  index=0,  # first attacked image of the training split
+  batch=1,  # images behind the update (client batch size)
+  model="lenet",
+  model_seed=0,
+  defense=FederatedConfig.defense,
+  defense_param=None,
+  update="gradient",
+  local_steps=1,  # local SGD steps of a fedavg_delta update
+  client_lr=0.1,
+  local_batch_size=None,  # default: batch
+  leak_threshold=None,  # default metrics.DEFAULT_LEAK_SSIM
+  tensorboard=True,  # reconstruction progress in OUTPUT_DIR/tensorboard
+)
 
 
-def _check_choices(s: AttackSettings, p: str) -> None:
-  validation.check_choice(f"{p}dataset", s.dataset, data_lib.DATASETS)
-  validation.check_choice(f"{p}attack", s.attack, ATTACKS)
-  validation.check_choice(f"{p}update", s.update, UPDATE_KINDS)
-  validation.check_choice(f"{p}optimizer", s.optimizer, OPTIMIZERS)
-  validation.check_choice(f"{p}model", s.model, models_lib.MODELS)
-  validation.check_int(f"{p}index", s.index, 0)
-  validation.check_int(f"{p}batch", s.batch, 1)
-  validation.check_int(f"{p}iterations", s.iterations, 1)
-  validation.check_int(f"{p}restarts", s.restarts, 1, 64)
-  validation.check_int(f"{p}local_steps", s.local_steps, 1)
+def _arguments(attack: Optional[AttackConfig], client) -> types.SimpleNamespace:
+  """The client's arguments over `DEFAULTS`, and the attack (`config`)."""
+  unknown = sorted(set(client) - set(DEFAULTS))
+  if unknown:
+    raise TypeError(f"unknown arguments {unknown}; expected some of {sorted(DEFAULTS)}.")
+  return types.SimpleNamespace(**{**DEFAULTS, **client}, config=attack or AttackConfig())
 
 
-def _defense(s: AttackSettings, p: str):
-  """The Defense of the settings, or None for an undefended update."""
+def _check_choices(s) -> None:
+  validation.check_choice("dataset", s.dataset, data_lib.DATASETS)
+  validation.check_choice("update", s.update, UPDATE_KINDS)
+  validation.check_choice("model", s.model, models_lib.MODELS)
+  validation.check_int("index", s.index, 0)
+  validation.check_int("batch", s.batch, 1)
+  validation.check_int("local_steps", s.local_steps, 1)
+
+
+def _defense(s):
+  """The Defense of the arguments, or None for an undefended update."""
   if s.defense in (None, "", "none"):
     if s.defense_param is not None:
       raise ValueError(
-        f"{p}defense_param={s.defense_param} given with {p}defense=none; "
+        f"defense_param={s.defense_param} given with defense=none; "
         "name a defence or drop the parameter."
       )
     return None
@@ -82,30 +83,33 @@ def _defense(s: AttackSettings, p: str):
   try:
     return defenses.get_defense(s.defense, s.defense_param)
   except (KeyError, TypeError) as e:
-    raise ValueError(f"{p}defense={s.defense!r} {p}defense_param={s.defense_param!r}: {e}") from e
+    raise ValueError(f"defense={s.defense!r} defense_param={s.defense_param!r}: {e}") from e
 
 
-def check(output_dir: str, s: AttackSettings, flag_prefix: str = ""):
-  """Every setting before any work; returns the Defense (None: undefended).
-
-  Errors name the settings with `flag_prefix` in front (the command line passes "--").
-  """
-  p = flag_prefix
-  _check_choices(s, p)
+def _check(output_dir: str, s):
+  _check_choices(s)
   if s.update == "gradient" and s.local_steps != 1:
-    raise ValueError(f"{p}local_steps={s.local_steps} needs {p}update=fedavg_delta.")
-  validation.check_number(f"{p}client_lr", s.client_lr, 0.0, float("inf"), low_open=True)
+    raise ValueError(f"local_steps={s.local_steps} needs update=fedavg_delta.")
+  validation.check_number("client_lr", s.client_lr, 0.0, float("inf"), low_open=True)
   if s.leak_threshold is not None:  # an adjusted-SSIM bar: outside [0, 1] it decides nothing
-    validation.check_number(f"{p}leak_threshold", s.leak_threshold, 0.0, 1.0)
+    validation.check_number("leak_threshold", s.leak_threshold, 0.0, 1.0)
   if s.local_batch_size is not None:
-    validation.check_int(f"{p}local_batch_size", s.local_batch_size, 1, s.batch)
-  defense = _defense(s, p)
-  validation.check_output_dir(f"{p}output_dir", output_dir)
+    validation.check_int("local_batch_size", s.local_batch_size, 1, s.batch)
+  defense = _defense(s)
+  validation.check_output_dir("output_dir", output_dir)
   for name in OUTPUT_FILES:
     path = os.path.join(output_dir, name)
     if os.path.exists(path) and not os.access(path, os.W_OK):
-      raise ValueError(f"{p}output_dir={output_dir!r}: {name} exists and is read-only.")
+      raise ValueError(f"output_dir={output_dir!r}: {name} exists and is read-only.")
   return defense
+
+
+def check(output_dir: str, attack: Optional[AttackConfig] = None, **client):
+  """Every argument before any work; returns the Defense (None: undefended).
+
+  `attack` was checked as it was built; `client`: keyword arguments of `DEFAULTS`.
+  """
+  return _check(output_dir, _arguments(attack, client))
 
 
 def save_figure(path, leaked, adjusted, original, title=""):
@@ -134,25 +138,25 @@ def save_figure(path, leaked, adjusted, original, title=""):
   plt.close(fig)
 
 
-def _load(s: AttackSettings, p: str):
+def _load(s):
   """The dataset, with `index` and `batch` checked against its training split."""
   ds = data_lib.load_dataset(s.dataset, data_dir=s.data_dir)
   n = len(ds.x_train)
   if s.batch > n:
     raise ValueError(
-      f"{p}batch={s.batch} must be an integer in [1, {n}]: {p}dataset={s.dataset} "
+      f"batch={s.batch} must be an integer in [1, {n}]: dataset={s.dataset} "
       f"has {n} training images."
     )
   if s.index > n - s.batch:
     raise ValueError(
-      f"{p}index={s.index} is out of range for {p}dataset={s.dataset} "
-      f"with {p}batch={s.batch}: expected 0..{n - s.batch} "
+      f"index={s.index} is out of range for dataset={s.dataset} "
+      f"with batch={s.batch}: expected 0..{n - s.batch} "
       f"({n} training images)."
     )
   return ds
 
 
-def _observe(s: AttackSettings, ds, defense):
+def _observe(s, ds, defense):
   """The attacked model and the client's (defended) update of the chosen images."""
   from tf_dlg.attacks import threat_model
 
@@ -163,7 +167,7 @@ def _observe(s: AttackSettings, ds, defense):
     model = models_lib.attack_lenet(ds.input_shape, ds.num_classes, seed=s.model_seed)
   else:
     model = models_lib.build_model(s.model, ds.input_shape, ds.num_classes, seed=s.model_seed)
-  described = dict(defense=defense, seed=s.seed, model_name=s.model, metadata=meta)
+  described = dict(defense=defense, seed=s.config.seed, model_name=s.model, metadata=meta)
   if s.update == "gradient":
     return model, threat_model.observe_gradient(model, images, labels, **described)
   return model, threat_model.observe_fedavg_delta(
@@ -177,19 +181,9 @@ def _observe(s: AttackSettings, ds, defense):
   )
 
 
-def _attack(output_dir: str, s: AttackSettings, model, observed):
+def _attack(output_dir: str, s, model, observed):
   from tf_dlg.attacks import runner
 
-  config = runner.AttackConfig(
-    attack=s.attack,
-    iterations=s.iterations,
-    seed=s.seed,
-    optimizer=s.optimizer,
-    tolerance=s.tolerance,
-    tv_weight=s.tv_weight,
-    restarts=s.restarts,
-    jit_compile=s.jit,
-  )
   hook = None
   if s.tensorboard:
     from tf_dlg.attacks import summaries
@@ -197,14 +191,14 @@ def _attack(output_dir: str, s: AttackSettings, model, observed):
     hook = summaries.TensorBoardHook(os.path.join(output_dir, "tensorboard"))
   try:
     return runner.run_attacks(
-      model, [observed], config=config, hook=hook, progress=s.iterations >= 500
+      model, [observed], config=s.config, hook=hook, progress=s.config.iterations >= 500
     )[0]
   finally:
     if hook is not None:
       hook.close()
 
 
-def _record(output_dir, s: AttackSettings, ds, defense, result, rows, threshold, timing):
+def _record(output_dir, s, ds, defense, result, rows, threshold, timing):
   import numpy as np
 
   mean = lambda k: float(np.mean([r[k] for r in rows]))  # noqa: E731
@@ -213,8 +207,8 @@ def _record(output_dir, s: AttackSettings, ds, defense, result, rows, threshold,
     "dataset_source": ds.source,
     "index": s.index,
     "batch": s.batch,
-    "attack": s.attack,
-    "optimizer": s.optimizer,
+    "attack": s.config.attack,
+    "optimizer": s.config.optimizer,
     "update": s.update,
     "local_steps": s.local_steps,
     "defense": s.defense if defense is None else defense.name,
@@ -222,7 +216,7 @@ def _record(output_dir, s: AttackSettings, ds, defense, result, rows, threshold,
     "defense_config": None if defense is None else defense.get_config(),
     "model": s.model,
     "model_seed": s.model_seed,
-    "seed": s.seed,
+    "seed": s.config.seed,
     "ssim": mean("ssim"),
     "adjusted_ssim": mean("adjusted_ssim"),
     "psnr": mean("psnr"),
@@ -238,8 +232,8 @@ def _record(output_dir, s: AttackSettings, ds, defense, result, rows, threshold,
     "distance": result.distance,
     "seconds": timing["attack"],
     "iterations": result.iterations,
-    "max_iterations": s.iterations,
-    "restarts": s.restarts,
+    "max_iterations": s.config.iterations,
+    "restarts": s.config.restarts,
     "restart": result.restart,
     "restart_distances": result.restart_distances,
     "restart_status": result.restart_status,
@@ -248,7 +242,7 @@ def _record(output_dir, s: AttackSettings, ds, defense, result, rows, threshold,
   }
 
 
-def _score(output_dir: str, s: AttackSettings, ds, defense, result, observed, timing):
+def _score(output_dir: str, s, ds, defense, result, observed, timing):
   """Scores the reconstruction and draws attack.png; returns the record."""
   threshold = metrics.DEFAULT_LEAK_SSIM if s.leak_threshold is None else s.leak_threshold
   rows = metrics.score_images(
@@ -261,7 +255,7 @@ def _score(output_dir: str, s: AttackSettings, ds, defense, result, observed, ti
     [r["adjusted_image"] for r in rows],
     [r["original_image"] for r in rows],
     title=(
-      f"{s.attack} on {ds.name}[{s.index}] defence={record['defense']}: "
+      f"{s.config.attack} on {ds.name}[{s.index}] defence={record['defense']}: "
       f"SSIM {record['ssim']:.3f}, adjusted {record['adjusted_ssim']:.3f}"
     ),
   )
@@ -270,34 +264,37 @@ def _score(output_dir: str, s: AttackSettings, ds, defense, result, observed, ti
 
 def run(
   output_dir: str,
-  settings: AttackSettings,
+  attack: Optional[AttackConfig] = None,
+  *,
   started: Optional[float] = None,
-  flag_prefix: str = "",
   checked: Optional[Callable[[], None]] = None,
+  **client,
 ) -> Dict[str, Any]:
   """Checks, attacks, scores and writes; returns the record written to attack.json.
 
-  `started`: when the work began (`time.time()`; default now): the record's timing counts
-  "startup" and "total" from it. `flag_prefix`: as in `check`. `checked`: called once every
-  setting is checked and the image loaded, before the attack (a driver takes its run lock
-  there, so a bad value never locks a folder).
+  `attack`: the attack (None: `AttackConfig()`); `client`: keyword arguments of
+  `DEFAULTS` (the attacked client and the scoring). `started`: when the work began
+  (`time.time()`; default now): the record's timing counts "startup" and "total" from it.
+  `checked`: called once every argument is checked and the image loaded, before the
+  attack (a driver takes its run lock there, so a bad value never locks a folder).
   """
   started = time.time() if started is None else started
   timing = {"startup": time.time() - started}
-  defense = check(output_dir, settings, flag_prefix)
+  s = _arguments(attack, client)
+  defense = _check(output_dir, s)
   t = time.perf_counter()
-  ds = _load(settings, flag_prefix)
+  ds = _load(s)
   timing["data"] = time.perf_counter() - t
   if checked is not None:
     checked()
   t = time.perf_counter()
-  model, observed = _observe(settings, ds, defense)
+  model, observed = _observe(s, ds, defense)
   timing["observe"] = time.perf_counter() - t
   t = time.perf_counter()
-  result = _attack(output_dir, settings, model, observed)
+  result = _attack(output_dir, s, model, observed)
   timing["attack"] = time.perf_counter() - t
   t = time.perf_counter()
-  record = _score(output_dir, settings, ds, defense, result, observed, timing)
+  record = _score(output_dir, s, ds, defense, result, observed, timing)
   timing["score_and_write"] = time.perf_counter() - t
   timing["total"] = time.time() - started
   io_lib.atomic_write_text(os.path.join(output_dir, "attack.json"), io_lib.dumps(record, indent=2))
