@@ -46,6 +46,9 @@ cli.define_config_flags(
   choices={"attack": ATTACKS, "optimizer": OPTIMIZERS},
   helps={"seed": "Seed of the attacker's dummy initialisation and the defence."},
 )
+# One attack in a cold process: AttackConfig's auto setting (XLA only once the iterations
+# repay compiling it), as this command has always run; --jit forces XLA from the start.
+FLAGS.set_default("jit", None)
 flags.DEFINE_string("dataset", CLIENT["dataset"], f"One of {', '.join(data_lib.DATASETS)}.")
 flags.DEFINE_integer(
   "index",
