@@ -93,15 +93,13 @@ def test_per_image_bisection_reaches_the_resolution_with_exact_brackets(space, t
     assert not space.is_stronger(truth, im.threshold) and space.is_stronger(truth, im.weaker)
     assert threshold.bracket_width(space, im.threshold, im.weaker) <= resolution
     assert (im.threshold, True) in im.points and (im.weaker, False) in im.points
-  # The first call holds both ends of every image, each later one every still-bisecting
-  # image once: one batch per step, every point asked recorded (no image is not_reached).
-  assert calls[0] == sorted((i, p) for i in range(len(truths)) for p in (space.low, space.high))
-  for c in calls[1:]:
+  # Every call holds each still-bisecting image once: one batch per step.
+  for c in calls:
     assert len({i for i, _ in c}) == len(c)
   assert sum(len(c) for c in calls) == sum(len(im.points) for im in res)
   assert (
     len(calls)
-    <= 1
+    <= 2
     + math.ceil(
       math.log2(
         (math.log(space.high / space.low) / math.log(resolution))
@@ -118,9 +116,9 @@ def test_all_images_of_a_step_go_in_one_call():
   truths = [1e-3, 1e-3, 0.5, 0.02, 2e-4, 0.1]
   evaluate, calls = _images_evaluate(truths, space)
   threshold.per_image_thresholds(evaluate, space, [True] * 6, 1.5)
-  # Both ends for all 6 images in the first call, then the bisection of all 6.
-  assert calls[0] == [(i, p) for i in range(6) for p in (1e-4, 1.0)]
-  assert [i for i, _ in calls[1]] == list(range(6))
+  # First the strongest end for all 6 images, then the weakest for all 6, then bisection.
+  assert [p for _, p in calls[0]] == [1.0] * 6 and [p for _, p in calls[1]] == [1e-4] * 6
+  assert [i for i, _ in calls[2]] == list(range(6))
 
 
 def test_lockstep_bisections_share_each_steps_call_and_find_what_each_finds_alone():
@@ -148,20 +146,14 @@ def test_lockstep_bisections_share_each_steps_call_and_find_what_each_finds_alon
     assert [(im.status, im.threshold, im.points) for im in together[key]] == [
       (im.status, im.threshold, im.points) for im in alone[key]
     ]
-  # One call per step of the longer search (the first step records two points an image);
-  # each call's requests distinct and sorted.
-  steps = max(len(im.points) for ims in alone.values() for im in ims) - 1
+  # One call per step of the longer search; each call's requests distinct and sorted.
+  steps = max(len(im.points) for ims in alone.values() for im in ims)
   assert len(calls) == steps
   assert all(c == sorted(set(c)) for c in calls)
-  # Both ends of every image are asked by both searches in the first step: once.
-  assert calls[0] == [(i, p) for i in range(5) for p in (1e-4, 1.0)]
-  # Every request is a point some search records, or the weakest end of an image a
-  # search found not_reached (asked beside the strongest, never recorded).
+  # The first two steps (strongest, then weakest end) are asked by both: evaluated once.
+  assert calls[0] == [(i, 1.0) for i in range(5)]
   union = {(i, p) for ims in alone.values() for i, im in enumerate(ims) for p, _ in im.points}
-  unrecorded = {
-    (i, 1e-4) for ims in alone.values() for i, im in enumerate(ims) if im.status == "not_reached"
-  } - union
-  assert sum(len(c) for c in calls) == len(union | unrecorded)
+  assert sum(len(c) for c in calls) == len(union)
 
 
 def test_not_reached_untested_and_at_weakest():
@@ -173,8 +165,6 @@ def test_not_reached_untested_and_at_weakest():
   assert res[0].threshold is None and res[0].points == [(0.99, False)]
   assert res[2].threshold == 0.01 and res[3].points == []
   assert all(i != 3 for c in calls for i, _ in c)  # untested images are never attacked
-  # The not_reached image's weakest end went with the first call, but is no point of it.
-  assert (0, 0.01) in calls[0]
   assert res[0].strength(space) == threshold.NOT_REACHED_STRENGTH
   assert math.isnan(res[3].strength(space))
 
@@ -188,7 +178,7 @@ def test_per_image_bisection_refuses_bad_resolutions_and_verdicts():
     threshold.per_image_thresholds(lambda r: [True] * len(r), lin, [True], 0.0)
   with pytest.raises(ValueError, match="never counts as defended"):
     threshold.per_image_thresholds(lambda r: [float("nan")] * len(r), lin, [True], 0.1)
-  with pytest.raises(ValueError, match="1 verdicts for 4"):
+  with pytest.raises(ValueError, match="1 verdicts for 2"):
     threshold.per_image_thresholds(lambda r: [True], lin, [True, True], 0.1)
 
 

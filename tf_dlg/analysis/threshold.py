@@ -219,37 +219,11 @@ def _ask(out: List[ImageThreshold], params: Dict[int, float]):
   return held
 
 
-def _ends(out: List[ImageThreshold], active: List[int], space: SearchSpace):
-  """The first step: both ends of the range for every image at once; the images left
-  to bisect (defended at the strongest end, leaked at the weakest).
-
-  The weakest end matters only where the strongest defends, but asking both in one step
-  saves a whole attack call per cell for one extra attack per `not_reached` image; that
-  point is not recorded, so every image's points are the ones the bisection needs.
-  """
-  strongest, weakest = space.strongest(), space.weakest()
-  requests = sorted([(i, strongest) for i in active] + [(i, weakest) for i in active])
-  held = dict(zip(requests, (yield requests)))
-  left = []
-  for i in active:
-    out[i].points.append((strongest, held[(i, strongest)]))
-    if not held[(i, strongest)]:
-      out[i].status = "not_reached"
-      continue
-    out[i].points.append((weakest, held[(i, weakest)]))
-    if held[(i, weakest)]:
-      out[i].status, out[i].threshold = "at_weakest", weakest
-    else:
-      left.append(i)
-  return left
-
-
 def bisection(space: SearchSpace, leaks_undefended: Sequence[bool], resolution: float):
   """Every image bisected to its own threshold, as a generator of steps.
 
-  Each step yields the (image, param) requests of all images still bisecting (the first
-  step: both ends of the range for each image) and is sent one `defended` bool per
-  request; the generator returns the `ImageThreshold`s.
+  Each step yields the (image, param) requests of all images still bisecting and is
+  sent one `defended` bool per request; the generator returns the `ImageThreshold`s.
   `per_image_thresholds` runs one, `lockstep` several on shared attack calls. Arguments
   as `per_image_thresholds`.
   """
@@ -259,8 +233,19 @@ def bisection(space: SearchSpace, leaks_undefended: Sequence[bool], resolution: 
     raise ValueError(f"resolution={resolution!r} must be > 0 on a linear scale.")
   out = [ImageThreshold("untested" if not leaks else "") for leaks in leaks_undefended]
   active = [i for i, o in enumerate(out) if not o.status]
+  strongest, weakest = space.strongest(), space.weakest()
   if active:
-    active = yield from _ends(out, active, space)
+    held = yield from _ask(out, {i: strongest for i in active})
+    for i in active:
+      if not held[i]:
+        out[i].status = "not_reached"
+    active = [i for i in active if held[i]]
+  if active:
+    held = yield from _ask(out, {i: weakest for i in active})
+    for i in active:
+      if held[i]:
+        out[i].status, out[i].threshold = "at_weakest", weakest
+    active = [i for i in active if not held[i]]
   brackets = {i: (0.0, 1.0) for i in active}  # (leaked, defended) strengths
   while brackets:
     mids, done = {}, []
