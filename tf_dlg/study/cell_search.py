@@ -52,9 +52,7 @@ def search_cell(
   base = {a: ev.evaluate(dataset, a, "none", None)["images"] for a in attackers}
   leaks = {v: [not all(base[a][i][v] for a in attackers) for i in range(n)] for v in VERDICTS}
   found = {}
-  for verdict, images in bisect_criteria(
-    ev, resolution, (dataset, attackers, defense), space, leaks
-  ):
+  for verdict, images in _bisect(ev, resolution, (dataset, attackers, defense), space, leaks):
     agg = threshold_lib.dataset_threshold(images, space, ev.defended_fraction, seed=ev.seed)
     found[verdict] = (images, agg)
   row = _row(ev, resolution, (dataset, kind, attackers, defense), space, found)
@@ -80,7 +78,7 @@ def search_cell(
   return SearchedCell(row, found["defended"][0], found["id_defended"][0])
 
 
-def bisect_criteria(evaluator, resolution, cell, space, leaks):
+def _bisect(evaluator, resolution, cell, space, leaks):
   """(verdict, per-image thresholds) of both criteria, bisected in lockstep.
 
   A step of the two bisections is one attack call per attacker: the points they both
