@@ -121,41 +121,6 @@ def test_all_images_of_a_step_go_in_one_call():
   assert [i for i, _ in calls[2]] == list(range(6))
 
 
-def test_lockstep_bisections_share_each_steps_call_and_find_what_each_finds_alone():
-  """Two criteria of one cell (different per-image truths) bisected side by side: one
-  call per step for both, a request both ask evaluated once, and each search ends where
-  it ends alone."""
-  space = threshold.SearchSpace(1e-4, 1.0, "log", "higher")
-  truths = {"a": [1e-3, 0.5, 0.02, None, 2e-4], "b": [1e-3, 0.05, 0.3, 0.4, None]}
-  alone = {}
-  for key, t in truths.items():
-    evaluate, _ = _images_evaluate(t, space)
-    alone[key] = threshold.per_image_thresholds(evaluate, space, [True] * 5, 1.5)
-  calls = []
-
-  def evaluate(requests):
-    calls.append(list(requests))
-    return [
-      {k: t[i] is not None and not space.is_stronger(t[i], p) for k, t in truths.items()}
-      for i, p in requests
-    ]
-
-  searches = [(threshold.bisection(space, [True] * 5, 1.5), k) for k in truths]
-  together = dict(zip(truths, threshold.lockstep(evaluate, searches)))
-  for key in truths:
-    assert [(im.status, im.threshold, im.points) for im in together[key]] == [
-      (im.status, im.threshold, im.points) for im in alone[key]
-    ]
-  # One call per step of the longer search; each call's requests distinct and sorted.
-  steps = max(len(im.points) for ims in alone.values() for im in ims)
-  assert len(calls) == steps
-  assert all(c == sorted(set(c)) for c in calls)
-  # The first two steps (strongest, then weakest end) are asked by both: evaluated once.
-  assert calls[0] == [(i, 1.0) for i in range(5)]
-  union = {(i, p) for ims in alone.values() for i, im in enumerate(ims) for p, _ in im.points}
-  assert sum(len(c) for c in calls) == len(union)
-
-
 def test_not_reached_untested_and_at_weakest():
   space = threshold.SearchSpace(0.01, 0.99, "linear", "higher")
   truths = [None, 0.5, 0.005, 0.3]

@@ -194,113 +194,20 @@ class ImageThreshold:
     return strength_of(space, self.threshold)
 
 
-def _verdicts(requests, answers, key: str = "defended"):
-  """One real boolean per request from `answers` (bools, or dicts holding `key`)."""
-  answers = list(answers)
-  if len(answers) != len(requests):
-    raise ValueError(f"evaluate returned {len(answers)} verdicts for {len(requests)} requests.")
-  for (image, param), v in zip(requests, answers):
-    v = v.get(key) if isinstance(v, dict) else v
+def _verdicts(evaluate, requests):
+  """Calls `evaluate` once and checks it returned one real boolean per request."""
+  out = list(evaluate(requests))
+  if len(out) != len(requests):
+    raise ValueError(f"evaluate returned {len(out)} verdicts for {len(requests)} requests.")
+  for (image, param), v in zip(requests, out):
+    v = v.get("defended") if isinstance(v, dict) else v
     # bool(nan) is True: only a real verdict may count as defended.
     if not isinstance(v, (bool, np.bool_)):
       raise ValueError(
-        f"evaluate(image {image}, {param}) returned {key}={v!r}; expected "
+        f"evaluate(image {image}, {param}) returned defended={v!r}; expected "
         "True or False (a missing or NaN verdict never counts as defended)."
       )
     yield bool(v)
-
-
-def _ask(out: List[ImageThreshold], params: Dict[int, float]):
-  """One bisection step: yields its requests, is sent their verdicts, records the points."""
-  requests = sorted(params.items())
-  held = dict(zip((i for i, _ in requests), (yield requests)))
-  for i, p in requests:
-    out[i].points.append((p, held[i]))
-  return held
-
-
-def bisection(space: SearchSpace, leaks_undefended: Sequence[bool], resolution: float):
-  """Every image bisected to its own threshold, as a generator of steps.
-
-  Each step yields the (image, param) requests of all images still bisecting and is
-  sent one `defended` bool per request; the generator returns the `ImageThreshold`s.
-  `per_image_thresholds` runs one, `lockstep` several on shared attack calls. Arguments
-  as `per_image_thresholds`.
-  """
-  if space.scale == "log" and not resolution > 1:
-    raise ValueError(f"resolution={resolution!r} must be a factor > 1 on a log scale.")
-  if space.scale == "linear" and not resolution > 0:
-    raise ValueError(f"resolution={resolution!r} must be > 0 on a linear scale.")
-  out = [ImageThreshold("untested" if not leaks else "") for leaks in leaks_undefended]
-  active = [i for i, o in enumerate(out) if not o.status]
-  strongest, weakest = space.strongest(), space.weakest()
-  if active:
-    held = yield from _ask(out, {i: strongest for i in active})
-    for i in active:
-      if not held[i]:
-        out[i].status = "not_reached"
-    active = [i for i in active if held[i]]
-  if active:
-    held = yield from _ask(out, {i: weakest for i in active})
-    for i in active:
-      if held[i]:
-        out[i].status, out[i].threshold = "at_weakest", weakest
-    active = [i for i in active if not held[i]]
-  brackets = {i: (0.0, 1.0) for i in active}  # (leaked, defended) strengths
-  while brackets:
-    mids, done = {}, []
-    for i, (lo, hi) in brackets.items():
-      p_lo, p_hi, p_mid = space.param(lo), space.param(hi), space.param((lo + hi) / 2)
-      # Rounding to 3 significant figures can stop a bracket from narrowing further.
-      if bracket_width(space, p_lo, p_hi) <= resolution or p_mid in (p_lo, p_hi):
-        done.append(i)
-      else:
-        mids[i] = (lo + hi) / 2
-    for i in done:
-      lo, hi = brackets.pop(i)
-      out[i].status, out[i].threshold, out[i].weaker = "found", space.param(hi), space.param(lo)
-    if mids:
-      held = yield from _ask(out, {i: space.param(s) for i, s in mids.items()})
-      for i, s in mids.items():
-        lo, hi = brackets[i]
-        brackets[i] = (lo, s) if held[i] else (s, hi)
-  return out
-
-
-def lockstep(evaluate: Callable[[List[Tuple[int, float]]], Sequence[Any]], searches):
-  """Runs several `bisection`s side by side, ONE `evaluate` call per step for them all.
-
-  Args:
-    evaluate: Maps the step's distinct (image, param) requests, sorted, to one answer
-      each: a dict holding every search's verdict key.
-    searches: (bisection generator, verdict key) pairs; e.g. the adjusted-SSIM and the
-      identification criterion of one cell, whose steps then share their attacks (a
-      request both ask is evaluated once).
-
-  Returns:
-    Each search's `ImageThreshold`s, in order.
-  """
-  results, pending = [None] * len(searches), {}
-
-  def advance(k, verdicts=None):
-    try:
-      pending[k] = searches[k][0].send(verdicts)
-    except StopIteration as stop:
-      results[k] = stop.value
-
-  for k in range(len(searches)):
-    advance(k)
-  while pending:
-    asked = dict(pending)
-    pending.clear()
-    union = sorted({r for requests in asked.values() for r in requests})
-    answers = list(evaluate(union))
-    if len(answers) != len(union):
-      raise ValueError(f"evaluate returned {len(answers)} verdicts for {len(union)} requests.")
-    answer_of = dict(zip(union, answers))
-    for k, requests in asked.items():
-      advance(k, list(_verdicts(requests, [answer_of[r] for r in requests], searches[k][1])))
-  return results
 
 
 def per_image_thresholds(
@@ -321,11 +228,51 @@ def per_image_thresholds(
       scale (leaked and defended parameters within this ratio), a difference > 0 on a
       linear one.
   """
-  search = bisection(space, leaks_undefended, resolution)
-  (out,) = lockstep(
-    lambda requests: [{"defended": v} for v in _verdicts(requests, evaluate(requests))],
-    [(search, "defended")],
-  )
+  if space.scale == "log" and not resolution > 1:
+    raise ValueError(f"resolution={resolution!r} must be a factor > 1 on a log scale.")
+  if space.scale == "linear" and not resolution > 0:
+    raise ValueError(f"resolution={resolution!r} must be > 0 on a linear scale.")
+  out = [ImageThreshold("untested" if not leaks else "") for leaks in leaks_undefended]
+  active = [i for i, o in enumerate(out) if not o.status]
+
+  def step(params: Dict[int, float]) -> Dict[int, bool]:
+    requests = sorted(params.items())
+    verdicts = dict(zip((i for i, _ in requests), _verdicts(evaluate, requests)))
+    for i, p in requests:
+      out[i].points.append((p, verdicts[i]))
+    return verdicts
+
+  strongest, weakest = space.strongest(), space.weakest()
+  if active:
+    held = step({i: strongest for i in active})
+    for i in active:
+      if not held[i]:
+        out[i].status = "not_reached"
+    active = [i for i in active if held[i]]
+  if active:
+    held = step({i: weakest for i in active})
+    for i in active:
+      if held[i]:
+        out[i].status, out[i].threshold = "at_weakest", weakest
+    active = [i for i in active if not held[i]]
+  brackets = {i: (0.0, 1.0) for i in active}  # (leaked, defended) strengths
+  while brackets:
+    mids, done = {}, []
+    for i, (lo, hi) in brackets.items():
+      p_lo, p_hi, p_mid = space.param(lo), space.param(hi), space.param((lo + hi) / 2)
+      # Rounding to 3 significant figures can stop a bracket from narrowing further.
+      if bracket_width(space, p_lo, p_hi) <= resolution or p_mid in (p_lo, p_hi):
+        done.append(i)
+      else:
+        mids[i] = (lo + hi) / 2
+    for i in done:
+      lo, hi = brackets.pop(i)
+      out[i].status, out[i].threshold, out[i].weaker = "found", space.param(hi), space.param(lo)
+    if mids:
+      held = step({i: space.param(s) for i, s in mids.items()})
+      for i, s in mids.items():
+        lo, hi = brackets[i]
+        brackets[i] = (lo, s) if held[i] else (s, hi)
   return out
 
 

@@ -18,10 +18,6 @@ import numpy as np
 
 from tf_dlg.study import defense_table, matching, records
 
-# The two leak criteria, as a point's boolean fields: adjusted SSIM below the bar, and not
-# identified top-1 among the dataset's images.
-VERDICTS = ("defended", "id_defended")
-
 
 @dataclasses.dataclass
 class SearchedCell:
@@ -50,9 +46,10 @@ def search_cell(
   space = threshold_lib.SearchSpace(*defense_table.PARAMETER_SEARCH[defense])
   ev, n = evaluator, evaluator.num_images
   base = {a: ev.evaluate(dataset, a, "none", None)["images"] for a in attackers}
-  leaks = {v: [not all(base[a][i][v] for a in attackers) for i in range(n)] for v in VERDICTS}
   found = {}
-  for verdict, images in _bisect(ev, resolution, (dataset, attackers, defense), space, leaks):
+  for verdict in ("defended", "id_defended"):
+    leaks = [not all(base[a][i][verdict] for a in attackers) for i in range(n)]
+    images = _bisect(ev, resolution, (dataset, attackers, defense), space, verdict, leaks)
     agg = threshold_lib.dataset_threshold(images, space, ev.defended_fraction, seed=ev.seed)
     found[verdict] = (images, agg)
   row = _row(ev, resolution, (dataset, kind, attackers, defense), space, found)
@@ -78,24 +75,17 @@ def search_cell(
   return SearchedCell(row, found["defended"][0], found["id_defended"][0])
 
 
-def _bisect(evaluator, resolution, cell, space, leaks):
-  """(verdict, per-image thresholds) of both criteria, bisected in lockstep.
-
-  A step of the two bisections is one attack call per attacker: the points they both
-  ask for are attacked once, and the rest fill the same batch instead of a second,
-  smaller one (a point's outcome does not depend on the batch it runs in).
-  """
+def _bisect(evaluator, resolution, cell, space, verdict, leaks):
+  """Per-image thresholds where `verdict` (a point's boolean field) means defended."""
   from tf_dlg.analysis import threshold as threshold_lib
 
   dataset, attackers, defense = cell
 
   def evaluate(requests):
     recs = [evaluator.evaluate_images(dataset, a, defense, requests) for a in attackers]
-    return [{v: all(r[j][v] for r in recs) for v in VERDICTS} for j in range(len(requests))]
+    return [all(r[j][verdict] for r in recs) for j in range(len(requests))]
 
-  width = resolution(space.scale)
-  searches = [(threshold_lib.bisection(space, leaks[v], width), v) for v in VERDICTS]
-  return list(zip(VERDICTS, threshold_lib.lockstep(evaluate, searches)))
+  return threshold_lib.per_image_thresholds(evaluate, space, leaks, resolution(space.scale))
 
 
 def _row(evaluator, resolution, cell, space, found) -> records.ThresholdRow:

@@ -140,14 +140,11 @@ class PointEvaluator:
     else:
       # One seed per image, the same at every setting: common random starts make the
       # outcome vary with the setting, not with the start.
-      # Slots for every image of the call at once (a lockstep step of both criteria
-      # can ask for twice the images): one wave instead of a second, part-empty one.
       config = runner.AttackConfig(
         attack=attack,
         iterations=self.iterations[dataset],
         seed=tuple(self.seed * 100_003 + i for _, i, _ in todo),
         restarts=self.restarts,
-        slots=max(runner.DEFAULT_SLOTS, len(todo) + len(todo) % 2),
       )
       attacked = runner.run_attacks(model, observed, config)
       per_image, leaked, adjusted = score_reconstructions(
