@@ -23,26 +23,40 @@ from absl import flags
 # First: imports TensorFlow quietly and before absl's app.run (see experiments.cli).
 from experiments import cli
 from tf_dlg import data as data_lib
+from tf_dlg.federated import OPTIMIZERS
+from tf_dlg.federated.config import FederatedConfig
 from tf_dlg.study.presets import Preset
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "The model: a .keras file (model.save(path)).")
+# Not FederatedConfig's default dataset (digits, 8x8): the model the audit is most often
+# given is an MNIST one.
 flags.DEFINE_string("data", "mnist", f"Dataset, one of {', '.join(data_lib.DATASETS)}.")
-flags.DEFINE_integer("batch_size", 32, "Client batch size.", lower_bound=1)
-flags.DEFINE_integer(
-  "num_clients", 10, "Clients sharing the data (a client's share).", lower_bound=1
+cli.register_flag_names({"federated.dataset": "data"})
+# The client's training and the cost training: `FederatedConfig` fields and defaults.
+cli.define_config_flags(
+  FederatedConfig,
+  ("batch_size", "num_clients", "client_optimizer", "client_lr", "rounds", "clients_per_round"),
+  choices={"client_optimizer": OPTIMIZERS},
+  helps={
+    "batch_size": "Client batch size.",
+    "num_clients": "Clients sharing the data (a client's share).",
+    "client_optimizer": "Client optimizer.",
+    "client_lr": "Client learning rate.",
+    "rounds": "FedAvg rounds the costs train for.",
+    "clients_per_round": "Clients a round samples (default: all).",
+  },
 )
-flags.DEFINE_enum("client_optimizer", "adam", ["sgd", "sgdm", "adam"], "Client optimizer.")
-flags.DEFINE_float("client_lr", 0.001, "Client learning rate.")
-flags.DEFINE_integer(
-  "gallery_size", Preset.sweep_gallery, "Images the gallery attacker ranks among.", lower_bound=2
-)
-flags.DEFINE_integer(
-  "recon_iterations", Preset.sweep_recon_iterations, "Reconstruction iterations.", lower_bound=1
-)
-flags.DEFINE_integer("rounds", 20, "FedAvg rounds the costs train for.", lower_bound=1)
-flags.DEFINE_integer(
-  "clients_per_round", None, "Clients a round samples (default: all).", lower_bound=1
+# The sweep's attackers: `Preset` (study) fields.
+cli.define_config_flags(
+  Preset,
+  ("sweep_gallery", "sweep_recon_iterations", "seed"),
+  names={"sweep_gallery": "gallery_size", "sweep_recon_iterations": "recon_iterations"},
+  helps={
+    "sweep_gallery": "Images the gallery attacker ranks among.",
+    "sweep_recon_iterations": "Reconstruction iterations.",
+    "seed": "Seed of everything random in the run.",
+  },
 )
 flags.DEFINE_list(
   "cost_seeds",
@@ -58,30 +72,20 @@ flags.DEFINE_string(
   "frontier_csv", None, "A frontier run's frontier.csv: its costs instead of training them."
 )
 cli.define_output_dir("outputs/audit")
-cli.define_seed()
 flags.mark_flag_as_required("model")
 
 
 def main(argv):
   del argv
   from tf_dlg.execution import runtime
-  from tf_dlg.federated.config import FederatedConfig
   from tf_dlg.study import audit
 
   # TFF's own default context (imported with its optimizers) would start an unconfined
   # worker and fail to stop it at exit; the project's confined one replaces it.
   runtime.install_context()
 
-  config = FederatedConfig(
-    dataset=FLAGS.data,
-    batch_size=FLAGS.batch_size,
-    num_clients=FLAGS.num_clients,
-    client_optimizer=FLAGS.client_optimizer,
-    client_lr=FLAGS.client_lr,
-    rounds=FLAGS.rounds,
-    clients_per_round=FLAGS.clients_per_round,
-    seed=FLAGS.seed,
-  )
+  study = cli.config_from_flags(Preset)
+  config = cli.config_from_flags(FederatedConfig, dataset=FLAGS.data, seed=study.seed)
   study = audit.Audit(
     FLAGS.output_dir,
     FLAGS.model,
@@ -89,8 +93,8 @@ def main(argv):
     config,
     frontier_csv=FLAGS.frontier_csv,
     cost_seeds=[int(v) for v in FLAGS.cost_seeds],
-    sweep_gallery=FLAGS.gallery_size,
-    sweep_recon_iterations=FLAGS.recon_iterations,
+    sweep_gallery=study.sweep_gallery,
+    sweep_recon_iterations=study.sweep_recon_iterations,
   )
   cli.work_begins()
   start = time.time()

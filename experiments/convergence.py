@@ -27,6 +27,7 @@ from tf_dlg.study.defense_params import (
   defense_params_from_thresholds,
   parse_defense_params,
 )
+from tf_dlg.study.presets import Preset
 
 # The `FederatedConfig` fields the grid's runs share that are flags here (their defaults
 # and documentation are the configuration's).
@@ -154,8 +155,12 @@ def define_flags():
     "training set stays whole).",
     lower_bound=1,
   )
-  flags.DEFINE_list("aggregators", ["mean", "median"], "Aggregators.")
-  flags.DEFINE_list("partitions", ["iid", "dirichlet"], "Client partitions.")
+  # The grid: `Preset` (study) fields and defaults.
+  cli.define_config_flags(
+    Preset,
+    ("aggregators", "partitions"),
+    helps={"aggregators": "Aggregators.", "partitions": "Client partitions."},
+  )
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every cell (paired across defences).")
   cli.define_config_flags(
     FederatedConfig,

@@ -113,52 +113,49 @@ def run_sweep(output_dir: str, settings: Preset) -> None:
   print(f"[reproduce] sweep: {paths['csv']}, {paths['report']}; {time.time() - start:.0f} s")
 
 
+# Help of the override flags; their names, types and checks are the `Preset` fields'.
+HELPS = {
+  "datasets": "Override the preset's datasets.",
+  "defenses": "Override the preset's defences.",
+  "convergence_defenses": "Defences trained in FedAvg.",
+  "partitions": "Client partitions of the convergence runs.",
+  "adaptive_attacks": "Attacks that re-score the thresholds.",
+  "attack": "Attack of the plain threshold search.",
+  "num_images": "Images per dataset.",
+  "iterations": "Attack iterations (every dataset).",
+  "restarts": "Attack restarts per image.",
+  "rounds": "FedAvg rounds.",
+  "num_clients": "FedAvg clients.",
+  "seeds": "Seeds per convergence cell.",
+  "train_examples": "Seeded training subset of the FedAvg runs.",
+  "convergence_dataset": "Dataset of the FedAvg runs.",
+  "adaptive": "Also search adaptive thresholds and train at them.",
+  "seed": "First seed of everything.",
+  "data_dir": "tfds data directory (paper preset).",
+  "leak_ssim": "Adjusted-SSIM leak bar (default metrics.DEFAULT_LEAK_SSIM).",
+  "engine": "Federated engine of every training stage: TFF, or Flower's simulation engine "
+  "on Ray (.venv-k3, no TFF; RAY_ADDRESS for a Ray cluster). Recorded in every output.",
+  "dp_multipliers": "The frontier's DP noise multipliers (default: the dp spec's grid); empty "
+  "for none (DP points need tensorflow-privacy and dp-accounting, absent from .venv-k3).",
+  "frontier_images": "Images attacked per frontier setting.",
+  "sweep_gallery": "sweep preset: gallery images (70,000 = all of MNIST).",
+}
+
+
 def define_flags():
   from absl import flags
 
   flags.DEFINE_string("preset", "quick", f"One of {', '.join(PRESETS)}.")
   flags.DEFINE_string("output_dir", "outputs/quick", "Output directory (resumed if present).")
-  flags.DEFINE_integer("seed", 0, "First seed of everything.", lower_bound=0)
-  flags.DEFINE_string("data_dir", None, "tfds data directory (paper preset).")
-  flags.DEFINE_float(
-    "leak_ssim", None, "Adjusted-SSIM leak bar (default metrics.DEFAULT_LEAK_SSIM)."
+  # One flag per overridable `Preset` field, of its type; unset (None), the preset's value
+  # holds (`settings_from_flags` takes only the flags given). The engine is read even
+  # when not given: its default is the field's.
+  cli.define_config_flags(
+    Preset, OVERRIDE_FLAGS, choices={"engine": ("tff", "flower")}, helps=HELPS
   )
-  flags.DEFINE_list("datasets", None, "Override the preset's datasets.")
-  flags.DEFINE_list("defenses", None, "Override the preset's defences.")
-  flags.DEFINE_list("convergence_defenses", None, "Defences trained in FedAvg.")
-  flags.DEFINE_list("partitions", None, "Client partitions of the convergence runs.")
-  flags.DEFINE_list("adaptive_attacks", None, "Attacks that re-score the thresholds.")
-  flags.DEFINE_string("attack", None, "Attack of the plain threshold search.")
-  flags.DEFINE_integer("num_images", None, "Images per dataset.", lower_bound=1)
-  flags.DEFINE_integer("iterations", None, "Attack iterations (every dataset).", lower_bound=1)
-  flags.DEFINE_integer("restarts", None, "Attack restarts per image.", lower_bound=1)
-  flags.DEFINE_integer("rounds", None, "FedAvg rounds.", lower_bound=1)
-  flags.DEFINE_integer("num_clients", None, "FedAvg clients.", lower_bound=1)
-  flags.DEFINE_integer("seeds", None, "Seeds per convergence cell.", lower_bound=1)
-  flags.DEFINE_integer(
-    "train_examples", None, "Seeded training subset of the FedAvg runs.", lower_bound=1
-  )
-  flags.DEFINE_string("convergence_dataset", None, "Dataset of the FedAvg runs.")
-  flags.DEFINE_boolean("adaptive", None, "Also search adaptive thresholds and train at them.")
-  flags.DEFINE_enum(
-    "engine",
-    "tff",
-    ["tff", "flower"],
-    "Federated engine of every training stage: TFF, or Flower's simulation engine on Ray "
-    "(.venv-k3, no TFF; RAY_ADDRESS for a Ray cluster). Recorded in every output.",
-  )
-  flags.DEFINE_integer(
-    "frontier_images", None, "Images attacked per frontier setting.", lower_bound=1
-  )
-  flags.DEFINE_list(
-    "dp_multipliers",
-    None,
-    "The frontier's DP noise multipliers (default: the dp spec's grid); empty for none "
-    "(DP points need tensorflow-privacy and dp-accounting, absent from .venv-k3).",
-  )
-  flags.DEFINE_integer(
-    "sweep_gallery", None, "sweep preset: gallery images (70,000 = all of MNIST).", lower_bound=2
-  )
+  for name in OVERRIDE_FLAGS:
+    if name != "engine":
+      flags.FLAGS.set_default(name, None)
   flags.DEFINE_string(
     "frontier_csv", None, "sweep preset: a frontier run's frontier.csv, for the costs it quotes."
   )

@@ -79,8 +79,41 @@ import time
 
 # Imports TensorFlow quietly, before anything uses it or absl starts (experiments.cli).
 from experiments import cli
+from tf_dlg.study import threshold_search as search_lib
 from tf_dlg.study.presets import Preset
 from tf_dlg.study.threshold_search import ThresholdSearch
+
+# The search's settings: `Preset` fields (the study section), their defaults and checks;
+# a bad value is one line naming its flag.
+SETTINGS = (
+  "datasets",
+  "defenses",
+  "adaptive",
+  "num_images",
+  "restarts",
+  "log_resolution",
+  "linear_resolution",
+  "leak_ssim",
+  "defended_fraction",
+  "iterations",
+  "seed",
+  "data_dir",
+)
+HELPS = {
+  "datasets": "Datasets to search.",
+  "defenses": "Defences to search.",
+  "adaptive": "Also search each defence against its strongest attacker (STRONGEST_ATTACKER).",
+  "num_images": "Images attacked per dataset.",
+  "restarts": "Seeded starts per attack, in [1, 64].",
+  "log_resolution": "Per-image bracket factor on log scales (> 1).",
+  "linear_resolution": "Per-image bracket width on linear scales, in (0, 1].",
+  "leak_ssim": "Adjusted-SSIM leak bar (default: metrics.DEFAULT_LEAK_SSIM).",
+  "defended_fraction": "Fraction of the tested images the dataset threshold must defend, "
+  "in (0, 1].",
+  "iterations": "Attack optimiser iterations per restart.",
+  "seed": "Seed of everything random in the run.",
+  "data_dir": "tfds data directory (tfds datasets only; must exist).",
+}
 
 
 def main(argv):
@@ -88,22 +121,16 @@ def main(argv):
   from absl import flags
 
   f = flags.FLAGS
-  # The constructor checks every flag (a ValueError: one line, exit 2) before any attack.
+  study = cli.config_from_flags(Preset)
+  # The constructor checks every setting (a ValueError: one line naming the flag, exit 2)
+  # before any attack.
   search = ThresholdSearch(
     f.output_dir,
-    f.datasets,
+    study.datasets,
     f.attacks,
-    f.defenses,
-    num_images=f.num_images,
-    iterations=f.iterations,
-    leak_ssim=f.leak_ssim,
-    defended_fraction=f.defended_fraction,
-    log_resolution=f.log_resolution,
-    linear_resolution=f.linear_resolution,
-    restarts=f.restarts,
-    adaptive=f.adaptive,
-    seed=f.seed,
-    data_dir=f.data_dir,
+    study.defenses,
+    data_dir=study.data_dir,
+    **{name: getattr(study, name) for name in SETTINGS if name in search_lib.SETTINGS},
   )
   cli.work_begins()  # checked: a ValueError from here keeps its traceback
   start = time.perf_counter()
@@ -113,63 +140,18 @@ def main(argv):
 
 
 def define_flags():
-  from absl import flags
-
   from tf_dlg import data
   from tf_dlg.attacks import runner
   from tf_dlg.study import defense_table
 
-  cli.define_enum_list("datasets", Preset.datasets, data.DATASETS, "Datasets to search.")
-  cli.define_enum_list(
-    "defenses", Preset.defenses, defense_table.PARAMETER_SEARCH, "Defences to search."
+  cli.define_config_flags(
+    Preset,
+    SETTINGS,
+    choices={"datasets": data.DATASETS, "defenses": defense_table.PARAMETER_SEARCH},
+    helps=HELPS,
   )
   cli.define_enum_list("attacks", [Preset.attack], runner.ATTACKS, "Attacks of the plain search.")
-  flags.DEFINE_boolean(
-    "adaptive",
-    Preset.adaptive,
-    "Also search each defence against its strongest attacker (STRONGEST_ATTACKER).",
-  )
-  flags.DEFINE_integer(
-    "num_images", Preset.num_images, "Images attacked per dataset.", lower_bound=1
-  )
-  flags.DEFINE_integer(
-    "restarts", Preset.restarts, "Seeded starts per attack.", lower_bound=1, upper_bound=64
-  )
-  flags.DEFINE_float(
-    "log_resolution",
-    Preset.log_resolution,
-    "Per-image bracket factor on log scales (> 1).",
-    lower_bound=1.0,
-  )
-  flags.DEFINE_float(
-    "linear_resolution",
-    Preset.linear_resolution,
-    "Per-image bracket width on linear scales.",
-    lower_bound=0.0,
-    upper_bound=1.0,
-  )
-  flags.DEFINE_float(
-    "leak_ssim",
-    Preset.leak_ssim,
-    "Adjusted-SSIM leak bar (default: metrics.DEFAULT_LEAK_SSIM).",
-    lower_bound=0.0,
-    upper_bound=1.0,
-  )
-  flags.DEFINE_float(
-    "defended_fraction",
-    Preset.defended_fraction,
-    "Fraction of the tested images the dataset threshold must defend, in (0, 1].",
-  )
-  # (0, 1]: absl's bounds are closed, and 0 (defend no image) is no threshold.
-  flags.register_validator(
-    "defended_fraction", lambda v: 0.0 < v <= 1.0, message="must be a number in (0, 1]"
-  )
-  flags.DEFINE_integer(
-    "iterations", Preset.iterations, "Attack optimiser iterations per restart.", lower_bound=1
-  )
   cli.define_output_dir("outputs/threshold_search")
-  cli.define_seed()
-  cli.define_data_dir()
 
 
 if __name__ == "__main__":

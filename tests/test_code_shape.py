@@ -207,9 +207,27 @@ CONFIG_TYPES = {
   "AttackConfig": "tf_dlg/attacks/runner.py",
   "FederatedConfig": "tf_dlg/federated/config.py",
   "Preset": "tf_dlg/study/presets.py",
+  # Not a type: the single attack's plain keyword arguments (client and scoring), whose
+  # defaults are written once in this dict; checked with the types.
+  "DEFAULTS": "tf_dlg/study/single_attack.py",
 }
 # Two owners in two layers' domains: an attack's seed and a training's seed.
 OWNED_TWICE = {("seed", "0"): {"AttackConfig", "FederatedConfig"}}
+
+
+def _written_defaults(name, source):
+  """(field, literal default) pairs of the configuration `name` in `source`: a class's
+  annotated fields, or the keywords of a module-level `name = dict(...)` (the plain
+  arguments' defaults of `tf_dlg.study.single_attack.DEFAULTS`)."""
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.ClassDef) and node.name == name:
+      yield from ((f.target.id, f.value) for f in node.body if isinstance(f, ast.AnnAssign))
+    elif (
+      isinstance(node, ast.Assign)
+      and [getattr(t, "id", None) for t in node.targets] == [name]
+      and isinstance(node.value, ast.Call)
+    ):
+      yield from ((k.arg, k.value) for k in node.value.keywords)
 
 
 def retyped_defaults(sources):
@@ -217,17 +235,15 @@ def retyped_defaults(sources):
   one configuration type; `sources`: {class name: module source}."""
   written = {}
   for name, source in sources.items():
-    for node in ast.walk(ast.parse(source)):
-      if not (isinstance(node, ast.ClassDef) and node.name == name):
+    for field, value in _written_defaults(name, source):
+      if value is None:
         continue
-      for field in node.body:
-        if isinstance(field, ast.AnnAssign) and field.value is not None:
-          try:
-            value = ast.literal_eval(field.value)
-          except ValueError:
-            continue  # a reference to another type's default: the point
-          if value is not None:
-            written.setdefault((field.target.id, repr(value)), []).append(name)
+      try:
+        value = ast.literal_eval(value)
+      except ValueError:
+        continue  # a reference to another type's default: the point
+      if value is not None:
+        written.setdefault((field, repr(value)), []).append(name)
   return {k: v for k, v in written.items() if len(v) > 1 and set(v) != OWNED_TWICE.get(k, set())}
 
 
@@ -235,8 +251,10 @@ def test_the_default_checker_finds_a_retyped_default():
   sources = {
     "A": "class A:\n  batch_size: int = 32\n  seed: int = 0\n",
     "B": "class B:\n  batch_size: int = 32\n  lr: float = A.lr\n  data_dir: str = None\n",
+    "C": "C = dict(lr=0.1, batch_size=A.batch_size, seed=1)\n",
+    "D": "D = dict(lr=0.1, data_dir=None)\n",
   }
-  assert retyped_defaults(sources) == {("batch_size", "32"): ["A", "B"]}
+  assert retyped_defaults(sources) == {("batch_size", "32"): ["A", "B"], ("lr", "0.1"): ["C", "D"]}
 
 
 def test_each_configuration_default_is_written_once():

@@ -388,7 +388,9 @@ def test_frontier_preset_measures_four_defences_and_dp_on_the_training_data(tmp_
   assert run.search.num_images == fr.frontier_images
   assert (fr.aggregators, fr.partitions) == (("mean",), ("iid",))
   # The strongest attackers follow the training data when the datasets change.
-  with pytest.raises(ValueError, match="iterations has no entry for convergence_dataset 'digits'"):
+  with pytest.raises(
+    ValueError, match="study.iterations has no entry for study.convergence_dataset 'digits'"
+  ):
     frontier.check(fr.override(convergence_dataset="digits"))
   moved = presets.with_overrides(
     "frontier", {"datasets": ["digits"], "convergence_dataset": "digits", "iterations": 30}

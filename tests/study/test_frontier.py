@@ -316,9 +316,12 @@ def test_csv_round_trip_and_damaged_cells(tmp_path):
     (dict(convergence_defenses=(), dp_multipliers=()), "nothing to measure"),
     (dict(rounds=0), "rounds"),
     (dict(batch_size=0), "batch_size"),
-    (dict(frontier_images=0), "num_images=0"),
+    (dict(frontier_images=0), "study.frontier_images=0"),
     (dict(dp_delta=1.0), "delta=1.0"),
-    (dict(iterations={"mnist": 40}), "iterations has no entry for convergence_dataset 'digits'"),
+    (
+      dict(iterations={"mnist": 40}),
+      "study.iterations has no entry for study.convergence_dataset 'digits'",
+    ),
     (
       dict(frontier_grids={"masking": (0.5, 0.5)}, convergence_defenses=("masking",)),
       "settings repeat",

@@ -47,10 +47,10 @@ TINY = SWEEP.override(
     ("sweep_defenses", (("masking", 1.5),), "masking"),
     ("sweep_defenses", (("none", None),), "undefended"),
     ("sweep_epoch_examples", 10_000, "epoch_examples"),
-    ("sweep_gallery", 1, "gallery_size"),
+    ("sweep_gallery", 1, "study.sweep_gallery=1"),
     ("sweep_trained_datasets", ("digits",), "trained_datasets"),
     ("sweep_batch_sizes", (), "batch_sizes is empty"),
-    ("rounds", 0, "training_rounds=0"),
+    ("rounds", 0, "study.rounds=0"),
   ],
 )
 def test_bad_settings_are_one_error_before_any_work(tmp_path, field, value, names):
@@ -65,7 +65,9 @@ def test_a_dataset_that_cannot_train_is_refused_before_anything_is_written(tmp_p
   settings = SWEEP.override(
     datasets=("cifar10_sample",), sweep_trained_datasets=("cifar10_sample",)
   )
-  with pytest.raises(ValueError, match="trained_datasets: 'cifar10_sample' has no test split"):
+  with pytest.raises(
+    ValueError, match="study.sweep_trained_datasets: 'cifar10_sample' has no test split"
+  ):
     sweep.Sweep(str(out), settings).run()
   assert not os.listdir(out)  # the checked (empty) output folder, nothing in it
 
@@ -235,7 +237,7 @@ def test_the_sweep_preset_is_the_quick_training_attacked_at_rounds_0_5_and_last(
   assert short.sweep_rounds == (0, 3) and short.rounds == 3
   longer = sweep_settings.check(presets.with_overrides("sweep", {"rounds": 20}))
   assert longer.sweep_rounds == (0, 5, 20)
-  with pytest.raises(ValueError, match="training_rounds=0"):
+  with pytest.raises(ValueError, match="study.rounds=0"):
     sweep_settings.check(presets.with_overrides("sweep", {"rounds": 0}))
   # test_examples None: the training subset's size.
   assert sweep_settings.check(SWEEP.override(test_examples=None)).test_examples == 6000

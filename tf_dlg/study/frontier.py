@@ -44,6 +44,7 @@ from tf_dlg import defenses as defense_registry
 from tf_dlg import io as io_lib
 from tf_dlg import validation
 from tf_dlg.study import defense_table, frontier_report, matching
+from tf_dlg.study.fields import path
 from tf_dlg.study.frontier_points import DP, FrontierPoint, write_frontier
 from tf_dlg.study.presets import Preset
 
@@ -84,8 +85,8 @@ def iterations(preset: Preset) -> int:
   if isinstance(its, Mapping):
     if dataset not in its:
       raise ValueError(
-        f"iterations has no entry for convergence_dataset {dataset!r} "
-        f"(it has {sorted(its)}); pass --iterations."
+        f"{path('iterations')} has no entry for {path('convergence_dataset')} {dataset!r} "
+        f"(it has {sorted(its)}); give one number of iterations."
       )
     its = its[dataset]
   return its
@@ -108,45 +109,52 @@ def settings(preset: Preset) -> List[Tuple[str, float]]:
 
 
 def check(preset: Preset) -> Preset:
-  """The preset, its frontier settings checked (one ValueError); no data loaded."""
+  """The preset, its frontier settings checked (one ValueError naming the field's path,
+  `study.<field>`); no data loaded."""
   from tf_dlg import data
 
   its, names, multipliers = iterations(preset), defenses(preset), dp_multipliers(preset)
-  validation.check_choice("dataset", preset.convergence_dataset, data.DATASETS)
+  validation.check_choice(path("convergence_dataset"), preset.convergence_dataset, data.DATASETS)
   # Not flower-central-dp: its DP noise is not what the DP points' attacker sees.
-  validation.check_choice("engine", preset.engine, FRONTIER_ENGINES)
+  validation.check_choice(path("engine"), preset.engine, FRONTIER_ENGINES)
   if not names and not multipliers:
-    raise ValueError("defenses and dp_multipliers are both empty: nothing to measure.")
-  validation.check_choices("defenses", names, defense_table.PARAMETER_SEARCH)
+    raise ValueError(
+      f"{path('convergence_defenses')} and {path('dp_multipliers')} are both empty: "
+      "nothing to measure."
+    )
+  validation.check_choices(path("convergence_defenses"), names, defense_table.PARAMETER_SEARCH)
   unknown = sorted(set(preset.frontier_grids or {}) - set(names))
   if unknown:
-    raise ValueError(f"grids names {unknown}, which are not in defenses {names}.")
+    raise ValueError(
+      f"{path('frontier_grids')} names {unknown}, which are not in defenses {names}."
+    )
   labels = [label(d, p) for d, p in settings(preset)]  # checks every grid
   if len(set(labels)) != len(labels):
     raise ValueError(f"settings repeat on the frontier: {labels}; give distinct values.")
   for z in multipliers:
-    validation.check_number("dp_multipliers", z, 0, math.inf, low_open=True, high_open=True)
+    validation.check_number(path("dp_multipliers"), z, 0, math.inf, low_open=True, high_open=True)
   lacking = [m for m in _DP_MODULES if importlib.util.find_spec(m) is None]
   if multipliers and lacking:
     raise ValueError(
-      f"dp_multipliers={list(multipliers)}: DP points need {' and '.join(lacking)} "
-      "(the attacked update's DP and its epsilon; the `tff` extra), which this environment "
-      "lacks; pass dp_multipliers=() (--dp_multipliers=) for a frontier without DP points."
+      f"{path('dp_multipliers')}={list(multipliers)}: DP points need "
+      f"{' and '.join(lacking)} (the attacked update's DP and its epsilon; the `tff` "
+      "extra), which this environment lacks; give no DP noise multipliers (empty) for a "
+      "frontier without DP points."
     )
-  seeds = [validation.check_int("seeds", s, 0) for s in preset.seed_list()]
+  seeds = [validation.check_int(path("seeds"), s, 0) for s in preset.seed_list()]
   if len(set(seeds)) < 2:
-    raise ValueError(f"seeds={seeds} must be at least 2 distinct seeds.")
+    raise ValueError(f"{path('seeds')}={seeds} must be at least 2 distinct seeds.")
   for name, value in (
-    ("num_images", preset.frontier_images),
+    ("frontier_images", preset.frontier_images),
     ("iterations", its),
     ("restarts", preset.restarts),
     ("rounds", preset.rounds),
     ("num_clients", preset.num_clients),
     ("batch_size", preset.batch_size),
   ):
-    validation.check_int(name, value, 1)
-  validation.check_number("client_lr", preset.client_lr, 0, math.inf, low_open=True)
-  validation.check_number("delta", preset.dp_delta, 0, 1, low_open=True, high_open=True)
+    validation.check_int(path(name), value, 1)
+  validation.check_number(path("client_lr"), preset.client_lr, 0, math.inf, low_open=True)
+  validation.check_number(path("dp_delta"), preset.dp_delta, 0, 1, low_open=True, high_open=True)
   return preset
 
 

@@ -34,6 +34,7 @@ from tf_dlg.study import beside as beside_lib
 from tf_dlg.study import claims as claims_lib
 from tf_dlg.study import defense_table, frontier_report, summary
 from tf_dlg.study import report as report_lib
+from tf_dlg.study.fields import path
 from tf_dlg.study.presets import Preset
 
 
@@ -144,10 +145,14 @@ def check_settings(output_dir: str, settings: Preset, progress: bool = True):
     )
   check_data(settings)
   validation.check_output_dir("output_dir", output_dir)
-  validation.check_choices("adaptive_attacks", settings.adaptive_attacks, runner.ATTACKS)
+  validation.check_choices(path("adaptive_attacks"), settings.adaptive_attacks, runner.ATTACKS)
   # A defence that is not searched has no threshold to train with: refuse, never drop it.
-  validation.check_choices("convergence_defenses", settings.convergence_defenses, settings.defenses)
-  validation.check_choice("convergence_dataset", settings.convergence_dataset, settings.datasets)
+  validation.check_choices(
+    path("convergence_defenses"), settings.convergence_defenses, settings.defenses
+  )
+  validation.check_choice(
+    path("convergence_dataset"), settings.convergence_dataset, settings.datasets
+  )
   stand_in = {d: (defense_table.PARAMETER_SEARCH[d][0], "") for d in settings.convergence_defenses}
   if settings.adaptive:
     stand_in.update({f"{d}@adaptive": v for d, v in stand_in.items()})

@@ -16,6 +16,11 @@ from tf_dlg import validation
 from tf_dlg.attacks.runner import AttackConfig
 from tf_dlg.federated.config import FederatedConfig
 from tf_dlg.study import defense_table, sweep_settings
+from tf_dlg.study.fields import SECTION, path
+
+# SECTION: errors name a field by its path in this section, study.<field> (`path`); the
+# drivers' flag generator reads it.
+__all__ = ["PRESETS", "SECTION", "Preset", "path", "with_overrides"]
 
 # Fields that hold lists: an override given as a list is stored as a tuple (frozen).
 _LIST_FIELDS = (
@@ -145,7 +150,7 @@ class Preset:
     return dataclasses.replace(self, **fields)
 
   def seed_list(self) -> List[int]:
-    validation.check_int("seeds", self.seeds, 1)
+    validation.check_int(path("seeds"), self.seeds, 1)
     return list(range(self.seed, self.seed + self.seeds))
 
 

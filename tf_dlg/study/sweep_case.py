@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from tf_dlg.study import sweep_settings
+from tf_dlg.study.fields import path
 from tf_dlg.study.presets import Preset
 
 
@@ -49,8 +50,8 @@ def load_case(settings: Preset, name: str) -> Case:
   if trained:
     if dataset.x_test is None:
       raise ValueError(
-        f"trained_datasets: {name!r} has no test split to train and evaluate on; list it "
-        "in datasets only (attacked at round 0)."
+        f"{path('sweep_trained_datasets')}: {name!r} has no test split to train and "
+        f"evaluate on; list it in {path('datasets')} only (attacked at round 0)."
       )
     train = convergence.subset(
       dataset, settings.train_examples, settings.test_examples, settings.seed

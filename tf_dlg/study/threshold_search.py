@@ -20,6 +20,7 @@ from tf_dlg.study import (
   search_writers,
 )
 from tf_dlg.study import results as results_lib
+from tf_dlg.study.fields import path
 from tf_dlg.study.presets import Preset
 from tf_dlg.study.search_case import SearchCases
 
@@ -52,9 +53,9 @@ def _check_cover(datasets, attacks, defenses, adaptive) -> None:
   from tf_dlg.attacks import runner
 
   for name, values, allowed in (
-    ("datasets", datasets, data.DATASETS),
+    (path("datasets"), datasets, data.DATASETS),
     ("attacks", attacks, (*runner.ATTACKS, matching.NAME)),
-    ("defenses", defenses, defense_table.PARAMETER_SEARCH),
+    (path("defenses"), defenses, defense_table.PARAMETER_SEARCH),
   ):
     if not values and not (name == "attacks" and adaptive):
       raise ValueError(f"{name} is empty; expected some of {', '.join(allowed)}.")
@@ -70,9 +71,11 @@ def _iterations_per_dataset(iterations, datasets) -> Dict[str, int]:
   if isinstance(iterations, dict):
     missing = sorted(set(datasets) - set(iterations))
     if missing:
-      raise ValueError(f"iterations has no entry for datasets {missing}.")
-    return {d: validation.check_int(f"iterations[{d}]", iterations[d], 1) for d in datasets}
-  return {d: validation.check_int("iterations", iterations, 1) for d in datasets}
+      raise ValueError(f"{path('iterations')} has no entry for datasets {missing}.")
+    return {
+      d: validation.check_int(f"{path('iterations')}[{d}]", iterations[d], 1) for d in datasets
+    }
+  return {d: validation.check_int(path("iterations"), iterations, 1) for d in datasets}
 
 
 def _check_settings(settings: Dict[str, Any]) -> Dict[str, Any]:
@@ -84,29 +87,30 @@ def _check_settings(settings: Dict[str, Any]) -> Dict[str, Any]:
     raise ValueError(f"unknown settings {unknown}; expected some of {list(SETTINGS)}.")
   base = Preset()
   st, v = {n: settings.get(n, getattr(base, n)) for n in SETTINGS}, validation
+  at = path  # errors name the field's path: study.num_images
   inf = math.inf
   out = dict(
-    num_images=v.check_int("num_images", st["num_images"], 1),
+    num_images=v.check_int(at("num_images"), st["num_images"], 1),
     defended_fraction=v.check_number(
-      "defended_fraction", st["defended_fraction"], 0, 1, low_open=True
+      at("defended_fraction"), st["defended_fraction"], 0, 1, low_open=True
     ),
     leak_ssim=v.check_number(
-      "leak_ssim",
+      at("leak_ssim"),
       metrics.DEFAULT_LEAK_SSIM if st["leak_ssim"] is None else st["leak_ssim"],
       0,
       1,
       low_open=True,
     ),
     log_resolution=v.check_number(
-      "log_resolution", st["log_resolution"], 1, inf, low_open=True, high_open=True
+      at("log_resolution"), st["log_resolution"], 1, inf, low_open=True, high_open=True
     ),
     linear_resolution=v.check_number(
-      "linear_resolution", st["linear_resolution"], 0, 1, low_open=True
+      at("linear_resolution"), st["linear_resolution"], 0, 1, low_open=True
     ),
-    restarts=v.check_int("restarts", st["restarts"], 1, 64),
-    seed=v.check_int("seed", st["seed"], 0),
-    local_steps=v.check_int("local_steps", st["local_steps"], 1),
-    local_lr=v.check_number("local_lr", st["local_lr"], 0, inf, low_open=True),
+    restarts=v.check_int(at("restarts"), st["restarts"], 1, 64),
+    seed=v.check_int(at("seed"), st["seed"], 0),
+    local_steps=v.check_int(at("local_steps"), st["local_steps"], 1),
+    local_lr=v.check_number(at("local_lr"), st["local_lr"], 0, inf, low_open=True),
     adaptive=bool(st["adaptive"]),
     adaptive_datasets=st["adaptive_datasets"],
     iterations=st["iterations"],
@@ -169,7 +173,7 @@ class ThresholdSearch:
     adaptive_datasets = st["adaptive_datasets"]
     if adaptive_datasets is None:
       adaptive_datasets = self.datasets
-    validation.check_choices("adaptive_datasets", adaptive_datasets, self.datasets)
+    validation.check_choices(path("adaptive_datasets"), adaptive_datasets, self.datasets)
     self.adaptive_datasets = [d for d in self.datasets if d in adaptive_datasets]
     self.data_dir, self.progress = data_dir, progress
     # What fixes a point's scores (resolutions and the fraction only decide which
