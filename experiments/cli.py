@@ -12,13 +12,14 @@ A driver does:
     if __name__ == "__main__":
       cli.run(main)
 
-and gets, for free: flags whose bounds and allowed values are declared on the flag,
-one-line errors with exit code 2 for a bad flag (at parse time) or a `ValueError` raised
-by `main` before it calls `cli.work_begins()` (after its checks; a `UsageError` is one
-line at any time) that names the flags (the library names a configuration field by its
-path, `federated.batch_size`: the line says `--batch_size`; `flag_names`), SIGTERM
-handled like Ctrl-C (clean-up code runs), and no TensorFlow start-up noise. A `ValueError` raised once the work has begun is a bug, not bad input:
-it keeps its traceback. A worker that stops answering is one line, exit code 1.
+and gets, for free: flags whose allowed values are declared on the flag (bounds: on a
+hand-written flag, or the configuration's own check), one-line errors with exit code 2
+for a bad flag (at parse time) or a `ValueError` raised by `main` before it calls
+`cli.work_begins()` (after its checks; a `UsageError` is one line at any time) that names
+the flags (the library names a configuration field by its path, `federated.batch_size`:
+the line says `--batch_size`; `flag_names`), SIGTERM handled like Ctrl-C (clean-up code
+runs), and no TensorFlow start-up noise. A `ValueError` raised once the work has begun is
+a bug, not bad input: it keeps its traceback. A worker that stops answering is one line, exit code 1.
 """
 
 from __future__ import annotations

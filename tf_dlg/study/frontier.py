@@ -1,8 +1,9 @@
 """The privacy-utility frontier: per defence and setting, who is identified and what it costs.
 
 For each defence a preset trains (`convergence_defenses`, by default
-`tf_dlg.study.defense_table.PAPER_DEFENSES`) at the settings of its `frontier` grid (`tf_dlg.study.defense_table`, weakest to strongest), and for DP
-points (the `dp` defence at several noise multipliers), two measurements on the same dataset:
+`tf_dlg.study.defense_table.PAPER_DEFENSES`) at the settings of its `frontier` grid
+(`tf_dlg.study.defense_table`, weakest to strongest), and for DP points (the `dp` defence
+at several noise multipliers), two measurements on the same dataset:
 
 * **privacy**: the top-1 identification rate against the defence's strongest attackers
   (`DefenseRow.strongest_attackers`; an image counts as identified if any of them picks
@@ -96,7 +97,9 @@ def grid(preset: Preset, name: str) -> Tuple[float, ...]:
   """The settings of `name`, weakest first; ValueError if it has none or a bad one."""
   values = tuple((preset.frontier_grids or {}).get(name) or defense_table.row(name).frontier)
   if not values:
-    raise ValueError(f"defence {name!r} has no frontier grid; give grids={{{name!r}: (...)}}.")
+    raise ValueError(
+      f"defence {name!r} has no frontier grid; give {path('frontier_grids')}={{{name!r}: (...)}}."
+    )
   for v in values:
     defense_registry.get_defense(name, v)  # the defence's own range check
   return values

@@ -129,48 +129,51 @@ def check(preset):
 
   p = filled(preset)
 
-  def at(name):  # a fingerprint's name: its field's path
-    return path(FINGERPRINT.get(name, name))
-
   user = (USER_DATA,) if p.model == USER_MODEL else ()  # an audit's own arrays
-  validation.check_choices(at("datasets"), p.datasets, data_lib.DATASETS + user)
-  validation.check_choices(at("trained_datasets"), p.sweep_trained_datasets, p.datasets)
-  validation.check_choices(at("local_work"), p.sweep_local_work, LOCAL_WORK)
-  validation.check_choices(at("attacks"), p.sweep_attacks, ATTACKS)
-  validation.check_choice(at("model"), p.model, (*models.MODELS, USER_MODEL))
-  validation.check_choice(at("client_optimizer"), p.client_optimizer, federated.OPTIMIZERS)
-  for name in ("datasets", "batch_sizes", "local_work", "rounds", "attacks"):
-    if not getattr(p, FINGERPRINT[name]):
-      raise ValueError(f"{at(name)} is empty; give at least one value.")
+  validation.check_choices(path("datasets"), p.datasets, data_lib.DATASETS + user)
+  validation.check_choices(path("sweep_trained_datasets"), p.sweep_trained_datasets, p.datasets)
+  validation.check_choices(path("sweep_local_work"), p.sweep_local_work, LOCAL_WORK)
+  validation.check_choices(path("sweep_attacks"), p.sweep_attacks, ATTACKS)
+  validation.check_choice(path("model"), p.model, (*models.MODELS, USER_MODEL))
+  validation.check_choice(path("client_optimizer"), p.client_optimizer, federated.OPTIMIZERS)
+  for field in (
+    "datasets",
+    "sweep_batch_sizes",
+    "sweep_local_work",
+    "sweep_rounds",
+    "sweep_attacks",
+  ):
+    if not getattr(p, field):
+      raise ValueError(f"{path(field)} is empty; give at least one value.")
   for b in p.sweep_batch_sizes:
-    validation.check_int(at("batch_sizes"), b, 1, 4096)
-  validation.check_int(at("training_rounds"), p.rounds, 1)
+    validation.check_int(path("sweep_batch_sizes"), b, 1, 4096)
+  validation.check_int(path("rounds"), p.rounds, 1)
   for r in p.sweep_rounds:
-    validation.check_int(at("rounds"), r, 0, p.rounds)
-  validation.check_int(at("gallery_size"), p.sweep_gallery, 2)
-  validation.check_int(at("max_simulated_steps"), p.sweep_max_simulated_steps, 1)
-  validation.check_int(at("recon_max_batch"), p.sweep_recon_max_batch, 1, 64)
-  validation.check_int(at("min_images"), p.sweep_min_images, 1, 4096)
-  validation.check_int(at("recon_iterations"), p.sweep_recon_iterations, 1)
-  validation.check_number(at("tv_weight"), p.sweep_tv_weight, 0, float("inf"))
-  validation.check_int(at("sweep_chunk"), p.sweep_chunk, 1, 100_000)
-  validation.check_int(at("num_clients"), p.num_clients, 1)
-  validation.check_int(at("train_examples"), p.train_examples, p.num_clients)
-  validation.check_int(at("test_examples"), p.test_examples, 1)
-  validation.check_int(at("batch_size"), p.batch_size, 1)
-  validation.check_int(at("local_epochs"), p.local_epochs, 1)
-  validation.check_int(at("seed"), p.seed, 0)
+    validation.check_int(path("sweep_rounds"), r, 0, p.rounds)
+  validation.check_int(path("sweep_gallery"), p.sweep_gallery, 2)
+  validation.check_int(path("sweep_max_simulated_steps"), p.sweep_max_simulated_steps, 1)
+  validation.check_int(path("sweep_recon_max_batch"), p.sweep_recon_max_batch, 1, 64)
+  validation.check_int(path("sweep_min_images"), p.sweep_min_images, 1, 4096)
+  validation.check_int(path("sweep_recon_iterations"), p.sweep_recon_iterations, 1)
+  validation.check_number(path("sweep_tv_weight"), p.sweep_tv_weight, 0, float("inf"))
+  validation.check_int(path("sweep_chunk"), p.sweep_chunk, 1, 100_000)
+  validation.check_int(path("num_clients"), p.num_clients, 1)
+  validation.check_int(path("train_examples"), p.train_examples, p.num_clients)
+  validation.check_int(path("test_examples"), p.test_examples, 1)
+  validation.check_int(path("batch_size"), p.batch_size, 1)
+  validation.check_int(path("local_epochs"), p.local_epochs, 1)
+  validation.check_int(path("seed"), p.seed, 0)
   validation.check_number(
-    at("client_lr"), p.client_lr, 0, float("inf"), low_open=True, high_open=True
+    path("client_lr"), p.client_lr, 0, float("inf"), low_open=True, high_open=True
   )
   if p.sweep_epoch_examples is not None:
-    validation.check_int(at("epoch_examples"), p.sweep_epoch_examples, 1, share(p))
+    validation.check_int(path("sweep_epoch_examples"), p.sweep_epoch_examples, 1, share(p))
   for d in p.sweep_defenses:
     if not (isinstance(d, (tuple, list)) and len(d) == 2):
-      raise ValueError(f"{at('defenses')} entry {d!r} must be a (name, parameter) pair.")
+      raise ValueError(f"{path('sweep_defenses')} entry {d!r} must be a (name, parameter) pair.")
     if d[0] == UNDEFENDED:
       raise ValueError(
-        f"{at('defenses')} lists defended settings; the undefended row is always run."
+        f"{path('sweep_defenses')} lists defended settings; the undefended row is always run."
       )
     defenses.get_defense(d[0], d[1])  # its own ValueError names the range
   return p

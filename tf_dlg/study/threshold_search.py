@@ -87,30 +87,29 @@ def _check_settings(settings: Dict[str, Any]) -> Dict[str, Any]:
     raise ValueError(f"unknown settings {unknown}; expected some of {list(SETTINGS)}.")
   base = Preset()
   st, v = {n: settings.get(n, getattr(base, n)) for n in SETTINGS}, validation
-  at = path  # errors name the field's path: study.num_images
   inf = math.inf
   out = dict(
-    num_images=v.check_int(at("num_images"), st["num_images"], 1),
+    num_images=v.check_int(path("num_images"), st["num_images"], 1),
     defended_fraction=v.check_number(
-      at("defended_fraction"), st["defended_fraction"], 0, 1, low_open=True
+      path("defended_fraction"), st["defended_fraction"], 0, 1, low_open=True
     ),
     leak_ssim=v.check_number(
-      at("leak_ssim"),
+      path("leak_ssim"),
       metrics.DEFAULT_LEAK_SSIM if st["leak_ssim"] is None else st["leak_ssim"],
       0,
       1,
       low_open=True,
     ),
     log_resolution=v.check_number(
-      at("log_resolution"), st["log_resolution"], 1, inf, low_open=True, high_open=True
+      path("log_resolution"), st["log_resolution"], 1, inf, low_open=True, high_open=True
     ),
     linear_resolution=v.check_number(
-      at("linear_resolution"), st["linear_resolution"], 0, 1, low_open=True
+      path("linear_resolution"), st["linear_resolution"], 0, 1, low_open=True
     ),
-    restarts=v.check_int(at("restarts"), st["restarts"], 1, 64),
-    seed=v.check_int(at("seed"), st["seed"], 0),
-    local_steps=v.check_int(at("local_steps"), st["local_steps"], 1),
-    local_lr=v.check_number(at("local_lr"), st["local_lr"], 0, inf, low_open=True),
+    restarts=v.check_int(path("restarts"), st["restarts"], 1, 64),
+    seed=v.check_int(path("seed"), st["seed"], 0),
+    local_steps=v.check_int(path("local_steps"), st["local_steps"], 1),
+    local_lr=v.check_number(path("local_lr"), st["local_lr"], 0, inf, low_open=True),
     adaptive=bool(st["adaptive"]),
     adaptive_datasets=st["adaptive_datasets"],
     iterations=st["iterations"],
