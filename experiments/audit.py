@@ -23,8 +23,7 @@ from absl import flags
 # First: imports TensorFlow quietly and before absl's app.run (see experiments.cli).
 from experiments import cli
 from tf_dlg import data as data_lib
-from tf_dlg.federated import OPTIMIZERS
-from tf_dlg.federated.config import FederatedConfig
+from tf_dlg.federated.config import FederatedConfig, field_choices
 from tf_dlg.study.presets import Preset
 
 FLAGS = flags.FLAGS
@@ -37,7 +36,7 @@ cli.register_flag_names({"federated.dataset": "data"})
 cli.define_config_flags(
   FederatedConfig,
   ("batch_size", "num_clients", "client_optimizer", "client_lr", "rounds", "clients_per_round"),
-  choices={"client_optimizer": OPTIMIZERS},
+  choices={"client_optimizer": field_choices()["client_optimizer"]},
   helps={
     "batch_size": "Client batch size.",
     "num_clients": "Clients sharing the data (a client's share).",

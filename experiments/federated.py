@@ -25,7 +25,7 @@ from absl import flags
 # First: imports TensorFlow quietly and before absl's app.run (see experiments.cli).
 from experiments import cli
 from tf_dlg import data as data_lib
-from tf_dlg import defenses, federated, models
+from tf_dlg import defenses
 from tf_dlg import io as io_lib
 
 FLAGS = flags.FLAGS
@@ -34,20 +34,11 @@ FLAGS = flags.FLAGS
 def define_flags():
   """The driver's flags (defined on demand, so drivers can share one process): every
   `FederatedConfig` field, with its default and documentation, and the run's own."""
-  from tf_dlg.federated.config import FederatedConfig
+  from tf_dlg.federated.config import FederatedConfig, field_choices
 
   cli.define_config_flags(
     FederatedConfig,
-    choices={
-      "dataset": data_lib.DATASETS,
-      "partition": data_lib.PARTITION_SCHEMES,
-      "model": models.MODELS,
-      "aggregator": federated.AGGREGATORS,
-      "defense": list(dict.fromkeys(["none", *defenses.DEFENSES])),
-      "malicious_mode": federated.MALICIOUS_MODES,
-      "client_optimizer": federated.OPTIMIZERS,
-      "server_optimizer": federated.OPTIMIZERS,
-    },
+    choices={**field_choices(), "defense": list(dict.fromkeys(["none", *defenses.DEFENSES]))},
     helps={"seed": "Seed of everything random in the run."},
   )
   flags.DEFINE_string(

@@ -15,12 +15,30 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 from tf_dlg import validation
 
 # Errors name a field by its path in the configuration tree: `federated.batch_size`.
 SECTION = "federated"
+
+
+def field_choices() -> Dict[str, Tuple[str, ...]]:
+  """{field: its allowed values} of the fields that name one of a list: what
+  `FederatedConfig` checks, and what a driver's enum flags offer."""
+  from tf_dlg import data as data_lib
+  from tf_dlg import federated
+  from tf_dlg import models as models_lib
+
+  return {
+    "dataset": tuple(data_lib.DATASETS),
+    "partition": tuple(data_lib.PARTITION_SCHEMES),
+    "model": tuple(models_lib.MODELS),
+    "aggregator": tuple(federated.AGGREGATORS),
+    "malicious_mode": tuple(federated.MALICIOUS_MODES),
+    "client_optimizer": tuple(federated.OPTIMIZERS),
+    "server_optimizer": tuple(federated.OPTIMIZERS),
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,19 +123,7 @@ class FederatedConfig:
 
   def _check_fields(self) -> None:
     """ValueError naming the bad value and the allowed range."""
-    from tf_dlg import data as data_lib
-    from tf_dlg import federated
-    from tf_dlg import models as models_lib
-
-    for name, allowed in (
-      ("dataset", data_lib.DATASETS),
-      ("partition", data_lib.PARTITION_SCHEMES),
-      ("model", models_lib.MODELS),
-      ("aggregator", federated.AGGREGATORS),
-      ("malicious_mode", federated.MALICIOUS_MODES),
-      ("client_optimizer", federated.OPTIMIZERS),
-      ("server_optimizer", federated.OPTIMIZERS),
-    ):
+    for name, allowed in field_choices().items():
       validation.check_choice(f"{SECTION}.{name}", getattr(self, name), allowed)
     validation.check_int(f"{SECTION}.num_clients", self.num_clients, 1)
     if self.clients_per_round is not None:
