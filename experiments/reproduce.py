@@ -34,31 +34,35 @@ def command_line() -> str:
   return " ".join([os.path.basename(sys.executable), "-m", "experiments.reproduce"] + sys.argv[1:])
 
 
-# Flags that override a preset field of the same name when given explicitly.
-OVERRIDE_FLAGS = (
-  "datasets",
-  "defenses",
-  "convergence_defenses",
-  "partitions",
-  "adaptive_attacks",
-  "attack",
-  "num_images",
-  "iterations",
-  "restarts",
-  "rounds",
-  "num_clients",
-  "seeds",
-  "train_examples",
-  "convergence_dataset",
-  "adaptive",
-  "seed",
-  "data_dir",
-  "leak_ssim",
-  "engine",
-  "dp_multipliers",
-  "frontier_images",
-  "sweep_gallery",
-)
+# Flags that override a preset field of the same name when given explicitly, and their
+# help (their types and checks are the `Preset` fields').
+HELPS = {
+  "datasets": "Override the preset's datasets.",
+  "defenses": "Override the preset's defences.",
+  "convergence_defenses": "Defences trained in FedAvg.",
+  "partitions": "Client partitions of the convergence runs.",
+  "adaptive_attacks": "Attacks that re-score the thresholds.",
+  "attack": "Attack of the plain threshold search.",
+  "num_images": "Images per dataset.",
+  "iterations": "Attack iterations (every dataset).",
+  "restarts": "Attack restarts per image.",
+  "rounds": "FedAvg rounds.",
+  "num_clients": "FedAvg clients.",
+  "seeds": "Seeds per convergence cell.",
+  "train_examples": "Seeded training subset of the FedAvg runs.",
+  "convergence_dataset": "Dataset of the FedAvg runs.",
+  "adaptive": "Also search adaptive thresholds and train at them.",
+  "seed": "First seed of everything.",
+  "data_dir": "tfds data directory (paper preset).",
+  "leak_ssim": "Adjusted-SSIM leak bar (default metrics.DEFAULT_LEAK_SSIM).",
+  "engine": "Federated engine of every training stage: TFF, or Flower's simulation engine "
+  "on Ray (.venv-k3, no TFF; RAY_ADDRESS for a Ray cluster). Recorded in every output.",
+  "dp_multipliers": "The frontier's DP noise multipliers (default: the dp spec's grid); empty "
+  "for none (DP points need tensorflow-privacy and dp-accounting, absent from .venv-k3).",
+  "frontier_images": "Images attacked per frontier setting.",
+  "sweep_gallery": "sweep preset: gallery images (70,000 = all of MNIST).",
+}
+OVERRIDE_FLAGS = tuple(HELPS)
 
 
 def settings_from_flags(flags_obj) -> Preset:
@@ -111,35 +115,6 @@ def run_sweep(output_dir: str, settings: Preset) -> None:
   with open(paths["report"], encoding="utf-8") as f:
     print(f.read().split("\n\n", 2)[1])  # the report's opening line
   print(f"[reproduce] sweep: {paths['csv']}, {paths['report']}; {time.time() - start:.0f} s")
-
-
-# Help of the override flags; their names, types and checks are the `Preset` fields'.
-HELPS = {
-  "datasets": "Override the preset's datasets.",
-  "defenses": "Override the preset's defences.",
-  "convergence_defenses": "Defences trained in FedAvg.",
-  "partitions": "Client partitions of the convergence runs.",
-  "adaptive_attacks": "Attacks that re-score the thresholds.",
-  "attack": "Attack of the plain threshold search.",
-  "num_images": "Images per dataset.",
-  "iterations": "Attack iterations (every dataset).",
-  "restarts": "Attack restarts per image.",
-  "rounds": "FedAvg rounds.",
-  "num_clients": "FedAvg clients.",
-  "seeds": "Seeds per convergence cell.",
-  "train_examples": "Seeded training subset of the FedAvg runs.",
-  "convergence_dataset": "Dataset of the FedAvg runs.",
-  "adaptive": "Also search adaptive thresholds and train at them.",
-  "seed": "First seed of everything.",
-  "data_dir": "tfds data directory (paper preset).",
-  "leak_ssim": "Adjusted-SSIM leak bar (default metrics.DEFAULT_LEAK_SSIM).",
-  "engine": "Federated engine of every training stage: TFF, or Flower's simulation engine "
-  "on Ray (.venv-k3, no TFF; RAY_ADDRESS for a Ray cluster). Recorded in every output.",
-  "dp_multipliers": "The frontier's DP noise multipliers (default: the dp spec's grid); empty "
-  "for none (DP points need tensorflow-privacy and dp-accounting, absent from .venv-k3).",
-  "frontier_images": "Images attacked per frontier setting.",
-  "sweep_gallery": "sweep preset: gallery images (70,000 = all of MNIST).",
-}
 
 
 def define_flags():

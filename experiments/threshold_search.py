@@ -83,22 +83,8 @@ from tf_dlg.study import threshold_search as search_lib
 from tf_dlg.study.presets import Preset
 from tf_dlg.study.threshold_search import ThresholdSearch
 
-# The search's settings: `Preset` fields (the study section), their defaults and checks;
-# a bad value is one line naming its flag.
-SETTINGS = (
-  "datasets",
-  "defenses",
-  "adaptive",
-  "num_images",
-  "restarts",
-  "log_resolution",
-  "linear_resolution",
-  "leak_ssim",
-  "defended_fraction",
-  "iterations",
-  "seed",
-  "data_dir",
-)
+# The search's settings: `Preset` fields (the study section), their defaults and checks
+# (a bad value is one line naming its flag), with their help.
 HELPS = {
   "datasets": "Datasets to search.",
   "defenses": "Defences to search.",
@@ -114,6 +100,7 @@ HELPS = {
   "seed": "Seed of everything random in the run.",
   "data_dir": "tfds data directory (tfds datasets only; must exist).",
 }
+SETTINGS = tuple(HELPS)
 
 
 def main(argv):
