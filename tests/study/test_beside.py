@@ -53,7 +53,7 @@ def _lines(log, n, timeout=120.0):
 
 
 def test_trains_the_baseline_at_once_then_each_newest_offer(log):
-  trainer = beside.TrainBesideSearch(functools.partial(fake_make, str(log)))
+  trainer = beside.TrainBeside(functools.partial(fake_make, str(log)))
   assert _lines(log, 1) == [{}]  # before any offer: the baseline only
   trainer.offer({"masking": (0.1, "plain threshold")})
   assert _lines(log, 2)[1] == {"masking": [0.1, "plain threshold"]}
@@ -64,7 +64,7 @@ def test_trains_the_baseline_at_once_then_each_newest_offer(log):
 
 
 def test_an_error_in_the_child_reaches_the_caller_with_its_type(log):
-  trainer = beside.TrainBesideSearch(functools.partial(fake_make, str(log)))
+  trainer = beside.TrainBeside(functools.partial(fake_make, str(log)))
   _lines(log, 1)
   trainer.offer({"refused": (1.0, "")})
   _lines(log, 2)
@@ -78,7 +78,7 @@ def test_an_error_in_the_child_reaches_the_caller_with_its_type(log):
 
 
 def test_a_parameter_that_changes_is_refused(log):
-  trainer = beside.TrainBesideSearch(functools.partial(fake_make, str(log)))
+  trainer = beside.TrainBeside(functools.partial(fake_make, str(log)))
   trainer.offer({"masking": (0.1, "")})
   with pytest.raises(RuntimeError, match=r"parameters \['masking'\] changed"):
     trainer.offer({"masking": (0.2, "")})
@@ -86,7 +86,7 @@ def test_a_parameter_that_changes_is_refused(log):
 
 
 def test_stop_without_waiting_ends_the_child_at_once(log):
-  trainer = beside.TrainBesideSearch(functools.partial(fake_make, str(log)))
+  trainer = beside.TrainBeside(functools.partial(fake_make, str(log)))
   trainer.offer({"slow": (1.0, "")})
   deadline = time.time() + 120
   while "slow" not in (log.read_text() if log.exists() else ""):  # it has started
@@ -102,7 +102,7 @@ def test_a_killed_child_is_named_killed_not_pointed_at_an_error_above(log):
   """Killing the child (OOM killer, a user) says so; it printed no error to point at."""
   import signal
 
-  trainer = beside.TrainBesideSearch(functools.partial(fake_make, str(log)))
+  trainer = beside.TrainBeside(functools.partial(fake_make, str(log)))
   trainer.offer({"slow": (1.0, "")})
   deadline = time.time() + 120
   while "slow" not in (log.read_text() if log.exists() else ""):

@@ -3,6 +3,9 @@
 import csv
 import os
 import shutil
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -392,3 +395,75 @@ def test_a_label_confined_to_some_cells_trains_only_there(tmp_path, fake_simulat
       partitions=("iid",),
       dataset="digits",
     ).confine({"masking": [("mean", "dirichlet")]})
+
+
+def _write_history(run_dir, rounds, accuracy):
+  from tf_dlg.federated import simulation
+
+  with open(os.path.join(run_dir, simulation.HISTORY_NAME), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=simulation.HISTORY_FIELDS)
+    w.writeheader()
+    for r in range(1, rounds + 1):
+      w.writerow(
+        dict(
+          round=r,
+          train_loss=1.0,
+          train_accuracy=0.5,
+          seconds=0.1,
+          test_loss=1.0,
+          test_accuracy=accuracy,
+        )
+      )
+
+
+def test_a_run_another_process_holds_is_left_to_it_and_read_once_it_is_done(
+  tmp_path, fake_simulation
+):
+  """Two trainers share a grid: neither trains a run the other holds; `run` waits for it."""
+  conv = _grid(tmp_path, seeds=(0, 1))
+  held_dir = conv.run_dir("mean", "iid", "masking", 1)
+  conv.prepare()
+  holding, release = threading.Event(), threading.Event()
+
+  def other_trainer():  # a second open file: flock treats it as another holder
+    with run_store.hold(held_dir, wait=True) as held:
+      assert held
+      holding.set()
+      release.wait(30)
+      run_store.claim_cell(held_dir, conv.fingerprints[("mean", "iid", "masking", 1)])
+      _write_history(held_dir, 2, accuracy=0.5)
+
+  other = threading.Thread(target=other_trainer)
+  other.start()
+  assert holding.wait(30)
+  assert conv.train() == 3  # (none, masking) x 2 seeds, but the held one
+  assert ("mean_iid_masking/seed1", 1, 0.1) not in fake_simulation
+  with run_store.hold(held_dir, wait=False) as held:
+    assert not held
+  threading.Timer(0.5, release.set).start()
+  rows = conv.run()  # waits for the other trainer, then reads its run
+  other.join()
+  assert len(fake_simulation) == 3
+  masking = next(r for r in rows if r["label"] == "masking")
+  assert masking["per_seed"].split() == ["0.0500", "0.5000"]
+
+
+def test_a_hold_ends_with_its_process(tmp_path):
+  """A killed trainer leaves no stale hold: the next process takes the run at once."""
+  code = (
+    "import sys, time; from tf_dlg.study import run_store\n"
+    "with run_store.hold(sys.argv[1], wait=False) as held:\n"
+    "  print(held, flush=True); time.sleep(120)\n"
+  )
+  child = subprocess.Popen(
+    [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True
+  )
+  try:
+    assert child.stdout.readline().strip() == "True"
+    with run_store.hold(str(tmp_path), wait=False) as held:
+      assert not held
+  finally:
+    child.kill()
+    child.wait()
+  with run_store.hold(str(tmp_path), wait=False) as held:
+    assert held

@@ -1,12 +1,14 @@
-"""Training beside the threshold search: the convergence runs whose settings are known.
+"""Training beside the pipeline: the convergence runs whose settings are known.
 
 The search's attacks run in the pipeline's process, a FedAvg round in a TFF worker; each
 leaves part of the 2 cores idle (measured side by side: the search at 0.71 and training
-at 0.54 of their speed alone, 1.25x the work per second). So while the search runs, a
-child process trains: the undefended baseline at once (it needs no threshold), and each
-defence once its cell is searched (`TrainBesideSearch.offer`, after every cell). It
-trains through the same `Convergence` run folders as the stage after the search, which
-then finds those runs finished (resume), so every number is that of a run without it.
+at 0.54 of their speed alone, 1.25x the work per second; two trainers: 1.3x the runs per
+second of one). So a child process trains: the undefended baseline at once (it needs no
+threshold), each defence once its cell is searched (`TrainBeside.offer`, after every
+cell), and, with TFF, on through the convergence stage, which trains the same grid from
+its other end. Both go through the same `Convergence` run folders, each holding the run
+it trains (`run_store.hold`); the stage reads the child's runs as finished ones (resume),
+so every number is that of a run trained alone.
 
 A child process, not a thread: Keras models built while another thread traces a TFF
 computation in a `tf.Graph` context fail ("Layer or Model is in an invalid state"). It
@@ -28,7 +30,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 Params = Dict[str, Tuple[float, str]]
 
 
-class TrainBesideSearch:
+class TrainBeside:
   """Runs `make(params).train(stop)` in a child process for each newest `params`.
 
   `make` must be picklable (e.g. a `functools.partial` of a module-level function); it

@@ -254,21 +254,32 @@ class Convergence:
       if (aggregator, partition, label, seed) in self.configs
     ]
 
-  def train(self, stop: Optional[Callable[[], bool]] = None) -> int:
+  def train(self, stop: Optional[Callable[[], bool]] = None, from_end: bool = False) -> int:
     """Trains (or resumes) the runs not finished yet, without writing tables.
 
-    `stop()` is asked before each run; True ends the loop there (a run in flight
-    finishes). Returns how many runs it trained.
+    A run another process is training is skipped (`run_store.hold`), so two processes
+    can share the grid, best from opposite ends (`from_end`: in reverse order). `stop()`
+    is asked before each run; True ends the loop there (a run in flight finishes).
+    Returns how many runs it trained.
     """
     self.prepare()
+    keys = self.keys()
     trained = 0
-    for key in self.keys():
+    for key in reversed(keys) if from_end else keys:
       if stop is not None and stop():
         break
-      if not self._finished(key):
-        self._train(key)
-        trained += 1
+      trained += self._train_unheld(key)
     return trained
+
+  def _train_unheld(self, key) -> bool:
+    """Trains `key` unless it is finished or another process holds it; whether it did."""
+    if self._finished(key):
+      return False
+    with run_store.hold(self.run_dir(*key), wait=False) as held:
+      if held and not self._finished(key):
+        self._train(key)
+        return True
+    return False
 
   def run(self) -> List[Dict[str, Any]]:
     """Trains (or resumes) every run; writes the table and figure; returns the rows."""
@@ -276,12 +287,21 @@ class Convergence:
 
     self.prepare()
     bar = tqdm(total=len(self.configs), desc="convergence", unit="run", disable=not self.progress)
+    # A process beside this one (`tf_dlg.study.beside`) may train the grid from the
+    # front: this one trains from the end, then waits for each run the other holds.
+    counted = set()
+    for key in reversed(self.keys()):
+      bar.set_postfix_str("/".join(map(str, key)))
+      if self._train_unheld(key):
+        counted.add(key)
+        bar.update(1)
     done = {}
     for key in self.keys():
-      bar.set_postfix_str("/".join(map(str, key)))
-      history = self._train(key)
+      with run_store.hold(self.run_dir(*key), wait=True):
+        history = self._train(key)  # reads a finished run; trains one the other left
       done[key] = (key[3], history, convergence_stats.clipped_fraction(history))
-      bar.update(1)
+      if key not in counted:
+        bar.update(1)
     rows = [
       dict(
         aggregator=a,

@@ -3,19 +3,24 @@
 A run folder is reused only by the configuration that wrote its `cell.json` (a
 `FederatedConfig` and the data's source); another one, or a folder with a run but no
 cell.json, is refused with a `CellError` naming the file and the differing keys.
+While a process trains a run it holds the folder's lock (`hold`), so that two processes
+can share one grid without training a run twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
 
 from tf_dlg import io as io_lib
 
 CELL_NAME = "cell.json"
 CELL_FORMAT = "tf_dlg.convergence.cell/v2"
+LOCK_NAME = ".training.lock"
 
 
 class CellError(ValueError):
@@ -76,3 +81,24 @@ def claim_cell(run_dir: str, fingerprint: Dict[str, Any]) -> None:
   if not os.path.exists(path):
     text = io_lib.dumps({"format": CELL_FORMAT, "config": fingerprint}, indent=1, sort_keys=True)
     io_lib.atomic_write_text(path, text + "\n")
+
+
+@contextlib.contextmanager
+def hold(run_dir: str, wait: bool) -> Iterator[bool]:
+  """Holds `run_dir` while the body trains it; yields whether it is held.
+
+  `wait=False` yields False at once when another process holds it. An OS file lock
+  (flock), not a marker file: it ends with the process that holds it, so a killed run
+  leaves nothing to clean up before a resume.
+  """
+  os.makedirs(run_dir, exist_ok=True)
+  fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+      held = True
+    except BlockingIOError:
+      held = False
+    yield held
+  finally:
+    os.close(fd)  # releases the lock
