@@ -29,6 +29,7 @@ DRIVERS = (
   "benchmarks.round_speed",
   "benchmarks.plain_fedavg",
   "benchmarks.lbfgs_products",
+  "benchmarks.shared_training",
 )
 # Options of other tools the README shows (pytest -m, pip --no-deps, ruff format --check,
 # tensorboard --logdir, test.sh --slow, pytest-xdist --dist), not of a Python driver.

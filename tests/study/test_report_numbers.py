@@ -102,7 +102,9 @@ def test_runs_trained_beside_the_search_are_kept_and_counted(run):
   for path, mtime in run["beside_runs"].items():
     assert path.stat().st_mtime_ns == mtime, f"{path} was trained again after the search"
   md = (run["out"] / "report.md").read_text()
-  m = re.search(r"convergence \((\d+) of its runs? trained beside, during the search or after it\)", md)
+  m = re.search(
+    r"convergence \((\d+) of its runs? trained beside, during the search or after it\)", md
+  )
   assert m and int(m.group(1)) >= len(run["beside_runs"]), md
 
 
