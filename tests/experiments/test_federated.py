@@ -109,6 +109,10 @@ def test_entry_point_bad_flag_is_one_clear_error(tmp_path):
       "error: --defense_param=0.3 is set but --defense='none'",
     ),
     (
+      ["--defense=masking"],
+      "error: Defence 'masking' needs a parameter; none was given (--defense_param=None)",
+    ),
+    (
       ["--client_optimizer=adamw"],
       "error: flag --client_optimizer=adamw: value should be one of <sgd|sgdm|adam>",
     ),

@@ -30,7 +30,8 @@ def test_resume_with_fewer_rounds_is_refused_and_equal_rounds_is_a_no_op(
   assert text.splitlines()[0] == ",".join(sim.HISTORY_FIELDS)
   with pytest.raises(
     sim.CheckpointError,
-    match=r"already holds 2 rounds, more than rounds=1; use rounds in \[2, inf\]",
+    match=r"already holds 2 rounds, more than federated\.rounds=1; use federated\.rounds in "
+    r"\[2, inf\]",
   ):
     _run(dataclasses.replace(sim_config, rounds=1), tmp_path, digits, mean_fedavg)
   assert hist.read_text() == text  # refused before anything was rewritten

@@ -62,6 +62,11 @@ def _strip(history):
     ("client_lr", float("nan"), r"^federated\.client_lr=nan must be a number in \(0, inf\)"),
     ("capture_round", 5, r"^federated\.capture_round=5 must be an integer in \[1, 3\]"),
     ("defense_param", 0.3, r"^federated\.defense_param=0.3 is set but federated\.defense='none'"),
+    (
+      "defense",
+      "masking",
+      r"^Defence 'masking' needs a parameter; none was given \(federated\.defense_param=None\)",
+    ),
   ],
 )
 def test_config_errors_name_value_and_range(sim_config, digits, field, value, match):

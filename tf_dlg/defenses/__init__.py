@@ -118,13 +118,17 @@ for _cls in (
   register(_cls)
 
 
-def check_param(name: str, param: Optional[float] = None):
-  """`param`, checked for defence `name` without building it (ValueError naming it)."""
+def check_param(name: str, param: Optional[float] = None, at: str = "param"):
+  """`param`, checked for defence `name` without building it (ValueError naming it).
+
+  `at`: how the caller's user names the parameter, for the error when it is missing
+  (a configuration gives its field path, which the drivers turn into their flag).
+  """
   cls = _class(name)
   if cls is NoDefense:
     return None
   if param is None:
-    raise ValueError(f"Defence {name!r} needs a parameter (--defense_param).")
+    raise ValueError(f"Defence {name!r} needs a parameter; none was given ({at}=None).")
   return cls.check(param)
 
 

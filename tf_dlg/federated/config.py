@@ -153,7 +153,8 @@ class FederatedConfig:
         f"{SECTION}.defense_param={self.defense_param!r} is set but {SECTION}.defense="
         f"{self.defense!r}; set a defence or drop the parameter."
       )
-    defenses.check_param(self.defense, self.defense_param)  # its own ValueError
+    # Its own ValueError (a value out of range names the defence's parameter).
+    defenses.check_param(self.defense, self.defense_param, at=f"{SECTION}.defense_param")
 
   def _check_capture(self) -> None:
     if self.capture_round is not None:

@@ -17,7 +17,7 @@ from typing import Dict, List
 import numpy as np
 
 from tf_dlg import io as io_lib
-from tf_dlg.federated.config import FederatedConfig
+from tf_dlg.federated.config import SECTION, FederatedConfig
 
 HISTORY_FIELDS = (
   "round",
@@ -179,6 +179,7 @@ def check_resume(config: FederatedConfig, hist_path: str, ckpt_path: str) -> Non
   # A resumed run never reports rounds past the ones asked for: it cannot undo them.
   if done > config.rounds:
     raise CheckpointError(
-      f"{hist_path!r} already holds {done} rounds, more than rounds={config.rounds}; "
-      f"use rounds in [{done}, inf] to resume it, or another --output_dir."
+      f"{hist_path!r} already holds {done} rounds, more than {SECTION}.rounds="
+      f"{config.rounds}; use {SECTION}.rounds in [{done}, inf] to resume it, or another "
+      "--output_dir."
     )

@@ -81,6 +81,7 @@ def _defense(s):
   from tf_dlg import defenses
 
   try:
+    defenses.check_param(s.defense, s.defense_param, at="defense_param")
     return defenses.get_defense(s.defense, s.defense_param)
   except (KeyError, TypeError) as e:
     raise ValueError(f"defense={s.defense!r} defense_param={s.defense_param!r}: {e}") from e
