@@ -467,3 +467,13 @@ def test_a_hold_ends_with_its_process(tmp_path):
     child.wait()
   with run_store.hold(str(tmp_path), wait=False) as held:
     assert held
+
+
+def test_the_progress_bar_counts_runs_finished_by_any_trainer(tmp_path, fake_simulation, capsys):
+  """Runs another trainer finished count at once; the bar ends at every run."""
+  _grid(tmp_path, seeds=(0,)).train()  # the other trainer: both runs of seed 0
+  _grid(tmp_path, seeds=(0, 1), progress=True).run()
+  err = capsys.readouterr().err
+  # 2/4 before this process trains anything (never 1/4), then 3/4, 4/4.
+  assert "2/4" in err and "1/4" not in err and "4/4" in err, err[-500:]
+  assert len(fake_simulation) == 4  # seed 0 once, seed 1 once

@@ -287,21 +287,24 @@ class Convergence:
 
     self.prepare()
     bar = tqdm(total=len(self.configs), desc="convergence", unit="run", disable=not self.progress)
+
     # A process beside this one (`tf_dlg.study.beside`) may train the grid from the
     # front: this one trains from the end, then waits for each run the other holds.
-    counted = set()
-    for key in reversed(self.keys()):
+    def show(key):  # finished runs, whichever process trained them
+      bar.n = sum(self._finished(k) for k in self.configs)
       bar.set_postfix_str("/".join(map(str, key)))
-      if self._train_unheld(key):
-        counted.add(key)
-        bar.update(1)
+
+    for key in reversed(self.keys()):
+      show(key)
+      self._train_unheld(key)
     done = {}
     for key in self.keys():
+      show(key)
       with run_store.hold(self.run_dir(*key), wait=True):
         history = self._train(key)  # reads a finished run; trains one the other left
       done[key] = (key[3], history, convergence_stats.clipped_fraction(history))
-      if key not in counted:
-        bar.update(1)
+    bar.n = len(self.configs)
+    bar.refresh()
     rows = [
       dict(
         aggregator=a,
