@@ -15,7 +15,6 @@ fails unless every run's history (seconds aside) is the same both ways.
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -83,11 +82,13 @@ def _histories(conv) -> dict:
   """{run: its history rows without the seconds column}."""
   from tf_dlg.federated import simulation
 
-  found = {}
-  for key in conv.keys():
-    with open(os.path.join(conv.run_dir(*key), simulation.HISTORY_NAME), newline="") as f:
-      found[key] = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
-  return found
+  return {
+    key: [
+      {k: v for k, v in row.items() if k != "seconds"}
+      for row in simulation.read_history(os.path.join(conv.run_dir(*key), simulation.HISTORY_NAME))
+    ]
+    for key in conv.keys()
+  }
 
 
 def main(argv):

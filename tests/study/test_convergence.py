@@ -21,6 +21,21 @@ from tf_dlg.study import (
 )
 
 
+def _write_history(run_dir, accuracies):
+  """A history.csv of one round per test accuracy (made-up losses and seconds)."""
+  from tf_dlg.federated import simulation
+
+  with open(os.path.join(run_dir, simulation.HISTORY_NAME), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=simulation.HISTORY_FIELDS)
+    w.writeheader()
+    for r, acc in enumerate(accuracies, 1):
+      w.writerow(
+        dict(
+          round=r, train_loss=1.0, train_accuracy=0.5, seconds=0.1, test_loss=1.0, test_accuracy=acc
+        )
+      )
+
+
 @pytest.fixture
 def fake_simulation(monkeypatch):
   """Replaces TFF training by made-up rounds (accuracy depends on seed and parameter)."""
@@ -38,21 +53,10 @@ def fake_simulation(monkeypatch):
       )
     )
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, simulation.HISTORY_NAME), "w", newline="") as f:
-      w = csv.DictWriter(f, fieldnames=simulation.HISTORY_FIELDS)
-      w.writeheader()
-      for r in range(1, config.rounds + 1):
-        acc = 0.1 * r + 0.01 * config.seed - (config.defense_param or 0)
-        w.writerow(
-          dict(
-            round=r,
-            train_loss=1.0,
-            train_accuracy=0.5,
-            seconds=0.1,
-            test_loss=1.0,
-            test_accuracy=acc,
-          )
-        )
+    param = config.defense_param or 0
+    _write_history(
+      out_dir, [0.1 * r + 0.01 * config.seed - param for r in range(1, config.rounds + 1)]
+    )
 
   monkeypatch.setattr(simulation, "build_for_config", lambda config, dataset: object())
   monkeypatch.setattr(simulation, "run_simulation", fake_run)
@@ -397,25 +401,6 @@ def test_a_label_confined_to_some_cells_trains_only_there(tmp_path, fake_simulat
     ).confine({"masking": [("mean", "dirichlet")]})
 
 
-def _write_history(run_dir, rounds, accuracy):
-  from tf_dlg.federated import simulation
-
-  with open(os.path.join(run_dir, simulation.HISTORY_NAME), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=simulation.HISTORY_FIELDS)
-    w.writeheader()
-    for r in range(1, rounds + 1):
-      w.writerow(
-        dict(
-          round=r,
-          train_loss=1.0,
-          train_accuracy=0.5,
-          seconds=0.1,
-          test_loss=1.0,
-          test_accuracy=accuracy,
-        )
-      )
-
-
 def test_a_run_another_process_holds_is_left_to_it_and_read_once_it_is_done(
   tmp_path, fake_simulation
 ):
@@ -431,7 +416,7 @@ def test_a_run_another_process_holds_is_left_to_it_and_read_once_it_is_done(
       holding.set()
       release.wait(30)
       run_store.claim_cell(held_dir, conv.fingerprints[("mean", "iid", "masking", 1)])
-      _write_history(held_dir, 2, accuracy=0.5)
+      _write_history(held_dir, [0.5, 0.5])
 
   other = threading.Thread(target=other_trainer)
   other.start()

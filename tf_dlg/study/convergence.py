@@ -290,8 +290,11 @@ class Convergence:
 
     # A process beside this one (`tf_dlg.study.beside`) may train the grid from the
     # front: this one trains from the end, then waits for each run the other holds.
-    def show(key):  # finished runs, whichever process trained them
-      bar.n = sum(self._finished(k) for k in self.configs)
+    finished = set()
+
+    def show(key):  # finished runs, whichever process trained them (a finished one stays)
+      finished.update(k for k in self.configs if k not in finished and self._finished(k))
+      bar.n = len(finished)
       bar.set_postfix_str("/".join(map(str, key)))
 
     for key in reversed(self.keys()):

@@ -242,10 +242,11 @@ def run(
   try:
     rows = search.run(on_cell=lambda: beside.offer(_fixed_params(search, settings)))
     stage_seconds["threshold search"] = time.perf_counter() - t
-    if settings.engine != "tff":
-      # Flower's Ray keeps both cores busy on its own: a second simulation beside it
-      # would only share them. A TFF run leaves part of them idle (measured: two at once
-      # train 1.3x the runs per second of one), so the child trains on with stage 3.
+    # A TFF run leaves part of the cores idle (measured: two at once train 1.3x the runs
+    # per second of one), so the child trains on with stage 3. Flower's Ray keeps both
+    # busy on its own: a second simulation beside it would only share them.
+    train_on = settings.engine == "tff"
+    if not train_on:
       beside.finish()
     t = time.perf_counter()
     robustness = (
@@ -256,7 +257,7 @@ def run(
     stage_seconds["adaptive re-scoring"] = time.perf_counter() - t
     t = time.perf_counter()
     params = _convergence_params(search, settings)
-    if settings.engine == "tff":
+    if train_on:
       beside.offer(params)
     conv = _convergence(output_dir, settings, params, progress)
     conv_rows = conv.run()
