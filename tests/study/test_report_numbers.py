@@ -108,6 +108,24 @@ def test_runs_trained_beside_the_search_are_kept_and_counted(run):
   assert m and int(m.group(1)) >= len(run["beside_runs"]), md
 
 
+def test_wall_times_name_what_they_were_measured_on(run):
+  """The run's CPU time fits the cores' capacity over its wall time, and is its share."""
+  md = (run["out"] / "report.md").read_text()
+  total = float(re.search(r"^- total: (\d+) s$", md, re.M).group(1))
+  m = re.search(
+    r"^- measured on: .+, (\d+) usable of (\d+) cores: this run used ([\d,]+) CPU-s of their "
+    r"([\d,]+) \((\d+)%\), the machine as a whole (\d+)%",
+    md,
+    re.M,
+  )
+  assert m, md
+  cores = int(m.group(2))
+  own, capacity = (float(m.group(i).replace(",", "")) for i in (3, 4))
+  assert capacity >= (total - 1) * cores  # the stages lie inside the measured span
+  assert 1 <= own <= capacity
+  assert abs(int(m.group(5)) - 100 * own / capacity) <= 1
+
+
 def _csv(path):
   with open(path, newline="") as f:
     return list(csv.DictReader(f))

@@ -34,7 +34,7 @@ from tf_dlg import validation
 from tf_dlg.analysis import figures
 from tf_dlg.study import beside as beside_lib
 from tf_dlg.study import claims as claims_lib
-from tf_dlg.study import defense_table, frontier_report, summary
+from tf_dlg.study import defense_table, frontier_report, machine, summary
 from tf_dlg.study import report as report_lib
 from tf_dlg.study.fields import path
 from tf_dlg.study.presets import Preset
@@ -233,6 +233,7 @@ def run(
 
   `command`: the command line that started the run, for the report (None: from Python).
   """
+  started = machine.sample()
   search = check_settings(output_dir, settings, progress)
   stage_seconds = {}
   t = time.perf_counter()
@@ -291,7 +292,14 @@ def run(
     training_data=conv.dataset_source,
   )
   report = report_lib.write_report(
-    output_dir, settings, sources, stage_seconds, provenance, command, first
+    output_dir,
+    settings,
+    sources,
+    stage_seconds,
+    provenance,
+    command,
+    first,
+    measured_on=machine.describe(started, machine.sample()),
   )
   report_lib.write_figure_index(output_dir)
   return {"report": report, "html": os.path.join(output_dir, "report.html"), "claims": claims}

@@ -90,13 +90,15 @@ def write_report(
   provenance: Mapping[str, str],
   command: Optional[str] = None,
   first_screen: str = "",
+  measured_on: str = "",
 ) -> str:
   """Writes report.md and report.html (figures inline); returns report.md's path.
 
   The sections, in order: header, `first_screen` (the answer, `tf_dlg.study.summary`),
   each stage's Markdown under `provenance` ({stage file: what its numbers rest on}),
   figures, settings, data `sources`, versions and `stage_seconds`. `command`: the
-  command line that made the run (None: a call from Python).
+  command line that made the run (None: a call from Python); `measured_on`: what the
+  wall times were measured on (`tf_dlg.study.machine.describe`).
   """
   settings_json = io_lib.dumps(dataclasses.asdict(settings), indent=2, sort_keys=True)
   text = "".join(
@@ -111,7 +113,8 @@ def write_report(
       # A resumed run redoes nothing it finished: its stages count only the work left.
       "## Wall time (this invocation)\n\n"
       + "".join(f"- {k}: {v:.0f} s\n" for k, v in stage_seconds.items())
-      + f"- total: {sum(stage_seconds.values()):.0f} s\n",
+      + f"- total: {sum(stage_seconds.values()):.0f} s\n"
+      + (f"- measured on: {measured_on}\n" if measured_on else ""),
     ]
   )
   io_lib.atomic_write_text(
