@@ -21,6 +21,7 @@ from typing import Dict, Tuple
 from experiments import cli
 from tf_dlg import validation
 from tf_dlg.federated.config import FederatedConfig
+from tf_dlg.study import beside
 from tf_dlg.study.convergence import Convergence
 from tf_dlg.study.defense_params import (
   defense_of,
@@ -121,10 +122,13 @@ def main(argv):
     )
   else:
     builds = _build_count()
-    conv.run()
+    # A second process trains the grid from its front (1.2-1.3x the runs per second).
+    with beside.training(conv) as child:
+      conv.run()
     print(
-      f"[convergence] TFF builds: {_build_count() - builds} for {len(conv.configs)} runs "
-      "(one per aggregator x defence and model shape)"
+      f"[convergence] {len(conv.configs)} runs, {child.trained} of them trained by a second "
+      f"process; TFF builds in this one: {_build_count() - builds} (one per aggregator x "
+      "defence and model shape it trained)"
     )
   with open(os.path.join(f.output_dir, "convergence.md"), encoding="utf-8") as md:
     print(md.read())

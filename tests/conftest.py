@@ -108,6 +108,22 @@ def tiny_bn_model():
 
 
 @pytest.fixture
+def no_child_trainer(monkeypatch):
+  """Training patched into this process (made-up TFF runs) cannot reach a child process:
+  grids fixed in advance (`beside.training`) train here alone."""
+  import contextlib
+
+  from tf_dlg.study import beside
+
+  @contextlib.contextmanager
+  def here_alone(grid, enabled=True):
+    del grid, enabled
+    yield None
+
+  monkeypatch.setattr(beside, "training", here_alone)
+
+
+@pytest.fixture
 def install_fake_attack(monkeypatch):
   """A function `install(images_of)` that replaces `runner.run_attacks` (and the gallery
   matcher, `_fake_matcher`) by a fake.

@@ -30,6 +30,7 @@ DRIVERS = (
   "benchmarks.plain_fedavg",
   "benchmarks.lbfgs_products",
   "benchmarks.shared_training",
+  "benchmarks.frontier_beside",
 )
 # Options of other tools the README shows (pytest -m, pip --no-deps, ruff format --check,
 # tensorboard --logdir, test.sh --slow, pytest-xdist --dist), not of a Python driver.

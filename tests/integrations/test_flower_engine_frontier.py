@@ -78,7 +78,9 @@ def test_frontier_trains_with_flower_end_to_end(flower_frontier):
     frontier.Frontier(str(out), TINY).convergence.prepare()
 
 
-def test_flower_and_tff_frontier_rows_have_the_same_columns(flower_frontier, tmp_path, monkeypatch):
+def test_flower_and_tff_frontier_rows_have_the_same_columns(
+  flower_frontier, tmp_path, monkeypatch, no_child_trainer
+):
   def made_up_tff_run(config, out_dir, dataset=None, fedavg=None, progress=True):
     os.makedirs(out_dir, exist_ok=True)
     row = dict(round=1, train_loss=1, train_accuracy=0.5, test_loss=1, test_accuracy=0.5)

@@ -113,3 +113,43 @@ def test_a_killed_child_is_named_killed_not_pointed_at_an_error_above(log):
     trainer.finish()
   assert "killed by SIGKILL" in str(e.value) and "above" not in str(e.value)
   assert beside._no_result(3).endswith("(whatever it printed is above).")
+
+
+def test_a_fixed_grid_trains_in_the_child_while_the_block_runs(log):
+  """`training`: the child trains the grid it was given (no parameter sets to wait for)."""
+  grid = FakeConvergence(str(log), {"fixed": [0.5, "grid"]})
+  with beside.training(grid) as child:
+    assert _lines(log, 1) == [{"fixed": [0.5, "grid"]}]  # before the block ends
+  assert child.trained == 2 and child._process.returncode == 0
+  with beside.training(grid, enabled=False) as none:
+    assert none is None
+  assert len(_lines(log, 1)) == 1  # no second child
+
+
+def test_an_error_in_the_block_ends_the_child_and_propagates(log):
+  grid = FakeConvergence(str(log), {"slow": [1.0, ""]})
+  start = time.time()
+  with pytest.raises(KeyboardInterrupt):
+    with beside.training(grid) as child:
+      _lines(log, 1)
+      raise KeyboardInterrupt
+  assert time.time() - start < 120 and child._process.returncode != 0  # killed, not waited
+
+
+def test_a_convergence_grid_travels_without_its_data(tmp_path):
+  """The child rebuilds the data from the settings: a pickled grid carries no images."""
+  import pickle
+
+  from tf_dlg.study import convergence
+
+  grid = convergence.Convergence(
+    str(tmp_path), {"masking": (0.1, "t")}, seeds=(0, 1), subsets=(40, 20), dataset="digits"
+  )
+  grid.prepare()
+  assert grid._dataset is not None and grid.fingerprints
+  copy = pickle.loads(pickle.dumps(grid))
+  assert copy._dataset is None and copy.fingerprints == {}
+  assert copy.configs == grid.configs and copy.keys() == grid.keys()
+  copy.prepare()
+  assert copy.fingerprints == grid.fingerprints
+  assert len(pickle.dumps(grid)) < 100_000

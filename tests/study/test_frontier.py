@@ -43,7 +43,7 @@ def _accuracy(param, seed):
 
 
 @pytest.fixture
-def fake_training(monkeypatch):
+def fake_training(monkeypatch, no_child_trainer):
   """TFF training replaced by made-up rounds of accuracy `_accuracy(param, seed)`."""
   from tf_dlg.federated import simulation
 

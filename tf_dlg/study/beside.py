@@ -8,7 +8,8 @@ threshold), each defence once its cell is searched (`TrainBeside.offer`, after e
 cell), and, with TFF, on through the convergence stage, which trains the same grid from
 its other end. Both go through the same `Convergence` run folders, each holding the run
 it trains (`run_store.hold`); the stage reads the child's runs as finished ones (resume),
-so every number is that of a run trained alone.
+so every number is that of a run trained alone. A grid whose settings are all known at
+the start (the frontier's, `experiments.convergence`'s) gets its child from `training`.
 
 A child process, not a thread: Keras models built while another thread traces a TFF
 computation in a `tf.Graph` context fail ("Layer or Model is in an invalid state"). It
@@ -19,6 +20,8 @@ parameter sets in, one pickled result out.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import pickle
@@ -103,6 +106,32 @@ class TrainBeside:
     if kind == "error":
       raise value
     self.trained = value
+
+
+def _whole_grid(grid, params):
+  del params  # a grid fixed in advance: every offer trains the same one
+  return grid
+
+
+@contextlib.contextmanager
+def training(grid, enabled: bool = True):
+  """While the block runs, a child process trains `grid`, a `Convergence` fixed in
+  advance (the frontier's, a convergence driver's), from its front.
+
+  The block ends with `grid.run()`, which trains from the end and reads the child's runs.
+  Yields the `TrainBeside` (`trained` is set once the block has ended), or None when not
+  `enabled` (Flower: Ray already keeps both cores busy).
+  """
+  if not enabled:
+    yield None
+    return
+  child = TrainBeside(functools.partial(_whole_grid, grid))
+  try:
+    yield child
+  except BaseException as e:
+    child.stop(wait=not isinstance(e, KeyboardInterrupt))
+    raise
+  child.finish()
 
 
 def _no_result(code: int) -> str:

@@ -179,6 +179,10 @@ class Convergence:
     self.output_dir = validation.check_output_dir("output_dir", output_dir)
     self._dataset, self.fingerprints = None, {}
 
+  def __getstate__(self):
+    # A copy in another process (`beside.training`) loads and checks the data itself.
+    return dict(self.__dict__, _dataset=None, fingerprints={})
+
   def run_dir(self, aggregator, partition, label, seed):
     return os.path.join(self.output_dir, "runs", f"{aggregator}_{partition}_{label}", f"seed{seed}")
 

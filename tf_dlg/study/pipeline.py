@@ -96,9 +96,11 @@ def _convergence(output_dir: str, settings: Preset, params, progress: bool):
 
 
 def _frontier(output_dir: str, settings: Preset, progress: bool):
+  """The frontier's points and how many of its runs a child process trained."""
   from tf_dlg.study import frontier as frontier_lib
 
-  return frontier_lib.run_frontier(os.path.join(output_dir, "frontier"), settings, progress)
+  frontier = frontier_lib.Frontier(os.path.join(output_dir, "frontier"), settings, progress)
+  return frontier.run(), frontier.trained_beside
 
 
 def check_data(settings: Preset) -> None:
@@ -279,8 +281,11 @@ def run(
   points = []
   if settings.frontier:
     t = time.perf_counter()
-    points = _frontier(output_dir, settings, progress)
-    stage_seconds["frontier"] = time.perf_counter() - t
+    points, beside_runs = _frontier(output_dir, settings, progress)
+    runs = f"{beside_runs} of its run{'' if beside_runs == 1 else 's'}"
+    stage_seconds[f"frontier ({runs} trained beside, during its attacks or after them)"] = (
+      time.perf_counter() - t
+    )
     claims_lib.append_claims(output_dir, [frontier_report.claims_row(points)])
   first = summary.first_screen(
     rows,
