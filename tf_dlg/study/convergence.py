@@ -312,29 +312,27 @@ class Convergence:
       done[key] = (key[3], history, convergence_stats.clipped_fraction(history))
     bar.n = len(self.configs)
     bar.refresh()
+    cells = [
+      (a, p, label)
+      for a in self.aggregators
+      for label in self.defense_params
+      for p in self.partitions
+      if (a, p) in self.cells_of[label]
+    ]
     rows = [
       dict(
         aggregator=a,
         partition=p,
         engine=self.engine,
         **convergence_stats.seed_rows(
-          label, param, provenance, [done[(a, p, label, s)] for s in self.seeds]
+          label, *self.defense_params[label], [done[(a, p, label, s)] for s in self.seeds]
         ),
       )
-      for a in self.aggregators
-      for label, (param, provenance) in self.defense_params.items()
-      for p in self.partitions
-      if (a, p) in self.cells_of[label]
+      for a, p, label in cells
     ]
     bar.close()
     convergence_stats.add_costs(rows)
-    histories = {
-      (a, p, label): [done[(a, p, label, s)][1] for s in self.seeds]
-      for a in self.aggregators
-      for label in self.defense_params
-      for p in self.partitions
-      if (a, p) in self.cells_of[label]
-    }
+    histories = {cell: [done[(*cell, s)][1] for s in self.seeds] for cell in cells}
     convergence_stats.add_rounds_to_target(rows, histories, convergence_stats.TARGET_FRACTION)
     self.write(rows)
     return rows

@@ -95,12 +95,21 @@ def _convergence(output_dir: str, settings: Preset, params, progress: bool):
   return conv.confine({k: first for k in params if k.endswith("@adaptive")})
 
 
-def _frontier(output_dir: str, settings: Preset, progress: bool):
-  """The frontier's points and how many of its runs a child process trained."""
+def _trained_beside(n: int) -> str:
+  return f"{n} of its run{'' if n == 1 else 's'} trained beside"
+
+
+def _frontier(output_dir: str, settings: Preset, progress: bool, stage_seconds) -> list:
+  """Runs the frontier stage (its time into `stage_seconds`, its claim appended); its points."""
   from tf_dlg.study import frontier as frontier_lib
 
+  t = time.perf_counter()
   frontier = frontier_lib.Frontier(os.path.join(output_dir, "frontier"), settings, progress)
-  return frontier.run(), frontier.trained_beside
+  points = frontier.run()
+  label = f"frontier ({_trained_beside(frontier.trained_beside)}, during its attacks or after them)"
+  stage_seconds[label] = time.perf_counter() - t
+  claims_lib.append_claims(output_dir, [frontier_report.claims_row(points)])
+  return points
 
 
 def check_data(settings: Preset) -> None:
@@ -270,23 +279,13 @@ def run(
     beside.stop(wait=not isinstance(e, KeyboardInterrupt))
     raise
   beside.finish()
-  runs = f"{beside.trained} of its run{'' if beside.trained == 1 else 's'}"
-  stage_seconds[f"convergence ({runs} trained beside, during the search or after it)"] = (
-    time.perf_counter() - t
-  )
+  label = f"convergence ({_trained_beside(beside.trained)}, during the search or after it)"
+  stage_seconds[label] = time.perf_counter() - t
   provenance, evidence = _provenance(settings, conv, search, command)
   claims = claims_lib.write_claims(output_dir, rows, robustness, conv_rows, evidence=evidence)
   sources = {d: search.case(d)[0].source for d in settings.datasets}
   sources[f"{settings.convergence_dataset} (training)"] = conv.dataset_source
-  points = []
-  if settings.frontier:
-    t = time.perf_counter()
-    points, beside_runs = _frontier(output_dir, settings, progress)
-    runs = f"{beside_runs} of its run{'' if beside_runs == 1 else 's'}"
-    stage_seconds[f"frontier ({runs} trained beside, during its attacks or after them)"] = (
-      time.perf_counter() - t
-    )
-    claims_lib.append_claims(output_dir, [frontier_report.claims_row(points)])
+  points = _frontier(output_dir, settings, progress, stage_seconds) if settings.frontier else []
   first = summary.first_screen(
     rows,
     conv_rows,
@@ -296,15 +295,9 @@ def run(
     dataset=settings.convergence_dataset,
     training_data=conv.dataset_source,
   )
+  measured_on = machine.describe(started, machine.sample())
   report = report_lib.write_report(
-    output_dir,
-    settings,
-    sources,
-    stage_seconds,
-    provenance,
-    command,
-    first,
-    measured_on=machine.describe(started, machine.sample()),
+    output_dir, settings, sources, stage_seconds, provenance, command, first, measured_on
   )
   report_lib.write_figure_index(output_dir)
   return {"report": report, "html": os.path.join(output_dir, "report.html"), "claims": claims}
