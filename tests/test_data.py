@@ -346,3 +346,45 @@ def test_client_datasets_yield_model_input_structure(digits):
   assert n == 2 * len(parts[1])
   with pytest.raises(ValueError, match="batch_size=0"):
     data.client_datasets(ds.x_train, ds.y_train, parts, batch_size=0)
+
+
+_ORDER = """
+import json, sys
+import numpy as np
+from experiments import cli  # TensorFlow imported as the drivers import it
+from tf_dlg import data
+
+x = np.arange(40 * 4, dtype=np.float32).reshape(40, 2, 2, 1)
+parts = [np.arange(0, 23), np.arange(23, 40)]
+if len(sys.argv) > 1:
+  import tensorflow as tf
+  tf.keras.utils.set_random_seed(int(sys.argv[1]))
+clients = data.client_datasets(x, np.arange(40) % 10, parts, batch_size=5, epochs=2, seed=7)
+print(json.dumps([[int(v) for b in c for v in b["x"][:, 0, 0, 0].numpy()] for c in clients]))
+"""
+
+
+def test_client_data_order_ignores_a_global_seed():
+  """The same clients see the same order whether or not the process set a global seed,
+  and the order a fresh process always gave (so no earlier run's numbers move)."""
+  import json
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def order(*seed):
+    out = subprocess.run(
+      [sys.executable, "-c", _ORDER, *seed], cwd=root, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.splitlines()[-1])
+
+  fresh = order()
+  assert order("0") == fresh == order("5")
+  assert [sorted(c) for c in fresh] == [
+    sorted(list(range(0, 92, 4)) * 2),
+    sorted(list(range(92, 160, 4)) * 2),
+  ]
+  assert fresh[0][:23] != list(range(0, 92, 4))  # shuffled, and
+  assert fresh[0][:23] != fresh[0][23:]  # reshuffled each epoch
