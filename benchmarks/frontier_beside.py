@@ -14,7 +14,6 @@ frontier.csv files and every run's history (seconds aside) are the same.
 
 from __future__ import annotations
 
-import glob
 import os
 import subprocess
 import sys
@@ -61,17 +60,14 @@ def _run(out: str, alone: bool) -> tuple:
   return time.perf_counter() - t, int(done.stdout.split()[-1])
 
 
-def _results(out: str) -> dict:
-  """frontier.csv and every history, the seconds column aside."""
-  found = {}
-  for path in [os.path.join(out, "frontier.csv")] + sorted(
-    glob.glob(os.path.join(out, "convergence", "runs", "*", "*", "history.csv"))
-  ):
-    with open(path) as f:
-      header, *rows = [line.rstrip("\n").split(",") for line in f]
-    keep = [i for i, name in enumerate(header) if name != "seconds"]
-    found[os.path.relpath(path, out)] = [[row[i] for i in keep] for row in [header, *rows]]
-  return found
+def _results(out: str) -> tuple:
+  """frontier.csv's points and every run's history, the seconds column aside."""
+  from benchmarks import shared_training
+  from tf_dlg.study import frontier, frontier_points
+
+  conv = frontier.Frontier(out, preset(), progress=False).convergence
+  points = frontier_points.read_frontier(os.path.join(out, "frontier.csv"))
+  return points, shared_training.histories(conv)
 
 
 def main(argv):

@@ -78,7 +78,7 @@ def _trainers(output_dir: str, ends) -> tuple:
   return seconds, [int(o.split()[-1]) for o in outs]
 
 
-def _histories(conv) -> dict:
+def histories(conv) -> dict:
   """{run: its history rows without the seconds column}."""
   from tf_dlg.federated import simulation
 
@@ -104,7 +104,7 @@ def main(argv):
     print(f"{runs} runs x {FLAGS.rounds} rounds, {conv.dataset}, median, iid + dirichlet")
     alone, _ = _trainers(one, [False])
     shared, split = _trainers(two, [False, True])
-    if _histories(conv) != _histories(grid(two, FLAGS.seeds, FLAGS.rounds)):
+    if histories(conv) != histories(grid(two, FLAGS.seeds, FLAGS.rounds)):
       raise RuntimeError("the two ways trained different histories.")
   print(f"one trainer:            {alone:7.1f} s ({alone / runs:.1f} s a run)")
   print(f"two trainers:           {shared:7.1f} s (runs each: {split[0]} / {split[1]})")
